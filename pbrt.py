@@ -30,20 +30,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import datetime
 import email.utils
+import hashlib
+import hmac
 import http
 import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sqlite3
 import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +73,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 JSON = Any
 Headers = dict[str, str]
@@ -91,6 +97,9 @@ BODY_TIMEOUT_S = 60.0  # the whole body must arrive within this time
 KEEPALIVE_TIMEOUT_S = 75.0  # idle keep-alive connections close (nginx's default)
 SHUTDOWN_GRACE_S = 5.0  # requests in flight get this long to finish on shutdown
 DISCARD_AFTER_REJECT_BYTES = 256 * 1024  # read so a 413 is not lost to a TCP reset
+DEFAULT_PER_PAGE = 30  # PocketBase's list defaults and caps
+MAX_PER_PAGE = 1000
+MAX_SORT_FIELDS = 8
 
 # PocketBase's security headers (apis/middlewares.go), sent on every response.
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
@@ -674,8 +683,771 @@ def _parse_multipart(body: bytes, boundary: bytes) -> Body:
 # ==========================================================================
 # 6. Store
 # ==========================================================================
-# The sqlite3 database in the data dir. Synchronous and short: handlers call
-# it inside one transaction each. Knows nothing of HTTP.
+# Collections, field values and records over sqlite3: one table per
+# collection, one column per field, definitions in `_collections`. Sync and
+# short; knows nothing of HTTP. Time, ids and password hashing are passed in.
+
+# --- schema ----------------------------------------------------------------
+
+NAME_RE = re.compile(r"^\w+$", re.ASCII)
+MAX_NAME_LENGTH = 255
+RECORD_ID_RE = re.compile(r"^[a-z0-9]+$")
+RECORD_ID_LENGTH = 15
+RECORD_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+SECRET_LENGTH = 50  # tokenKeys and collection token secrets
+MAX_FIELDS = 1_000
+DEFAULT_TEXT_MAX = 5_000  # PocketBase's cap for a text field whose max is 0
+DEFAULT_EDITOR_MAX_BYTES = 5 * 1024 * 1024
+DEFAULT_JSON_MAX_BYTES = 1024 * 1024
+PASSWORD_MAX_LENGTH = 71  # bcrypt's input limit, which PocketBase inherits
+SUPERUSERS = "_superusers"
+SUPERUSERS_ID = "pbc_3142635823"
+USERS_ID = "_pb_users_auth_"
+RULE_NAMES = ("listRule", "viewRule", "createRule", "updateRule", "deleteRule")
+AUTH_RULE_NAMES = ("authRule", "manageRule")
+
+_COMMON_FIELD_OPTIONS: dict[str, JSON] = {
+    "help": "",
+    "hidden": False,
+    "presentable": False,
+    "required": False,
+    "system": False,
+}
+# Each type's options with PocketBase's defaults (core/field_*.go).
+FIELD_TYPE_OPTIONS: dict[str, dict[str, JSON]] = {
+    "text": {"autogeneratePattern": "", "max": 0, "min": 0, "pattern": "", "primaryKey": False},
+    "editor": {"convertURLs": False, "maxSize": 0},
+    "number": {"max": None, "min": None, "onlyInt": False},
+    "bool": {},
+    "email": {"exceptDomains": [], "onlyDomains": []},
+    "url": {"exceptDomains": [], "onlyDomains": []},
+    "date": {"max": "", "min": ""},
+    "autodate": {"onCreate": False, "onUpdate": False},
+    "select": {"maxSelect": 0, "values": []},
+    "json": {"maxSize": 0},
+    "relation": {"cascadeDelete": False, "collectionId": "", "maxSelect": 0, "minSelect": 0},
+    "file": {"maxSelect": 0, "maxSize": 0, "mimeTypes": [], "protected": False, "thumbs": []},
+    "password": {"cost": 0, "max": 0, "min": 0, "pattern": ""},
+}
+MULTI_CAPABLE_TYPES = frozenset({"select", "relation", "file"})
+
+
+def field_id(field_type: str, name: str) -> str:
+    """Return PocketBase's default field id: type + crc32 of the name.
+
+    >>> field_id("text", "id")
+    'text3208210256'
+    """
+    return f"{field_type}{zlib.crc32(name.encode())}"
+
+
+def collection_id(collection_type: str, name: str) -> str:
+    """Return PocketBase's default collection id.
+
+    >>> collection_id("auth", "_superusers")
+    'pbc_3142635823'
+    """
+    return f"pbc_{zlib.crc32((collection_type + name).encode())}"
+
+
+def normalize_field(spec: dict[str, JSON]) -> dict[str, JSON]:
+    """Return a field definition with every option, keys sorted as PocketBase's.
+
+    Raises ValueError for an unknown type (PocketBase's "invalid formatting").
+    """
+    field_type = spec.get("type")
+    if field_type not in FIELD_TYPE_OPTIONS or not isinstance(spec.get("name", ""), str):
+        raise ValueError(f"unknown field type {field_type!r}")
+    base = dict(_COMMON_FIELD_OPTIONS)
+    if field_type == "autodate":
+        del base["help"], base["required"]
+    merged = {**base, **FIELD_TYPE_OPTIONS[field_type]}
+    for key, default in merged.items():
+        value = spec.get(key)
+        if value is None:
+            continue
+        if not _same_option_kind(default, value):
+            raise ValueError(f"invalid value for field option {key!r}")
+        merged[key] = value
+    merged["name"] = spec.get("name", "")
+    merged["type"] = field_type
+    merged["id"] = spec.get("id") or field_id(field_type, merged["name"])
+    return dict(sorted(merged.items()))
+
+
+def _same_option_kind(default: JSON, value: JSON) -> bool:
+    """Whether a submitted option value has the type of its default."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if default is None or isinstance(default, int):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return isinstance(value, type(default))
+
+
+def _id_field() -> dict[str, JSON]:
+    return normalize_field(
+        {
+            "name": "id",
+            "type": "text",
+            "autogeneratePattern": "[a-z0-9]{15}",
+            "max": RECORD_ID_LENGTH,
+            "min": RECORD_ID_LENGTH,
+            "pattern": "^[a-z0-9]+$",
+            "primaryKey": True,
+            "required": True,
+            "system": True,
+        }
+    )
+
+
+def _auth_system_fields() -> list[dict[str, JSON]]:
+    return [
+        normalize_field(
+            {"name": "password", "type": "password", "hidden": True, "min": 8, "required": True, "system": True}
+        ),
+        normalize_field(
+            {
+                "name": "tokenKey",
+                "type": "text",
+                "hidden": True,
+                "autogeneratePattern": "[a-zA-Z0-9]{50}",
+                "min": 30,
+                "max": 60,
+                "required": True,
+                "system": True,
+            }
+        ),
+        normalize_field({"name": "email", "type": "email", "required": True, "system": True}),
+        normalize_field({"name": "emailVisibility", "type": "bool", "system": True}),
+        normalize_field({"name": "verified", "type": "bool", "system": True}),
+    ]
+
+
+def _timestamp_fields(system: bool = False) -> list[dict[str, JSON]]:
+    return [
+        normalize_field({"name": "created", "type": "autodate", "onCreate": True, "system": system}),
+        normalize_field(
+            {"name": "updated", "type": "autodate", "onCreate": True, "onUpdate": True, "system": system}
+        ),
+    ]
+
+
+def default_auth_options(token_duration_s: int = 432_000) -> dict[str, JSON]:
+    """Return the options of a new auth collection, in PocketBase's key order.
+
+    pbrt sends no email; the template options exist so that exports import
+    into PocketBase unchanged. `authToken.secret` is added by the store.
+    """
+    template = {"subject": "", "body": ""}
+    return {
+        "authRule": "",
+        "manageRule": None,
+        "authAlert": {"enabled": True, "emailTemplate": dict(template)},
+        "oauth2": {
+            "providers": [],
+            "mappedFields": {"id": "", "name": "", "username": "", "avatarURL": ""},
+            "enabled": False,
+        },
+        "passwordAuth": {"enabled": True, "identityFields": ["email"]},
+        "mfa": {"enabled": False, "duration": 600, "rule": ""},
+        "otp": {"enabled": False, "duration": 180, "length": 8, "emailTemplate": dict(template)},
+        "authToken": {"duration": token_duration_s},
+        "passwordResetToken": {"duration": 1800},
+        "emailChangeToken": {"duration": 1800},
+        "verificationToken": {"duration": 86400},
+        "fileToken": {"duration": 180},
+        "verificationTemplate": dict(template),
+        "resetPasswordTemplate": dict(template),
+        "confirmEmailChangeTemplate": dict(template),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Collection:
+    """A collection definition in PocketBase's JSON shape.
+
+    `options` holds the auth options of auth collections (including the
+    token secret, which `to_json` never shows).
+    """
+
+    id: str
+    name: str
+    type: str
+    fields: tuple[dict[str, JSON], ...]
+    rules: dict[str, str | None]
+    indexes: tuple[str, ...] = ()
+    system: bool = False
+    created: str = ""
+    updated: str = ""
+    options: dict[str, JSON] = field(default_factory=dict)
+
+    @property
+    def is_auth(self) -> bool:
+        """Whether records of this collection can log in."""
+        return self.type == "auth"
+
+    def field(self, name: str) -> dict[str, JSON] | None:
+        """Return the field called `name`, or None."""
+        for spec in self.fields:
+            if spec["name"] == name:
+                return spec
+        return None
+
+    @property
+    def token_secret(self) -> str:
+        """The collection's token signing secret (auth collections only)."""
+        return str(self.options.get("authToken", {}).get("secret", ""))
+
+    def to_json(self) -> dict[str, JSON]:
+        """Return the public JSON, keys in PocketBase's order, secrets removed."""
+        data: dict[str, JSON] = {"id": self.id}
+        data.update((name, self.rules.get(name)) for name in RULE_NAMES)
+        data.update(
+            name=self.name,
+            type=self.type,
+            fields=list(self.fields),
+            indexes=list(self.indexes),
+            created=self.created,
+            updated=self.updated,
+            system=self.system,
+        )
+        if self.is_auth:
+            for key, value in self.options.items():
+                if key == "authToken":
+                    value = {k: v for k, v in value.items() if k != "secret"}
+                data[key] = value
+        return data
+
+
+def is_multiple(spec: dict[str, JSON]) -> bool:
+    """Whether a select/relation/file field holds a list (maxSelect > 1)."""
+    return spec["type"] in MULTI_CAPABLE_TYPES and (spec.get("maxSelect") or 0) > 1
+
+
+def column_declaration(spec: dict[str, JSON]) -> str:
+    """Return the SQLite column type of a field, as PocketBase declares it."""
+    if spec["type"] == "number":
+        return "NUMERIC DEFAULT 0 NOT NULL"
+    if spec["type"] == "bool":
+        return "BOOLEAN DEFAULT FALSE NOT NULL"
+    if spec["type"] == "json":
+        return "JSON DEFAULT NULL"
+    if is_multiple(spec):
+        return "JSON DEFAULT '[]' NOT NULL"
+    return "TEXT DEFAULT '' NOT NULL"
+
+
+def quote_identifier(name: str) -> str:
+    """Quote a validated table or column name for SQL.
+
+    >>> quote_identifier('posts')
+    '"posts"'
+    """
+    if not NAME_RE.match(name) and name != "_collections":
+        raise ValueError(f"invalid identifier {name!r}")
+    return '"' + name + '"'
+
+
+# --- values ------------------------------------------------------------------
+
+_DATE_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?\s*(Z|[+-]\d{2}:?\d{2}| UTC)?$"
+)
+
+
+def format_datetime(timestamp: float) -> str:
+    """Format a Unix time as PocketBase's `YYYY-MM-DD HH:MM:SS.mmmZ` (UTC).
+
+    >>> format_datetime(0.5)
+    '1970-01-01 00:00:00.500Z'
+    """
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_datetime(value: str) -> datetime.datetime | None:
+    """Parse the date forms PocketBase accepts; None if it is not a date.
+
+    >>> parse_datetime("2024-01-01T10:20:30.123456+02:00").isoformat()
+    '2024-01-01T08:20:30.123456+00:00'
+    """
+    match = _DATE_RE.match(value.strip())
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        moment = datetime.datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            int((fraction or "0")[:6].ljust(6, "0")),
+            datetime.timezone.utc,
+        )
+    except ValueError:
+        return None
+    if zone and zone not in ("Z", " UTC"):
+        sign = 1 if zone[0] == "+" else -1
+        digits = zone[1:].replace(":", "")
+        moment -= sign * datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    return moment
+
+
+def normalize_date(value: JSON) -> str:
+    """Return a date value in PocketBase's stored form, or "" if not a date."""
+    if not isinstance(value, str) or not value:
+        return ""
+    moment = parse_datetime(value)
+    if moment is None:
+        return ""
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _to_text(value: JSON) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return _encode_json_text(_js_number(value))
+    if isinstance(value, str):
+        return value
+    return _encode_json_text(value)
+
+
+def _to_number(value: JSON) -> int | float:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return _js_number(value)
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return 0
+        if number != number or number in (float("inf"), float("-inf")):
+            return 0
+        return _js_number(number)
+    return 0
+
+
+def _to_bool(value: JSON) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "t", "true")
+    if isinstance(value, (int, float)):
+        return value == 1
+    return value is True
+
+
+def _to_string_list(value: JSON) -> list[str]:
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, list) else [value]
+    unique: list[str] = []
+    for item in items:
+        text = _to_text(item)
+        if text and text not in unique:
+            unique.append(text)
+    return unique
+
+
+def coerce_value(spec: dict[str, JSON], value: JSON) -> JSON:
+    """Convert a submitted value to the field's type, as PocketBase does.
+
+    Never fails: `"abc"` for a number is 0, an unparseable date is "".
+
+    >>> coerce_value({"type": "number"}, "12"), coerce_value({"type": "bool"}, "true")
+    (12, True)
+    """
+    field_type = spec["type"]
+    if field_type == "number":
+        return _to_number(value)
+    if field_type == "bool":
+        return _to_bool(value)
+    if field_type in ("date", "autodate"):
+        return normalize_date(value)
+    if field_type == "json":
+        if isinstance(value, str):
+            try:
+                return parse_json_strict(value)
+            except BodyError:
+                return value
+        return value
+    if field_type in MULTI_CAPABLE_TYPES:
+        items = _to_string_list(value)
+        return items if is_multiple(spec) else (items[-1] if items else "")
+    return _to_text(value)
+
+
+def parse_json_strict(text: str) -> JSON:
+    """Decode a whole string as JSON (trailing data is an error); BodyError if invalid."""
+    try:
+        return _json_decoder.decode(text)
+    except (ValueError, RecursionError):
+        raise BodyError("invalid JSON") from None
+
+
+def zero_value(spec: dict[str, JSON]) -> JSON:
+    """Return a field's value when nothing was set."""
+    field_type = spec["type"]
+    if field_type == "number":
+        return 0
+    if field_type == "bool":
+        return False
+    if field_type == "json":
+        return None
+    if is_multiple(spec):
+        return []
+    return ""
+
+
+def to_column(spec: dict[str, JSON], value: JSON) -> JSON:
+    """Convert a record value to what its column stores."""
+    if spec["type"] == "json":
+        return None if value is None else _encode_json_text(value)
+    if is_multiple(spec):
+        return _encode_json_text(value)
+    if spec["type"] == "bool":
+        return 1 if value else 0
+    return value
+
+
+def from_column(spec: dict[str, JSON], value: JSON) -> JSON:
+    """Convert a stored column value back to the record value."""
+    field_type = spec["type"]
+    if field_type == "number":
+        return _to_number(value)
+    if field_type == "bool":
+        return bool(value)
+    if field_type == "json":
+        return None if value is None else parse_json(value)
+    if is_multiple(spec):
+        try:
+            items = json.loads(value) if isinstance(value, str) else []
+        except ValueError:
+            return []
+        return items if isinstance(items, list) else []
+    return "" if value is None else str(value)
+
+
+# --- validation -------------------------------------------------------------
+
+_EMAIL_RE = re.compile(r"^[\w.!#$%&'*+/=?^`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+
+
+def _go_number(number: JSON) -> str:
+    """Format a number the way Go's %v does for float64."""
+    return _encode_json_text(_js_number(float(number)))
+
+
+def _go_time(value: str) -> str:
+    moment = parse_datetime(value)
+    return moment.strftime("%Y-%m-%d %H:%M:%S +0000 UTC") if moment else value
+
+
+def _domain_allowed(spec: dict[str, JSON], host: str) -> bool:
+    host = host.lower()
+    only, excepted = spec.get("onlyDomains") or [], spec.get("exceptDomains") or []
+    if only and host not in [d.lower() for d in only]:
+        return False
+    return host not in [d.lower() for d in excepted]
+
+
+def _is_blank(spec: dict[str, JSON], value: JSON) -> bool:
+    if spec["type"] == "json":
+        return value in (None, "", [], {})
+    return value in ("", 0, False, None, [])
+
+
+def validate_value(spec: dict[str, JSON], value: JSON) -> JSON | None:
+    """Return PocketBase's validation error object for one value, or None.
+
+    `value` is already coerced (see `coerce_value`). Relation existence is
+    checked by the store, which can see other records.
+    """
+    field_type = spec["type"]
+    required = spec.get("required") or spec.get("primaryKey")
+    if required and _is_blank(spec, value):
+        return validation_entry("validation_required", "Cannot be blank.")
+    if _is_blank(spec, value) and field_type != "json":
+        return None
+    if field_type in ("text", "password"):
+        length = len(value)
+        minimum = spec.get("min") or 0
+        maximum = spec.get("max") or (DEFAULT_TEXT_MAX if field_type == "text" else PASSWORD_MAX_LENGTH)
+        if minimum and length < minimum:
+            return validation_entry(
+                "validation_min_text_constraint", f"Must be at least {minimum} character(s).", {"min": minimum}
+            )
+        if length > maximum:
+            return validation_entry(
+                "validation_max_text_constraint", f"Must be no more than {maximum} character(s).", {"max": maximum}
+            )
+        if spec.get("pattern") and not re.search(spec["pattern"], value):
+            return validation_entry("validation_invalid_format", "Invalid value format.")
+    elif field_type == "number":
+        if spec.get("onlyInt") and not float(value).is_integer():
+            return validation_entry("validation_only_int_constraint", "Decimal numbers are not allowed.")
+        if spec.get("min") is not None and value < spec["min"]:
+            return validation_entry(
+                "validation_min_number_constraint",
+                f"Must be greater or equal than {_go_number(spec['min'])}.",
+                {"min": spec["min"]},
+            )
+        if spec.get("max") is not None and value > spec["max"]:
+            return validation_entry(
+                "validation_max_number_constraint",
+                f"Must be less or equal than {_go_number(spec['max'])}.",
+                {"max": spec["max"]},
+            )
+    elif field_type == "email":
+        if not _EMAIL_RE.match(value):
+            return validation_entry("validation_is_email", "Must be a valid email address.")
+        if not _domain_allowed(spec, value.rpartition("@")[2]):
+            return validation_entry("validation_email_domain_not_allowed", "Email domain is not allowed.")
+    elif field_type == "url":
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https", "ftp", "ws", "wss") or not parts.hostname:
+            return validation_entry("validation_invalid_url", "Must be a valid url.")
+        if not _domain_allowed(spec, parts.hostname):
+            return validation_entry("validation_url_domain_not_allowed", "Url domain is not allowed.")
+    elif field_type == "date":
+        if spec.get("min") and value < normalize_date(spec["min"]):
+            return validation_entry(
+                "validation_min_greater_equal_than_required",
+                f"Must be no less than {_go_time(spec['min'])}.",
+                {"threshold": parse_datetime(spec["min"]).strftime("%Y-%m-%dT%H:%M:%SZ")},  # type: ignore[union-attr]
+            )
+        if spec.get("max") and value > normalize_date(spec["max"]):
+            return validation_entry(
+                "validation_max_less_equal_than_required",
+                f"Must be no greater than {_go_time(spec['max'])}.",
+                {"threshold": parse_datetime(spec["max"]).strftime("%Y-%m-%dT%H:%M:%SZ")},  # type: ignore[union-attr]
+            )
+    elif field_type == "editor":
+        maximum = spec.get("maxSize") or DEFAULT_EDITOR_MAX_BYTES
+        if len(value.encode()) > maximum:
+            return validation_entry(
+                "validation_content_size_limit",
+                f"The maximum allowed content size is {maximum} bytes.",
+                {"maxSize": maximum},
+            )
+    elif field_type == "json":
+        maximum = spec.get("maxSize") or DEFAULT_JSON_MAX_BYTES
+        if value is not None and len(_encode_json_text(value).encode()) > maximum:
+            return validation_entry(
+                "validation_json_size_limit",
+                f"The maximum allowed JSON size is {maximum} bytes.",
+                {"maxSize": maximum},
+            )
+    elif field_type in ("select", "relation", "file"):
+        items = value if isinstance(value, list) else [value]
+        if field_type == "select":
+            for item in items:
+                if item not in spec.get("values", []):
+                    return validation_entry("validation_invalid_value", f"Invalid value {item}.", {"value": item})
+        max_select = max(spec.get("maxSelect") or 1, 1)
+        if len(items) > max_select:
+            return validation_entry(
+                "validation_too_many_values", f"Select no more than {max_select}.", {"maxSelect": max_select}
+            )
+        min_select = spec.get("minSelect") or 0
+        if field_type == "relation" and len(items) < min_select:
+            return validation_entry(
+                "validation_not_enough_values", f"Select at least {min_select}.", {"minSelect": min_select}
+            )
+    return None
+
+
+def validate_collection(
+    collection: Collection, others: list[Collection], known_ids: frozenset[str] = frozenset()
+) -> dict[str, JSON]:
+    """Return PocketBase's validation errors of a collection definition.
+
+    `known_ids` are collections about to exist too (an import's other members).
+    """
+    errors: dict[str, JSON] = {}
+    if not NAME_RE.match(collection.name) or len(collection.name) > MAX_NAME_LENGTH:
+        errors["name"] = validation_entry("validation_match_invalid", "Must be in a valid format.")
+    elif any(o.name.lower() == collection.name.lower() for o in others):
+        errors["name"] = validation_entry(
+            "validation_collection_name_exists", "Collection name must be unique (case insensitive)."
+        )
+    if collection.type not in ("base", "auth"):
+        errors["type"] = validation_entry("validation_in_invalid", "Must be a valid value.")
+    if len(collection.fields) > MAX_FIELDS:
+        errors["fields"] = validation_entry(
+            "validation_length_too_long", f"The length must be no more than {MAX_FIELDS}.", {"max": MAX_FIELDS}
+        )
+        return errors
+    field_errors: dict[str, JSON] = {}
+    relation_targets = {o.id for o in others} | {collection.id} | known_ids
+    seen: set[str] = set()
+    for index, spec in enumerate(collection.fields):
+        problems: dict[str, JSON] = {}
+        name = spec["name"]
+        if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > MAX_NAME_LENGTH:
+            problems["name"] = validation_entry("validation_match_invalid", "Must be in a valid format.")
+        elif name.lower() in seen:
+            problems["name"] = validation_entry("validation_duplicated_field_name", "Duplicated or invalid field name.")
+        seen.add(str(name).lower())
+        if spec["type"] == "select" and not spec.get("values"):
+            problems["values"] = validation_entry("validation_required", "Cannot be blank.")
+        if spec["type"] == "relation" and spec.get("collectionId") not in relation_targets:
+            problems["collectionId"] = validation_entry(
+                "validation_field_relation_missing_collection", "The relation collection doesn't exist."
+            )
+        if spec["type"] == "text" and spec.get("pattern"):
+            try:
+                re.compile(spec["pattern"])
+            except re.error:
+                problems["pattern"] = validation_entry("validation_invalid_regex", "Invalid regex pattern.")
+        if problems:
+            field_errors[str(index)] = problems
+    if field_errors:
+        errors["fields"] = field_errors
+    for index_sql in collection.indexes:
+        if not isinstance(index_sql, str) or not _INDEX_RE.match(index_sql):
+            errors["indexes"] = validation_entry("validation_invalid_index", "Invalid index expression.")
+    return errors
+
+
+_INDEX_RE = re.compile(r"^\s*CREATE\s+(UNIQUE\s+)?INDEX\s+(IF\s+NOT\s+EXISTS\s+)?[`\"\[]?(\w+)[`\"\]]?\s+ON\s+", re.I)
+
+
+def build_collection(
+    data: dict[str, JSON], existing: Collection | None, *, now: str, new_secret: Callable[[], str]
+) -> Collection:
+    """Merge submitted collection JSON into a Collection (not yet validated).
+
+    A new collection gets PocketBase's defaults: the `id` field first, auth
+    system fields for auth collections, null rules. Fields are matched to
+    existing ones by id, then by name, so a renamed field keeps its id.
+    Raises ValueError for data of the wrong shape.
+    """
+    if not isinstance(data, dict):
+        raise ValueError("collection must be an object")
+    collection_type = data.get("type", existing.type if existing else "base")
+    name = data.get("name", existing.name if existing else "")
+    if not isinstance(name, str) or not isinstance(collection_type, str):
+        raise ValueError("invalid name or type")
+    submitted_fields = data.get("fields")
+    if submitted_fields is not None and not isinstance(submitted_fields, list):
+        raise ValueError("fields must be a list")
+    fields = _merge_fields(
+        [normalize_field(spec) if isinstance(spec, dict) else _raise_shape() for spec in submitted_fields or []],
+        existing,
+        collection_type,
+        replace=submitted_fields is not None,
+    )
+    rules = dict(existing.rules) if existing else {}
+    for rule_name in RULE_NAMES:
+        if rule_name in data:
+            rule = data[rule_name]
+            if rule is not None and not isinstance(rule, str):
+                raise ValueError("rule must be a string or null")
+            rules[rule_name] = rule
+        rules.setdefault(rule_name, None)
+    options = dict(existing.options) if existing and existing.is_auth else {}
+    if collection_type == "auth":
+        defaults = default_auth_options()
+        for key, default in defaults.items():
+            value = data.get(key, options.get(key, default))
+            options[key] = value
+        auth_token = dict(options["authToken"]) if isinstance(options["authToken"], dict) else {}
+        auth_token.setdefault("duration", 432_000)
+        auth_token["secret"] = (existing.token_secret if existing else "") or new_secret()
+        options["authToken"] = auth_token
+    indexes = data.get("indexes", list(existing.indexes) if existing else [])
+    if not isinstance(indexes, list):
+        raise ValueError("indexes must be a list")
+    indexes = list(indexes)
+    if existing is not None and existing.name != name:
+        old_table = re.compile(r"\bON\s+[`\"]?" + re.escape(existing.name) + r"[`\"]?\s*\(", re.I)
+        indexes = [old_table.sub(f"ON `{name}` (", sql) if isinstance(sql, str) else sql for sql in indexes]
+    if collection_type == "auth":
+        identifier = (existing.id if existing else None) or data.get("id") or collection_id(collection_type, name)
+        wanted = {
+            f"idx_tokenKey_{identifier}": f"CREATE UNIQUE INDEX `idx_tokenKey_{identifier}` ON `{name}` (`tokenKey`)",
+            f"idx_email_{identifier}": (
+                f"CREATE UNIQUE INDEX `idx_email_{identifier}` ON `{name}` (`email`) WHERE `email` != ''"
+            ),
+        }
+        for index_name, index_sql in wanted.items():
+            if not any(isinstance(sql, str) and index_name in sql for sql in indexes):
+                indexes.append(index_sql)
+    return Collection(
+        id=existing.id if existing else (data.get("id") or collection_id(collection_type, name)),
+        name=name,
+        type=collection_type,
+        fields=tuple(fields),
+        rules=rules,
+        indexes=tuple(indexes),
+        system=existing.system if existing else bool(data.get("system", False)),
+        created=existing.created if existing else now,
+        updated=now,
+        options=options,
+    )
+
+
+def _raise_shape() -> dict[str, JSON]:
+    raise ValueError("field must be an object")
+
+
+def _merge_fields(
+    submitted: list[dict[str, JSON]], existing: Collection | None, collection_type: str, *, replace: bool
+) -> list[dict[str, JSON]]:
+    """Return the final field list: system fields kept, submitted ones merged."""
+    old_fields = list(existing.fields) if existing else []
+    by_id = {spec["id"]: spec for spec in old_fields}
+    by_name = {spec["name"]: spec for spec in old_fields}
+    result: list[dict[str, JSON]] = []
+    for spec in submitted:
+        old = by_id.get(spec["id"]) or by_name.get(spec["name"])
+        if old is not None:
+            spec["id"] = old["id"]
+            if old.get("system"):
+                spec = {**spec, "system": True, "name": old["name"], "type": old["type"]}
+        result = [r for r in result if r["name"] != spec["name"]] + [spec]
+    if not replace:
+        result = old_fields
+    elif existing:
+        submitted_ids = {spec["id"] for spec in result}
+        kept = [spec for spec in old_fields if spec.get("system") and spec["id"] not in submitted_ids]
+        result = kept + result
+    required = [_id_field()] + (_auth_system_fields() if collection_type == "auth" else [])
+    names = {spec["name"] for spec in result}
+    missing = [spec for spec in required if spec["name"] not in names]
+    if missing and missing[0]["name"] == "id":
+        result = [missing.pop(0)] + result
+    return result + missing
+
+
+def _import_failure(data: dict[str, JSON], errors: dict[str, JSON]) -> JSON:
+    """PocketBase's import error: the collection's own errors as indented JSON text."""
+
+    def sentences(value: JSON) -> JSON:
+        if isinstance(value, dict) and "message" in value:
+            return str(value["message"]).rstrip(".").lower()
+        return {key: sentences(item) for key, item in value.items()} if isinstance(value, dict) else value
+
+    name = data.get("name", "")
+    identifier = data.get("id") or collection_id(str(data.get("type", "base")), str(name))
+    details = json.dumps(sentences(errors), indent=2)
+    return validation_entry(
+        "validation_collections_import_failure",
+        f'Data validations failed for collection "{name}" ({identifier}):\n{details}.',
+    )
+
+
+# --- records ---------------------------------------------------------------
+
+Record = dict[str, JSON]
 
 
 class Store:
@@ -683,25 +1455,650 @@ class Store:
 
     Opened in WAL mode with foreign keys on and a busy timeout, so the
     `sqlite3` shell and other processes can read it while pbrt runs.
+    `now`, `new_id`, `new_secret` and `hash_password` are supplied by the
+    caller, so this class has no clock or randomness of its own.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        now: Callable[[], float],
+        new_id: Callable[[], str],
+        new_secret: Callable[[], str],
+        hash_password: Callable[[str], str],
+    ) -> None:
         self.path = path
+        self.now = now
+        self.new_id = new_id
+        self.new_secret = new_secret
+        self.hash_password = hash_password
         self.connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.connection.execute("PRAGMA journal_mode = WAL")
         self.connection.execute("PRAGMA foreign_keys = ON")
         self.connection.execute("PRAGMA busy_timeout = 5000")
         self.connection.execute("PRAGMA synchronous = NORMAL")
-
-    @classmethod
-    def open_dir(cls, directory: str) -> Store:
-        """Create `directory` if needed and open its database."""
-        os.makedirs(directory, exist_ok=True)
-        return cls(os.path.join(directory, DATABASE_FILE))
+        self._depth = 0
+        self._collections: dict[str, Collection] = {}
+        with self.transaction():
+            self.connection.execute(
+                'CREATE TABLE IF NOT EXISTS "_collections" ('
+                "id TEXT PRIMARY KEY NOT NULL, name TEXT UNIQUE NOT NULL COLLATE NOCASE, "
+                "position INTEGER NOT NULL, data JSON NOT NULL)"
+            )
+            self._load_collections()
+            if not self._collections:
+                self._create_default_collections()
 
     def close(self) -> None:
         """Close the database; later calls fail."""
         self.connection.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block in one transaction (nested blocks join the outer one)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self.connection.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            self.connection.execute("ROLLBACK")
+            self._load_collections()
+            raise
+        self._depth = 0
+        self.connection.execute("COMMIT")
+
+    def now_text(self) -> str:
+        """The current time in PocketBase's stored date format."""
+        return format_datetime(self.now())
+
+    # --- collections -------------------------------------------------------
+
+    def _load_collections(self) -> None:
+        self._collections = {}
+        for (data,) in self.connection.execute('SELECT data FROM "_collections" ORDER BY position'):
+            stored = json.loads(data)
+            self._collections[stored["id"]] = Collection(
+                id=stored["id"],
+                name=stored["name"],
+                type=stored["type"],
+                fields=tuple(stored["fields"]),
+                rules=stored["rules"],
+                indexes=tuple(stored["indexes"]),
+                system=stored["system"],
+                created=stored["created"],
+                updated=stored["updated"],
+                options=stored["options"],
+            )
+
+    def _create_default_collections(self) -> None:
+        """Create what a fresh PocketBase has: `_superusers` and `users`."""
+        now = self.now_text()
+        superusers = build_collection(
+            {"name": SUPERUSERS, "type": "auth", "fields": [*_auth_system_fields(), *_timestamp_fields(system=True)]},
+            None,
+            now=now,
+            new_secret=self.new_secret,
+        )
+        options = dict(superusers.options, authToken={**superusers.options["authToken"], "duration": 86_400})
+        self._write_collection(dataclasses.replace(superusers, system=True, options=options), None)
+        users_rule = "id = @request.auth.id"
+        users = build_collection(
+            {
+                "id": USERS_ID,
+                "name": "users",
+                "type": "auth",
+                "listRule": users_rule,
+                "viewRule": users_rule,
+                "createRule": "",
+                "updateRule": users_rule,
+                "deleteRule": users_rule,
+                "fields": [
+                    *_auth_system_fields(),
+                    {"name": "name", "type": "text", "max": 255},
+                    {
+                        "name": "avatar",
+                        "type": "file",
+                        "maxSelect": 1,
+                        "mimeTypes": ["image/jpeg", "image/png", "image/svg+xml", "image/gif", "image/webp"],
+                    },
+                    *_timestamp_fields(),
+                ],
+            },
+            None,
+            now=now,
+            new_secret=self.new_secret,
+        )
+        users.options["oauth2"]["mappedFields"].update(name="name", avatarURL="avatar")
+        self._write_collection(users, None)
+
+    def collections(self) -> list[Collection]:
+        """All collections, in creation order."""
+        return list(self._collections.values())
+
+    def collection(self, id_or_name: str) -> Collection | None:
+        """Return the collection with this id, or else this name (any case)."""
+        found = self._collections.get(id_or_name)
+        if found is not None:
+            return found
+        lowered = id_or_name.lower()
+        return next((c for c in self._collections.values() if c.name.lower() == lowered), None)
+
+    def save_collection(
+        self, data: dict[str, JSON], existing: Collection | None = None, *, known_ids: frozenset[str] = frozenset()
+    ) -> Collection:
+        """Create or update a collection from its JSON; migrate its table.
+
+        Raises ValidationError with PocketBase's field errors, or ValueError
+        for data of the wrong shape.
+        """
+        collection = build_collection(data, existing, now=self.now_text(), new_secret=self.new_secret)
+        others = [c for c in self._collections.values() if existing is None or c.id != existing.id]
+        errors = validate_collection(collection, others, known_ids)
+        if not errors and existing is None and collection.id in self._collections:
+            errors["id"] = validation_entry("validation_invalid_id", "The model id is invalid or already exists.")
+        if errors:
+            raise ValidationError(errors)
+        with self.transaction():
+            self._write_collection(collection, existing)
+        return collection
+
+    def _write_collection(self, collection: Collection, existing: Collection | None) -> None:
+        stored = {
+            "id": collection.id,
+            "name": collection.name,
+            "type": collection.type,
+            "fields": list(collection.fields),
+            "rules": collection.rules,
+            "indexes": list(collection.indexes),
+            "system": collection.system,
+            "created": collection.created,
+            "updated": collection.updated,
+            "options": collection.options,
+        }
+        if existing is None:
+            position = len(self._collections)
+            self.connection.execute(
+                'INSERT INTO "_collections" (id, name, position, data) VALUES (?, ?, ?, ?)',
+                (collection.id, collection.name, position, json.dumps(stored)),
+            )
+        else:
+            self.connection.execute(
+                'UPDATE "_collections" SET name = ?, data = ? WHERE id = ?',
+                (collection.name, json.dumps(stored), collection.id),
+            )
+        self._migrate_table(collection, existing)
+        self._collections[collection.id] = collection
+
+    def _migrate_table(self, collection: Collection, existing: Collection | None) -> None:
+        """Create or rebuild a collection's table, keeping data by field id."""
+        table = quote_identifier(collection.name)
+        columns = ", ".join(
+            f"{quote_identifier(spec['name'])} "
+            + ("TEXT PRIMARY KEY NOT NULL" if spec["name"] == "id" else column_declaration(spec))
+            for spec in collection.fields
+        )
+        if existing is None:
+            self.connection.execute(f"CREATE TABLE {table} ({columns})")
+        else:
+            old_table = quote_identifier(existing.name)
+            temporary = quote_identifier(f"_pbrt_migrate_{collection.name}")
+            self.connection.execute(f"CREATE TABLE {temporary} ({columns})")
+            old_by_id = {spec["id"]: spec for spec in existing.fields}
+            pairs = [
+                (quote_identifier(spec["name"]), quote_identifier(old_by_id[spec["id"]]["name"]))
+                for spec in collection.fields
+                if spec["id"] in old_by_id and old_by_id[spec["id"]]["type"] == spec["type"]
+                and is_multiple(old_by_id[spec["id"]]) == is_multiple(spec)
+            ]
+            targets = ", ".join(["rowid"] + [new for new, _ in pairs])
+            sources = ", ".join(["rowid"] + [old for _, old in pairs])
+            self.connection.execute(f"INSERT INTO {temporary} ({targets}) SELECT {sources} FROM {old_table}")
+            self.connection.execute(f"DROP TABLE {old_table}")
+            self.connection.execute(f"ALTER TABLE {temporary} RENAME TO {table}")
+        for index_sql in collection.indexes:
+            try:
+                self.connection.execute(index_sql)
+            except sqlite3.Error as exc:
+                raise ValidationError(
+                    {"indexes": validation_entry("validation_invalid_index", f"Invalid index: {exc}.")}
+                ) from None
+
+    def delete_collection(self, collection: Collection) -> None:
+        """Drop a collection and its table.
+
+        Raises ApiError-free ValueError with PocketBase's sentence when it is
+        a system collection or another collection's relation points at it.
+        """
+        if collection.system:
+            raise ValueError("Failed to delete collection.")
+        referencing = [
+            other.name
+            for other in self._collections.values()
+            if other.id != collection.id
+            and any(spec["type"] == "relation" and spec.get("collectionId") == collection.id for spec in other.fields)
+        ]
+        if referencing:
+            raise ValueError(
+                "Failed to delete collection probably due to existing reference in " + ", ".join(referencing) + "."
+            )
+        with self.transaction():
+            self.connection.execute('DELETE FROM "_collections" WHERE id = ?', (collection.id,))
+            self.connection.execute(f"DROP TABLE {quote_identifier(collection.name)}")
+            del self._collections[collection.id]
+
+    def import_collections(self, items: list[dict[str, JSON]], *, delete_missing: bool) -> None:
+        """Create or update many collections in one transaction (PocketBase's import).
+
+        Each is matched to an existing collection by id, else by name. Without
+        `delete_missing`, fields the import does not list are kept; with it,
+        unlisted fields and non-system collections are deleted. Raises
+        ValidationError naming the first collection that fails.
+        """
+        known_ids = frozenset(str(item["id"]) for item in items if item.get("id"))
+        imported: set[str] = set()
+        with self.transaction():
+            for item in items:
+                existing = self._collections.get(str(item.get("id") or "")) or self.collection(
+                    str(item.get("name") or "\0")
+                )
+                data = dict(item)
+                if existing is not None and not delete_missing and isinstance(data.get("fields"), list):
+                    listed = {(f.get("id"), f.get("name")) for f in data["fields"] if isinstance(f, dict)}
+                    listed_ids = {pair[0] for pair in listed}
+                    listed_names = {pair[1] for pair in listed}
+                    kept = [f for f in existing.fields if f["id"] not in listed_ids and f["name"] not in listed_names]
+                    data["fields"] = kept + data["fields"]
+                try:
+                    saved = self.save_collection(data, existing, known_ids=known_ids)
+                except ValidationError as exc:
+                    raise ValidationError({"collections": _import_failure(data, exc.errors)}) from None
+                imported.add(saved.id)
+            if delete_missing:
+                for collection in self.collections():
+                    if collection.id not in imported and not collection.system:
+                        self.connection.execute('DELETE FROM "_collections" WHERE id = ?', (collection.id,))
+                        self.connection.execute(f"DROP TABLE {quote_identifier(collection.name)}")
+                        del self._collections[collection.id]
+
+    # --- reading records -----------------------------------------------------
+
+    def _row_to_record(self, collection: Collection, row: sqlite3.Row | tuple[JSON, ...]) -> Record:
+        return {spec["name"]: from_column(spec, value) for spec, value in zip(collection.fields, row)}
+
+    def _select_columns(self, collection: Collection, alias: str = "") -> str:
+        prefix = f"{alias}." if alias else ""
+        return ", ".join(prefix + quote_identifier(spec["name"]) for spec in collection.fields)
+
+    def get_record(self, collection: Collection, record_id: str) -> Record | None:
+        """Return one record by id, or None."""
+        row = self.connection.execute(
+            f"SELECT {self._select_columns(collection)} FROM {quote_identifier(collection.name)} WHERE id = ?",
+            (record_id,),
+        ).fetchone()
+        return None if row is None else self._row_to_record(collection, row)
+
+    def get_records(self, collection: Collection, record_ids: list[str]) -> dict[str, Record]:
+        """Return the records with these ids, keyed by id (missing ones absent)."""
+        if not record_ids:
+            return {}
+        rows = self.connection.execute(
+            f"SELECT {self._select_columns(collection)} FROM {quote_identifier(collection.name)} "
+            f"WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(record_ids),),
+        ).fetchall()
+        records = (self._row_to_record(collection, row) for row in rows)
+        return {record["id"]: record for record in records}
+
+    def find_records(
+        self,
+        collection: Collection,
+        *,
+        where: str = "",
+        params: tuple[JSON, ...] = (),
+        order: str = "",
+        limit: int = -1,
+        offset: int = 0,
+    ) -> list[Record]:
+        """Return records matching an SQL condition built with bound params."""
+        sql = f"SELECT {self._select_columns(collection, 't')} FROM {quote_identifier(collection.name)} t"
+        if where:
+            sql += f" WHERE {where}"
+        sql += f" ORDER BY {order or 't.rowid'} LIMIT ? OFFSET ?"
+        rows = self.connection.execute(sql, (*params, limit, offset)).fetchall()
+        return [self._row_to_record(collection, row) for row in rows]
+
+    def count_records(self, collection: Collection, *, where: str = "", params: tuple[JSON, ...] = ()) -> int:
+        """Count the records matching an SQL condition."""
+        sql = f"SELECT COUNT(*) FROM {quote_identifier(collection.name)} t"
+        if where:
+            sql += f" WHERE {where}"
+        return int(self.connection.execute(sql, params).fetchone()[0])
+
+    # --- writing records -----------------------------------------------------
+
+    def create_record(
+        self, collection: Collection, data: dict[str, JSON], *, privileged: bool, manager: bool = False
+    ) -> Record:
+        """Validate and insert a record built from submitted `data`.
+
+        Non-privileged callers cannot set hidden fields (silently dropped)
+        nor mark auth records verified. Raises ValidationError.
+        """
+        record = {spec["name"]: zero_value(spec) for spec in collection.fields}
+        errors = self._apply(collection, record, data, privileged=privileged, manager=manager, creating=True)
+        return self._save(collection, record, None, errors)
+
+    def update_record(
+        self, collection: Collection, current: Record, data: dict[str, JSON], *, privileged: bool, manager: bool = False
+    ) -> Record:
+        """Apply submitted `data` (with `+`/`-` modifiers) to a record and save it."""
+        record = dict(current)
+        errors = self._apply(collection, record, data, privileged=privileged, manager=manager, creating=False)
+        return self._save(collection, record, current, errors)
+
+    def _apply(
+        self,
+        collection: Collection,
+        record: Record,
+        data: dict[str, JSON],
+        *,
+        privileged: bool,
+        manager: bool,
+        creating: bool,
+    ) -> dict[str, JSON]:
+        """Set submitted values on `record`; return early validation errors."""
+        errors: dict[str, JSON] = {}
+        password = None
+        for key, raw in sorted(data.items(), key=_modifier_order):
+            name, modifier = _split_modifier(key)
+            spec = collection.field(name)
+            if spec is None or spec["type"] == "autodate" or (name == "id" and (not creating or modifier)):
+                continue
+            if spec["type"] == "file":
+                if raw not in (None, "", []):
+                    errors[name] = validation_entry("validation_file_unsupported", "File uploads are not supported.")
+                continue
+            if spec["type"] == "password":
+                if modifier:
+                    continue
+                password = _to_text(raw)
+                continue
+            if collection.is_auth and name == "tokenKey" and not privileged:
+                continue
+            if spec.get("hidden") and not privileged:
+                continue
+            if collection.is_auth and name == "verified" and not (privileged or manager):
+                if _to_bool(raw) != bool(record.get("verified")):
+                    errors[name] = validation_entry("validation_values_mismatch", "Values don't match.")
+                continue
+            record[name] = _apply_modifier(spec, record[name], raw, modifier)
+        if collection.is_auth:
+            confirm = data.get("passwordConfirm")
+            if password is not None or creating:
+                password = password or ""
+                if confirm is not None and _to_text(confirm) != password:
+                    errors["passwordConfirm"] = validation_entry("validation_values_mismatch", "Values don't match.")
+                spec = collection.field("password")
+                problem = validate_value(spec, password) if spec else None
+                if problem:
+                    errors["password"] = problem
+                elif password:
+                    record["password"] = self.hash_password(password)
+                    record["tokenKey"] = self.new_secret()
+            if creating and not record.get("tokenKey"):
+                record["tokenKey"] = self.new_secret()
+            if collection.name == SUPERUSERS:
+                record["verified"] = True
+        return errors
+
+    def _save(self, collection: Collection, record: Record, current: Record | None, errors: dict[str, JSON]) -> Record:
+        creating = current is None
+        now = self.now_text()
+        for spec in collection.fields:
+            if spec["type"] == "autodate" and (spec.get("onCreate") and creating or spec.get("onUpdate")):
+                record[spec["name"]] = now
+        if creating and not record.get("id"):
+            record["id"] = self.new_id()
+        for spec in collection.fields:
+            if spec["name"] in errors or spec["type"] in ("password", "autodate", "file"):
+                continue
+            problem = validate_value(spec, record[spec["name"]])
+            if problem is None and spec["type"] == "relation":
+                problem = self._check_relation(spec, record[spec["name"]])
+            if problem is not None:
+                errors[spec["name"]] = problem
+        if not errors:
+            errors.update(self._unique_errors(collection, record, creating))
+        if errors:
+            raise ValidationError(dict(sorted(errors.items())))
+        columns = [spec for spec in collection.fields]
+        values = tuple(to_column(spec, record[spec["name"]]) for spec in columns)
+        table = quote_identifier(collection.name)
+        with self.transaction():
+            if creating:
+                names = ", ".join(quote_identifier(spec["name"]) for spec in columns)
+                marks = ", ".join("?" for _ in columns)
+                self.connection.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", values)
+            else:
+                assignments = ", ".join(f"{quote_identifier(spec['name'])} = ?" for spec in columns)
+                self.connection.execute(
+                    f"UPDATE {table} SET {assignments} WHERE id = ?", (*values, current["id"])  # type: ignore[index]
+                )
+        return record
+
+    def _check_relation(self, spec: dict[str, JSON], value: JSON) -> JSON | None:
+        ids = value if isinstance(value, list) else ([value] if value else [])
+        target = self._collections.get(spec.get("collectionId", ""))
+        if not ids:
+            return None
+        if target is None or len(self.get_records(target, ids)) != len(ids):
+            return validation_entry(
+                "validation_missing_rel_records", "Failed to find all relation records with the provided ids."
+            )
+        return None
+
+    def _unique_errors(self, collection: Collection, record: Record, creating: bool) -> dict[str, JSON]:
+        errors: dict[str, JSON] = {}
+        table = quote_identifier(collection.name)
+        not_unique = validation_entry("validation_not_unique", "Value must be unique.")
+        if creating and self.connection.execute(f"SELECT 1 FROM {table} WHERE id = ?", (record["id"],)).fetchone():
+            errors["id"] = not_unique
+        if collection.is_auth and record.get("email"):
+            clash = self.connection.execute(
+                f"SELECT 1 FROM {table} WHERE email = ? AND id != ?", (record["email"], record["id"])
+            ).fetchone()
+            if clash:
+                errors["email"] = not_unique
+        return errors
+
+    def delete_record(self, collection: Collection, record: Record) -> list[tuple[Collection, Record]]:
+        """Delete a record, applying each relation's cascade option.
+
+        Returns every deleted (collection, record), the given one last.
+        Raises ValueError when a required relation still points at it.
+        """
+        deleted: list[tuple[Collection, Record]] = []
+        with self.transaction():
+            self._delete(collection, record, deleted, depth=0)
+        return deleted
+
+    def _delete(
+        self, collection: Collection, record: Record, deleted: list[tuple[Collection, Record]], depth: int
+    ) -> None:
+        if depth > 32:
+            raise ValueError("Failed to delete record: relation cascade is too deep.")
+        for other in self.collections():
+            for spec in other.fields:
+                if spec["type"] != "relation" or spec.get("collectionId") != collection.id:
+                    continue
+                column = quote_identifier(spec["name"])
+                condition = (
+                    f"EXISTS (SELECT 1 FROM json_each(t.{column}) WHERE value = ?)"
+                    if is_multiple(spec)
+                    else f"t.{column} = ?"
+                )
+                for referencing in self.find_records(other, where=condition, params=(record["id"],)):
+                    if other.id == collection.id and referencing["id"] == record["id"]:
+                        continue
+                    if spec.get("cascadeDelete"):
+                        self._delete(other, referencing, deleted, depth + 1)
+                        continue
+                    remaining = (
+                        [i for i in referencing[spec["name"]] if i != record["id"]] if is_multiple(spec) else ""
+                    )
+                    if spec.get("required") and not remaining:
+                        raise ValueError(
+                            "Failed to delete record. Make sure that the record is not part of a required "
+                            "relation reference."
+                        )
+                    self.connection.execute(
+                        f"UPDATE {quote_identifier(other.name)} SET {column} = ? WHERE id = ?",
+                        (to_column(spec, remaining), referencing["id"]),
+                    )
+        self.connection.execute(f"DELETE FROM {quote_identifier(collection.name)} WHERE id = ?", (record["id"],))
+        deleted.append((collection, record))
+
+
+def _split_modifier(key: str) -> tuple[str, str]:
+    """Split `name+` / `+name` / `name-` into the field name and "+", "^" or "-"."""
+    if key.endswith(("+", "-")):
+        return key[:-1], key[-1]
+    if key.startswith("+"):
+        return key[1:], "^"
+    return key, ""
+
+
+def _modifier_order(item: tuple[str, JSON]) -> int:
+    """PocketBase applies plain values, then prepends, appends, and removals last."""
+    return "^+-".find(_split_modifier(item[0])[1]) + 1
+
+
+def _apply_modifier(spec: dict[str, JSON], current: JSON, raw: JSON, modifier: str) -> JSON:
+    """Apply PocketBase's `field+` (append/add), `+field` (prepend), `field-` (remove/subtract)."""
+    if not modifier:
+        return coerce_value(spec, raw)
+    if spec["type"] == "number":
+        delta = _to_number(raw)
+        return _js_number(current + delta if modifier == "+" else current - delta) if modifier != "^" else current
+    if spec["type"] in MULTI_CAPABLE_TYPES:
+        items = current if isinstance(current, list) else ([current] if current else [])
+        changes = _to_string_list(raw)
+        if modifier == "-":
+            result = [item for item in items if item not in changes]
+        elif modifier == "+":
+            result = items + [item for item in changes if item not in items]
+        else:
+            result = [item for item in changes if item not in items] + items
+        return result if is_multiple(spec) else (result[-1] if result else "")
+    return current
+
+
+# ==========================================================================
+# 7. Auth
+# ==========================================================================
+# Password hashing and HS256 tokens with PocketBase's claims. Pure: the
+# clock and random salts are arguments. Knows records only as dicts.
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # RFC 7914's interactive-login parameters
+SCRYPT_SALT_BYTES = 16
+MAX_TOKEN_BYTES = 4096
+# Verified against when a login names an unknown identity, so both cases take equal time.
+DUMMY_PASSWORD_HASH = "scrypt$16384$8$1$cGJydC1kdW1teS1zYWx0IQ$sHyEEZebWchQbJuTvUlOp3X9K5hT4M9DT01ZTtEUH4c"
+
+
+def hash_password(password: str, salt: bytes) -> str:
+    """Hash a password with scrypt; the result records its parameters and salt.
+
+    >>> hash_password("pw", b"0" * 16).startswith("scrypt$16384$8$1$")
+    True
+    """
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64encode(salt)}${_b64encode(digest)}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Check a password against `hash_password` output in constant time."""
+    try:
+        scheme, n, r, p, salt, expected = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        digest = hashlib.scrypt(
+            password.encode(), salt=_b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=32
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(digest, _b64decode(expected))
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+_TOKEN_HEADER = _b64encode(b'{"alg":"HS256","typ":"JWT"}')
+
+
+def sign_token(claims: dict[str, JSON], key: str) -> str:
+    """Return an HS256 JWT of `claims` (compact JSON, keys sorted) signed with `key`.
+
+    >>> sign_token({"id": "a"}, "k").split(".")[1]
+    'eyJpZCI6ImEifQ'
+    """
+    payload = _b64encode(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+    signing_input = f"{_TOKEN_HEADER}.{payload}"
+    signature = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64encode(signature)}"
+
+
+def read_token_claims(token: str) -> dict[str, JSON] | None:
+    """Decode a JWT's claims without checking its signature; None if malformed."""
+    if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
+        return None
+    header, payload, _ = token.split(".")
+    try:
+        if json.loads(_b64decode(header)).get("alg") != "HS256":
+            return None
+        claims = json.loads(_b64decode(payload))
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def token_is_valid(token: str, key: str, now: float) -> bool:
+    """Whether `token` is signed with `key` and, if it has `exp`, not expired."""
+    claims = read_token_claims(token)
+    if claims is None:
+        return False
+    signing_input, _, signature = token.rpartition(".")
+    expected = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(_b64encode(expected), signature):
+        return False
+    expires = claims.get("exp")
+    return expires is None or (isinstance(expires, (int, float)) and expires > now)
+
+
+def auth_token_claims(collection_id_value: str, record_id: str, expires: int) -> dict[str, JSON]:
+    """Return the claims PocketBase puts in an auth token."""
+    return {
+        "collectionId": collection_id_value,
+        "exp": expires,
+        "id": record_id,
+        "refreshable": True,
+        "type": "auth",
+    }
+
 
 
 # ==========================================================================
@@ -725,6 +2122,8 @@ class RequestContext:
     remote_ip: str
     params: dict[str, str] = field(default_factory=dict)
     _body: Body | None = None
+    _auth: Auth | None = None
+    _auth_resolved: bool = False
 
     @property
     def body(self) -> Body:
@@ -732,6 +2131,26 @@ class RequestContext:
         if self._body is None:
             self._body = parse_body(self.request.header("content-type"), self.raw_body)
         return self._body
+
+    @property
+    def auth_token(self) -> str:
+        """The Authorization header's token, without a `Bearer ` prefix."""
+        header = self.request.header("authorization").strip()
+        return header[7:].strip() if header[:7].lower() == "bearer " else header
+
+    @property
+    def auth(self) -> Auth | None:
+        """Who sent the request (resolved once): an auth record, or None for a guest."""
+        if not self._auth_resolved:
+            store = self.app.store
+            token = self.auth_token
+            self._auth = resolve_auth(store, token, self.app.now()) if store and token else None
+            self._auth_resolved = True
+        return self._auth
+
+    @auth.setter
+    def auth(self, value: Auth | None) -> None:
+        self._auth, self._auth_resolved = value, True
 
 
 def json_response(value: JSON, status: int = 200) -> Response:
@@ -807,15 +2226,667 @@ class Router:
         raise NotFoundError(None if path_known else FILE_NOT_FOUND_MESSAGE)
 
 
+# --- auth of a request ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """The record a request is authenticated as."""
+
+    collection: Collection
+    record: Record
+
+    @property
+    def is_superuser(self) -> bool:
+        """Whether this is a `_superusers` record (rules do not apply)."""
+        return self.collection.name == SUPERUSERS
+
+    def is_record(self, collection: Collection, record: Record) -> bool:
+        """Whether this auth is `record` of `collection` itself."""
+        return self.collection.id == collection.id and self.record.get("id") == record.get("id")
+
+
+def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
+    """Return the Auth for an Authorization header value, or None (guest).
+
+    As PocketBase: a `Bearer ` prefix is optional; a malformed, expired,
+    tampered or foreign token means guest, never an error.
+    """
+    token = header[7:] if header[:7].lower() == "bearer " else header
+    claims = read_token_claims(token.strip())
+    if not claims or claims.get("type") != "auth":
+        return None
+    record_id, collection_ref = claims.get("id"), claims.get("collectionId")
+    if not isinstance(record_id, str) or not isinstance(collection_ref, str) or not record_id:
+        return None
+    collection = store.collection(collection_ref) if collection_ref else None
+    if collection is None or not collection.is_auth:
+        return None
+    record = store.get_record(collection, record_id)
+    if record is None:
+        return None
+    if not token_is_valid(token.strip(), str(record["tokenKey"]) + collection.token_secret, now):
+        return None
+    return Auth(collection, record)
+
+
+def issue_auth_token(collection: Collection, record: Record, now: float) -> str:
+    """Sign a new auth token for a record, valid for the collection's duration."""
+    duration = int(collection.options.get("authToken", {}).get("duration", 432_000))
+    claims = auth_token_claims(collection.id, str(record["id"]), int(now) + duration)
+    return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
+
+
+# --- record JSON, expand and fields ----------------------------------------
+
+MAX_EXPAND_DEPTH = 6
+MAX_EXPAND_PATHS = 100
+MAX_FIELDS_PARAM_BYTES = 4096
+
+
+def record_json(collection: Collection, record: Record, *, superuser: bool, show_email: bool) -> dict[str, JSON]:
+    """Return a record as PocketBase shows it: visible fields plus collection keys, sorted.
+
+    Passwords and tokenKeys never appear; hidden fields only for superusers;
+    an auth record's email only when `show_email`.
+    """
+    data: dict[str, JSON] = {"collectionId": collection.id, "collectionName": collection.name}
+    for spec in collection.fields:
+        name = spec["name"]
+        if spec["type"] == "password" or (collection.is_auth and name == "tokenKey"):
+            continue
+        if spec.get("hidden") and not superuser:
+            continue
+        if collection.is_auth and name == "email" and not show_email:
+            continue
+        data[name] = record.get(name, zero_value(spec))
+    return dict(sorted(data.items()))
+
+
+def parse_expand(text: str) -> dict[str, JSON]:
+    """Parse `a,b.c` into a tree {"a": {}, "b": {"c": {}}} (depth and count limited).
+
+    >>> parse_expand("member, author.team")
+    {'member': {}, 'author': {'team': {}}}
+    """
+    tree: dict[str, JSON] = {}
+    paths = [path.strip() for path in text.split(",") if path.strip()]
+    for path in paths[:MAX_EXPAND_PATHS]:
+        node = tree
+        for segment in path.split(".")[:MAX_EXPAND_DEPTH]:
+            node = node.setdefault(segment, {})
+    return tree
+
+
+_EXCERPT_RE = re.compile(r"^(.*):excerpt\(\s*(\d+)\s*(?:,\s*(true|false|1|0|t|f)\s*)?\)$")
+
+
+def parse_fields(text: str) -> dict[str, JSON] | None:
+    """Parse a `fields` picker into a tree; None when it picks everything.
+
+    Leaves are True, or ("excerpt", length, ellipsis) for `:excerpt(n,true)`.
+
+    >>> parse_fields("id,expand.member.name")
+    {'id': True, 'expand': {'member': {'name': True}}}
+    """
+    text = text.strip()
+    if not text or len(text.encode()) > MAX_FIELDS_PARAM_BYTES:
+        return None
+    tree: dict[str, JSON] = {}
+    for item in re.split(r",(?![^()]*\))", text):
+        item = item.strip()
+        if not item:
+            continue
+        leaf: JSON = True
+        match = _EXCERPT_RE.match(item)
+        if match:
+            item = match.group(1)
+            leaf = ("excerpt", int(match.group(2)), match.group(3) in ("true", "1", "t"))
+        segments = item.split(".")
+        node = tree
+        for segment in segments[:-1]:
+            child = node.get(segment)
+            if not isinstance(child, dict):
+                child = node[segment] = {}
+            node = child
+        if not isinstance(node.get(segments[-1]), dict):
+            node[segments[-1]] = leaf
+    return tree or None
+
+
+def pick_fields(value: JSON, tree: dict[str, JSON]) -> JSON:
+    """Keep only the picked keys of an object (or of each object in a list)."""
+    if isinstance(value, list):
+        return [pick_fields(item, tree) for item in value]
+    if not isinstance(value, dict):
+        return value
+    picked: dict[str, JSON] = {}
+    wildcard = tree.get("*")
+    for key, item in value.items():
+        rule = tree.get(key, wildcard)
+        if rule is None:
+            continue
+        if isinstance(rule, dict):
+            picked[key] = pick_fields(item, rule)
+        elif isinstance(rule, tuple):
+            picked[key] = _excerpt(item, rule[1], rule[2])
+        else:
+            picked[key] = item
+    return picked
+
+
+_TAG_RE = re.compile(r"<[^>]*>")
+
+
+def _excerpt(value: JSON, length: int, ellipsis: bool) -> JSON:
+    """PocketBase's `:excerpt`: plain text of HTML, cut to `length` characters."""
+    if not isinstance(value, str):
+        return value
+    text = " ".join(_TAG_RE.sub(" ", value).split())
+    if len(text) <= length:
+        return text
+    return text[:length].rstrip() + ("..." if ellipsis else "")
+
+
+# --- rules until the rule language ---------------------------------------------
+
+ONLY_SUPERUSERS = "Only superusers can perform this action."
+
+
+def require_rule(rule: str | None, auth: Auth | None) -> bool:
+    """Apply a collection rule's null/"" forms; return whether it is an expression.
+
+    Raises ForbiddenError for a null (superusers only) rule. Superusers pass
+    every rule (returns False: nothing left to evaluate).
+    """
+    if auth is not None and auth.is_superuser:
+        return False
+    if rule is None:
+        raise ForbiddenError(ONLY_SUPERUSERS)
+    return rule != ""
+
+
+# --- handlers ------------------------------------------------------------------
+
+
+def _store(context: RequestContext) -> Store:
+    store = context.app.store
+    assert store is not None
+    return store
+
+
+def _collection_or_404(context: RequestContext, message: str = "Missing collection context.") -> Collection:
+    collection = _store(context).collection(context.params["collection"])
+    if collection is None:
+        raise NotFoundError(message)
+    return collection
+
+
+def _is_superuser(context: RequestContext) -> bool:
+    return context.auth is not None and context.auth.is_superuser
+
+
+def _require_superuser(context: RequestContext) -> None:
+    if context.auth is None:
+        raise UnauthorizedError("The request requires valid record authorization token.")
+    if not context.auth.is_superuser:
+        raise ForbiddenError("The authorized record is not allowed to perform this action.")
+
+
+def _go_bool(text: str) -> bool:
+    """Parse a boolean as Go's strconv.ParseBool; BadRequestError otherwise."""
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise BadRequestError()
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    text = request.query_value(name)
+    if text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise BadRequestError() from None
+
+
+def _paging(request: Request) -> tuple[int, int, bool]:
+    page = _int_param(request, "page", 1)
+    per_page = _int_param(request, "perPage", DEFAULT_PER_PAGE)
+    skip_total = _go_bool(request.query_value("skipTotal")) if request.query_value("skipTotal") else False
+    page = page if page > 0 else 1
+    per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
+    return page, per_page, skip_total
+
+
+def _list_envelope(items: list[JSON], page: int, per_page: int, total: int | None) -> dict[str, JSON]:
+    if total is None:
+        return {"items": items, "page": page, "perPage": per_page, "totalItems": -1, "totalPages": -1}
+    pages = (total + per_page - 1) // per_page
+    return {"items": items, "page": page, "perPage": per_page, "totalItems": total, "totalPages": pages}
+
+
+class RecordPresenter:
+    """Turns stored records into the JSON one requester may see.
+
+    Applies hidden fields, email visibility, `expand` (each related record
+    checked against its collection's viewRule) and the `fields` picker.
+    """
+
+    def __init__(self, store: Store, auth: Auth | None, expand: str = "", fields: str = "") -> None:
+        self.store = store
+        self.auth = auth
+        self.superuser = auth is not None and auth.is_superuser
+        self.expand = parse_expand(expand) if expand else {}
+        self.fields = parse_fields(fields)
+
+    def show_email(self, collection: Collection, record: Record) -> bool:
+        """Whether this requester may see an auth record's email."""
+        if self.superuser or record.get("emailVisibility"):
+            return True
+        if self.auth is not None and self.auth.is_record(collection, record):
+            return True
+        return self.auth is not None and collection.options.get("manageRule") == ""
+
+    def present(self, collection: Collection, records: list[Record]) -> list[dict[str, JSON]]:
+        """Return the JSON of each record, with expand and fields applied."""
+        items = self._present(collection, records, self.expand, depth=0)
+        return [pick_fields(item, self.fields) for item in items] if self.fields else items
+
+    def present_one(self, collection: Collection, record: Record) -> dict[str, JSON]:
+        """Return the JSON of one record."""
+        return self.present(collection, [record])[0]
+
+    def _present(
+        self, collection: Collection, records: list[Record], expand: dict[str, JSON], depth: int
+    ) -> list[dict[str, JSON]]:
+        items = [
+            record_json(collection, record, superuser=self.superuser, show_email=self.show_email(collection, record))
+            for record in records
+        ]
+        if not expand or depth >= MAX_EXPAND_DEPTH:
+            return items
+        expansions: list[dict[str, JSON]] = [{} for _ in records]
+        for name, nested in expand.items():
+            spec = collection.field(name)
+            if spec is None or spec["type"] != "relation":
+                continue
+            target = self.store.collection(str(spec.get("collectionId", "")))
+            if target is None or not self._may_view(target):
+                continue
+            ids = sorted({i for record in records for i in _relation_ids(record.get(name))})
+            related = self.store.get_records(target, ids)
+            shown = dict(
+                zip(related, self._present(target, list(related.values()), nested, depth + 1))
+            )
+            for expansion, record in zip(expansions, records):
+                found = [shown[i] for i in _relation_ids(record.get(name)) if i in shown]
+                if found:
+                    expansion[name] = found if is_multiple(spec) else found[0]
+        for item, expansion in zip(items, expansions):
+            item["expand"] = expansion
+        return [dict(sorted(item.items())) for item in items]
+
+    def _may_view(self, collection: Collection) -> bool:
+        rule = collection.rules.get("viewRule")
+        return self.superuser or rule == ""
+
+
+def _relation_ids(value: JSON) -> list[str]:
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    return [value] if isinstance(value, str) and value else []
+
+
+def _presenter(context: RequestContext) -> RecordPresenter:
+    request = context.request
+    return RecordPresenter(_store(context), context.auth, request.query_value("expand"), request.query_value("fields"))
+
+
+def _order_by(collection: Collection, sort: str, superuser: bool) -> str:
+    """Compile a `sort` parameter (`-a,+b,@random,@rowid`) to ORDER BY SQL."""
+    items = sort.split(",")
+    if len(items) > MAX_SORT_FIELDS:
+        raise BadRequestError()
+    terms = []
+    for raw in items:
+        item = raw.strip()
+        if not item or len(item.encode()) > 255:
+            raise BadRequestError()
+        direction = "DESC" if item.startswith("-") else "ASC"
+        name = item[1:] if item[0] in "+-" else item
+        if name == "@random":
+            terms.append("RANDOM()")
+            continue
+        if name == "@rowid":
+            terms.append(f"t.rowid {direction}")
+            continue
+        spec = collection.field(name)
+        if spec is None or (spec.get("hidden") and not superuser) or spec["type"] == "password":
+            raise BadRequestError()
+        terms.append(f"t.{quote_identifier(name)} {direction}")
+    return ", ".join(terms)
+
+
+def _check_superuser_only_syntax(context: RequestContext) -> None:
+    """PocketBase refuses `@collection.`/`@request.` in filters and sorts of non-superusers."""
+    if _is_superuser(context):
+        return
+    for parameter in ("filter", "sort"):
+        text = context.request.query_value(parameter)
+        for prefix in ("@collection.", "@request."):
+            if prefix in text:
+                raise ForbiddenError(f"Only superusers can filter by {prefix}")
+
+
+async def handle_record_list(context: RequestContext) -> Response:
+    """GET /api/collections/{collection}/records."""
+    store, request = _store(context), context.request
+    collection = _collection_or_404(context)
+    has_rule = require_rule(collection.rules.get("listRule"), context.auth)
+    _check_superuser_only_syntax(context)
+    page, per_page, skip_total = _paging(request)
+    sort = request.query_value("sort")
+    order = _order_by(collection, sort, _is_superuser(context)) if sort else ""
+    if request.query_value("filter").strip():
+        raise BadRequestError()
+    where = "0" if has_rule else ""  # an expression rule fails closed until rules are evaluated
+    records = store.find_records(collection, where=where, order=order, limit=per_page, offset=(page - 1) * per_page)
+    total = None if skip_total else store.count_records(collection, where=where)
+    items = _presenter(context).present(collection, records)
+    return json_response(_list_envelope(items, page, per_page, total))
+
+
+def _record_or_404(context: RequestContext, collection: Collection, rule_name: str) -> Record:
+    has_rule = require_rule(collection.rules.get(rule_name), context.auth)
+    record = _store(context).get_record(collection, context.params["id"])
+    if record is None or has_rule:
+        raise NotFoundError()
+    return record
+
+
+async def handle_record_view(context: RequestContext) -> Response:
+    """GET /api/collections/{collection}/records/{id}."""
+    collection = _collection_or_404(context)
+    record = _record_or_404(context, collection, "viewRule")
+    return json_response(_presenter(context).present_one(collection, record))
+
+
+def _record_input(context: RequestContext, collection: Collection) -> dict[str, JSON]:
+    """The submitted record values; file parts are refused for now."""
+    body = context.body
+    data = dict(body.data)
+    for name in body.files:
+        spec = collection.field(name.rstrip("+-").lstrip("+"))
+        if spec is not None and spec["type"] == "file":
+            data[name] = [upload.filename for upload in body.files[name]]
+    return data
+
+
+def _check_password_form(
+    context: RequestContext, collection: Collection, data: dict[str, JSON], current: Record | None
+) -> None:
+    """PocketBase's auth form checks: passwordConfirm and, on update, oldPassword."""
+    if not collection.is_auth or "password" not in data or _is_superuser(context):
+        return
+    errors: dict[str, JSON] = {}
+    if not _to_text(data.get("passwordConfirm")):
+        errors["passwordConfirm"] = validation_entry("validation_required", "Cannot be blank.")
+    if current is not None:
+        old = _to_text(data.get("oldPassword"))
+        if not old:
+            errors["oldPassword"] = validation_entry("validation_required", "Cannot be blank.")
+        elif not verify_password(old, str(current.get("password", ""))):
+            errors["oldPassword"] = validation_entry(
+                "validation_invalid_old_password", "Missing or invalid old password."
+            )
+    if errors:
+        raise ValidationError(errors)
+
+
+async def handle_record_create(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/records."""
+    collection = _collection_or_404(context)
+    has_rule = require_rule(collection.rules.get("createRule"), context.auth)
+    data = _record_input(context, collection)
+    if has_rule:
+        raise BadRequestError("Failed to create record.")
+    try:
+        _check_password_form(context, collection, data, None)
+        record = _store(context).create_record(collection, data, privileged=_is_superuser(context))
+    except ValidationError as exc:
+        raise BadRequestError("Failed to create record.", exc.errors) from None
+    return json_response(_presenter(context).present_one(collection, record))
+
+
+async def handle_record_update(context: RequestContext) -> Response:
+    """PATCH /api/collections/{collection}/records/{id}."""
+    collection = _collection_or_404(context)
+    current = _record_or_404(context, collection, "updateRule")
+    data = _record_input(context, collection)
+    try:
+        _check_password_form(context, collection, data, current)
+        record = _store(context).update_record(collection, current, data, privileged=_is_superuser(context))
+    except ValidationError as exc:
+        raise BadRequestError("Failed to update record.", exc.errors) from None
+    auth = context.auth
+    if auth is not None and auth.is_record(collection, current) and record["tokenKey"] != current["tokenKey"]:
+        context.auth = Auth(collection, record)  # the requester still sees their own record
+    return json_response(_presenter(context).present_one(collection, record))
+
+
+async def handle_record_delete(context: RequestContext) -> Response:
+    """DELETE /api/collections/{collection}/records/{id}."""
+    collection = _collection_or_404(context)
+    record = _record_or_404(context, collection, "deleteRule")
+    try:
+        _store(context).delete_record(collection, record)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+    return Response(204)
+
+
+# --- collections ---------------------------------------------------------------
+
+INVALID_FORMATTING = "Failed to load the submitted data due to invalid formatting."
+
+
+async def handle_collection_list(context: RequestContext) -> Response:
+    """GET /api/collections (superusers only)."""
+    _require_superuser(context)
+    page, per_page, skip_total = _paging(context.request)
+    collections = _store(context).collections()
+    name_filter = context.request.query_value("filter").strip()
+    if name_filter:
+        match = re.fullmatch(r"""name\s*=\s*(["'])(\w*)\1""", name_filter)
+        if match is None:
+            raise BadRequestError()
+        collections = [c for c in collections if c.name == match.group(2)]
+    chosen = collections[(page - 1) * per_page : page * per_page]
+    fields = parse_fields(context.request.query_value("fields"))
+    items = [pick_fields(c.to_json(), fields) if fields else c.to_json() for c in chosen]
+    return json_response(_list_envelope(items, page, per_page, None if skip_total else len(collections)))
+
+
+async def handle_collection_view(context: RequestContext) -> Response:
+    """GET /api/collections/{collection} (superusers only)."""
+    _require_superuser(context)
+    collection = _collection_or_404(context, DEFAULT_ERROR_MESSAGES[404])
+    return json_response(collection.to_json())
+
+
+def _save_collection(context: RequestContext, existing: Collection | None, failure: str) -> Collection:
+    data = context.body.data
+    try:
+        return _store(context).save_collection(data, existing)
+    except ValidationError as exc:
+        raise BadRequestError(failure, exc.errors) from None
+    except (ValueError, TypeError, KeyError):
+        raise BadRequestError(INVALID_FORMATTING) from None
+
+
+async def handle_collection_create(context: RequestContext) -> Response:
+    """POST /api/collections (superusers only)."""
+    _require_superuser(context)
+    collection = _save_collection(context, None, "Failed to create collection.")
+    return json_response(collection.to_json())
+
+
+async def handle_collection_update(context: RequestContext) -> Response:
+    """PATCH /api/collections/{collection} (superusers only)."""
+    _require_superuser(context)
+    existing = _collection_or_404(context, DEFAULT_ERROR_MESSAGES[404])
+    collection = _save_collection(context, existing, "Failed to update collection.")
+    return json_response(collection.to_json())
+
+
+async def handle_collection_delete(context: RequestContext) -> Response:
+    """DELETE /api/collections/{collection} (superusers only)."""
+    _require_superuser(context)
+    collection = _collection_or_404(context, DEFAULT_ERROR_MESSAGES[404])
+    try:
+        _store(context).delete_collection(collection)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+    return Response(204)
+
+
+async def handle_collection_import(context: RequestContext) -> Response:
+    """PUT /api/collections/import (superusers only): create or update many at once."""
+    _require_superuser(context)
+    data = context.body.data
+    collections = data.get("collections")
+    if not collections:
+        raise BadRequestError(
+            "An error occurred while validating the submitted data.",
+            {"collections": validation_entry("validation_required", "Cannot be blank.")},
+        )
+    if not isinstance(collections, list) or not all(isinstance(c, dict) for c in collections):
+        raise BadRequestError(INVALID_FORMATTING)
+    try:
+        _store(context).import_collections(collections, delete_missing=bool(data.get("deleteMissing")))
+    except ValidationError as exc:
+        raise BadRequestError("Failed to import collections.", exc.errors) from None
+    except (ValueError, TypeError, KeyError):
+        raise BadRequestError(INVALID_FORMATTING) from None
+    return Response(204)
+
+
+# --- auth endpoints ------------------------------------------------------------
+
+
+def _auth_collection_or_404(context: RequestContext) -> Collection:
+    collection = _collection_or_404(context, "Missing or invalid collection context.")
+    if not collection.is_auth:
+        raise NotFoundError("Missing or invalid auth collection context.")
+    return collection
+
+
+def _auth_response(context: RequestContext, collection: Collection, record: Record, token: str) -> Response:
+    auth = Auth(collection, record)
+    request = context.request
+    presenter = RecordPresenter(_store(context), auth, request.query_value("expand"))
+    envelope: dict[str, JSON] = {"record": presenter.present_one(collection, record), "token": token}
+    fields = parse_fields(request.query_value("fields"))
+    return json_response(pick_fields(envelope, fields) if fields else envelope)
+
+
+async def handle_auth_with_password(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/auth-with-password."""
+    collection = _auth_collection_or_404(context)
+    if not collection.options.get("passwordAuth", {}).get("enabled", True):
+        raise ForbiddenError("The collection is not configured to allow password authentication.")
+    data = context.body.data
+    identity, password = _to_text(data.get("identity")), _to_text(data.get("password"))
+    errors = {
+        name: validation_entry("validation_required", "Cannot be blank.")
+        for name, value in (("identity", identity), ("password", password))
+        if not value
+    }
+    if errors:
+        raise BadRequestError("An error occurred while validating the submitted data.", errors)
+    store = _store(context)
+    identity_fields = collection.options.get("passwordAuth", {}).get("identityFields") or ["email"]
+    requested_field = _to_text(data.get("identityField"))
+    if requested_field:
+        identity_fields = [name for name in identity_fields if name == requested_field]
+    record = None
+    for name in identity_fields:
+        if collection.field(name) is None:
+            continue
+        found = store.find_records(collection, where=f"t.{quote_identifier(name)} = ?", params=(identity,), limit=1)
+        if found:
+            record = found[0]
+            break
+    encoded = str(record["password"]) if record else DUMMY_PASSWORD_HASH
+    if not verify_password(password, encoded) or record is None:
+        raise BadRequestError("Failed to authenticate.")
+    return _auth_response(context, collection, record, issue_auth_token(collection, record, context.app.now()))
+
+
+async def handle_auth_refresh(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/auth-refresh."""
+    collection = _auth_collection_or_404(context)
+    auth = context.auth
+    if auth is None:
+        raise UnauthorizedError("The request requires valid record authorization token.")
+    if auth.collection.id != collection.id:
+        raise ForbiddenError(f"The request requires auth record from {auth.collection.name} collection.")
+    token = context.auth_token
+    claims = read_token_claims(token) or {}
+    if claims.get("refreshable") is True:
+        token = issue_auth_token(collection, auth.record, context.app.now())
+    return _auth_response(context, collection, auth.record, token)
+
+
+async def handle_auth_methods(context: RequestContext) -> Response:
+    """GET /api/collections/{collection}/auth-methods: password auth only."""
+    collection = _auth_collection_or_404(context)
+    password_auth = collection.options.get("passwordAuth", {})
+    enabled = bool(password_auth.get("enabled", True))
+    identity_fields = list(password_auth.get("identityFields") or ["email"])
+    return json_response(
+        {
+            "password": {"identityFields": identity_fields, "enabled": enabled},
+            "oauth2": {"providers": [], "enabled": False},
+            "mfa": {"enabled": False, "duration": 0},
+            "otp": {"enabled": False, "duration": 0},
+            "authProviders": [],
+            "usernamePassword": enabled and "username" in identity_fields,
+            "emailPassword": enabled and "email" in identity_fields,
+        }
+    )
+
+
 async def handle_health(context: RequestContext) -> Response:
-    """GET /api/health: PocketBase's liveness answer."""
-    return json_response({"message": "API is healthy.", "code": 200, "data": {}})
+    """GET /api/health: PocketBase's liveness answer (more data for superusers)."""
+    data: dict[str, JSON] = {}
+    if _is_superuser(context):
+        data = {"realIP": context.remote_ip, "possibleProxyHeader": "", "canBackup": False}
+    return json_response({"message": "API is healthy.", "code": 200, "data": data})
 
 
 def build_router() -> Router:
     """Return the router with every API route."""
     router = Router()
     router.add("GET", "/api/health", handle_health)
+    router.add("GET", "/api/collections", handle_collection_list)
+    router.add("POST", "/api/collections", handle_collection_create)
+    router.add("PUT", "/api/collections/import", handle_collection_import)
+    router.add("GET", "/api/collections/{collection}", handle_collection_view)
+    router.add("PATCH", "/api/collections/{collection}", handle_collection_update)
+    router.add("DELETE", "/api/collections/{collection}", handle_collection_delete)
+    records = "/api/collections/{collection}/records"
+    router.add("GET", records, handle_record_list)
+    router.add("POST", records, handle_record_create)
+    router.add("GET", records + "/{id}", handle_record_view)
+    router.add("PATCH", records + "/{id}", handle_record_update)
+    router.add("DELETE", records + "/{id}", handle_record_delete)
+    router.add("POST", "/api/collections/{collection}/auth-with-password", handle_auth_with_password)
+    router.add("POST", "/api/collections/{collection}/auth-refresh", handle_auth_refresh)
+    router.add("GET", "/api/collections/{collection}/auth-methods", handle_auth_methods)
     return router
 
 
@@ -985,9 +3056,30 @@ class App:
 
     # --- lifecycle -----------------------------------------------------------
 
+    def now(self) -> float:
+        """The current Unix time (the clock every pure section is handed)."""
+        return time.time()
+
+    def open_store(self) -> Store:
+        """Open (creating if needed) the data dir's database."""
+        os.makedirs(self.config.dir, exist_ok=True)
+        return Store(
+            os.path.join(self.config.dir, DATABASE_FILE),
+            now=self.now,
+            new_id=lambda: "".join(secrets.choice(RECORD_ID_ALPHABET) for _ in range(RECORD_ID_LENGTH)),
+            new_secret=lambda: "".join(secrets.choice(SECRET_ALPHABET) for _ in range(SECRET_LENGTH)),
+            hash_password=lambda password: hash_password(password, secrets.token_bytes(SCRYPT_SALT_BYTES)),
+        )
+
     async def start(self) -> int:
         """Open the store and start listening; return the bound port."""
-        self.store = Store.open_dir(self.config.dir)
+        self.store = self.open_store()
+        superusers = self.store.collection(SUPERUSERS)
+        if superusers is not None and self.store.count_records(superusers) == 0:
+            log.warning(
+                "No superuser exists yet. Create one with: python pbrt.py superuser upsert EMAIL PASS --dir %s",
+                self.config.dir,
+            )
         try:
             self._server = await asyncio.start_server(
                 self._accept, self.config.host, self.config.port, limit=MAX_HEAD_BYTES
@@ -1224,9 +3316,6 @@ def _parse_http_address(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-COMMANDS = ("serve",)
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `python pbrt.py`."""
     parser = argparse.ArgumentParser(
@@ -1244,6 +3333,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help=f"TCP address to listen on (default {DEFAULT_HOST}:{DEFAULT_PORT})",
     )
     _add_common_arguments(serve_parser)
+    superuser_parser = commands.add_parser("superuser", help="create, update or delete a superuser")
+    superuser_commands = superuser_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    upsert_parser = superuser_commands.add_parser("upsert", help="create or update a superuser")
+    upsert_parser.add_argument("email")
+    upsert_parser.add_argument("password")
+    delete_parser = superuser_commands.add_parser("delete", help="delete a superuser")
+    delete_parser.add_argument("email")
+    for action_parser in (upsert_parser, delete_parser):
+        _add_common_arguments(action_parser)
     return parser
 
 
@@ -1267,6 +3365,8 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if args.command == "superuser":
+        return _superuser_command(args)
     host, port = args.http
     try:
         App(Config(dir=args.dir, host=host, port=port)).serve()
@@ -1276,6 +3376,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _superuser_command(args: argparse.Namespace) -> int:
+    """`superuser upsert EMAIL PASS` / `superuser delete EMAIL` on `--dir`."""
+    store = App(Config(dir=args.dir)).open_store()
+    try:
+        superusers = store.collection(SUPERUSERS)
+        assert superusers is not None
+        found = store.find_records(superusers, where="t.email = ?", params=(args.email,), limit=1)
+        if args.action == "delete":
+            if not found:
+                print(f"Superuser {args.email!r} not found.", file=sys.stderr)
+                return 1
+            store.delete_record(superusers, found[0])
+            print(f'Successfully deleted superuser "{args.email}"!')
+            return 0
+        data = {"email": args.email, "password": args.password}
+        try:
+            if found:
+                store.update_record(superusers, found[0], data, privileged=True)
+            else:
+                store.create_record(superusers, data, privileged=True)
+        except ValidationError as exc:
+            problems = "; ".join(f"{name}: {entry['message']}" for name, entry in exc.errors.items())
+            print(f"Failed to save superuser {args.email!r}: {problems}", file=sys.stderr)
+            return 1
+        print(f'Successfully saved superuser "{args.email}"!')
+        return 0
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":

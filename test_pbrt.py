@@ -16,6 +16,7 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -348,6 +349,82 @@ def test_http_parse_body_keeps_multipart_files() -> None:
 def test_http_parse_body_rejects(content_type: str, body: bytes) -> None:
     with pytest.raises(pbrt.BodyError):
         pbrt.parse_body(content_type, body)
+
+
+# ==========================================================================
+# 6. Store
+# ==========================================================================
+
+
+@pytest.mark.parametrize(
+    ("spec", "raw", "expected"),
+    [
+        ({"type": "number"}, "12", 12),
+        ({"type": "number"}, "abc", 0),
+        ({"type": "number"}, None, 0),
+        ({"type": "number"}, True, 1),
+        ({"type": "number"}, 2.0, 2),
+        ({"type": "bool"}, "true", True),
+        ({"type": "bool"}, 1, True),
+        ({"type": "bool"}, "maybe", False),
+        ({"type": "text"}, 123, "123"),
+        ({"type": "text"}, None, ""),
+        ({"type": "date"}, "2024-01-01", "2024-01-01 00:00:00.000Z"),
+        ({"type": "date"}, "2024-01-01T10:20:30.123456+02:00", "2024-01-01 08:20:30.123Z"),
+        ({"type": "date"}, "2024-05-06 07:08:09Z", "2024-05-06 07:08:09.000Z"),
+        ({"type": "date"}, "garbage", ""),
+        ({"type": "date"}, "2024-02-30", ""),
+        ({"type": "select", "maxSelect": 3}, "a", ["a"]),
+        ({"type": "select", "maxSelect": 3}, ["a", "b", "a"], ["a", "b"]),
+        ({"type": "relation", "maxSelect": 1}, ["x", "y"], "y"),
+        ({"type": "json"}, "{not json", "{not json"),
+        ({"type": "json"}, '{"x":1}', {"x": 1}),
+        ({"type": "json"}, '"str"', "str"),
+    ],
+)
+def test_store_coerce_value_like_pocketbase(spec: dict[str, Any], raw: Any, expected: Any) -> None:
+    assert pbrt.coerce_value(spec, raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "value", "expected"),
+    [
+        ({"type": "text", "min": 3}, "AB", ("validation_min_text_constraint", "Must be at least 3 character(s).")),
+        ({"type": "text", "max": 5}, "abcdefg", ("validation_max_text_constraint", "Must be no more than 5 character(s).")),
+        ({"type": "text"}, "x" * 5001, ("validation_max_text_constraint", "Must be no more than 5000 character(s).")),
+        ({"type": "text", "pattern": "^[a-z]+$"}, "ab1", ("validation_invalid_format", "Invalid value format.")),
+        ({"type": "text", "required": True}, "", ("validation_required", "Cannot be blank.")),
+        ({"type": "number", "min": 1}, 0, None),
+        ({"type": "number", "max": 10}, 11, ("validation_max_number_constraint", "Must be less or equal than 10.")),
+        ({"type": "number", "min": 0.5}, 0.25, ("validation_min_number_constraint", "Must be greater or equal than 0.5.")),
+        ({"type": "number", "onlyInt": True}, 1.5, ("validation_only_int_constraint", "Decimal numbers are not allowed.")),
+        ({"type": "bool", "required": True}, False, ("validation_required", "Cannot be blank.")),
+        ({"type": "email"}, "notmail", ("validation_is_email", "Must be a valid email address.")),
+        ({"type": "email", "onlyDomains": ["x.com"]}, "a@y.com", ("validation_email_domain_not_allowed", "Email domain is not allowed.")),
+        ({"type": "email", "exceptDomains": ["bad.com"]}, "a@bad.com", ("validation_email_domain_not_allowed", "Email domain is not allowed.")),
+        ({"type": "url"}, "notaurl", ("validation_invalid_url", "Must be a valid url.")),
+        ({"type": "url", "onlyDomains": ["x.com"]}, "http://y.com", ("validation_url_domain_not_allowed", "Url domain is not allowed.")),
+        ({"type": "date", "min": "2024-01-01 00:00:00.000Z"}, "2023-01-01 00:00:00.000Z", ("validation_min_greater_equal_than_required", "Must be no less than 2024-01-01 00:00:00 +0000 UTC.")),
+        ({"type": "date", "max": "2025-01-01 00:00:00.000Z"}, "2026-01-01 00:00:00.000Z", ("validation_max_less_equal_than_required", "Must be no greater than 2025-01-01 00:00:00 +0000 UTC.")),
+        ({"type": "select", "values": ["a"], "maxSelect": 1}, "z", ("validation_invalid_value", "Invalid value z.")),
+        ({"type": "select", "values": ["a", "b", "c"], "maxSelect": 2}, ["a", "b", "c"], ("validation_too_many_values", "Select no more than 2.")),
+        ({"type": "json", "maxSize": 10}, {"aaaaaaaaaa": 1}, ("validation_json_size_limit", "The maximum allowed JSON size is 10 bytes.")),
+        ({"type": "json", "required": True}, {}, ("validation_required", "Cannot be blank.")),
+        ({"type": "json", "required": True}, 0, None),
+        ({"type": "editor", "maxSize": 5}, "abcdefgh", ("validation_content_size_limit", "The maximum allowed content size is 5 bytes.")),
+        ({"type": "relation", "maxSelect": 2, "minSelect": 2}, ["a"], ("validation_not_enough_values", "Select at least 2.")),
+    ],
+)
+def test_store_validate_value_codes_match_oracle(spec: dict[str, Any], value: Any, expected: Any) -> None:
+    error = pbrt.validate_value(spec, value)
+    assert (error if error is None else (error["code"], error["message"])) == expected
+
+
+def test_store_field_and_collection_ids_match_pocketbase() -> None:
+    assert pbrt.collection_id("base", "minimal") == "pbc_3513027936"
+    assert pbrt.collection_id("auth", "members") == "pbc_2620428958"
+    assert pbrt.field_id("autodate", "created") == "autodate2990389176"
+    assert pbrt.field_id("password", "password") == "password901924565"
 
 
 # ==========================================================================
@@ -1002,7 +1079,8 @@ def test_cli_quiet_serve_on_given_dir_exits_0_on_sigterm(tmp_path: Path) -> None
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=10)
         assert process.returncode == 0
-        assert stderr == ""
+        assert "GET /api/health" not in stderr
+        assert "superuser upsert" in stderr  # the first-start hint is a warning, shown even when quiet
         assert (data_dir / "data.db").exists()
     finally:
         if process.poll() is None:
@@ -1023,3 +1101,601 @@ def test_app_run_in_thread_serves_and_stops(tmp_path: Path) -> None:
         with urllib.request.urlopen(url + "/api/health", timeout=10) as response:
             assert json.load(response)["message"] == "API is healthy."
     assert app.store is None
+
+
+# ==========================================================================
+# 9. Routes: collections, records and auth (through real sockets)
+# ==========================================================================
+
+SU_EMAIL, SU_PASSWORD = "test@example.com", "1234567890"
+
+# The oracle's `posts` collection as PocketBase 0.40.6 returned it (an export).
+POSTS_FIELDS = [
+    {"name": "title", "type": "text", "required": True, "max": 50},
+    {"name": "body", "type": "editor"},
+    {"name": "views", "type": "number", "min": 0},
+    {"name": "published", "type": "bool"},
+    {"name": "contact", "type": "email"},
+    {"name": "link", "type": "url"},
+    {"name": "when", "type": "date"},
+    {"name": "status", "type": "select", "values": ["draft", "live"], "maxSelect": 1},
+    {"name": "tags", "type": "select", "values": ["a", "b", "c"], "maxSelect": 3},
+    {"name": "meta", "type": "json"},
+    {"name": "author", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 1},
+    {"name": "secret", "type": "text", "hidden": True},
+    {"name": "files", "type": "file", "maxSelect": 2, "maxSize": 1000000},
+    {"name": "created", "type": "autodate", "onCreate": True},
+    {"name": "updated", "type": "autodate", "onCreate": True, "onUpdate": True},
+]
+POSTS_EXPORT_FIELDS = (
+    '[{"autogeneratePattern":"[a-z0-9]{15}","help":"","hidden":false,"id":"text3208210256","max":15,"min":15,"name":"id","pattern":"^[a-z0-9]+$","presentable":false,"primaryKey":true,"required":true,"system":true,"type":"text"},'
+    '{"autogeneratePattern":"","help":"","hidden":false,"id":"text724990059","max":50,"min":0,"name":"title","pattern":"","presentable":false,"primaryKey":false,"required":true,"system":false,"type":"text"},'
+    '{"convertURLs":false,"help":"","hidden":false,"id":"editor3685223346","maxSize":0,"name":"body","presentable":false,"required":false,"system":false,"type":"editor"},'
+    '{"help":"","hidden":false,"id":"number300981383","max":null,"min":0,"name":"views","onlyInt":false,"presentable":false,"required":false,"system":false,"type":"number"},'
+    '{"help":"","hidden":false,"id":"bool1748787223","name":"published","presentable":false,"required":false,"system":false,"type":"bool"},'
+    '{"exceptDomains":[],"help":"","hidden":false,"id":"email1281549880","name":"contact","onlyDomains":[],"presentable":false,"required":false,"system":false,"type":"email"},'
+    '{"exceptDomains":[],"help":"","hidden":false,"id":"url917281265","name":"link","onlyDomains":[],"presentable":false,"required":false,"system":false,"type":"url"},'
+    '{"help":"","hidden":false,"id":"date602410524","max":"","min":"","name":"when","presentable":false,"required":false,"system":false,"type":"date"},'
+    '{"help":"","hidden":false,"id":"select2063623452","maxSelect":1,"name":"status","presentable":false,"required":false,"system":false,"type":"select","values":["draft","live"]},'
+    '{"help":"","hidden":false,"id":"select1874629670","maxSelect":3,"name":"tags","presentable":false,"required":false,"system":false,"type":"select","values":["a","b","c"]},'
+    '{"help":"","hidden":false,"id":"json3622966325","maxSize":0,"name":"meta","presentable":false,"required":false,"system":false,"type":"json"},'
+    '{"cascadeDelete":false,"collectionId":"_pb_users_auth_","help":"","hidden":false,"id":"relation3182418120","maxSelect":1,"minSelect":0,"name":"author","presentable":false,"required":false,"system":false,"type":"relation"},'
+    '{"autogeneratePattern":"","help":"","hidden":true,"id":"text1554180325","max":0,"min":0,"name":"secret","pattern":"","presentable":false,"primaryKey":false,"required":false,"system":false,"type":"text"},'
+    '{"help":"","hidden":false,"id":"file104153177","maxSelect":2,"maxSize":1000000,"mimeTypes":[],"name":"files","presentable":false,"protected":false,"required":false,"system":false,"thumbs":[],"type":"file"},'
+    '{"hidden":false,"id":"autodate2990389176","name":"created","onCreate":true,"onUpdate":false,"presentable":false,"system":false,"type":"autodate"},'
+    '{"hidden":false,"id":"autodate3332085495","name":"updated","onCreate":true,"onUpdate":true,"presentable":false,"system":false,"type":"autodate"}]'
+)
+PUBLIC_RULES = {"listRule": "", "viewRule": "", "createRule": "", "updateRule": "", "deleteRule": ""}
+
+
+class Api:
+    """A tiny HTTP client for tests; `normalize` maps ids and times to placeholders."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ids: dict[str, str] = {}
+
+    def call(
+        self, method: str, path: str, body: Any = None, token: str = "", content_type: str = "application/json"
+    ) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        headers = {"Authorization": token} if token else {}
+        if data is not None:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, error.read().decode()
+
+    def json(self, method: str, path: str, body: Any = None, token: str = "", status: int = 200) -> Any:
+        code, text = self.call(method, path, body, token)
+        assert code == status, text
+        return json.loads(text) if text else None
+
+    def normalized(self, method: str, path: str, body: Any = None, token: str = "", **kwargs: Any) -> str:
+        code, text = self.call(method, path, body, token, **kwargs)
+        text = re.sub(r"eyJ[\w-]+\.[\w-]+\.[\w-]+", "TOKEN", text)
+        text = re.sub(r"20[3-9]\d-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z|202[6-9]-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z", "TS", text)
+        text = re.sub(r'(?<=")[a-z0-9]{15}(?=")', lambda m: self.ids.setdefault(m.group(0), f"ID{len(self.ids)}"), text)
+        return f"{code} {text}"
+
+    def login(self, collection: str, identity: str, password: str) -> tuple[str, dict[str, Any]]:
+        answer = self.json(
+            "POST", f"/api/collections/{collection}/auth-with-password", {"identity": identity, "password": password}
+        )
+        return answer["token"], answer["record"]
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, with_superuser: bool = True, **settings: Any) -> Any:
+    """Run an App in a thread with a superuser; yield (app, Api, superuser token)."""
+    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0, **settings)
+    if with_superuser:
+        store = app.open_store()
+        store.create_record(store.collection("_superusers"), {"email": SU_EMAIL, "password": SU_PASSWORD}, privileged=True)
+        store.close()
+    with app.run_in_thread() as url:
+        api = Api(url)
+        token = api.login("_superusers", SU_EMAIL, SU_PASSWORD)[0] if with_superuser else ""
+        yield app, api, token
+
+
+def test_store_fresh_dir_has_pocketbase_default_collections(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        listing = api.json("GET", "/api/collections?fields=id,name,type,system", token=su)
+        assert listing["items"] == [
+            {"id": "pbc_3142635823", "name": "_superusers", "type": "auth", "system": True},
+            {"id": "_pb_users_auth_", "name": "users", "type": "auth", "system": False},
+        ]
+        users = api.json("GET", "/api/collections/users", token=su)
+        assert [f["name"] for f in users["fields"]] == [
+            "id", "password", "tokenKey", "email", "emailVisibility", "verified", "name", "avatar", "created", "updated",
+        ]
+        assert users["listRule"] == "id = @request.auth.id" and users["createRule"] == ""
+        assert users["authToken"] == {"duration": 432000}
+        assert "secret" not in json.dumps(users)
+        assert list(users)[:13] == [
+            "id", "listRule", "viewRule", "createRule", "updateRule", "deleteRule",
+            "name", "type", "fields", "indexes", "created", "updated", "system",
+        ]
+
+
+def test_collections_create_matches_oracle_and_import_of_export_round_trips(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        created = api.json("POST", "/api/collections", {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS}, su)
+        assert created["id"] == "pbc_1125843985"
+        assert json.dumps(created["fields"], separators=(",", ":")) == POSTS_EXPORT_FIELDS
+        exported = dict(created, name="posts_copy", id="pbc_copy0000001")
+        exported["fields"] = json.loads(POSTS_EXPORT_FIELDS)
+        assert api.call("PUT", "/api/collections/import", {"collections": [exported], "deleteMissing": False}, su)[0] == 204
+        copy = api.json("GET", "/api/collections/posts_copy", token=su)
+        assert copy["fields"] == created["fields"] and copy["id"] == "pbc_copy0000001"
+        assert api.normalized("PUT", "/api/collections/import", {"collections": []}, su) == (
+            '400 {"data":{"collections":{"code":"validation_required","message":"Cannot be blank."}},'
+            '"message":"An error occurred while validating the submitted data.","status":400}'
+        )
+        assert api.normalized("PUT", "/api/collections/import", {"collections": [{"name": "bad name!", "type": "base"}]}, su) == (
+            '400 {"data":{"collections":{"code":"validation_collections_import_failure","message":"Data validations failed '
+            'for collection \\"bad name!\\" (pbc_634853492):\\n{\\n  \\"name\\": \\"must be in a valid format\\"\\n}."}},'
+            '"message":"Failed to import collections.","status":400}'
+        )
+        assert api.call("GET", "/api/collections/bad%20name!", token=su)[0] == 404  # the failed import left nothing
+
+
+COLLECTION_ERRORS = [
+    ({"name": "posts", "type": "base"}, '{"data":{"name":{"code":"validation_collection_name_exists","message":"Collection name must be unique (case insensitive)."}},"message":"Failed to create collection.","status":400}'),
+    ({"name": "bad name!", "type": "base"}, '{"data":{"name":{"code":"validation_match_invalid","message":"Must be in a valid format."}},"message":"Failed to create collection.","status":400}'),
+    ({"name": "x1", "type": "nope"}, '{"data":{"type":{"code":"validation_in_invalid","message":"Must be a valid value."}},"message":"Failed to create collection.","status":400}'),
+    ({"name": "x2", "type": "base", "fields": [{"name": "a", "type": "weird"}]}, '{"data":{},"message":"Failed to load the submitted data due to invalid formatting.","status":400}'),
+    ({"name": "x4", "type": "base", "fields": [{"name": "bad-name", "type": "text"}]}, '{"data":{"fields":{"1":{"name":{"code":"validation_match_invalid","message":"Must be in a valid format."}}}},"message":"Failed to create collection.","status":400}'),
+    ({"name": "x5", "type": "base", "fields": [{"name": "r", "type": "relation", "collectionId": "nope"}]}, '{"data":{"fields":{"1":{"collectionId":{"code":"validation_field_relation_missing_collection","message":"The relation collection doesn\'t exist."}}}},"message":"Failed to create collection.","status":400}'),
+    ({"name": "x6", "type": "base", "fields": [{"name": "s", "type": "select"}]}, '{"data":{"fields":{"1":{"values":{"code":"validation_required","message":"Cannot be blank."}}}},"message":"Failed to create collection.","status":400}'),
+    ({"name": "x7", "type": "base", "fields": [{"name": "t", "type": "text", "max": "ten"}]}, '{"data":{},"message":"Failed to load the submitted data due to invalid formatting.","status":400}'),
+]
+
+
+def test_collections_api_errors_match_oracle(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS}, su)
+        for body, expected in COLLECTION_ERRORS:
+            assert api.normalized("POST", "/api/collections", body, su) == "400 " + expected
+        assert api.normalized("DELETE", "/api/collections/users", token=su) == (
+            '400 {"data":{},"message":"Failed to delete collection probably due to existing reference in posts.","status":400}'
+        )
+        assert api.normalized("DELETE", "/api/collections/_superusers", token=su) == (
+            '400 {"data":{},"message":"Failed to delete collection.","status":400}'
+        )
+        assert api.normalized("GET", "/api/collections") == (
+            '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}'
+        )
+        user = api.json("POST", "/api/collections/users/records", {"email": "u@x.com", "password": "12345678", "passwordConfirm": "12345678"})
+        assert user["collectionName"] == "users"
+        user_token = api.login("users", "u@x.com", "12345678")[0]
+        assert api.normalized("GET", "/api/collections", token=user_token) == (
+            '403 {"data":{},"message":"The authorized record is not allowed to perform this action.","status":403}'
+        )
+        assert api.call("DELETE", "/api/collections/posts", token=su)[0] == 204
+        assert api.call("GET", "/api/collections/posts", token=su)[0] == 404
+
+
+RECORD_CASES = [
+    (
+        "superuser-json",
+        {"title": "first", "views": 3.5, "published": True, "contact": "a@b.co", "link": "https://x.y/z", "when": "2024-05-06 07:08:09Z", "status": "live", "tags": ["c", "a"], "meta": {"k": [1, "two", None]}, "secret": "s1", "body": "<p>hi</p>"},
+        True,
+        '200 {"author":"","body":"<p>hi</p>","collectionId":"pbc_1125843985","collectionName":"posts","contact":"a@b.co","created":"TS","files":[],"id":"ID0","link":"https://x.y/z","meta":{"k":[1,"two",null]},"published":true,"secret":"s1","status":"live","tags":["c","a"],"title":"first","updated":"TS","views":3.5,"when":"2024-05-06 07:08:09.000Z"}',
+    ),
+    (
+        "guest-coercion",
+        {"title": "guest", "secret": "nope", "views": "12", "published": "maybe", "tags": "b", "meta": "{not json", "when": "2024-01-01T10:20:30.123456+02:00"},
+        False,
+        '200 {"author":"","body":"","collectionId":"pbc_1125843985","collectionName":"posts","contact":"","created":"TS","files":[],"id":"ID0","link":"","meta":"{not json","published":false,"status":"","tags":["b"],"title":"guest","updated":"TS","views":12,"when":"2024-01-01 08:20:30.123Z"}',
+    ),
+    (
+        "missing-relation",
+        {"title": "r", "author": "nosuchuser0000"},
+        False,
+        '400 {"data":{"author":{"code":"validation_missing_rel_records","message":"Failed to find all relation records with the provided ids."}},"message":"Failed to create record.","status":400}',
+    ),
+    (
+        "required",
+        {},
+        False,
+        '400 {"data":{"title":{"code":"validation_required","message":"Cannot be blank."}},"message":"Failed to create record.","status":400}',
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "as_superuser", "expected"), RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_records_create_matches_oracle(tmp_path: Path, name: str, body: Any, as_superuser: bool, expected: str) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS}, su)
+        assert api.normalized("POST", "/api/collections/posts/records", body, su if as_superuser else "") == expected
+
+
+def test_records_form_bodies_and_crud_match_oracle(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS}, su)
+        multipart = (
+            b'--XX\r\nContent-Disposition: form-data; name="title"\r\n\r\nmp\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="tags"\r\n\r\na\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="tags"\r\n\r\nb\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="meta"\r\n\r\n{"x":1}\r\n--XX--\r\n'
+        )
+        assert api.normalized("POST", "/api/collections/posts/records", multipart, content_type="multipart/form-data; boundary=XX") == (
+            '200 {"author":"","body":"","collectionId":"pbc_1125843985","collectionName":"posts","contact":"","created":"TS","files":[],"id":"ID0","link":"","meta":{"x":1},"published":false,"status":"","tags":["a","b"],"title":"mp","updated":"TS","views":0,"when":""}'
+        )
+        assert api.normalized("POST", "/api/collections/posts/records", b"title=urlenc&views=3&tags=a&tags=c", content_type="application/x-www-form-urlencoded") == (
+            '200 {"author":"","body":"","collectionId":"pbc_1125843985","collectionName":"posts","contact":"","created":"TS","files":[],"id":"ID1","link":"","meta":null,"published":false,"status":"","tags":["a","c"],"title":"urlenc","updated":"TS","views":3,"when":""}'
+        )
+        assert api.normalized("POST", "/api/collections/posts/records", {"id": "abcdefghijklmno", "title": "cid"}).startswith('200 {"author":""')
+        assert api.normalized("POST", "/api/collections/posts/records", {"id": "abcdefghijklmno", "title": "cid"}) == (
+            '400 {"data":{"id":{"code":"validation_not_unique","message":"Value must be unique."}},"message":"Failed to create record.","status":400}'
+        )
+        assert api.normalized("POST", "/api/collections/posts/records", {"id": "ABCDEFGHIJKLMNO", "title": "x"}) == (
+            '400 {"data":{"id":{"code":"validation_invalid_format","message":"Invalid value format."}},"message":"Failed to create record.","status":400}'
+        )
+        record = api.json("POST", "/api/collections/posts/records", {"title": "m", "views": 3.5, "tags": ["c", "a"], "body": "<p>hi there</p>"})
+        path = f"/api/collections/posts/records/{record['id']}"
+        patched = api.json("PATCH", path, {"title": "patched", "views+": 2, "tags+": "b", "tags-": "c"})
+        assert (patched["views"], patched["tags"], patched["title"]) == (5.5, ["a", "b"], "patched")
+        assert api.json("PATCH", path, {"views-": 1.5, "+tags": "c"})["tags"] == ["c", "a", "b"]
+        assert api.normalized("PATCH", path, {"title": ""}) == (
+            '400 {"data":{"title":{"code":"validation_required","message":"Cannot be blank."}},"message":"Failed to update record.","status":400}'
+        )
+        assert api.json("GET", path + "?fields=id,title,body:excerpt(4,true)") == {"id": record["id"], "title": "patched", "body": "hi t..."}
+        assert api.call("DELETE", path) == (204, "")
+        assert api.normalized("DELETE", path) == '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}'
+        assert api.normalized("GET", "/api/collections/nosuch/records") == '404 {"data":{},"message":"Missing collection context.","status":404}'
+        assert api.normalized("POST", "/api/collections/posts/records", b"{bad") == (
+            '400 {"data":{},"message":"Something went wrong while processing your request.","status":400}'
+        )
+        assert api.normalized("POST", "/api/collections/posts/records", {"title": "f", "files": ["x.txt"]}).startswith('400 {"data":{"files"')
+
+
+def test_records_list_paging_and_sort_match_oracle(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS}, su)
+        for title, views in [("alpha", 1), ("beta", 10), ("gamma", 20), ("delta", 5), ("eps", 7)]:
+            api.json("POST", "/api/collections/posts/records", {"title": title, "views": views, "secret": title}, su)
+        base = "/api/collections/posts/records"
+        page = api.json("GET", base + "?perPage=2&page=2&sort=-views,title&fields=title,views")
+        assert page == {"items": [{"title": "eps", "views": 7}, {"title": "delta", "views": 5}], "page": 2, "perPage": 2, "totalItems": 5, "totalPages": 3}
+        assert api.json("GET", base + "?perPage=2&skipTotal=1&sort=title&fields=title") == {
+            "items": [{"title": "alpha"}, {"title": "beta"}], "page": 1, "perPage": 2, "totalItems": -1, "totalPages": -1,
+        }
+        assert api.json("GET", base + "?page=99&perPage=2&fields=id")["items"] == []
+        assert api.json("GET", base + "?perPage=5000&skipTotal=true&fields=id")["perPage"] == 1000
+        zero = api.json("GET", base + "?perPage=0&page=0&sort=-@rowid&fields=title")
+        assert (zero["page"], zero["perPage"], zero["items"][0]) == (1, 30, {"title": "eps"})
+        bad = '400 {"data":{},"message":"Something went wrong while processing your request.","status":400}'
+        for query in ["page=x", "skipTotal=maybe", "sort=nosuch", "sort=secret", "sort=id,", "sort=" + ",".join(["id"] * 9)]:
+            assert api.normalized("GET", f"{base}?{query}") == bad, query
+        assert api.json("GET", base + "?sort=secret&fields=secret", token=su)["items"][0] == {"secret": "alpha"}
+        assert api.normalized("GET", base + "?sort=@request.auth.id") == (
+            '403 {"data":{},"message":"Only superusers can filter by @request.","status":403}'
+        )
+        assert "secret" not in api.call("GET", base)[1]
+
+
+def test_records_rules_null_and_expression_fail_closed(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "locked", "type": "base", "fields": [{"name": "title", "type": "text"}]}, su)
+        owned_rule = "owner = @request.auth.id"
+        api.json("POST", "/api/collections", {"name": "owned", "type": "base", "listRule": owned_rule, "viewRule": owned_rule, "createRule": owned_rule, "updateRule": owned_rule, "deleteRule": owned_rule, "fields": [{"name": "owner", "type": "text"}]}, su)
+        forbidden = '403 {"data":{},"message":"Only superusers can perform this action.","status":403}'
+        for method, path in [("GET", ""), ("GET", "/nonexistent0000"), ("POST", ""), ("PATCH", "/nonexistent0000"), ("DELETE", "/nonexistent0000")]:
+            assert api.normalized(method, "/api/collections/locked/records" + path, {} if method in ("POST", "PATCH") else None) == forbidden
+        locked = api.json("POST", "/api/collections/locked/records", {"title": "x"}, su)
+        assert api.json("GET", "/api/collections/locked/records", token=su)["items"] == [locked]
+        owned = api.json("POST", "/api/collections/owned/records", {"owner": ""}, su)
+        assert api.normalized("GET", "/api/collections/owned/records") == '200 {"items":[],"page":1,"perPage":30,"totalItems":0,"totalPages":0}'
+        not_found = '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}'
+        for method in ("GET", "PATCH", "DELETE"):
+            assert api.normalized(method, f"/api/collections/owned/records/{owned['id']}", {} if method == "PATCH" else None) == not_found
+        assert api.normalized("POST", "/api/collections/owned/records", {"owner": ""}) == (
+            '400 {"data":{},"message":"Failed to create record.","status":400}'
+        )
+        assert api.json("GET", "/api/collections/owned/records", token=su)["totalItems"] == 1
+
+
+def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "teams", "type": "base", **PUBLIC_RULES, "fields": [{"name": "name", "type": "text"}]}, su)
+        teams_id = api.json("GET", "/api/collections/teams", token=su)["id"]
+        api.json("POST", "/api/collections", {"name": "hidden_things", "type": "base", "fields": [{"name": "name", "type": "text"}]}, su)
+        hidden_id = api.json("GET", "/api/collections/hidden_things", token=su)["id"]
+        fields = [
+            {"name": "title", "type": "text"},
+            {"name": "team", "type": "relation", "collectionId": teams_id, "maxSelect": 1, "cascadeDelete": True},
+            {"name": "helpers", "type": "relation", "collectionId": teams_id, "maxSelect": 5},
+            {"name": "owner_team", "type": "relation", "collectionId": teams_id, "maxSelect": 1, "required": True},
+            {"name": "thing", "type": "relation", "collectionId": hidden_id, "maxSelect": 1},
+        ]
+        api.json("POST", "/api/collections", {"name": "tasks", "type": "base", **PUBLIC_RULES, "fields": fields}, su)
+        red, blue, gold = (api.json("POST", "/api/collections/teams/records", {"name": n}) for n in ("red", "blue", "gold"))
+        thing = api.json("POST", "/api/collections/hidden_things/records", {"name": "t"}, su)
+        task = api.json("POST", "/api/collections/tasks/records", {"title": "t1", "team": red["id"], "helpers": [blue["id"], red["id"]], "owner_team": gold["id"], "thing": thing["id"]})
+        path = f"/api/collections/tasks/records/{task['id']}"
+        expanded = api.json("GET", path + "?expand=team,helpers,thing,nosuch")
+        assert expanded["expand"]["team"]["name"] == "red"
+        assert [h["name"] for h in expanded["expand"]["helpers"]] == ["blue", "red"]
+        assert "thing" not in expanded["expand"]  # its collection's viewRule is null
+        assert list(expanded) == sorted(expanded)
+        assert "thing" in api.json("GET", path + "?expand=thing", token=su)["expand"]
+        assert api.json("GET", path + "?expand=team&fields=id,expand.team.name") == {"id": task["id"], "expand": {"team": {"name": "red"}}}
+        assert api.normalized("DELETE", f"/api/collections/teams/records/{gold['id']}") == (
+            '400 {"data":{},"message":"Failed to delete record. Make sure that the record is not part of a required relation reference.","status":400}'
+        )
+        assert api.call("DELETE", f"/api/collections/teams/records/{blue['id']}")[0] == 204
+        assert api.json("GET", path)["helpers"] == [red["id"]]
+        assert api.call("DELETE", f"/api/collections/teams/records/{red['id']}")[0] == 204
+        assert api.call("GET", path)[0] == 404  # cascaded
+
+
+def test_store_data_and_schema_survive_restart_and_renames(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        created = api.json("POST", "/api/collections", {"name": "notes", "type": "base", **PUBLIC_RULES, "fields": [{"name": "text", "type": "text"}, {"name": "n", "type": "number"}]}, su)
+        record = api.json("POST", "/api/collections/notes/records", {"text": "kept", "n": 7})
+    with serving(tmp_path, with_superuser=False) as (_, api, _none):
+        su = api.login("_superusers", SU_EMAIL, SU_PASSWORD)[0]
+        assert api.json("GET", f"/api/collections/notes/records/{record['id']}")["text"] == "kept"
+        fields = [dict(f, name="body") if f["name"] == "text" else f for f in created["fields"]]
+        fields.append({"name": "extra", "type": "bool"})
+        renamed = api.json("PATCH", "/api/collections/notes", {"name": "memos", "fields": fields}, su)
+        assert [f["name"] for f in renamed["fields"]] == ["id", "body", "n", "extra"]
+        after = api.json("GET", f"/api/collections/memos/records/{record['id']}")
+        assert (after["body"], after["n"], after["extra"]) == ("kept", 7, False)
+        without_n = [f for f in renamed["fields"] if f["name"] != "n"]
+        api.json("PATCH", "/api/collections/memos", {"fields": without_n}, su)
+    with serving(tmp_path, with_superuser=False) as (_, api, _none):
+        final = api.json("GET", f"/api/collections/memos/records/{record['id']}")
+        assert final == {"body": "kept", "collectionId": created["id"], "collectionName": "memos", "extra": False, "id": record["id"]}
+    rows = sqlite3.connect(tmp_path / "pb_data" / "data.db").execute('SELECT "body" FROM "memos"').fetchall()
+    assert rows == [("kept",)]
+
+
+def test_records_concurrent_writes_on_many_connections_all_land(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "counter", "type": "base", **PUBLIC_RULES, "fields": [{"name": "n", "type": "number"}, {"name": "who", "type": "text"}]}, su)
+        host, port = api.url.removeprefix("http://").split(":")
+
+        async def writer(index: int) -> list[int]:
+            statuses = []
+            async with KeepAliveClient.connect(int(port)) as client:
+                for n in range(20):
+                    body = json.dumps({"n": n, "who": f"w{index}"}).encode()
+                    response = await client.request("POST", "/api/collections/counter/records", body, **{"Content-Type": "application/json"})
+                    statuses.append(response.status)
+            return statuses
+
+        async def all_writers() -> list[list[int]]:
+            return await asyncio.gather(*(writer(i) for i in range(10)))
+
+        results = run(all_writers())
+        assert all(status == 200 for statuses in results for status in statuses)
+        listing = api.json("GET", "/api/collections/counter/records?perPage=500&fields=n,who")
+        assert listing["totalItems"] == 200
+        assert sorted((i["who"], i["n"]) for i in listing["items"]) == sorted((f"w{w}", n) for w in range(10) for n in range(20))
+
+
+# ==========================================================================
+# 7. Auth
+# ==========================================================================
+
+
+def test_auth_password_hash_is_salted_and_verifies_in_constant_time() -> None:
+    first = pbrt.hash_password("secret pass", b"a" * 16)
+    second = pbrt.hash_password("secret pass", b"b" * 16)
+    assert first != second and "secret" not in first
+    assert pbrt.verify_password("secret pass", first) and pbrt.verify_password("secret pass", second)
+    assert not pbrt.verify_password("secret pasS", first)
+    assert not pbrt.verify_password("x", "not-a-hash") and not pbrt.verify_password("x", "scrypt$1$2$3$@@$@@")
+
+
+@pytest.mark.parametrize(
+    ("token", "key", "now", "valid"),
+    [
+        pytest.param(pbrt.sign_token({"id": "a", "exp": 200}, "k"), "k", 100, True, id="valid"),
+        pytest.param(pbrt.sign_token({"id": "a"}, "k"), "k", 10**12, True, id="no-exp-is-accepted"),
+        pytest.param(pbrt.sign_token({"id": "a", "exp": 200}, "k"), "k", 200, False, id="expired"),
+        pytest.param(pbrt.sign_token({"id": "a", "exp": 200}, "k"), "other", 100, False, id="wrong-key"),
+        pytest.param(pbrt.sign_token({"id": "a", "exp": 200}, "k")[:-1] + "B", "k", 100, False, id="tampered-last-bits"),
+        pytest.param(pbrt.sign_token({"id": "a", "exp": 200}, "k")[:-6] + "xxxxxx", "k", 100, False, id="tampered-signature"),
+        pytest.param(
+            pbrt.sign_token({"id": "a", "exp": 200}, "k").split(".")[0] + "." + pbrt._b64encode(b'{"id":"b","exp":200}')
+            + "." + pbrt.sign_token({"id": "a", "exp": 200}, "k").split(".")[2],
+            "k", 100, False, id="tampered-payload",
+        ),
+        pytest.param("not.a.token", "k", 100, False, id="garbage"),
+        pytest.param("a.b", "k", 100, False, id="two-parts"),
+    ],
+)
+def test_auth_token_is_valid(token: str, key: str, now: float, valid: bool) -> None:
+    assert pbrt.token_is_valid(token, key, now) is valid
+
+
+def test_auth_token_claims_are_what_the_sdk_decodes() -> None:
+    token = pbrt.sign_token(pbrt.auth_token_claims("pbc_2620428958", "w3h1h6xp7klg8ri", 1796260178), "key")
+    header, payload, _ = token.split(".")
+    assert header == "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+    assert payload == (
+        "eyJjb2xsZWN0aW9uSWQiOiJwYmNfMjYyMDQyODk1OCIsImV4cCI6MTc5NjI2MDE3OCwiaWQiOiJ3M2gxaDZ4cDdrbGc4cmkiLCJyZWZyZXNoYWJs"
+        "ZSI6dHJ1ZSwidHlwZSI6ImF1dGgifQ"
+    )  # PocketBase's own payload for these claims (pocketbase-api.md §3.1)
+    assert "-" not in payload and "_" not in payload
+
+
+MEMBERS = {
+    "name": "members", "type": "auth", "listRule": "", "viewRule": "", "createRule": "", "updateRule": "",
+    "fields": [{"name": "name", "type": "text"}, {"name": "note", "type": "text", "hidden": True}],
+}
+
+
+def test_auth_with_password_refresh_and_errors_match_oracle(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="pbrt"), serving(tmp_path) as (app, api, su):
+        api.json("POST", "/api/collections", MEMBERS, su)
+        assert api.normalized("POST", "/api/collections/members/records", {"email": "alice@example.com", "password": "alicepass123", "passwordConfirm": "alicepass123", "name": "Alice", "note": "x"}) == (
+            '200 {"collectionId":"pbc_2620428958","collectionName":"members","emailVisibility":false,"id":"ID0","name":"Alice","verified":false}'
+        )
+        assert api.normalized("POST", "/api/collections/members/records", {"email": "bob@example.com", "password": "bobpass1234", "passwordConfirm": "bobpass1234", "name": "Bob", "emailVisibility": True}, su) == (
+            '200 {"collectionId":"pbc_2620428958","collectionName":"members","email":"bob@example.com","emailVisibility":true,"id":"ID1","name":"Bob","note":"","verified":false}'
+        )
+        errors = {
+            "dup": ({"email": "bob@example.com", "password": "bobpass1234", "passwordConfirm": "bobpass1234"}, su, '{"email":{"code":"validation_not_unique","message":"Value must be unique."}}'),
+            "verified": ({"email": "c@example.com", "password": "bobpass1234", "passwordConfirm": "bobpass1234", "verified": True}, "", '{"verified":{"code":"validation_values_mismatch","message":"Values don\'t match."}}'),
+            "no-confirm": ({"email": "d@example.com", "password": "12345678"}, "", '{"passwordConfirm":{"code":"validation_required","message":"Cannot be blank."}}'),
+            "mismatch": ({"email": "d@example.com", "password": "12345678", "passwordConfirm": "12345679"}, "", '{"passwordConfirm":{"code":"validation_values_mismatch","message":"Values don\'t match."}}'),
+            "short": ({"email": "d@example.com", "password": "1234", "passwordConfirm": "1234"}, "", '{"password":{"code":"validation_min_text_constraint","message":"Must be at least 8 character(s).","params":{"min":8}}}'),
+        }
+        for name, (body, token, data) in errors.items():
+            assert api.normalized("POST", "/api/collections/members/records", body, token) == (
+                f'400 {{"data":{data},"message":"Failed to create record.","status":400}}'
+            ), name
+        login = "/api/collections/members/auth-with-password"
+        assert api.normalized("POST", login, {"identity": "alice@example.com", "password": "alicepass123"}) == (
+            '200 {"record":{"collectionId":"pbc_2620428958","collectionName":"members","email":"alice@example.com","emailVisibility":false,"id":"ID0","name":"Alice","verified":false},"token":"TOKEN"}'
+        )
+        assert api.json("POST", login + "?fields=token,record.id", {"identity": "alice@example.com", "password": "alicepass123"}).keys() == {"token", "record"}
+        failed = '400 {"data":{},"message":"Failed to authenticate.","status":400}'
+        assert api.normalized("POST", login, {"identity": "alice@example.com", "password": "wrong-pass"}) == failed
+        assert api.normalized("POST", login, {"identity": "ALICE@example.com", "password": "alicepass123"}) == failed
+        assert api.normalized("POST", login, {"identity": "nobody@example.com", "password": "alicepass123"}) == failed
+        assert api.normalized("POST", login, {}) == (
+            '400 {"data":{"identity":{"code":"validation_required","message":"Cannot be blank."},"password":{"code":"validation_required","message":"Cannot be blank."}},"message":"An error occurred while validating the submitted data.","status":400}'
+        )
+        assert api.normalized("POST", "/api/collections/nosuch/auth-with-password", {}) == (
+            '404 {"data":{},"message":"Missing or invalid collection context.","status":404}'
+        )
+        api.json("POST", "/api/collections", {"name": "plain", "type": "base"}, su)
+        assert api.normalized("POST", "/api/collections/plain/auth-with-password", {}) == (
+            '404 {"data":{},"message":"Missing or invalid auth collection context.","status":404}'
+        )
+        token, alice = api.login("members", "alice@example.com", "alicepass123")
+        refresh = "/api/collections/members/auth-refresh"
+        assert api.json("POST", refresh, token=token)["record"]["email"] == "alice@example.com"
+        assert api.json("POST", refresh, token="Bearer " + token)["record"]["id"] == alice["id"]
+        invalid = '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}'
+        assert api.normalized("POST", refresh) == invalid
+        tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+        assert api.normalized("POST", refresh, token=tampered) == invalid
+        assert api.normalized("POST", "/api/collections/users/auth-refresh", token=token) == (
+            '403 {"data":{},"message":"The request requires auth record from members collection.","status":403}'
+        )
+        assert api.normalized("POST", refresh, token=su) == (
+            '403 {"data":{},"message":"The request requires auth record from _superusers collection.","status":403}'
+        )
+        store = app.store
+        members = store.collection("members")
+        stored = store.get_record(members, alice["id"])
+        key = stored["tokenKey"] + members.token_secret
+        expired = pbrt.sign_token(pbrt.auth_token_claims(members.id, alice["id"], int(time.time()) - 1), key)
+        assert api.normalized("POST", refresh, token=expired) == invalid
+        by_name = pbrt.sign_token(dict(pbrt.auth_token_claims("members", alice["id"], int(time.time()) + 60)), key)
+        assert api.call("POST", refresh, token=by_name)[0] == 200  # PocketBase accepts a collection name in the claims
+        assert api.json("GET", "/api/collections/members/auth-methods") == {
+            "password": {"identityFields": ["email"], "enabled": True}, "oauth2": {"providers": [], "enabled": False},
+            "mfa": {"enabled": False, "duration": 0}, "otp": {"enabled": False, "duration": 0},
+            "authProviders": [], "usernamePassword": False, "emailPassword": True,
+        }
+        record_path = f"/api/collections/members/records/{alice['id']}"
+        assert api.normalized("PATCH", record_path, {"password": "newpass1234", "passwordConfirm": "newpass1234"}, token) == (
+            '400 {"data":{"oldPassword":{"code":"validation_required","message":"Cannot be blank."}},"message":"Failed to update record.","status":400}'
+        )
+        assert api.normalized("PATCH", record_path, {"password": "newpass1234", "passwordConfirm": "newpass1234", "oldPassword": "nope"}, token) == (
+            '400 {"data":{"oldPassword":{"code":"validation_invalid_old_password","message":"Missing or invalid old password."}},"message":"Failed to update record.","status":400}'
+        )
+        changed = api.json("PATCH", record_path, {"password": "newpass1234", "passwordConfirm": "newpass1234", "oldPassword": "alicepass123"}, token)
+        assert changed["email"] == "alice@example.com"
+        assert api.normalized("POST", refresh, token=token) == invalid  # the password change rotated tokenKey
+        assert api.login("members", "alice@example.com", "newpass1234")[1]["id"] == alice["id"]
+        bob = api.json("GET", "/api/collections/members/records?sort=name", token=su)["items"][1]
+        assert bob["note"] == "" and "email" in bob and "password" not in bob and "tokenKey" not in bob
+        guest_view = api.json("GET", "/api/collections/members/records?sort=name")["items"]
+        assert [("email" in item, "note" in item) for item in guest_view] == [(False, False), (True, False)]
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "alicepass123" not in logged and "newpass1234" not in logged
+    assert "POST /api/collections/members/auth-with-password 200" in logged
+
+
+def test_auth_superuser_cli_upsert_then_login_sees_hidden_fields(tmp_path: Path) -> None:
+    data_dir = tmp_path / "pb_data"
+    created = run_cli("superuser", "upsert", "root@example.com", "rootpass123", "--dir", str(data_dir))
+    assert created.returncode == 0 and 'Successfully saved superuser "root@example.com"!' in created.stdout
+    updated = run_cli("superuser", "upsert", "root@example.com", "otherpass123", "--dir", str(data_dir))
+    assert updated.returncode == 0
+    refused = run_cli("superuser", "upsert", "bad", "123", "--dir", str(data_dir))
+    assert refused.returncode == 1 and "Must be a valid email address" in refused.stderr
+    app = pbrt.App(dir=str(data_dir), port=0)
+    with app.run_in_thread() as url:
+        api = Api(url)
+        assert api.call("POST", "/api/collections/_superusers/auth-with-password", {"identity": "root@example.com", "password": "rootpass123"})[0] == 400
+        token, record = api.login("_superusers", "root@example.com", "otherpass123")
+        assert record["verified"] is True and record["email"] == "root@example.com"
+        api.json("POST", "/api/collections", {"name": "notes", "type": "base", **PUBLIC_RULES, "fields": [{"name": "secret", "type": "text", "hidden": True}]}, token)
+        note = api.json("POST", "/api/collections/notes/records", {"secret": "s3"}, token)
+        assert note["secret"] == "s3"
+        assert "secret" not in api.json("GET", f"/api/collections/notes/records/{note['id']}")
+        health = api.json("GET", "/api/health", token=token)
+        assert health["data"]["realIP"] == "127.0.0.1"
+        deleted = run_cli("superuser", "delete", "root@example.com", "--dir", str(data_dir))  # while serving
+        assert deleted.returncode == 0
+        assert api.json("GET", "/api/health", token=token)["data"] == {}
+    assert run_cli("superuser", "delete", "root@example.com", "--dir", str(data_dir)).returncode == 1
+
+
+# --- the official JS SDK ---------------------------------------------------------
+
+JS_MODULES = HERE / ".ci" / "js" / "node_modules"
+
+
+def run_node(script: str, *args: str, timeout: float = 60) -> Any:
+    """Run a Node.js script with the SDK's modules; return the JSON it prints last."""
+    assert JS_MODULES.is_dir(), "run `npm install --prefix .ci/js` (bash .ci/run does)"
+    result = subprocess.run(
+        ["node", "-e", script, "--", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "NODE_PATH": str(JS_MODULES)},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+SDK_AUTH_SCRIPT = r"""
+const PocketBase = require("pocketbase/cjs");
+const [url, email, password] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url);
+  const auth = await pb.collection("members").authWithPassword(email, password);
+  const validAfterLogin = pb.authStore.isValid;
+  const refreshed = await pb.collection("members").authRefresh();
+  let failure = null;
+  try { await pb.collection("members").authWithPassword(email, "wrong-password"); }
+  catch (error) { failure = {status: error.status, message: error.message}; }
+  console.log(JSON.stringify({
+    id: auth.record.id, email: auth.record.email, validAfterLogin,
+    superuser: pb.authStore.isSuperuser, refreshedId: refreshed.record.id,
+    validAfterRefresh: pb.authStore.isValid, failure,
+  }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_auth_official_js_sdk_auth_with_password_and_refresh(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", MEMBERS, su)
+        alice = api.json("POST", "/api/collections/members/records", {"email": "alice@example.com", "password": "alicepass123", "passwordConfirm": "alicepass123"})
+        result = run_node(SDK_AUTH_SCRIPT, api.url, "alice@example.com", "alicepass123")
+    assert result == {
+        "id": alice["id"], "email": "alice@example.com", "validAfterLogin": True, "superuser": False,
+        "refreshedId": alice["id"], "validAfterRefresh": True,
+        "failure": {"status": 400, "message": "Failed to authenticate."},
+    }
