@@ -18,11 +18,11 @@ Embed it in a script::
 
 Sections, read top to bottom (each uses only names from above it):
 
-     1. constants and defaults          7. (auth)
+     1. constants and defaults          7. auth
      2. errors                          8. (realtime broker)
      3. HTTP/1.1 wire format            9. routes and handlers
      4. (Server-Sent Events frames)    10. connection loop
-     5. (rule language)                11. Config, App, serve()
+     5. rule language                  11. Config, App, serve()
      6. store                          12. command line
 """
 
@@ -40,6 +40,7 @@ import hmac
 import http
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -52,7 +53,7 @@ import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = [
     "ApiError",
@@ -73,7 +74,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 JSON = Any
 Headers = dict[str, str]
@@ -681,6 +682,847 @@ def _parse_multipart(body: bytes, boundary: bytes) -> Body:
 
 
 # ==========================================================================
+# 5. Rule language
+# ==========================================================================
+# Text in, frozen AST out (tokenizer + recursive descent); the AST is then
+# lowered by a FieldResolver into a small SQL-shaped IR that is rendered to
+# parameterised SQL or interpreted in Python with SQLite's semantics.
+# Knows nothing of HTTP, sockets or the store.
+
+MAX_FILTER_BYTES = 3500  # PocketBase's cap on the `filter` parameter
+MAX_RULE_COMPARISONS = 200
+MAX_RULE_NESTING = 100
+MAX_RELATION_HOPS = 6
+COMPARISON_OPERATORS = frozenset(
+    ["=", "!=", ">", ">=", "<", "<=", "~", "!~", "?=", "?!=", "?>", "?>=", "?<", "?<=", "?~", "?!~"]
+)
+RULE_MODIFIERS = frozenset(["isset", "changed", "length", "each", "lower"])
+
+# --- parser -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Literal:
+    """A string or number literal."""
+
+    value: str | float
+
+
+@dataclass(frozen=True, slots=True)
+class Identifier:
+    """A field path, `@request.*`, `@collection.*` or macro name."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A function call such as `strftime('%Y', created)`."""
+
+    name: str
+    args: tuple[Literal | Identifier | Call, ...]
+
+
+Operand = Literal | Identifier | Call
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """`left op right`."""
+
+    left: Operand
+    op: str
+    right: Operand
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    """All items hold."""
+
+    items: tuple[Expression, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    """Any item holds."""
+
+    items: tuple[Expression, ...]
+
+
+Expression = Compare | And | Or
+
+
+class RuleError(PbrtError, ValueError):
+    """A rule or filter that cannot be parsed or resolved.
+
+    `str()` shows the source with a caret under `pos`.
+    """
+
+    def __init__(self, msg: str, source: str = "", pos: int = 0) -> None:
+        self.msg, self.source, self.pos = msg, source, pos
+        self.lineno = source.count("\n", 0, pos) + 1
+        self.colno = pos - source.rfind("\n", 0, pos)
+        super().__init__(msg)
+
+    def __str__(self) -> str:
+        if not self.source:
+            return self.msg
+        line = self.source.splitlines()[self.lineno - 1] if self.source.strip() else ""
+        return f"{self.msg} (line {self.lineno}, column {self.colno})\n{line}\n{' ' * (self.colno - 1)}^"
+
+
+_IDENT_RE = re.compile(r"[A-Za-z@_#][A-Za-z0-9_.:]*")
+_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+_STRING_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", "'": "'", '"': '"'}
+
+
+def tokenize_rule(source: str) -> list[tuple[str, Any, int]]:
+    """Split rule text into (kind, value, position) tokens.
+
+    Kinds: ident, call (name + "("), number, string, op, join, "(", ")".
+
+    >>> [t[:2] for t in tokenize_rule("a ?= 'x' && b>-1")]
+    [('ident', 'a'), ('op', '?='), ('string', 'x'), ('join', '&&'), ('ident', 'b'), ('op', '>'), ('number', -1.0)]
+    """
+    tokens: list[tuple[str, Any, int]] = []
+    position, length = 0, len(source)
+    while position < length:
+        char = source[position]
+        start = position
+        if char in " \t\n":
+            position += 1
+        elif source.startswith("//", position):
+            end = source.find("\n", position)
+            position = length if end < 0 else end
+        elif char in "()":
+            tokens.append((char, char, start))
+            position += 1
+        elif char == ",":
+            tokens.append((",", ",", start))
+            position += 1
+        elif char in "'\"":
+            value, position = _scan_string(source, position)
+            tokens.append(("string", value, start))
+        elif char.isascii() and (char.isdigit() or (char == "-" and position + 1 < length and source[position + 1].isdigit())):
+            match = _NUMBER_RE.match(source, position)
+            assert match is not None
+            position = match.end()
+            if position < length and (source[position] == "." or source[position].isalnum()):
+                raise RuleError("invalid number", source, start)
+            tokens.append(("number", float(match.group()), start))
+        elif char in "=!<>~?":
+            end = position
+            while end < length and source[end] in "=!<>~?":
+                end += 1
+            operator = source[position:end]
+            if operator not in COMPARISON_OPERATORS:
+                raise RuleError(f"invalid operator {operator!r}", source, start)
+            tokens.append(("op", operator, start))
+            position = end
+        elif char in "&|":
+            end = position
+            while end < length and source[end] in "&|":
+                end += 1
+            join = source[position:end]
+            if join not in ("&&", "||"):
+                raise RuleError(f"invalid join operator {join!r}", source, start)
+            tokens.append(("join", join, start))
+            position = end
+        elif char.isascii() and (char.isalpha() or char in "@_#"):
+            match = _IDENT_RE.match(source, position)
+            assert match is not None
+            name = match.group()
+            position = match.end()
+            if name[-1] in ".:" or name in ("@", "_", "#"):
+                raise RuleError(f"invalid identifier {name!r}", source, start)
+            if position < length and source[position] == "(":
+                tokens.append(("call", name, start))
+                position += 1
+            else:
+                tokens.append(("ident", name, start))
+        else:
+            raise RuleError(f"unexpected character {char!r}", source, start)
+    return tokens
+
+
+def _scan_string(source: str, position: int) -> tuple[str, int]:
+    quote = source[position]
+    parts: list[str] = []
+    index = position + 1
+    while index < len(source):
+        char = source[index]
+        if char == "\\" and index + 1 < len(source):
+            following = source[index + 1]
+            parts.append(_STRING_ESCAPES.get(following, "\\" + following))
+            index += 2
+            continue
+        if char == quote:
+            return "".join(parts), index + 1
+        if char == "\x00":
+            break
+        parts.append(char)
+        index += 1
+    raise RuleError("unterminated string", source, position)
+
+
+def parse_rule(source: str) -> Expression:
+    """Parse a rule or filter into a frozen AST; raise RuleError if invalid.
+
+    `&&` binds tighter than `||`; PocketBase's group quirks are kept: a
+    group right after a group joins with the last join seen (`(a) (b)`),
+    and a group where an operator was expected drops the incomplete
+    comparison (`title (views > 5)` means `views > 5`).
+
+    >>> parse_rule("a = 1 || b = 2 && c = 3")
+    Or(items=(Compare(left=Identifier(name='a'), op='=', right=Literal(value=1.0)), And(items=(Compare(left=Identifier(name='b'), op='=', right=Literal(value=2.0)), Compare(left=Identifier(name='c'), op='=', right=Literal(value=3.0))))))
+    """
+    if "\x00" in source:
+        raise RuleError("NUL character", source, source.index("\x00"))
+    parser = _RuleParser(source, tokenize_rule(source))
+    expression = parser.expression(depth=0)
+    if parser.index != len(parser.tokens):
+        raise RuleError("unexpected token", source, parser.tokens[parser.index][2])
+    if parser.comparisons > MAX_RULE_COMPARISONS:
+        raise RuleError(f"more than {MAX_RULE_COMPARISONS} comparisons", source)
+    return expression
+
+
+class _RuleParser:
+    """Recursive descent over tokens; builds And/Or with SQL precedence."""
+
+    def __init__(self, source: str, tokens: list[tuple[str, Any, int]]) -> None:
+        self.source, self.tokens, self.index, self.comparisons = source, tokens, 0, 0
+
+    def _peek(self) -> tuple[str, Any, int] | None:
+        return self.tokens[self.index] if self.index < len(self.tokens) else None
+
+    def _fail(self, message: str) -> RuleError:
+        token = self._peek()
+        return RuleError(message, self.source, token[2] if token else len(self.source))
+
+    def expression(self, depth: int) -> Expression:
+        if depth > MAX_RULE_NESTING:
+            raise self._fail("nesting too deep")
+        terms: list[list[Expression]] = [[self.item(depth)]]
+        last_join = "&&"
+        while (token := self._peek()) is not None and token[0] != ")":
+            if token[0] == "join":
+                last_join = token[1]
+                self.index += 1
+                item = self.item(depth)
+            elif token[0] == "(" and self._previous_was_group():
+                item = self.item(depth)
+            else:
+                raise self._fail("expected && or ||")
+            if last_join == "&&":
+                terms[-1].append(item)
+            else:
+                terms.append([item])
+        ands: list[Expression] = [group[0] if len(group) == 1 else And(tuple(group)) for group in terms]
+        return ands[0] if len(ands) == 1 else Or(tuple(ands))
+
+    def _previous_was_group(self) -> bool:
+        return self.index > 0 and self.tokens[self.index - 1][0] == ")"
+
+    def item(self, depth: int) -> Expression:
+        token = self._peek()
+        if token is None:
+            raise self._fail("empty expression")
+        if token[0] == "(":
+            return self.group(depth)
+        left = self.operand()
+        token = self._peek()
+        if token is not None and token[0] == "(":
+            return self.group(depth)  # PocketBase drops the incomplete comparison
+        if token is None or token[0] != "op":
+            raise self._fail("expected a comparison operator")
+        operator = token[1]
+        self.index += 1
+        token = self._peek()
+        if token is not None and token[0] == "(":
+            return self.group(depth)
+        right = self.operand()
+        self.comparisons += 1
+        return Compare(left, operator, right)
+
+    def group(self, depth: int) -> Expression:
+        self.index += 1
+        if (token := self._peek()) is not None and token[0] == ")":
+            raise self._fail("empty group")
+        inner = self.expression(depth + 1)
+        if (token := self._peek()) is None or token[0] != ")":
+            raise self._fail("unbalanced parenthesis")
+        self.index += 1
+        return inner
+
+    def operand(self, call_depth: int = 0) -> Operand:
+        token = self._peek()
+        if token is None:
+            raise self._fail("expected an operand")
+        self.index += 1
+        kind, value, _ = token
+        if kind == "ident":
+            return Identifier(value)
+        if kind in ("number", "string"):
+            return Literal(value)
+        if kind == "call":
+            if call_depth >= 3:
+                raise self._fail("function calls nested too deep")
+            args: list[Operand] = []
+            while (token := self._peek()) is not None and token[0] != ")":
+                args.append(self.operand(call_depth + 1))
+                if (token := self._peek()) is not None and token[0] == ",":
+                    self.index += 1
+                elif token is None or token[0] != ")":
+                    raise self._fail("expected , or )")
+            if token is None:
+                raise self._fail("unterminated function call")
+            self.index += 1
+            return Call(value, tuple(args))
+        self.index -= 1
+        raise self._fail("expected an operand")
+
+
+# --- IR: the SQL the rule means ------------------------------------------------
+# Lowering turns each comparison into the SQL shape PocketBase generates
+# (rules.md §5); `render_sql` prints it with bound parameters and
+# `evaluate_ir` computes it in Python the way SQLite would.
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A column of the current record (`t.name`) and its SQLite affinity."""
+
+    name: str
+    affinity: str  # "numeric" | "text"
+
+
+@dataclass(frozen=True, slots=True)
+class SqlRef:
+    """A joined column (relations, @collection, auth fields) and its affinity.
+
+    `known` holds its value when it is the same for every record (a field
+    of the request's auth record), so the evaluator needs no SQL for it.
+    """
+
+    sql: str
+    affinity: str = "none"
+    known: tuple[JSON] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """A bound parameter (no affinity)."""
+
+    value: JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """An SQL function call; its result has no affinity."""
+
+    name: str
+    args: tuple[IR, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Binary:
+    """`a OP b` for =, <>, <, <=, >, >=, IS, IS NOT, LIKE, NOT LIKE, AND, OR."""
+
+    op: str
+    left: IR
+    right: IR
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    """`NOT x`."""
+
+    operand: IR
+
+
+@dataclass(frozen=True, slots=True)
+class Exists:
+    """`NOT EXISTS (subquery)` for the all-items rule of multi-valued operands."""
+
+    sql: str
+    params: tuple[JSON, ...]
+
+
+IR = Column | SqlRef | Value | Function | Binary | Not | Exists
+TRUE_IR, FALSE_IR = Value(1), Value(0)
+
+
+class NeedsSql(Exception):
+    """The in-memory evaluator cannot compute this IR (it needs joins)."""
+
+
+def render_sql(node: IR, params: list[JSON], alias: str = "t") -> str:
+    """Render IR as SQL, appending bound values to `params`.
+
+    >>> params = []; render_sql(Binary("=", Column("title", "text"), Value("x")), params), params
+    ('(t."title" = ?)', ['x'])
+    """
+    if isinstance(node, Column):
+        return f'{alias}."{node.name}"'
+    if isinstance(node, SqlRef):
+        return node.sql
+    if isinstance(node, Value):
+        if isinstance(node.value, bool):
+            return "1" if node.value else "0"
+        params.append(node.value)
+        return "?"
+    if isinstance(node, Function):
+        rendered = [render_sql(arg, params, alias) for arg in node.args]
+        if node.name == "_CONCAT":
+            return "(" + " || ".join(rendered) + ")"
+        return f"{node.name}({', '.join(rendered)})"
+    if isinstance(node, Binary):
+        left, right = render_sql(node.left, params, alias), render_sql(node.right, params, alias)
+        suffix = " ESCAPE '\\'" if node.op in ("LIKE", "NOT LIKE") else ""
+        return f"({left} {node.op} {right}{suffix})"
+    if isinstance(node, Not):
+        return f"(NOT {render_sql(node.operand, params, alias)})"
+    params.extend(node.params)
+    return f"(NOT EXISTS ({node.sql}))"
+
+
+# --- SQLite semantics in Python ---------------------------------------------------
+
+GEO_DISTANCE_FUNCTION = "pbrt_geo_distance"  # registered on the store's connection
+
+
+def geo_distance_km(lon_a: JSON, lat_a: JSON, lon_b: JSON, lat_b: JSON) -> float | None:
+    """Haversine distance on a 6371 km sphere, as PocketBase's geoDistance()."""
+    try:
+        lon1, lat1, lon2, lat2 = (math.radians(float(v)) for v in (lon_a, lat_a, lon_b, lat_b))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    cosine = math.cos(lat1) * math.cos(lat2) * math.cos(lon2 - lon1) + math.sin(lat1) * math.sin(lat2)
+    return 6371 * math.acos(max(-1.0, min(1.0, cosine)))
+
+
+_SQLITE_NUMBER_RE = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")
+
+
+def _numeric_affinity(value: JSON) -> JSON:
+    """SQLite's NUMERIC affinity: a well-formed numeric text becomes a number."""
+    if isinstance(value, str) and _SQLITE_NUMBER_RE.match(value):
+        return float(value)
+    return value
+
+
+def _text_affinity(value: JSON) -> JSON:
+    """SQLite's TEXT affinity: numbers become text (REAL as `10.0`)."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _sqlite_real_text(value)
+    return value
+
+
+def _sqlite_real_text(number: float) -> str:
+    """Format a REAL as SQLite does (`%!.15g`: `10.0`, `0.1`, `1.0e+20`)."""
+    text = f"{number:.15g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        if "." not in mantissa:
+            mantissa += ".0"
+        return f"{mantissa}e{exponent}"
+    return text if "." in text or "n" in text else text + ".0"
+
+
+def _storage_rank(value: JSON) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, (int, float)):
+        return 1
+    return 2
+
+
+def _affinity_of(node: IR) -> str:
+    if isinstance(node, (Column, SqlRef)):
+        return node.affinity
+    return "none"
+
+
+def sqlite_compare(op: str, left: JSON, left_affinity: str, right: JSON, right_affinity: str) -> int | None:
+    """Compare two values as SQLite does; 1, 0 or None (NULL).
+
+    >>> sqlite_compare("=", 10, "numeric", " 10", "none"), sqlite_compare("=", "10.0", "text", 10.0, "none")
+    (1, 1)
+    """
+    if left_affinity == "numeric" and right_affinity in ("text", "none"):
+        right = _numeric_affinity(right)
+    elif right_affinity == "numeric" and left_affinity in ("text", "none"):
+        left = _numeric_affinity(left)
+    elif left_affinity == "text" and right_affinity == "none":
+        right = _text_affinity(right)
+    elif right_affinity == "text" and left_affinity == "none":
+        left = _text_affinity(left)
+    if isinstance(left, bool):
+        left = int(left)
+    if isinstance(right, bool):
+        right = int(right)
+    if op in ("IS", "IS NOT"):
+        same = (left is None and right is None) or (
+            left is not None and right is not None and _storage_rank(left) == _storage_rank(right) and left == right
+        )
+        return int(same if op == "IS" else not same)
+    if left is None or right is None:
+        return None
+    left_rank, right_rank = _storage_rank(left), _storage_rank(right)
+    if left_rank != right_rank:
+        order = (left_rank > right_rank) - (left_rank < right_rank)
+    elif left_rank == 2:
+        left_bytes, right_bytes = str(left).encode(), str(right).encode()
+        order = (left_bytes > right_bytes) - (left_bytes < right_bytes)
+    else:
+        order = (left > right) - (left < right)
+    return int(
+        {"=": order == 0, "<>": order != 0, "<": order < 0, "<=": order <= 0, ">": order > 0, ">=": order >= 0}[op]
+    )
+
+
+def sqlite_like(value: JSON, pattern: JSON) -> int | None:
+    """SQLite's `value LIKE pattern ESCAPE '\\'` (ASCII case folding only)."""
+    if value is None or pattern is None:
+        return None
+    text, pattern_text = _text_affinity(value), _text_affinity(pattern)
+    regex = []
+    index = 0
+    while index < len(pattern_text):
+        char = pattern_text[index]
+        if char == "\\":
+            if index + 1 >= len(pattern_text):
+                return 0  # a trailing escape matches nothing
+            regex.append(re.escape(pattern_text[index + 1]))
+            index += 2
+            continue
+        regex.append(".*" if char == "%" else "." if char == "_" else re.escape(char))
+        index += 1
+    folded = re.compile("".join(regex), re.DOTALL | re.IGNORECASE | re.ASCII)
+    return int(folded.fullmatch(str(text)) is not None)
+
+
+def _sqlite_lower(value: JSON) -> JSON:
+    if value is None:
+        return None
+    text = _text_affinity(value)
+    return "".join(char.lower() if char.isascii() else char for char in str(text))
+
+
+def _json_extract(document: JSON, path: str) -> JSON:
+    """SQLite's json_extract over JSON text: scalars as SQL values, others as minified JSON."""
+    if document is None:
+        return None
+    try:
+        value = json.loads(document) if isinstance(document, str) else document
+    except ValueError:
+        value = document
+    for key in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path[1:]):
+        name, index = key
+        if name and isinstance(value, dict) and name in value:
+            value = value[name]
+        elif index and isinstance(value, list) and int(index) < len(value):
+            value = value[int(index)]
+        else:
+            return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return value
+
+
+def evaluate_ir(node: IR, row: dict[str, JSON]) -> JSON:
+    """Compute IR against one record's column values, as SQLite would.
+
+    Raises NeedsSql for joins and sub-queries, which only SQL can answer.
+    """
+    if isinstance(node, Column):
+        return row.get(node.name)
+    if isinstance(node, SqlRef) and node.known is not None:
+        return node.known[0]
+    if isinstance(node, Value):
+        return int(node.value) if isinstance(node.value, bool) else node.value
+    if isinstance(node, Binary):
+        if node.op in ("AND", "OR"):
+            left = _truth(evaluate_ir(node.left, row))
+            if node.op == "AND" and left == 0:
+                return 0
+            if node.op == "OR" and left == 1:
+                return 1
+            right = _truth(evaluate_ir(node.right, row))
+            if node.op == "AND":
+                return 0 if right == 0 else (None if None in (left, right) else 1)
+            return 1 if right == 1 else (None if None in (left, right) else 0)
+        left_value, right_value = evaluate_ir(node.left, row), evaluate_ir(node.right, row)
+        if node.op in ("LIKE", "NOT LIKE"):
+            matched = sqlite_like(left_value, right_value)
+            return matched if matched is None or node.op == "LIKE" else 1 - matched
+        return sqlite_compare(node.op, left_value, _affinity_of(node.left), right_value, _affinity_of(node.right))
+    if isinstance(node, Not):
+        value = _truth(evaluate_ir(node.operand, row))
+        return None if value is None else 1 - value
+    if isinstance(node, Function):
+        args = [evaluate_ir(arg, row) for arg in node.args]
+        if node.name == "LOWER":
+            return _sqlite_lower(args[0])
+        if node.name == "COALESCE":
+            return next((arg for arg in args if arg is not None), None)
+        if node.name == "JSON_EXTRACT":
+            return _json_extract(args[0], str(args[1]))
+        if node.name == "STRFTIME" and len(args) == 2:
+            return _sqlite_strftime(args[0], args[1])
+        if node.name == "_CONCAT":
+            if any(arg is None for arg in args):
+                return None
+            return "".join(str(_text_affinity(arg)) for arg in args)
+        if node.name == GEO_DISTANCE_FUNCTION:
+            return geo_distance_km(*args)
+        if node.name == "JSON_ARRAY_LENGTH":
+            try:
+                items = json.loads(args[0]) if isinstance(args[0], str) else None
+            except ValueError:
+                return None
+            return len(items) if isinstance(items, list) else 0
+    raise NeedsSql(type(node).__name__)
+
+
+_STRFTIME_DIRECTIVES = {
+    "Y": "%Y", "m": "%m", "d": "%d", "H": "%H", "M": "%M", "S": "%S", "j": "%j", "W": "%W", "%": "%%",
+}
+
+
+def _sqlite_strftime(format_text: JSON, value: JSON) -> JSON:
+    """SQLite's strftime(format, text) without modifiers; NULL for an invalid time."""
+    if not isinstance(format_text, str) or not isinstance(value, str):
+        if value is None or format_text is None:
+            return None
+        raise NeedsSql("strftime of a non-text time value")
+    moment = parse_datetime(value) if value.strip() else None
+    if moment is None:
+        return None
+    parts, index = [], 0
+    while index < len(format_text):
+        char = format_text[index]
+        if char != "%" or index + 1 >= len(format_text):
+            parts.append(char)
+            index += 1
+            continue
+        directive = format_text[index + 1]
+        index += 2
+        if directive in _STRFTIME_DIRECTIVES:
+            parts.append(moment.strftime(_STRFTIME_DIRECTIVES[directive]))
+        elif directive == "f":
+            parts.append(f"{moment.second:02d}.{moment.microsecond // 1000:03d}")
+        elif directive == "s":
+            parts.append(str(int(moment.timestamp())))
+        elif directive == "w":
+            parts.append(str((moment.weekday() + 1) % 7))
+        else:
+            raise NeedsSql(f"strftime directive %{directive}")
+    return "".join(parts)
+
+
+def _truth(value: JSON) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = _numeric_affinity(value)
+        return int(bool(value)) if isinstance(value, (int, float)) else 0
+    return int(bool(value))
+
+
+# --- lowering: AST -> IR --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What the resolver knows about one operand.
+
+    `kind` drives PocketBase's equality normalisation: "raw" (JSON values,
+    no ''≡NULL), "empty" (null/''), "known" (a bound non-empty value), or
+    "column" (anything else). `multi` names the join a multi-valued operand
+    iterates; `all_items` renders the NOT EXISTS check of its other items.
+    """
+
+    node: IR
+    kind: str = "column"
+    multi: str | None = None
+    like_params: bool = False
+
+
+class FieldResolver(Protocol):
+    """Turns identifiers into IR; implemented by the store (section 6)."""
+
+    def resolve(self, name: str) -> Resolved: ...
+
+    def all_items(self, condition: Callable[[FieldResolver], IR]) -> IR | None: ...
+
+
+_DATE_MACROS = ("@now", "@yesterday", "@tomorrow", "@todayStart", "@todayEnd", "@monthStart", "@monthEnd",
+                "@yearStart", "@yearEnd", "@second", "@minute", "@hour", "@day", "@month", "@year", "@weekday")
+
+
+def date_macro(name: str, now: float) -> JSON:
+    """The value of a datetime macro such as `@now` or `@monthEnd` (UTC)."""
+    moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    day_end = datetime.timedelta(days=1, microseconds=-1000)
+
+    def text(value: datetime.datetime) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+    month_start = midnight.replace(day=1)
+    next_month = (month_start + datetime.timedelta(days=32)).replace(day=1)
+    year_start = midnight.replace(month=1, day=1)
+    values: dict[str, JSON] = {
+        "@now": text(moment),
+        "@yesterday": text(moment - datetime.timedelta(days=1)),
+        "@tomorrow": text(moment + datetime.timedelta(days=1)),
+        "@todayStart": text(midnight),
+        "@todayEnd": text(midnight + day_end),
+        "@monthStart": text(month_start),
+        "@monthEnd": text(next_month - datetime.timedelta(microseconds=1000)),
+        "@yearStart": text(year_start),
+        "@yearEnd": text(year_start.replace(year=year_start.year + 1) - datetime.timedelta(microseconds=1000)),
+        "@second": moment.second,
+        "@minute": moment.minute,
+        "@hour": moment.hour,
+        "@day": moment.day,
+        "@month": moment.month,
+        "@year": moment.year,
+        "@weekday": (moment.weekday() + 1) % 7,
+    }
+    return values[name]
+
+
+def lower_rule(expression: Expression, resolver: FieldResolver) -> IR:
+    """Lower an AST to IR with PocketBase's comparison shapes (rules.md §5–§6)."""
+    if isinstance(expression, And):
+        return _fold("AND", [lower_rule(item, resolver) for item in expression.items])
+    if isinstance(expression, Or):
+        return _fold("OR", [lower_rule(item, resolver) for item in expression.items])
+    left, right = _operand(expression.left, resolver), _operand(expression.right, resolver)
+    condition = _comparison(expression.op.lstrip("?"), left, right)
+    multi = left.multi or right.multi
+    if not expression.op.startswith("?") and multi:
+        def again(fresh: FieldResolver) -> IR:
+            return _comparison(expression.op, _operand(expression.left, fresh), _operand(expression.right, fresh))
+
+        every = resolver.all_items(again)
+        if every is not None:
+            condition = Binary("AND", condition, every)
+    return condition
+
+
+def _fold(op: str, items: list[IR]) -> IR:
+    result = items[0]
+    for item in items[1:]:
+        result = Binary(op, result, item)
+    return result
+
+
+def _operand(operand: Operand, resolver: FieldResolver) -> Resolved:
+    if isinstance(operand, Literal):
+        if operand.value == "":
+            return Resolved(Value(""), "empty")
+        return Resolved(Value(operand.value), "known", like_params=True)
+    if isinstance(operand, Call):
+        return _call(operand, resolver)
+    try:
+        return resolver.resolve(operand.name)
+    except RuleError:
+        lowered = operand.name.lower()
+        if lowered == "null":
+            return Resolved(Value(None), "empty")
+        if lowered in ("true", "false"):
+            return Resolved(Value(lowered == "true"), "known")
+        raise
+
+
+def _call(call: Call, resolver: FieldResolver) -> Resolved:
+    if call.name == "strftime":
+        if not 1 <= len(call.args) <= 10 or not isinstance(call.args[0], Literal):
+            raise RuleError("invalid strftime arguments")
+        if any(isinstance(arg, Call) for arg in call.args):
+            raise RuleError("strftime does not take function calls")
+        args = [_operand(arg, resolver) for arg in call.args]
+        if any(not isinstance(arg, Literal) for arg in call.args[2:]):
+            raise RuleError("strftime modifiers must be strings")
+        multi = next((arg.multi for arg in args if arg.multi), None)
+        return Resolved(Function("STRFTIME", tuple(arg.node for arg in args)), "column", multi)
+    if call.name == "geoDistance":
+        if len(call.args) != 4 or any(isinstance(arg, (Call,)) or (isinstance(arg, Literal) and isinstance(arg.value, str)) for arg in call.args):
+            raise RuleError("geoDistance takes 4 numbers or fields")
+        args = tuple(_operand(arg, resolver).node for arg in call.args)
+        return Resolved(Function(GEO_DISTANCE_FUNCTION, args), "raw")
+    raise RuleError(f"unknown function {call.name!r}")
+
+
+def _comparison(op: str, left: Resolved, right: Resolved) -> IR:
+    if op in ("=", "!="):
+        return _equality(op == "=", left, right)
+    if op in ("~", "!~"):
+        pattern = _like_pattern(right)
+        return Binary("LIKE" if op == "~" else "NOT LIKE", left.node, pattern)
+    return Binary(op.replace("!=", "<>"), left.node, right.node)
+
+
+def _equality(equal: bool, left: Resolved, right: Resolved) -> IR:
+    """PocketBase's ''≡NULL normalisation of = and != (rules.md §5.4)."""
+    plain, null_safe = ("=", "IS") if equal else ("<>", "IS NOT")
+    if "raw" in (left.kind, right.kind):
+        return Binary(null_safe, left.node, right.node)
+    if left.kind == "empty" and right.kind == "empty":
+        return TRUE_IR if equal else FALSE_IR
+    if "known" in (left.kind, right.kind):
+        left_node = Value("") if left.kind == "empty" else left.node
+        right_node = Value("") if right.kind == "empty" else right.node
+        return Binary("=" if equal else "IS NOT", left_node, right_node)
+    if left.kind == "empty" or right.kind == "empty":
+        other = right.node if left.kind == "empty" else left.node
+        if equal:
+            return Binary("OR", Binary("=", Value(""), other), Binary("IS", other, Value(None)))
+        return Binary("AND", Binary("IS NOT", Value(""), other), Binary("IS NOT", other, Value(None)))
+    return Binary(
+        plain if equal else "IS NOT",
+        Function("COALESCE", (left.node, Value(""))),
+        Function("COALESCE", (right.node, Value(""))),
+    )
+
+
+_UNESCAPED_PERCENT_RE = re.compile(r"(?<!\\)%")
+
+
+def _like_pattern(right: Resolved) -> IR:
+    """Build the LIKE pattern as PocketBase does (rules.md §5.5).
+
+    A bound value with an unescaped `%` is a raw pattern; otherwise its
+    unescaped `\\`, `%` and `_` are escaped and it is wrapped in `%…%`. Other
+    right sides (columns, null, true) become `'%' || R || '%'`.
+    """
+    node = right.node
+    if right.like_params and isinstance(node, Value):
+        return Value(_like_text(node.value))
+    if right.like_params and isinstance(node, Function) and node.name == "LOWER" and isinstance(node.args[0], Value):
+        return Function("LOWER", (Value(_like_text(node.args[0].value)),))
+    return Function("_CONCAT", (Value("%"), node, Value("%")))
+
+
+def _like_text(value: JSON) -> str:
+    text = "" if value is None else (_encode_json_text(_js_number(value)) if isinstance(value, float) else str(value))
+    if _UNESCAPED_PERCENT_RE.search(text):
+        return text
+    escaped = re.sub(r"\\[\\%_]|[\\%_]", lambda m: m.group(0) if len(m.group(0)) == 2 else "\\" + m.group(0), text)
+    return f"%{escaped}%"
+
+
+# ==========================================================================
 # 6. Store
 # ==========================================================================
 # Collections, field values and records over sqlite3: one table per
@@ -1125,6 +1967,8 @@ def from_column(spec: dict[str, JSON], value: JSON) -> JSON:
     if field_type == "bool":
         return bool(value)
     if field_type == "json":
+        if isinstance(value, (int, float)):
+            return _js_number(value)  # the JSON column's NUMERIC affinity stored '1' as 1
         return None if value is None else parse_json(value)
     if is_multiple(spec):
         try:
@@ -1478,6 +2322,7 @@ class Store:
         self.connection.execute("PRAGMA foreign_keys = ON")
         self.connection.execute("PRAGMA busy_timeout = 5000")
         self.connection.execute("PRAGMA synchronous = NORMAL")
+        self.connection.create_function(GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True)
         self._depth = 0
         self._collections: dict[str, Collection] = {}
         with self.transaction():
@@ -1603,6 +2448,16 @@ class Store:
         collection = build_collection(data, existing, now=self.now_text(), new_secret=self.new_secret)
         others = [c for c in self._collections.values() if existing is None or c.id != existing.id]
         errors = validate_collection(collection, others, known_ids)
+        for rule_name in (*RULE_NAMES, *(AUTH_RULE_NAMES if collection.is_auth else ())):
+            rule = collection.rules.get(rule_name, collection.options.get(rule_name))
+            if not isinstance(rule, str) or rule == "":
+                continue
+            try:
+                compile_rules(self, collection, RequestInfo(), [(rule, False)])
+            except RuleError as exc:
+                errors[rule_name] = validation_entry(
+                    "validation_invalid_rule", f"Invalid rule. Raw error: {exc.msg}."
+                )
         if not errors and existing is None and collection.id in self._collections:
             errors["id"] = validation_entry("validation_invalid_id", "The model id is invalid or already exists.")
         if errors:
@@ -1775,6 +2630,11 @@ class Store:
         sql += f" ORDER BY {order or 't.rowid'} LIMIT ? OFFSET ?"
         rows = self.connection.execute(sql, (*params, limit, offset)).fetchall()
         return [self._row_to_record(collection, row) for row in rows]
+
+    def record_matches(self, collection: Collection, record_id: str, where: str, params: tuple[JSON, ...]) -> bool:
+        """Whether the record with this id satisfies an SQL condition."""
+        sql = f"SELECT 1 FROM {quote_identifier(collection.name)} t WHERE t.id = ? AND ({where})"
+        return self.connection.execute(sql, (record_id, *params)).fetchone() is not None
 
     def count_records(self, collection: Collection, *, where: str = "", params: tuple[JSON, ...] = ()) -> int:
         """Count the records matching an SQL condition."""
@@ -2002,6 +2862,380 @@ def _apply_modifier(spec: dict[str, JSON], current: JSON, raw: JSON, modifier: s
     return current
 
 
+# --- rules over records ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What `@request.*` sees: auth, query, headers, body, method and context."""
+
+    auth_collection: Collection | None = None
+    auth_record: Record | None = None
+    query: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    body: dict[str, JSON] = field(default_factory=dict)
+    method: str = "GET"
+    context: str = "default"
+    now: float = 0.0
+
+    @property
+    def is_superuser(self) -> bool:
+        """Whether the auth record is a superuser."""
+        return self.auth_collection is not None and self.auth_collection.name == SUPERUSERS
+
+
+_STATIC_AUTH_FIELDS = ("id", "collectionId", "collectionName", "email", "emailVisibility", "verified")
+_BACK_RELATION_RE = re.compile(r"^(\w+)_via_(\w+)$")
+
+
+def snake_case_header(name: str) -> str:
+    """PocketBase's header key form for `@request.headers.*`.
+
+    >>> snake_case_header("X-API-Key"), snake_case_header("User-Agent")
+    ('x_api_key', 'user_agent')
+    """
+    words = re.split(r"[^A-Za-z0-9]+|_", name)
+    parts = [re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", word) for word in words if word]
+    return "_".join(parts).lower()
+
+
+def _field_affinity(spec: dict[str, JSON]) -> str:
+    declaration = column_declaration(spec)
+    return "text" if declaration.startswith("TEXT") else ("none" if spec["type"] == "json" else "numeric")
+
+
+class RecordResolver:
+    """Resolves rule identifiers against a collection, the store and a request.
+
+    Collects the LEFT JOINs its identifiers need; `client_filter` applies
+    the checks PocketBase makes on filters sent by non-superusers.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        collection: Collection,
+        info: RequestInfo,
+        *,
+        client_filter: bool = False,
+        prefix: str = "j",
+    ) -> None:
+        self.store, self.collection, self.info = store, collection, info
+        self.client_filter = client_filter and not info.is_superuser
+        self.prefix = prefix
+        self.joins: list[tuple[str, str, tuple[JSON, ...]]] = []  # (source, on, params)
+        self._join_keys: dict[str, str] = {}
+        self._fresh_count = 0
+
+    # --- joins ---------------------------------------------------------------
+
+    def _join(self, key: str, source: str, on: str, params: tuple[JSON, ...] = ()) -> str:
+        alias = self._join_keys.get(key)
+        if alias is None:
+            alias = f"{self.prefix}{len(self._join_keys)}"
+            self._join_keys[key] = alias
+            self.joins.append((source.format(alias=alias), on.format(alias=alias), params))
+        return alias
+
+    def all_items(self, condition: Callable[[FieldResolver], IR]) -> IR | None:
+        """NOT EXISTS an item of the multi-valued operands failing `condition`."""
+        self._fresh_count += 1
+        fresh = RecordResolver(
+            self.store, self.collection, self.info, prefix=f"{self.prefix}s{self._fresh_count}_"
+        )
+        fresh.client_filter = self.client_filter
+        inner = condition(fresh)
+        if not fresh.joins:
+            return None
+        params: list[JSON] = []
+        (first_source, first_on, first_params), *rest = fresh.joins
+        sql = f"SELECT 1 FROM {first_source}"
+        for source, on, join_params in rest:
+            params.extend(join_params)
+            sql += f" JOIN {source} ON {on}"
+        params.extend(first_params)
+        where = render_sql(Function("COALESCE", (inner, Value(0))), params)
+        sql += f" WHERE {first_on} AND NOT {where}"
+        return Exists(sql, tuple(params))
+
+    # --- identifiers -----------------------------------------------------------
+
+    def resolve(self, name: str) -> Resolved:
+        """Resolve one identifier; RuleError when PocketBase would refuse it."""
+        if name in _DATE_MACROS:
+            return Resolved(Value(date_macro(name, self.info.now)), "known", like_params=True)
+        if name.startswith("@request."):
+            return self._request(name[len("@request."):])
+        if name.startswith("@collection."):
+            return self._collection_ref(name[len("@collection."):])
+        if name.startswith("@"):
+            raise RuleError(f"unknown identifier {name!r}")
+        path, modifier = _split_rule_modifier(name)
+        return self._path(self.collection, path.split("."), modifier, "t", hops=0)
+
+    def _request(self, rest: str) -> Resolved:
+        path, modifier = _split_rule_modifier(rest)
+        head, _, tail = path.partition(".")
+        info = self.info
+        if head in ("context", "method") and not tail:
+            if modifier:
+                raise RuleError(f"@request.{head} takes no modifier")
+            return _static(info.context if head == "context" else info.method)
+        if head in ("query", "headers") and tail:
+            source = info.query if head == "query" else info.headers
+            key, _, deeper = tail.partition(".")
+            value = None if deeper else source.get(key)
+            if modifier == "isset":
+                return Resolved(Value(key in source and not deeper), "known")
+            if modifier not in ("", "lower"):
+                raise RuleError(f"modifier :{modifier} is not allowed here")
+            spec = self.collection.field(key.split(".")[-1])
+            if isinstance(value, str) and spec is not None and spec["type"] == "number":
+                value = _numeric_affinity(value)
+            resolved = _static(value)
+            return _lowered(resolved) if modifier == "lower" else resolved
+        if head == "body" and tail:
+            return self._body(tail, modifier)
+        if head == "auth" and tail:
+            return self._auth(tail, modifier)
+        raise RuleError(f"unknown identifier @request.{rest}")
+
+    def _body(self, tail: str, modifier: str) -> Resolved:
+        body = self.info.body
+        key, _, deeper = tail.partition(".")
+        spec = self.collection.field(key)
+        present = key in body
+        value = body.get(key) if not deeper else None
+        if modifier == "isset":
+            return Resolved(Value(present), "known")
+        if modifier == "changed":
+            if spec is None:
+                raise RuleError(":changed needs a collection field")
+            submitted = _static(_body_value(value))
+            column = self._path(self.collection, [key], "", "t", hops=0)
+            differs = _equality(False, submitted, column)
+            return Resolved(Binary("AND", Value(present), differs), "raw")
+        if modifier in ("length", "each"):
+            if spec is None or spec["type"] not in MULTI_CAPABLE_TYPES:
+                raise RuleError(f":{modifier} needs a multi-value field")
+            items = _relation_ids(value) if not isinstance(value, list) else value
+            if modifier == "length":
+                return Resolved(Value(len(items)), "known")
+            raise RuleError(":each on @request.body is not supported")
+        resolved = _static(_body_value(value))
+        return _lowered(resolved) if modifier == "lower" else resolved
+
+    def _auth(self, tail: str, modifier: str) -> Resolved:
+        info = self.info
+        if info.auth_record is None or info.auth_collection is None:
+            return _static(None)
+        record, collection = info.auth_record, info.auth_collection
+        segments = tail.split(".")
+        if len(segments) == 1 and not modifier and segments[0] in _STATIC_AUTH_FIELDS:
+            name = segments[0]
+            values = {"collectionId": collection.id, "collectionName": collection.name}
+            value = values.get(name, record.get(name))
+            return _static(value)
+        spec = collection.field(segments[0])
+        if spec is None:
+            return _static(None)
+        alias = self._join(
+            f"auth:{collection.id}", f"{quote_identifier(collection.name)} {{alias}}", "{alias}.id = ?", (record["id"],)
+        )
+        resolved = self._path(collection, segments, modifier, alias, hops=0)
+        node = resolved.node
+        if len(segments) == 1 and isinstance(node, SqlRef) and spec["type"] != "json":
+            known = to_column(spec, record.get(segments[0]))
+            node = SqlRef(node.sql, node.affinity, (known,))
+        return Resolved(node, resolved.kind, resolved.multi)
+
+    def _collection_ref(self, rest: str) -> Resolved:
+        head, _, path = rest.partition(".")
+        if not path:
+            raise RuleError("@collection needs a field")
+        name, _, alias_name = head.partition(":")
+        if ":" in head and not alias_name:
+            raise RuleError("empty @collection alias")
+        if self.client_filter:
+            raise RuleError("@collection is for superusers")
+        target = self.store.collection(name)
+        if target is None:
+            raise RuleError(f"unknown collection {name!r}")
+        alias = self._join(f"collection:{target.id}:{alias_name}", f"{quote_identifier(target.name)} {{alias}}", "1")
+        field_path, modifier = _split_rule_modifier(path)
+        resolved = self._path(target, field_path.split("."), modifier, alias, hops=1)
+        return Resolved(resolved.node, resolved.kind, resolved.multi or alias)
+
+    def _path(self, collection: Collection, segments: list[str], modifier: str, alias: str, hops: int) -> Resolved:
+        """Resolve `field[.field...]` starting at `alias` (a row of `collection`)."""
+        if modifier and modifier not in RULE_MODIFIERS:
+            raise RuleError(f"unknown modifier :{modifier}")
+        name, rest = segments[0], segments[1:]
+        spec = collection.field(name)
+        if spec is None:
+            back = _BACK_RELATION_RE.match(name)
+            if back and rest:
+                return self._back_relation(collection, back.group(1), back.group(2), rest, modifier, alias, hops)
+            raise RuleError(f"unknown field {name!r}")
+        if self.client_filter and (spec.get("hidden") or spec["type"] == "password"):
+            raise RuleError(f"only superusers may filter by {name!r}")
+        column = f'{alias}."{name}"'
+        if spec["type"] == "json":
+            json_path = "$" + "".join(
+                f"[{segment}]" if segment.isdigit() else f".{segment.replace(':', '')}" for segment in rest
+            )
+            wrapped = Function(
+                "JSON_EXTRACT",
+                (Column(name, "none") if alias == "t" else SqlRef(column), Value(json_path)),
+            )
+            return Resolved(wrapped, "raw")
+        if rest:
+            if spec["type"] != "relation":
+                raise RuleError(f"{name!r} has no fields")
+            if hops >= MAX_RELATION_HOPS:
+                raise RuleError("too many relation hops")
+            target = self.store.collection(str(spec.get("collectionId", "")))
+            if target is None:
+                raise RuleError(f"missing relation collection of {name!r}")
+            if rest == ["id"] and not is_multiple(spec) and not modifier:
+                return self._column(collection, spec, alias, "")
+            self._check_related_rule(target)
+            if is_multiple(spec):
+                each = self._join(f"{alias}.{name}:each", f"json_each({column}) {{alias}}", "1")
+                joined = self._join(
+                    f"{alias}.{name}", f"{quote_identifier(target.name)} {{alias}}", f"{{alias}}.id = {each}.value"
+                )
+                resolved = self._path(target, rest, modifier, joined, hops + 1)
+                return Resolved(resolved.node, resolved.kind, resolved.multi or joined)
+            joined = self._join(
+                f"{alias}.{name}", f"{quote_identifier(target.name)} {{alias}}", f"{{alias}}.id = {column}"
+            )
+            return self._path(target, rest, modifier, joined, hops + 1)
+        return self._column(collection, spec, alias, modifier)
+
+    def _column(self, collection: Collection, spec: dict[str, JSON], alias: str, modifier: str) -> Resolved:
+        name = spec["name"]
+        node: IR = Column(name, _field_affinity(spec)) if alias == "t" else SqlRef(
+            f'{alias}."{name}"', _field_affinity(spec)
+        )
+        if modifier == "lower":
+            return Resolved(Function("LOWER", (node,)))
+        if modifier in ("length", "each") and spec["type"] in MULTI_CAPABLE_TYPES:
+            if not is_multiple(spec):
+                if modifier == "length":
+                    return Resolved(Binary("<>", node, Value("")))
+                return Resolved(node)
+            source = f'{alias}."{name}"'
+            if modifier == "length":
+                return Resolved(Function("JSON_ARRAY_LENGTH", (node,)))
+            each = self._join(f"{alias}.{name}:each", f"json_each({source}) {{alias}}", "1")
+            return Resolved(SqlRef(f"{each}.value", "none"), "column", each)
+        return Resolved(node)
+
+    def _back_relation(
+        self, collection: Collection, name: str, field_name: str, rest: list[str], modifier: str, alias: str, hops: int
+    ) -> Resolved:
+        source = self.store.collection(name)
+        spec = source.field(field_name) if source else None
+        if source is None or spec is None or spec["type"] != "relation" or spec.get("collectionId") != collection.id:
+            raise RuleError(f"invalid back-relation {name}_via_{field_name}")
+        if hops >= MAX_RELATION_HOPS:
+            raise RuleError("too many relation hops")
+        self._check_related_rule(source)
+        column = f'{{alias}}."{field_name}"'
+        on = (
+            f"EXISTS (SELECT 1 FROM json_each({column}) WHERE value = {alias}.id)"
+            if is_multiple(spec)
+            else f"{column} = {alias}.id"
+        )
+        joined = self._join(f"{alias}<{source.id}.{field_name}", f"{quote_identifier(source.name)} {{alias}}", on)
+        resolved = self._path(source, rest, modifier, joined, hops + 1)
+        return Resolved(resolved.node, resolved.kind, resolved.multi or joined)
+
+    def _check_related_rule(self, target: Collection) -> None:
+        """Client filters may not cross into collections the requester cannot list."""
+        if self.client_filter and target.rules.get("listRule") != "":
+            raise RuleError(f"filtering across {target.name!r} is for superusers")
+
+
+def _split_rule_modifier(name: str) -> tuple[str, str]:
+    path, _, modifier = name.partition(":")
+    if ":" in modifier or (modifier and "." in modifier):
+        raise RuleError(f"invalid modifier in {name!r}")
+    return path, modifier
+
+
+def _static(value: JSON) -> Resolved:
+    """A value known before the query runs (bound as a parameter)."""
+    if value is None or value == "":
+        return Resolved(Value(value), "empty", like_params=True)
+    return Resolved(Value(value), "known", like_params=True)
+
+
+def _lowered(resolved: Resolved) -> Resolved:
+    return Resolved(Function("LOWER", (resolved.node,)), resolved.kind, resolved.multi, resolved.like_params)
+
+
+def _body_value(value: JSON) -> JSON:
+    if isinstance(value, (dict, list)):
+        return _encode_json_text(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    return value
+
+
+def rule_matches(compiled: CompiledRule, row: dict[str, JSON]) -> bool | None:
+    """Evaluate a compiled rule in memory on a record's column values.
+
+    Returns None when the rule needs joins (relations, back-relations,
+    `@collection`), which only an SQL query can answer.
+    """
+    try:
+        return _truth(evaluate_ir(compiled.ir, row)) == 1
+    except NeedsSql:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """A rule or filter as SQL for `WHERE`, plus the IR for in-memory checks."""
+
+    sql: str
+    params: tuple[JSON, ...]
+    ir: IR
+    needs_joins: bool
+
+
+def compile_rules(
+    store: Store, collection: Collection, info: RequestInfo, rules: list[tuple[str, bool]]
+) -> CompiledRule:
+    """Compile rules and filters (`(text, is_client_filter)`) into one WHERE.
+
+    They share one set of joins, as PocketBase's list does (rules.md §9.2).
+    Raises RuleError.
+    """
+    resolver = RecordResolver(store, collection, info)
+    parts: list[IR] = []
+    for text, client_filter in rules:
+        resolver.client_filter = client_filter and not info.is_superuser
+        parts.append(lower_rule(parse_rule(text), resolver))
+    ir = _fold("AND", parts) if parts else TRUE_IR
+    params: list[JSON] = []
+    condition = render_sql(ir, params)
+    if not resolver.joins:
+        return CompiledRule(condition, tuple(params), ir, False)
+    join_params: list[JSON] = []
+    joins = ""
+    for source, on, source_params in resolver.joins:
+        join_params.extend(source_params)
+        joins += f" LEFT JOIN {source} ON {on}"
+    sql = f"t.rowid IN (SELECT t.rowid FROM {quote_identifier(collection.name)} t{joins} WHERE {condition})"
+    return CompiledRule(sql, (*join_params, *params), ir, True)
+
+
+
 # ==========================================================================
 # 7. Auth
 # ==========================================================================
@@ -2174,7 +3408,7 @@ def to_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, ValidationError):
         return BadRequestError(exc.message, exc.errors)
-    if isinstance(exc, BodyError):
+    if isinstance(exc, (BodyError, RuleError)):
         return BadRequestError()
     if isinstance(exc, ProtocolError):
         return ApiError(status=exc.status_hint)
@@ -2388,7 +3622,7 @@ def _excerpt(value: JSON, length: int, ellipsis: bool) -> JSON:
     return text[:length].rstrip() + ("..." if ellipsis else "")
 
 
-# --- rules until the rule language ---------------------------------------------
+# --- rules -----------------------------------------------------------------------
 
 ONLY_SUPERUSERS = "Only superusers can perform this action."
 
@@ -2404,6 +3638,34 @@ def require_rule(rule: str | None, auth: Auth | None) -> bool:
     if rule is None:
         raise ForbiddenError(ONLY_SUPERUSERS)
     return rule != ""
+
+
+def canonical_header_name(name: str) -> str:
+    """Go's canonical header form (`x-api-key` -> `X-Api-Key`)."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def request_info(context: RequestContext, request_context: str = "default") -> RequestInfo:
+    """The `@request.*` view of an HTTP request."""
+    request, auth = context.request, context.auth
+    body: dict[str, JSON] = {}
+    if context.raw_body:
+        with contextlib.suppress(BodyError):
+            body = context.body.data
+    return RequestInfo(
+        auth_collection=auth.collection if auth else None,
+        auth_record=auth.record if auth else None,
+        query={key: values[0] for key, values in request.query.items()},
+        headers={
+            snake_case_header(canonical_header_name(name)): value
+            for name, value in request.headers.items()
+            if name != "host"
+        },
+        body=body,
+        method=request.method,
+        context=request_context,
+        now=context.app.now(),
+    )
 
 
 # --- handlers ------------------------------------------------------------------
@@ -2475,9 +3737,14 @@ class RecordPresenter:
     checked against its collection's viewRule) and the `fields` picker.
     """
 
-    def __init__(self, store: Store, auth: Auth | None, expand: str = "", fields: str = "") -> None:
+    def __init__(
+        self, store: Store, auth: Auth | None, expand: str = "", fields: str = "", info: RequestInfo | None = None
+    ) -> None:
         self.store = store
         self.auth = auth
+        self.info = info or RequestInfo(
+            auth_collection=auth.collection if auth else None, auth_record=auth.record if auth else None
+        )
         self.superuser = auth is not None and auth.is_superuser
         self.expand = parse_expand(expand) if expand else {}
         self.fields = parse_fields(fields)
@@ -2514,10 +3781,13 @@ class RecordPresenter:
             if spec is None or spec["type"] != "relation":
                 continue
             target = self.store.collection(str(spec.get("collectionId", "")))
-            if target is None or not self._may_view(target):
+            rule = None if target is None else target.rules.get("viewRule")
+            if target is None or (rule is None and not self.superuser):
                 continue
             ids = sorted({i for record in records for i in _relation_ids(record.get(name))})
             related = self.store.get_records(target, ids)
+            if rule and not self.superuser:
+                related = self._viewable(target, rule, related)
             shown = dict(
                 zip(related, self._present(target, list(related.values()), nested, depth + 1))
             )
@@ -2529,9 +3799,18 @@ class RecordPresenter:
             item["expand"] = expansion
         return [dict(sorted(item.items())) for item in items]
 
-    def _may_view(self, collection: Collection) -> bool:
-        rule = collection.rules.get("viewRule")
-        return self.superuser or rule == ""
+    def _viewable(self, collection: Collection, rule: str, records: dict[str, Record]) -> dict[str, Record]:
+        """Keep the related records this requester's viewRule allows (one query)."""
+        if not records:
+            return records
+        info = dataclasses.replace(self.info, context="expand")
+        compiled = compile_rules(self.store, collection, info, [(rule, False)])
+        allowed = self.store.find_records(
+            collection,
+            where=f"t.id IN (SELECT value FROM json_each(?)) AND ({compiled.sql})",
+            params=(json.dumps(list(records)), *compiled.params),
+        )
+        return {record["id"]: records[record["id"]] for record in allowed}
 
 
 def _relation_ids(value: JSON) -> list[str]:
@@ -2542,7 +3821,9 @@ def _relation_ids(value: JSON) -> list[str]:
 
 def _presenter(context: RequestContext) -> RecordPresenter:
     request = context.request
-    return RecordPresenter(_store(context), context.auth, request.query_value("expand"), request.query_value("fields"))
+    return RecordPresenter(
+        _store(context), context.auth, request.query_value("expand"), request.query_value("fields"), request_info(context)
+    )
 
 
 def _order_by(collection: Collection, sort: str, superuser: bool) -> str:
@@ -2590,20 +3871,36 @@ async def handle_record_list(context: RequestContext) -> Response:
     page, per_page, skip_total = _paging(request)
     sort = request.query_value("sort")
     order = _order_by(collection, sort, _is_superuser(context)) if sort else ""
-    if request.query_value("filter").strip():
+    filter_text = request.query_value("filter")
+    if len(filter_text.encode()) > MAX_FILTER_BYTES:
         raise BadRequestError()
-    where = "0" if has_rule else ""  # an expression rule fails closed until rules are evaluated
-    records = store.find_records(collection, where=where, order=order, limit=per_page, offset=(page - 1) * per_page)
-    total = None if skip_total else store.count_records(collection, where=where)
+    rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
+    if filter_text.strip():
+        rules.append((filter_text, True))
+    compiled = compile_rules(store, collection, request_info(context), rules) if rules else None
+    where, params = (compiled.sql, compiled.params) if compiled else ("", ())
+    records = store.find_records(
+        collection, where=where, params=params, order=order, limit=per_page, offset=(page - 1) * per_page
+    )
+    total = None if skip_total else store.count_records(collection, where=where, params=params)
     items = _presenter(context).present(collection, records)
     return json_response(_list_envelope(items, page, per_page, total))
 
 
 def _record_or_404(context: RequestContext, collection: Collection, rule_name: str) -> Record:
+    """The record of the path, or 404 when it is missing or the rule hides it."""
+    store = _store(context)
     has_rule = require_rule(collection.rules.get(rule_name), context.auth)
-    record = _store(context).get_record(collection, context.params["id"])
-    if record is None or has_rule:
+    record = store.get_record(collection, context.params["id"])
+    if record is None:
         raise NotFoundError()
+    if has_rule:
+        try:
+            compiled = compile_rules(store, collection, request_info(context), [(str(collection.rules[rule_name]), False)])
+        except RuleError:
+            raise NotFoundError() from None
+        if not store.record_matches(collection, record["id"], compiled.sql, compiled.params):
+            raise NotFoundError()
     return record
 
 
@@ -2651,14 +3948,28 @@ async def handle_record_create(context: RequestContext) -> Response:
     collection = _collection_or_404(context)
     has_rule = require_rule(collection.rules.get("createRule"), context.auth)
     data = _record_input(context, collection)
-    if has_rule:
-        raise BadRequestError("Failed to create record.")
+    store = _store(context)
     try:
         _check_password_form(context, collection, data, None)
-        record = _store(context).create_record(collection, data, privileged=_is_superuser(context))
+        with store.transaction():
+            record = store.create_record(collection, data, privileged=_is_superuser(context))
+            if has_rule:
+                _require_created_rule(context, collection, record)
     except ValidationError as exc:
         raise BadRequestError("Failed to create record.", exc.errors) from None
     return json_response(_presenter(context).present_one(collection, record))
+
+
+def _require_created_rule(context: RequestContext, collection: Collection, record: Record) -> None:
+    """Check createRule against the inserted (not yet committed) record."""
+    try:
+        compiled = compile_rules(
+            _store(context), collection, request_info(context), [(str(collection.rules["createRule"]), False)]
+        )
+    except RuleError:
+        raise BadRequestError("Failed to create record.") from None
+    if not _store(context).record_matches(collection, record["id"], compiled.sql, compiled.params):
+        raise BadRequestError("Failed to create record.")
 
 
 async def handle_record_update(context: RequestContext) -> Response:

@@ -352,6 +352,386 @@ def test_http_parse_body_rejects(content_type: str, body: bytes) -> None:
 
 
 # ==========================================================================
+# 5. Rule language
+# ==========================================================================
+
+# (filter, expected) captured from PocketBase 0.40.6 on RULES_DATA below, as a
+# superuser's `filter` on `items`: the last digit of each matching id in
+# insertion order, or "E400" when PocketBase answered 400. Covers the examples
+# of rules.md §1–§6.
+ORACLE_FILTERS = [
+    ('title = 10', '2'),
+    ("title = '10'", '1'),
+    ('title = "10.0"', '2'),
+    ('title = 10.0', '2'),
+    ("n = '10'", '1'),
+    ("n = ' 10'", '1'),
+    ("n = '10abc'", ''),
+    ('n > 5', '1,3,5'),
+    ('n >= 5.5', '1,3,5'),
+    ('5 = 5', '1,2,3,4,5,6'),
+    ("5 = '5'", ''),
+    ("'2' > 10", '1,2,3,4,5,6'),
+    ("n < 'abc'", '1,2,3,4,5,6'),
+    ('title > null', ''),
+    ('n = null', ''),
+    ("n = ''", ''),
+    ('flag = null', ''),
+    ('flag = true', '1,3,5'),
+    ('flag = false', '2,4,6'),
+    ('flag != true', '2,4,6'),
+    ("tags = ''", ''),
+    ('tags = null', ''),
+    ("tags = 'a'", ''),
+    ("tags ?= 'a'", ''),
+    ('tags = \'["c"]\'', '3'),
+    ('tags ~ \'"a"\'', '1,4,6'),
+    ("tags ~ 'a'", '1,4,6'),
+    ("cat = ''", '2,6'),
+    ('cat = null', '2,6'),
+    ("cat != 'x'", '2,3,5,6'),
+    ('owner = null', '2,6'),
+    ("owner = ''", '2,6'),
+    ("owner != ''", '1,3,4,5'),
+    ("when = ''", '2,6'),
+    ('when > @now', '4'),
+    ('when > 2020', '1,4,5'),
+    ("when > '2021-01-01'", '1,4,5'),
+    ("title ~ 'hello'", '3'),
+    ("title ~ 'HELLO'", '3'),
+    ("title ~ 'Ü'", ''),
+    ("title ~ 'ü'", '5'),
+    ("title ~ '_'", '4'),
+    ("title ~ 'a_c%'", '4'),
+    ("title ~ '%'", '1,2,3,4,5,6'),
+    ("title ~ ''", '1,2,3,4,5,6'),
+    ("title !~ ''", ''),
+    ("title !~ 'o'", '1,2,4,5,6'),
+    ('title ~ null', ''),
+    ("title ~ '\\%'", '4'),
+    ("title ~ 'a\\_c'", '4'),
+    ("meta = ''", ''),
+    ('meta = null', '2'),
+    ('meta.a = 1', '1,3'),
+    ("meta.a = '1'", ''),
+    ('meta.a = true', '1,3'),
+    ('meta.a = false', ''),
+    ("meta.s = '1'", '1'),
+    ('meta.missing = null', '1,2,3,4,5,6'),
+    ("meta.missing = ''", ''),
+    ("meta = '{}'", '6'),
+    ('meta = \'[1,2,"x"]\'', '5'),
+    ('meta.arr.1 = 2', '1'),
+    ('meta.a > 0', '1,3'),
+    ("meta = 'str'", '4'),
+    ('views = 1', 'E400'),
+    ('n > 1 || n < 0 && flag = true', '1,3,5'),
+    ('(n > 1 || n < 0) && flag = true', '1,3,5'),
+    ('(n > 1) (flag = true)', '1,3,5'),
+    ('title (n > 50)', '5'),
+    ("title:lower = 'hello world'", '3'),
+    ("title:lower ~ 'ünï'", '5'),
+    ('tags:length = 2', '1,5'),
+    ('tags:length > 1', '1,5,6'),
+    ('cat:length = 1', '1,3,4,5'),
+    ("tags:each = 'a'", '4'),
+    ("tags:each ?= 'a'", '1,4,6'),
+    ("tags:each != 'a'", '2,3,5'),
+    ("tags:each = ''", '2'),
+    ("tags:each ?= 'a' && tags:each ?= 'b'", ''),
+    ('title:isset = true', ''),
+    ("owner.name = 'Alice'", '1,5'),
+    ("owner.name = ''", '2,6'),
+    ('owner.age > 26', '1,4,5'),
+    ("owner.id = 'alice0000000000'", '1,5'),
+    ("editors.name ?= 'Bob'", '1,4'),
+    ("editors.name = 'Alice'", '5'),
+    ("editors.name != 'Bob'", '2,3,5,6'),
+    ('editors.age < 100', '1,3,4,5,6'),
+    ('editors.age ?> 35', '3,4,6'),
+    ("editors.id ?!= 'alice0000000000'", '1,2,3,4,6'),
+    ("editors.name ?= 'Bob' && editors.age ?> 26", ''),
+    ("editors.name ?= 'Alice' && editors.name ?= 'Carol'", ''),
+    ("notes_via_item.text ?= 'hi'", '1,3'),
+    ("notes_via_item.text = 'hi'", '3'),
+    ("notes_via_item.id = ''", '2,4,5,6'),
+    ("notes_via_item.text != 'hi'", '2,4,5,6'),
+    ("@collection.people.name ?= 'Alice'", '1,2,3,4,5,6'),
+    ('@collection.people.age > 20', '1,2,3,4,5,6'),
+    ('@collection.people.age > 26', ''),
+    ("@collection.people.name ?= 'Bob' && @collection.people.age ?> 28", ''),
+    ("@collection.people:p1.name ?= 'Bob' && @collection.people:p2.age ?> 35", '1,2,3,4,5,6'),
+    ("@request.auth.id != ''", '1,2,3,4,5,6'),
+    ("@request.auth.collectionName = '_superusers'", '1,2,3,4,5,6'),
+    ("@request.method = 'GET'", '1,2,3,4,5,6'),
+    ("@request.context = 'default'", '1,2,3,4,5,6'),
+    ('@request.query.x = null', '1,2,3,4,5,6'),
+    ('@request.query.x:isset = false', '1,2,3,4,5,6'),
+    ("@request.headers.x_token = ''", '1,2,3,4,5,6'),
+    ('@year > 2000', '1,2,3,4,5,6'),
+    ("@year > '2000'", ''),
+    ('@todayStart < @todayEnd', '1,2,3,4,5,6'),
+    ("strftime('%Y', when) = '2024'", '1,5'),
+    ("strftime('%Y', when) = ''", '2,6'),
+    ('geoDistance(0, 0, 0, 1) > 111', '1,2,3,4,5,6'),
+    ('n = -3', '4'),
+    ('title = "a\\"b"', ''),
+    ('title = \'Hello\' || title = "Hello World"', '3'),
+    ("null = ''", '1,2,3,4,5,6'),
+    ("'' = null", '1,2,3,4,5,6'),
+    ("null != ''", ''),
+    ('true = 1', '1,2,3,4,5,6'),
+    ('TRUE = 1', '1,2,3,4,5,6'),
+    ("title ?!= 'x'", '1,2,3,4,5,6'),
+    ('n ?> 5', '1,3,5'),
+    ('// comment only', 'E400'),
+    ("title = 'x' // trailing comment", ''),
+    ('nosuch = 1', 'E400'),
+    ('title.x = 1', 'E400'),
+    ('@request.nope = 1', 'E400'),
+    ("lower(title) = 'x'", 'E400'),
+    ("title == 'x'", 'E400'),
+    ("title = 'x' && ", 'E400'),
+    ("(title = 'x'", 'E400'),
+    ("title = 'x' ; drop table items", 'E400'),
+    ("title:upper = 'x'", 'E400'),
+    ("editors:each.name = 'x'", 'E400'),
+    ("notes_via_item = ''", 'E400'),
+    ('@collection.nosuch.id = 1', 'E400'),
+    ('@collection.people:.name = 1', 'E400'),
+    ('1e6 = 1', 'E400'),
+    ('.5 = 1', 'E400'),
+    ('title = {:x}', 'E400'),
+    ('title & n', 'E400'),
+    ("title = 'x' and n = 1", 'E400'),
+    ("title ~ '\\\\'", ''),
+    ("title ~ 'a_c'", '4'),
+    ('title ~ true', '1,2'),
+    ("n ~ '.5'", '3'),
+    ("tags ~ 'a' && n ~ 1", '1,6'),
+    ("title ~ 'ä'", ''),
+    ('@request.query.n = 5', ''),
+    ('title ~ title', '1,2,3,4,5,6'),
+    ("cat ?= 'x'", '1,4'),
+    ("owner.name ~ 'li'", '1,5'),
+    ("title = 'x' ||", 'E400')
+]
+
+RULES_PEOPLE = [("alice0000000000", "Alice", 30), ("bob000000000000", "Bob", 25), ("carol0000000000", "Carol", 40)]
+RULES_ITEMS = [
+    ("item00000000001", {"title": "10", "n": 10, "flag": True, "tags": ["a", "b"], "cat": "x", "meta": {"a": 1, "s": "1", "arr": [1, 2]}, "when": "2024-06-15 12:30:00.000Z", "owner": "alice0000000000", "editors": ["alice0000000000", "bob000000000000"]}),
+    ("item00000000002", {"title": "10.0", "n": 0, "flag": False, "tags": [], "cat": "", "meta": None, "when": "", "owner": "", "editors": []}),
+    ("item00000000003", {"title": "Hello World", "n": 5.5, "flag": True, "tags": ["c"], "cat": "y", "meta": {"a": True, "s": "x"}, "when": "2020-01-01 00:00:00.000Z", "owner": "bob000000000000", "editors": ["carol0000000000"]}),
+    ("item00000000004", {"title": "a_c%d", "n": -3, "flag": False, "tags": ["a"], "cat": "x", "meta": "str", "when": "2030-01-01 00:00:00.000Z", "owner": "carol0000000000", "editors": ["bob000000000000", "carol0000000000"]}),
+    ("item00000000005", {"title": "ünï", "n": 100, "flag": True, "tags": ["b", "c"], "cat": "y", "meta": [1, 2, "x"], "when": "2024-01-01 00:00:00.000Z", "owner": "alice0000000000", "editors": ["alice0000000000"]}),
+    ("item00000000006", {"title": "", "n": 1, "flag": False, "tags": ["a", "b", "c"], "cat": "", "meta": {}, "when": "", "owner": "", "editors": ["alice0000000000", "carol0000000000"]}),
+]
+
+
+def make_store(path: str) -> pbrt.Store:
+    counter = iter(range(10**6))
+    return pbrt.Store(
+        path,
+        now=lambda: 1_800_000_000.0,
+        new_id=lambda: f"{next(counter):015d}",
+        new_secret=lambda: "s" * 50,
+        hash_password=lambda password: pbrt.hash_password(password, b"0" * 16),
+    )
+
+
+@pytest.fixture(params=["memory", "file"])
+def rules_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The oracle's data set, on `:memory:` and on a file."""
+    store = make_store(":memory:" if request.param == "memory" else str(tmp_path / "data.db"))
+    people = store.save_collection({"name": "people", "type": "base", "listRule": "", "viewRule": "", "fields": [{"name": "name", "type": "text"}, {"name": "age", "type": "number"}]})
+    items = store.save_collection({"name": "items", "type": "base", "listRule": "", "viewRule": "", "fields": [
+        {"name": "title", "type": "text"}, {"name": "n", "type": "number"}, {"name": "flag", "type": "bool"},
+        {"name": "tags", "type": "select", "values": ["a", "b", "c"], "maxSelect": 3},
+        {"name": "cat", "type": "select", "values": ["x", "y"], "maxSelect": 1},
+        {"name": "meta", "type": "json"}, {"name": "when", "type": "date"},
+        {"name": "owner", "type": "relation", "collectionId": people.id, "maxSelect": 1},
+        {"name": "editors", "type": "relation", "collectionId": people.id, "maxSelect": 5},
+    ]})
+    notes = store.save_collection({"name": "notes", "type": "base", "listRule": "", "viewRule": "", "fields": [{"name": "item", "type": "relation", "collectionId": items.id, "maxSelect": 1}, {"name": "text", "type": "text"}]})
+    for record_id, name, age in RULES_PEOPLE:
+        store.create_record(people, {"id": record_id, "name": name, "age": age}, privileged=True)
+    for record_id, data in RULES_ITEMS:
+        store.create_record(items, {"id": record_id, **data}, privileged=True)
+    for item, text in [("item00000000001", "hi"), ("item00000000001", "yo"), ("item00000000003", "hi")]:
+        store.create_record(notes, {"item": item, "text": text}, privileged=True)
+    superusers = store.collection("_superusers")
+    root = store.create_record(superusers, {"email": "test@example.com", "password": "1234567890"}, privileged=True)
+    yield store, items, pbrt.RequestInfo(auth_collection=superusers, auth_record=root, now=time.time())
+    store.close()
+
+
+def rule_row(collection: pbrt.Collection, record: dict[str, Any]) -> dict[str, Any]:
+    return {spec["name"]: pbrt.to_column(spec, record[spec["name"]]) for spec in collection.fields}
+
+
+def test_rules_oracle_examples_on_sql_and_in_memory_back_ends(rules_store: Any) -> None:
+    store, items, info = rules_store
+    records = store.find_records(items)
+    evaluated_in_memory = 0
+    for text, expected in ORACLE_FILTERS:
+        try:
+            compiled = pbrt.compile_rules(store, items, info, [(text, True)])
+        except pbrt.RuleError:
+            assert expected == "E400", text
+            continue
+        assert expected != "E400", text
+        matched = store.find_records(items, where=compiled.sql, params=compiled.params)
+        assert ",".join(r["id"][-1] for r in matched) == expected, f"SQL: {text}"
+        memory = [pbrt.rule_matches(compiled, rule_row(items, record)) for record in records]
+        if None in memory:
+            assert compiled.needs_joins, text  # only joined constructs need SQL
+            continue
+        evaluated_in_memory += 1
+        assert ",".join(r["id"][-1] for r, hit in zip(records, memory) if hit) == expected, f"memory: {text}"
+    assert evaluated_in_memory > 90
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("", "empty expression"),
+        ("a = 'x", "unterminated string"),
+        ("a == 1", "invalid operator '=='"),
+        ("a & b", "invalid join operator '&'"),
+        ("(" * 200 + "a = 1" + ")" * 200, "nesting too deep"),
+        (" && ".join(["a = 1"] * 201), "more than 200 comparisons"),
+        ("a = 1\r", "unexpected character"),
+    ],
+)
+def test_rules_parse_errors_are_rule_errors_with_position(source: str, message: str) -> None:
+    with pytest.raises(pbrt.RuleError) as caught:
+        pbrt.parse_rule(source.replace("\\r", "\r"))
+    assert message in caught.value.msg
+    assert "^" in str(caught.value) or not source
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "title = '' || 1 = 1",
+        "title = '\\'' OR 1=1 --'",
+        "title = \"x\"; DROP TABLE items",
+        "title = 'x' /* */",
+        "title ~ '%' || title ~ '\\x00'",
+        "title = 'Robert\\'); DROP TABLE items;--'",
+        "title = 'ünï' || title = '\\u0027'",
+        "owner.name = \"\\\"\" || 1",
+    ],
+)
+def test_rules_injection_attempts_are_bound_values_or_errors(rules_store: Any, text: str) -> None:
+    store, items, info = rules_store
+    try:
+        compiled = pbrt.compile_rules(store, items, info, [(text, True)])
+    except pbrt.RuleError:
+        return
+    assert "'" not in compiled.sql.replace("ESCAPE '\\'", "")  # every value is a bound parameter
+    assert "DROP" not in compiled.sql and "--" not in compiled.sql
+    store.find_records(items, where=compiled.sql, params=compiled.params)  # never an SQL error
+    assert store.count_records(items) == 6
+
+
+DIFF_FIELDS = [
+    {"name": "t", "type": "text"}, {"name": "e", "type": "editor"}, {"name": "n", "type": "number"},
+    {"name": "b", "type": "bool"}, {"name": "m", "type": "email"}, {"name": "u", "type": "url"},
+    {"name": "d", "type": "date"}, {"name": "ad", "type": "autodate", "onCreate": True},
+    {"name": "s1", "type": "select", "values": ["a", "B", "10", "ä", "%", ""][:-1], "maxSelect": 1},
+    {"name": "s3", "type": "select", "values": ["a", "B", "10", "ä", "%"], "maxSelect": 3},
+    {"name": "j", "type": "json"}, {"name": "r1", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 1},
+    {"name": "p", "type": "password", "hidden": True},
+]
+DIFF_TEXTS = ["", "a", "A", "ab", "10", "10.0", " 10", "-3", "1e3", "ä", "Ä", "a_c", "a%c", "x\\y", "null", "true", "2024-01-01 00:00:00.000Z", "B"]
+DIFF_NUMBERS = [0, 1, -1, 10, 2.5, -0.5, 1000000]
+DIFF_JSON = [None, 1, 0, 2.5, "1", "", "a", True, False, [], [1, "a"], {}, {"k": 1}, {"k": "x", "l": [1, 2]}, {"k": None}]
+
+
+def random_record(rng: random.Random) -> dict[str, Any]:
+    return {
+        "t": rng.choice(DIFF_TEXTS), "e": rng.choice(DIFF_TEXTS), "n": rng.choice(DIFF_NUMBERS),
+        "b": rng.random() < 0.5, "m": rng.choice(["", "a@b.co", "X@y.io"]), "u": rng.choice(["", "https://x.io/a"]),
+        "d": rng.choice(["", "2024-01-01 00:00:00.000Z", "2030-06-15 12:30:00.000Z", "1999-12-31"]),
+        "s1": rng.choice(["", "a", "B", "10", "ä", "%"]),
+        "s3": rng.sample(["a", "B", "10", "ä", "%"], rng.randint(0, 3)),
+        "j": rng.choice(DIFF_JSON),
+    }
+
+
+def random_operand(rng: random.Random) -> str:
+    kind = rng.randrange(10)
+    if kind < 4:
+        name = rng.choice(["t", "e", "n", "b", "m", "u", "d", "ad", "s1", "s3", "j", "r1", "p", "id"])
+        modifier = rng.choice(["", "", "", ":lower", ":length", ":isset"])
+        if name == "j" and rng.random() < 0.5:
+            return rng.choice(["j.k", "j.l.1", "j.0", "j.missing"])
+        return name + modifier
+    if kind < 6:
+        value = rng.choice(DIFF_TEXTS)
+        quote = rng.choice("'\"")
+        return quote + value.replace("\\", "\\\\").replace(quote, "\\" + quote) + quote
+    if kind < 7:
+        return repr(rng.choice(DIFF_NUMBERS)).replace("1000000", "1000000.0") if rng.random() < 0.5 else str(rng.choice([0, 1, -3, 10]))
+    if kind < 8:
+        return rng.choice(["null", "true", "false", "NULL", "True"])
+    if kind < 9:
+        return rng.choice(["@request.query.q", "@request.query.n", "@request.query.missing", "@request.headers.x_token",
+                           "@request.method", "@request.context", "@request.auth.id", "@request.auth.email",
+                           "@request.query.q:lower", "@request.query.q:isset", "@request.body.t"])
+    return rng.choice(["@now", "@todayStart", "@year", "@month", "@weekday", "strftime('%Y', d)", "strftime('%m-%d', ad)"])
+
+
+def random_expression(rng: random.Random, depth: int = 0) -> str:
+    if depth < 2 and rng.random() < 0.35:
+        joiner = rng.choice([" && ", " || "])
+        parts = [random_expression(rng, depth + 1) for _ in range(rng.randint(2, 3))]
+        text = joiner.join(parts)
+        return f"({text})" if rng.random() < 0.5 else text
+    operator = rng.choice(sorted(pbrt.COMPARISON_OPERATORS))
+    return f"{random_operand(rng)} {operator} {random_operand(rng)}"
+
+
+DIFFERENTIAL_CASES = 10_000
+
+
+def test_rules_sql_and_in_memory_back_ends_agree_on_random_expressions() -> None:
+    rng = random.Random(5_2026)
+    store = make_store(":memory:")
+    collection = store.save_collection({"name": "diff", "type": "base", "fields": DIFF_FIELDS})
+    records = [store.create_record(collection, random_record(rng), privileged=True) for _ in range(24)]
+    rows = [rule_row(collection, record) for record in store.find_records(collection)]
+    user = store.create_record(store.collection("users"), {"email": "a@b.co", "password": "12345678"}, privileged=True)
+    infos = [
+        pbrt.RequestInfo(query={"q": "A", "n": "10"}, headers={"x_token": "10"}, body={"t": "a"}, now=1_800_000_000.0),
+        pbrt.RequestInfo(auth_collection=store.collection("users"), auth_record=user, method="POST", now=1_800_000_000.0),
+    ]
+    deadline = time.monotonic() + 120
+    checked = errors = mixed = 0
+    while checked < DIFFERENTIAL_CASES:
+        assert time.monotonic() < deadline, f"only {checked} cases within the time bound"
+        text = random_expression(rng)
+        info = infos[checked % 2]
+        try:
+            compiled = pbrt.compile_rules(store, collection, info, [(text, False)])
+        except pbrt.RuleError:
+            errors += 1
+            continue
+        by_sql = {r["id"] for r in store.find_records(collection, where=compiled.sql, params=compiled.params)}
+        verdicts = [pbrt.rule_matches(compiled, row) for row in rows]
+        assert None not in verdicts, text  # no joins here: memory must answer alone
+        in_memory = {row["id"] for row, verdict in zip(rows, verdicts) if verdict}
+        assert by_sql == in_memory, text
+        mixed += 0 < len(by_sql) < len(rows)
+        checked += 1
+    assert errors < checked  # most random expressions are valid
+    assert mixed > DIFFERENTIAL_CASES // 5  # and many split the records, so agreement means something
+    assert len(records) == 24
+    store.close()
+
+
+# ==========================================================================
 # 6. Store
 # ==========================================================================
 
@@ -1384,24 +1764,39 @@ def test_records_list_paging_and_sort_match_oracle(tmp_path: Path) -> None:
         assert "secret" not in api.call("GET", base)[1]
 
 
-def test_records_rules_null_and_expression_fail_closed(tmp_path: Path) -> None:
+def test_records_rules_null_public_and_expressions_per_operation(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         api.json("POST", "/api/collections", {"name": "locked", "type": "base", "fields": [{"name": "title", "type": "text"}]}, su)
-        owned_rule = "owner = @request.auth.id"
-        api.json("POST", "/api/collections", {"name": "owned", "type": "base", "listRule": owned_rule, "viewRule": owned_rule, "createRule": owned_rule, "updateRule": owned_rule, "deleteRule": owned_rule, "fields": [{"name": "owner", "type": "text"}]}, su)
+        owned_rule = "@request.auth.id != '' && owner = @request.auth.id"
+        rules = {name: owned_rule for name in ("listRule", "viewRule", "createRule", "updateRule", "deleteRule")}
+        api.json("POST", "/api/collections", {"name": "owned", "type": "base", **rules, "fields": [{"name": "owner", "type": "text"}, {"name": "n", "type": "number"}]}, su)
         forbidden = '403 {"data":{},"message":"Only superusers can perform this action.","status":403}'
         for method, path in [("GET", ""), ("GET", "/nonexistent0000"), ("POST", ""), ("PATCH", "/nonexistent0000"), ("DELETE", "/nonexistent0000")]:
             assert api.normalized(method, "/api/collections/locked/records" + path, {} if method in ("POST", "PATCH") else None) == forbidden
         locked = api.json("POST", "/api/collections/locked/records", {"title": "x"}, su)
         assert api.json("GET", "/api/collections/locked/records", token=su)["items"] == [locked]
-        owned = api.json("POST", "/api/collections/owned/records", {"owner": ""}, su)
-        assert api.normalized("GET", "/api/collections/owned/records") == '200 {"items":[],"page":1,"perPage":30,"totalItems":0,"totalPages":0}'
-        not_found = '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}'
-        for method in ("GET", "PATCH", "DELETE"):
-            assert api.normalized(method, f"/api/collections/owned/records/{owned['id']}", {} if method == "PATCH" else None) == not_found
-        assert api.normalized("POST", "/api/collections/owned/records", {"owner": ""}) == (
+        users = {}
+        for name in ("alice", "bob"):
+            api.json("POST", "/api/collections/users/records", {"email": f"{name}@x.com", "password": "password123", "passwordConfirm": "password123"})
+            users[name] = api.login("users", f"{name}@x.com", "password123")
+        alice_token, alice = users["alice"]
+        bob_token, bob = users["bob"]
+        mine = api.json("POST", "/api/collections/owned/records", {"owner": alice["id"], "n": 1}, alice_token)
+        assert api.normalized("POST", "/api/collections/owned/records", {"owner": bob["id"]}, alice_token) == (
             '400 {"data":{},"message":"Failed to create record.","status":400}'
         )
+        api.json("POST", "/api/collections/owned/records", {"owner": bob["id"], "n": 2}, su)
+        assert api.normalized("GET", "/api/collections/owned/records") == '200 {"items":[],"page":1,"perPage":30,"totalItems":0,"totalPages":0}'
+        assert [i["n"] for i in api.json("GET", "/api/collections/owned/records", token=alice_token)["items"]] == [1]
+        assert [i["n"] for i in api.json("GET", "/api/collections/owned/records?sort=n", token=su)["items"]] == [1, 2]
+        not_found = '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}'
+        path = f"/api/collections/owned/records/{mine['id']}"
+        for method in ("GET", "PATCH", "DELETE"):
+            assert api.normalized(method, path, {} if method == "PATCH" else None, bob_token) == not_found
+        assert api.json("PATCH", path, {"n": 5}, alice_token)["n"] == 5
+        assert api.json("GET", "/api/collections/owned/records?filter=n%3E3", token=alice_token)["totalItems"] == 1
+        assert api.json("GET", "/api/collections/owned/records?filter=n%3E9", token=alice_token)["totalItems"] == 0
+        assert api.call("DELETE", path, token=alice_token)[0] == 204
         assert api.json("GET", "/api/collections/owned/records", token=su)["totalItems"] == 1
 
 
