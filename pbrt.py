@@ -51,7 +51,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -78,6 +78,8 @@ __version__ = "0.3.0"
 
 JSON = Any
 Headers = dict[str, str]
+
+log = logging.getLogger("pbrt")
 
 # ==========================================================================
 # 1. Constants and defaults
@@ -409,7 +411,7 @@ class Response:
     status: int = 200
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
-    stream: AsyncIterator[bytes] | None = None
+    stream: AsyncGenerator[list[bytes], None] | None = None
 
 
 def encode_response_head(
@@ -679,6 +681,28 @@ def _parse_multipart(body: bytes, boundary: bytes) -> Body:
     data = _collect_form_values(pairs)
     data.update(json_payload)
     return Body(data, files, is_form=True)
+
+
+# ==========================================================================
+# 4. Server-Sent Events frames
+# ==========================================================================
+# One event in, the bytes of one frame out. PocketBase writes every field
+# without a space after the colon and uses the client id as the event id.
+
+
+def encode_sse_event(event_id: str, event: str, data: bytes) -> bytes:
+    """Encode one SSE event as PocketBase frames it (`id:`, `event:`, `data:`).
+
+    CR and LF in the id or name (a client may subscribe to any string) are
+    percent-encoded so they cannot start new fields; `data` is one line of JSON.
+
+    >>> encode_sse_event("c1", "posts/*", b'{"a":1}')
+    b'id:c1\\nevent:posts/*\\ndata:{"a":1}\\n\\n'
+    """
+    if "\r" in event or "\n" in event or "\r" in event_id or "\n" in event_id:
+        event = event.replace("\r", "%0D").replace("\n", "%0A")
+        event_id = event_id.replace("\r", "%0D").replace("\n", "%0A")
+    return b"id:%s\nevent:%s\ndata:%s\n\n" % (event_id.encode(), event.encode(), data)
 
 
 # ==========================================================================
@@ -2294,6 +2318,30 @@ def _import_failure(data: dict[str, JSON], errors: dict[str, JSON]) -> JSON:
 Record = dict[str, JSON]
 
 
+@dataclass(slots=True)
+class RecordChange:
+    """One record written by a transaction: what realtime fan-out starts from.
+
+    `record` is the new state (the old one for deletes); `prepared` holds
+    the listener's work, done inside the transaction so that it sees the
+    record as it was written, or as it was just before a delete.
+    """
+
+    action: str  # "create" | "update" | "delete"
+    collection: Collection
+    record: Record
+    previous: Record | None = None
+    prepared: Any = None
+
+
+class ChangeListener(Protocol):
+    """Receives record changes: prepared inside the transaction, then committed."""
+
+    def prepare(self, change: RecordChange) -> None: ...
+
+    def committed(self, changes: list[RecordChange]) -> None: ...
+
+
 class Store:
     """The sqlite3 database of one data dir (`<dir>/data.db`).
 
@@ -2324,6 +2372,8 @@ class Store:
         self.connection.execute("PRAGMA synchronous = NORMAL")
         self.connection.create_function(GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True)
         self._depth = 0
+        self._changes: list[RecordChange] = []
+        self.listener: ChangeListener | None = None
         self._collections: dict[str, Collection] = {}
         with self.transaction():
             self.connection.execute(
@@ -2355,11 +2405,21 @@ class Store:
             yield
         except BaseException:
             self._depth = 0
+            self._changes = []
             self.connection.execute("ROLLBACK")
             self._load_collections()
             raise
         self._depth = 0
+        changes, self._changes = self._changes, []
         self.connection.execute("COMMIT")
+        if changes and self.listener is not None:
+            self.listener.committed(changes)
+
+    def _record_change(self, change: RecordChange) -> None:
+        """Queue a change for the listener (inside the open transaction)."""
+        if self.listener is not None:
+            self.listener.prepare(change)
+            self._changes.append(change)
 
     def now_text(self) -> str:
         """The current time in PocketBase's stored date format."""
@@ -2753,6 +2813,7 @@ class Store:
                 self.connection.execute(
                     f"UPDATE {table} SET {assignments} WHERE id = ?", (*values, current["id"])  # type: ignore[index]
                 )
+            self._record_change(RecordChange("create" if creating else "update", collection, record, current))
         return record
 
     def _check_relation(self, spec: dict[str, JSON], value: JSON) -> JSON | None:
@@ -2824,6 +2885,10 @@ class Store:
                         f"UPDATE {quote_identifier(other.name)} SET {column} = ? WHERE id = ?",
                         (to_column(spec, remaining), referencing["id"]),
                     )
+                    self._record_change(
+                        RecordChange("update", other, {**referencing, spec["name"]: remaining}, referencing)
+                    )
+        self._record_change(RecordChange("delete", collection, record))
         self.connection.execute(f"DELETE FROM {quote_identifier(collection.name)} WHERE id = ?", (record["id"],))
         deleted.append((collection, record))
 
@@ -3236,281 +3301,6 @@ def compile_rules(
 
 
 
-# ==========================================================================
-# 7. Auth
-# ==========================================================================
-# Password hashing and HS256 tokens with PocketBase's claims. Pure: the
-# clock and random salts are arguments. Knows records only as dicts.
-
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # RFC 7914's interactive-login parameters
-SCRYPT_SALT_BYTES = 16
-MAX_TOKEN_BYTES = 4096
-# Verified against when a login names an unknown identity, so both cases take equal time.
-DUMMY_PASSWORD_HASH = "scrypt$16384$8$1$cGJydC1kdW1teS1zYWx0IQ$sHyEEZebWchQbJuTvUlOp3X9K5hT4M9DT01ZTtEUH4c"
-
-
-def hash_password(password: str, salt: bytes) -> str:
-    """Hash a password with scrypt; the result records its parameters and salt.
-
-    >>> hash_password("pw", b"0" * 16).startswith("scrypt$16384$8$1$")
-    True
-    """
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64encode(salt)}${_b64encode(digest)}"
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """Check a password against `hash_password` output in constant time."""
-    try:
-        scheme, n, r, p, salt, expected = encoded.split("$")
-        if scheme != "scrypt":
-            return False
-        digest = hashlib.scrypt(
-            password.encode(), salt=_b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=32
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(digest, _b64decode(expected))
-
-
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-_TOKEN_HEADER = _b64encode(b'{"alg":"HS256","typ":"JWT"}')
-
-
-def sign_token(claims: dict[str, JSON], key: str) -> str:
-    """Return an HS256 JWT of `claims` (compact JSON, keys sorted) signed with `key`.
-
-    >>> sign_token({"id": "a"}, "k").split(".")[1]
-    'eyJpZCI6ImEifQ'
-    """
-    payload = _b64encode(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
-    signing_input = f"{_TOKEN_HEADER}.{payload}"
-    signature = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{_b64encode(signature)}"
-
-
-def read_token_claims(token: str) -> dict[str, JSON] | None:
-    """Decode a JWT's claims without checking its signature; None if malformed."""
-    if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
-        return None
-    header, payload, _ = token.split(".")
-    try:
-        if json.loads(_b64decode(header)).get("alg") != "HS256":
-            return None
-        claims = json.loads(_b64decode(payload))
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-def token_is_valid(token: str, key: str, now: float) -> bool:
-    """Whether `token` is signed with `key` and, if it has `exp`, not expired."""
-    claims = read_token_claims(token)
-    if claims is None:
-        return False
-    signing_input, _, signature = token.rpartition(".")
-    expected = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
-    if not hmac.compare_digest(_b64encode(expected), signature):
-        return False
-    expires = claims.get("exp")
-    return expires is None or (isinstance(expires, (int, float)) and expires > now)
-
-
-def auth_token_claims(collection_id_value: str, record_id: str, expires: int) -> dict[str, JSON]:
-    """Return the claims PocketBase puts in an auth token."""
-    return {
-        "collectionId": collection_id_value,
-        "exp": expires,
-        "id": record_id,
-        "refreshable": True,
-        "type": "auth",
-    }
-
-
-
-# ==========================================================================
-# 9. Routes and handlers
-# ==========================================================================
-# A request context in, a `Response` out. Handlers raise; `to_api_error` is
-# the one place that turns any exception into PocketBase's envelope.
-
-log = logging.getLogger("pbrt")
-
-Handler = Callable[["RequestContext"], Awaitable[Response]]
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """What a handler knows about one request."""
-
-    app: App
-    request: Request
-    raw_body: bytes
-    remote_ip: str
-    params: dict[str, str] = field(default_factory=dict)
-    _body: Body | None = None
-    _auth: Auth | None = None
-    _auth_resolved: bool = False
-
-    @property
-    def body(self) -> Body:
-        """The body decoded for its Content-Type (once; BodyError if invalid)."""
-        if self._body is None:
-            self._body = parse_body(self.request.header("content-type"), self.raw_body)
-        return self._body
-
-    @property
-    def auth_token(self) -> str:
-        """The Authorization header's token, without a `Bearer ` prefix."""
-        header = self.request.header("authorization").strip()
-        return header[7:].strip() if header[:7].lower() == "bearer " else header
-
-    @property
-    def auth(self) -> Auth | None:
-        """Who sent the request (resolved once): an auth record, or None for a guest."""
-        if not self._auth_resolved:
-            store = self.app.store
-            token = self.auth_token
-            self._auth = resolve_auth(store, token, self.app.now()) if store and token else None
-            self._auth_resolved = True
-        return self._auth
-
-    @auth.setter
-    def auth(self, value: Auth | None) -> None:
-        self._auth, self._auth_resolved = value, True
-
-
-def json_response(value: JSON, status: int = 200) -> Response:
-    """Return a JSON response encoded as PocketBase encodes it."""
-    return Response(status, _json_body(value), (("Content-Type", "application/json"),))
-
-
-def error_response(error: ApiError) -> Response:
-    """Return the JSON envelope of `error`."""
-    return json_response(error.payload(), error.status)
-
-
-def to_api_error(exc: BaseException) -> ApiError:
-    """Translate any exception into the ApiError sent to the client.
-
-    An ApiError passes through; ValidationError -> 400 with its field errors;
-    BodyError -> 400; ProtocolError -> its status hint. Anything else is a
-    bug: 500 with the generic sentence, the traceback in the server log only.
-    """
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, ValidationError):
-        return BadRequestError(exc.message, exc.errors)
-    if isinstance(exc, (BodyError, RuleError)):
-        return BadRequestError()
-    if isinstance(exc, ProtocolError):
-        return ApiError(status=exc.status_hint)
-    log.error("unexpected error", exc_info=exc)
-    return InternalServerError()
-
-
-class Router:
-    """Maps a method and a path to a handler and its path parameters.
-
-    A path no route knows answers PocketBase's static-file 404 ("File not
-    found."); a known path with another method answers the default 404.
-    HEAD is served by the GET handler.
-    """
-
-    _PARAM_RE = re.compile(r"\{(\w+)\}")
-
-    def __init__(self) -> None:
-        self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
-
-    def add(self, method: str, pattern: str, handler: Handler) -> None:
-        """Register `handler` for `method` on a path like `/api/x/{id}`."""
-        pieces = self._PARAM_RE.split(pattern)  # literal, name, literal, name, ...
-        regex = re.compile(
-            "".join(
-                re.escape(piece) if index % 2 == 0 else f"(?P<{piece}>[^/]+)"
-                for index, piece in enumerate(pieces)
-            )
-            + r"\Z"
-        )
-        for existing, handlers in self._routes:
-            if existing.pattern == regex.pattern:
-                handlers[method] = handler
-                return
-        self._routes.append((regex, {method: handler}))
-
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
-        """Return the handler and path parameters; raise NotFoundError if none."""
-        lookup = "GET" if method == "HEAD" else method
-        path_known = False
-        for regex, handlers in self._routes:
-            match = regex.match(path)
-            if match is None:
-                continue
-            path_known = True
-            handler = handlers.get(lookup)
-            if handler is not None:
-                return handler, match.groupdict()
-        raise NotFoundError(None if path_known else FILE_NOT_FOUND_MESSAGE)
-
-
-# --- auth of a request ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Auth:
-    """The record a request is authenticated as."""
-
-    collection: Collection
-    record: Record
-
-    @property
-    def is_superuser(self) -> bool:
-        """Whether this is a `_superusers` record (rules do not apply)."""
-        return self.collection.name == SUPERUSERS
-
-    def is_record(self, collection: Collection, record: Record) -> bool:
-        """Whether this auth is `record` of `collection` itself."""
-        return self.collection.id == collection.id and self.record.get("id") == record.get("id")
-
-
-def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
-    """Return the Auth for an Authorization header value, or None (guest).
-
-    As PocketBase: a `Bearer ` prefix is optional; a malformed, expired,
-    tampered or foreign token means guest, never an error.
-    """
-    token = header[7:] if header[:7].lower() == "bearer " else header
-    claims = read_token_claims(token.strip())
-    if not claims or claims.get("type") != "auth":
-        return None
-    record_id, collection_ref = claims.get("id"), claims.get("collectionId")
-    if not isinstance(record_id, str) or not isinstance(collection_ref, str) or not record_id:
-        return None
-    collection = store.collection(collection_ref) if collection_ref else None
-    if collection is None or not collection.is_auth:
-        return None
-    record = store.get_record(collection, record_id)
-    if record is None:
-        return None
-    if not token_is_valid(token.strip(), str(record["tokenKey"]) + collection.token_secret, now):
-        return None
-    return Auth(collection, record)
-
-
-def issue_auth_token(collection: Collection, record: Record, now: float) -> str:
-    """Sign a new auth token for a record, valid for the collection's duration."""
-    duration = int(collection.options.get("authToken", {}).get("duration", 432_000))
-    claims = auth_token_claims(collection.id, str(record["id"]), int(now) + duration)
-    return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
-
-
 # --- record JSON, expand and fields ----------------------------------------
 
 MAX_EXPAND_DEPTH = 6
@@ -3622,6 +3412,718 @@ def _excerpt(value: JSON, length: int, ellipsis: bool) -> JSON:
     return text[:length].rstrip() + ("..." if ellipsis else "")
 
 
+class RecordPresenter:
+    """Turns stored records into the JSON one requester may see.
+
+    Applies hidden fields, email visibility, `expand` (each related record
+    checked against its collection's viewRule) and the `fields` picker.
+    """
+
+    def __init__(self, store: Store, info: RequestInfo, expand: str = "", fields: str = "") -> None:
+        self.store = store
+        self.info = info
+        self.superuser = info.is_superuser
+        self.expand = parse_expand(expand) if expand else {}
+        self.fields = parse_fields(fields)
+
+    def show_email(self, collection: Collection, record: Record) -> bool:
+        """Whether this requester may see an auth record's email."""
+        info = self.info
+        if self.superuser or record.get("emailVisibility"):
+            return True
+        if info.auth_record is None or info.auth_collection is None:
+            return False
+        if info.auth_collection.id == collection.id and info.auth_record.get("id") == record.get("id"):
+            return True
+        manage_rule = collection.options.get("manageRule")
+        if manage_rule == "":
+            return True
+        if not isinstance(manage_rule, str):
+            return False
+        try:
+            compiled = compile_rules(self.store, collection, info, [(manage_rule, False)])
+        except RuleError:
+            return False
+        return self.store.record_matches(collection, str(record.get("id")), compiled.sql, compiled.params)
+
+    def present(self, collection: Collection, records: list[Record]) -> list[dict[str, JSON]]:
+        """Return the JSON of each record, with expand and fields applied."""
+        items = self._present(collection, records, self.expand, depth=0)
+        return [pick_fields(item, self.fields) for item in items] if self.fields else items
+
+    def present_one(self, collection: Collection, record: Record) -> dict[str, JSON]:
+        """Return the JSON of one record."""
+        return self.present(collection, [record])[0]
+
+    def _present(
+        self, collection: Collection, records: list[Record], expand: dict[str, JSON], depth: int
+    ) -> list[dict[str, JSON]]:
+        items = [
+            record_json(collection, record, superuser=self.superuser, show_email=self.show_email(collection, record))
+            for record in records
+        ]
+        if not expand or depth >= MAX_EXPAND_DEPTH:
+            return items
+        expansions: list[dict[str, JSON]] = [{} for _ in records]
+        for name, nested in expand.items():
+            spec = collection.field(name)
+            if spec is None or spec["type"] != "relation":
+                continue
+            target = self.store.collection(str(spec.get("collectionId", "")))
+            rule = None if target is None else target.rules.get("viewRule")
+            if target is None or (rule is None and not self.superuser):
+                continue
+            ids = sorted({i for record in records for i in _relation_ids(record.get(name))})
+            related = self.store.get_records(target, ids)
+            if rule and not self.superuser:
+                related = self._viewable(target, rule, related)
+            shown = dict(
+                zip(related, self._present(target, list(related.values()), nested, depth + 1))
+            )
+            for expansion, record in zip(expansions, records):
+                found = [shown[i] for i in _relation_ids(record.get(name)) if i in shown]
+                if found:
+                    expansion[name] = found if is_multiple(spec) else found[0]
+        for item, expansion in zip(items, expansions):
+            item["expand"] = expansion
+        return [dict(sorted(item.items())) for item in items]
+
+    def _viewable(self, collection: Collection, rule: str, records: dict[str, Record]) -> dict[str, Record]:
+        """Keep the related records this requester's viewRule allows (one query)."""
+        if not records:
+            return records
+        info = dataclasses.replace(self.info, context="expand")
+        compiled = compile_rules(self.store, collection, info, [(rule, False)])
+        allowed = self.store.find_records(
+            collection,
+            where=f"t.id IN (SELECT value FROM json_each(?)) AND ({compiled.sql})",
+            params=(json.dumps(list(records)), *compiled.params),
+        )
+        return {record["id"]: records[record["id"]] for record in allowed}
+
+
+def _relation_ids(value: JSON) -> list[str]:
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    return [value] if isinstance(value, str) and value else []
+
+
+# ==========================================================================
+# 7. Auth
+# ==========================================================================
+# Password hashing and HS256 tokens with PocketBase's claims. Pure: the
+# clock and random salts are arguments. Knows records only as dicts.
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # RFC 7914's interactive-login parameters
+SCRYPT_SALT_BYTES = 16
+MAX_TOKEN_BYTES = 4096
+# Verified against when a login names an unknown identity, so both cases take equal time.
+DUMMY_PASSWORD_HASH = "scrypt$16384$8$1$cGJydC1kdW1teS1zYWx0IQ$sHyEEZebWchQbJuTvUlOp3X9K5hT4M9DT01ZTtEUH4c"
+
+
+def hash_password(password: str, salt: bytes) -> str:
+    """Hash a password with scrypt; the result records its parameters and salt.
+
+    >>> hash_password("pw", b"0" * 16).startswith("scrypt$16384$8$1$")
+    True
+    """
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64encode(salt)}${_b64encode(digest)}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Check a password against `hash_password` output in constant time."""
+    try:
+        scheme, n, r, p, salt, expected = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        digest = hashlib.scrypt(
+            password.encode(), salt=_b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=32
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(digest, _b64decode(expected))
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+_TOKEN_HEADER = _b64encode(b'{"alg":"HS256","typ":"JWT"}')
+
+
+def sign_token(claims: dict[str, JSON], key: str) -> str:
+    """Return an HS256 JWT of `claims` (compact JSON, keys sorted) signed with `key`.
+
+    >>> sign_token({"id": "a"}, "k").split(".")[1]
+    'eyJpZCI6ImEifQ'
+    """
+    payload = _b64encode(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+    signing_input = f"{_TOKEN_HEADER}.{payload}"
+    signature = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64encode(signature)}"
+
+
+def read_token_claims(token: str) -> dict[str, JSON] | None:
+    """Decode a JWT's claims without checking its signature; None if malformed."""
+    if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
+        return None
+    header, payload, _ = token.split(".")
+    try:
+        if json.loads(_b64decode(header)).get("alg") != "HS256":
+            return None
+        claims = json.loads(_b64decode(payload))
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def token_is_valid(token: str, key: str, now: float) -> bool:
+    """Whether `token` is signed with `key` and, if it has `exp`, not expired."""
+    claims = read_token_claims(token)
+    if claims is None:
+        return False
+    signing_input, _, signature = token.rpartition(".")
+    expected = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(_b64encode(expected), signature):
+        return False
+    expires = claims.get("exp")
+    return expires is None or (isinstance(expires, (int, float)) and expires > now)
+
+
+def auth_token_claims(collection_id_value: str, record_id: str, expires: int) -> dict[str, JSON]:
+    """Return the claims PocketBase puts in an auth token."""
+    return {
+        "collectionId": collection_id_value,
+        "exp": expires,
+        "id": record_id,
+        "refreshable": True,
+        "type": "auth",
+    }
+
+
+
+# --- the auth of a request -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """The record a request is authenticated as."""
+
+    collection: Collection
+    record: Record
+
+    @property
+    def is_superuser(self) -> bool:
+        """Whether this is a `_superusers` record (rules do not apply)."""
+        return self.collection.name == SUPERUSERS
+
+    def is_record(self, collection: Collection, record: Record) -> bool:
+        """Whether this auth is `record` of `collection` itself."""
+        return self.collection.id == collection.id and self.record.get("id") == record.get("id")
+
+
+def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
+    """Return the Auth for an Authorization header value, or None (guest).
+
+    As PocketBase: a `Bearer ` prefix is optional; a malformed, expired,
+    tampered or foreign token means guest, never an error.
+    """
+    token = header[7:] if header[:7].lower() == "bearer " else header
+    claims = read_token_claims(token.strip())
+    if not claims or claims.get("type") != "auth":
+        return None
+    record_id, collection_ref = claims.get("id"), claims.get("collectionId")
+    if not isinstance(record_id, str) or not isinstance(collection_ref, str) or not record_id:
+        return None
+    collection = store.collection(collection_ref) if collection_ref else None
+    if collection is None or not collection.is_auth:
+        return None
+    record = store.get_record(collection, record_id)
+    if record is None:
+        return None
+    if not token_is_valid(token.strip(), str(record["tokenKey"]) + collection.token_secret, now):
+        return None
+    return Auth(collection, record)
+
+
+def issue_auth_token(collection: Collection, record: Record, now: float) -> str:
+    """Sign a new auth token for a record, valid for the collection's duration."""
+    duration = int(collection.options.get("authToken", {}).get("duration", 432_000))
+    claims = auth_token_claims(collection.id, str(record["id"]), int(now) + duration)
+    return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
+
+
+
+# ==========================================================================
+# 8. Realtime broker
+# ==========================================================================
+# SSE clients, their subscriptions and record fan-out. Rules are checked in
+# memory (one batched SQL query per event for what needs joins), shared by
+# subscribers with equal inputs; each distinct payload is encoded once. A
+# client that cannot keep up is disconnected, never waited for.
+
+CLIENT_ID_LENGTH = 40
+MAX_SUBSCRIPTIONS = 1000  # PocketBase's limits on POST /api/realtime
+MAX_SUBSCRIPTION_LENGTH = 2500
+MAX_CLIENT_ID_LENGTH = 255
+MAX_REALTIME_CLIENTS = 20_000
+MAX_CLIENT_QUEUE_BYTES = 4 * 1024 * 1024  # a client further behind than this is dropped
+SSE_IDLE_TIMEOUT_S = 5 * 60.0  # PocketBase's apis/realtime.go timeouts
+SSE_MAX_LIFETIME_S = 30 * 60.0
+RULE_BATCH_SIZE = 100  # rule checks per batched SQL statement
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A subscription string and its parsed `?options={"query":…,"headers":…}`."""
+
+    raw: str
+    topic: str
+    query: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str) -> str:
+        """The value of `options.query[name]`, or ""."""
+        return next((value for key, value in self.query if key == name), "")
+
+
+def parse_subscription(raw: str) -> Subscription:
+    """Parse a subscription string as PocketBase does; bad options are ignored.
+
+    >>> parse_subscription('posts/*?options={"query":{"n":5},"headers":{"X-T":"a"}}')
+    Subscription(raw='posts/*?options={"query":{"n":5},"headers":{"X-T":"a"}}', topic='posts/*', query=(('n', '5'),), headers=(('x_t', 'a'),))
+    """
+    topic, _, query_text = raw.partition("?")
+    options_text = next(
+        (value for key, value in urllib.parse.parse_qsl(query_text, keep_blank_values=True) if key == "options"), ""
+    )
+    query: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    if options_text:
+        try:
+            options = parse_json_strict(options_text)
+        except BodyError:
+            options = None
+        if isinstance(options, dict):
+            if isinstance(options.get("query"), dict):
+                query = tuple(sorted((str(k), _to_text(v)) for k, v in options["query"].items()))
+            if isinstance(options.get("headers"), dict):
+                headers = tuple(sorted((snake_case_header(str(k)), _to_text(v)) for k, v in options["headers"].items()))
+    return Subscription(raw, topic, query, headers)
+
+
+class RealtimeClient:
+    """One SSE connection: its id, auth, subscriptions and outgoing queue."""
+
+    def __init__(self, client_id: str, remote_ip: str, max_queue_bytes: int) -> None:
+        self.id = client_id
+        self.remote_ip = remote_ip
+        self.auth: Auth | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.max_queue_bytes = max_queue_bytes
+        self.queue: list[bytes] = []
+        self.queued_bytes = 0
+        self.closed = False
+        self.wakeup = asyncio.Event()
+        self.abort: Callable[[], None] | None = None  # set by the connection: drops the socket
+
+    def send(self, frame: bytes) -> None:
+        """Queue one frame; a client too far behind is disconnected instead."""
+        if self.closed:
+            return
+        self.queued_bytes += len(frame)
+        if self.queued_bytes > self.max_queue_bytes:
+            log.warning("realtime client %s is too slow; disconnecting it", self.id)
+            self.close(abort=True)
+            return
+        self.queue.append(frame)
+        self.wakeup.set()
+
+    def take(self) -> list[bytes]:
+        """Return and forget every queued frame."""
+        frames, self.queue, self.queued_bytes = self.queue, [], 0
+        self.wakeup.clear()
+        return frames
+
+    def close(self, abort: bool = False) -> None:
+        """End the stream (after its queued frames), or drop the socket now."""
+        self.closed = True
+        self.wakeup.set()
+        if abort:
+            self.queue, self.queued_bytes = [], 0
+            if self.abort is not None:
+                self.abort()
+
+    def request_info(self, subscription: Subscription, auth: Auth | None, now: float) -> RequestInfo:
+        """What `@request.*` is for this subscription (PocketBase's realtime context)."""
+        return RequestInfo(
+            auth_collection=auth.collection if auth else None,
+            auth_record=auth.record if auth else None,
+            query=dict(subscription.query),
+            headers=dict(subscription.headers),
+            method="GET",
+            context="realtime",
+            now=now,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Delivery:
+    client: RealtimeClient
+    event: str
+    payload: bytes
+
+
+class Broker:
+    """Realtime clients and the fan-out of record events and custom messages.
+
+    It is the store's ChangeListener: `prepare` decides who receives what
+    inside the write's transaction; `committed` queues the frames after the
+    commit, in commit order.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        now: Callable[[], float],
+        new_client_id: Callable[[], str],
+        max_clients: int = MAX_REALTIME_CLIENTS,
+        max_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES,
+    ) -> None:
+        self.store = store
+        self.now = now
+        self.new_client_id = new_client_id
+        self.max_clients = max_clients
+        self.max_queue_bytes = max_queue_bytes
+        self.clients: dict[str, RealtimeClient] = {}
+        self._by_topic: dict[str, dict[str, list[Subscription]]] = {}
+
+    # --- clients -------------------------------------------------------------
+
+    def connect(self, remote_ip: str) -> RealtimeClient:
+        """Register a new client; raise TooManyRequestsError over the limit."""
+        if len(self.clients) >= self.max_clients:
+            raise TooManyRequestsError("Too many realtime clients.")
+        client = RealtimeClient(self.new_client_id(), remote_ip, self.max_queue_bytes)
+        self.clients[client.id] = client
+        return client
+
+    def disconnect(self, client: RealtimeClient) -> None:
+        """Forget a client and its subscriptions."""
+        self.set_subscriptions(client, [])
+        self.clients.pop(client.id, None)
+        client.close()
+
+    def close_all(self) -> None:
+        """End every stream (server shutdown)."""
+        for client in list(self.clients.values()):
+            client.close()
+
+    def set_subscriptions(self, client: RealtimeClient, raw: list[str]) -> None:
+        """Replace a client's whole subscription set."""
+        for subscription in client.subscriptions.values():
+            by_client = self._by_topic.get(subscription.topic)
+            if by_client is not None:
+                by_client.pop(client.id, None)
+                if not by_client:
+                    del self._by_topic[subscription.topic]
+        client.subscriptions = {text: parse_subscription(text) for text in dict.fromkeys(raw) if text}
+        for subscription in client.subscriptions.values():
+            self._by_topic.setdefault(subscription.topic, {}).setdefault(client.id, []).append(subscription)
+
+    def forget_auth_collection(self, collection: Collection) -> None:
+        """Clients authenticated in a deleted auth collection become guests."""
+        for client in self.clients.values():
+            if client.auth is not None and client.auth.collection.id == collection.id:
+                client.auth = None
+
+    # --- custom messages -------------------------------------------------------
+
+    def publish(self, topic: str, data: JSON) -> int:
+        """Send `data` to every subscriber of a custom topic; return how many got it.
+
+        Raises ValueError for a topic that names a collection (those carry
+        record events only).
+        """
+        name = topic.split("?", 1)[0].split("/", 1)[0]
+        if self.store.collection(name) is not None:
+            raise ValueError(f"topic {topic!r} is reserved for the records of collection {name!r}")
+        payload = _json_body(data)
+        sent = 0
+        for client_id, subscriptions in self._by_topic.get(topic, {}).items():
+            client = self.clients[client_id]
+            for subscription in subscriptions:
+                client.send(encode_sse_event(client.id, subscription.raw, payload))
+                sent += 1
+        return sent
+
+    # --- record events (ChangeListener) ------------------------------------------
+
+    def prepare(self, change: RecordChange) -> None:
+        """Decide, inside the transaction, which subscriptions get this change."""
+        collection, record = change.collection, change.record
+        auth_updates = self._auth_updates(change)
+        topics = dict.fromkeys(
+            [f"{collection.name}/{record['id']}", f"{collection.id}/{record['id']}",
+             f"{collection.name}/*", f"{collection.id}/*", collection.name, collection.id]
+        )
+        candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]] = []
+        for topic in topics:
+            rule_name = "listRule" if topic.endswith("/*") or "/" not in topic else "viewRule"
+            for client_id, subscriptions in self._by_topic.get(topic, {}).items():
+                client = self.clients.get(client_id)
+                if client is None or client.closed:
+                    continue
+                auth = auth_updates.get(client_id, client.auth)
+                candidates.extend((client, subscription, rule_name, auth) for subscription in subscriptions)
+        change.prepared = (auth_updates, self._fan_out(change, candidates) if candidates else [])
+
+    def committed(self, changes: list[RecordChange]) -> None:
+        """Queue the frames of committed changes, in commit order."""
+        for change in changes:
+            if not change.prepared:
+                continue
+            auth_updates, deliveries = change.prepared
+            for client_id, auth in auth_updates.items():
+                client = self.clients.get(client_id)
+                if client is not None:
+                    client.auth = auth
+            for delivery in deliveries:
+                delivery.client.send(encode_sse_event(delivery.client.id, delivery.event, delivery.payload))
+
+    def _auth_updates(self, change: RecordChange) -> dict[str, Auth | None]:
+        """Clients authenticated as this record follow it (PocketBase's realtime auth sync)."""
+        if not change.collection.is_auth:
+            return {}
+        updates: dict[str, Auth | None] = {}
+        record = change.record
+        for client in self.clients.values():
+            auth = client.auth
+            if auth is None or auth.collection.id != change.collection.id or auth.record.get("id") != record["id"]:
+                continue
+            if change.action == "delete" or record.get("tokenKey") != auth.record.get("tokenKey"):
+                updates[client.id] = None
+            else:
+                updates[client.id] = Auth(change.collection, record)
+        return updates
+
+    def _fan_out(
+        self, change: RecordChange, candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]]
+    ) -> list[_Delivery]:
+        """Check rules once per distinct input, encode each distinct payload once."""
+        collection, record = change.collection, change.record
+        row = {spec["name"]: to_column(spec, record.get(spec["name"], zero_value(spec))) for spec in collection.fields}
+        now = self.now()
+        verdicts: dict[tuple[JSON, ...], bool | None] = {}
+        pending: dict[tuple[JSON, ...], CompiledRule] = {}
+        planned: list[tuple[RealtimeClient, Subscription, tuple[JSON, ...], RequestInfo]] = []
+        for client, subscription, rule_name, auth in candidates:
+            info = client.request_info(subscription, auth, now)
+            superuser = info.is_superuser
+            rule = collection.rules.get(rule_name)
+            if rule is None and not superuser:
+                continue
+            filter_text = subscription.option("filter")
+            auth_key = (auth.collection.id, auth.record.get("id")) if auth else None
+            key = (rule_name, superuser, auth_key, subscription.query, subscription.headers)
+            if key not in verdicts:
+                verdicts[key] = self._verdict(collection, row, info, rule if not superuser else "", filter_text, pending, key)
+            planned.append((client, subscription, key, info))
+        self._run_pending(collection, record["id"], pending, verdicts)
+        payloads: dict[tuple[JSON, ...], bytes] = {}
+        deliveries: list[_Delivery] = []
+        for client, subscription, key, info in planned:
+            if not verdicts.get(key):
+                continue
+            expand, fields = subscription.option("expand"), subscription.option("fields")
+            presenter = RecordPresenter(self.store, info, expand, fields)
+            show_email = collection.is_auth and presenter.show_email(collection, record)
+            payload_key = (info.is_superuser, show_email, expand, fields, key[2] if expand else None)
+            payload = payloads.get(payload_key)
+            if payload is None:
+                view = presenter.present_one(collection, record)
+                payload = payloads[payload_key] = _json_body({"record": view, "action": change.action})
+            deliveries.append(_Delivery(client, subscription.raw, payload))
+        return deliveries
+
+    def _verdict(
+        self,
+        collection: Collection,
+        row: dict[str, JSON],
+        info: RequestInfo,
+        rule: str,
+        filter_text: str,
+        pending: dict[tuple[JSON, ...], CompiledRule],
+        key: tuple[JSON, ...],
+    ) -> bool | None:
+        """Evaluate rule and filter in memory; park what needs SQL in `pending`."""
+        parts = [(rule, False)] if rule else []
+        if filter_text:
+            if not info.is_superuser and ("@request." in filter_text or "@collection." in filter_text):
+                return False
+            parts.append((filter_text, True))
+        if not parts:
+            return True
+        try:
+            compiled = compile_rules(self.store, collection, info, parts)
+        except RuleError:
+            return False
+        verdict = rule_matches(compiled, row)
+        if verdict is None:
+            pending[key] = compiled
+        return verdict
+
+    def _run_pending(
+        self,
+        collection: Collection,
+        record_id: str,
+        pending: dict[tuple[JSON, ...], CompiledRule],
+        verdicts: dict[tuple[JSON, ...], bool | None],
+    ) -> None:
+        """Answer every rule that needs joins with one SQL statement per batch."""
+        items = list(pending.items())
+        table = quote_identifier(collection.name)
+        for start in range(0, len(items), RULE_BATCH_SIZE):
+            batch = items[start : start + RULE_BATCH_SIZE]
+            columns, params = [], []
+            for _, compiled in batch:
+                columns.append(f"EXISTS (SELECT 1 FROM {table} t WHERE t.id = ? AND ({compiled.sql}))")
+                params.extend((record_id, *compiled.params))
+            row = self.store.connection.execute("SELECT " + ", ".join(columns), params).fetchone()
+            for (key, _), verdict in zip(batch, row):
+                verdicts[key] = bool(verdict)
+
+
+# ==========================================================================
+# 9. Routes and handlers
+# ==========================================================================
+# A request context in, a `Response` out. Handlers raise; `to_api_error` is
+# the one place that turns any exception into PocketBase's envelope.
+
+Handler = Callable[["RequestContext"], Awaitable[Response]]
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What a handler knows about one request."""
+
+    app: App
+    request: Request
+    raw_body: bytes
+    remote_ip: str
+    writer: asyncio.StreamWriter | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    _body: Body | None = None
+    _auth: Auth | None = None
+    _auth_resolved: bool = False
+
+    @property
+    def body(self) -> Body:
+        """The body decoded for its Content-Type (once; BodyError if invalid)."""
+        if self._body is None:
+            self._body = parse_body(self.request.header("content-type"), self.raw_body)
+        return self._body
+
+    @property
+    def auth_token(self) -> str:
+        """The Authorization header's token, without a `Bearer ` prefix."""
+        header = self.request.header("authorization").strip()
+        return header[7:].strip() if header[:7].lower() == "bearer " else header
+
+    @property
+    def auth(self) -> Auth | None:
+        """Who sent the request (resolved once): an auth record, or None for a guest."""
+        if not self._auth_resolved:
+            store = self.app.store
+            token = self.auth_token
+            self._auth = resolve_auth(store, token, self.app.now()) if store and token else None
+            self._auth_resolved = True
+        return self._auth
+
+    @auth.setter
+    def auth(self, value: Auth | None) -> None:
+        self._auth, self._auth_resolved = value, True
+
+
+def json_response(value: JSON, status: int = 200) -> Response:
+    """Return a JSON response encoded as PocketBase encodes it."""
+    return Response(status, _json_body(value), (("Content-Type", "application/json"),))
+
+
+def error_response(error: ApiError) -> Response:
+    """Return the JSON envelope of `error`."""
+    return json_response(error.payload(), error.status)
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    """Translate any exception into the ApiError sent to the client.
+
+    An ApiError passes through; ValidationError -> 400 with its field errors;
+    BodyError -> 400; ProtocolError -> its status hint. Anything else is a
+    bug: 500 with the generic sentence, the traceback in the server log only.
+    """
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return BadRequestError(exc.message, exc.errors)
+    if isinstance(exc, (BodyError, RuleError)):
+        return BadRequestError()
+    if isinstance(exc, ProtocolError):
+        return ApiError(status=exc.status_hint)
+    log.error("unexpected error", exc_info=exc)
+    return InternalServerError()
+
+
+class Router:
+    """Maps a method and a path to a handler and its path parameters.
+
+    A path no route knows answers PocketBase's static-file 404 ("File not
+    found."); a known path with another method answers the default 404.
+    HEAD is served by the GET handler.
+    """
+
+    _PARAM_RE = re.compile(r"\{(\w+)\}")
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        """Register `handler` for `method` on a path like `/api/x/{id}`."""
+        pieces = self._PARAM_RE.split(pattern)  # literal, name, literal, name, ...
+        regex = re.compile(
+            "".join(
+                re.escape(piece) if index % 2 == 0 else f"(?P<{piece}>[^/]+)"
+                for index, piece in enumerate(pieces)
+            )
+            + r"\Z"
+        )
+        for existing, handlers in self._routes:
+            if existing.pattern == regex.pattern:
+                handlers[method] = handler
+                return
+        self._routes.append((regex, {method: handler}))
+
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        """Return the handler and path parameters; raise NotFoundError if none."""
+        lookup = "GET" if method == "HEAD" else method
+        path_known = False
+        for regex, handlers in self._routes:
+            match = regex.match(path)
+            if match is None:
+                continue
+            path_known = True
+            handler = handlers.get(lookup)
+            if handler is not None:
+                return handler, match.groupdict()
+        raise NotFoundError(None if path_known else FILE_NOT_FOUND_MESSAGE)
+
+
 # --- rules -----------------------------------------------------------------------
 
 ONLY_SUPERUSERS = "Only superusers can perform this action."
@@ -3730,99 +4232,10 @@ def _list_envelope(items: list[JSON], page: int, per_page: int, total: int | Non
     return {"items": items, "page": page, "perPage": per_page, "totalItems": total, "totalPages": pages}
 
 
-class RecordPresenter:
-    """Turns stored records into the JSON one requester may see.
-
-    Applies hidden fields, email visibility, `expand` (each related record
-    checked against its collection's viewRule) and the `fields` picker.
-    """
-
-    def __init__(
-        self, store: Store, auth: Auth | None, expand: str = "", fields: str = "", info: RequestInfo | None = None
-    ) -> None:
-        self.store = store
-        self.auth = auth
-        self.info = info or RequestInfo(
-            auth_collection=auth.collection if auth else None, auth_record=auth.record if auth else None
-        )
-        self.superuser = auth is not None and auth.is_superuser
-        self.expand = parse_expand(expand) if expand else {}
-        self.fields = parse_fields(fields)
-
-    def show_email(self, collection: Collection, record: Record) -> bool:
-        """Whether this requester may see an auth record's email."""
-        if self.superuser or record.get("emailVisibility"):
-            return True
-        if self.auth is not None and self.auth.is_record(collection, record):
-            return True
-        return self.auth is not None and collection.options.get("manageRule") == ""
-
-    def present(self, collection: Collection, records: list[Record]) -> list[dict[str, JSON]]:
-        """Return the JSON of each record, with expand and fields applied."""
-        items = self._present(collection, records, self.expand, depth=0)
-        return [pick_fields(item, self.fields) for item in items] if self.fields else items
-
-    def present_one(self, collection: Collection, record: Record) -> dict[str, JSON]:
-        """Return the JSON of one record."""
-        return self.present(collection, [record])[0]
-
-    def _present(
-        self, collection: Collection, records: list[Record], expand: dict[str, JSON], depth: int
-    ) -> list[dict[str, JSON]]:
-        items = [
-            record_json(collection, record, superuser=self.superuser, show_email=self.show_email(collection, record))
-            for record in records
-        ]
-        if not expand or depth >= MAX_EXPAND_DEPTH:
-            return items
-        expansions: list[dict[str, JSON]] = [{} for _ in records]
-        for name, nested in expand.items():
-            spec = collection.field(name)
-            if spec is None or spec["type"] != "relation":
-                continue
-            target = self.store.collection(str(spec.get("collectionId", "")))
-            rule = None if target is None else target.rules.get("viewRule")
-            if target is None or (rule is None and not self.superuser):
-                continue
-            ids = sorted({i for record in records for i in _relation_ids(record.get(name))})
-            related = self.store.get_records(target, ids)
-            if rule and not self.superuser:
-                related = self._viewable(target, rule, related)
-            shown = dict(
-                zip(related, self._present(target, list(related.values()), nested, depth + 1))
-            )
-            for expansion, record in zip(expansions, records):
-                found = [shown[i] for i in _relation_ids(record.get(name)) if i in shown]
-                if found:
-                    expansion[name] = found if is_multiple(spec) else found[0]
-        for item, expansion in zip(items, expansions):
-            item["expand"] = expansion
-        return [dict(sorted(item.items())) for item in items]
-
-    def _viewable(self, collection: Collection, rule: str, records: dict[str, Record]) -> dict[str, Record]:
-        """Keep the related records this requester's viewRule allows (one query)."""
-        if not records:
-            return records
-        info = dataclasses.replace(self.info, context="expand")
-        compiled = compile_rules(self.store, collection, info, [(rule, False)])
-        allowed = self.store.find_records(
-            collection,
-            where=f"t.id IN (SELECT value FROM json_each(?)) AND ({compiled.sql})",
-            params=(json.dumps(list(records)), *compiled.params),
-        )
-        return {record["id"]: records[record["id"]] for record in allowed}
-
-
-def _relation_ids(value: JSON) -> list[str]:
-    if isinstance(value, list):
-        return [str(item) for item in value]
-    return [value] if isinstance(value, str) and value else []
-
-
 def _presenter(context: RequestContext) -> RecordPresenter:
     request = context.request
     return RecordPresenter(
-        _store(context), context.auth, request.query_value("expand"), request.query_value("fields"), request_info(context)
+        _store(context), request_info(context), request.query_value("expand"), request.query_value("fields")
     )
 
 
@@ -4061,6 +4474,8 @@ async def handle_collection_delete(context: RequestContext) -> Response:
         _store(context).delete_collection(collection)
     except ValueError as exc:
         raise BadRequestError(str(exc)) from None
+    if collection.is_auth and context.app.broker is not None:
+        context.app.broker.forget_auth_collection(collection)
     return Response(204)
 
 
@@ -4096,9 +4511,9 @@ def _auth_collection_or_404(context: RequestContext) -> Collection:
 
 
 def _auth_response(context: RequestContext, collection: Collection, record: Record, token: str) -> Response:
-    auth = Auth(collection, record)
     request = context.request
-    presenter = RecordPresenter(_store(context), auth, request.query_value("expand"))
+    info = dataclasses.replace(request_info(context), auth_collection=collection, auth_record=record)
+    presenter = RecordPresenter(_store(context), info, request.query_value("expand"))
     envelope: dict[str, JSON] = {"record": presenter.present_one(collection, record), "token": token}
     fields = parse_fields(request.query_value("fields"))
     return json_response(pick_fields(envelope, fields) if fields else envelope)
@@ -4171,6 +4586,112 @@ async def handle_auth_methods(context: RequestContext) -> Response:
     )
 
 
+# --- realtime ------------------------------------------------------------------
+
+SSE_HEADERS = (("Cache-Control", "no-store"), ("Content-Type", "text/event-stream"), ("X-Accel-Buffering", "no"))
+
+
+async def handle_realtime_connect(context: RequestContext) -> Response:
+    """GET /api/realtime: open an SSE stream that starts with PB_CONNECT."""
+    app = context.app
+    broker = app.broker
+    assert broker is not None
+    client = broker.connect(context.remote_ip)
+    if context.writer is not None:
+        client.abort = context.writer.transport.abort
+    return Response(200, headers=SSE_HEADERS, stream=_realtime_stream(broker, client, app.config))
+
+
+async def _realtime_stream(
+    broker: Broker, client: RealtimeClient, config: Config
+) -> AsyncGenerator[list[bytes], None]:
+    """Yield batches of frames until the client closes or a lifetime ends."""
+    loop = asyncio.get_running_loop()
+    try:
+        yield [encode_sse_event(client.id, "PB_CONNECT", _json_body({"clientId": client.id}))]
+        end = loop.time() + config.sse_max_lifetime_s
+        idle_end = loop.time() + config.sse_idle_timeout_s
+        while not client.closed or client.queue:
+            if not client.queue and not client.closed:
+                try:
+                    await asyncio.wait_for(client.wakeup.wait(), min(end, idle_end) - loop.time())
+                except TimeoutError:
+                    return
+            frames = client.take()
+            if frames:
+                yield frames
+                idle_end = loop.time() + config.sse_idle_timeout_s
+    finally:
+        broker.disconnect(client)
+
+
+def _realtime_input(body: Body) -> tuple[JSON, JSON]:
+    """clientId and subscriptions from any body; JSON keys match case-insensitively."""
+    data = {key.lower(): value for key, value in body.data.items()}
+    client_id = data.get("clientid", "")
+    subscriptions = data.get("subscriptions")
+    if body.is_form and isinstance(subscriptions, str):
+        subscriptions = [subscriptions]
+    if subscriptions is None:
+        subscriptions = []
+    if not isinstance(client_id, str) or not isinstance(subscriptions, list):
+        raise BadRequestError()
+    if not all(isinstance(item, str) for item in subscriptions):
+        raise BadRequestError()
+    return client_id, subscriptions
+
+
+async def handle_realtime_subscribe(context: RequestContext) -> Response:
+    """POST /api/realtime: replace a client's subscriptions and bind its auth."""
+    broker = context.app.broker
+    assert broker is not None
+    client_id, subscriptions = _realtime_input(context.body)
+    errors: dict[str, JSON] = {}
+    if not client_id:
+        errors["clientId"] = validation_entry("validation_required", "Cannot be blank.")
+    elif len(client_id) > MAX_CLIENT_ID_LENGTH:
+        errors["clientId"] = validation_entry(
+            "validation_length_out_of_range",
+            f"The length must be between 1 and {MAX_CLIENT_ID_LENGTH}.",
+            {"max": MAX_CLIENT_ID_LENGTH, "min": 1},
+        )
+    if len(subscriptions) > MAX_SUBSCRIPTIONS:
+        errors["subscriptions"] = validation_entry(
+            "validation_length_too_long",
+            f"The length must be no more than {MAX_SUBSCRIPTIONS}.",
+            {"max": MAX_SUBSCRIPTIONS, "min": 0},
+        )
+    else:
+        too_long = {
+            str(index): validation_entry(
+                "validation_length_too_long",
+                f"The length must be no more than {MAX_SUBSCRIPTION_LENGTH}.",
+                {"max": MAX_SUBSCRIPTION_LENGTH, "min": 0},
+            )
+            for index, text in enumerate(subscriptions)
+            if len(text) > MAX_SUBSCRIPTION_LENGTH
+        }
+        if too_long:
+            errors["subscriptions"] = too_long
+    if errors:
+        raise BadRequestError(None, errors)
+    client = broker.clients.get(client_id)
+    if client is None or client.closed:
+        raise NotFoundError("Missing or invalid client id.")
+    if client.remote_ip != context.remote_ip:
+        raise BadRequestError("Invalid realtime client.")
+    auth = context.auth
+    if client.auth is not None and (
+        auth is None
+        or auth.collection.id != client.auth.collection.id
+        or auth.record["id"] != client.auth.record["id"]
+    ):
+        raise ForbiddenError("The current and the previous request authorization don't match.")
+    client.auth = auth
+    broker.set_subscriptions(client, subscriptions)
+    return Response(204)
+
+
 async def handle_health(context: RequestContext) -> Response:
     """GET /api/health: PocketBase's liveness answer (more data for superusers)."""
     data: dict[str, JSON] = {}
@@ -4183,6 +4704,8 @@ def build_router() -> Router:
     """Return the router with every API route."""
     router = Router()
     router.add("GET", "/api/health", handle_health)
+    router.add("GET", "/api/realtime", handle_realtime_connect)
+    router.add("POST", "/api/realtime", handle_realtime_subscribe)
     router.add("GET", "/api/collections", handle_collection_list)
     router.add("POST", "/api/collections", handle_collection_create)
     router.add("PUT", "/api/collections/import", handle_collection_import)
@@ -4309,6 +4832,13 @@ async def _read_chunked(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
     return b"".join(parts)
 
 
+async def _wait_for_eof(reader: asyncio.StreamReader) -> None:
+    """Return when the peer closes its side (whatever it sends is dropped)."""
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(65536):
+            pass
+
+
 async def _discard_input(reader: asyncio.StreamReader) -> None:
     """Read and drop what a rejected client is still sending, briefly."""
     with contextlib.suppress(Exception):
@@ -4345,6 +4875,14 @@ class Config:
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
     #: Seconds requests in flight get to finish on shutdown.
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    #: Seconds an SSE stream may go without a message before it is closed.
+    sse_idle_timeout_s: float = SSE_IDLE_TIMEOUT_S
+    #: Seconds an SSE stream may last at most (the SDK reconnects).
+    sse_max_lifetime_s: float = SSE_MAX_LIFETIME_S
+    #: Most SSE clients connected at once; more get 429.
+    max_realtime_clients: int = MAX_REALTIME_CLIENTS
+    #: Bytes a realtime client may fall behind before it is disconnected.
+    max_client_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES
 
 
 class App:
@@ -4361,6 +4899,7 @@ class App:
         self.config = dataclasses.replace(base, **settings) if settings else base
         self.router = build_router()
         self.store: Store | None = None
+        self.broker: Broker | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._date_cache: tuple[int, str] = (0, "")
@@ -4385,6 +4924,14 @@ class App:
     async def start(self) -> int:
         """Open the store and start listening; return the bound port."""
         self.store = self.open_store()
+        self.broker = Broker(
+            self.store,
+            now=self.now,
+            new_client_id=lambda: "".join(secrets.choice(SECRET_ALPHABET) for _ in range(CLIENT_ID_LENGTH)),
+            max_clients=self.config.max_realtime_clients,
+            max_queue_bytes=self.config.max_client_queue_bytes,
+        )
+        self.store.listener = self.broker
         superusers = self.store.collection(SUPERUSERS)
         if superusers is not None and self.store.count_records(superusers) == 0:
             log.warning(
@@ -4408,6 +4955,8 @@ class App:
         if self._server is None:
             return
         self._server.close()
+        if self.broker is not None:
+            self.broker.close_all()
         for connection in list(self._connections):
             if not connection.busy and connection.task is not None:
                 connection.task.cancel()
@@ -4420,6 +4969,7 @@ class App:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+        self.broker = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -4532,9 +5082,17 @@ class App:
                 await self._reject(reader, writer, exc)
                 return
             first = False
-            response = await self._dispatch(request, raw_body, remote_ip)
-            keep_alive = request.keep_alive and self._server is not None and self._server.is_serving()
-            await self._write_response(writer, request, response, keep_alive)
+            response = await self._dispatch(request, raw_body, remote_ip, writer)
+            keep_alive = (
+                request.keep_alive
+                and response.stream is None
+                and self._server is not None
+                and self._server.is_serving()
+            )
+            if response.stream is None:
+                await self._write_response(writer, request, response, keep_alive)
+            else:
+                await self._write_stream(reader, writer, request, response)
             log.info(
                 "%s %s %d %.2fms",
                 request.method,
@@ -4545,11 +5103,13 @@ class App:
             if not keep_alive:
                 return
 
-    async def _dispatch(self, request: Request, raw_body: bytes, remote_ip: str) -> Response:
+    async def _dispatch(
+        self, request: Request, raw_body: bytes, remote_ip: str, writer: asyncio.StreamWriter | None = None
+    ) -> Response:
         """Route one request; every exception becomes an error envelope."""
         if request.method == "OPTIONS":
             return Response(204, headers=tuple(cors_preflight_headers(request)))
-        context = RequestContext(self, request, raw_body, remote_ip)
+        context = RequestContext(self, request, raw_body, remote_ip, writer)
         try:
             handler, context.params = self.router.match(request.method, request.path)
             return await handler(context)
@@ -4564,30 +5124,52 @@ class App:
             headers.extend(SECURITY_HEADERS)
             if request.header("origin"):
                 headers.append(("Access-Control-Allow-Origin", "*"))
-        head_only = request.method == "HEAD"
-        if response.stream is None:
-            writer.write(
-                encode_response_head(
-                    response.status,
-                    headers,
-                    date=self._http_date(),
-                    version=request.version,
-                    content_length=len(response.body),
-                    close=not keep_alive,
-                )
-            )
-            if not head_only and response.body:
-                writer.write(response.body)
-            await writer.drain()
-            return
         writer.write(
-            encode_response_head(response.status, headers, date=self._http_date(), version=request.version)
+            encode_response_head(
+                response.status,
+                headers,
+                date=self._http_date(),
+                version=request.version,
+                content_length=len(response.body),
+                close=not keep_alive,
+            )
         )
-        async for chunk in response.stream:
-            writer.write(encode_chunk(chunk))
-            await writer.drain()
-        writer.write(encode_chunk(b""))
+        if request.method != "HEAD" and response.body:
+            writer.write(response.body)
         await writer.drain()
+
+    async def _write_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: Request, response: Response
+    ) -> None:
+        """Send a streamed (SSE) response: one chunk per frame, until the stream
+        ends or the client goes away."""
+        assert response.stream is not None
+        stream = response.stream
+        headers = [*response.headers, *SECURITY_HEADERS]
+        if request.header("origin"):
+            headers.append(("Access-Control-Allow-Origin", "*"))
+        chunked = request.version == "HTTP/1.1"
+        writer.write(
+            encode_response_head(response.status, headers, date=self._http_date(), version=request.version, close=not chunked)
+        )
+
+        async def pump() -> None:
+            async for frames in stream:
+                writer.write(b"".join(map(encode_chunk, frames)) if chunked else b"".join(frames))
+                await writer.drain()
+            if chunked:
+                writer.write(encode_chunk(b""))
+                await writer.drain()
+
+        pumping = asyncio.create_task(pump())
+        watching = asyncio.create_task(_wait_for_eof(reader))
+        try:
+            await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pumping, watching):
+                task.cancel()
+            await asyncio.gather(pumping, watching, return_exceptions=True)
+            await stream.aclose()
 
     async def _reject(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exc: ProtocolError
