@@ -19,9 +19,9 @@ Embed it in a script::
 Sections, read top to bottom (each uses only names from above it):
 
      1. constants and defaults          7. auth
-     2. errors                          8. (realtime broker)
+     2. errors                          8. realtime broker
      3. HTTP/1.1 wire format            9. routes and handlers
-     4. (Server-Sent Events frames)    10. connection loop
+     4. Server-Sent Events frames      10. connection loop
      5. rule language                  11. Config, App, serve()
      6. store                          12. command line
 """
@@ -74,7 +74,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 JSON = Any
 Headers = dict[str, str]
@@ -4901,6 +4901,7 @@ class App:
         self.store: Store | None = None
         self.broker: Broker | None = None
         self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[_Connection] = set()
         self._date_cache: tuple[int, str] = (0, "")
 
@@ -4923,6 +4924,7 @@ class App:
 
     async def start(self) -> int:
         """Open the store and start listening; return the bound port."""
+        self._loop = asyncio.get_running_loop()
         self.store = self.open_store()
         self.broker = Broker(
             self.store,

@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -2094,3 +2095,558 @@ def test_auth_official_js_sdk_auth_with_password_and_refresh(tmp_path: Path) -> 
         "refreshedId": alice["id"], "validAfterRefresh": True,
         "failure": {"status": 400, "message": "Failed to authenticate."},
     }
+
+
+# ==========================================================================
+# 4 and 8. Server-Sent Events and the realtime broker
+# ==========================================================================
+
+
+@pytest.mark.parametrize(
+    ("event_id", "event", "data", "expected"),
+    [
+        ("abc", "PB_CONNECT", b'{"clientId":"abc"}', b'id:abc\nevent:PB_CONNECT\ndata:{"clientId":"abc"}\n\n'),
+        ("c", "posts/*?options={}", b"{}", b"id:c\nevent:posts/*?options={}\ndata:{}\n\n"),
+        ("c", "evil\nevent:x", b"{}", b"id:c\nevent:evil%0Aevent:x\ndata:{}\n\n"),
+    ],
+)
+def test_sse_encode_event(event_id: str, event: str, data: bytes, expected: bytes) -> None:
+    assert pbrt.encode_sse_event(event_id, event, data) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "topic", "query", "headers"),
+    [
+        ("posts/*", "posts/*", (), ()),
+        ("posts/*?options=notjson", "posts/*", (), ()),
+        ('posts/*?options={"query":{"fields":"id"}}', "posts/*", (("fields", "id"),), ()),
+        (
+            "posts/*?options=%7B%22query%22%3A%7B%22n%22%3A5%7D%2C%22headers%22%3A%7B%22X-Token%22%3A%22abc%22%7D%7D",
+            "posts/*", (("n", "5"),), (("x_token", "abc"),),
+        ),
+        ('pub?options={"headers":{"xToken":"1","x_b":true}}', "pub", (), (("x_b", "true"), ("x_token", "1"))),
+    ],
+)
+def test_realtime_parse_subscription_options(raw: str, topic: str, query: Any, headers: Any) -> None:
+    subscription = pbrt.parse_subscription(raw)
+    assert (subscription.topic, subscription.query, subscription.headers) == (topic, query, headers)
+
+
+class SseClient:
+    """A raw SSE reader over one socket: decodes chunks, splits events."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        self.reader, self.writer, self.head = reader, writer, head
+        self.buffer = ""
+        self.raw_chunks: list[bytes] = []
+        self.ended = False
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1", local_host: str | None = None) -> SseClient:
+        reader, writer = await asyncio.open_connection(
+            host, port, local_addr=(local_host, 0) if local_host else None
+        )
+        writer.write(b"GET /api/realtime HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        client = cls(reader, writer, head)
+        connect = await client.next_event()
+        assert connect["event"] == "PB_CONNECT"
+        client.id = connect["id"]
+        return client
+
+    async def _read_chunk(self) -> bool:
+        size_line = await self.reader.readuntil(b"\r\n")
+        size = int(size_line, 16)
+        chunk = await self.reader.readexactly(size + 2)
+        if size == 0:
+            self.ended = True
+            return False
+        self.raw_chunks.append(size_line + chunk)
+        self.buffer += chunk[:-2].decode()
+        return True
+
+    async def next_event(self, timeout: float = 5.0) -> dict[str, str]:
+        async with asyncio.timeout(timeout):
+            while "\n\n" not in self.buffer:
+                if not await self._read_chunk():
+                    raise EOFError("stream ended")
+        block, self.buffer = self.buffer.split("\n\n", 1)
+        return dict(line.split(":", 1) for line in block.split("\n"))
+
+    async def events_for(self, seconds: float) -> list[dict[str, str]]:
+        events = []
+        with contextlib.suppress(TimeoutError, EOFError):
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0:
+                events.append(await self.next_event(left))
+        return events
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+async def post_subscriptions(port: int, client_id: str, subscriptions: list[str], token: str = "", **kwargs: Any) -> RawResponse:
+    headers = {"Content-Type": "application/json", **({"Authorization": token} if token else {})}
+    body = json.dumps({"clientId": client_id, "subscriptions": subscriptions}).encode()
+    raw = await exchange(port, http_request("POST", "/api/realtime", body, headers), **kwargs)
+    return parse_responses(raw)[0]
+
+
+def port_of(api: Api) -> int:
+    return int(api.url.rsplit(":", 1)[1])
+
+
+def test_realtime_connect_bytes_match_pocketbase(tmp_path: Path) -> None:
+    async def body(port: int) -> None:
+        client = await SseClient.connect(port)
+        head = re.sub(rb"Date: [^\r]+", b"Date: D", client.head).decode()
+        assert head == (
+            "HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Type: text/event-stream\r\n"
+            "Cross-Origin-Opener-Policy: same-origin\r\nVary: Origin\r\nX-Accel-Buffering: no\r\n"
+            "X-Content-Type-Options: nosniff\r\nX-Frame-Options: SAMEORIGIN\r\nX-Xss-Protection: 1; mode=block\r\n"
+            "Date: D\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        assert re.fullmatch(r"[A-Za-z0-9]{40}", client.id)
+        event = f'id:{client.id}\nevent:PB_CONNECT\ndata:{{"clientId":"{client.id}"}}\n\n'.encode()
+        assert client.raw_chunks == [b"7b\r\n" + event + b"\r\n"]
+        other = await SseClient.connect(port)
+        assert other.id != client.id
+        await client.close()
+        await other.close()
+
+    with serving(tmp_path) as (_, api, _su):
+        run(body(port_of(api)))
+
+
+def test_realtime_subscribe_status_paths_match_pocketbase(tmp_path: Path) -> None:
+    async def body(port: int, user_token: str, other_token: str) -> None:
+        client = await SseClient.connect(port)
+        generic = b'{"data":{},"message":"Something went wrong while processing your request.","status":400}'
+
+        async def post(raw_body: bytes, content_type: str = "application/json", token: str = "", **kwargs: Any) -> tuple[int, bytes]:
+            headers = {"Content-Type": content_type} if content_type else {}
+            if token:
+                headers["Authorization"] = token
+            response = parse_responses(await exchange(port, http_request("POST", "/api/realtime", raw_body, headers), **kwargs))[0]
+            return response.status, response.body
+
+        assert await post(b"{}") == (400, b'{"data":{"clientId":{"code":"validation_required","message":"Cannot be blank."}},"message":"Something went wrong while processing your request.","status":400}')
+        assert await post(json.dumps({"clientId": "x" * 256}).encode()) == (400, b'{"data":{"clientId":{"code":"validation_length_out_of_range","message":"The length must be between 1 and 255.","params":{"max":255,"min":1}}},"message":"Something went wrong while processing your request.","status":400}')
+        assert await post(json.dumps({"clientId": "x", "subscriptions": ["a"] * 1001}).encode()) == (400, b'{"data":{"subscriptions":{"code":"validation_length_too_long","message":"The length must be no more than 1000.","params":{"max":1000,"min":0}}},"message":"Something went wrong while processing your request.","status":400}')
+        status, text = await post(json.dumps({"clientId": "", "subscriptions": ["a" * 2501, "b", "c" * 2501]}).encode())
+        assert status == 400 and list(json.loads(text)["data"]) == ["clientId", "subscriptions"]
+        assert list(json.loads(text)["data"]["subscriptions"]) == ["0", "2"]
+        for bad in [b"{", b'{"subscriptions":"posts/*","clientId":"x"}', b'{"clientId":123}', b"[1,2]"]:
+            assert await post(bad) == (400, generic), bad
+        assert await post(json.dumps({"clientId": client.id}).encode(), content_type="") == (400, generic)
+        assert await post(json.dumps({"clientId": "nope", "subscriptions": ["a"] * 1000}).encode()) == (404, b'{"data":{},"message":"Missing or invalid client id.","status":404}')
+        ok = (204, b"")
+        assert await post(json.dumps({"CLIENTID": client.id, "Subscriptions": ["posts/*"]}).encode() + b" trailing") == ok
+        boundary = "pbb"
+        multipart = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="clientId"\r\n\r\n{client.id}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="subscriptions"\r\n\r\nposts/*\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="subscriptions"\r\n\r\nlocked/*\r\n--{boundary}--\r\n'
+        ).encode()
+        assert await post(multipart, f"multipart/form-data; boundary={boundary}") == ok
+        assert await post(f"clientId={client.id}&subscriptions=posts%2F*".encode(), "application/x-www-form-urlencoded") == ok
+        assert await post(json.dumps({"clientId": client.id, "subscriptions": []}).encode(), token="invalid.token.here") == ok
+        assert await post(json.dumps({"clientId": client.id, "subscriptions": ["posts/*"]}).encode(), token=user_token) == ok
+        assert await post(json.dumps({"clientId": client.id}).encode(), token="Bearer " + user_token) == ok
+        mismatch = (403, b'{"data":{},"message":"The current and the previous request authorization don\'t match.","status":403}')
+        assert await post(json.dumps({"clientId": client.id}).encode(), token=other_token) == mismatch
+        assert await post(json.dumps({"clientId": client.id}).encode()) == mismatch
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        writer.write(http_request("POST", "/api/realtime", json.dumps({"clientId": client.id}).encode(), {"Content-Type": "application/json"}))
+        other_ip = parse_responses(await reader.read())[0]
+        writer.close()
+        await writer.wait_closed()
+        assert (other_ip.status, other_ip.body) == (400, b'{"data":{},"message":"Invalid realtime client.","status":400}')
+        await client.close()
+        await asyncio.sleep(0.2)
+        assert await post(json.dumps({"clientId": client.id}).encode(), token=user_token) == (404, b'{"data":{},"message":"Missing or invalid client id.","status":404}')
+
+    with serving(tmp_path) as (_, api, su):
+        tokens = []
+        for name in ("a", "b"):
+            api.json("POST", "/api/collections/users/records", {"email": f"{name}@x.com", "password": "password123", "passwordConfirm": "password123"})
+            tokens.append(api.login("users", f"{name}@x.com", "password123")[0])
+        run(body(port_of(api), *tokens))
+
+
+def normalize_event(event: dict[str, str], ids: dict[str, str]) -> str:
+    text = f"{event['event']} {event['data']}"
+    text = re.sub(r"20[2-9]\d-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z", "TS", text)
+    return re.sub(r"(?<![A-Za-z0-9])[a-z0-9]{15}(?![A-Za-z0-9])", lambda m: ids.setdefault(m.group(0), f"ID{len(ids)}"), text)
+
+
+NOTES = {
+    "name": "notes", "type": "base", **PUBLIC_RULES,
+    "fields": [
+        {"name": "title", "type": "text"}, {"name": "secret", "type": "text", "hidden": True},
+        {"name": "created", "type": "autodate", "onCreate": True},
+        {"name": "updated", "type": "autodate", "onCreate": True, "onUpdate": True},
+    ],
+}
+
+
+def test_realtime_record_events_match_the_oracle_capture(tmp_path: Path) -> None:
+    async def body(api: Api, su: str, note_id: str) -> list[str]:
+        port = port_of(api)
+        client = await SseClient.connect(port)
+        fields_option = "notes/*?options=%7B%22query%22%3A%7B%22fields%22%3A%22id%2Ctitle%22%7D%2C%22headers%22%3A%7B%7D%7D"
+        subscriptions = ["notes/*", f"notes/{note_id}", "pbc_3395098727/*", fields_option, "notes", "Notes/*", "notes/*x"]
+        assert (await post_subscriptions(port, client.id, subscriptions)).status == 204
+        await asyncio.to_thread(api.json, "PATCH", f"/api/collections/notes/records/{note_id}", {"title": "hello again"}, su)
+        await asyncio.to_thread(api.json, "POST", "/api/collections/notes/records", {"title": "second", "secret": "x"}, su)
+        await asyncio.to_thread(api.call, "DELETE", f"/api/collections/notes/records/{note_id}", None, su)
+        events = await client.events_for(1.0)
+        assert all(event["id"] == client.id for event in events)
+        await client.close()
+        ids = {note_id: "ID0"}
+        return [normalize_event(event, ids) for event in events]
+
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", NOTES, su)
+        note = api.json("POST", "/api/collections/notes/records", {"title": "first", "secret": "s"}, su)
+        received = run(body(api, su, note["id"]))
+    record0 = '"collectionId":"pbc_3395098727","collectionName":"notes","created":"TS","id":"ID0","title":"hello again","updated":"TS"'
+    record1 = '"collectionId":"pbc_3395098727","collectionName":"notes","created":"TS","id":"ID1","title":"second","updated":"TS"'
+    fields_event = "notes/*?options=%7B%22query%22%3A%7B%22fields%22%3A%22id%2Ctitle%22%7D%2C%22headers%22%3A%7B%7D%7D"
+    expected = []
+    for action, record, topics in [
+        ("update", record0, ["notes/*", "ID0", "pbc_3395098727/*", "notes"]),
+        ("create", record1, ["notes/*", "pbc_3395098727/*", "notes"]),
+        ("delete", record0, ["notes/*", "ID0", "pbc_3395098727/*", "notes"]),
+    ]:
+        for topic in topics:
+            name = "notes/ID0" if topic == "ID0" else topic
+            expected.append(f'{name} {{"record":{{{record}}},"action":"{action}"}}')
+        picked = '"id":"ID0","title":"hello again"' if record is record0 else '"id":"ID1","title":"second"'
+        expected.append(f'{fields_event} {{"record":{{{picked}}},"action":"{action}"}}')
+    assert sorted(received) == sorted(expected)
+    assert received.index(next(e for e in received if '"create"' in e)) > max(i for i, e in enumerate(received) if '"update"' in e)
+
+
+def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
+    owned_rule = '@request.auth.id != "" && owner = @request.auth.id'
+
+    async def body(api: Api, su: str, tokens: dict[str, str], users: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+        port = port_of(api)
+        clients = {name: await SseClient.connect(port) for name in ("guest", "alice", "bob", "su")}
+        auth = {"guest": "", "alice": tokens["alice"], "bob": tokens["bob"], "su": su}
+        alice_id = users["alice"]["id"]
+        for name, client in clients.items():
+            subscriptions = ["locked/*", "owned/*", "members/*", f"members/{alice_id}", "viewonly/*", "viewonly/vvvvvvvvvvvvvvv",
+                             'owned/*?options={"query":{"filter":"t ~ \'keep\'"}}', 'owned/*?options={"query":{"filter":"@request.auth.id != \'\'"}}']
+            assert (await post_subscriptions(port, client.id, subscriptions, auth[name])).status == 204
+
+        def writes() -> None:
+            api.json("POST", "/api/collections/locked/records", {"t": "l"}, su)
+            record = api.json("POST", "/api/collections/owned/records", {"owner": alice_id, "t": "keep"}, su)
+            api.json("PATCH", f"/api/collections/owned/records/{record['id']}", {"owner": users["bob"]["id"]}, su)
+            api.call("DELETE", f"/api/collections/owned/records/{record['id']}", None, su)
+            api.json("POST", "/api/collections/viewonly/records", {"id": "vvvvvvvvvvvvvvv", "t": "v"}, su)
+            api.json("PATCH", f"/api/collections/members/records/{alice_id}", {"name": "Alice2"}, su)
+
+        await asyncio.to_thread(writes)
+        received = {}
+        for name, client in clients.items():
+            events = await client.events_for(0.8)
+            received[name] = [f"{e['event'].split('?')[0]} {json.loads(e['data'])['action']} {e['data']}" for e in events]
+            await client.close()
+        return received
+
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "locked", "type": "base", "fields": [{"name": "t", "type": "text"}]}, su)
+        api.json("POST", "/api/collections", {"name": "owned", "type": "base", "listRule": owned_rule, "viewRule": owned_rule, "fields": [{"name": "owner", "type": "text"}, {"name": "t", "type": "text"}]}, su)
+        api.json("POST", "/api/collections", {"name": "viewonly", "type": "base", "viewRule": "", "fields": [{"name": "t", "type": "text"}]}, su)
+        api.json("POST", "/api/collections", {**MEMBERS, "fields": [{"name": "name", "type": "text"}, {"name": "note", "type": "text", "hidden": True}]}, su)
+        users, tokens = {}, {}
+        for name, visible in (("alice", False), ("bob", True)):
+            users[name] = api.json("POST", "/api/collections/members/records", {"email": f"{name}@example.com", "password": "password123", "passwordConfirm": "password123", "name": name, "note": "n", "emailVisibility": visible}, su)
+            tokens[name] = api.login("members", f"{name}@example.com", "password123")[0]
+        received = run(body(api, su, tokens, users))
+    summary = {name: sorted(" ".join(line.split(" ")[:2]) for line in lines) for name, lines in received.items()}
+    alice_topic = f"members/{users['alice']['id']}"
+    assert summary["guest"] == sorted(["members/* update", f"{alice_topic} update", "viewonly/vvvvvvvvvvvvvvv create"])
+    # non-superusers' filters that name @request. deliver nothing (PocketBase refuses them)
+    assert summary["alice"] == sorted(["owned/* create", "owned/* create", "members/* update", f"{alice_topic} update", "viewonly/vvvvvvvvvvvvvvv create"])
+    assert summary["bob"] == sorted(["owned/* update", "owned/* update", "owned/* delete", "owned/* delete", "members/* update", f"{alice_topic} update", "viewonly/vvvvvvvvvvvvvvv create"])
+    assert summary["su"] == sorted(
+        ["locked/* create"] + [f"owned/* {a}" for a in ("create", "update", "delete") for _ in range(3)]
+        + ["members/* update", f"{alice_topic} update", "viewonly/* create", "viewonly/vvvvvvvvvvvvvvv create"]
+    )
+    alice_update = {name: next(l for l in lines if l.startswith("members/* update")) for name, lines in received.items()}
+    assert '"email"' not in alice_update["guest"] and '"email"' not in alice_update["bob"]
+    assert '"email":"alice@example.com"' in alice_update["alice"] and '"note"' not in alice_update["alice"]
+    assert '"note":"n"' in alice_update["su"]
+
+
+def test_realtime_expand_fields_filter_and_headers_options(tmp_path: Path) -> None:
+    async def body(api: Api, su: str) -> list[str]:
+        port = port_of(api)
+        client = await SseClient.connect(port)
+        options = {
+            "expand": {"query": {"k": "v", "expand": "team", "fields": "id,expand.team.name"}},
+            "filter": {"query": {"k": "v", "filter": "n > 10"}},
+            "bad-filter": {"query": {"k": "v", "filter": "title ~ 'dup"}},
+            "headers": {"headers": {"X-Token": "abc"}},
+            "query": {"query": {"k": "v"}},
+            "no-match": {"query": {"k": "w"}, "headers": {"x_token": "zzz"}},
+        }
+        subscriptions = [f"tasks/*?options={urllib.parse.quote(json.dumps(value))}" for value in options.values()]
+        assert (await post_subscriptions(port, client.id, subscriptions)).status == 204
+        await asyncio.to_thread(api.json, "POST", "/api/collections/tasks/records", {"n": 5, "team": team_id}, su)
+        await asyncio.to_thread(api.json, "POST", "/api/collections/tasks/records", {"n": 20, "team": team_id}, su)
+        events = await client.events_for(0.8)
+        await client.close()
+        names = {subscription: name for subscription, name in zip(subscriptions, options)}
+        return sorted(f"{names[e['event']]} {e['data']}" for e in events)
+
+    import urllib.parse
+
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "teams", "type": "base", "viewRule": "", "fields": [{"name": "name", "type": "text"}]}, su)
+        team_id = api.json("POST", "/api/collections/teams/records", {"name": "red"}, su)["id"]
+        teams = api.json("GET", "/api/collections/teams", token=su)["id"]
+        header_rule = "@request.headers.x_token = 'abc' || @request.query.k = 'v'"
+        api.json("POST", "/api/collections", {"name": "tasks", "type": "base", "listRule": header_rule, "fields": [{"name": "n", "type": "number"}, {"name": "team", "type": "relation", "collectionId": teams, "maxSelect": 1}]}, su)
+        received = run(body(api, su))
+    kinds = [line.split(" ")[0] for line in received]
+    assert kinds == ["expand", "expand", "filter", "headers", "headers", "query", "query"]
+    assert all('"expand":{"team":{"name":"red"}}' in line for line in received if line.startswith("expand"))
+    assert json.loads(received[2].split(" ", 1)[1])["record"]["n"] == 20
+
+
+def test_realtime_sends_nothing_for_rolled_back_writes(tmp_path: Path) -> None:
+    async def body(app: pbrt.App, api: Api, su: str) -> list[dict[str, str]]:
+        port = port_of(api)
+        client = await SseClient.connect(port)
+        assert (await post_subscriptions(port, client.id, ["notes/*"])).status == 204
+
+        def rolled_back() -> None:
+            store, notes = app.store, app.store.collection("notes")
+            with pytest.raises(RuntimeError):
+                with store.transaction():
+                    store.create_record(notes, {"title": "rolled back"}, privileged=True)
+                    raise RuntimeError("abort")
+
+        assert (await asyncio.to_thread(api.call, "POST", "/api/collections/notes/records", {"title": "x" * 6000}))[0] == 400
+        await on_server_loop(app, rolled_back)
+        await asyncio.to_thread(api.json, "POST", "/api/collections/notes/records", {"title": "kept"})
+        events = await client.events_for(0.6)
+        await client.close()
+        return events
+
+    with serving(tmp_path) as (app, api, su):
+        api.json("POST", "/api/collections", NOTES, su)
+        events = run(body(app, api, su))
+        assert api.json("GET", "/api/collections/notes/records")["totalItems"] == 1
+    assert [json.loads(e["data"])["record"]["title"] for e in events] == ["kept"]
+
+
+async def on_server_loop(app: pbrt.App, function: Callable[[], Any]) -> Any:
+    """Run `function` on the server's own event loop thread and await its result."""
+    import concurrent.futures
+
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def call() -> None:
+        try:
+            future.set_result(function())
+        except BaseException as exc:  # handed back to the awaiting test
+            future.set_exception(exc)
+
+    app._loop.call_soon_threadsafe(call)
+    return await asyncio.wrap_future(future)
+
+
+def test_realtime_auth_follows_the_auth_record(tmp_path: Path) -> None:
+    async def body(api: Api, su: str, token: str, user: dict[str, Any]) -> None:
+        port = port_of(api)
+        client = await SseClient.connect(port)
+        assert (await post_subscriptions(port, client.id, ["members/*"], token)).status == 204
+        await asyncio.to_thread(api.json, "PATCH", f"/api/collections/members/records/{user['id']}", {"name": "renamed"}, su)
+        first = json.loads((await client.next_event())["data"])["record"]
+        assert first["email"] == "alice@example.com"  # still authenticated as herself
+        await asyncio.to_thread(api.json, "PATCH", f"/api/collections/members/records/{user['id']}", {"password": "changed1234", "passwordConfirm": "changed1234"}, su)
+        second = json.loads((await client.next_event())["data"])["record"]
+        assert "email" not in second  # the tokenKey changed: the client is a guest now
+        assert (await post_subscriptions(port, client.id, ["members/*"])).status == 204  # so any auth may follow
+        new_token = await asyncio.to_thread(lambda: api.login("members", "alice@example.com", "changed1234")[0])
+        assert (await post_subscriptions(port, client.id, ["members/*"], new_token)).status == 204
+        other = await asyncio.to_thread(api.json, "POST", "/api/collections/members/records", {"email": "zed@example.com", "password": "password123", "passwordConfirm": "password123"}, su)
+        assert json.loads((await client.next_event())["data"])["record"]["id"] == other["id"]
+        await asyncio.to_thread(api.call, "DELETE", f"/api/collections/members/records/{user['id']}", None, su)
+        assert json.loads((await client.next_event())["data"])["action"] == "delete"
+        assert (await post_subscriptions(port, client.id, ["members/*"])).status == 204  # deleted: guest again
+        await client.close()
+
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", MEMBERS, su)
+        user = api.json("POST", "/api/collections/members/records", {"email": "alice@example.com", "password": "alicepass123", "passwordConfirm": "alicepass123"})
+        token = api.login("members", "alice@example.com", "alicepass123")[0]
+        run(body(api, su, token, user))
+
+
+def test_realtime_idle_and_max_lifetimes_end_the_stream(tmp_path: Path) -> None:
+    async def body(api: Api, su: str) -> None:
+        port = port_of(api)
+        idle = await SseClient.connect(port)
+        started = time.monotonic()
+        assert await idle.events_for(3) == []
+        assert idle.ended and 0.3 <= time.monotonic() - started < 2.5
+        assert (await post_subscriptions(port, idle.id, [])).status == 404
+        await idle.close()
+        busy = await SseClient.connect(port)
+        assert (await post_subscriptions(port, busy.id, ["notes/*"])).status == 204
+        started = time.monotonic()
+        for _ in range(6):  # a message every 0.2 s keeps it from idling, not from ending
+            await asyncio.to_thread(api.json, "POST", "/api/collections/notes/records", {"title": "tick"}, su)
+            await asyncio.sleep(0.2)
+        received = await busy.events_for(3)
+        assert busy.ended and 1.0 <= time.monotonic() - started < 3.5
+        assert len(received) >= 4
+        await busy.close()
+
+    with serving(tmp_path, sse_idle_timeout_s=0.4, sse_max_lifetime_s=1.2) as (_, api, su):
+        api.json("POST", "/api/collections", NOTES, su)
+        run(body(api, su))
+
+
+def test_realtime_slow_client_does_not_delay_100_others(tmp_path: Path) -> None:
+    big = "x" * 200_000
+
+    async def body(app: pbrt.App, api: Api, su: str) -> None:
+        port = port_of(api)
+        slow_socket = socket.socket()
+        slow_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow_socket.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(slow_socket, ("127.0.0.1", port))
+        slow_reader, slow_writer = await asyncio.open_connection(sock=slow_socket)
+        slow_writer.write(b"GET /api/realtime HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await slow_reader.readuntil(b"\r\n\r\n")
+        slow = SseClient(slow_reader, slow_writer, head)
+        slow.id = (await slow.next_event())["id"]
+        assert (await post_subscriptions(port, slow.id, ["big/*", "small/*"])).status == 204
+        fast = [await SseClient.connect(port) for _ in range(100)]
+        for client in fast:
+            assert (await post_subscriptions(port, client.id, ["small/*"])).status == 204
+        for _ in range(40):  # ~8 MB for the client that stopped reading
+            await asyncio.to_thread(api.json, "POST", "/api/collections/big/records", {"t": big}, su)
+        started = time.monotonic()
+        for n in range(10):
+            await asyncio.to_thread(api.json, "POST", "/api/collections/small/records", {"t": str(n)}, su)
+        for client in fast:
+            titles = [json.loads((await client.next_event(5))["data"])["record"]["t"] for _ in range(10)]
+            assert titles == [str(n) for n in range(10)]  # all delivered, in commit order
+        assert time.monotonic() - started < 5.0
+        assert slow.id not in app.broker.clients  # it fell too far behind and was dropped
+        for client in [*fast, slow]:
+            await client.close()
+
+    with serving(tmp_path, max_client_queue_bytes=1_000_000) as (app, api, su):
+        for name in ("big", "small"):
+            api.json("POST", "/api/collections", {"name": name, "type": "base", "listRule": "", "fields": [{"name": "t", "type": "text", "max": 300000}]}, su)
+        run(body(app, api, su), timeout=120)
+
+
+def test_realtime_shutdown_ends_open_streams(tmp_path: Path) -> None:
+    async def body() -> None:
+        app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
+        port = await app.start()
+        client = await SseClient.connect(port)
+        started = time.monotonic()
+        await app.stop()
+        assert await client.events_for(2) == [] and client.ended
+        assert time.monotonic() - started < 2
+        await client.close()
+
+    run(body())
+
+
+# --- the official JS SDK ---------------------------------------------------------
+
+SDK_REALTIME_SCRIPT = r"""
+global.EventSource = require("eventsource").EventSource;
+const PocketBase = require("pocketbase/cjs");
+const [url, suEmail, suPassword] = process.argv.slice(1);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+(async () => {
+  const admin = new PocketBase(url);
+  await admin.collection("_superusers").authWithPassword(suEmail, suPassword);
+  const alice = new PocketBase(url), bob = new PocketBase(url), guest = new PocketBase(url);
+  await alice.collection("users").authWithPassword("alice@example.com", "password123");
+  await bob.collection("users").authWithPassword("bob@example.com", "password123");
+  const got = {};
+  const log = (name) => (event) => {
+    (got[name] = got[name] || []).push({action: event.action, record: event.record});
+  };
+  const first = await admin.collection("posts").create({title: "first", views: 1});
+  await guest.collection("posts").subscribe("*", log("guest-all"));
+  const unsubscribeOne = await guest.collection("posts").subscribe(first.id, log("guest-one"));
+  await guest.collection("posts").subscribe("*", log("guest-options"), {
+    expand: "team", fields: "id,title,expand.team.name", filter: "views > 5",
+  });
+  await guest.collection("locked").subscribe("*", log("guest-locked"));
+  await alice.collection("owned").subscribe("*", log("alice-owned"));
+  await bob.collection("owned").subscribe("*", log("bob-owned"));
+  const custom = await guest.realtime.subscribe("news/today", (data) => { (got.custom = got.custom || []).push(data); });
+  await sleep(200);
+  const team = await admin.collection("teams").create({name: "red"});
+  await admin.collection("posts").update(first.id, {title: "first-updated", views: 10, team: team.id});
+  await admin.collection("posts").create({title: "second", views: 2});
+  await admin.collection("locked").create({title: "secret"});
+  await admin.collection("owned").create({owner: alice.authStore.record.id, title: "a"});
+  await admin.collection("owned").create({owner: bob.authStore.record.id, title: "b"});
+  await sleep(400);
+  await unsubscribeOne();
+  await guest.collection("posts").unsubscribe("*");
+  await admin.collection("posts").update(first.id, {title: "after-unsubscribe"});
+  await sleep(300);
+  await alice.collection("owned").unsubscribe();
+  await admin.collection("owned").create({owner: alice.authStore.record.id, title: "a2"});
+  await sleep(300);
+  const connected = guest.realtime.isConnected;
+  await custom();
+  await guest.realtime.unsubscribe();
+  await bob.realtime.unsubscribe();
+  await alice.realtime.unsubscribe();
+  console.log(JSON.stringify({got, connected, guestConnectedAfter: guest.realtime.isConnected}));
+  process.exit(0);
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> None:
+    with serving(tmp_path) as (app, api, su):
+        api.json("POST", "/api/collections", {"name": "teams", "type": "base", "viewRule": "", "fields": [{"name": "name", "type": "text"}]}, su)
+        teams = api.json("GET", "/api/collections/teams", token=su)["id"]
+        api.json("POST", "/api/collections", {"name": "posts", "type": "base", "listRule": "", "viewRule": "", "fields": [{"name": "title", "type": "text"}, {"name": "views", "type": "number"}, {"name": "team", "type": "relation", "collectionId": teams, "maxSelect": 1}]}, su)
+        api.json("POST", "/api/collections", {"name": "locked", "type": "base", "fields": [{"name": "title", "type": "text"}]}, su)
+        rule = "owner = @request.auth.id"
+        api.json("POST", "/api/collections", {"name": "owned", "type": "base", "listRule": rule, "viewRule": rule, "fields": [{"name": "owner", "type": "text"}, {"name": "title", "type": "text"}]}, su)
+        for name in ("alice", "bob"):
+            api.json("POST", "/api/collections/users/records", {"email": f"{name}@example.com", "password": "password123", "passwordConfirm": "password123"})
+
+        def publish_later() -> None:
+            time.sleep(0.5)
+            app._loop.call_soon_threadsafe(app.broker.publish, "news/today", {"headline": "hi"})
+
+        publisher = threading.Thread(target=publish_later)
+        publisher.start()
+        result = run_node(SDK_REALTIME_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD)
+        publisher.join()
+    got = result["got"]
+    assert got.pop("custom") == [{"headline": "hi"}]
+    titles = {name: [(e["action"], e["record"].get("title")) for e in events] for name, events in got.items()}
+    assert titles["guest-all"] == [("update", "first-updated"), ("create", "second")]
+    assert titles["guest-one"] == [("update", "first-updated")]
+    assert got["guest-options"] == [{"action": "update", "record": {"id": got["guest-one"][0]["record"]["id"], "title": "first-updated", "expand": {"team": {"name": "red"}}}}]
+    assert "guest-locked" not in got
+    assert titles["alice-owned"] == [("create", "a")]
+    assert titles["bob-owned"] == [("create", "b")]
+    assert result["connected"] is True and result["guestConnectedAfter"] is False
