@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections.abc
 import contextlib
 import dataclasses
 import datetime
@@ -45,11 +46,14 @@ import os
 import re
 import secrets
 import signal
+import ssl
 import sqlite3
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,14 +63,18 @@ __all__ = [
     "ApiError",
     "App",
     "BadRequestError",
+    "Client",
     "Config",
     "ForbiddenError",
     "InternalServerError",
     "NotFoundError",
     "PbrtError",
     "ProtocolError",
+    "RecordEvent",
     "Request",
     "Response",
+    "RuleError",
+    "SubscribeEvent",
     "TooManyRequestsError",
     "UnauthorizedError",
     "ValidationError",
@@ -74,7 +82,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 JSON = Any
 Headers = dict[str, str]
@@ -3803,6 +3811,9 @@ class Broker:
         self.max_queue_bytes = max_queue_bytes
         self.clients: dict[str, RealtimeClient] = {}
         self._by_topic: dict[str, dict[str, list[Subscription]]] = {}
+        #: Called with (client, event name, payload) before each message; returns
+        #: the payload to send, or None to drop it for that client.
+        self.message_filter: Callable[[RealtimeClient, str, bytes], bytes | None] | None = None
 
     # --- clients -------------------------------------------------------------
 
@@ -3859,9 +3870,22 @@ class Broker:
         for client_id, subscriptions in self._by_topic.get(topic, {}).items():
             client = self.clients[client_id]
             for subscription in subscriptions:
-                client.send(encode_sse_event(client.id, subscription.raw, payload))
-                sent += 1
+                sent += self._send(client, subscription.raw, payload)
         return sent
+
+    def _send(self, client: RealtimeClient, event: str, payload: bytes) -> int:
+        """Queue one message through the message filter; return 1 if it was queued."""
+        if self.message_filter is not None:
+            try:
+                filtered = self.message_filter(client, event, payload)
+            except Exception:
+                log.exception("realtime message hook failed; message dropped for client %s", client.id)
+                return 0
+            if filtered is None:
+                return 0
+            payload = filtered
+        client.send(encode_sse_event(client.id, event, payload))
+        return 1
 
     # --- record events (ChangeListener) ------------------------------------------
 
@@ -3895,7 +3919,7 @@ class Broker:
                 if client is not None:
                     client.auth = auth
             for delivery in deliveries:
-                delivery.client.send(encode_sse_event(delivery.client.id, delivery.event, delivery.payload))
+                self._send(delivery.client, delivery.event, delivery.payload)
 
     def _auth_updates(self, change: RecordChange) -> dict[str, Auth | None]:
         """Clients authenticated as this record follow it (PocketBase's realtime auth sync)."""
@@ -4170,6 +4194,68 @@ def request_info(context: RequestContext, request_context: str = "default") -> R
     )
 
 
+# --- hooks ----------------------------------------------------------------------
+
+HOOK_NAMES = (
+    "before_create", "after_create", "before_update", "after_update", "before_delete", "after_delete",
+    "realtime_connect", "realtime_subscribe", "realtime_message",
+)
+
+
+@dataclass(slots=True)
+class RecordEvent:
+    """What a record hook sees; a `before_*` hook may change `data` or raise ApiError.
+
+    `record` is the current record (for updates and deletes) in `before_*`
+    hooks and the stored record in `after_*` hooks; `auth` is the requester
+    (None for guests and for the embedding API's superuser calls).
+    """
+
+    collection: Collection
+    data: dict[str, JSON]
+    record: Record | None
+    auth: Auth | None
+
+
+@dataclass(slots=True)
+class SubscribeEvent:
+    """What a `realtime_subscribe` hook sees; it may change `subscriptions`."""
+
+    client: RealtimeClient
+    subscriptions: list[str]
+
+
+class Hooks:
+    """Callbacks by name, run in registration order; see App.on for the names.
+
+    An exception in a hook becomes the error of the request that ran it.
+    """
+
+    def __init__(self) -> None:
+        self._callbacks: dict[str, list[tuple[str | None, Callable[..., Any]]]] = {name: [] for name in HOOK_NAMES}
+
+    def add(self, name: str, callback: Callable[..., Any], collection: str | None = None) -> None:
+        """Register `callback` for hook `name`, optionally for one collection only."""
+        if name not in self._callbacks:
+            raise ValueError(f"unknown hook {name!r}; choose from {', '.join(HOOK_NAMES)}")
+        self._callbacks[name].append((collection, callback))
+
+    def run(self, name: str, *args: Any, collection: Collection | None = None) -> None:
+        """Call every callback of `name` that applies to `collection`."""
+        for wanted, callback in self._callbacks[name]:
+            if wanted is None or collection is None or wanted in (collection.name, collection.id):
+                callback(*args)
+
+    def filter_message(self, client: RealtimeClient, event: str, payload: bytes) -> bytes | None:
+        """Pass a realtime message through the message hooks; None drops it."""
+        for _, callback in self._callbacks["realtime_message"]:
+            result = callback(client, event, payload)
+            if result is None:
+                return None
+            payload = result
+        return payload
+
+
 # --- handlers ------------------------------------------------------------------
 
 
@@ -4361,6 +4447,8 @@ async def handle_record_create(context: RequestContext) -> Response:
     collection = _collection_or_404(context)
     has_rule = require_rule(collection.rules.get("createRule"), context.auth)
     data = _record_input(context, collection)
+    hooks = context.app.hooks
+    hooks.run("before_create", RecordEvent(collection, data, None, context.auth), collection=collection)
     store = _store(context)
     try:
         _check_password_form(context, collection, data, None)
@@ -4370,6 +4458,7 @@ async def handle_record_create(context: RequestContext) -> Response:
                 _require_created_rule(context, collection, record)
     except ValidationError as exc:
         raise BadRequestError("Failed to create record.", exc.errors) from None
+    hooks.run("after_create", RecordEvent(collection, data, record, context.auth), collection=collection)
     return json_response(_presenter(context).present_one(collection, record))
 
 
@@ -4390,11 +4479,14 @@ async def handle_record_update(context: RequestContext) -> Response:
     collection = _collection_or_404(context)
     current = _record_or_404(context, collection, "updateRule")
     data = _record_input(context, collection)
+    hooks = context.app.hooks
+    hooks.run("before_update", RecordEvent(collection, data, current, context.auth), collection=collection)
     try:
         _check_password_form(context, collection, data, current)
         record = _store(context).update_record(collection, current, data, privileged=_is_superuser(context))
     except ValidationError as exc:
         raise BadRequestError("Failed to update record.", exc.errors) from None
+    hooks.run("after_update", RecordEvent(collection, data, record, context.auth), collection=collection)
     auth = context.auth
     if auth is not None and auth.is_record(collection, current) and record["tokenKey"] != current["tokenKey"]:
         context.auth = Auth(collection, record)  # the requester still sees their own record
@@ -4405,10 +4497,13 @@ async def handle_record_delete(context: RequestContext) -> Response:
     """DELETE /api/collections/{collection}/records/{id}."""
     collection = _collection_or_404(context)
     record = _record_or_404(context, collection, "deleteRule")
+    hooks = context.app.hooks
+    hooks.run("before_delete", RecordEvent(collection, {}, record, context.auth), collection=collection)
     try:
         _store(context).delete_record(collection, record)
     except ValueError as exc:
         raise BadRequestError(str(exc)) from None
+    hooks.run("after_delete", RecordEvent(collection, {}, record, context.auth), collection=collection)
     return Response(204)
 
 
@@ -4597,6 +4692,11 @@ async def handle_realtime_connect(context: RequestContext) -> Response:
     broker = app.broker
     assert broker is not None
     client = broker.connect(context.remote_ip)
+    try:
+        app.hooks.run("realtime_connect", client)
+    except BaseException:
+        broker.disconnect(client)
+        raise
     if context.writer is not None:
         client.abort = context.writer.transport.abort
     return Response(200, headers=SSE_HEADERS, stream=_realtime_stream(broker, client, app.config))
@@ -4687,8 +4787,10 @@ async def handle_realtime_subscribe(context: RequestContext) -> Response:
         or auth.record["id"] != client.auth.record["id"]
     ):
         raise ForbiddenError("The current and the previous request authorization don't match.")
+    event = SubscribeEvent(client, list(subscriptions))
+    context.app.hooks.run("realtime_subscribe", event)
     client.auth = auth
-    broker.set_subscriptions(client, subscriptions)
+    broker.set_subscriptions(client, event.subscriptions)
     return Response(204)
 
 
@@ -4898,10 +5000,12 @@ class App:
         base = config or Config()
         self.config = dataclasses.replace(base, **settings) if settings else base
         self.router = build_router()
+        self.hooks = Hooks()
         self.store: Store | None = None
         self.broker: Broker | None = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
         self._connections: set[_Connection] = set()
         self._date_cache: tuple[int, str] = (0, "")
 
@@ -4925,7 +5029,8 @@ class App:
     async def start(self) -> int:
         """Open the store and start listening; return the bound port."""
         self._loop = asyncio.get_running_loop()
-        self.store = self.open_store()
+        self._thread = threading.get_ident()
+        self.store = self.store or self.open_store()
         self.broker = Broker(
             self.store,
             now=self.now,
@@ -4933,6 +5038,7 @@ class App:
             max_clients=self.config.max_realtime_clients,
             max_queue_bytes=self.config.max_client_queue_bytes,
         )
+        self.broker.message_filter = self.hooks.filter_message
         self.store.listener = self.broker
         superusers = self.store.collection(SUPERUSERS)
         if superusers is not None and self.store.count_records(superusers) == 0:
@@ -4971,6 +5077,7 @@ class App:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+        self._loop = self._thread = None
         self.broker = None
         if self.store is not None:
             self.store.close()
@@ -5039,6 +5146,134 @@ class App:
         finally:
             state["loop"].call_soon_threadsafe(state["stop"].set)
             thread.join()
+
+    # --- records and messages from scripts -------------------------------------
+    # Each call goes through the same handler as the HTTP API (validation,
+    # rules, hooks, realtime events). With `token=None` it has superuser power;
+    # a token (or "" for a guest) applies that requester's rules instead.
+    # While the server runs on another thread, calls are handed to its loop.
+
+    def collection(self, name: str) -> dict[str, JSON]:
+        """Return a collection's JSON; raise NotFoundError if it does not exist."""
+        return self._call("GET", f"/api/collections/{_quote_segment(name)}")  # type: ignore[no-any-return]
+
+    def import_collections(self, collections: list[dict[str, JSON]], *, delete_missing: bool = False) -> None:
+        """Create or update collections from PocketBase's JSON (as `PUT /api/collections/import`)."""
+        self._call("PUT", "/api/collections/import", {"collections": collections, "deleteMissing": delete_missing})
+
+    def create(self, collection: str, data: dict[str, JSON], *, token: str | None = None) -> dict[str, JSON]:
+        """Validate, insert and broadcast a record; return it. Raises ApiError."""
+        return self._call("POST", f"/api/collections/{_quote_segment(collection)}/records", data, token=token)  # type: ignore[no-any-return]
+
+    def update(
+        self, collection: str, record_id: str, data: dict[str, JSON], *, token: str | None = None
+    ) -> dict[str, JSON]:
+        """Apply changes (with `+`/`-` modifiers) to a record and broadcast it; return it."""
+        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
+        return self._call("PATCH", path, data, token=token)  # type: ignore[no-any-return]
+
+    def delete(self, collection: str, record_id: str, *, token: str | None = None) -> None:
+        """Delete a record (cascading as its relations say) and broadcast it."""
+        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
+        self._call("DELETE", path, token=token)
+
+    def get(self, collection: str, record_id: str, *, token: str | None = None) -> dict[str, JSON]:
+        """Return one record; raise NotFoundError if missing or hidden by the viewRule."""
+        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
+        return self._call("GET", path, token=token)  # type: ignore[no-any-return]
+
+    def list(
+        self,
+        collection: str,
+        *,
+        filter: str = "",
+        sort: str = "",
+        page: int = 1,
+        per_page: int = DEFAULT_PER_PAGE,
+        token: str | None = None,
+    ) -> dict[str, JSON]:
+        """Return one page of records: PocketBase's `{items, page, perPage, totalItems, totalPages}`."""
+        query = urllib.parse.urlencode({"filter": filter, "sort": sort, "page": page, "perPage": per_page})
+        return self._call("GET", f"/api/collections/{_quote_segment(collection)}/records?{query}", token=token)  # type: ignore[no-any-return]
+
+    def publish(self, topic: str, data: JSON) -> int:
+        """Send `data` to every subscriber of a custom topic; return how many got it.
+
+        Raises ValueError for a topic that names a collection, and
+        RuntimeError when the server is not running.
+        """
+
+        def send() -> int:
+            if self.broker is None:
+                raise RuntimeError("the server is not running")
+            return self.broker.publish(topic, data)
+
+        return self._on_loop(send)
+
+    def on(self, hook: str, collection: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering a hook; `collection` limits record hooks to one collection.
+
+        Record hooks (`before_create`, `after_create`, `before_update`,
+        `after_update`, `before_delete`, `after_delete`) get a RecordEvent;
+        a `before_*` hook runs after the body is read and before rules and
+        validation, may change `event.data`, and refuses with an ApiError.
+        `after_*` hooks run after the commit. `realtime_connect` gets the
+        RealtimeClient, `realtime_subscribe` a SubscribeEvent, and
+        `realtime_message` gets (client, event name, payload bytes) and returns
+        the bytes to send or None to drop the message for that client.
+        """
+
+        def register(callback: Callable[..., Any]) -> Callable[..., Any]:
+            self.hooks.add(hook, callback, collection)
+            return callback
+
+        return register
+
+    def close(self) -> None:
+        """Close the store of an App used without a server."""
+        if self._server is None and self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def _call(self, method: str, target: str, body: JSON = None, *, token: str | None = None) -> JSON:
+        """Run one API request in-process; return its JSON or raise its ApiError."""
+        raw_body = b"" if body is None else _json_body(body)
+        headers = {"content-type": "application/json"} if raw_body else {}
+        if token:
+            headers["authorization"] = token
+        path, query = _split_target(method, target)
+        request = Request(method, target, path, query, "HTTP/1.1", headers, len(raw_body))
+
+        def invoke() -> Response:
+            if self.store is None:
+                self.store = self.open_store()
+            context = RequestContext(self, request, raw_body, "127.0.0.1")
+            if token is None:
+                superusers = self.store.collection(SUPERUSERS)
+                assert superusers is not None
+                context.auth = Auth(superusers, {"id": "", "email": "", "tokenKey": ""})
+            try:
+                handler, context.params = self.router.match(method, path)
+                return _finish(handler(context))
+            except Exception as exc:
+                return error_response(to_api_error(exc))
+
+        response = self._on_loop(invoke)
+        answer = json.loads(response.body) if response.body else None
+        if response.status >= 400:
+            raise ApiError(answer["message"], answer["data"], status=response.status)
+        return answer
+
+    def _on_loop(self, function: Callable[[], Any]) -> Any:
+        """Run `function` on the server's loop thread (or here, if no server runs)."""
+        loop = self._loop
+        if loop is None or self._thread == threading.get_ident():
+            return function()
+
+        async def call() -> Any:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=60)
 
     # --- connections -----------------------------------------------------------
 
@@ -5190,6 +5425,166 @@ class App:
         log.info("rejected request: %s -> %d", exc, error.status)
         if exc.status_hint == 413:
             await _discard_input(reader)
+
+
+# --- a client for scripts ----------------------------------------------------------
+
+RECONNECT_DELAYS_S = (0.2, 0.3, 0.5, 1.0, 1.2, 1.5, 2.0)  # the JS SDK's backoff
+CLIENT_TIMEOUT_S = 30.0
+
+
+class Client:
+    """A small PocketBase client for scripts: auth, record CRUD and realtime.
+
+    Works against pbrt and the real PocketBase. REST calls are synchronous
+    (urllib); `subscribe` is an async iterator over one SSE connection that
+    reconnects and resubscribes as the JS SDK does. Errors raise ApiError
+    with the server's status, message and data.
+    """
+
+    def __init__(self, url: str, token: str = "") -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.record: dict[str, JSON] | None = None
+
+    def request(self, method: str, path: str, body: JSON = None) -> JSON:
+        """Send one request; return the decoded JSON (None for 204)."""
+        data = None if body is None else _json_body(body)
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.token:
+            headers["Authorization"] = self.token
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=CLIENT_TIMEOUT_S) as response:
+                text = response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                text = error.read()
+            try:
+                answer = json.loads(text)
+                raise ApiError(answer.get("message"), answer.get("data"), status=error.code) from None
+            except (ValueError, AttributeError):
+                raise ApiError(status=error.code) from None
+        return json.loads(text) if text else None
+
+    def auth_with_password(self, collection: str, identity: str, password: str) -> dict[str, JSON]:
+        """Log in; later requests carry the token. Returns `{"record", "token"}`."""
+        answer = self.request(
+            "POST",
+            f"/api/collections/{_quote_segment(collection)}/auth-with-password",
+            {"identity": identity, "password": password},
+        )
+        self.token, self.record = answer["token"], answer["record"]
+        return answer  # type: ignore[no-any-return]
+
+    def create(self, collection: str, data: dict[str, JSON]) -> dict[str, JSON]:
+        """Create a record; return it."""
+        return self.request("POST", f"/api/collections/{_quote_segment(collection)}/records", data)  # type: ignore[no-any-return]
+
+    def update(self, collection: str, record_id: str, data: dict[str, JSON]) -> dict[str, JSON]:
+        """Update a record; return it."""
+        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
+        return self.request("PATCH", path, data)  # type: ignore[no-any-return]
+
+    def delete(self, collection: str, record_id: str) -> None:
+        """Delete a record."""
+        self.request("DELETE", f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}")
+
+    def get(self, collection: str, record_id: str) -> dict[str, JSON]:
+        """Return one record."""
+        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
+        return self.request("GET", path)  # type: ignore[no-any-return]
+
+    def list(self, collection: str, *, filter: str = "", sort: str = "", page: int = 1, per_page: int = 30) -> dict[str, JSON]:
+        """Return one page of records."""
+        query = urllib.parse.urlencode({"filter": filter, "sort": sort, "page": page, "perPage": per_page})
+        return self.request("GET", f"/api/collections/{_quote_segment(collection)}/records?{query}")  # type: ignore[no-any-return]
+
+    async def subscribe(self, topic: str, options: dict[str, JSON] | None = None) -> AsyncIterator[JSON]:
+        """Yield the decoded data of every message on `topic` (`posts/*`, `posts/ID`, custom).
+
+        `options` is PocketBase's `{"query": {...}, "headers": {...}}`. On a
+        lost connection it reconnects (200 ms growing to 2 s) and
+        resubscribes; leave the `async for` to stop.
+        """
+        subscription = topic
+        if options:
+            subscription += "?options=" + urllib.parse.quote(_encode_json_text(options), safe="")
+        attempt = 0
+        while True:
+            try:
+                async for data in self._stream(subscription):
+                    attempt = 0
+                    yield data
+            except (OSError, EOFError, ValueError, ApiError, asyncio.IncompleteReadError) as exc:
+                log.debug("realtime connection lost (%s); reconnecting", exc)
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+            attempt += 1
+
+    async def _stream(self, subscription: str) -> AsyncIterator[JSON]:
+        """One SSE connection: connect, subscribe on PB_CONNECT, yield messages."""
+        parts = urllib.parse.urlsplit(self.url)
+        secure = parts.scheme == "https"
+        host = parts.hostname or "127.0.0.1"
+        port = parts.port or (443 if secure else 80)
+        reader, writer = await asyncio.open_connection(host, port, ssl=ssl.create_default_context() if secure else None)
+        try:
+            target = (parts.path or "") + "/api/realtime"
+            writer.write(
+                f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT_S)
+            status = int(head.split(b" ", 2)[1])
+            if status != 200:
+                raise ApiError(status=status)
+            chunked = b"transfer-encoding: chunked" in head.lower()
+            buffer = b""
+            async for piece in _body_pieces(reader, chunked):
+                buffer += piece
+                while b"\n\n" in buffer:
+                    block, buffer = buffer.split(b"\n\n", 1)
+                    fields = dict(line.split(":", 1) for line in block.decode().split("\n") if ":" in line)
+                    if fields.get("event") == "PB_CONNECT":
+                        body = {"clientId": fields.get("id", ""), "subscriptions": [subscription]}
+                        await asyncio.to_thread(self.request, "POST", "/api/realtime", body)
+                    elif fields.get("event") == subscription:
+                        yield json.loads(fields.get("data", "null"))
+            raise EOFError("the server ended the stream")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+async def _body_pieces(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[bytes]:
+    """Yield a response body as it arrives, undoing chunked framing."""
+    while True:
+        if not chunked:
+            data = await reader.read(65536)
+            if not data:
+                return
+            yield data
+            continue
+        size = parse_chunk_size((await reader.readuntil(b"\r\n"))[:-2])
+        if size == 0:
+            return
+        yield (await reader.readexactly(size + 2))[:-2]
+
+
+
+def _finish(coroutine: Awaitable[Response]) -> Response:
+    """Run a handler that never suspends (every record handler) to its result."""
+    assert isinstance(coroutine, collections.abc.Coroutine)
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise RuntimeError("this endpoint cannot be called in-process")
+
+
+def _quote_segment(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
 
 
 def serve(**settings: Any) -> None:

@@ -2650,3 +2650,241 @@ def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> N
     assert titles["alice-owned"] == [("create", "a")]
     assert titles["bob-owned"] == [("create", "b")]
     assert result["connected"] is True and result["guestConnectedAfter"] is False
+
+
+# ==========================================================================
+# 11. Embedding: App, hooks, custom topics and pbrt.Client
+# ==========================================================================
+
+
+def readme_example(name: str) -> str:
+    """The code block of README.md whose first line is `# example: NAME` (or `// example: NAME`)."""
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    for block in re.findall(r"```(?:python|js)\n(.*?)```", text, re.DOTALL):
+        first = block.splitlines()[0]
+        if re.fullmatch(rf"(#|//) example: {re.escape(name)}( .*)?", first):
+            return block
+    raise AssertionError(f"README has no example {name!r}")
+
+
+def run_example(tmp_path: Path, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / f"{name}.py"
+    script.write_text(readme_example(name), encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", str(script), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+    )
+
+
+def test_app_readme_example_serve(tmp_path: Path) -> None:
+    result = run_example(tmp_path, "serve")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "API is healthy."
+    assert (tmp_path / "pb_data" / "data.db").exists()
+
+
+def test_app_readme_example_publish(tmp_path: Path) -> None:
+    result = run_example(tmp_path, "publish")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{'headline': 'pbrt ships'}"
+
+
+def test_app_readme_example_write_and_watch_in_the_js_sdk(tmp_path: Path) -> None:
+    script = tmp_path / "write.py"
+    script.write_text(readme_example("write-and-watch"), encoding="utf-8")
+    writer = subprocess.Popen(
+        [sys.executable, "-X", "dev", "-W", "error", str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(HERE)},
+    )
+    try:
+        assert writer.stdout is not None
+        url = writer.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        (tmp_path / "watch.js").write_text(readme_example("watch.js"), encoding="utf-8")
+        watch = subprocess.run(
+            ["node", str(tmp_path / "watch.js"), url], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "NODE_PATH": str(JS_MODULES)},
+        )
+        assert watch.returncode == 0, watch.stderr
+        assert watch.stdout.splitlines() == ["create post 0", "create post 1", "create post 2"]
+        assert writer.wait(timeout=30) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.communicate()
+
+
+def test_app_readme_example_subscribe_from_python(tmp_path: Path) -> None:
+    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
+    app.import_collections([{"name": "posts", "type": "base", "listRule": "", "fields": [{"name": "title", "type": "text"}]}])
+    script = tmp_path / "subscribe.py"
+    script.write_text(readme_example("subscribe"), encoding="utf-8")
+    subscribed = threading.Event()
+    app.on("realtime_subscribe")(lambda event: subscribed.set())
+    with app.run_in_thread() as url:
+        watcher = subprocess.Popen(
+            [sys.executable, str(script), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(HERE)},
+        )
+        try:
+            assert subscribed.wait(20)
+            for title in ("sports", "news today", "more news"):
+                app.create("posts", {"title": title})
+            assert watcher.stdout is not None
+            lines = [watcher.stdout.readline().strip() for _ in range(2)]
+        finally:
+            watcher.kill()
+            watcher.communicate()
+    assert lines == ["create news today", "create more news"]
+
+
+def test_app_works_without_a_server_and_applies_rules_for_tokens(tmp_path: Path) -> None:
+    app = pbrt.App(dir=str(tmp_path / "pb_data"))
+    rule = "owner = @request.auth.id"
+    app.import_collections([{"name": "notes", "type": "base", "listRule": rule, "viewRule": rule, "createRule": "",
+                             "fields": [{"name": "owner", "type": "text"}, {"name": "text", "type": "text", "required": True}]}])
+    assert app.collection("notes")["listRule"] == rule
+    user = app.create("users", {"email": "u@x.com", "password": "password123"})
+    mine = app.create("notes", {"owner": user["id"], "text": "mine"})
+    app.create("notes", {"owner": "someone", "text": "theirs"})
+    assert [r["text"] for r in app.list("notes", sort="-text")["items"]] == ["theirs", "mine"]
+    assert app.list("notes", filter="text = 'mine'")["totalItems"] == 1
+    assert app.update("notes", mine["id"], {"text": "edited"})["text"] == "edited"
+    with pytest.raises(pbrt.ApiError) as caught:
+        app.create("notes", {"owner": "x"})
+    assert (caught.value.status, caught.value.data) == (400, {"text": {"code": "validation_required", "message": "Cannot be blank."}})
+    with pytest.raises(pbrt.ApiError) as caught:
+        app.get("notes", mine["id"], token="")  # a guest: the viewRule hides it
+    assert caught.value.status == 404
+    with pytest.raises(pbrt.ApiError) as caught:
+        app.collection("nosuch")
+    assert caught.value.status == 404
+    app.delete("notes", mine["id"])
+    assert app.list("notes")["totalItems"] == 1
+    with pytest.raises(RuntimeError):
+        app.publish("news", {"x": 1})  # nobody can be subscribed without a server
+    app.close()
+
+
+def test_app_hooks_change_refuse_and_fail_requests_without_crashing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
+    app.import_collections([{"name": "posts", "type": "base", **PUBLIC_RULES, "fields": [{"name": "title", "type": "text"}]}])
+    calls: list[str] = []
+
+    @app.on("before_create", "posts")
+    def clean(event: pbrt.RecordEvent) -> None:
+        calls.append("before_create")
+        event.data["title"] = str(event.data.get("title", "")).strip().upper()
+        if event.data["title"] == "FORBIDDEN":
+            raise pbrt.BadRequestError("Forbidden title.", {"title": {"code": "no", "message": "No."}})
+        if event.data["title"] == "CRASH":
+            raise RuntimeError("hook bug")
+
+    app.on("after_create")(lambda event: calls.append(f"after_create {event.record['title']}"))
+    app.on("before_delete", "posts")(lambda event: calls.append("before_delete"))
+    app.on("realtime_connect")(lambda client: calls.append("connect"))
+
+    def censor(client: Any, event: str, payload: bytes) -> bytes | None:
+        if b"SECRET" in payload:
+            return None
+        return payload.replace(b"HELLO", b"HI")
+
+    app.on("realtime_message")(censor)
+    with caplog.at_level(logging.ERROR, logger="pbrt"), app.run_in_thread() as url:
+        api = Api(url)
+
+        async def body() -> list[str]:
+            client = await SseClient.connect(port_of(api))
+            assert (await post_subscriptions(port_of(api), client.id, ["posts/*"])).status == 204
+            for title in ("  hello ", "secret", "forbidden", "crash"):
+                await asyncio.to_thread(api.call, "POST", "/api/collections/posts/records", {"title": title})
+            events = await client.events_for(0.8)
+            await client.close()
+            return [json.loads(e["data"])["record"]["title"] for e in events]
+
+        titles = run(body())
+        assert api.normalized("POST", "/api/collections/posts/records", {"title": "forbidden"}) == (
+            '400 {"data":{"title":{"code":"no","message":"No."}},"message":"Forbidden title.","status":400}'
+        )
+        assert api.normalized("POST", "/api/collections/posts/records", {"title": "crash"}).startswith("500 ")
+        assert api.json("GET", "/api/health")["code"] == 200
+        stored = [r["title"] for r in api.json("GET", "/api/collections/posts/records?sort=@rowid")["items"]]
+        record_id = api.json("GET", "/api/collections/posts/records?sort=@rowid")["items"][0]["id"]
+        assert api.call("DELETE", f"/api/collections/posts/records/{record_id}")[0] == 204
+    assert titles == ["HI"]  # HELLO renamed by the message hook; SECRET dropped
+    assert stored == ["HELLO", "SECRET"]
+    assert calls[:4] == ["connect", "before_create", "after_create HELLO", "before_create"]
+    assert calls[-1] == "before_delete"
+    assert any("hook bug" in (r.exc_text or "") for r in caplog.records)
+
+
+def test_app_thread_safe_writes_and_publish_reach_subscribers(tmp_path: Path) -> None:
+    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
+    app.import_collections([{"name": "events", "type": "base", "listRule": "", "fields": [{"name": "n", "type": "number"}]}])
+    with app.run_in_thread() as url:
+        async def body() -> tuple[list[int], list[Any]]:
+            client = await SseClient.connect(int(url.rsplit(":", 1)[1]))
+            assert (await post_subscriptions(int(url.rsplit(":", 1)[1]), client.id, ["events/*", "chat/room1"])).status == 204
+
+            def writer(offset: int) -> None:
+                for n in range(25):
+                    app.create("events", {"n": offset + n})
+
+            threads = [threading.Thread(target=writer, args=(100 * i,)) for i in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                await asyncio.to_thread(thread.join)
+            assert await asyncio.to_thread(app.publish, "chat/room1", {"text": "hi"}) == 1
+            events = await client.events_for(1.0)
+            await client.close()
+            numbers = [json.loads(e["data"])["record"]["n"] for e in events if e["event"] == "events/*"]
+            chat = [json.loads(e["data"]) for e in events if e["event"] == "chat/room1"]
+            return numbers, chat
+
+        numbers, chat = run(body())
+        with pytest.raises(ValueError):
+            app.publish("events/custom", {})
+        assert app.list("events", per_page=200)["totalItems"] == 100
+    assert sorted(numbers) == sorted(100 * i + n for i in range(4) for n in range(25))
+    assert chat == [{"text": "hi"}]
+
+
+def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
+    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
+    app.import_collections([{"name": "posts", "type": "base", "listRule": "", "viewRule": "", "createRule": "@request.auth.id != ''", "updateRule": "@request.auth.id != ''", "fields": [{"name": "title", "type": "text"}]}])
+    app.create("users", {"email": "u@x.com", "password": "password123"})
+    subscribed = threading.Semaphore(0)
+    app.on("realtime_subscribe")(lambda event: subscribed.release())
+    with app.run_in_thread() as url:
+        client = pbrt.Client(url)
+        assert client.list("posts")["totalItems"] == 0
+
+        async def body() -> list[str]:
+            stream = client.subscribe("posts/*")
+            titles: list[str] = []
+            first = asyncio.ensure_future(anext(stream))
+            assert await asyncio.to_thread(subscribed.acquire, True, 10)
+            await asyncio.to_thread(app.create, "posts", {"title": "before"})
+            titles.append((await asyncio.wait_for(first, 10))["record"]["title"])
+            for realtime_client in list(app.broker.clients.values()):
+                app._loop.call_soon_threadsafe(realtime_client.close, True)  # drop the connection
+            second = asyncio.ensure_future(anext(stream))
+            assert await asyncio.to_thread(subscribed.acquire, True, 10)  # it came back and resubscribed
+            await asyncio.to_thread(app.create, "posts", {"title": "after"})
+            titles.append((await asyncio.wait_for(second, 10))["record"]["title"])
+            await stream.aclose()
+            return titles
+
+        assert run(body()) == ["before", "after"]
+        with pytest.raises(pbrt.ApiError) as caught:
+            client.create("posts", {"title": "as a guest"})
+        assert (caught.value.status, caught.value.message) == (400, "Failed to create record.")
+        assert client.auth_with_password("users", "u@x.com", "password123")["record"]["email"] == "u@x.com"
+        created = client.create("posts", {"title": "via client"})
+        assert client.update("posts", created["id"], {"title": "edited"})["title"] == "edited"
+        assert client.get("posts", created["id"])["title"] == "edited"
+        with pytest.raises(pbrt.ApiError) as caught:
+            client.get("posts", "missing")
+        assert caught.value.status == 404
