@@ -90,7 +90,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 JSON = Any
 Headers = dict[str, str]
@@ -420,8 +420,9 @@ class Response:
     """A response before encoding.
 
     `headers` are the handler's own fields; the encoder adds the security
-    headers, CORS, Date and framing. A response with a `stream` sends its
-    chunks as they come (Server-Sent Events) instead of `body`.
+    headers, CORS, Date and framing. A response with a `stream` sends the
+    batches of frames it yields, one chunk per frame (Server-Sent Events),
+    instead of `body`.
     """
 
     status: int = 200
@@ -706,6 +707,21 @@ def _parse_multipart(body: bytes, boundary: bytes) -> Body:
 # without a space after the colon and uses the client id as the event id.
 
 
+def encode_sse_prefix(event_id: str, event: str) -> bytes:
+    """Encode the `id:` and `event:` fields and the `data:` name of an SSE event.
+
+    A frame is this prefix, the one-line JSON data and a blank line; the
+    broker encodes the prefix once per subscription and reuses it.
+
+    >>> encode_sse_prefix("c1", "posts/*")
+    b'id:c1\\nevent:posts/*\\ndata:'
+    """
+    if "\r" in event or "\n" in event or "\r" in event_id or "\n" in event_id:
+        event = event.replace("\r", "%0D").replace("\n", "%0A")
+        event_id = event_id.replace("\r", "%0D").replace("\n", "%0A")
+    return b"id:%s\nevent:%s\ndata:" % (event_id.encode(), event.encode())
+
+
 def encode_sse_event(event_id: str, event: str, data: bytes) -> bytes:
     """Encode one SSE event as PocketBase frames it (`id:`, `event:`, `data:`).
 
@@ -715,10 +731,7 @@ def encode_sse_event(event_id: str, event: str, data: bytes) -> bytes:
     >>> encode_sse_event("c1", "posts/*", b'{"a":1}')
     b'id:c1\\nevent:posts/*\\ndata:{"a":1}\\n\\n'
     """
-    if "\r" in event or "\n" in event or "\r" in event_id or "\n" in event_id:
-        event = event.replace("\r", "%0D").replace("\n", "%0A")
-        event_id = event_id.replace("\r", "%0D").replace("\n", "%0A")
-    return b"id:%s\nevent:%s\ndata:%s\n\n" % (event_id.encode(), event.encode(), data)
+    return encode_sse_prefix(event_id, event) + data + b"\n\n"
 
 
 # ==========================================================================
@@ -1573,7 +1586,6 @@ def _like_text(value: JSON) -> str:
 
 NAME_RE = re.compile(r"^\w+$", re.ASCII)
 MAX_NAME_LENGTH = 255
-RECORD_ID_RE = re.compile(r"^[a-z0-9]+$")
 RECORD_ID_LENGTH = 15
 RECORD_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -1584,7 +1596,6 @@ DEFAULT_EDITOR_MAX_BYTES = 5 * 1024 * 1024
 DEFAULT_JSON_MAX_BYTES = 1024 * 1024
 PASSWORD_MAX_LENGTH = 71  # bcrypt's input limit, which PocketBase inherits
 SUPERUSERS = "_superusers"
-SUPERUSERS_ID = "pbc_3142635823"
 USERS_ID = "_pb_users_auth_"
 RULE_NAMES = ("listRule", "viewRule", "createRule", "updateRule", "deleteRule")
 AUTH_RULE_NAMES = ("authRule", "manageRule")
@@ -2606,8 +2617,8 @@ class Store:
     def delete_collection(self, collection: Collection) -> None:
         """Drop a collection and its table.
 
-        Raises ApiError-free ValueError with PocketBase's sentence when it is
-        a system collection or another collection's relation points at it.
+        Raises ValueError with PocketBase's sentence when it is a system
+        collection or another collection's relation points at it.
         """
         if collection.system:
             raise ValueError("Failed to delete collection.")
@@ -3750,6 +3761,7 @@ class RealtimeClient:
         self.remote_ip = remote_ip
         self.auth: Auth | None = None
         self.subscriptions: dict[str, Subscription] = {}
+        self.prefixes: dict[str, bytes] = {}  # subscription -> its encoded `id:`/`event:` fields
         self.max_queue_bytes = max_queue_bytes
         self.pending: list[bytes] = []
         self.transport: asyncio.WriteTransport | None = None
@@ -3768,11 +3780,18 @@ class RealtimeClient:
             if sum(map(len, self.pending)) > self.max_queue_bytes:
                 self.close(abort=True)
             return
-        transport.write(b"%x\r\n%s\r\n" % (len(frame), frame) if self.chunked else frame)
+        transport.write(encode_chunk(frame) if self.chunked else frame)
         self.last_write = time.monotonic()
         if transport.get_write_buffer_size() > self.max_queue_bytes:
             log.warning("realtime client %s is too slow; disconnecting it", self.id)
             self.close(abort=True)
+
+    def send_event(self, event: str, payload: bytes) -> None:
+        """Send one event with a JSON payload (its prefix is encoded once per subscription)."""
+        prefix = self.prefixes.get(event)
+        if prefix is None:
+            prefix = encode_sse_prefix(self.id, event)
+        self.send(prefix + payload + b"\n\n")
 
     def go_live(self, transport: asyncio.WriteTransport, chunked: bool) -> None:
         """Start writing to `transport`, first what was queued."""
@@ -3836,6 +3855,8 @@ class Broker:
         #: Called with (client, event name, payload) before each message; returns
         #: the payload to send, or None to drop it for that client.
         self.message_filter: Callable[[RealtimeClient, str, bytes], bytes | None] | None = None
+        #: Whether `message_filter` has anything to do (skipped per message when not).
+        self.message_filter_active: Callable[[], bool] = lambda: True
 
     # --- clients -------------------------------------------------------------
 
@@ -3867,6 +3888,7 @@ class Broker:
                 if not by_client:
                     del self._by_topic[subscription.topic]
         client.subscriptions = {text: parse_subscription(text) for text in dict.fromkeys(raw) if text}
+        client.prefixes = {text: encode_sse_prefix(client.id, text) for text in client.subscriptions}
         for subscription in client.subscriptions.values():
             self._by_topic.setdefault(subscription.topic, {}).setdefault(client.id, []).append(subscription)
 
@@ -3897,7 +3919,7 @@ class Broker:
 
     def _send(self, client: RealtimeClient, event: str, payload: bytes) -> int:
         """Queue one message through the message filter; return 1 if it was queued."""
-        if self.message_filter is not None:
+        if self.message_filter is not None and self.message_filter_active():
             try:
                 filtered = self.message_filter(client, event, payload)
             except Exception:
@@ -3906,7 +3928,7 @@ class Broker:
             if filtered is None:
                 return 0
             payload = filtered
-        client.send(encode_sse_event(client.id, event, payload))
+        client.send_event(event, payload)
         return 1
 
     # --- record events (ChangeListener) ------------------------------------------
@@ -4272,6 +4294,10 @@ class Hooks:
         for wanted, callback in self._callbacks[name]:
             if wanted is None or collection is None or wanted in (collection.name, collection.id):
                 callback(*args)
+
+    def registered(self, name: str) -> int:
+        """How many callbacks hook `name` has."""
+        return len(self._callbacks[name])
 
     def filter_message(self, client: RealtimeClient, event: str, payload: bytes) -> bytes | None:
         """Pass a realtime message through the message hooks; None drops it."""
@@ -5072,6 +5098,7 @@ class App:
             max_queue_bytes=self.config.max_client_queue_bytes,
         )
         self.broker.message_filter = self.hooks.filter_message
+        self.broker.message_filter_active = lambda: bool(self.hooks.registered("realtime_message"))
         self.store.listener = self.broker
         superusers = self.store.collection(SUPERUSERS)
         if superusers is not None and self.store.count_records(superusers) == 0:
@@ -5882,9 +5909,10 @@ class _SseProbe(asyncio.Protocol):
 
 
 def _bench_listener(
-    url: str, specs: list[tuple[str, str]], expected: list[list[int]], ready: Any, results: Any, timeout_s: float
+    url: str, specs: list[tuple[str, str]], expected: list[int], ready: Any, results: Any, timeout_s: float
 ) -> None:
-    """A load-generator process: hold SSE clients, record what arrives and when."""
+    """A load-generator process: hold SSE clients until each got `expected` events
+    (or `timeout_s` passed); report what arrived and when."""
     _raise_open_files_limit()
     started_cpu = sum(os.times()[:2])
     parts = urllib.parse.urlsplit(url)
@@ -5893,9 +5921,9 @@ def _bench_listener(
         loop = asyncio.get_running_loop()
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(16))
         probes = []
-        for (token, topic), wanted in zip(specs, expected):
+        for (token, topic), count in zip(specs, expected):
             _, probe = await loop.create_connection(
-                lambda: _SseProbe(Client(url, token), topic, lambda: ready.put(1), len(wanted)),
+                lambda: _SseProbe(Client(url, token), topic, lambda: ready.put(1), count),
                 parts.hostname, parts.port,
             )
             probes.append(probe)
@@ -5939,7 +5967,10 @@ def _bench_fanout(target: _BenchTarget, args: argparse.Namespace, progress: Call
     context = multiprocessing.get_context("fork")
     ready, results = context.Queue(), context.Queue()
     processes = [
-        context.Process(target=_bench_listener, args=(target.url, spec_part, expected_part, ready, results, args.timeout))
+        context.Process(
+            target=_bench_listener,
+            args=(target.url, spec_part, [len(wanted) for wanted in expected_part], ready, results, args.timeout),
+        )
         for spec_part, expected_part in zip(_spread(specs, args.processes), _spread(expected, args.processes))
     ]
     for process in processes:
@@ -5998,7 +6029,7 @@ def _bench_connect(target: _BenchTarget, args: argparse.Namespace, progress: Cal
     specs = [("", "bench_fanout/*")] * args.clients
     context = multiprocessing.get_context("fork")
     ready, results = context.Queue(), context.Queue()
-    hold = [[0]] * args.clients  # one event each that never comes: the clients stay connected
+    hold = [-1] * args.clients  # never satisfied: the clients stay connected for --hold seconds
     processes = [
         context.Process(target=_bench_listener, args=(target.url, part, expected, ready, results, args.hold))
         for part, expected in zip(_spread(specs, args.processes), _spread(hold, args.processes))
@@ -6061,7 +6092,7 @@ def _bench_writes(target: _BenchTarget, args: argparse.Namespace, progress: Call
         context = multiprocessing.get_context("fork")
         ready, outcomes = context.Queue(), context.Queue()
         specs = [("", "bench_fanout/*")] * subscribers
-        never = [[-1]] * subscribers
+        never = [-1] * subscribers  # never satisfied: they listen until terminated
         processes = [
             context.Process(target=_bench_listener, args=(target.url, part, expected, ready, outcomes, args.seconds + 30))
             for part, expected in zip(_spread(specs, args.processes), _spread(never, args.processes))

@@ -1378,6 +1378,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 30) -> subproc
     )
 
 
+def reap(process: subprocess.Popen[str]) -> None:
+    """Kill a child process if it is still running, and collect it."""
+    if process.poll() is None:
+        process.kill()
+    process.communicate()
+
+
 def test_cli_help_and_version() -> None:
     help_result = run_cli("--help")
     assert help_result.returncode == 0
@@ -1430,9 +1437,7 @@ def test_cli_serves_in_an_empty_folder_and_exits_0_on_sigint(tmp_path: Path) -> 
         assert "GET /api/health 200" in stderr
         assert "Traceback" not in stderr
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        reap(process)
 
 
 def free_port() -> int:
@@ -1464,9 +1469,7 @@ def test_cli_quiet_serve_on_given_dir_exits_0_on_sigterm(tmp_path: Path) -> None
         assert "superuser upsert" in stderr  # the first-start hint is a warning, shown even when quiet
         assert (data_dir / "data.db").exists()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        reap(process)
 
 
 # ==========================================================================
@@ -2710,9 +2713,7 @@ def test_app_readme_example_write_and_watch_in_the_js_sdk(tmp_path: Path) -> Non
         assert watch.stdout.splitlines() == ["create post 0", "create post 1", "create post 2"]
         assert writer.wait(timeout=30) == 0
     finally:
-        if writer.poll() is None:
-            writer.kill()
-        writer.communicate()
+        reap(writer)
 
 
 def test_app_readme_example_subscribe_from_python(tmp_path: Path) -> None:
@@ -2888,3 +2889,36 @@ def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
         with pytest.raises(pbrt.ApiError) as caught:
             client.get("posts", "missing")
         assert caught.value.status == 404
+
+
+# ==========================================================================
+# 12. The bench command (behaviour only: numbers belong to benchmarks)
+# ==========================================================================
+
+
+@pytest.mark.parametrize(
+    ("scenario", "options", "checks"),
+    [
+        ("fanout", ["--clients", "30", "--events", "6", "--rate", "30"], {"deliveries": 180, "losses": 0, "order_violations": 0}),
+        ("fanout", ["--clients", "20", "--events", "6", "--rate", "30", "--rule", "auth", "--users", "3"], {"deliveries": 40, "losses": 0, "order_violations": 0}),
+        ("fanout", ["--clients", "10", "--events", "4", "--rate", "30", "--rule", "field"], {"deliveries": 40, "losses": 0}),
+        ("connect", ["--clients", "40", "--hold", "0.5"], {"subscribed": 40, "failures": 0}),
+        ("churn", ["--seconds", "1", "--concurrency", "5"], {"errors": 0}),
+        ("writes", ["--clients", "5", "--seconds", "0.5", "--connections", "2"], {}),
+    ],
+    ids=["fanout-public", "fanout-auth", "fanout-field", "connect", "churn", "writes"],
+)
+def test_bench_scenarios_run_against_a_child_server(scenario: str, options: list[str], checks: dict[str, Any]) -> None:
+    result = subprocess.run(
+        [sys.executable, str(HERE / "pbrt.py"), "bench", scenario, *options, "--processes", "1", "--timeout", "60", "--json"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["scenario"] == scenario
+    for key, value in checks.items():
+        assert report[key] == value, key
+    if scenario == "writes":
+        assert report["creates_per_s_with_0_subscribers"] > 0 and report["creates_per_s_with_5_subscribers"] > 0
+    if scenario == "fanout":
+        assert report["last_subscriber_ms"]["p50"] > 0 and report["server_rss_kib"] > 0
