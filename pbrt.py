@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
+import functools
 import gc
 import hashlib
 import hmac
@@ -63,9 +64,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 __all__ = [
     "ApiError",
@@ -143,7 +144,9 @@ DEFAULT_ERROR_MESSAGES: dict[int, str] = {
     500: "Something went wrong while processing your request.",
     505: "HTTP version not supported.",
 }
-FILE_NOT_FOUND_MESSAGE = "File not found."  # PocketBase's static handler: unknown routes
+FILE_NOT_FOUND_MESSAGE = (
+    "File not found."  # PocketBase's static handler: unknown routes
+)
 
 # ==========================================================================
 # 2. Errors
@@ -185,7 +188,9 @@ class ValidationError(PbrtError):
         self.message = message
 
 
-def validation_entry(code: str, message: str, params: dict[str, JSON] | None = None) -> JSON:
+def validation_entry(
+    code: str, message: str, params: dict[str, JSON] | None = None
+) -> JSON:
     """Return one PocketBase validation object: code, message and optional params."""
     entry: dict[str, JSON] = {"code": code, "message": message}
     if params is not None:
@@ -299,7 +304,9 @@ class Request:
     @property
     def keep_alive(self) -> bool:
         """Whether the connection stays open after this request (RFC 9112 §9.3)."""
-        tokens = {token.strip().lower() for token in self.header("connection").split(",")}
+        tokens = {
+            token.strip().lower() for token in self.header("connection").split(",")
+        }
         if self.version == "HTTP/1.0":
             return "keep-alive" in tokens
         return "close" not in tokens
@@ -307,7 +314,10 @@ class Request:
     @property
     def expects_continue(self) -> bool:
         """Whether the client waits for `100 Continue` before sending the body."""
-        return self.header("expect").lower() == "100-continue" and self.version == "HTTP/1.1"
+        return (
+            self.header("expect").lower() == "100-continue"
+            and self.version == "HTTP/1.1"
+        )
 
 
 def parse_request_head(head: bytes) -> Request:
@@ -450,7 +460,9 @@ def encode_response_head(
     'HTTP/1.1 204 No Content\\r\\nVary: Origin\\r\\nDate: D\\r\\n\\r\\n'
     """
     lines = [f"{version} {status} {_reason_phrase(status)}"]
-    lines.extend(f"{name}: {value}" for name, value in sorted(headers, key=lambda item: item[0]))
+    lines.extend(
+        f"{name}: {value}" for name, value in sorted(headers, key=lambda item: item[0])
+    )
     lines.append(f"Date: {date}")
     if status >= 200 and status not in (204, 304):
         if content_length is not None:
@@ -512,7 +524,10 @@ def _js_number(number: float) -> int | float:
     >>> _js_number(1.0), _js_number(0.5), _js_number(12345678901234567890)
     (1, 0.5, 12345678901234567168)
     """
-    if isinstance(number, int) and not -_MAX_SAFE_INTEGER <= number <= _MAX_SAFE_INTEGER:
+    if (
+        isinstance(number, int)
+        and not -_MAX_SAFE_INTEGER <= number <= _MAX_SAFE_INTEGER
+    ):
         number = float(number)
     if isinstance(number, float) and number.is_integer() and abs(number) < 1e21:
         return int(number)
@@ -580,7 +595,9 @@ class Body:
 
 
 _PARAM_RE = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
-JSON_PAYLOAD_FIELD = "@jsonPayload"  # PocketBase's multipart field holding a JSON object
+JSON_PAYLOAD_FIELD = (
+    "@jsonPayload"  # PocketBase's multipart field holding a JSON object
+)
 
 
 def _parse_header_params(value: str) -> tuple[str, dict[str, str]]:
@@ -642,7 +659,10 @@ def _collect_form_values(pairs: list[tuple[str, str]]) -> dict[str, JSON]:
     grouped: dict[str, list[str]] = {}
     for key, value in pairs:
         grouped.setdefault(key, []).append(value)
-    return {key: values[0] if len(values) == 1 else values for key, values in grouped.items()}
+    return {
+        key: values[0] if len(values) == 1 else values
+        for key, values in grouped.items()
+    }
 
 
 def _parse_multipart(body: bytes, boundary: bytes) -> Body:
@@ -666,10 +686,12 @@ def _parse_multipart(body: bytes, boundary: bytes) -> Body:
             raw_head, content = section[2:-4], b""
         part_headers = {}
         for line in raw_head.split(b"\r\n"):
-            name, colon, value = line.decode("utf-8", "replace").partition(":")
+            header_name, colon, header_value = line.decode(
+                "utf-8", "replace"
+            ).partition(":")
             if not colon:
                 raise BodyError("malformed multipart header")
-            part_headers[name.strip().lower()] = value.strip()
+            part_headers[header_name.strip().lower()] = header_value.strip()
         disposition, disposition_params = _parse_header_params(
             part_headers.get("content-disposition", "")
         )
@@ -747,7 +769,24 @@ MAX_RULE_COMPARISONS = 200
 MAX_RULE_NESTING = 100
 MAX_RELATION_HOPS = 6
 COMPARISON_OPERATORS = frozenset(
-    ["=", "!=", ">", ">=", "<", "<=", "~", "!~", "?=", "?!=", "?>", "?>=", "?<", "?<=", "?~", "?!~"]
+    [
+        "=",
+        "!=",
+        ">",
+        ">=",
+        "<",
+        "<=",
+        "~",
+        "!~",
+        "?=",
+        "?!=",
+        "?>",
+        "?>=",
+        "?<",
+        "?<=",
+        "?~",
+        "?!~",
+    ]
 )
 RULE_MODIFIERS = frozenset(["isset", "changed", "length", "each", "lower"])
 
@@ -856,11 +895,18 @@ def tokenize_rule(source: str) -> list[tuple[str, Any, int]]:
         elif char in "'\"":
             value, position = _scan_string(source, position)
             tokens.append(("string", value, start))
-        elif char.isascii() and (char.isdigit() or (char == "-" and position + 1 < length and source[position + 1].isdigit())):
+        elif char.isascii() and (
+            char.isdigit()
+            or (
+                char == "-" and position + 1 < length and source[position + 1].isdigit()
+            )
+        ):
             match = _NUMBER_RE.match(source, position)
             assert match is not None
             position = match.end()
-            if position < length and (source[position] == "." or source[position].isalnum()):
+            if position < length and (
+                source[position] == "." or source[position].isalnum()
+            ):
                 raise RuleError("invalid number", source, start)
             tokens.append(("number", float(match.group()), start))
         elif char in "=!<>~?":
@@ -971,7 +1017,9 @@ class _RuleParser:
                 terms[-1].append(item)
             else:
                 terms.append([item])
-        ands: list[Expression] = [group[0] if len(group) == 1 else And(tuple(group)) for group in terms]
+        ands: list[Expression] = [
+            group[0] if len(group) == 1 else And(tuple(group)) for group in terms
+        ]
         return ands[0] if len(ands) == 1 else Or(tuple(ands))
 
     def _previous_was_group(self) -> bool:
@@ -1131,7 +1179,10 @@ def render_sql(node: IR, params: list[JSON], alias: str = "t") -> str:
             return "(" + " || ".join(rendered) + ")"
         return f"{node.name}({', '.join(rendered)})"
     if isinstance(node, Binary):
-        left, right = render_sql(node.left, params, alias), render_sql(node.right, params, alias)
+        left, right = (
+            render_sql(node.left, params, alias),
+            render_sql(node.right, params, alias),
+        )
         suffix = " ESCAPE '\\'" if node.op in ("LIKE", "NOT LIKE") else ""
         return f"({left} {node.op} {right}{suffix})"
     if isinstance(node, Not):
@@ -1148,10 +1199,14 @@ GEO_DISTANCE_FUNCTION = "pbrt_geo_distance"  # registered on the store's connect
 def geo_distance_km(lon_a: JSON, lat_a: JSON, lon_b: JSON, lat_b: JSON) -> float | None:
     """Haversine distance on a 6371 km sphere, as PocketBase's geoDistance()."""
     try:
-        lon1, lat1, lon2, lat2 = (math.radians(float(v)) for v in (lon_a, lat_a, lon_b, lat_b))  # type: ignore[arg-type]
+        lon1, lat1, lon2, lat2 = (
+            math.radians(float(v)) for v in (lon_a, lat_a, lon_b, lat_b)
+        )
     except (TypeError, ValueError):
         return None
-    cosine = math.cos(lat1) * math.cos(lat2) * math.cos(lon2 - lon1) + math.sin(lat1) * math.sin(lat2)
+    cosine = math.cos(lat1) * math.cos(lat2) * math.cos(lon2 - lon1) + math.sin(
+        lat1
+    ) * math.sin(lat2)
     return 6371 * math.acos(max(-1.0, min(1.0, cosine)))
 
 
@@ -1201,7 +1256,9 @@ def _affinity_of(node: IR) -> str:
     return "none"
 
 
-def sqlite_compare(op: str, left: JSON, left_affinity: str, right: JSON, right_affinity: str) -> int | None:
+def sqlite_compare(
+    op: str, left: JSON, left_affinity: str, right: JSON, right_affinity: str
+) -> int | None:
     """Compare two values as SQLite does; 1, 0 or None (NULL).
 
     >>> sqlite_compare("=", 10, "numeric", " 10", "none"), sqlite_compare("=", "10.0", "text", 10.0, "none")
@@ -1221,7 +1278,10 @@ def sqlite_compare(op: str, left: JSON, left_affinity: str, right: JSON, right_a
         right = int(right)
     if op in ("IS", "IS NOT"):
         same = (left is None and right is None) or (
-            left is not None and right is not None and _storage_rank(left) == _storage_rank(right) and left == right
+            left is not None
+            and right is not None
+            and _storage_rank(left) == _storage_rank(right)
+            and left == right
         )
         return int(same if op == "IS" else not same)
     if left is None or right is None:
@@ -1235,7 +1295,14 @@ def sqlite_compare(op: str, left: JSON, left_affinity: str, right: JSON, right_a
     else:
         order = (left > right) - (left < right)
     return int(
-        {"=": order == 0, "<>": order != 0, "<": order < 0, "<=": order <= 0, ">": order > 0, ">=": order >= 0}[op]
+        {
+            "=": order == 0,
+            "<>": order != 0,
+            "<": order < 0,
+            "<=": order <= 0,
+            ">": order > 0,
+            ">=": order >= 0,
+        }[op]
     )
 
 
@@ -1312,11 +1379,20 @@ def evaluate_ir(node: IR, row: dict[str, JSON]) -> JSON:
             if node.op == "AND":
                 return 0 if right == 0 else (None if None in (left, right) else 1)
             return 1 if right == 1 else (None if None in (left, right) else 0)
-        left_value, right_value = evaluate_ir(node.left, row), evaluate_ir(node.right, row)
+        left_value, right_value = (
+            evaluate_ir(node.left, row),
+            evaluate_ir(node.right, row),
+        )
         if node.op in ("LIKE", "NOT LIKE"):
             matched = sqlite_like(left_value, right_value)
             return matched if matched is None or node.op == "LIKE" else 1 - matched
-        return sqlite_compare(node.op, left_value, _affinity_of(node.left), right_value, _affinity_of(node.right))
+        return sqlite_compare(
+            node.op,
+            left_value,
+            _affinity_of(node.left),
+            right_value,
+            _affinity_of(node.right),
+        )
     if isinstance(node, Not):
         value = _truth(evaluate_ir(node.operand, row))
         return None if value is None else 1 - value
@@ -1346,7 +1422,15 @@ def evaluate_ir(node: IR, row: dict[str, JSON]) -> JSON:
 
 
 _STRFTIME_DIRECTIVES = {
-    "Y": "%Y", "m": "%m", "d": "%d", "H": "%H", "M": "%M", "S": "%S", "j": "%j", "W": "%W", "%": "%%",
+    "Y": "%Y",
+    "m": "%m",
+    "d": "%d",
+    "H": "%H",
+    "M": "%M",
+    "S": "%S",
+    "j": "%j",
+    "W": "%W",
+    "%": "%%",
 }
 
 
@@ -1417,8 +1501,24 @@ class FieldResolver(Protocol):
     def all_items(self, condition: Callable[[FieldResolver], IR]) -> IR | None: ...
 
 
-_DATE_MACROS = ("@now", "@yesterday", "@tomorrow", "@todayStart", "@todayEnd", "@monthStart", "@monthEnd",
-                "@yearStart", "@yearEnd", "@second", "@minute", "@hour", "@day", "@month", "@year", "@weekday")
+_DATE_MACROS = (
+    "@now",
+    "@yesterday",
+    "@tomorrow",
+    "@todayStart",
+    "@todayEnd",
+    "@monthStart",
+    "@monthEnd",
+    "@yearStart",
+    "@yearEnd",
+    "@second",
+    "@minute",
+    "@hour",
+    "@day",
+    "@month",
+    "@year",
+    "@weekday",
+)
 
 
 def date_macro(name: str, now: float) -> JSON:
@@ -1428,7 +1528,9 @@ def date_macro(name: str, now: float) -> JSON:
     day_end = datetime.timedelta(days=1, microseconds=-1000)
 
     def text(value: datetime.datetime) -> str:
-        return value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+        return (
+            value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+        )
 
     month_start = midnight.replace(day=1)
     next_month = (month_start + datetime.timedelta(days=32)).replace(day=1)
@@ -1442,7 +1544,10 @@ def date_macro(name: str, now: float) -> JSON:
         "@monthStart": text(month_start),
         "@monthEnd": text(next_month - datetime.timedelta(microseconds=1000)),
         "@yearStart": text(year_start),
-        "@yearEnd": text(year_start.replace(year=year_start.year + 1) - datetime.timedelta(microseconds=1000)),
+        "@yearEnd": text(
+            year_start.replace(year=year_start.year + 1)
+            - datetime.timedelta(microseconds=1000)
+        ),
         "@second": moment.second,
         "@minute": moment.minute,
         "@hour": moment.hour,
@@ -1460,12 +1565,20 @@ def lower_rule(expression: Expression, resolver: FieldResolver) -> IR:
         return _fold("AND", [lower_rule(item, resolver) for item in expression.items])
     if isinstance(expression, Or):
         return _fold("OR", [lower_rule(item, resolver) for item in expression.items])
-    left, right = _operand(expression.left, resolver), _operand(expression.right, resolver)
+    left, right = (
+        _operand(expression.left, resolver),
+        _operand(expression.right, resolver),
+    )
     condition = _comparison(expression.op.lstrip("?"), left, right)
     multi = left.multi or right.multi
     if not expression.op.startswith("?") and multi:
+
         def again(fresh: FieldResolver) -> IR:
-            return _comparison(expression.op, _operand(expression.left, fresh), _operand(expression.right, fresh))
+            return _comparison(
+                expression.op,
+                _operand(expression.left, fresh),
+                _operand(expression.right, fresh),
+            )
 
         every = resolver.all_items(again)
         if every is not None:
@@ -1508,12 +1621,18 @@ def _call(call: Call, resolver: FieldResolver) -> Resolved:
         if any(not isinstance(arg, Literal) for arg in call.args[2:]):
             raise RuleError("strftime modifiers must be strings")
         multi = next((arg.multi for arg in args if arg.multi), None)
-        return Resolved(Function("STRFTIME", tuple(arg.node for arg in args)), "column", multi)
+        return Resolved(
+            Function("STRFTIME", tuple(arg.node for arg in args)), "column", multi
+        )
     if call.name == "geoDistance":
-        if len(call.args) != 4 or any(isinstance(arg, (Call,)) or (isinstance(arg, Literal) and isinstance(arg.value, str)) for arg in call.args):
+        if len(call.args) != 4 or any(
+            isinstance(arg, Call)
+            or (isinstance(arg, Literal) and isinstance(arg.value, str))
+            for arg in call.args
+        ):
             raise RuleError("geoDistance takes 4 numbers or fields")
-        args = tuple(_operand(arg, resolver).node for arg in call.args)
-        return Resolved(Function(GEO_DISTANCE_FUNCTION, args), "raw")
+        points = tuple(_operand(arg, resolver).node for arg in call.args)
+        return Resolved(Function(GEO_DISTANCE_FUNCTION, points), "raw")
     raise RuleError(f"unknown function {call.name!r}")
 
 
@@ -1540,8 +1659,14 @@ def _equality(equal: bool, left: Resolved, right: Resolved) -> IR:
     if left.kind == "empty" or right.kind == "empty":
         other = right.node if left.kind == "empty" else left.node
         if equal:
-            return Binary("OR", Binary("=", Value(""), other), Binary("IS", other, Value(None)))
-        return Binary("AND", Binary("IS NOT", Value(""), other), Binary("IS NOT", other, Value(None)))
+            return Binary(
+                "OR", Binary("=", Value(""), other), Binary("IS", other, Value(None))
+            )
+        return Binary(
+            "AND",
+            Binary("IS NOT", Value(""), other),
+            Binary("IS NOT", other, Value(None)),
+        )
     return Binary(
         plain if equal else "IS NOT",
         Function("COALESCE", (left.node, Value(""))),
@@ -1562,16 +1687,33 @@ def _like_pattern(right: Resolved) -> IR:
     node = right.node
     if right.like_params and isinstance(node, Value):
         return Value(_like_text(node.value))
-    if right.like_params and isinstance(node, Function) and node.name == "LOWER" and isinstance(node.args[0], Value):
+    if (
+        right.like_params
+        and isinstance(node, Function)
+        and node.name == "LOWER"
+        and isinstance(node.args[0], Value)
+    ):
         return Function("LOWER", (Value(_like_text(node.args[0].value)),))
     return Function("_CONCAT", (Value("%"), node, Value("%")))
 
 
 def _like_text(value: JSON) -> str:
-    text = "" if value is None else (_encode_json_text(_js_number(value)) if isinstance(value, float) else str(value))
+    text = (
+        ""
+        if value is None
+        else (
+            _encode_json_text(_js_number(value))
+            if isinstance(value, float)
+            else str(value)
+        )
+    )
     if _UNESCAPED_PERCENT_RE.search(text):
         return text
-    escaped = re.sub(r"\\[\\%_]|[\\%_]", lambda m: m.group(0) if len(m.group(0)) == 2 else "\\" + m.group(0), text)
+    escaped = re.sub(
+        r"\\[\\%_]|[\\%_]",
+        lambda m: m.group(0) if len(m.group(0)) == 2 else "\\" + m.group(0),
+        text,
+    )
     return f"%{escaped}%"
 
 
@@ -1609,7 +1751,13 @@ _COMMON_FIELD_OPTIONS: dict[str, JSON] = {
 }
 # Each type's options with PocketBase's defaults (core/field_*.go).
 FIELD_TYPE_OPTIONS: dict[str, dict[str, JSON]] = {
-    "text": {"autogeneratePattern": "", "max": 0, "min": 0, "pattern": "", "primaryKey": False},
+    "text": {
+        "autogeneratePattern": "",
+        "max": 0,
+        "min": 0,
+        "pattern": "",
+        "primaryKey": False,
+    },
     "editor": {"convertURLs": False, "maxSize": 0},
     "number": {"max": None, "min": None, "onlyInt": False},
     "bool": {},
@@ -1619,8 +1767,19 @@ FIELD_TYPE_OPTIONS: dict[str, dict[str, JSON]] = {
     "autodate": {"onCreate": False, "onUpdate": False},
     "select": {"maxSelect": 0, "values": []},
     "json": {"maxSize": 0},
-    "relation": {"cascadeDelete": False, "collectionId": "", "maxSelect": 0, "minSelect": 0},
-    "file": {"maxSelect": 0, "maxSize": 0, "mimeTypes": [], "protected": False, "thumbs": []},
+    "relation": {
+        "cascadeDelete": False,
+        "collectionId": "",
+        "maxSelect": 0,
+        "minSelect": 0,
+    },
+    "file": {
+        "maxSelect": 0,
+        "maxSize": 0,
+        "mimeTypes": [],
+        "protected": False,
+        "thumbs": [],
+    },
     "password": {"cost": 0, "max": 0, "min": 0, "pattern": ""},
 }
 MULTI_CAPABLE_TYPES = frozenset({"select", "relation", "file"})
@@ -1650,7 +1809,9 @@ def normalize_field(spec: dict[str, JSON]) -> dict[str, JSON]:
     Raises ValueError for an unknown type (PocketBase's "invalid formatting").
     """
     field_type = spec.get("type")
-    if field_type not in FIELD_TYPE_OPTIONS or not isinstance(spec.get("name", ""), str):
+    if field_type not in FIELD_TYPE_OPTIONS or not isinstance(
+        spec.get("name", ""), str
+    ):
         raise ValueError(f"unknown field type {field_type!r}")
     base = dict(_COMMON_FIELD_OPTIONS)
     if field_type == "autodate":
@@ -1699,7 +1860,14 @@ def _id_field() -> dict[str, JSON]:
 def _auth_system_fields() -> list[dict[str, JSON]]:
     return [
         normalize_field(
-            {"name": "password", "type": "password", "hidden": True, "min": 8, "required": True, "system": True}
+            {
+                "name": "password",
+                "type": "password",
+                "hidden": True,
+                "min": 8,
+                "required": True,
+                "system": True,
+            }
         ),
         normalize_field(
             {
@@ -1713,7 +1881,9 @@ def _auth_system_fields() -> list[dict[str, JSON]]:
                 "system": True,
             }
         ),
-        normalize_field({"name": "email", "type": "email", "required": True, "system": True}),
+        normalize_field(
+            {"name": "email", "type": "email", "required": True, "system": True}
+        ),
         normalize_field({"name": "emailVisibility", "type": "bool", "system": True}),
         normalize_field({"name": "verified", "type": "bool", "system": True}),
     ]
@@ -1721,9 +1891,17 @@ def _auth_system_fields() -> list[dict[str, JSON]]:
 
 def _timestamp_fields(system: bool = False) -> list[dict[str, JSON]]:
     return [
-        normalize_field({"name": "created", "type": "autodate", "onCreate": True, "system": system}),
         normalize_field(
-            {"name": "updated", "type": "autodate", "onCreate": True, "onUpdate": True, "system": system}
+            {"name": "created", "type": "autodate", "onCreate": True, "system": system}
+        ),
+        normalize_field(
+            {
+                "name": "updated",
+                "type": "autodate",
+                "onCreate": True,
+                "onUpdate": True,
+                "system": system,
+            }
         ),
     ]
 
@@ -1746,7 +1924,12 @@ def default_auth_options(token_duration_s: int = 432_000) -> dict[str, JSON]:
         },
         "passwordAuth": {"enabled": True, "identityFields": ["email"]},
         "mfa": {"enabled": False, "duration": 600, "rule": ""},
-        "otp": {"enabled": False, "duration": 180, "length": 8, "emailTemplate": dict(template)},
+        "otp": {
+            "enabled": False,
+            "duration": 180,
+            "length": 8,
+            "emailTemplate": dict(template),
+        },
         "authToken": {"duration": token_duration_s},
         "passwordResetToken": {"duration": 1800},
         "emailChangeToken": {"duration": 1800},
@@ -1887,7 +2070,9 @@ def parse_datetime(value: str) -> datetime.datetime | None:
     if zone and zone not in ("Z", " UTC"):
         sign = 1 if zone[0] == "+" else -1
         digits = zone[1:].replace(":", "")
-        moment -= sign * datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+        moment -= sign * datetime.timedelta(
+            hours=int(digits[:2]), minutes=int(digits[2:])
+        )
     return moment
 
 
@@ -2019,7 +2204,9 @@ def from_column(spec: dict[str, JSON], value: JSON) -> JSON:
         return bool(value)
     if field_type == "json":
         if isinstance(value, (int, float)):
-            return _js_number(value)  # the JSON column's NUMERIC affinity stored '1' as 1
+            return _js_number(
+                value
+            )  # the JSON column's NUMERIC affinity stored '1' as 1
         return None if value is None else parse_json(value)
     if is_multiple(spec):
         try:
@@ -2032,7 +2219,9 @@ def from_column(spec: dict[str, JSON], value: JSON) -> JSON:
 
 # --- validation -------------------------------------------------------------
 
-_EMAIL_RE = re.compile(r"^[\w.!#$%&'*+/=?^`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+_EMAIL_RE = re.compile(
+    r"^[\w.!#$%&'*+/=?^`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
 
 
 def _go_number(number: JSON) -> str:
@@ -2043,6 +2232,12 @@ def _go_number(number: JSON) -> str:
 def _go_time(value: str) -> str:
     moment = parse_datetime(value)
     return moment.strftime("%Y-%m-%d %H:%M:%S +0000 UTC") if moment else value
+
+
+def _go_threshold(value: str) -> str:
+    """A date option as Go's time.Time marshals it into `params`."""
+    moment = parse_datetime(value)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else value
 
 
 def _domain_allowed(spec: dict[str, JSON], host: str) -> bool:
@@ -2074,20 +2269,30 @@ def validate_value(spec: dict[str, JSON], value: JSON) -> JSON | None:
     if field_type in ("text", "password"):
         length = len(value)
         minimum = spec.get("min") or 0
-        maximum = spec.get("max") or (DEFAULT_TEXT_MAX if field_type == "text" else PASSWORD_MAX_LENGTH)
+        maximum = spec.get("max") or (
+            DEFAULT_TEXT_MAX if field_type == "text" else PASSWORD_MAX_LENGTH
+        )
         if minimum and length < minimum:
             return validation_entry(
-                "validation_min_text_constraint", f"Must be at least {minimum} character(s).", {"min": minimum}
+                "validation_min_text_constraint",
+                f"Must be at least {minimum} character(s).",
+                {"min": minimum},
             )
         if length > maximum:
             return validation_entry(
-                "validation_max_text_constraint", f"Must be no more than {maximum} character(s).", {"max": maximum}
+                "validation_max_text_constraint",
+                f"Must be no more than {maximum} character(s).",
+                {"max": maximum},
             )
         if spec.get("pattern") and not re.search(spec["pattern"], value):
-            return validation_entry("validation_invalid_format", "Invalid value format.")
+            return validation_entry(
+                "validation_invalid_format", "Invalid value format."
+            )
     elif field_type == "number":
         if spec.get("onlyInt") and not float(value).is_integer():
-            return validation_entry("validation_only_int_constraint", "Decimal numbers are not allowed.")
+            return validation_entry(
+                "validation_only_int_constraint", "Decimal numbers are not allowed."
+            )
         if spec.get("min") is not None and value < spec["min"]:
             return validation_entry(
                 "validation_min_number_constraint",
@@ -2102,27 +2307,36 @@ def validate_value(spec: dict[str, JSON], value: JSON) -> JSON | None:
             )
     elif field_type == "email":
         if not _EMAIL_RE.match(value):
-            return validation_entry("validation_is_email", "Must be a valid email address.")
+            return validation_entry(
+                "validation_is_email", "Must be a valid email address."
+            )
         if not _domain_allowed(spec, value.rpartition("@")[2]):
-            return validation_entry("validation_email_domain_not_allowed", "Email domain is not allowed.")
+            return validation_entry(
+                "validation_email_domain_not_allowed", "Email domain is not allowed."
+            )
     elif field_type == "url":
         parts = urllib.parse.urlsplit(value)
-        if parts.scheme not in ("http", "https", "ftp", "ws", "wss") or not parts.hostname:
+        if (
+            parts.scheme not in ("http", "https", "ftp", "ws", "wss")
+            or not parts.hostname
+        ):
             return validation_entry("validation_invalid_url", "Must be a valid url.")
         if not _domain_allowed(spec, parts.hostname):
-            return validation_entry("validation_url_domain_not_allowed", "Url domain is not allowed.")
+            return validation_entry(
+                "validation_url_domain_not_allowed", "Url domain is not allowed."
+            )
     elif field_type == "date":
         if spec.get("min") and value < normalize_date(spec["min"]):
             return validation_entry(
                 "validation_min_greater_equal_than_required",
                 f"Must be no less than {_go_time(spec['min'])}.",
-                {"threshold": parse_datetime(spec["min"]).strftime("%Y-%m-%dT%H:%M:%SZ")},  # type: ignore[union-attr]
+                {"threshold": _go_threshold(spec["min"])},
             )
         if spec.get("max") and value > normalize_date(spec["max"]):
             return validation_entry(
                 "validation_max_less_equal_than_required",
                 f"Must be no greater than {_go_time(spec['max'])}.",
-                {"threshold": parse_datetime(spec["max"]).strftime("%Y-%m-%dT%H:%M:%SZ")},  # type: ignore[union-attr]
+                {"threshold": _go_threshold(spec["max"])},
             )
     elif field_type == "editor":
         maximum = spec.get("maxSize") or DEFAULT_EDITOR_MAX_BYTES
@@ -2145,22 +2359,32 @@ def validate_value(spec: dict[str, JSON], value: JSON) -> JSON | None:
         if field_type == "select":
             for item in items:
                 if item not in spec.get("values", []):
-                    return validation_entry("validation_invalid_value", f"Invalid value {item}.", {"value": item})
+                    return validation_entry(
+                        "validation_invalid_value",
+                        f"Invalid value {item}.",
+                        {"value": item},
+                    )
         max_select = max(spec.get("maxSelect") or 1, 1)
         if len(items) > max_select:
             return validation_entry(
-                "validation_too_many_values", f"Select no more than {max_select}.", {"maxSelect": max_select}
+                "validation_too_many_values",
+                f"Select no more than {max_select}.",
+                {"maxSelect": max_select},
             )
         min_select = spec.get("minSelect") or 0
         if field_type == "relation" and len(items) < min_select:
             return validation_entry(
-                "validation_not_enough_values", f"Select at least {min_select}.", {"minSelect": min_select}
+                "validation_not_enough_values",
+                f"Select at least {min_select}.",
+                {"minSelect": min_select},
             )
     return None
 
 
 def validate_collection(
-    collection: Collection, others: list[Collection], known_ids: frozenset[str] = frozenset()
+    collection: Collection,
+    others: list[Collection],
+    known_ids: frozenset[str] = frozenset(),
 ) -> dict[str, JSON]:
     """Return PocketBase's validation errors of a collection definition.
 
@@ -2168,16 +2392,23 @@ def validate_collection(
     """
     errors: dict[str, JSON] = {}
     if not NAME_RE.match(collection.name) or len(collection.name) > MAX_NAME_LENGTH:
-        errors["name"] = validation_entry("validation_match_invalid", "Must be in a valid format.")
+        errors["name"] = validation_entry(
+            "validation_match_invalid", "Must be in a valid format."
+        )
     elif any(o.name.lower() == collection.name.lower() for o in others):
         errors["name"] = validation_entry(
-            "validation_collection_name_exists", "Collection name must be unique (case insensitive)."
+            "validation_collection_name_exists",
+            "Collection name must be unique (case insensitive).",
         )
     if collection.type not in ("base", "auth"):
-        errors["type"] = validation_entry("validation_in_invalid", "Must be a valid value.")
+        errors["type"] = validation_entry(
+            "validation_in_invalid", "Must be a valid value."
+        )
     if len(collection.fields) > MAX_FIELDS:
         errors["fields"] = validation_entry(
-            "validation_length_too_long", f"The length must be no more than {MAX_FIELDS}.", {"max": MAX_FIELDS}
+            "validation_length_too_long",
+            f"The length must be no more than {MAX_FIELDS}.",
+            {"max": MAX_FIELDS},
         )
         return errors
     field_errors: dict[str, JSON] = {}
@@ -2186,37 +2417,62 @@ def validate_collection(
     for index, spec in enumerate(collection.fields):
         problems: dict[str, JSON] = {}
         name = spec["name"]
-        if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > MAX_NAME_LENGTH:
-            problems["name"] = validation_entry("validation_match_invalid", "Must be in a valid format.")
+        if (
+            not isinstance(name, str)
+            or not NAME_RE.match(name)
+            or len(name) > MAX_NAME_LENGTH
+        ):
+            problems["name"] = validation_entry(
+                "validation_match_invalid", "Must be in a valid format."
+            )
         elif name.lower() in seen:
-            problems["name"] = validation_entry("validation_duplicated_field_name", "Duplicated or invalid field name.")
+            problems["name"] = validation_entry(
+                "validation_duplicated_field_name", "Duplicated or invalid field name."
+            )
         seen.add(str(name).lower())
         if spec["type"] == "select" and not spec.get("values"):
-            problems["values"] = validation_entry("validation_required", "Cannot be blank.")
-        if spec["type"] == "relation" and spec.get("collectionId") not in relation_targets:
+            problems["values"] = validation_entry(
+                "validation_required", "Cannot be blank."
+            )
+        if (
+            spec["type"] == "relation"
+            and spec.get("collectionId") not in relation_targets
+        ):
             problems["collectionId"] = validation_entry(
-                "validation_field_relation_missing_collection", "The relation collection doesn't exist."
+                "validation_field_relation_missing_collection",
+                "The relation collection doesn't exist.",
             )
         if spec["type"] == "text" and spec.get("pattern"):
             try:
                 re.compile(spec["pattern"])
             except re.error:
-                problems["pattern"] = validation_entry("validation_invalid_regex", "Invalid regex pattern.")
+                problems["pattern"] = validation_entry(
+                    "validation_invalid_regex", "Invalid regex pattern."
+                )
         if problems:
             field_errors[str(index)] = problems
     if field_errors:
         errors["fields"] = field_errors
     for index_sql in collection.indexes:
         if not isinstance(index_sql, str) or not _INDEX_RE.match(index_sql):
-            errors["indexes"] = validation_entry("validation_invalid_index", "Invalid index expression.")
+            errors["indexes"] = validation_entry(
+                "validation_invalid_index", "Invalid index expression."
+            )
     return errors
 
 
-_INDEX_RE = re.compile(r"^\s*CREATE\s+(UNIQUE\s+)?INDEX\s+(IF\s+NOT\s+EXISTS\s+)?[`\"\[]?(\w+)[`\"\]]?\s+ON\s+", re.I)
+_INDEX_RE = re.compile(
+    r"^\s*CREATE\s+(UNIQUE\s+)?INDEX\s+(IF\s+NOT\s+EXISTS\s+)?[`\"\[]?(\w+)[`\"\]]?\s+ON\s+",
+    re.I,
+)
 
 
 def build_collection(
-    data: dict[str, JSON], existing: Collection | None, *, now: str, new_secret: Callable[[], str]
+    data: dict[str, JSON],
+    existing: Collection | None,
+    *,
+    now: str,
+    new_secret: Callable[[], str],
 ) -> Collection:
     """Merge submitted collection JSON into a Collection (not yet validated).
 
@@ -2235,7 +2491,10 @@ def build_collection(
     if submitted_fields is not None and not isinstance(submitted_fields, list):
         raise ValueError("fields must be a list")
     fields = _merge_fields(
-        [normalize_field(spec) if isinstance(spec, dict) else _raise_shape() for spec in submitted_fields or []],
+        [
+            normalize_field(spec) if isinstance(spec, dict) else _raise_shape()
+            for spec in submitted_fields or []
+        ],
         existing,
         collection_type,
         replace=submitted_fields is not None,
@@ -2254,19 +2513,32 @@ def build_collection(
         for key, default in defaults.items():
             value = data.get(key, options.get(key, default))
             options[key] = value
-        auth_token = dict(options["authToken"]) if isinstance(options["authToken"], dict) else {}
+        auth_token = (
+            dict(options["authToken"]) if isinstance(options["authToken"], dict) else {}
+        )
         auth_token.setdefault("duration", 432_000)
-        auth_token["secret"] = (existing.token_secret if existing else "") or new_secret()
+        auth_token["secret"] = (
+            existing.token_secret if existing else ""
+        ) or new_secret()
         options["authToken"] = auth_token
     indexes = data.get("indexes", list(existing.indexes) if existing else [])
     if not isinstance(indexes, list):
         raise ValueError("indexes must be a list")
     indexes = list(indexes)
     if existing is not None and existing.name != name:
-        old_table = re.compile(r"\bON\s+[`\"]?" + re.escape(existing.name) + r"[`\"]?\s*\(", re.I)
-        indexes = [old_table.sub(f"ON `{name}` (", sql) if isinstance(sql, str) else sql for sql in indexes]
+        old_table = re.compile(
+            r"\bON\s+[`\"]?" + re.escape(existing.name) + r"[`\"]?\s*\(", re.I
+        )
+        indexes = [
+            old_table.sub(f"ON `{name}` (", sql) if isinstance(sql, str) else sql
+            for sql in indexes
+        ]
     if collection_type == "auth":
-        identifier = (existing.id if existing else None) or data.get("id") or collection_id(collection_type, name)
+        identifier = (
+            (existing.id if existing else None)
+            or data.get("id")
+            or collection_id(collection_type, name)
+        )
         wanted = {
             f"idx_tokenKey_{identifier}": f"CREATE UNIQUE INDEX `idx_tokenKey_{identifier}` ON `{name}` (`tokenKey`)",
             f"idx_email_{identifier}": (
@@ -2277,7 +2549,9 @@ def build_collection(
             if not any(isinstance(sql, str) and index_name in sql for sql in indexes):
                 indexes.append(index_sql)
     return Collection(
-        id=existing.id if existing else (data.get("id") or collection_id(collection_type, name)),
+        id=existing.id
+        if existing
+        else (data.get("id") or collection_id(collection_type, name)),
         name=name,
         type=collection_type,
         fields=tuple(fields),
@@ -2295,7 +2569,11 @@ def _raise_shape() -> dict[str, JSON]:
 
 
 def _merge_fields(
-    submitted: list[dict[str, JSON]], existing: Collection | None, collection_type: str, *, replace: bool
+    submitted: list[dict[str, JSON]],
+    existing: Collection | None,
+    collection_type: str,
+    *,
+    replace: bool,
 ) -> list[dict[str, JSON]]:
     """Return the final field list: system fields kept, submitted ones merged."""
     old_fields = list(existing.fields) if existing else []
@@ -2307,15 +2585,26 @@ def _merge_fields(
         if old is not None:
             spec["id"] = old["id"]
             if old.get("system"):
-                spec = {**spec, "system": True, "name": old["name"], "type": old["type"]}
+                spec = {
+                    **spec,
+                    "system": True,
+                    "name": old["name"],
+                    "type": old["type"],
+                }
         result = [r for r in result if r["name"] != spec["name"]] + [spec]
     if not replace:
         result = old_fields
     elif existing:
         submitted_ids = {spec["id"] for spec in result}
-        kept = [spec for spec in old_fields if spec.get("system") and spec["id"] not in submitted_ids]
+        kept = [
+            spec
+            for spec in old_fields
+            if spec.get("system") and spec["id"] not in submitted_ids
+        ]
         result = kept + result
-    required = [_id_field()] + (_auth_system_fields() if collection_type == "auth" else [])
+    required = [_id_field()] + (
+        _auth_system_fields() if collection_type == "auth" else []
+    )
     names = {spec["name"] for spec in result}
     missing = [spec for spec in required if spec["name"] not in names]
     if missing and missing[0]["name"] == "id":
@@ -2329,10 +2618,16 @@ def _import_failure(data: dict[str, JSON], errors: dict[str, JSON]) -> JSON:
     def sentences(value: JSON) -> JSON:
         if isinstance(value, dict) and "message" in value:
             return str(value["message"]).rstrip(".").lower()
-        return {key: sentences(item) for key, item in value.items()} if isinstance(value, dict) else value
+        return (
+            {key: sentences(item) for key, item in value.items()}
+            if isinstance(value, dict)
+            else value
+        )
 
     name = data.get("name", "")
-    identifier = data.get("id") or collection_id(str(data.get("type", "base")), str(name))
+    identifier = data.get("id") or collection_id(
+        str(data.get("type", "base")), str(name)
+    )
     details = json.dumps(sentences(errors), indent=2)
     return validation_entry(
         "validation_collections_import_failure",
@@ -2392,12 +2687,16 @@ class Store:
         self.new_id = new_id
         self.new_secret = new_secret
         self.hash_password = hash_password
-        self.connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.connection = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False
+        )
         self.connection.execute("PRAGMA journal_mode = WAL")
         self.connection.execute("PRAGMA foreign_keys = ON")
         self.connection.execute("PRAGMA busy_timeout = 5000")
         self.connection.execute("PRAGMA synchronous = NORMAL")
-        self.connection.create_function(GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True)
+        self.connection.create_function(
+            GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True
+        )
         self._depth = 0
         self._changes: list[RecordChange] = []
         self.listener: ChangeListener | None = None
@@ -2456,7 +2755,9 @@ class Store:
 
     def _load_collections(self) -> None:
         self._collections = {}
-        for (data,) in self.connection.execute('SELECT data FROM "_collections" ORDER BY position'):
+        for (data,) in self.connection.execute(
+            'SELECT data FROM "_collections" ORDER BY position'
+        ):
             stored = json.loads(data)
             self._collections[stored["id"]] = Collection(
                 id=stored["id"],
@@ -2475,13 +2776,22 @@ class Store:
         """Create what a fresh PocketBase has: `_superusers` and `users`."""
         now = self.now_text()
         superusers = build_collection(
-            {"name": SUPERUSERS, "type": "auth", "fields": [*_auth_system_fields(), *_timestamp_fields(system=True)]},
+            {
+                "name": SUPERUSERS,
+                "type": "auth",
+                "fields": [*_auth_system_fields(), *_timestamp_fields(system=True)],
+            },
             None,
             now=now,
             new_secret=self.new_secret,
         )
-        options = dict(superusers.options, authToken={**superusers.options["authToken"], "duration": 86_400})
-        self._write_collection(dataclasses.replace(superusers, system=True, options=options), None)
+        options = dict(
+            superusers.options,
+            authToken={**superusers.options["authToken"], "duration": 86_400},
+        )
+        self._write_collection(
+            dataclasses.replace(superusers, system=True, options=options), None
+        )
         users_rule = "id = @request.auth.id"
         users = build_collection(
             {
@@ -2500,7 +2810,13 @@ class Store:
                         "name": "avatar",
                         "type": "file",
                         "maxSelect": 1,
-                        "mimeTypes": ["image/jpeg", "image/png", "image/svg+xml", "image/gif", "image/webp"],
+                        "mimeTypes": [
+                            "image/jpeg",
+                            "image/png",
+                            "image/svg+xml",
+                            "image/gif",
+                            "image/webp",
+                        ],
                     },
                     *_timestamp_fields(),
                 ],
@@ -2522,20 +2838,35 @@ class Store:
         if found is not None:
             return found
         lowered = id_or_name.lower()
-        return next((c for c in self._collections.values() if c.name.lower() == lowered), None)
+        return next(
+            (c for c in self._collections.values() if c.name.lower() == lowered), None
+        )
 
     def save_collection(
-        self, data: dict[str, JSON], existing: Collection | None = None, *, known_ids: frozenset[str] = frozenset()
+        self,
+        data: dict[str, JSON],
+        existing: Collection | None = None,
+        *,
+        known_ids: frozenset[str] = frozenset(),
     ) -> Collection:
         """Create or update a collection from its JSON; migrate its table.
 
         Raises ValidationError with PocketBase's field errors, or ValueError
         for data of the wrong shape.
         """
-        collection = build_collection(data, existing, now=self.now_text(), new_secret=self.new_secret)
-        others = [c for c in self._collections.values() if existing is None or c.id != existing.id]
+        collection = build_collection(
+            data, existing, now=self.now_text(), new_secret=self.new_secret
+        )
+        others = [
+            c
+            for c in self._collections.values()
+            if existing is None or c.id != existing.id
+        ]
         errors = validate_collection(collection, others, known_ids)
-        for rule_name in (*RULE_NAMES, *(AUTH_RULE_NAMES if collection.is_auth else ())):
+        for rule_name in (
+            *RULE_NAMES,
+            *(AUTH_RULE_NAMES if collection.is_auth else ()),
+        ):
             rule = collection.rules.get(rule_name, collection.options.get(rule_name))
             if not isinstance(rule, str) or rule == "":
                 continue
@@ -2546,14 +2877,18 @@ class Store:
                     "validation_invalid_rule", f"Invalid rule. Raw error: {exc.msg}."
                 )
         if not errors and existing is None and collection.id in self._collections:
-            errors["id"] = validation_entry("validation_invalid_id", "The model id is invalid or already exists.")
+            errors["id"] = validation_entry(
+                "validation_invalid_id", "The model id is invalid or already exists."
+            )
         if errors:
             raise ValidationError(errors)
         with self.transaction():
             self._write_collection(collection, existing)
         return collection
 
-    def _write_collection(self, collection: Collection, existing: Collection | None) -> None:
+    def _write_collection(
+        self, collection: Collection, existing: Collection | None
+    ) -> None:
         stored = {
             "id": collection.id,
             "name": collection.name,
@@ -2580,12 +2915,18 @@ class Store:
         self._migrate_table(collection, existing)
         self._collections[collection.id] = collection
 
-    def _migrate_table(self, collection: Collection, existing: Collection | None) -> None:
+    def _migrate_table(
+        self, collection: Collection, existing: Collection | None
+    ) -> None:
         """Create or rebuild a collection's table, keeping data by field id."""
         table = quote_identifier(collection.name)
         columns = ", ".join(
             f"{quote_identifier(spec['name'])} "
-            + ("TEXT PRIMARY KEY NOT NULL" if spec["name"] == "id" else column_declaration(spec))
+            + (
+                "TEXT PRIMARY KEY NOT NULL"
+                if spec["name"] == "id"
+                else column_declaration(spec)
+            )
             for spec in collection.fields
         )
         if existing is None:
@@ -2596,14 +2937,20 @@ class Store:
             self.connection.execute(f"CREATE TABLE {temporary} ({columns})")
             old_by_id = {spec["id"]: spec for spec in existing.fields}
             pairs = [
-                (quote_identifier(spec["name"]), quote_identifier(old_by_id[spec["id"]]["name"]))
+                (
+                    quote_identifier(spec["name"]),
+                    quote_identifier(old_by_id[spec["id"]]["name"]),
+                )
                 for spec in collection.fields
-                if spec["id"] in old_by_id and old_by_id[spec["id"]]["type"] == spec["type"]
+                if spec["id"] in old_by_id
+                and old_by_id[spec["id"]]["type"] == spec["type"]
                 and is_multiple(old_by_id[spec["id"]]) == is_multiple(spec)
             ]
             targets = ", ".join(["rowid"] + [new for new, _ in pairs])
             sources = ", ".join(["rowid"] + [old for _, old in pairs])
-            self.connection.execute(f"INSERT INTO {temporary} ({targets}) SELECT {sources} FROM {old_table}")
+            self.connection.execute(
+                f"INSERT INTO {temporary} ({targets}) SELECT {sources} FROM {old_table}"
+            )
             self.connection.execute(f"DROP TABLE {old_table}")
             self.connection.execute(f"ALTER TABLE {temporary} RENAME TO {table}")
         for index_sql in collection.indexes:
@@ -2611,7 +2958,11 @@ class Store:
                 self.connection.execute(index_sql)
             except sqlite3.Error as exc:
                 raise ValidationError(
-                    {"indexes": validation_entry("validation_invalid_index", f"Invalid index: {exc}.")}
+                    {
+                        "indexes": validation_entry(
+                            "validation_invalid_index", f"Invalid index: {exc}."
+                        )
+                    }
                 ) from None
 
     def delete_collection(self, collection: Collection) -> None:
@@ -2626,18 +2977,27 @@ class Store:
             other.name
             for other in self._collections.values()
             if other.id != collection.id
-            and any(spec["type"] == "relation" and spec.get("collectionId") == collection.id for spec in other.fields)
+            and any(
+                spec["type"] == "relation" and spec.get("collectionId") == collection.id
+                for spec in other.fields
+            )
         ]
         if referencing:
             raise ValueError(
-                "Failed to delete collection probably due to existing reference in " + ", ".join(referencing) + "."
+                "Failed to delete collection probably due to existing reference in "
+                + ", ".join(referencing)
+                + "."
             )
         with self.transaction():
-            self.connection.execute('DELETE FROM "_collections" WHERE id = ?', (collection.id,))
+            self.connection.execute(
+                'DELETE FROM "_collections" WHERE id = ?', (collection.id,)
+            )
             self.connection.execute(f"DROP TABLE {quote_identifier(collection.name)}")
             del self._collections[collection.id]
 
-    def import_collections(self, items: list[dict[str, JSON]], *, delete_missing: bool) -> None:
+    def import_collections(
+        self, items: list[dict[str, JSON]], *, delete_missing: bool
+    ) -> None:
         """Create or update many collections in one transaction (PocketBase's import).
 
         Each is matched to an existing collection by id, else by name. Without
@@ -2649,36 +3009,61 @@ class Store:
         imported: set[str] = set()
         with self.transaction():
             for item in items:
-                existing = self._collections.get(str(item.get("id") or "")) or self.collection(
-                    str(item.get("name") or "\0")
-                )
+                existing = self._collections.get(
+                    str(item.get("id") or "")
+                ) or self.collection(str(item.get("name") or "\0"))
                 data = dict(item)
-                if existing is not None and not delete_missing and isinstance(data.get("fields"), list):
-                    listed = {(f.get("id"), f.get("name")) for f in data["fields"] if isinstance(f, dict)}
+                if (
+                    existing is not None
+                    and not delete_missing
+                    and isinstance(data.get("fields"), list)
+                ):
+                    listed = {
+                        (f.get("id"), f.get("name"))
+                        for f in data["fields"]
+                        if isinstance(f, dict)
+                    }
                     listed_ids = {pair[0] for pair in listed}
                     listed_names = {pair[1] for pair in listed}
-                    kept = [f for f in existing.fields if f["id"] not in listed_ids and f["name"] not in listed_names]
+                    kept = [
+                        f
+                        for f in existing.fields
+                        if f["id"] not in listed_ids and f["name"] not in listed_names
+                    ]
                     data["fields"] = kept + data["fields"]
                 try:
                     saved = self.save_collection(data, existing, known_ids=known_ids)
                 except ValidationError as exc:
-                    raise ValidationError({"collections": _import_failure(data, exc.errors)}) from None
+                    raise ValidationError(
+                        {"collections": _import_failure(data, exc.errors)}
+                    ) from None
                 imported.add(saved.id)
             if delete_missing:
                 for collection in self.collections():
                     if collection.id not in imported and not collection.system:
-                        self.connection.execute('DELETE FROM "_collections" WHERE id = ?', (collection.id,))
-                        self.connection.execute(f"DROP TABLE {quote_identifier(collection.name)}")
+                        self.connection.execute(
+                            'DELETE FROM "_collections" WHERE id = ?', (collection.id,)
+                        )
+                        self.connection.execute(
+                            f"DROP TABLE {quote_identifier(collection.name)}"
+                        )
                         del self._collections[collection.id]
 
     # --- reading records -----------------------------------------------------
 
-    def _row_to_record(self, collection: Collection, row: sqlite3.Row | tuple[JSON, ...]) -> Record:
-        return {spec["name"]: from_column(spec, value) for spec, value in zip(collection.fields, row)}
+    def _row_to_record(
+        self, collection: Collection, row: sqlite3.Row | tuple[JSON, ...]
+    ) -> Record:
+        return {
+            spec["name"]: from_column(spec, value)
+            for spec, value in zip(collection.fields, row)
+        }
 
     def _select_columns(self, collection: Collection, alias: str = "") -> str:
         prefix = f"{alias}." if alias else ""
-        return ", ".join(prefix + quote_identifier(spec["name"]) for spec in collection.fields)
+        return ", ".join(
+            prefix + quote_identifier(spec["name"]) for spec in collection.fields
+        )
 
     def get_record(self, collection: Collection, record_id: str) -> Record | None:
         """Return one record by id, or None."""
@@ -2688,7 +3073,9 @@ class Store:
         ).fetchone()
         return None if row is None else self._row_to_record(collection, row)
 
-    def get_records(self, collection: Collection, record_ids: list[str]) -> dict[str, Record]:
+    def get_records(
+        self, collection: Collection, record_ids: list[str]
+    ) -> dict[str, Record]:
         """Return the records with these ids, keyed by id (missing ones absent)."""
         if not record_ids:
             return {}
@@ -2718,12 +3105,20 @@ class Store:
         rows = self.connection.execute(sql, (*params, limit, offset)).fetchall()
         return [self._row_to_record(collection, row) for row in rows]
 
-    def record_matches(self, collection: Collection, record_id: str, where: str, params: tuple[JSON, ...]) -> bool:
+    def record_matches(
+        self,
+        collection: Collection,
+        record_id: str,
+        where: str,
+        params: tuple[JSON, ...],
+    ) -> bool:
         """Whether the record with this id satisfies an SQL condition."""
         sql = f"SELECT 1 FROM {quote_identifier(collection.name)} t WHERE t.id = ? AND ({where})"
         return self.connection.execute(sql, (record_id, *params)).fetchone() is not None
 
-    def count_records(self, collection: Collection, *, where: str = "", params: tuple[JSON, ...] = ()) -> int:
+    def count_records(
+        self, collection: Collection, *, where: str = "", params: tuple[JSON, ...] = ()
+    ) -> int:
         """Count the records matching an SQL condition."""
         sql = f"SELECT COUNT(*) FROM {quote_identifier(collection.name)} t"
         if where:
@@ -2733,7 +3128,12 @@ class Store:
     # --- writing records -----------------------------------------------------
 
     def create_record(
-        self, collection: Collection, data: dict[str, JSON], *, privileged: bool, manager: bool = False
+        self,
+        collection: Collection,
+        data: dict[str, JSON],
+        *,
+        privileged: bool,
+        manager: bool = False,
     ) -> Record:
         """Validate and insert a record built from submitted `data`.
 
@@ -2741,15 +3141,35 @@ class Store:
         nor mark auth records verified. Raises ValidationError.
         """
         record = {spec["name"]: zero_value(spec) for spec in collection.fields}
-        errors = self._apply(collection, record, data, privileged=privileged, manager=manager, creating=True)
+        errors = self._apply(
+            collection,
+            record,
+            data,
+            privileged=privileged,
+            manager=manager,
+            creating=True,
+        )
         return self._save(collection, record, None, errors)
 
     def update_record(
-        self, collection: Collection, current: Record, data: dict[str, JSON], *, privileged: bool, manager: bool = False
+        self,
+        collection: Collection,
+        current: Record,
+        data: dict[str, JSON],
+        *,
+        privileged: bool,
+        manager: bool = False,
     ) -> Record:
         """Apply submitted `data` (with `+`/`-` modifiers) to a record and save it."""
         record = dict(current)
-        errors = self._apply(collection, record, data, privileged=privileged, manager=manager, creating=False)
+        errors = self._apply(
+            collection,
+            record,
+            data,
+            privileged=privileged,
+            manager=manager,
+            creating=False,
+        )
         return self._save(collection, record, current, errors)
 
     def _apply(
@@ -2768,11 +3188,17 @@ class Store:
         for key, raw in sorted(data.items(), key=_modifier_order):
             name, modifier = _split_modifier(key)
             spec = collection.field(name)
-            if spec is None or spec["type"] == "autodate" or (name == "id" and (not creating or modifier)):
+            if (
+                spec is None
+                or spec["type"] == "autodate"
+                or (name == "id" and (not creating or modifier))
+            ):
                 continue
             if spec["type"] == "file":
                 if raw not in (None, "", []):
-                    errors[name] = validation_entry("validation_file_unsupported", "File uploads are not supported.")
+                    errors[name] = validation_entry(
+                        "validation_file_unsupported", "File uploads are not supported."
+                    )
                 continue
             if spec["type"] == "password":
                 if modifier:
@@ -2783,9 +3209,15 @@ class Store:
                 continue
             if spec.get("hidden") and not privileged:
                 continue
-            if collection.is_auth and name == "verified" and not (privileged or manager):
+            if (
+                collection.is_auth
+                and name == "verified"
+                and not (privileged or manager)
+            ):
                 if _to_bool(raw) != bool(record.get("verified")):
-                    errors[name] = validation_entry("validation_values_mismatch", "Values don't match.")
+                    errors[name] = validation_entry(
+                        "validation_values_mismatch", "Values don't match."
+                    )
                 continue
             record[name] = _apply_modifier(spec, record[name], raw, modifier)
         if collection.is_auth:
@@ -2793,7 +3225,9 @@ class Store:
             if password is not None or creating:
                 password = password or ""
                 if confirm is not None and _to_text(confirm) != password:
-                    errors["passwordConfirm"] = validation_entry("validation_values_mismatch", "Values don't match.")
+                    errors["passwordConfirm"] = validation_entry(
+                        "validation_values_mismatch", "Values don't match."
+                    )
                 spec = collection.field("password")
                 problem = validate_value(spec, password) if spec else None
                 if problem:
@@ -2807,16 +3241,28 @@ class Store:
                 record["verified"] = True
         return errors
 
-    def _save(self, collection: Collection, record: Record, current: Record | None, errors: dict[str, JSON]) -> Record:
+    def _save(
+        self,
+        collection: Collection,
+        record: Record,
+        current: Record | None,
+        errors: dict[str, JSON],
+    ) -> Record:
         creating = current is None
         now = self.now_text()
         for spec in collection.fields:
-            if spec["type"] == "autodate" and (spec.get("onCreate") and creating or spec.get("onUpdate")):
+            if spec["type"] == "autodate" and (
+                spec.get("onCreate") and creating or spec.get("onUpdate")
+            ):
                 record[spec["name"]] = now
         if creating and not record.get("id"):
             record["id"] = self.new_id()
         for spec in collection.fields:
-            if spec["name"] in errors or spec["type"] in ("password", "autodate", "file"):
+            if spec["name"] in errors or spec["type"] in (
+                "password",
+                "autodate",
+                "file",
+            ):
                 continue
             problem = validate_value(spec, record[spec["name"]])
             if problem is None and spec["type"] == "relation":
@@ -2834,13 +3280,22 @@ class Store:
             if creating:
                 names = ", ".join(quote_identifier(spec["name"]) for spec in columns)
                 marks = ", ".join("?" for _ in columns)
-                self.connection.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", values)
-            else:
-                assignments = ", ".join(f"{quote_identifier(spec['name'])} = ?" for spec in columns)
                 self.connection.execute(
-                    f"UPDATE {table} SET {assignments} WHERE id = ?", (*values, current["id"])  # type: ignore[index]
+                    f"INSERT INTO {table} ({names}) VALUES ({marks})", values
                 )
-            self._record_change(RecordChange("create" if creating else "update", collection, record, current))
+            else:
+                assignments = ", ".join(
+                    f"{quote_identifier(spec['name'])} = ?" for spec in columns
+                )
+                self.connection.execute(
+                    f"UPDATE {table} SET {assignments} WHERE id = ?",
+                    (*values, current["id"]),  # type: ignore[index]
+                )
+            self._record_change(
+                RecordChange(
+                    "create" if creating else "update", collection, record, current
+                )
+            )
         return record
 
     def _check_relation(self, spec: dict[str, JSON], value: JSON) -> JSON | None:
@@ -2850,25 +3305,36 @@ class Store:
             return None
         if target is None or len(self.get_records(target, ids)) != len(ids):
             return validation_entry(
-                "validation_missing_rel_records", "Failed to find all relation records with the provided ids."
+                "validation_missing_rel_records",
+                "Failed to find all relation records with the provided ids.",
             )
         return None
 
-    def _unique_errors(self, collection: Collection, record: Record, creating: bool) -> dict[str, JSON]:
+    def _unique_errors(
+        self, collection: Collection, record: Record, creating: bool
+    ) -> dict[str, JSON]:
         errors: dict[str, JSON] = {}
         table = quote_identifier(collection.name)
         not_unique = validation_entry("validation_not_unique", "Value must be unique.")
-        if creating and self.connection.execute(f"SELECT 1 FROM {table} WHERE id = ?", (record["id"],)).fetchone():
+        if (
+            creating
+            and self.connection.execute(
+                f"SELECT 1 FROM {table} WHERE id = ?", (record["id"],)
+            ).fetchone()
+        ):
             errors["id"] = not_unique
         if collection.is_auth and record.get("email"):
             clash = self.connection.execute(
-                f"SELECT 1 FROM {table} WHERE email = ? AND id != ?", (record["email"], record["id"])
+                f"SELECT 1 FROM {table} WHERE email = ? AND id != ?",
+                (record["email"], record["id"]),
             ).fetchone()
             if clash:
                 errors["email"] = not_unique
         return errors
 
-    def delete_record(self, collection: Collection, record: Record) -> list[tuple[Collection, Record]]:
+    def delete_record(
+        self, collection: Collection, record: Record
+    ) -> list[tuple[Collection, Record]]:
         """Delete a record, applying each relation's cascade option.
 
         Returns every deleted (collection, record), the given one last.
@@ -2880,13 +3346,20 @@ class Store:
         return deleted
 
     def _delete(
-        self, collection: Collection, record: Record, deleted: list[tuple[Collection, Record]], depth: int
+        self,
+        collection: Collection,
+        record: Record,
+        deleted: list[tuple[Collection, Record]],
+        depth: int,
     ) -> None:
         if depth > 32:
             raise ValueError("Failed to delete record: relation cascade is too deep.")
         for other in self.collections():
             for spec in other.fields:
-                if spec["type"] != "relation" or spec.get("collectionId") != collection.id:
+                if (
+                    spec["type"] != "relation"
+                    or spec.get("collectionId") != collection.id
+                ):
                     continue
                 column = quote_identifier(spec["name"])
                 condition = (
@@ -2894,14 +3367,18 @@ class Store:
                     if is_multiple(spec)
                     else f"t.{column} = ?"
                 )
-                for referencing in self.find_records(other, where=condition, params=(record["id"],)):
+                for referencing in self.find_records(
+                    other, where=condition, params=(record["id"],)
+                ):
                     if other.id == collection.id and referencing["id"] == record["id"]:
                         continue
                     if spec.get("cascadeDelete"):
                         self._delete(other, referencing, deleted, depth + 1)
                         continue
                     remaining = (
-                        [i for i in referencing[spec["name"]] if i != record["id"]] if is_multiple(spec) else ""
+                        [i for i in referencing[spec["name"]] if i != record["id"]]
+                        if is_multiple(spec)
+                        else ""
                     )
                     if spec.get("required") and not remaining:
                         raise ValueError(
@@ -2913,10 +3390,18 @@ class Store:
                         (to_column(spec, remaining), referencing["id"]),
                     )
                     self._record_change(
-                        RecordChange("update", other, {**referencing, spec["name"]: remaining}, referencing)
+                        RecordChange(
+                            "update",
+                            other,
+                            {**referencing, spec["name"]: remaining},
+                            referencing,
+                        )
                     )
         self._record_change(RecordChange("delete", collection, record))
-        self.connection.execute(f"DELETE FROM {quote_identifier(collection.name)} WHERE id = ?", (record["id"],))
+        self.connection.execute(
+            f"DELETE FROM {quote_identifier(collection.name)} WHERE id = ?",
+            (record["id"],),
+        )
         deleted.append((collection, record))
 
 
@@ -2934,13 +3419,19 @@ def _modifier_order(item: tuple[str, JSON]) -> int:
     return "^+-".find(_split_modifier(item[0])[1]) + 1
 
 
-def _apply_modifier(spec: dict[str, JSON], current: JSON, raw: JSON, modifier: str) -> JSON:
+def _apply_modifier(
+    spec: dict[str, JSON], current: JSON, raw: JSON, modifier: str
+) -> JSON:
     """Apply PocketBase's `field+` (append/add), `+field` (prepend), `field-` (remove/subtract)."""
     if not modifier:
         return coerce_value(spec, raw)
     if spec["type"] == "number":
         delta = _to_number(raw)
-        return _js_number(current + delta if modifier == "+" else current - delta) if modifier != "^" else current
+        return (
+            _js_number(current + delta if modifier == "+" else current - delta)
+            if modifier != "^"
+            else current
+        )
     if spec["type"] in MULTI_CAPABLE_TYPES:
         items = current if isinstance(current, list) else ([current] if current else [])
         changes = _to_string_list(raw)
@@ -2973,10 +3464,19 @@ class RequestInfo:
     @property
     def is_superuser(self) -> bool:
         """Whether the auth record is a superuser."""
-        return self.auth_collection is not None and self.auth_collection.name == SUPERUSERS
+        return (
+            self.auth_collection is not None and self.auth_collection.name == SUPERUSERS
+        )
 
 
-_STATIC_AUTH_FIELDS = ("id", "collectionId", "collectionName", "email", "emailVisibility", "verified")
+_STATIC_AUTH_FIELDS = (
+    "id",
+    "collectionId",
+    "collectionName",
+    "email",
+    "emailVisibility",
+    "verified",
+)
 _BACK_RELATION_RE = re.compile(r"^(\w+)_via_(\w+)$")
 
 
@@ -2993,7 +3493,11 @@ def snake_case_header(name: str) -> str:
 
 def _field_affinity(spec: dict[str, JSON]) -> str:
     declaration = column_declaration(spec)
-    return "text" if declaration.startswith("TEXT") else ("none" if spec["type"] == "json" else "numeric")
+    return (
+        "text"
+        if declaration.startswith("TEXT")
+        else ("none" if spec["type"] == "json" else "numeric")
+    )
 
 
 class RecordResolver:
@@ -3021,19 +3525,26 @@ class RecordResolver:
 
     # --- joins ---------------------------------------------------------------
 
-    def _join(self, key: str, source: str, on: str, params: tuple[JSON, ...] = ()) -> str:
+    def _join(
+        self, key: str, source: str, on: str, params: tuple[JSON, ...] = ()
+    ) -> str:
         alias = self._join_keys.get(key)
         if alias is None:
             alias = f"{self.prefix}{len(self._join_keys)}"
             self._join_keys[key] = alias
-            self.joins.append((source.format(alias=alias), on.format(alias=alias), params))
+            self.joins.append(
+                (source.format(alias=alias), on.format(alias=alias), params)
+            )
         return alias
 
     def all_items(self, condition: Callable[[FieldResolver], IR]) -> IR | None:
         """NOT EXISTS an item of the multi-valued operands failing `condition`."""
         self._fresh_count += 1
         fresh = RecordResolver(
-            self.store, self.collection, self.info, prefix=f"{self.prefix}s{self._fresh_count}_"
+            self.store,
+            self.collection,
+            self.info,
+            prefix=f"{self.prefix}s{self._fresh_count}_",
         )
         fresh.client_filter = self.client_filter
         inner = condition(fresh)
@@ -3055,11 +3566,13 @@ class RecordResolver:
     def resolve(self, name: str) -> Resolved:
         """Resolve one identifier; RuleError when PocketBase would refuse it."""
         if name in _DATE_MACROS:
-            return Resolved(Value(date_macro(name, self.info.now)), "known", like_params=True)
+            return Resolved(
+                Value(date_macro(name, self.info.now)), "known", like_params=True
+            )
         if name.startswith("@request."):
-            return self._request(name[len("@request."):])
+            return self._request(name[len("@request.") :])
         if name.startswith("@collection."):
-            return self._collection_ref(name[len("@collection."):])
+            return self._collection_ref(name[len("@collection.") :])
         if name.startswith("@"):
             raise RuleError(f"unknown identifier {name!r}")
         path, modifier = _split_rule_modifier(name)
@@ -3132,7 +3645,10 @@ class RecordResolver:
         if spec is None:
             return _static(None)
         alias = self._join(
-            f"auth:{collection.id}", f"{quote_identifier(collection.name)} {{alias}}", "{alias}.id = ?", (record["id"],)
+            f"auth:{collection.id}",
+            f"{quote_identifier(collection.name)} {{alias}}",
+            "{alias}.id = ?",
+            (record["id"],),
         )
         resolved = self._path(collection, segments, modifier, alias, hops=0)
         node = resolved.node
@@ -3153,12 +3669,23 @@ class RecordResolver:
         target = self.store.collection(name)
         if target is None:
             raise RuleError(f"unknown collection {name!r}")
-        alias = self._join(f"collection:{target.id}:{alias_name}", f"{quote_identifier(target.name)} {{alias}}", "1")
+        alias = self._join(
+            f"collection:{target.id}:{alias_name}",
+            f"{quote_identifier(target.name)} {{alias}}",
+            "1",
+        )
         field_path, modifier = _split_rule_modifier(path)
         resolved = self._path(target, field_path.split("."), modifier, alias, hops=1)
         return Resolved(resolved.node, resolved.kind, resolved.multi or alias)
 
-    def _path(self, collection: Collection, segments: list[str], modifier: str, alias: str, hops: int) -> Resolved:
+    def _path(
+        self,
+        collection: Collection,
+        segments: list[str],
+        modifier: str,
+        alias: str,
+        hops: int,
+    ) -> Resolved:
         """Resolve `field[.field...]` starting at `alias` (a row of `collection`)."""
         if modifier and modifier not in RULE_MODIFIERS:
             raise RuleError(f"unknown modifier :{modifier}")
@@ -3167,18 +3694,30 @@ class RecordResolver:
         if spec is None:
             back = _BACK_RELATION_RE.match(name)
             if back and rest:
-                return self._back_relation(collection, back.group(1), back.group(2), rest, modifier, alias, hops)
+                return self._back_relation(
+                    collection,
+                    back.group(1),
+                    back.group(2),
+                    rest,
+                    modifier,
+                    alias,
+                    hops,
+                )
             raise RuleError(f"unknown field {name!r}")
         if self.client_filter and (spec.get("hidden") or spec["type"] == "password"):
             raise RuleError(f"only superusers may filter by {name!r}")
         column = f'{alias}."{name}"'
         if spec["type"] == "json":
             json_path = "$" + "".join(
-                f"[{segment}]" if segment.isdigit() else f".{segment.replace(':', '')}" for segment in rest
+                f"[{segment}]" if segment.isdigit() else f".{segment.replace(':', '')}"
+                for segment in rest
             )
             wrapped = Function(
                 "JSON_EXTRACT",
-                (Column(name, "none") if alias == "t" else SqlRef(column), Value(json_path)),
+                (
+                    Column(name, "none") if alias == "t" else SqlRef(column),
+                    Value(json_path),
+                ),
             )
             return Resolved(wrapped, "raw")
         if rest:
@@ -3193,22 +3732,32 @@ class RecordResolver:
                 return self._column(collection, spec, alias, "")
             self._check_related_rule(target)
             if is_multiple(spec):
-                each = self._join(f"{alias}.{name}:each", f"json_each({column}) {{alias}}", "1")
+                each = self._join(
+                    f"{alias}.{name}:each", f"json_each({column}) {{alias}}", "1"
+                )
                 joined = self._join(
-                    f"{alias}.{name}", f"{quote_identifier(target.name)} {{alias}}", f"{{alias}}.id = {each}.value"
+                    f"{alias}.{name}",
+                    f"{quote_identifier(target.name)} {{alias}}",
+                    f"{{alias}}.id = {each}.value",
                 )
                 resolved = self._path(target, rest, modifier, joined, hops + 1)
                 return Resolved(resolved.node, resolved.kind, resolved.multi or joined)
             joined = self._join(
-                f"{alias}.{name}", f"{quote_identifier(target.name)} {{alias}}", f"{{alias}}.id = {column}"
+                f"{alias}.{name}",
+                f"{quote_identifier(target.name)} {{alias}}",
+                f"{{alias}}.id = {column}",
             )
             return self._path(target, rest, modifier, joined, hops + 1)
         return self._column(collection, spec, alias, modifier)
 
-    def _column(self, collection: Collection, spec: dict[str, JSON], alias: str, modifier: str) -> Resolved:
+    def _column(
+        self, collection: Collection, spec: dict[str, JSON], alias: str, modifier: str
+    ) -> Resolved:
         name = spec["name"]
-        node: IR = Column(name, _field_affinity(spec)) if alias == "t" else SqlRef(
-            f'{alias}."{name}"', _field_affinity(spec)
+        node: IR = (
+            Column(name, _field_affinity(spec))
+            if alias == "t"
+            else SqlRef(f'{alias}."{name}"', _field_affinity(spec))
         )
         if modifier == "lower":
             return Resolved(Function("LOWER", (node,)))
@@ -3220,16 +3769,30 @@ class RecordResolver:
             source = f'{alias}."{name}"'
             if modifier == "length":
                 return Resolved(Function("JSON_ARRAY_LENGTH", (node,)))
-            each = self._join(f"{alias}.{name}:each", f"json_each({source}) {{alias}}", "1")
+            each = self._join(
+                f"{alias}.{name}:each", f"json_each({source}) {{alias}}", "1"
+            )
             return Resolved(SqlRef(f"{each}.value", "none"), "column", each)
         return Resolved(node)
 
     def _back_relation(
-        self, collection: Collection, name: str, field_name: str, rest: list[str], modifier: str, alias: str, hops: int
+        self,
+        collection: Collection,
+        name: str,
+        field_name: str,
+        rest: list[str],
+        modifier: str,
+        alias: str,
+        hops: int,
     ) -> Resolved:
         source = self.store.collection(name)
         spec = source.field(field_name) if source else None
-        if source is None or spec is None or spec["type"] != "relation" or spec.get("collectionId") != collection.id:
+        if (
+            source is None
+            or spec is None
+            or spec["type"] != "relation"
+            or spec.get("collectionId") != collection.id
+        ):
             raise RuleError(f"invalid back-relation {name}_via_{field_name}")
         if hops >= MAX_RELATION_HOPS:
             raise RuleError("too many relation hops")
@@ -3240,7 +3803,11 @@ class RecordResolver:
             if is_multiple(spec)
             else f"{column} = {alias}.id"
         )
-        joined = self._join(f"{alias}<{source.id}.{field_name}", f"{quote_identifier(source.name)} {{alias}}", on)
+        joined = self._join(
+            f"{alias}<{source.id}.{field_name}",
+            f"{quote_identifier(source.name)} {{alias}}",
+            on,
+        )
         resolved = self._path(source, rest, modifier, joined, hops + 1)
         return Resolved(resolved.node, resolved.kind, resolved.multi or joined)
 
@@ -3265,7 +3832,12 @@ def _static(value: JSON) -> Resolved:
 
 
 def _lowered(resolved: Resolved) -> Resolved:
-    return Resolved(Function("LOWER", (resolved.node,)), resolved.kind, resolved.multi, resolved.like_params)
+    return Resolved(
+        Function("LOWER", (resolved.node,)),
+        resolved.kind,
+        resolved.multi,
+        resolved.like_params,
+    )
 
 
 def _body_value(value: JSON) -> JSON:
@@ -3301,7 +3873,10 @@ class CompiledRule:
 
 
 def compile_rules(
-    store: Store, collection: Collection, info: RequestInfo, rules: list[tuple[str, bool]]
+    store: Store,
+    collection: Collection,
+    info: RequestInfo,
+    rules: list[tuple[str, bool]],
 ) -> CompiledRule:
     """Compile rules and filters (`(text, is_client_filter)`) into one WHERE.
 
@@ -3327,7 +3902,6 @@ def compile_rules(
     return CompiledRule(sql, (*join_params, *params), ir, True)
 
 
-
 # --- record JSON, expand and fields ----------------------------------------
 
 MAX_EXPAND_DEPTH = 6
@@ -3335,13 +3909,18 @@ MAX_EXPAND_PATHS = 100
 MAX_FIELDS_PARAM_BYTES = 4096
 
 
-def record_json(collection: Collection, record: Record, *, superuser: bool, show_email: bool) -> dict[str, JSON]:
+def record_json(
+    collection: Collection, record: Record, *, superuser: bool, show_email: bool
+) -> dict[str, JSON]:
     """Return a record as PocketBase shows it: visible fields plus collection keys, sorted.
 
     Passwords and tokenKeys never appear; hidden fields only for superusers;
     an auth record's email only when `show_email`.
     """
-    data: dict[str, JSON] = {"collectionId": collection.id, "collectionName": collection.name}
+    data: dict[str, JSON] = {
+        "collectionId": collection.id,
+        "collectionName": collection.name,
+    }
     for spec in collection.fields:
         name = spec["name"]
         if spec["type"] == "password" or (collection.is_auth and name == "tokenKey"):
@@ -3369,7 +3948,9 @@ def parse_expand(text: str) -> dict[str, JSON]:
     return tree
 
 
-_EXCERPT_RE = re.compile(r"^(.*):excerpt\(\s*(\d+)\s*(?:,\s*(true|false|1|0|t|f)\s*)?\)$")
+_EXCERPT_RE = re.compile(
+    r"^(.*):excerpt\(\s*(\d+)\s*(?:,\s*(true|false|1|0|t|f)\s*)?\)$"
+)
 
 
 def parse_fields(text: str) -> dict[str, JSON] | None:
@@ -3392,7 +3973,11 @@ def parse_fields(text: str) -> dict[str, JSON] | None:
         match = _EXCERPT_RE.match(item)
         if match:
             item = match.group(1)
-            leaf = ("excerpt", int(match.group(2)), match.group(3) in ("true", "1", "t"))
+            leaf = (
+                "excerpt",
+                int(match.group(2)),
+                match.group(3) in ("true", "1", "t"),
+            )
         segments = item.split(".")
         node = tree
         for segment in segments[:-1]:
@@ -3446,7 +4031,9 @@ class RecordPresenter:
     checked against its collection's viewRule) and the `fields` picker.
     """
 
-    def __init__(self, store: Store, info: RequestInfo, expand: str = "", fields: str = "") -> None:
+    def __init__(
+        self, store: Store, info: RequestInfo, expand: str = "", fields: str = ""
+    ) -> None:
         self.store = store
         self.info = info
         self.superuser = info.is_superuser
@@ -3460,7 +4047,9 @@ class RecordPresenter:
             return True
         if info.auth_record is None or info.auth_collection is None:
             return False
-        if info.auth_collection.id == collection.id and info.auth_record.get("id") == record.get("id"):
+        if info.auth_collection.id == collection.id and info.auth_record.get(
+            "id"
+        ) == record.get("id"):
             return True
         manage_rule = collection.options.get("manageRule")
         if manage_rule == "":
@@ -3468,25 +4057,42 @@ class RecordPresenter:
         if not isinstance(manage_rule, str):
             return False
         try:
-            compiled = compile_rules(self.store, collection, info, [(manage_rule, False)])
+            compiled = compile_rules(
+                self.store, collection, info, [(manage_rule, False)]
+            )
         except RuleError:
             return False
-        return self.store.record_matches(collection, str(record.get("id")), compiled.sql, compiled.params)
+        return self.store.record_matches(
+            collection, str(record.get("id")), compiled.sql, compiled.params
+        )
 
-    def present(self, collection: Collection, records: list[Record]) -> list[dict[str, JSON]]:
+    def present(
+        self, collection: Collection, records: list[Record]
+    ) -> list[dict[str, JSON]]:
         """Return the JSON of each record, with expand and fields applied."""
         items = self._present(collection, records, self.expand, depth=0)
-        return [pick_fields(item, self.fields) for item in items] if self.fields else items
+        return (
+            [pick_fields(item, self.fields) for item in items] if self.fields else items
+        )
 
     def present_one(self, collection: Collection, record: Record) -> dict[str, JSON]:
         """Return the JSON of one record."""
         return self.present(collection, [record])[0]
 
     def _present(
-        self, collection: Collection, records: list[Record], expand: dict[str, JSON], depth: int
+        self,
+        collection: Collection,
+        records: list[Record],
+        expand: dict[str, JSON],
+        depth: int,
     ) -> list[dict[str, JSON]]:
         items = [
-            record_json(collection, record, superuser=self.superuser, show_email=self.show_email(collection, record))
+            record_json(
+                collection,
+                record,
+                superuser=self.superuser,
+                show_email=self.show_email(collection, record),
+            )
             for record in records
         ]
         if not expand or depth >= MAX_EXPAND_DEPTH:
@@ -3500,22 +4106,31 @@ class RecordPresenter:
             rule = None if target is None else target.rules.get("viewRule")
             if target is None or (rule is None and not self.superuser):
                 continue
-            ids = sorted({i for record in records for i in _relation_ids(record.get(name))})
+            ids = sorted(
+                {i for record in records for i in _relation_ids(record.get(name))}
+            )
             related = self.store.get_records(target, ids)
             if rule and not self.superuser:
                 related = self._viewable(target, rule, related)
             shown = dict(
-                zip(related, self._present(target, list(related.values()), nested, depth + 1))
+                zip(
+                    related,
+                    self._present(target, list(related.values()), nested, depth + 1),
+                )
             )
             for expansion, record in zip(expansions, records):
-                found = [shown[i] for i in _relation_ids(record.get(name)) if i in shown]
+                found = [
+                    shown[i] for i in _relation_ids(record.get(name)) if i in shown
+                ]
                 if found:
                     expansion[name] = found if is_multiple(spec) else found[0]
         for item, expansion in zip(items, expansions):
             item["expand"] = expansion
         return [dict(sorted(item.items())) for item in items]
 
-    def _viewable(self, collection: Collection, rule: str, records: dict[str, Record]) -> dict[str, Record]:
+    def _viewable(
+        self, collection: Collection, rule: str, records: dict[str, Record]
+    ) -> dict[str, Record]:
         """Keep the related records this requester's viewRule allows (one query)."""
         if not records:
             return records
@@ -3554,7 +4169,9 @@ def hash_password(password: str, salt: bytes) -> str:
     >>> hash_password("pw", b"0" * 16).startswith("scrypt$16384$8$1$")
     True
     """
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    digest = hashlib.scrypt(
+        password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32
+    )
     return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64encode(salt)}${_b64encode(digest)}"
 
 
@@ -3565,7 +4182,12 @@ def verify_password(password: str, encoded: str) -> bool:
         if scheme != "scrypt":
             return False
         digest = hashlib.scrypt(
-            password.encode(), salt=_b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=32
+            password.encode(),
+            salt=_b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=32,
         )
     except (ValueError, TypeError):
         return False
@@ -3589,7 +4211,9 @@ def sign_token(claims: dict[str, JSON], key: str) -> str:
     >>> sign_token({"id": "a"}, "k").split(".")[1]
     'eyJpZCI6ImEifQ'
     """
-    payload = _b64encode(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+    payload = _b64encode(
+        json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
+    )
     signing_input = f"{_TOKEN_HEADER}.{payload}"
     signature = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{_b64encode(signature)}"
@@ -3622,7 +4246,9 @@ def token_is_valid(token: str, key: str, now: float) -> bool:
     return expires is None or (isinstance(expires, (int, float)) and expires > now)
 
 
-def auth_token_claims(collection_id_value: str, record_id: str, expires: int) -> dict[str, JSON]:
+def auth_token_claims(
+    collection_id_value: str, record_id: str, expires: int
+) -> dict[str, JSON]:
     """Return the claims PocketBase puts in an auth token."""
     return {
         "collectionId": collection_id_value,
@@ -3631,7 +4257,6 @@ def auth_token_claims(collection_id_value: str, record_id: str, expires: int) ->
         "refreshable": True,
         "type": "auth",
     }
-
 
 
 # --- the auth of a request -------------------------------------------------------
@@ -3651,7 +4276,9 @@ class Auth:
 
     def is_record(self, collection: Collection, record: Record) -> bool:
         """Whether this auth is `record` of `collection` itself."""
-        return self.collection.id == collection.id and self.record.get("id") == record.get("id")
+        return self.collection.id == collection.id and self.record.get(
+            "id"
+        ) == record.get("id")
 
 
 def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
@@ -3665,7 +4292,11 @@ def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
     if not claims or claims.get("type") != "auth":
         return None
     record_id, collection_ref = claims.get("id"), claims.get("collectionId")
-    if not isinstance(record_id, str) or not isinstance(collection_ref, str) or not record_id:
+    if (
+        not isinstance(record_id, str)
+        or not isinstance(collection_ref, str)
+        or not record_id
+    ):
         return None
     collection = store.collection(collection_ref) if collection_ref else None
     if collection is None or not collection.is_auth:
@@ -3673,7 +4304,9 @@ def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
     record = store.get_record(collection, record_id)
     if record is None:
         return None
-    if not token_is_valid(token.strip(), str(record["tokenKey"]) + collection.token_secret, now):
+    if not token_is_valid(
+        token.strip(), str(record["tokenKey"]) + collection.token_secret, now
+    ):
         return None
     return Auth(collection, record)
 
@@ -3683,7 +4316,6 @@ def issue_auth_token(collection: Collection, record: Record, now: float) -> str:
     duration = int(collection.options.get("authToken", {}).get("duration", 432_000))
     claims = auth_token_claims(collection.id, str(record["id"]), int(now) + duration)
     return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
-
 
 
 # ==========================================================================
@@ -3726,7 +4358,12 @@ def parse_subscription(raw: str) -> Subscription:
     """
     topic, _, query_text = raw.partition("?")
     options_text = next(
-        (value for key, value in urllib.parse.parse_qsl(query_text, keep_blank_values=True) if key == "options"), ""
+        (
+            value
+            for key, value in urllib.parse.parse_qsl(query_text, keep_blank_values=True)
+            if key == "options"
+        ),
+        "",
     )
     query: tuple[tuple[str, str], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
@@ -3737,12 +4374,24 @@ def parse_subscription(raw: str) -> Subscription:
             options = None
         if isinstance(options, dict):
             if isinstance(options.get("query"), dict):
-                query = tuple(sorted((str(k), _to_text(v)) for k, v in options["query"].items()))
+                query = tuple(
+                    sorted((str(k), _to_text(v)) for k, v in options["query"].items())
+                )
             if isinstance(options.get("headers"), dict):
-                headers = tuple(sorted((snake_case_header(str(k)), _to_text(v)) for k, v in options["headers"].items()))
+                headers = tuple(
+                    sorted(
+                        (snake_case_header(str(k)), _to_text(v))
+                        for k, v in options["headers"].items()
+                    )
+                )
     options_query = dict(query)
     return Subscription(
-        raw, topic, query, headers, options_query.get("filter", ""), options_query.get("expand", ""),
+        raw,
+        topic,
+        query,
+        headers,
+        options_query.get("filter", ""),
+        options_query.get("expand", ""),
         options_query.get("fields", ""),
     )
 
@@ -3761,7 +4410,9 @@ class RealtimeClient:
         self.remote_ip = remote_ip
         self.auth: Auth | None = None
         self.subscriptions: dict[str, Subscription] = {}
-        self.prefixes: dict[str, bytes] = {}  # subscription -> its encoded `id:`/`event:` fields
+        self.prefixes: dict[
+            str, bytes
+        ] = {}  # subscription -> its encoded `id:`/`event:` fields
         self.max_queue_bytes = max_queue_bytes
         self.pending: list[bytes] = []
         self.transport: asyncio.WriteTransport | None = None
@@ -3808,7 +4459,9 @@ class RealtimeClient:
             self.transport.abort()
         self.transport = None
 
-    def request_info(self, subscription: Subscription, auth: Auth | None, now: float) -> RequestInfo:
+    def request_info(
+        self, subscription: Subscription, auth: Auth | None, now: float
+    ) -> RequestInfo:
         """What `@request.*` is for this subscription (PocketBase's realtime context)."""
         return RequestInfo(
             auth_collection=auth.collection if auth else None,
@@ -3854,7 +4507,9 @@ class Broker:
         self._by_topic: dict[str, dict[str, list[Subscription]]] = {}
         #: Called with (client, event name, payload) before each message; returns
         #: the payload to send, or None to drop it for that client.
-        self.message_filter: Callable[[RealtimeClient, str, bytes], bytes | None] | None = None
+        self.message_filter: (
+            Callable[[RealtimeClient, str, bytes], bytes | None] | None
+        ) = None
         #: Whether `message_filter` has anything to do (skipped per message when not).
         self.message_filter_active: Callable[[], bool] = lambda: True
 
@@ -3887,10 +4542,16 @@ class Broker:
                 by_client.pop(client.id, None)
                 if not by_client:
                     del self._by_topic[subscription.topic]
-        client.subscriptions = {text: parse_subscription(text) for text in dict.fromkeys(raw) if text}
-        client.prefixes = {text: encode_sse_prefix(client.id, text) for text in client.subscriptions}
+        client.subscriptions = {
+            text: parse_subscription(text) for text in dict.fromkeys(raw) if text
+        }
+        client.prefixes = {
+            text: encode_sse_prefix(client.id, text) for text in client.subscriptions
+        }
         for subscription in client.subscriptions.values():
-            self._by_topic.setdefault(subscription.topic, {}).setdefault(client.id, []).append(subscription)
+            self._by_topic.setdefault(subscription.topic, {}).setdefault(
+                client.id, []
+            ).append(subscription)
 
     def forget_auth_collection(self, collection: Collection) -> None:
         """Clients authenticated in a deleted auth collection become guests."""
@@ -3908,7 +4569,9 @@ class Broker:
         """
         name = topic.split("?", 1)[0].split("/", 1)[0]
         if self.store.collection(name) is not None:
-            raise ValueError(f"topic {topic!r} is reserved for the records of collection {name!r}")
+            raise ValueError(
+                f"topic {topic!r} is reserved for the records of collection {name!r}"
+            )
         payload = _json_body(data)
         sent = 0
         for client_id, subscriptions in self._by_topic.get(topic, {}).items():
@@ -3923,7 +4586,10 @@ class Broker:
             try:
                 filtered = self.message_filter(client, event, payload)
             except Exception:
-                log.exception("realtime message hook failed; message dropped for client %s", client.id)
+                log.exception(
+                    "realtime message hook failed; message dropped for client %s",
+                    client.id,
+                )
                 return 0
             if filtered is None:
                 return 0
@@ -3938,19 +4604,33 @@ class Broker:
         collection, record = change.collection, change.record
         auth_updates = self._auth_updates(change)
         topics = dict.fromkeys(
-            [f"{collection.name}/{record['id']}", f"{collection.id}/{record['id']}",
-             f"{collection.name}/*", f"{collection.id}/*", collection.name, collection.id]
+            [
+                f"{collection.name}/{record['id']}",
+                f"{collection.id}/{record['id']}",
+                f"{collection.name}/*",
+                f"{collection.id}/*",
+                collection.name,
+                collection.id,
+            ]
         )
         candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]] = []
         for topic in topics:
-            rule_name = "listRule" if topic.endswith("/*") or "/" not in topic else "viewRule"
+            rule_name = (
+                "listRule" if topic.endswith("/*") or "/" not in topic else "viewRule"
+            )
             for client_id, subscriptions in self._by_topic.get(topic, {}).items():
                 client = self.clients.get(client_id)
                 if client is None or client.closed:
                     continue
                 auth = auth_updates.get(client_id, client.auth)
-                candidates.extend((client, subscription, rule_name, auth) for subscription in subscriptions)
-        change.prepared = (auth_updates, self._fan_out(change, candidates) if candidates else [])
+                candidates.extend(
+                    (client, subscription, rule_name, auth)
+                    for subscription in subscriptions
+                )
+        change.prepared = (
+            auth_updates,
+            self._fan_out(change, candidates) if candidates else [],
+        )
 
     def committed(self, changes: list[RecordChange]) -> None:
         """Queue the frames of committed changes, in commit order."""
@@ -3973,24 +4653,37 @@ class Broker:
         record = change.record
         for client in self.clients.values():
             auth = client.auth
-            if auth is None or auth.collection.id != change.collection.id or auth.record.get("id") != record["id"]:
+            if (
+                auth is None
+                or auth.collection.id != change.collection.id
+                or auth.record.get("id") != record["id"]
+            ):
                 continue
-            if change.action == "delete" or record.get("tokenKey") != auth.record.get("tokenKey"):
+            if change.action == "delete" or record.get("tokenKey") != auth.record.get(
+                "tokenKey"
+            ):
                 updates[client.id] = None
             else:
                 updates[client.id] = Auth(change.collection, record)
         return updates
 
     def _fan_out(
-        self, change: RecordChange, candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]]
+        self,
+        change: RecordChange,
+        candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]],
     ) -> list[_Delivery]:
         """Check rules once per distinct input, encode each distinct payload once."""
         collection, record = change.collection, change.record
-        row = {spec["name"]: to_column(spec, record.get(spec["name"], zero_value(spec))) for spec in collection.fields}
+        row = {
+            spec["name"]: to_column(spec, record.get(spec["name"], zero_value(spec)))
+            for spec in collection.fields
+        }
         now = self.now()
         verdicts: dict[tuple[JSON, ...], bool | None] = {}
         pending: dict[tuple[JSON, ...], CompiledRule] = {}
-        planned: list[tuple[RealtimeClient, Subscription, tuple[JSON, ...] | None, Auth | None]] = []
+        planned: list[
+            tuple[RealtimeClient, Subscription, tuple[JSON, ...] | None, Auth | None]
+        ] = []
         for client, subscription, rule_name, auth in candidates:
             superuser = auth is not None and auth.is_superuser
             rule = collection.rules.get(rule_name)
@@ -3999,11 +4692,23 @@ class Broker:
             key = None
             if (rule and not superuser) or subscription.filter:
                 auth_key = (auth.collection.id, auth.record.get("id")) if auth else None
-                key = (rule_name, superuser, auth_key, subscription.query, subscription.headers)
+                key = (
+                    rule_name,
+                    superuser,
+                    auth_key,
+                    subscription.query,
+                    subscription.headers,
+                )
                 if key not in verdicts:
                     info = client.request_info(subscription, auth, now)
                     verdicts[key] = self._verdict(
-                        collection, row, info, "" if superuser else str(rule), subscription.filter, pending, key
+                        collection,
+                        row,
+                        info,
+                        "" if superuser else str(rule),
+                        subscription.filter,
+                        pending,
+                        key,
                     )
             planned.append((client, subscription, key, auth))
         self._run_pending(collection, record["id"], pending, verdicts)
@@ -4013,15 +4718,28 @@ class Broker:
             if key is not None and not verdicts.get(key):
                 continue
             personal = bool(subscription.expand) or collection.is_auth
-            auth_key = (auth.collection.id, auth.record.get("id")) if auth and personal else None
+            auth_key = (
+                (auth.collection.id, auth.record.get("id"))
+                if auth and personal
+                else None
+            )
             superuser = auth is not None and auth.is_superuser
-            payload_key = (superuser, subscription.expand, subscription.fields, auth_key)
+            payload_key = (
+                superuser,
+                subscription.expand,
+                subscription.fields,
+                auth_key,
+            )
             payload = payloads.get(payload_key)
             if payload is None:
                 info = client.request_info(subscription, auth, now)
-                presenter = RecordPresenter(self.store, info, subscription.expand, subscription.fields)
+                presenter = RecordPresenter(
+                    self.store, info, subscription.expand, subscription.fields
+                )
                 view = presenter.present_one(collection, record)
-                payload = payloads[payload_key] = _json_body({"record": view, "action": change.action})
+                payload = payloads[payload_key] = _json_body(
+                    {"record": view, "action": change.action}
+                )
             deliveries.append(_Delivery(client, subscription.raw, payload))
         return deliveries
 
@@ -4038,7 +4756,9 @@ class Broker:
         """Evaluate rule and filter in memory; park what needs SQL in `pending`."""
         parts = [(rule, False)] if rule else []
         if filter_text:
-            if not info.is_superuser and ("@request." in filter_text or "@collection." in filter_text):
+            if not info.is_superuser and (
+                "@request." in filter_text or "@collection." in filter_text
+            ):
                 return False
             parts.append((filter_text, True))
         if not parts:
@@ -4064,11 +4784,16 @@ class Broker:
         table = quote_identifier(collection.name)
         for start in range(0, len(items), RULE_BATCH_SIZE):
             batch = items[start : start + RULE_BATCH_SIZE]
-            columns, params = [], []
+            columns: list[str] = []
+            params: list[JSON] = []
             for _, compiled in batch:
-                columns.append(f"EXISTS (SELECT 1 FROM {table} t WHERE t.id = ? AND ({compiled.sql}))")
+                columns.append(
+                    f"EXISTS (SELECT 1 FROM {table} t WHERE t.id = ? AND ({compiled.sql}))"
+                )
                 params.extend((record_id, *compiled.params))
-            row = self.store.connection.execute("SELECT " + ", ".join(columns), params).fetchone()
+            row = self.store.connection.execute(
+                "SELECT " + ", ".join(columns), params
+            ).fetchone()
             for (key, _), verdict in zip(batch, row):
                 verdicts[key] = bool(verdict)
 
@@ -4115,7 +4840,9 @@ class RequestContext:
         if not self._auth_resolved:
             store = self.app.store
             token = self.auth_token
-            self._auth = resolve_auth(store, token, self.app.now()) if store and token else None
+            self._auth = (
+                resolve_auth(store, token, self.app.now()) if store and token else None
+            )
             self._auth_resolved = True
         return self._auth
 
@@ -4220,7 +4947,9 @@ def canonical_header_name(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
 
-def request_info(context: RequestContext, request_context: str = "default") -> RequestInfo:
+def request_info(
+    context: RequestContext, request_context: str = "default"
+) -> RequestInfo:
     """The `@request.*` view of an HTTP request."""
     request, auth = context.request, context.auth
     body: dict[str, JSON] = {}
@@ -4246,8 +4975,15 @@ def request_info(context: RequestContext, request_context: str = "default") -> R
 # --- hooks ----------------------------------------------------------------------
 
 HOOK_NAMES = (
-    "before_create", "after_create", "before_update", "after_update", "before_delete", "after_delete",
-    "realtime_connect", "realtime_subscribe", "realtime_message",
+    "before_create",
+    "after_create",
+    "before_update",
+    "after_update",
+    "before_delete",
+    "after_delete",
+    "realtime_connect",
+    "realtime_subscribe",
+    "realtime_message",
 )
 
 
@@ -4281,25 +5017,37 @@ class Hooks:
     """
 
     def __init__(self) -> None:
-        self._callbacks: dict[str, list[tuple[str | None, Callable[..., Any]]]] = {name: [] for name in HOOK_NAMES}
+        self._callbacks: dict[str, list[tuple[str | None, Callable[..., Any]]]] = {
+            name: [] for name in HOOK_NAMES
+        }
 
-    def add(self, name: str, callback: Callable[..., Any], collection: str | None = None) -> None:
+    def add(
+        self, name: str, callback: Callable[..., Any], collection: str | None = None
+    ) -> None:
         """Register `callback` for hook `name`, optionally for one collection only."""
         if name not in self._callbacks:
-            raise ValueError(f"unknown hook {name!r}; choose from {', '.join(HOOK_NAMES)}")
+            raise ValueError(
+                f"unknown hook {name!r}; choose from {', '.join(HOOK_NAMES)}"
+            )
         self._callbacks[name].append((collection, callback))
 
     def run(self, name: str, *args: Any, collection: Collection | None = None) -> None:
         """Call every callback of `name` that applies to `collection`."""
         for wanted, callback in self._callbacks[name]:
-            if wanted is None or collection is None or wanted in (collection.name, collection.id):
+            if (
+                wanted is None
+                or collection is None
+                or wanted in (collection.name, collection.id)
+            ):
                 callback(*args)
 
     def registered(self, name: str) -> int:
         """How many callbacks hook `name` has."""
         return len(self._callbacks[name])
 
-    def filter_message(self, client: RealtimeClient, event: str, payload: bytes) -> bytes | None:
+    def filter_message(
+        self, client: RealtimeClient, event: str, payload: bytes
+    ) -> bytes | None:
         """Pass a realtime message through the message hooks; None drops it."""
         for _, callback in self._callbacks["realtime_message"]:
             result = callback(client, event, payload)
@@ -4318,7 +5066,9 @@ def _store(context: RequestContext) -> Store:
     return store
 
 
-def _collection_or_404(context: RequestContext, message: str = "Missing collection context.") -> Collection:
+def _collection_or_404(
+    context: RequestContext, message: str = "Missing collection context."
+) -> Collection:
     collection = _store(context).collection(context.params["collection"])
     if collection is None:
         raise NotFoundError(message)
@@ -4331,9 +5081,13 @@ def _is_superuser(context: RequestContext) -> bool:
 
 def _require_superuser(context: RequestContext) -> None:
     if context.auth is None:
-        raise UnauthorizedError("The request requires valid record authorization token.")
+        raise UnauthorizedError(
+            "The request requires valid record authorization token."
+        )
     if not context.auth.is_superuser:
-        raise ForbiddenError("The authorized record is not allowed to perform this action.")
+        raise ForbiddenError(
+            "The authorized record is not allowed to perform this action."
+        )
 
 
 def _go_bool(text: str) -> bool:
@@ -4358,23 +5112,44 @@ def _int_param(request: Request, name: str, default: int) -> int:
 def _paging(request: Request) -> tuple[int, int, bool]:
     page = _int_param(request, "page", 1)
     per_page = _int_param(request, "perPage", DEFAULT_PER_PAGE)
-    skip_total = _go_bool(request.query_value("skipTotal")) if request.query_value("skipTotal") else False
+    skip_total = (
+        _go_bool(request.query_value("skipTotal"))
+        if request.query_value("skipTotal")
+        else False
+    )
     page = page if page > 0 else 1
     per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
     return page, per_page, skip_total
 
 
-def _list_envelope(items: list[JSON], page: int, per_page: int, total: int | None) -> dict[str, JSON]:
+def _list_envelope(
+    items: list[JSON], page: int, per_page: int, total: int | None
+) -> dict[str, JSON]:
     if total is None:
-        return {"items": items, "page": page, "perPage": per_page, "totalItems": -1, "totalPages": -1}
+        return {
+            "items": items,
+            "page": page,
+            "perPage": per_page,
+            "totalItems": -1,
+            "totalPages": -1,
+        }
     pages = (total + per_page - 1) // per_page
-    return {"items": items, "page": page, "perPage": per_page, "totalItems": total, "totalPages": pages}
+    return {
+        "items": items,
+        "page": page,
+        "perPage": per_page,
+        "totalItems": total,
+        "totalPages": pages,
+    }
 
 
 def _presenter(context: RequestContext) -> RecordPresenter:
     request = context.request
     return RecordPresenter(
-        _store(context), request_info(context), request.query_value("expand"), request.query_value("fields")
+        _store(context),
+        request_info(context),
+        request.query_value("expand"),
+        request.query_value("fields"),
     )
 
 
@@ -4397,7 +5172,11 @@ def _order_by(collection: Collection, sort: str, superuser: bool) -> str:
             terms.append(f"t.rowid {direction}")
             continue
         spec = collection.field(name)
-        if spec is None or (spec.get("hidden") and not superuser) or spec["type"] == "password":
+        if (
+            spec is None
+            or (spec.get("hidden") and not superuser)
+            or spec["type"] == "password"
+        ):
             raise BadRequestError()
         terms.append(f"t.{quote_identifier(name)} {direction}")
     return ", ".join(terms)
@@ -4429,17 +5208,32 @@ async def handle_record_list(context: RequestContext) -> Response:
     rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
     if filter_text.strip():
         rules.append((filter_text, True))
-    compiled = compile_rules(store, collection, request_info(context), rules) if rules else None
+    compiled = (
+        compile_rules(store, collection, request_info(context), rules)
+        if rules
+        else None
+    )
     where, params = (compiled.sql, compiled.params) if compiled else ("", ())
     records = store.find_records(
-        collection, where=where, params=params, order=order, limit=per_page, offset=(page - 1) * per_page
+        collection,
+        where=where,
+        params=params,
+        order=order,
+        limit=per_page,
+        offset=(page - 1) * per_page,
     )
-    total = None if skip_total else store.count_records(collection, where=where, params=params)
+    total = (
+        None
+        if skip_total
+        else store.count_records(collection, where=where, params=params)
+    )
     items = _presenter(context).present(collection, records)
     return json_response(_list_envelope(items, page, per_page, total))
 
 
-def _record_or_404(context: RequestContext, collection: Collection, rule_name: str) -> Record:
+def _record_or_404(
+    context: RequestContext, collection: Collection, rule_name: str
+) -> Record:
     """The record of the path, or 404 when it is missing or the rule hides it."""
     store = _store(context)
     has_rule = require_rule(collection.rules.get(rule_name), context.auth)
@@ -4448,10 +5242,17 @@ def _record_or_404(context: RequestContext, collection: Collection, rule_name: s
         raise NotFoundError()
     if has_rule:
         try:
-            compiled = compile_rules(store, collection, request_info(context), [(str(collection.rules[rule_name]), False)])
+            compiled = compile_rules(
+                store,
+                collection,
+                request_info(context),
+                [(str(collection.rules[rule_name]), False)],
+            )
         except RuleError:
             raise NotFoundError() from None
-        if not store.record_matches(collection, record["id"], compiled.sql, compiled.params):
+        if not store.record_matches(
+            collection, record["id"], compiled.sql, compiled.params
+        ):
             raise NotFoundError()
     return record
 
@@ -4475,18 +5276,25 @@ def _record_input(context: RequestContext, collection: Collection) -> dict[str, 
 
 
 def _check_password_form(
-    context: RequestContext, collection: Collection, data: dict[str, JSON], current: Record | None
+    context: RequestContext,
+    collection: Collection,
+    data: dict[str, JSON],
+    current: Record | None,
 ) -> None:
     """PocketBase's auth form checks: passwordConfirm and, on update, oldPassword."""
     if not collection.is_auth or "password" not in data or _is_superuser(context):
         return
     errors: dict[str, JSON] = {}
     if not _to_text(data.get("passwordConfirm")):
-        errors["passwordConfirm"] = validation_entry("validation_required", "Cannot be blank.")
+        errors["passwordConfirm"] = validation_entry(
+            "validation_required", "Cannot be blank."
+        )
     if current is not None:
         old = _to_text(data.get("oldPassword"))
         if not old:
-            errors["oldPassword"] = validation_entry("validation_required", "Cannot be blank.")
+            errors["oldPassword"] = validation_entry(
+                "validation_required", "Cannot be blank."
+            )
         elif not verify_password(old, str(current.get("password", ""))):
             errors["oldPassword"] = validation_entry(
                 "validation_invalid_old_password", "Missing or invalid old password."
@@ -4501,29 +5309,46 @@ async def handle_record_create(context: RequestContext) -> Response:
     has_rule = require_rule(collection.rules.get("createRule"), context.auth)
     data = _record_input(context, collection)
     hooks = context.app.hooks
-    hooks.run("before_create", RecordEvent(collection, data, None, context.auth), collection=collection)
+    hooks.run(
+        "before_create",
+        RecordEvent(collection, data, None, context.auth),
+        collection=collection,
+    )
     store = _store(context)
     try:
         _check_password_form(context, collection, data, None)
         with store.transaction():
-            record = store.create_record(collection, data, privileged=_is_superuser(context))
+            record = store.create_record(
+                collection, data, privileged=_is_superuser(context)
+            )
             if has_rule:
                 _require_created_rule(context, collection, record)
     except ValidationError as exc:
         raise BadRequestError("Failed to create record.", exc.errors) from None
-    hooks.run("after_create", RecordEvent(collection, data, record, context.auth), collection=collection)
+    hooks.run(
+        "after_create",
+        RecordEvent(collection, data, record, context.auth),
+        collection=collection,
+    )
     return json_response(_presenter(context).present_one(collection, record))
 
 
-def _require_created_rule(context: RequestContext, collection: Collection, record: Record) -> None:
+def _require_created_rule(
+    context: RequestContext, collection: Collection, record: Record
+) -> None:
     """Check createRule against the inserted (not yet committed) record."""
     try:
         compiled = compile_rules(
-            _store(context), collection, request_info(context), [(str(collection.rules["createRule"]), False)]
+            _store(context),
+            collection,
+            request_info(context),
+            [(str(collection.rules["createRule"]), False)],
         )
     except RuleError:
         raise BadRequestError("Failed to create record.") from None
-    if not _store(context).record_matches(collection, record["id"], compiled.sql, compiled.params):
+    if not _store(context).record_matches(
+        collection, record["id"], compiled.sql, compiled.params
+    ):
         raise BadRequestError("Failed to create record.")
 
 
@@ -4533,16 +5358,32 @@ async def handle_record_update(context: RequestContext) -> Response:
     current = _record_or_404(context, collection, "updateRule")
     data = _record_input(context, collection)
     hooks = context.app.hooks
-    hooks.run("before_update", RecordEvent(collection, data, current, context.auth), collection=collection)
+    hooks.run(
+        "before_update",
+        RecordEvent(collection, data, current, context.auth),
+        collection=collection,
+    )
     try:
         _check_password_form(context, collection, data, current)
-        record = _store(context).update_record(collection, current, data, privileged=_is_superuser(context))
+        record = _store(context).update_record(
+            collection, current, data, privileged=_is_superuser(context)
+        )
     except ValidationError as exc:
         raise BadRequestError("Failed to update record.", exc.errors) from None
-    hooks.run("after_update", RecordEvent(collection, data, record, context.auth), collection=collection)
+    hooks.run(
+        "after_update",
+        RecordEvent(collection, data, record, context.auth),
+        collection=collection,
+    )
     auth = context.auth
-    if auth is not None and auth.is_record(collection, current) and record["tokenKey"] != current["tokenKey"]:
-        context.auth = Auth(collection, record)  # the requester still sees their own record
+    if (
+        auth is not None
+        and auth.is_record(collection, current)
+        and record["tokenKey"] != current["tokenKey"]
+    ):
+        context.auth = Auth(
+            collection, record
+        )  # the requester still sees their own record
     return json_response(_presenter(context).present_one(collection, record))
 
 
@@ -4551,12 +5392,20 @@ async def handle_record_delete(context: RequestContext) -> Response:
     collection = _collection_or_404(context)
     record = _record_or_404(context, collection, "deleteRule")
     hooks = context.app.hooks
-    hooks.run("before_delete", RecordEvent(collection, {}, record, context.auth), collection=collection)
+    hooks.run(
+        "before_delete",
+        RecordEvent(collection, {}, record, context.auth),
+        collection=collection,
+    )
     try:
         _store(context).delete_record(collection, record)
     except ValueError as exc:
         raise BadRequestError(str(exc)) from None
-    hooks.run("after_delete", RecordEvent(collection, {}, record, context.auth), collection=collection)
+    hooks.run(
+        "after_delete",
+        RecordEvent(collection, {}, record, context.auth),
+        collection=collection,
+    )
     return Response(204)
 
 
@@ -4578,8 +5427,12 @@ async def handle_collection_list(context: RequestContext) -> Response:
         collections = [c for c in collections if c.name == match.group(2)]
     chosen = collections[(page - 1) * per_page : page * per_page]
     fields = parse_fields(context.request.query_value("fields"))
-    items = [pick_fields(c.to_json(), fields) if fields else c.to_json() for c in chosen]
-    return json_response(_list_envelope(items, page, per_page, None if skip_total else len(collections)))
+    items = [
+        pick_fields(c.to_json(), fields) if fields else c.to_json() for c in chosen
+    ]
+    return json_response(
+        _list_envelope(items, page, per_page, None if skip_total else len(collections))
+    )
 
 
 async def handle_collection_view(context: RequestContext) -> Response:
@@ -4589,7 +5442,9 @@ async def handle_collection_view(context: RequestContext) -> Response:
     return json_response(collection.to_json())
 
 
-def _save_collection(context: RequestContext, existing: Collection | None, failure: str) -> Collection:
+def _save_collection(
+    context: RequestContext, existing: Collection | None, failure: str
+) -> Collection:
     data = context.body.data
     try:
         return _store(context).save_collection(data, existing)
@@ -4635,12 +5490,20 @@ async def handle_collection_import(context: RequestContext) -> Response:
     if not collections:
         raise BadRequestError(
             "An error occurred while validating the submitted data.",
-            {"collections": validation_entry("validation_required", "Cannot be blank.")},
+            {
+                "collections": validation_entry(
+                    "validation_required", "Cannot be blank."
+                )
+            },
         )
-    if not isinstance(collections, list) or not all(isinstance(c, dict) for c in collections):
+    if not isinstance(collections, list) or not all(
+        isinstance(c, dict) for c in collections
+    ):
         raise BadRequestError(INVALID_FORMATTING)
     try:
-        _store(context).import_collections(collections, delete_missing=bool(data.get("deleteMissing")))
+        _store(context).import_collections(
+            collections, delete_missing=bool(data.get("deleteMissing"))
+        )
     except ValidationError as exc:
         raise BadRequestError("Failed to import collections.", exc.errors) from None
     except (ValueError, TypeError, KeyError):
@@ -4658,11 +5521,18 @@ def _auth_collection_or_404(context: RequestContext) -> Collection:
     return collection
 
 
-def _auth_response(context: RequestContext, collection: Collection, record: Record, token: str) -> Response:
+def _auth_response(
+    context: RequestContext, collection: Collection, record: Record, token: str
+) -> Response:
     request = context.request
-    info = dataclasses.replace(request_info(context), auth_collection=collection, auth_record=record)
+    info = dataclasses.replace(
+        request_info(context), auth_collection=collection, auth_record=record
+    )
     presenter = RecordPresenter(_store(context), info, request.query_value("expand"))
-    envelope: dict[str, JSON] = {"record": presenter.present_one(collection, record), "token": token}
+    envelope: dict[str, JSON] = {
+        "record": presenter.present_one(collection, record),
+        "token": token,
+    }
     fields = parse_fields(request.query_value("fields"))
     return json_response(pick_fields(envelope, fields) if fields else envelope)
 
@@ -4671,7 +5541,9 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
     """POST /api/collections/{collection}/auth-with-password."""
     collection = _auth_collection_or_404(context)
     if not collection.options.get("passwordAuth", {}).get("enabled", True):
-        raise ForbiddenError("The collection is not configured to allow password authentication.")
+        raise ForbiddenError(
+            "The collection is not configured to allow password authentication."
+        )
     data = context.body.data
     identity, password = _to_text(data.get("identity")), _to_text(data.get("password"))
     errors = {
@@ -4680,9 +5552,13 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
         if not value
     }
     if errors:
-        raise BadRequestError("An error occurred while validating the submitted data.", errors)
+        raise BadRequestError(
+            "An error occurred while validating the submitted data.", errors
+        )
     store = _store(context)
-    identity_fields = collection.options.get("passwordAuth", {}).get("identityFields") or ["email"]
+    identity_fields = collection.options.get("passwordAuth", {}).get(
+        "identityFields"
+    ) or ["email"]
     requested_field = _to_text(data.get("identityField"))
     if requested_field:
         identity_fields = [name for name in identity_fields if name == requested_field]
@@ -4690,14 +5566,24 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
     for name in identity_fields:
         if collection.field(name) is None:
             continue
-        found = store.find_records(collection, where=f"t.{quote_identifier(name)} = ?", params=(identity,), limit=1)
+        found = store.find_records(
+            collection,
+            where=f"t.{quote_identifier(name)} = ?",
+            params=(identity,),
+            limit=1,
+        )
         if found:
             record = found[0]
             break
     encoded = str(record["password"]) if record else DUMMY_PASSWORD_HASH
     if not verify_password(password, encoded) or record is None:
         raise BadRequestError("Failed to authenticate.")
-    return _auth_response(context, collection, record, issue_auth_token(collection, record, context.app.now()))
+    return _auth_response(
+        context,
+        collection,
+        record,
+        issue_auth_token(collection, record, context.app.now()),
+    )
 
 
 async def handle_auth_refresh(context: RequestContext) -> Response:
@@ -4705,9 +5591,13 @@ async def handle_auth_refresh(context: RequestContext) -> Response:
     collection = _auth_collection_or_404(context)
     auth = context.auth
     if auth is None:
-        raise UnauthorizedError("The request requires valid record authorization token.")
+        raise UnauthorizedError(
+            "The request requires valid record authorization token."
+        )
     if auth.collection.id != collection.id:
-        raise ForbiddenError(f"The request requires auth record from {auth.collection.name} collection.")
+        raise ForbiddenError(
+            f"The request requires auth record from {auth.collection.name} collection."
+        )
     token = context.auth_token
     claims = read_token_claims(token) or {}
     if claims.get("refreshable") is True:
@@ -4736,7 +5626,11 @@ async def handle_auth_methods(context: RequestContext) -> Response:
 
 # --- realtime ------------------------------------------------------------------
 
-SSE_HEADERS = (("Cache-Control", "no-store"), ("Content-Type", "text/event-stream"), ("X-Accel-Buffering", "no"))
+SSE_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("Content-Type", "text/event-stream"),
+    ("X-Accel-Buffering", "no"),
+)
 
 
 async def handle_realtime_connect(context: RequestContext) -> Response:
@@ -4752,7 +5646,11 @@ async def handle_realtime_connect(context: RequestContext) -> Response:
         raise
     chunked = context.request.version == "HTTP/1.1"
     transport = context.writer.transport if context.writer is not None else None
-    return Response(200, headers=SSE_HEADERS, stream=_realtime_stream(broker, client, app.config, transport, chunked))
+    return Response(
+        200,
+        headers=SSE_HEADERS,
+        stream=_realtime_stream(broker, client, app.config, transport, chunked),
+    )
 
 
 async def _realtime_stream(
@@ -4768,7 +5666,11 @@ async def _realtime_stream(
     transport directly, in commit order. This only keeps the lifetimes.
     """
     try:
-        yield [encode_sse_event(client.id, "PB_CONNECT", _json_body({"clientId": client.id}))]
+        yield [
+            encode_sse_event(
+                client.id, "PB_CONNECT", _json_body({"clientId": client.id})
+            )
+        ]
         if transport is None:
             return
         client.go_live(transport, chunked)
@@ -4845,7 +5747,9 @@ async def handle_realtime_subscribe(context: RequestContext) -> Response:
         or auth.collection.id != client.auth.collection.id
         or auth.record["id"] != client.auth.record["id"]
     ):
-        raise ForbiddenError("The current and the previous request authorization don't match.")
+        raise ForbiddenError(
+            "The current and the previous request authorization don't match."
+        )
     event = SubscribeEvent(client, list(subscriptions))
     context.app.hooks.run("realtime_subscribe", event)
     client.auth = auth
@@ -4857,7 +5761,11 @@ async def handle_health(context: RequestContext) -> Response:
     """GET /api/health: PocketBase's liveness answer (more data for superusers)."""
     data: dict[str, JSON] = {}
     if _is_superuser(context):
-        data = {"realIP": context.remote_ip, "possibleProxyHeader": "", "canBackup": False}
+        data = {
+            "realIP": context.remote_ip,
+            "possibleProxyHeader": "",
+            "canBackup": False,
+        }
     return json_response({"message": "API is healthy.", "code": 200, "data": data})
 
 
@@ -4879,8 +5787,14 @@ def build_router() -> Router:
     router.add("GET", records + "/{id}", handle_record_view)
     router.add("PATCH", records + "/{id}", handle_record_update)
     router.add("DELETE", records + "/{id}", handle_record_delete)
-    router.add("POST", "/api/collections/{collection}/auth-with-password", handle_auth_with_password)
-    router.add("POST", "/api/collections/{collection}/auth-refresh", handle_auth_refresh)
+    router.add(
+        "POST",
+        "/api/collections/{collection}/auth-with-password",
+        handle_auth_with_password,
+    )
+    router.add(
+        "POST", "/api/collections/{collection}/auth-refresh", handle_auth_refresh
+    )
     router.add("GET", "/api/collections/{collection}/auth-methods", handle_auth_methods)
     return router
 
@@ -4919,7 +5833,9 @@ class _Connection:
 
     __slots__ = ("writer", "task", "busy")
 
-    def __init__(self, writer: asyncio.StreamWriter, task: asyncio.Task[None] | None) -> None:
+    def __init__(
+        self, writer: asyncio.StreamWriter, task: asyncio.Task[None] | None
+    ) -> None:
         self.writer = writer
         self.task = task
         self.busy = False
@@ -4929,7 +5845,9 @@ class _Closed(Exception):
     """The peer went away or timed out; close without answering."""
 
 
-async def _read_head(reader: asyncio.StreamReader, config: Config, first: bool) -> bytes | None:
+async def _read_head(
+    reader: asyncio.StreamReader, config: Config, first: bool
+) -> bytes | None:
     """Read one request head; None when the peer closed between requests."""
     idle_timeout = config.head_timeout_s if first else config.keepalive_timeout_s
     try:
@@ -4939,7 +5857,9 @@ async def _read_head(reader: asyncio.StreamReader, config: Config, first: bool) 
     if not start:
         return None
     try:
-        rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), config.head_timeout_s)
+        rest = await asyncio.wait_for(
+            reader.readuntil(b"\r\n\r\n"), config.head_timeout_s
+        )
     except asyncio.LimitOverrunError:
         raise ProtocolError("request head too large", 431) from None
     except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
@@ -4951,7 +5871,10 @@ async def _read_head(reader: asyncio.StreamReader, config: Config, first: bool) 
 
 
 async def _read_body(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: Request, config: Config
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    request: Request,
+    config: Config,
 ) -> bytes:
     """Read the body framed by Content-Length or chunked encoding."""
     length = request.body_length
@@ -5080,9 +6003,15 @@ class App:
         return Store(
             os.path.join(self.config.dir, DATABASE_FILE),
             now=self.now,
-            new_id=lambda: "".join(secrets.choice(RECORD_ID_ALPHABET) for _ in range(RECORD_ID_LENGTH)),
-            new_secret=lambda: "".join(secrets.choice(SECRET_ALPHABET) for _ in range(SECRET_LENGTH)),
-            hash_password=lambda password: hash_password(password, secrets.token_bytes(SCRYPT_SALT_BYTES)),
+            new_id=lambda: "".join(
+                secrets.choice(RECORD_ID_ALPHABET) for _ in range(RECORD_ID_LENGTH)
+            ),
+            new_secret=lambda: "".join(
+                secrets.choice(SECRET_ALPHABET) for _ in range(SECRET_LENGTH)
+            ),
+            hash_password=lambda password: hash_password(
+                password, secrets.token_bytes(SCRYPT_SALT_BYTES)
+            ),
         )
 
     async def start(self) -> int:
@@ -5093,12 +6022,16 @@ class App:
         self.broker = Broker(
             self.store,
             now=self.now,
-            new_client_id=lambda: "".join(secrets.choice(SECRET_ALPHABET) for _ in range(CLIENT_ID_LENGTH)),
+            new_client_id=lambda: "".join(
+                secrets.choice(SECRET_ALPHABET) for _ in range(CLIENT_ID_LENGTH)
+            ),
             max_clients=self.config.max_realtime_clients,
             max_queue_bytes=self.config.max_client_queue_bytes,
         )
         self.broker.message_filter = self.hooks.filter_message
-        self.broker.message_filter_active = lambda: bool(self.hooks.registered("realtime_message"))
+        self.broker.message_filter_active = lambda: bool(
+            self.hooks.registered("realtime_message")
+        )
         self.store.listener = self.broker
         superusers = self.store.collection(SUPERUSERS)
         if superusers is not None and self.store.count_records(superusers) == 0:
@@ -5195,7 +6128,9 @@ class App:
             finally:
                 await self.stop()
 
-        thread = threading.Thread(target=asyncio.run, args=(run(),), name="pbrt", daemon=True)
+        thread = threading.Thread(
+            target=asyncio.run, args=(run(),), name="pbrt", daemon=True
+        )
         thread.start()
         started.wait()
         if "error" in state:
@@ -5215,32 +6150,60 @@ class App:
 
     def collection(self, name: str) -> dict[str, JSON]:
         """Return a collection's JSON; raise NotFoundError if it does not exist."""
-        return self._call("GET", f"/api/collections/{_quote_segment(name)}")  # type: ignore[no-any-return]
+        return cast(
+            dict[str, JSON],
+            self._call("GET", f"/api/collections/{_quote_segment(name)}"),
+        )
 
-    def import_collections(self, collections: list[dict[str, JSON]], *, delete_missing: bool = False) -> None:
+    def import_collections(
+        self, collections: list[dict[str, JSON]], *, delete_missing: bool = False
+    ) -> None:
         """Create or update collections from PocketBase's JSON (as `PUT /api/collections/import`)."""
-        self._call("PUT", "/api/collections/import", {"collections": collections, "deleteMissing": delete_missing})
+        self._call(
+            "PUT",
+            "/api/collections/import",
+            {"collections": collections, "deleteMissing": delete_missing},
+        )
 
-    def create(self, collection: str, data: dict[str, JSON], *, token: str | None = None) -> dict[str, JSON]:
+    def create(
+        self, collection: str, data: dict[str, JSON], *, token: str | None = None
+    ) -> dict[str, JSON]:
         """Validate, insert and broadcast a record; return it. Raises ApiError."""
-        return self._call("POST", f"/api/collections/{_quote_segment(collection)}/records", data, token=token)  # type: ignore[no-any-return]
+        return cast(
+            dict[str, JSON],
+            self._call(
+                "POST",
+                _records_path(collection),
+                data,
+                token=token,
+            ),
+        )
 
     def update(
-        self, collection: str, record_id: str, data: dict[str, JSON], *, token: str | None = None
+        self,
+        collection: str,
+        record_id: str,
+        data: dict[str, JSON],
+        *,
+        token: str | None = None,
     ) -> dict[str, JSON]:
         """Apply changes (with `+`/`-` modifiers) to a record and broadcast it; return it."""
-        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
-        return self._call("PATCH", path, data, token=token)  # type: ignore[no-any-return]
+        path = _records_path(collection, record_id)
+        return cast(dict[str, JSON], self._call("PATCH", path, data, token=token))
 
-    def delete(self, collection: str, record_id: str, *, token: str | None = None) -> None:
+    def delete(
+        self, collection: str, record_id: str, *, token: str | None = None
+    ) -> None:
         """Delete a record (cascading as its relations say) and broadcast it."""
-        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
+        path = _records_path(collection, record_id)
         self._call("DELETE", path, token=token)
 
-    def get(self, collection: str, record_id: str, *, token: str | None = None) -> dict[str, JSON]:
+    def get(
+        self, collection: str, record_id: str, *, token: str | None = None
+    ) -> dict[str, JSON]:
         """Return one record; raise NotFoundError if missing or hidden by the viewRule."""
-        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
-        return self._call("GET", path, token=token)  # type: ignore[no-any-return]
+        path = _records_path(collection, record_id)
+        return cast(dict[str, JSON], self._call("GET", path, token=token))
 
     def list(
         self,
@@ -5253,8 +6216,17 @@ class App:
         token: str | None = None,
     ) -> dict[str, JSON]:
         """Return one page of records: PocketBase's `{items, page, perPage, totalItems, totalPages}`."""
-        query = urllib.parse.urlencode({"filter": filter, "sort": sort, "page": page, "perPage": per_page})
-        return self._call("GET", f"/api/collections/{_quote_segment(collection)}/records?{query}", token=token)  # type: ignore[no-any-return]
+        query = urllib.parse.urlencode(
+            {"filter": filter, "sort": sort, "page": page, "perPage": per_page}
+        )
+        return cast(
+            dict[str, JSON],
+            self._call(
+                "GET",
+                f"{_records_path(collection)}?{query}",
+                token=token,
+            ),
+        )
 
     def publish(self, topic: str, data: JSON) -> int:
         """Send `data` to every subscriber of a custom topic; return how many got it.
@@ -5268,9 +6240,11 @@ class App:
                 raise RuntimeError("the server is not running")
             return self.broker.publish(topic, data)
 
-        return self._on_loop(send)
+        return int(self._on_loop(send))
 
-    def on(self, hook: str, collection: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def on(
+        self, hook: str, collection: str | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering a hook; `collection` limits record hooks to one collection.
 
         Record hooks (`before_create`, `after_create`, `before_update`,
@@ -5295,14 +6269,18 @@ class App:
             self.store.close()
             self.store = None
 
-    def _call(self, method: str, target: str, body: JSON = None, *, token: str | None = None) -> JSON:
+    def _call(
+        self, method: str, target: str, body: JSON = None, *, token: str | None = None
+    ) -> JSON:
         """Run one API request in-process; return its JSON or raise its ApiError."""
         raw_body = b"" if body is None else _json_body(body)
         headers = {"content-type": "application/json"} if raw_body else {}
         if token:
             headers["authorization"] = token
         path, query = _split_target(method, target)
-        request = Request(method, target, path, query, "HTTP/1.1", headers, len(raw_body))
+        request = Request(
+            method, target, path, query, "HTTP/1.1", headers, len(raw_body)
+        )
 
         def invoke() -> Response:
             if self.store is None:
@@ -5319,10 +6297,12 @@ class App:
                 return error_response(to_api_error(exc))
 
         response = self._on_loop(invoke)
-        answer = json.loads(response.body) if response.body else None
+        answer = json.loads(response.body) if response.body else {}
         if response.status >= 400:
-            raise ApiError(answer["message"], answer["data"], status=response.status)
-        return answer
+            raise ApiError(
+                answer.get("message"), answer.get("data"), status=response.status
+            )
+        return answer or None
 
     def _on_loop(self, function: Callable[[], Any]) -> Any:
         """Run `function` on the server's loop thread (or here, if no server runs)."""
@@ -5344,7 +6324,9 @@ class App:
             self._date_cache = (now, email.utils.formatdate(now, usegmt=True))
         return self._date_cache[1]
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         connection = _Connection(writer, asyncio.current_task())
         self._connections.add(connection)
         try:
@@ -5360,7 +6342,10 @@ class App:
                 await writer.wait_closed()
 
     async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        connection: _Connection,
     ) -> None:
         peer = writer.get_extra_info("peername")
         remote_ip = peer[0] if isinstance(peer, tuple) else ""
@@ -5401,7 +6386,11 @@ class App:
                 return
 
     async def _dispatch(
-        self, request: Request, raw_body: bytes, remote_ip: str, writer: asyncio.StreamWriter | None = None
+        self,
+        request: Request,
+        raw_body: bytes,
+        remote_ip: str,
+        writer: asyncio.StreamWriter | None = None,
     ) -> Response:
         """Route one request; every exception becomes an error envelope."""
         if request.method == "OPTIONS":
@@ -5414,7 +6403,11 @@ class App:
             return error_response(to_api_error(exc))
 
     async def _write_response(
-        self, writer: asyncio.StreamWriter, request: Request, response: Response, keep_alive: bool
+        self,
+        writer: asyncio.StreamWriter,
+        request: Request,
+        response: Response,
+        keep_alive: bool,
     ) -> None:
         headers = list(response.headers)
         if request.method != "OPTIONS":
@@ -5436,7 +6429,11 @@ class App:
         await writer.drain()
 
     async def _write_stream(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: Request, response: Response
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: Request,
+        response: Response,
     ) -> None:
         """Send a streamed (SSE) response: one chunk per frame, until the stream
         ends or the client goes away."""
@@ -5447,12 +6444,20 @@ class App:
             headers.append(("Access-Control-Allow-Origin", "*"))
         chunked = request.version == "HTTP/1.1"
         writer.write(
-            encode_response_head(response.status, headers, date=self._http_date(), version=request.version, close=not chunked)
+            encode_response_head(
+                response.status,
+                headers,
+                date=self._http_date(),
+                version=request.version,
+                close=not chunked,
+            )
         )
 
         async def pump() -> None:
             async for frames in stream:
-                writer.write(b"".join(map(encode_chunk, frames)) if chunked else b"".join(frames))
+                writer.write(
+                    b"".join(map(encode_chunk, frames)) if chunked else b"".join(frames)
+                )
                 await writer.drain()
             if chunked:
                 writer.write(encode_chunk(b""))
@@ -5469,7 +6474,10 @@ class App:
             await stream.aclose()
 
     async def _reject(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exc: ProtocolError
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        exc: ProtocolError,
     ) -> None:
         """Answer a protocol error with its status, then close."""
         error = to_api_error(exc)
@@ -5477,7 +6485,11 @@ class App:
         headers = [("Content-Type", "application/json"), *SECURITY_HEADERS]
         writer.write(
             encode_response_head(
-                error.status, headers, date=self._http_date(), content_length=len(body), close=True
+                error.status,
+                headers,
+                date=self._http_date(),
+                content_length=len(body),
+                close=True,
             )
             + body
         )
@@ -5513,7 +6525,9 @@ class Client:
         headers = {"Content-Type": "application/json"} if data is not None else {}
         if self.token:
             headers["Authorization"] = self.token
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method, headers=headers
+        )
         try:
             with urllib.request.urlopen(request, timeout=CLIENT_TIMEOUT_S) as response:
                 text = response.read()
@@ -5522,43 +6536,63 @@ class Client:
                 text = error.read()
             try:
                 answer = json.loads(text)
-                raise ApiError(answer.get("message"), answer.get("data"), status=error.code) from None
+                raise ApiError(
+                    answer.get("message"), answer.get("data"), status=error.code
+                ) from None
             except (ValueError, AttributeError):
                 raise ApiError(status=error.code) from None
         return json.loads(text) if text else None
 
-    def auth_with_password(self, collection: str, identity: str, password: str) -> dict[str, JSON]:
+    def auth_with_password(
+        self, collection: str, identity: str, password: str
+    ) -> dict[str, JSON]:
         """Log in; later requests carry the token. Returns `{"record", "token"}`."""
-        answer = self.request(
+        answer = self._object(
             "POST",
             f"/api/collections/{_quote_segment(collection)}/auth-with-password",
             {"identity": identity, "password": password},
         )
-        self.token, self.record = answer["token"], answer["record"]
-        return answer  # type: ignore[no-any-return]
+        self.token, self.record = str(answer["token"]), answer["record"]
+        return answer
 
     def create(self, collection: str, data: dict[str, JSON]) -> dict[str, JSON]:
         """Create a record; return it."""
-        return self.request("POST", f"/api/collections/{_quote_segment(collection)}/records", data)  # type: ignore[no-any-return]
+        return self._object("POST", _records_path(collection), data)
 
-    def update(self, collection: str, record_id: str, data: dict[str, JSON]) -> dict[str, JSON]:
+    def update(
+        self, collection: str, record_id: str, data: dict[str, JSON]
+    ) -> dict[str, JSON]:
         """Update a record; return it."""
-        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
-        return self.request("PATCH", path, data)  # type: ignore[no-any-return]
+        return self._object("PATCH", _records_path(collection, record_id), data)
 
     def delete(self, collection: str, record_id: str) -> None:
         """Delete a record."""
-        self.request("DELETE", f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}")
+        self.request("DELETE", _records_path(collection, record_id))
 
     def get(self, collection: str, record_id: str) -> dict[str, JSON]:
         """Return one record."""
-        path = f"/api/collections/{_quote_segment(collection)}/records/{_quote_segment(record_id)}"
-        return self.request("GET", path)  # type: ignore[no-any-return]
+        return self._object("GET", _records_path(collection, record_id))
 
-    def list(self, collection: str, *, filter: str = "", sort: str = "", page: int = 1, per_page: int = 30) -> dict[str, JSON]:
+    def list(
+        self,
+        collection: str,
+        *,
+        filter: str = "",
+        sort: str = "",
+        page: int = 1,
+        per_page: int = DEFAULT_PER_PAGE,
+    ) -> dict[str, JSON]:
         """Return one page of records."""
-        query = urllib.parse.urlencode({"filter": filter, "sort": sort, "page": page, "perPage": per_page})
-        return self.request("GET", f"/api/collections/{_quote_segment(collection)}/records?{query}")  # type: ignore[no-any-return]
+        query = urllib.parse.urlencode(
+            {"filter": filter, "sort": sort, "page": page, "perPage": per_page}
+        )
+        return self._object("GET", f"{_records_path(collection)}?{query}")
+
+    def _object(self, method: str, path: str, body: JSON = None) -> dict[str, JSON]:
+        answer = self.request(method, path, body)
+        if not isinstance(answer, dict):
+            raise ApiError("The server did not answer with a JSON object.", status=502)
+        return answer
 
     async def subscribe(
         self,
@@ -5566,7 +6600,7 @@ class Client:
         options: dict[str, JSON] | None = None,
         *,
         on_subscribed: Callable[[], None] | None = None,
-    ) -> AsyncIterator[JSON]:
+    ) -> AsyncGenerator[JSON, None]:
         """Yield the decoded data of every message on `topic` (`posts/*`, `posts/ID`, custom).
 
         `options` is PocketBase's `{"query": {...}, "headers": {...}}`. On a
@@ -5576,35 +6610,55 @@ class Client:
         """
         subscription = topic
         if options:
-            subscription += "?options=" + urllib.parse.quote(_encode_json_text(options), safe="")
+            subscription += "?options=" + urllib.parse.quote(
+                _encode_json_text(options), safe=""
+            )
         attempt = 0
         while True:
             try:
                 async for data in self._stream(subscription, on_subscribed):
                     attempt = 0
                     yield data
-            except (OSError, EOFError, ValueError, ApiError, asyncio.IncompleteReadError) as exc:
+            except (
+                OSError,
+                EOFError,
+                ValueError,
+                ApiError,
+                asyncio.IncompleteReadError,
+            ) as exc:
                 log.debug("realtime connection lost (%s); reconnecting", exc)
-            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+            await asyncio.sleep(
+                RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)]
+            )
             attempt += 1
 
-    async def _stream(self, subscription: str, on_subscribed: Callable[[], None] | None) -> AsyncIterator[JSON]:
+    async def _stream(
+        self, subscription: str, on_subscribed: Callable[[], None] | None
+    ) -> AsyncGenerator[JSON, None]:
         """One SSE connection: connect, subscribe on PB_CONNECT, yield messages."""
         parts = urllib.parse.urlsplit(self.url)
         secure = parts.scheme == "https"
         host = parts.hostname or "127.0.0.1"
         port = parts.port or (443 if secure else 80)
-        reader, writer = await asyncio.open_connection(host, port, ssl=ssl.create_default_context() if secure else None)
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ssl.create_default_context() if secure else None
+        )
         try:
             target = (parts.path or "") + "/api/realtime"
             writer.write(
                 f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n\r\n".encode()
             )
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT_S)
+            head = await asyncio.wait_for(
+                reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT_S
+            )
             status = int(head.split(b" ", 2)[1])
             if status != 200:
                 raise ApiError(status=status)
-            decoder = _ChunkDecoder() if b"transfer-encoding: chunked" in head.lower() else None
+            decoder = (
+                _ChunkDecoder()
+                if b"transfer-encoding: chunked" in head.lower()
+                else None
+            )
             buffer = b""
             while data := await reader.read(65536):
                 buffer += decoder.feed(data) if decoder else data
@@ -5612,10 +6666,19 @@ class Client:
                     break
                 while b"\n\n" in buffer:
                     block, buffer = buffer.split(b"\n\n", 1)
-                    fields = dict(line.split(":", 1) for line in block.decode().split("\n") if ":" in line)
+                    fields = dict(
+                        line.split(":", 1)
+                        for line in block.decode().split("\n")
+                        if ":" in line
+                    )
                     if fields.get("event") == "PB_CONNECT":
-                        body = {"clientId": fields.get("id", ""), "subscriptions": [subscription]}
-                        await asyncio.to_thread(self.request, "POST", "/api/realtime", body)
+                        body = {
+                            "clientId": fields.get("id", ""),
+                            "subscriptions": [subscription],
+                        }
+                        await asyncio.to_thread(
+                            self.request, "POST", "/api/realtime", body
+                        )
                         if on_subscribed is not None:
                             on_subscribed()
                     elif fields.get("event") == subscription:
@@ -5665,6 +6728,12 @@ def _quote_segment(text: str) -> str:
     return urllib.parse.quote(text, safe="")
 
 
+def _records_path(collection: str, record_id: str = "") -> str:
+    """The records API path of a collection, or of one of its records."""
+    path = f"/api/collections/{_quote_segment(collection)}/records"
+    return f"{path}/{_quote_segment(record_id)}" if record_id else path
+
+
 def serve(**settings: Any) -> None:
     """Run a pbrt server until SIGINT/SIGTERM; keywords are Config fields."""
     App(**settings).serve()
@@ -5680,7 +6749,9 @@ def serve(**settings: Any) -> None:
 def _parse_http_address(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"invalid address {value!r}, expected HOST:PORT")
+        raise argparse.ArgumentTypeError(
+            f"invalid address {value!r}, expected HOST:PORT"
+        )
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -5690,9 +6761,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="pbrt",
         description="pbrt: a realtime backend in one file, compatible with the PocketBase API.",
     )
-    parser.add_argument("--version", action="version", version=f"pbrt version {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"pbrt version {__version__}"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve_parser = commands.add_parser("serve", help="start the web server (the default command)")
+    serve_parser = commands.add_parser(
+        "serve", help="start the web server (the default command)"
+    )
     serve_parser.add_argument(
         "--http",
         type=_parse_http_address,
@@ -5701,9 +6776,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help=f"TCP address to listen on (default {DEFAULT_HOST}:{DEFAULT_PORT})",
     )
     _add_common_arguments(serve_parser)
-    superuser_parser = commands.add_parser("superuser", help="create, update or delete a superuser")
-    superuser_commands = superuser_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    upsert_parser = superuser_commands.add_parser("upsert", help="create or update a superuser")
+    superuser_parser = commands.add_parser(
+        "superuser", help="create, update or delete a superuser"
+    )
+    superuser_commands = superuser_parser.add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    upsert_parser = superuser_commands.add_parser(
+        "upsert", help="create or update a superuser"
+    )
     upsert_parser.add_argument("email")
     upsert_parser.add_argument("password")
     delete_parser = superuser_commands.add_parser("delete", help="delete a superuser")
@@ -5711,7 +6792,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for action_parser in (upsert_parser, delete_parser):
         _add_common_arguments(action_parser)
     bench_parser = commands.add_parser(
-        "bench", help="measure this server (or any PocketBase-compatible one) under load"
+        "bench",
+        help="measure this server (or any PocketBase-compatible one) under load",
     )
     _add_bench_arguments(bench_parser)
     return parser
@@ -5719,9 +6801,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dir", default=DEFAULT_DATA_DIR, help=f"the data directory (default ./{DEFAULT_DATA_DIR})"
+        "--dir",
+        default=DEFAULT_DATA_DIR,
+        help=f"the data directory (default ./{DEFAULT_DATA_DIR})",
     )
-    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    parser.add_argument(
+        "--quiet", action="store_true", help="log only warnings and errors"
+    )
 
 
 # --- bench: load tests against pbrt or any PocketBase-compatible server ------------
@@ -5787,14 +6873,33 @@ def _start_bench_server() -> _BenchTarget:
     directory = tempfile.mkdtemp(prefix="pbrt-bench-")
     script = os.path.abspath(__file__)
     subprocess.run(
-        [sys.executable, script, "superuser", "upsert", BENCH_SU_EMAIL, BENCH_SU_PASSWORD, "--dir", directory],
-        check=True, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            script,
+            "superuser",
+            "upsert",
+            BENCH_SU_EMAIL,
+            BENCH_SU_PASSWORD,
+            "--dir",
+            directory,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, script, "serve", "--http", f"127.0.0.1:{port}", "--dir", directory, "--quiet"],
+        [
+            sys.executable,
+            script,
+            "serve",
+            "--http",
+            f"127.0.0.1:{port}",
+            "--dir",
+            directory,
+            "--quiet",
+        ],
     )
     url = f"http://127.0.0.1:{port}"
     admin = Client(url)
@@ -5831,10 +6936,15 @@ def _bench_collection(target: _BenchTarget, name: str, rule: str) -> None:
         "POST",
         "/api/collections",
         {
-            "name": name, "type": "base", "listRule": rule, "viewRule": rule,
+            "name": name,
+            "type": "base",
+            "listRule": rule,
+            "viewRule": rule,
             "fields": [
-                {"name": "seq", "type": "number"}, {"name": "sent", "type": "number"},
-                {"name": "published", "type": "bool"}, {"name": "owner", "type": "text"},
+                {"name": "seq", "type": "number"},
+                {"name": "sent", "type": "number"},
+                {"name": "published", "type": "bool"},
+                {"name": "owner", "type": "text"},
                 {"name": "body", "type": "text"},
             ],
         },
@@ -5846,12 +6956,23 @@ def _bench_users(target: _BenchTarget, count: int) -> list[tuple[str, str]]:
     with contextlib.suppress(ApiError):
         target.admin.request("DELETE", "/api/collections/bench_users")
     target.admin.request(
-        "POST", "/api/collections", {"name": "bench_users", "type": "auth", "listRule": "", "viewRule": "", "createRule": ""}
+        "POST",
+        "/api/collections",
+        {
+            "name": "bench_users",
+            "type": "auth",
+            "listRule": "",
+            "viewRule": "",
+            "createRule": "",
+        },
     )
     users = []
     for index in range(count):
         email, password = f"user{index}@bench.test", "bench-password-123"
-        target.admin.create("bench_users", {"email": email, "password": password, "passwordConfirm": password})
+        target.admin.create(
+            "bench_users",
+            {"email": email, "password": password, "passwordConfirm": password},
+        )
         login = Client(target.url)
         answer = login.auth_with_password("bench_users", email, password)
         users.append((str(answer["record"]["id"]), str(answer["token"])))
@@ -5869,7 +6990,13 @@ class _SseProbe(asyncio.Protocol):
     _SEQ_RE = re.compile(rb'"seq":(-?\d+)')
     _SENT_RE = re.compile(rb'"sent":([0-9.e+-]+)')
 
-    def __init__(self, client: Client, topic: str, on_subscribed: Callable[[], None], remaining: int) -> None:
+    def __init__(
+        self,
+        client: Client,
+        topic: str,
+        on_subscribed: Callable[[], None],
+        remaining: int,
+    ) -> None:
         self.client, self.topic, self.on_subscribed = client, topic, on_subscribed
         self.buffer = b""
         self.received: list[tuple[int, float]] = []
@@ -5880,7 +7007,9 @@ class _SseProbe(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.write(b"GET /api/realtime HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
+        transport.write(
+            b"GET /api/realtime HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n"
+        )
 
     def data_received(self, data: bytes) -> None:
         arrived = time.time()
@@ -5890,7 +7019,9 @@ class _SseProbe(asyncio.Protocol):
             seq = self._SEQ_RE.search(block)
             if seq is not None:
                 sent = self._SENT_RE.search(block)
-                self.received.append((int(seq.group(1)), arrived - float(sent.group(1)) if sent else 0.0))
+                self.received.append(
+                    (int(seq.group(1)), arrived - float(sent.group(1)) if sent else 0.0)
+                )
                 self.remaining -= 1
                 if self.remaining == 0 and not self.done.done():
                     self.done.set_result(None)
@@ -5909,7 +7040,12 @@ class _SseProbe(asyncio.Protocol):
 
 
 def _bench_listener(
-    url: str, specs: list[tuple[str, str]], expected: list[int], ready: Any, results: Any, timeout_s: float
+    url: str,
+    specs: list[tuple[str, str]],
+    expected: list[int],
+    ready: Any,
+    results: Any,
+    timeout_s: float,
 ) -> None:
     """A load-generator process: hold SSE clients until each got `expected` events
     (or `timeout_s` passed); report what arrived and when."""
@@ -5923,12 +7059,17 @@ def _bench_listener(
         probes = []
         for (token, topic), count in zip(specs, expected):
             _, probe = await loop.create_connection(
-                lambda: _SseProbe(Client(url, token), topic, lambda: ready.put(1), count),
-                parts.hostname, parts.port,
+                functools.partial(
+                    _SseProbe, Client(url, token), topic, lambda: ready.put(1), count
+                ),
+                parts.hostname or "127.0.0.1",
+                parts.port or 80,
             )
             probes.append(probe)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(probe.done for probe in probes)), timeout_s)
+            await asyncio.wait_for(
+                asyncio.gather(*(probe.done for probe in probes)), timeout_s
+            )
         for probe in probes:
             if probe.transport is not None:
                 probe.transport.close()
@@ -5950,7 +7091,9 @@ def _spread(items: list[Any], processes: int) -> list[list[Any]]:
     return [items[index::processes] for index in range(processes)]
 
 
-def _bench_fanout(target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, JSON]:
+def _bench_fanout(
+    target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]
+) -> dict[str, JSON]:
     """N subscribers, E creates at a fixed rate: delivery latency, losses, order."""
     rule = BENCH_RULES[args.rule]
     _bench_collection(target, "bench_fanout", rule)
@@ -5960,7 +7103,9 @@ def _bench_fanout(target: _BenchTarget, args: argparse.Namespace, progress: Call
         if users:
             user_index = index % len(users)
             specs.append((users[user_index][1], "bench_fanout/*"))
-            expected.append([seq for seq in range(args.events) if seq % len(users) == user_index])
+            expected.append(
+                [seq for seq in range(args.events) if seq % len(users) == user_index]
+            )
         else:
             specs.append(("", "bench_fanout/*"))
             expected.append(list(range(args.events)))
@@ -5969,9 +7114,18 @@ def _bench_fanout(target: _BenchTarget, args: argparse.Namespace, progress: Call
     processes = [
         context.Process(
             target=_bench_listener,
-            args=(target.url, spec_part, [len(wanted) for wanted in expected_part], ready, results, args.timeout),
+            args=(
+                target.url,
+                spec_part,
+                [len(wanted) for wanted in expected_part],
+                ready,
+                results,
+                args.timeout,
+            ),
         )
-        for spec_part, expected_part in zip(_spread(specs, args.processes), _spread(expected, args.processes))
+        for spec_part, expected_part in zip(
+            _spread(specs, args.processes), _spread(expected, args.processes)
+        )
     ]
     for process in processes:
         process.start()
@@ -5982,20 +7136,27 @@ def _bench_fanout(target: _BenchTarget, args: argparse.Namespace, progress: Call
             connected += ready.get(timeout=1)
             if connected % 500 == 0:
                 progress(f"subscribed {connected}/{args.clients}")
-    progress(f"subscribed {connected}/{args.clients}; sending {args.events} events at {args.rate}/s")
+    progress(
+        f"subscribed {connected}/{args.clients}; sending {args.events} events at {args.rate}/s"
+    )
     cpu_before = _process_cpu_s(target.pid)
     interval = 1.0 / args.rate
     started = time.monotonic()
     for seq in range(args.events):
         owner = users[seq % len(users)][0] if users else ""
-        target.admin.create("bench_fanout", {"seq": seq, "sent": time.time(), "published": True, "owner": owner})
+        target.admin.create(
+            "bench_fanout",
+            {"seq": seq, "sent": time.time(), "published": True, "owner": owner},
+        )
         time.sleep(max(0.0, started + (seq + 1) * interval - time.monotonic()))
     outcomes = [results.get(timeout=args.timeout + 30) for _ in processes]
     cpu_after = _process_cpu_s(target.pid)
     for process in processes:
         process.join(timeout=30)
     received = [client for outcome in outcomes for client in outcome["received"]]
-    expected_flat = [wanted for part in _spread(expected, args.processes) for wanted in part]
+    expected_flat = [
+        wanted for part in _spread(expected, args.processes) for wanted in part
+    ]
     per_event: dict[int, float] = {}
     latencies: list[float] = []
     losses = order_violations = 0
@@ -6007,32 +7168,58 @@ def _bench_fanout(target: _BenchTarget, args: argparse.Namespace, progress: Call
             latencies.append(latency)
             per_event[seq] = max(per_event.get(seq, 0.0), latency)
     deliveries = len(latencies)
-    server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    server_cpu = (
+        None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    )
     last = list(per_event.values())
     return {
-        "scenario": "fanout", "rule": args.rule, "clients": args.clients, "subscribed": connected,
-        "events": args.events, "rate": args.rate, "deliveries": deliveries, "losses": losses,
+        "scenario": "fanout",
+        "rule": args.rule,
+        "clients": args.clients,
+        "subscribed": connected,
+        "events": args.events,
+        "rate": args.rate,
+        "deliveries": deliveries,
+        "losses": losses,
         "order_violations": order_violations,
-        "last_subscriber_ms": {"p50": _percentile(last, 0.5) * 1000, "p99": _percentile(last, 0.99) * 1000, "max": max(last, default=float("nan")) * 1000},
-        "delivery_ms": {"p50": _percentile(latencies, 0.5) * 1000, "p99": _percentile(latencies, 0.99) * 1000},
+        "last_subscriber_ms": {
+            "p50": _percentile(last, 0.5) * 1000,
+            "p99": _percentile(last, 0.99) * 1000,
+            "max": max(last, default=float("nan")) * 1000,
+        },
+        "delivery_ms": {
+            "p50": _percentile(latencies, 0.5) * 1000,
+            "p99": _percentile(latencies, 0.99) * 1000,
+        },
         "deliveries_per_s": deliveries / max(1e-9, args.events / args.rate),
-        "server_cpu_us_per_delivery": None if server_cpu is None or not deliveries else server_cpu * 1e6 / deliveries,
+        "server_cpu_us_per_delivery": None
+        if server_cpu is None or not deliveries
+        else server_cpu * 1e6 / deliveries,
         "server_rss_kib": _process_rss_kib(target.pid),
         "load_generator_cpu_s": sum(outcome["cpu_s"] for outcome in outcomes),
     }
 
 
-def _bench_connect(target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, JSON]:
+def _bench_connect(
+    target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]
+) -> dict[str, JSON]:
     """N SSE clients connect and subscribe: time to all subscribed, failures, RSS."""
     _bench_collection(target, "bench_fanout", "")
     rss_before = _process_rss_kib(target.pid)
     specs = [("", "bench_fanout/*")] * args.clients
     context = multiprocessing.get_context("fork")
     ready, results = context.Queue(), context.Queue()
-    hold = [-1] * args.clients  # never satisfied: the clients stay connected for --hold seconds
+    hold = [
+        -1
+    ] * args.clients  # never satisfied: the clients stay connected for --hold seconds
     processes = [
-        context.Process(target=_bench_listener, args=(target.url, part, expected, ready, results, args.hold))
-        for part, expected in zip(_spread(specs, args.processes), _spread(hold, args.processes))
+        context.Process(
+            target=_bench_listener,
+            args=(target.url, part, expected, ready, results, args.hold),
+        )
+        for part, expected in zip(
+            _spread(specs, args.processes), _spread(hold, args.processes)
+        )
     ]
     started = time.monotonic()
     for process in processes:
@@ -6051,15 +7238,28 @@ def _bench_connect(target: _BenchTarget, args: argparse.Namespace, progress: Cal
     for process in processes:
         process.join(timeout=30)
     return {
-        "scenario": "connect", "clients": args.clients, "subscribed": connected,
-        "failures": args.clients - connected, "seconds_to_all_subscribed": elapsed,
-        "server_rss_kib": rss, "server_rss_kib_before": rss_before,
-        "server_kib_per_client": None if rss is None or rss_before is None else (rss - rss_before) / max(1, connected),
+        "scenario": "connect",
+        "clients": args.clients,
+        "subscribed": connected,
+        "failures": args.clients - connected,
+        "seconds_to_all_subscribed": elapsed,
+        "server_rss_kib": rss,
+        "server_rss_kib_before": rss_before,
+        "server_kib_per_client": None
+        if rss is None or rss_before is None
+        else (rss - rss_before) / max(1, connected),
         "load_generator_cpu_s": sum(outcome["cpu_s"] for outcome in outcomes),
     }
 
 
-async def _bench_post_loop(url: str, token: str, path: str, body_for: Callable[[int], bytes], until: float, counts: list[int]) -> None:
+async def _bench_post_loop(
+    url: str,
+    token: str,
+    path: str,
+    body_for: Callable[[int], bytes],
+    until: float,
+    counts: list[int],
+) -> None:
     """One keep-alive connection POSTing JSON bodies until `until`."""
     parts = urllib.parse.urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
@@ -6069,7 +7269,8 @@ async def _bench_post_loop(url: str, token: str, path: str, body_for: Callable[[
             body = body_for(number)
             writer.write(
                 f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-                f"Authorization: {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+                f"Authorization: {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
             )
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
@@ -6084,9 +7285,15 @@ async def _bench_post_loop(url: str, token: str, path: str, body_for: Callable[[
             await writer.wait_closed()
 
 
-def _bench_writes(target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, JSON]:
+def _bench_writes(
+    target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]
+) -> dict[str, JSON]:
     """Creates/s over K keep-alive connections, with and without N subscribers."""
-    results: dict[str, JSON] = {"scenario": "writes", "connections": args.connections, "seconds": args.seconds}
+    results: dict[str, JSON] = {
+        "scenario": "writes",
+        "connections": args.connections,
+        "seconds": args.seconds,
+    }
     for subscribers in (0, args.clients):
         _bench_collection(target, "bench_fanout", "")
         context = multiprocessing.get_context("fork")
@@ -6094,8 +7301,13 @@ def _bench_writes(target: _BenchTarget, args: argparse.Namespace, progress: Call
         specs = [("", "bench_fanout/*")] * subscribers
         never = [-1] * subscribers  # never satisfied: they listen until terminated
         processes = [
-            context.Process(target=_bench_listener, args=(target.url, part, expected, ready, outcomes, args.seconds + 30))
-            for part, expected in zip(_spread(specs, args.processes), _spread(never, args.processes))
+            context.Process(
+                target=_bench_listener,
+                args=(target.url, part, expected, ready, outcomes, args.seconds + 30),
+            )
+            for part, expected in zip(
+                _spread(specs, args.processes), _spread(never, args.processes)
+            )
             if part
         ]
         for process in processes:
@@ -6103,16 +7315,29 @@ def _bench_writes(target: _BenchTarget, args: argparse.Namespace, progress: Call
         connected = 0
         while connected < subscribers:
             connected += ready.get(timeout=args.timeout)
-        progress(f"{subscribers} subscribers; writing for {args.seconds}s over {args.connections} connections")
+        progress(
+            f"{subscribers} subscribers; writing for {args.seconds}s over {args.connections} connections"
+        )
         counts = [0]
         cpu_before = _process_cpu_s(target.pid)
 
-        async def writers() -> None:
+        async def writers(counts: list[int] = counts) -> None:
             until = time.monotonic() + args.seconds
-            body = lambda n: _json_body({"seq": n, "sent": time.time(), "published": True})  # noqa: E731
+            body = lambda n: _json_body(
+                {"seq": n, "sent": time.time(), "published": True}
+            )  # noqa: E731
             await asyncio.gather(
-                *(_bench_post_loop(target.url, target.admin.token, "/api/collections/bench_fanout/records", body, until, counts)
-                  for _ in range(args.connections))
+                *(
+                    _bench_post_loop(
+                        target.url,
+                        target.admin.token,
+                        "/api/collections/bench_fanout/records",
+                        body,
+                        until,
+                        counts,
+                    )
+                    for _ in range(args.connections)
+                )
             )
 
         started = time.monotonic()
@@ -6124,11 +7349,15 @@ def _bench_writes(target: _BenchTarget, args: argparse.Namespace, progress: Call
             process.join(timeout=10)
         results[f"creates_per_s_with_{subscribers}_subscribers"] = counts[0] / elapsed
         if cpu_before is not None and cpu_after is not None:
-            results[f"server_cpu_s_with_{subscribers}_subscribers"] = cpu_after - cpu_before
+            results[f"server_cpu_s_with_{subscribers}_subscribers"] = (
+                cpu_after - cpu_before
+            )
     return results
 
 
-def _bench_churn(target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, JSON]:
+def _bench_churn(
+    target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]
+) -> dict[str, JSON]:
     """Clients connect, subscribe and disconnect in a loop: errors, RSS back near baseline."""
     _bench_collection(target, "bench_fanout", "")
     rss_before = _process_rss_kib(target.pid)
@@ -6137,7 +7366,9 @@ def _bench_churn(target: _BenchTarget, args: argparse.Namespace, progress: Calla
     async def one() -> None:
         nonlocal errors, cycles
         subscribed = asyncio.Event()
-        stream = Client(target.url).subscribe("bench_fanout/*", on_subscribed=subscribed.set)
+        stream = Client(target.url).subscribe(
+            "bench_fanout/*", on_subscribed=subscribed.set
+        )
         first = asyncio.ensure_future(anext(stream))
         try:
             await asyncio.wait_for(subscribed.wait(), 10)
@@ -6160,8 +7391,11 @@ def _bench_churn(target: _BenchTarget, args: argparse.Namespace, progress: Calla
     time.sleep(2.0)
     rss_after = _process_rss_kib(target.pid)
     return {
-        "scenario": "churn", "cycles": cycles, "errors": errors,
-        "server_rss_kib_before": rss_before, "server_rss_kib_after": rss_after,
+        "scenario": "churn",
+        "cycles": cycles,
+        "errors": errors,
+        "server_rss_kib_before": rss_before,
+        "server_rss_kib_after": rss_after,
     }
 
 
@@ -6180,7 +7414,12 @@ def _bench_command(args: argparse.Namespace) -> int:
         target = _start_bench_server()
     started_cpu = sum(os.times()[:2])
     try:
-        scenario = {"connect": _bench_connect, "fanout": _bench_fanout, "writes": _bench_writes, "churn": _bench_churn}
+        scenario = {
+            "connect": _bench_connect,
+            "fanout": _bench_fanout,
+            "writes": _bench_writes,
+            "churn": _bench_churn,
+        }
         result = scenario[args.scenario](target, args, progress)
     finally:
         if not args.url:
@@ -6197,22 +7436,73 @@ def _bench_command(args: argparse.Namespace) -> int:
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", choices=BENCH_SCENARIOS)
-    parser.add_argument("--url", help="measure this server instead of starting a pbrt child process")
-    parser.add_argument("--su-email", default=BENCH_SU_EMAIL, help="superuser of the server at --url")
+    parser.add_argument(
+        "--url", help="measure this server instead of starting a pbrt child process"
+    )
+    parser.add_argument(
+        "--su-email", default=BENCH_SU_EMAIL, help="superuser of the server at --url"
+    )
     parser.add_argument("--su-pass", default=BENCH_SU_PASSWORD, help="its password")
-    parser.add_argument("--pid", type=int, help="pid of the server at --url, for its CPU and RSS")
-    parser.add_argument("--clients", type=int, default=1000, help="SSE subscribers (default 1000)")
-    parser.add_argument("--events", type=int, default=50, help="fanout: records created (default 50)")
-    parser.add_argument("--rate", type=float, default=10.0, help="fanout: creates per second (default 10)")
-    parser.add_argument("--rule", choices=sorted(BENCH_RULES), default="public", help="fanout: the list rule")
-    parser.add_argument("--users", type=int, default=10, help="fanout --rule auth: distinct users (default 10)")
-    parser.add_argument("--connections", type=int, default=8, help="writes: keep-alive connections (default 8)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="writes/churn: duration (default 5)")
-    parser.add_argument("--concurrency", type=int, default=50, help="churn: clients at a time (default 50)")
-    parser.add_argument("--hold", type=float, default=3.0, help="connect: seconds to hold the clients (default 3)")
-    parser.add_argument("--processes", type=int, default=2, help="load-generator processes (default 2)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="bound on every wait (default 120 s)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--pid", type=int, help="pid of the server at --url, for its CPU and RSS"
+    )
+    parser.add_argument(
+        "--clients", type=int, default=1000, help="SSE subscribers (default 1000)"
+    )
+    parser.add_argument(
+        "--events", type=int, default=50, help="fanout: records created (default 50)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=10.0,
+        help="fanout: creates per second (default 10)",
+    )
+    parser.add_argument(
+        "--rule",
+        choices=sorted(BENCH_RULES),
+        default="public",
+        help="fanout: the list rule",
+    )
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=10,
+        help="fanout --rule auth: distinct users (default 10)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=8,
+        help="writes: keep-alive connections (default 8)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="writes/churn: duration (default 5)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=50,
+        help="churn: clients at a time (default 50)",
+    )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=3.0,
+        help="connect: seconds to hold the clients (default 3)",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=2, help="load-generator processes (default 2)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="bound on every wait (default 120 s)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
 
 
 def _tune_garbage_collector() -> None:
@@ -6229,7 +7519,9 @@ def main(argv: list[str] | None = None) -> int:
     Without a command, `serve` is assumed (`python pbrt.py --dir x` serves).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+    if not argv or (
+        argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")
+    ):
         argv.insert(0, "serve")
     args = build_arg_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -6259,7 +7551,9 @@ def _superuser_command(args: argparse.Namespace) -> int:
     try:
         superusers = store.collection(SUPERUSERS)
         assert superusers is not None
-        found = store.find_records(superusers, where="t.email = ?", params=(args.email,), limit=1)
+        found = store.find_records(
+            superusers, where="t.email = ?", params=(args.email,), limit=1
+        )
         if args.action == "delete":
             if not found:
                 print(f"Superuser {args.email!r} not found.", file=sys.stderr)
@@ -6274,8 +7568,12 @@ def _superuser_command(args: argparse.Namespace) -> int:
             else:
                 store.create_record(superusers, data, privileged=True)
         except ValidationError as exc:
-            problems = "; ".join(f"{name}: {entry['message']}" for name, entry in exc.errors.items())
-            print(f"Failed to save superuser {args.email!r}: {problems}", file=sys.stderr)
+            problems = "; ".join(
+                f"{name}: {entry['message']}" for name, entry in exc.errors.items()
+            )
+            print(
+                f"Failed to save superuser {args.email!r}: {problems}", file=sys.stderr
+            )
             return 1
         print(f'Successfully saved superuser "{args.email}"!')
         return 0
