@@ -3094,6 +3094,7 @@ class Store:
         where: str = "",
         params: tuple[JSON, ...] = (),
         order: str = "",
+        order_params: tuple[JSON, ...] = (),
         limit: int = -1,
         offset: int = 0,
     ) -> list[Record]:
@@ -3102,7 +3103,8 @@ class Store:
         if where:
             sql += f" WHERE {where}"
         sql += f" ORDER BY {order or 't.rowid'} LIMIT ? OFFSET ?"
-        rows = self.connection.execute(sql, (*params, limit, offset)).fetchall()
+        arguments = (*params, *order_params, limit, offset)
+        rows = self.connection.execute(sql, arguments).fetchall()
         return [self._row_to_record(collection, row) for row in rows]
 
     def record_matches(
@@ -3520,6 +3522,9 @@ class RecordResolver:
         self.client_filter = client_filter and not info.is_superuser
         self.prefix = prefix
         self.joins: list[tuple[str, str, tuple[JSON, ...]]] = []  # (source, on, params)
+        self.conditions: list[IR] = []  # related listRules a client filter must meet
+        self._ruled_aliases: set[str] = set()
+        self.base_alias = "t"
         self._join_keys: dict[str, str] = {}
         self._fresh_count = 0
 
@@ -3576,7 +3581,9 @@ class RecordResolver:
         if name.startswith("@"):
             raise RuleError(f"unknown identifier {name!r}")
         path, modifier = _split_rule_modifier(name)
-        return self._path(self.collection, path.split("."), modifier, "t", hops=0)
+        return self._path(
+            self.collection, path.split("."), modifier, self.base_alias, hops=0
+        )
 
     def _request(self, rest: str) -> Resolved:
         path, modifier = _split_rule_modifier(rest)
@@ -3617,7 +3624,7 @@ class RecordResolver:
             if spec is None:
                 raise RuleError(":changed needs a collection field")
             submitted = _static(_body_value(value))
-            column = self._path(self.collection, [key], "", "t", hops=0)
+            column = self._path(self.collection, [key], "", self.base_alias, hops=0)
             differs = _equality(False, submitted, column)
             return Resolved(Binary("AND", Value(present), differs), "raw")
         if modifier in ("length", "each"):
@@ -3730,7 +3737,7 @@ class RecordResolver:
                 raise RuleError(f"missing relation collection of {name!r}")
             if rest == ["id"] and not is_multiple(spec) and not modifier:
                 return self._column(collection, spec, alias, "")
-            self._check_related_rule(target)
+            rule = self._related_rule(target)
             if is_multiple(spec):
                 each = self._join(
                     f"{alias}.{name}:each", f"json_each({column}) {{alias}}", "1"
@@ -3740,6 +3747,7 @@ class RecordResolver:
                     f"{quote_identifier(target.name)} {{alias}}",
                     f"{{alias}}.id = {each}.value",
                 )
+                self._require_related_rule(target, joined, rule)
                 resolved = self._path(target, rest, modifier, joined, hops + 1)
                 return Resolved(resolved.node, resolved.kind, resolved.multi or joined)
             joined = self._join(
@@ -3747,6 +3755,7 @@ class RecordResolver:
                 f"{quote_identifier(target.name)} {{alias}}",
                 f"{{alias}}.id = {column}",
             )
+            self._require_related_rule(target, joined, rule)
             return self._path(target, rest, modifier, joined, hops + 1)
         return self._column(collection, spec, alias, modifier)
 
@@ -3796,7 +3805,7 @@ class RecordResolver:
             raise RuleError(f"invalid back-relation {name}_via_{field_name}")
         if hops >= MAX_RELATION_HOPS:
             raise RuleError("too many relation hops")
-        self._check_related_rule(source)
+        rule = self._related_rule(source)
         column = f'{{alias}}."{field_name}"'
         on = (
             f"EXISTS (SELECT 1 FROM json_each({column}) WHERE value = {alias}.id)"
@@ -3808,13 +3817,43 @@ class RecordResolver:
             f"{quote_identifier(source.name)} {{alias}}",
             on,
         )
+        self._require_related_rule(source, joined, rule)
         resolved = self._path(source, rest, modifier, joined, hops + 1)
         return Resolved(resolved.node, resolved.kind, resolved.multi or joined)
 
-    def _check_related_rule(self, target: Collection) -> None:
-        """Client filters may not cross into collections the requester cannot list."""
-        if self.client_filter and target.rules.get("listRule") != "":
+    def _related_rule(self, target: Collection) -> str | None:
+        """The listRule a client filter must also meet to cross into `target`.
+
+        None when there is nothing to add; a null listRule refuses the
+        filter (rules.md §9.4).
+        """
+        if not self.client_filter:
+            return None
+        rule = target.rules.get("listRule")
+        if rule is None:
             raise RuleError(f"filtering across {target.name!r} is for superusers")
+        return rule or None
+
+    def _require_related_rule(
+        self, target: Collection, alias: str, rule: str | None
+    ) -> None:
+        """AND `(no related record OR its listRule)` into the whole query, once per join."""
+        if rule is None or alias in self._ruled_aliases:
+            return
+        self._ruled_aliases.add(alias)
+        saved = self.collection, self.base_alias, self.client_filter
+        self.collection, self.base_alias, self.client_filter = target, alias, False
+        try:
+            condition = lower_rule(parse_rule(rule), self)
+        finally:
+            self.collection, self.base_alias, self.client_filter = saved
+        related_id = SqlRef(f"{alias}.id", "text")
+        missing = Binary(
+            "OR",
+            Binary("IS", related_id, Value(None)),
+            Binary("=", related_id, Value("")),
+        )
+        self.conditions.append(Binary("OR", missing, condition))
 
 
 def _split_rule_modifier(name: str) -> tuple[str, str]:
@@ -3877,17 +3916,23 @@ def compile_rules(
     collection: Collection,
     info: RequestInfo,
     rules: list[tuple[str, bool]],
+    sort_paths: tuple[str, ...] = (),
 ) -> CompiledRule:
     """Compile rules and filters (`(text, is_client_filter)`) into one WHERE.
 
     They share one set of joins, as PocketBase's list does (rules.md §9.2).
-    Raises RuleError.
+    `sort_paths` are the client's sort identifiers: the related listRules
+    they cross are required too, as PocketBase does. Raises RuleError.
     """
     resolver = RecordResolver(store, collection, info)
     parts: list[IR] = []
     for text, client_filter in rules:
         resolver.client_filter = client_filter and not info.is_superuser
         parts.append(lower_rule(parse_rule(text), resolver))
+    resolver.client_filter = not info.is_superuser
+    for path in sort_paths:
+        resolver.resolve(path)
+    parts.extend(resolver.conditions)
     ir = _fold("AND", parts) if parts else TRUE_IR
     params: list[JSON] = []
     condition = render_sql(ir, params)
@@ -5153,16 +5198,24 @@ def _presenter(context: RequestContext) -> RecordPresenter:
     )
 
 
-def _order_by(collection: Collection, sort: str, superuser: bool) -> str:
-    """Compile a `sort` parameter (`-a,+b,@random,@rowid`) to ORDER BY SQL."""
+def compile_sort(
+    store: Store, collection: Collection, info: RequestInfo, sort: str
+) -> tuple[str, tuple[JSON, ...]]:
+    """Compile a `sort` parameter (`-a,+owner.name,@random,@rowid`) to ORDER BY SQL.
+
+    Each item resolves like a filter identifier (relation paths and
+    modifiers included; hidden fields for superusers only); a path through
+    relations becomes a correlated sub-query. Raises RuleError.
+    """
     items = sort.split(",")
     if len(items) > MAX_SORT_FIELDS:
-        raise BadRequestError()
-    terms = []
+        raise RuleError(f"more than {MAX_SORT_FIELDS} sort fields")
+    terms: list[str] = []
+    params: list[JSON] = []
     for raw in items:
         item = raw.strip()
-        if not item or len(item.encode()) > 255:
-            raise BadRequestError()
+        if not item or len(item.encode()) > 255 or " " in item:
+            raise RuleError(f"invalid sort item {raw!r}")
         direction = "DESC" if item.startswith("-") else "ASC"
         name = item[1:] if item[0] in "+-" else item
         if name == "@random":
@@ -5171,15 +5224,29 @@ def _order_by(collection: Collection, sort: str, superuser: bool) -> str:
         if name == "@rowid":
             terms.append(f"t.rowid {direction}")
             continue
-        spec = collection.field(name)
-        if (
-            spec is None
-            or (spec.get("hidden") and not superuser)
-            or spec["type"] == "password"
-        ):
-            raise BadRequestError()
-        terms.append(f"t.{quote_identifier(name)} {direction}")
-    return ", ".join(terms)
+        resolver = RecordResolver(store, collection, info, client_filter=True)
+        resolved = resolver.resolve(name)
+        if isinstance(resolved.node, Value):
+            raise RuleError(f"cannot sort by {name!r}")
+        if not resolver.joins:
+            terms.append(f"{render_sql(resolved.node, params)} {direction}")
+            continue
+        resolver = RecordResolver(store, collection, info, client_filter=True)
+        resolver.base_alias = "s"  # a sub-query on the same row: joins start from `s`
+        node = resolver.resolve(name).node
+        expression_params: list[JSON] = []
+        expression = render_sql(node, expression_params)
+        joins = "".join(
+            f" LEFT JOIN {source} ON {on}" for source, on, _ in resolver.joins
+        )
+        for _, _, join_params in resolver.joins:
+            params.extend(join_params)
+        params.extend(expression_params)
+        table = quote_identifier(collection.name)
+        terms.append(
+            f"(SELECT {expression} FROM {table} s{joins} WHERE s.rowid = t.rowid) {direction}"
+        )
+    return ", ".join(terms), tuple(params)
 
 
 def _check_superuser_only_syntax(context: RequestContext) -> None:
@@ -5201,16 +5268,20 @@ async def handle_record_list(context: RequestContext) -> Response:
     _check_superuser_only_syntax(context)
     page, per_page, skip_total = _paging(request)
     sort = request.query_value("sort")
-    order = _order_by(collection, sort, _is_superuser(context)) if sort else ""
+    info = request_info(context)
+    order, order_params = (
+        compile_sort(store, collection, info, sort) if sort else ("", ())
+    )
     filter_text = request.query_value("filter")
     if len(filter_text.encode()) > MAX_FILTER_BYTES:
         raise BadRequestError()
     rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
     if filter_text.strip():
         rules.append((filter_text, True))
+    sort_paths = [item.strip().lstrip("+-") for item in sort.split(",") if "." in item]
     compiled = (
-        compile_rules(store, collection, request_info(context), rules)
-        if rules
+        compile_rules(store, collection, info, rules, sort_paths)
+        if rules or sort_paths
         else None
     )
     where, params = (compiled.sql, compiled.params) if compiled else ("", ())
@@ -5219,6 +5290,7 @@ async def handle_record_list(context: RequestContext) -> Response:
         where=where,
         params=params,
         order=order,
+        order_params=order_params,
         limit=per_page,
         offset=(page - 1) * per_page,
     )

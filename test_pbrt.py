@@ -5023,3 +5023,164 @@ def test_bench_scenarios_run_against_a_child_server(
         )
     if scenario == "fanout":
         assert report["last_subscriber_ms"]["p50"] > 0 and report["server_rss_kib"] > 0
+
+
+# Captured from PocketBase 0.40.6: a non-superuser's filter that crosses into a
+# collection whose listRule is an expression gets that rule ANDed into the
+# whole query (rules.md §9.4); a null listRule refuses the filter.
+RELATED_RULE_FILTERS = [
+    ("views > 50 || owner.name = 'Alice'", "p4", "p1,p4"),
+    ("owner.name = 'Alice'", "", "p1"),
+    ("views > 50", "p1,p2,p4", "p1,p2,p4"),
+    ("team.name = 'red'", "p1", "p1"),
+    ("team.name != 'x'", "p1,p3,p4", "p1,p3,p4"),
+    ("views > 50 || team.name = 'red'", "p1,p4", "p1,p4"),
+    ("teams.name ?= 'red'", "p1,p4", "p1,p4"),
+    ("teams.name ?= 'blue' || views > 0", "p1,p3,p4", "p1,p3,p4"),
+    ("lk.name = ''", "400", "400"),
+    ("title != ''", "p1,p2,p3,p4", "p1,p2,p3,p4"),
+]
+
+
+# (sort, guest result, superuser result), captured the same way: sorting by a
+# relation path also requires the related listRule for non-superusers.
+RELATED_SORTS = [
+    ("owner.name", "p3,p4", "p3,p4,p1,p2"),
+    ("-owner.name,title", "p3,p4", "p2,p1,p3,p4"),
+    ("team.name", "p3,p4,p1", "p3,p4,p2,p1"),
+    ("-teams.name,title", "p1,p4,p3", "p1,p2,p4,p3"),
+    ("title:lower", "p1,p2,p3,p4", "p1,p2,p3,p4"),
+    ("-teams:length,title", "p1,p4,p2,p3", "p1,p4,p2,p3"),
+    ("views desc", "400", "400"),
+    ("-@rowid", "p4,p3,p2,p1", "p4,p3,p2,p1"),
+    ("nosuch", "400", "400"),
+    ("lk.name", "400", "p1,p2,p3,p4"),
+    ("@request.auth.id", "403", "400"),
+    ("'x'", "400", "400"),
+    ("-views", "p4,p2,p1,p3", "p4,p2,p1,p3"),
+]
+
+
+def test_rules_client_filters_meet_related_list_rules_like_pocketbase(
+    tmp_path: Path,
+) -> None:
+    import urllib.parse
+
+    with serving(tmp_path) as (_, api, su):
+        teams = api.json(
+            "POST",
+            "/api/collections",
+            {
+                "name": "teams",
+                "type": "base",
+                "listRule": "name != 'hidden'",
+                "viewRule": "",
+                "fields": [{"name": "name", "type": "text"}],
+            },
+            su,
+        )["id"]
+        locked = api.json(
+            "POST",
+            "/api/collections",
+            {
+                "name": "locked2",
+                "type": "base",
+                "fields": [{"name": "name", "type": "text"}],
+            },
+            su,
+        )["id"]
+        fields = [
+            {"name": "title", "type": "text"},
+            {"name": "views", "type": "number"},
+            {
+                "name": "owner",
+                "type": "relation",
+                "collectionId": "_pb_users_auth_",
+                "maxSelect": 1,
+            },
+            {"name": "team", "type": "relation", "collectionId": teams, "maxSelect": 1},
+            {
+                "name": "teams",
+                "type": "relation",
+                "collectionId": teams,
+                "maxSelect": 5,
+            },
+            {"name": "lk", "type": "relation", "collectionId": locked, "maxSelect": 1},
+        ]
+        api.json(
+            "POST",
+            "/api/collections",
+            {
+                "name": "posts",
+                "type": "base",
+                "listRule": "",
+                "viewRule": "",
+                "fields": fields,
+            },
+            su,
+        )
+        users = {}
+        for name in ("alice", "bob"):
+            users[name] = api.json(
+                "POST",
+                "/api/collections/users/records",
+                {
+                    "email": f"{name}@x.com",
+                    "password": "password123",
+                    "passwordConfirm": "password123",
+                    "name": name.title(),
+                },
+            )["id"]
+        alice = api.login("users", "alice@x.com", "password123")[0]
+        team_ids = {
+            name: api.json(
+                "POST", "/api/collections/teams/records", {"name": name}, su
+            )["id"]
+            for name in ("red", "hidden", "blue")
+        }
+        for title, views, owner, team, many in [
+            ("p1", 60, "alice", "red", ["red", "hidden"]),
+            ("p2", 70, "bob", "hidden", ["hidden"]),
+            ("p3", 10, "", "", []),
+            ("p4", 90, "", "blue", ["blue", "red"]),
+        ]:
+            api.json(
+                "POST",
+                "/api/collections/posts/records",
+                {
+                    "title": title,
+                    "views": views,
+                    "owner": users.get(owner, ""),
+                    "team": team_ids.get(team, ""),
+                    "teams": [team_ids[t] for t in many],
+                },
+                su,
+            )
+        for sort, as_guest, as_superuser in RELATED_SORTS:
+            for token, expected in (("", as_guest), (su, as_superuser)):
+                status, body = api.call(
+                    "GET",
+                    "/api/collections/posts/records?fields=title&sort="
+                    + urllib.parse.quote(sort),
+                    token=token,
+                )
+                got = (
+                    str(status)
+                    if status != 200
+                    else ",".join(item["title"] for item in json.loads(body)["items"])
+                )
+                assert got == expected, (sort, bool(token))
+        for text, as_guest, as_alice in RELATED_RULE_FILTERS:
+            for token, expected in (("", as_guest), (alice, as_alice)):
+                status, body = api.call(
+                    "GET",
+                    "/api/collections/posts/records?sort=title&fields=title&filter="
+                    + urllib.parse.quote(text),
+                    token=token,
+                )
+                got = (
+                    str(status)
+                    if status != 200
+                    else ",".join(item["title"] for item in json.loads(body)["items"])
+                )
+                assert got == expected, (text, bool(token))
