@@ -5278,7 +5278,9 @@ async def handle_record_list(context: RequestContext) -> Response:
     rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
     if filter_text.strip():
         rules.append((filter_text, True))
-    sort_paths = [item.strip().lstrip("+-") for item in sort.split(",") if "." in item]
+    sort_paths = tuple(
+        item.strip().lstrip("+-") for item in sort.split(",") if "." in item
+    )
     compiled = (
         compile_rules(store, collection, info, rules, sort_paths)
         if rules or sort_paths
