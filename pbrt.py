@@ -116,6 +116,7 @@ HEAD_TIMEOUT_S = 10.0  # a head must be complete this long after its first byte
 BODY_TIMEOUT_S = 60.0  # the whole body must arrive within this time
 KEEPALIVE_TIMEOUT_S = 75.0  # idle keep-alive connections close (nginx's default)
 SHUTDOWN_GRACE_S = 5.0  # requests in flight get this long to finish on shutdown
+LISTEN_BACKLOG = 4096  # as Go's listener (the kernel caps it at somaxconn)
 DISCARD_AFTER_REJECT_BYTES = 256 * 1024  # read so a 413 is not lost to a TCP reset
 DEFAULT_PER_PAGE = 30  # PocketBase's list defaults and caps
 MAX_PER_PAGE = 1000
@@ -5925,15 +5926,15 @@ async def _read_head(
     """Read one request head; None when the peer closed between requests."""
     idle_timeout = config.head_timeout_s if first else config.keepalive_timeout_s
     try:
-        start = await asyncio.wait_for(reader.read(1), idle_timeout)
+        async with asyncio.timeout(idle_timeout):  # no extra task, unlike wait_for
+            start = await reader.read(1)
     except (TimeoutError, ConnectionError):
         return None
     if not start:
         return None
     try:
-        rest = await asyncio.wait_for(
-            reader.readuntil(b"\r\n\r\n"), config.head_timeout_s
-        )
+        async with asyncio.timeout(config.head_timeout_s):
+            rest = await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
         raise ProtocolError("request head too large", 431) from None
     except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
@@ -6115,7 +6116,11 @@ class App:
             )
         try:
             self._server = await asyncio.start_server(
-                self._accept, self.config.host, self.config.port, limit=MAX_HEAD_BYTES
+                self._accept,
+                self.config.host,
+                self.config.port,
+                limit=MAX_HEAD_BYTES,
+                backlog=LISTEN_BACKLOG,
             )
         except BaseException:
             self.store.close()
@@ -7076,6 +7081,7 @@ class _SseProbe(asyncio.Protocol):
         self.received: list[tuple[int, float]] = []
         self.remaining = remaining
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.subscribed = asyncio.Event()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -7106,6 +7112,7 @@ class _SseProbe(asyncio.Protocol):
     async def _subscribe(self, client_id: str) -> None:
         body = {"clientId": client_id, "subscriptions": [self.topic]}
         await asyncio.to_thread(self.client.request, "POST", "/api/realtime", body)
+        self.subscribed.set()
         self.on_subscribed()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -7120,9 +7127,11 @@ def _bench_listener(
     ready: Any,
     results: Any,
     timeout_s: float,
+    hold_s: float | None = None,
 ) -> None:
-    """A load-generator process: hold SSE clients until each got `expected` events
-    (or `timeout_s` passed); report what arrived and when."""
+    """A load-generator process: subscribe SSE clients, then hold them until each
+    got `expected` events (at most `hold_s`, or `timeout_s`); report what arrived
+    and when. Every wait is bounded by `timeout_s`."""
     _raise_open_files_limit()
     started_cpu = sum(os.times()[:2])
     parts = urllib.parse.urlsplit(url)
@@ -7142,7 +7151,12 @@ def _bench_listener(
             probes.append(probe)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(probe.done for probe in probes)), timeout_s
+                asyncio.gather(*(probe.subscribed.wait() for probe in probes)),
+                timeout_s,
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(probe.done for probe in probes)), hold_s or timeout_s
             )
         for probe in probes:
             if probe.transport is not None:
@@ -7289,7 +7303,7 @@ def _bench_connect(
     processes = [
         context.Process(
             target=_bench_listener,
-            args=(target.url, part, expected, ready, results, args.hold),
+            args=(target.url, part, expected, ready, results, args.timeout, args.hold),
         )
         for part, expected in zip(
             _spread(specs, args.processes), _spread(hold, args.processes)
@@ -7308,7 +7322,7 @@ def _bench_connect(
     elapsed = time.monotonic() - started
     time.sleep(1.0)
     rss = _process_rss_kib(target.pid)
-    outcomes = [results.get(timeout=args.hold + 60) for _ in processes]
+    outcomes = [results.get(timeout=args.timeout + args.hold + 60) for _ in processes]
     for process in processes:
         process.join(timeout=30)
     return {
