@@ -43,6 +43,16 @@ def run(coroutine: Awaitable[Any], timeout: float = 60.0) -> Any:
     return asyncio.run(bounded())
 
 
+# Every rule public: used by collections in many sections below.
+PUBLIC_RULES = {
+    "listRule": "",
+    "viewRule": "",
+    "createRule": "",
+    "updateRule": "",
+    "deleteRule": "",
+}
+
+
 # ==========================================================================
 # 0. The module itself
 # ==========================================================================
@@ -1256,1744 +1266,6 @@ def test_store_field_and_collection_ids_match_pocketbase() -> None:
 
 
 # ==========================================================================
-# 9. Routes (through real sockets)
-# ==========================================================================
-
-
-@contextlib.asynccontextmanager
-async def running_app(
-    tmp_path: Path, **settings: Any
-) -> AsyncIterator[tuple[pbrt.App, int]]:
-    """Start an App on 127.0.0.1 port 0 with its data in tmp_path."""
-    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0, **settings)
-    port = await app.start()
-    try:
-        yield app, port
-    finally:
-        await app.stop()
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def parse_responses(
-    data: bytes, head_only: bool = False, methods: list[str] = ()
-) -> list[RawResponse]:
-    """Split raw bytes into responses (Content-Length or chunked framing).
-
-    A response to HEAD (`head_only`, or "HEAD" at its index in `methods`)
-    has no body whatever its Content-Length says.
-    """
-    responses: list[RawResponse] = []
-    while data:
-        if len(responses) < len(methods):
-            head_only = methods[len(responses)] == "HEAD"
-        head, sep, data = data.partition(b"\r\n\r\n")
-        assert sep, f"incomplete head: {head!r}"
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers = [tuple(line.split(": ", 1)) for line in lines[1:]]
-        response = RawResponse(status, headers, b"")  # type: ignore[arg-type]
-        if status == 100:
-            continue
-        length = response.header("Content-Length")
-        if response.header("Transfer-Encoding") == "chunked":
-            body = b""
-            while True:
-                size_line, _, data = data.partition(b"\r\n")
-                size = int(size_line, 16)
-                body, data = body + data[:size], data[size + 2 :]
-                if size == 0:
-                    break
-            response.body = body
-        elif length is not None and not head_only:
-            response.body, data = data[: int(length)], data[int(length) :]
-        responses.append(response)
-    return responses
-
-
-async def exchange(
-    port: int, data: bytes, *, half_close: bool = True, timeout: float = 10.0
-) -> bytes:
-    """Send raw bytes, then read everything until the server closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        if half_close:
-            writer.write_eof()
-        chunks = []
-        async with asyncio.timeout(timeout):
-            while chunk := await reader.read(65536):
-                chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-def http_request(
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: dict[str, str] | None = None,
-    close: bool = True,
-) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
-    for name, value in (headers or {}).items():
-        lines.append(f"{name}: {value}")
-    if body:
-        lines.append(f"Content-Length: {len(body)}")
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-class KeepAliveClient:
-    """One persistent connection sending requests one at a time."""
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def connect(cls, port: int) -> AsyncIterator[KeepAliveClient]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            yield cls(reader, writer)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def request(
-        self, method: str, path: str, body: bytes = b"", **headers: str
-    ) -> RawResponse:
-        self.writer.write(http_request(method, path, body, headers, close=False))
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        response = parse_responses(head, head_only=True)[0]
-        length = int(response.header("Content-Length") or 0)
-        if method != "HEAD":
-            response.body = await self.reader.readexactly(length)
-        return response
-
-
-SECURITY_HEADER_LINES = (
-    "Cross-Origin-Opener-Policy: same-origin\r\nVary: Origin\r\nX-Content-Type-Options: nosniff\r\n"
-    "X-Frame-Options: SAMEORIGIN\r\nX-Xss-Protection: 1; mode=block\r\n"
-)
-
-
-@dataclass
-class Scenario:
-    """One request and what PocketBase answers to it."""
-
-    name: str
-    method: str
-    path: str
-    status: int
-    body: bytes | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    request_body: bytes = b""
-    expect_headers: list[tuple[str, str]] = field(default_factory=list)
-    absent_headers: list[str] = field(default_factory=list)
-
-
-ROUTE_SCENARIOS = [
-    Scenario(
-        "health",
-        "GET",
-        "/api/health",
-        200,
-        b'{"message":"API is healthy.","code":200,"data":{}}',
-        expect_headers=[("Content-Type", "application/json"), ("Content-Length", "50")],
-        absent_headers=["Access-Control-Allow-Origin"],
-    ),
-    Scenario(
-        "health-head",
-        "HEAD",
-        "/api/health",
-        200,
-        b"",
-        expect_headers=[("Content-Length", "50")],
-    ),
-    Scenario(
-        "unknown-path",
-        "GET",
-        "/api/nosuch",
-        404,
-        b'{"data":{},"message":"File not found.","status":404}',
-    ),
-    Scenario(
-        "root", "GET", "/", 404, b'{"data":{},"message":"File not found.","status":404}'
-    ),
-    Scenario(
-        "wrong-method",
-        "PUT",
-        "/api/health",
-        404,
-        b'{"data":{},"message":"The requested resource wasn\'t found.","status":404}',
-    ),
-    Scenario(
-        "origin-gets-acao",
-        "GET",
-        "/api/health",
-        200,
-        headers={"Origin": "http://example.test"},
-        expect_headers=[("Access-Control-Allow-Origin", "*")],
-    ),
-    Scenario(
-        "preflight",
-        "OPTIONS",
-        "/api/realtime",
-        204,
-        b"",
-        headers={
-            "Origin": "http://example.test",
-            "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type,authorization",
-        },
-        expect_headers=[
-            ("Access-Control-Allow-Headers", "content-type,authorization"),
-            ("Access-Control-Allow-Methods", "GET,HEAD,PUT,PATCH,POST,DELETE"),
-            ("Access-Control-Allow-Origin", "*"),
-            ("Vary", "Access-Control-Request-Method"),
-        ],
-        absent_headers=["X-Frame-Options", "Content-Length"],
-    ),
-    Scenario(
-        "options-without-origin",
-        "OPTIONS",
-        "/api/nosuch",
-        204,
-        b"",
-        expect_headers=[("Vary", "Origin")],
-        absent_headers=["Access-Control-Allow-Origin"],
-    ),
-]
-
-
-@pytest.mark.parametrize("scenario", ROUTE_SCENARIOS, ids=lambda s: s.name)
-def test_routes_answer_like_pocketbase(tmp_path: Path, scenario: Scenario) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path) as (_, port):
-            raw = await exchange(
-                port,
-                http_request(
-                    scenario.method,
-                    scenario.path,
-                    scenario.request_body,
-                    scenario.headers,
-                ),
-            )
-        (response,) = parse_responses(raw, head_only=scenario.method == "HEAD")
-        assert response.status == scenario.status
-        if scenario.body is not None:
-            assert response.body == scenario.body
-        for expected in scenario.expect_headers:
-            assert expected in response.headers
-        for name in scenario.absent_headers:
-            assert response.header(name) is None
-
-    run(body())
-
-
-def test_routes_json_response_head_bytes_match_pocketbase(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path) as (_, port):
-            raw = await exchange(port, http_request("GET", "/api/nosuch"))
-        head = re.sub(rb"Date: [^\r]+", b"Date: D", raw.partition(b"\r\n\r\n")[0])
-        assert head.decode() == (
-            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
-            + SECURITY_HEADER_LINES
-            + "Date: D\r\nContent-Length: 52\r\nConnection: close"
-        )
-
-    run(body())
-
-
-async def echo_handler(context: pbrt.RequestContext) -> pbrt.Response:
-    """A test route that answers with the decoded body and the query."""
-    return pbrt.json_response(
-        {"data": context.body.data, "query": context.request.query}
-    )
-
-
-async def failing_handler(context: pbrt.RequestContext) -> pbrt.Response:
-    raise RuntimeError("secret internals")
-
-
-def add_test_routes(app: pbrt.App) -> None:
-    app.router.add("POST", "/test/echo", echo_handler)
-    app.router.add("GET", "/test/fail", failing_handler)
-
-
-def test_routes_unexpected_error_is_generic_500_with_traceback_in_log(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path) as (app, port):
-            add_test_routes(app)
-            raw = await exchange(port, http_request("GET", "/test/fail"))
-        (response,) = parse_responses(raw)
-        assert response.status == 500
-        assert response.body == (
-            b'{"data":{},"message":"Something went wrong while processing your request.","status":500}'
-        )
-
-    with caplog.at_level(logging.ERROR, logger="pbrt"):
-        run(body())
-    assert any("secret internals" in (r.exc_text or "") for r in caplog.records)
-
-
-@pytest.mark.parametrize(
-    ("content_type", "request_body", "status", "data"),
-    [
-        ("application/json", b'{"a":[1,2.5]}', 200, {"a": [1, 2.5]}),
-        ("application/x-www-form-urlencoded", b"s=a&s=b", 200, {"s": ["a", "b"]}),
-        (
-            "multipart/form-data; boundary=XyZ",
-            MULTIPART,
-            200,
-            {"title": "json", "tags": ["a", "b"], "views": 9},
-        ),
-        ("application/json", b'{"a":', 400, None),
-        ("text/plain", b"x", 400, None),
-    ],
-    ids=["json", "urlencoded", "multipart", "invalid-json", "unknown-type"],
-)
-def test_routes_parse_each_body_kind(
-    tmp_path: Path, content_type: str, request_body: bytes, status: int, data: Any
-) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path) as (app, port):
-            add_test_routes(app)
-            raw = await exchange(
-                port,
-                http_request(
-                    "POST",
-                    "/test/echo?k=1&k=2",
-                    request_body,
-                    {"Content-Type": content_type},
-                ),
-            )
-        (response,) = parse_responses(raw)
-        assert response.status == status
-        if status == 200:
-            assert response.json() == {"data": data, "query": {"k": ["1", "2"]}}
-        else:
-            assert response.body == (
-                b'{"data":{},"message":"Something went wrong while processing your request.","status":400}'
-            )
-
-    run(body())
-
-
-# ==========================================================================
-# 10. Connection loop
-# ==========================================================================
-
-
-def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path) as (app, port):
-            add_test_routes(app)
-            requests = b"".join(
-                [
-                    http_request("GET", "/api/health", close=False),
-                    http_request(
-                        "POST",
-                        "/test/echo?n=1",
-                        b'{"x":1}',
-                        {"Content-Type": "application/json"},
-                        False,
-                    ),
-                    http_request("GET", "/api/nosuch", close=False),
-                    http_request("HEAD", "/api/health", close=False),
-                    http_request(
-                        "POST",
-                        "/test/echo?n=2",
-                        b"{}",
-                        {"Content-Type": "application/json"},
-                    ),
-                ]
-            )
-            raw = await exchange(port, requests)
-        responses = parse_responses(raw, methods=["GET", "POST", "GET", "HEAD", "POST"])
-        assert [r.status for r in responses] == [200, 200, 404, 200, 200]
-        assert responses[1].json() == {"data": {"x": 1}, "query": {"n": ["1"]}}
-        assert responses[4].json() == {"data": {}, "query": {"n": ["2"]}}
-        assert responses[4].header("Connection") == "close"
-
-    run(body())
-
-
-def test_connection_reads_chunked_bodies(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path) as (app, port):
-            add_test_routes(app)
-            request = (
-                b"POST /test/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-                b'4;ext=1\r\n{"a"\r\n3\r\n:[1\r\n2\r\n]}\r\n0\r\nTrailer: x\r\n\r\n'
-            )
-            raw = await exchange(port, request)
-        (response,) = parse_responses(raw)
-        assert response.json()["data"] == {"a": [1]}
-
-    run(body())
-
-
-def test_connection_sends_100_continue_before_reading_the_body(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path) as (app, port):
-            add_test_routes(app)
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(
-                b"POST /test/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Expect: 100-continue\r\nContent-Length: 7\r\nConnection: close\r\n\r\n"
-            )
-            assert (
-                await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
-            )
-            writer.write(b'{"a":1}')
-            (response,) = parse_responses(await reader.read())
-            writer.close()
-            await writer.wait_closed()
-        assert response.json()["data"] == {"a": 1}
-
-    run(body())
-
-
-def test_connection_http10_closes_after_the_response(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path) as (_, port):
-            raw = await exchange(
-                port, b"GET /api/health HTTP/1.0\r\n\r\n", half_close=False
-            )
-        assert raw.startswith(b"HTTP/1.0 200 OK\r\n")
-        assert raw.endswith(b'{"message":"API is healthy.","code":200,"data":{}}')
-
-    run(body())
-
-
-HOSTILE_REQUESTS = [
-    pytest.param(
-        b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
-        431,
-        id="head-over-64k",
-    ),
-    pytest.param(b"GARBAGE\r\n\r\n", 400, id="malformed-request-line"),
-    pytest.param(
-        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
-        400,
-        id="malformed-header",
-    ),
-    pytest.param(
-        b"POST /api/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        400,
-        id="bad-chunk-size",
-    ),
-    pytest.param(
-        b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-        400,
-        id="two-content-lengths",
-    ),
-    pytest.param(
-        b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"0\r\n\r\nGET /api/health HTTP/1.1\r\nHost: x\r\n\r\n",
-        400,
-        id="smuggling-cl-te",
-    ),
-    pytest.param(
-        b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n",
-        413,
-        id="body-over-limit",
-    ),
-    pytest.param(
-        b"POST /api/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n"
-        + b"a" * 2000,
-        413,
-        id="chunked-body-over-limit",
-    ),
-    pytest.param(b"GET / HTTP/3.0\r\nHost: x\r\n\r\n", 505, id="http3"),
-]
-
-
-@pytest.mark.parametrize(("request_bytes", "status"), HOSTILE_REQUESTS)
-def test_connection_hostile_request_gets_status_and_close_while_others_are_served(
-    tmp_path: Path, request_bytes: bytes, status: int, caplog: pytest.LogCaptureFixture
-) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path, max_body_bytes=1000) as (_, port):
-            async with KeepAliveClient.connect(port) as good:
-                assert (await good.request("GET", "/api/health")).status == 200
-                raw = await exchange(port, request_bytes, half_close=False)
-                assert (await good.request("GET", "/api/health")).status == 200
-        (response,) = parse_responses(raw)
-        assert response.status == status
-        assert response.header("Connection") == "close"
-        assert response.json()["status"] == status
-
-    with caplog.at_level(logging.WARNING, logger="pbrt"):
-        run(body())
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-def test_connection_rejects_oversized_body_without_reading_it(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path, max_body_bytes=1000) as (_, port):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(
-                b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n"
-            )
-            head = await reader.readuntil(b"\r\n\r\n")
-            writer.close()
-            await writer.wait_closed()
-        assert head.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
-
-    run(body())
-
-
-def test_connection_closes_slowloris_head_while_others_are_served(
-    tmp_path: Path,
-) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path, head_timeout_s=0.3) as (_, port):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
-            started = time.monotonic()
-            async with KeepAliveClient.connect(port) as good:
-                for _ in range(3):
-                    assert (await good.request("GET", "/api/health")).status == 200
-                    await asyncio.sleep(0.05)
-                assert await reader.read() == b""
-            elapsed = time.monotonic() - started
-            writer.close()
-            await writer.wait_closed()
-        assert 0.25 < elapsed < 3
-
-    run(body())
-
-
-def test_connection_closes_idle_keepalive_connection(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with running_app(tmp_path, keepalive_timeout_s=0.2) as (_, port):
-            async with KeepAliveClient.connect(port) as client:
-                assert (await client.request("GET", "/api/health")).status == 200
-                assert await asyncio.wait_for(client.reader.read(), 3) == b""
-
-    run(body())
-
-
-def test_connection_shutdown_finishes_requests_in_flight(tmp_path: Path) -> None:
-    release = asyncio.Event
-
-    async def body() -> None:
-        gate = release()
-
-        async def slow_handler(context: pbrt.RequestContext) -> pbrt.Response:
-            gate.set()
-            await asyncio.sleep(0.2)
-            return pbrt.json_response({"done": True})
-
-        app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
-        port = await app.start()
-        app.router.add("GET", "/test/slow", slow_handler)
-        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
-        in_flight = asyncio.create_task(
-            exchange(port, http_request("GET", "/test/slow"), half_close=False)
-        )
-        await gate.wait()
-        await app.stop()
-        (response,) = parse_responses(await in_flight)
-        assert response.json() == {"done": True}
-        assert await idle_reader.read() == b""
-        idle_writer.close()
-        await idle_writer.wait_closed()
-        with pytest.raises(OSError):
-            await asyncio.open_connection("127.0.0.1", port)
-
-    run(body())
-
-
-# --- fuzz -------------------------------------------------------------------
-
-FUZZ_SEEDS = [
-    http_request("GET", "/api/health?a=1&a=2", close=False),
-    http_request(
-        "POST",
-        "/test/echo",
-        b'{"a":[1,2,{"b":"c"}]}',
-        {"Content-Type": "application/json"},
-    ),
-    b"POST /test/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-    b"Transfer-Encoding: chunked\r\n\r\n5\r\na=1&b\r\n3\r\n=%2\r\n0\r\n\r\n",
-    http_request(
-        "POST",
-        "/test/echo",
-        MULTIPART,
-        {"Content-Type": "multipart/form-data; boundary=XyZ"},
-    ),
-    http_request(
-        "OPTIONS",
-        "/api/realtime",
-        headers={"Origin": "o", "Access-Control-Request-Method": "POST"},
-    )
-    + http_request("HEAD", "/api/health"),
-    b"GET /api/%zz%00/\xff HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
-]
-FUZZ_TOKENS = [
-    b"\r\n",
-    b"\r\n\r\n",
-    b":",
-    b" ",
-    b"\x00",
-    b"%",
-    b"\xff",
-    b"0\r\n\r\n",
-    b"Content-Length: 3\r\n",
-    b"Content-Length: 99999999999\r\n",
-    b"Transfer-Encoding: chunked\r\n",
-    b"Expect: 100-continue\r\n",
-    b"HTTP/1.0",
-    b"HTTP/9.9",
-    b'{"',
-    b"--XyZ",
-    b";",
-    b"ffffffff\r\n",
-    b"\t",
-]
-
-
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    """Apply one to four random byte-level mutations."""
-    buffer = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        position = rng.randrange(len(buffer) + 1)
-        kind = rng.randrange(6)
-        if kind == 0 and buffer:
-            buffer[min(position, len(buffer) - 1)] = rng.randrange(256)
-        elif kind == 1:
-            buffer[position:position] = rng.choice(FUZZ_TOKENS)
-        elif kind == 2:
-            del buffer[position : position + rng.randint(1, 16)]
-        elif kind == 3:
-            buffer[position:position] = buffer[position : position + rng.randint(1, 64)]
-        elif kind == 4:
-            del buffer[position:]
-        else:
-            buffer[position:position] = bytes(
-                rng.randrange(256) for _ in range(rng.randint(1, 8))
-            )
-    return bytes(buffer)
-
-
-FUZZ_CASES = 5_000
-STATUS_LINE_RE = re.compile(rb"HTTP/1\.[01] [1-5]\d\d ")
-
-
-def test_connection_survives_seeded_mutation_fuzz(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    rng = random.Random(20261128)
-    inputs = [mutate(rng, rng.choice(FUZZ_SEEDS)) for _ in range(FUZZ_CASES)]
-
-    for data in inputs:  # the pure parser alone: a Request or a ProtocolError
-        head = data.partition(b"\r\n\r\n")
-        with contextlib.suppress(pbrt.ProtocolError):
-            pbrt.parse_request_head(head[0] + head[1])
-
-    async def body() -> None:
-        async with running_app(tmp_path, head_timeout_s=2, body_timeout_s=2) as (
-            app,
-            port,
-        ):
-            add_test_routes(app)
-            limit = asyncio.Semaphore(16)
-            answered = 0
-
-            async def one(data: bytes) -> None:
-                nonlocal answered
-                async with limit:
-                    raw = await exchange(port, data, timeout=10)
-                assert raw == b"" or STATUS_LINE_RE.match(raw), raw[:100]
-                answered += bool(raw)
-
-            deadline = time.monotonic() + 120
-            for start in range(0, len(inputs), 500):
-                assert time.monotonic() < deadline, "fuzz exceeded its time bound"
-                await asyncio.gather(
-                    *(one(data) for data in inputs[start : start + 500])
-                )
-            async with KeepAliveClient.connect(port) as good:
-                assert (await good.request("GET", "/api/health")).status == 200
-        assert answered > FUZZ_CASES // 2
-
-    with caplog.at_level(logging.WARNING, logger="pbrt"):
-        run(body(), timeout=180)
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-# ==========================================================================
-# 12. Command line
-# ==========================================================================
-
-
-def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", str(HERE / "pbrt.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def reap(process: subprocess.Popen[str]) -> None:
-    """Kill a child process if it is still running, and collect it."""
-    if process.poll() is None:
-        process.kill()
-    process.communicate()
-
-
-def test_cli_help_and_version() -> None:
-    help_result = run_cli("--help")
-    assert help_result.returncode == 0
-    assert "serve" in help_result.stdout
-    serve_help = run_cli("serve", "--help")
-    assert "--http" in serve_help.stdout and "--dir" in serve_help.stdout
-    version = run_cli("--version")
-    assert version.stdout.strip() == f"pbrt version {pbrt.__version__}"
-
-
-def test_cli_rejects_bad_address() -> None:
-    result = run_cli("serve", "--http", "nonsense")
-    assert result.returncode == 2
-    assert "HOST:PORT" in result.stderr
-
-
-def start_cli_server(cwd: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
-    """Start `python pbrt.py ARGS` and return it with the port it logged."""
-    process = subprocess.Popen(
-        [sys.executable, "-X", "dev", "-W", "error", str(HERE / "pbrt.py"), *args],
-        cwd=cwd,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        match = re.search(r"Server started at http://[^:]+:(\d+)", line)
-        if match:
-            return process, int(match.group(1))
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    process.communicate()
-    raise AssertionError("server did not start")
-
-
-def test_cli_serves_in_an_empty_folder_and_exits_0_on_sigint(tmp_path: Path) -> None:
-    process, port = start_cli_server(tmp_path, "--http", "127.0.0.1:0")
-    try:
-        raw = run(exchange(port, http_request("GET", "/api/health")))
-        assert parse_responses(raw)[0].json() == {
-            "message": "API is healthy.",
-            "code": 200,
-            "data": {},
-        }
-        assert (tmp_path / "pb_data" / "data.db").exists()
-        started = time.monotonic()
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=10)
-        assert time.monotonic() - started < 1.0
-        assert process.returncode == 0
-        assert "GET /api/health 200" in stderr
-        assert "Traceback" not in stderr
-    finally:
-        reap(process)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def test_cli_quiet_serve_on_given_dir_exits_0_on_sigterm(tmp_path: Path) -> None:
-    data_dir = tmp_path / "elsewhere"
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE / "pbrt.py"),
-            "serve",
-            f"--http=127.0.0.1:{port}",
-            "--dir",
-            str(data_dir),
-            "--quiet",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        raw = b""
-        deadline = time.monotonic() + 20
-        while not raw and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                raw = run(exchange(port, http_request("GET", "/api/health")))
-            time.sleep(0.05)
-        assert parse_responses(raw)[0].status == 200
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=10)
-        assert process.returncode == 0
-        assert "GET /api/health" not in stderr
-        assert (
-            "superuser upsert" in stderr
-        )  # the first-start hint is a warning, shown even when quiet
-        assert (data_dir / "data.db").exists()
-    finally:
-        reap(process)
-
-
-# ==========================================================================
-# 11. Embedding
-# ==========================================================================
-
-
-def test_app_run_in_thread_serves_and_stops(tmp_path: Path) -> None:
-    import urllib.request
-
-    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
-    with app.run_in_thread() as url:
-        with urllib.request.urlopen(url + "/api/health", timeout=10) as response:
-            assert json.load(response)["message"] == "API is healthy."
-    assert app.store is None
-
-
-# ==========================================================================
-# 9. Routes: collections, records and auth (through real sockets)
-# ==========================================================================
-
-SU_EMAIL, SU_PASSWORD = "test@example.com", "1234567890"
-
-# The oracle's `posts` collection as PocketBase 0.40.6 returned it (an export).
-POSTS_FIELDS = [
-    {"name": "title", "type": "text", "required": True, "max": 50},
-    {"name": "body", "type": "editor"},
-    {"name": "views", "type": "number", "min": 0},
-    {"name": "published", "type": "bool"},
-    {"name": "contact", "type": "email"},
-    {"name": "link", "type": "url"},
-    {"name": "when", "type": "date"},
-    {"name": "status", "type": "select", "values": ["draft", "live"], "maxSelect": 1},
-    {"name": "tags", "type": "select", "values": ["a", "b", "c"], "maxSelect": 3},
-    {"name": "meta", "type": "json"},
-    {
-        "name": "author",
-        "type": "relation",
-        "collectionId": "_pb_users_auth_",
-        "maxSelect": 1,
-    },
-    {"name": "secret", "type": "text", "hidden": True},
-    {"name": "files", "type": "file", "maxSelect": 2, "maxSize": 1000000},
-    {"name": "created", "type": "autodate", "onCreate": True},
-    {"name": "updated", "type": "autodate", "onCreate": True, "onUpdate": True},
-]
-POSTS_EXPORT_FIELDS = (
-    '[{"autogeneratePattern":"[a-z0-9]{15}","help":"","hidden":false,"id":"text3208210256","max":15,"min":15,"name":"id","pattern":"^[a-z0-9]+$","presentable":false,"primaryKey":true,"required":true,"system":true,"type":"text"},'
-    '{"autogeneratePattern":"","help":"","hidden":false,"id":"text724990059","max":50,"min":0,"name":"title","pattern":"","presentable":false,"primaryKey":false,"required":true,"system":false,"type":"text"},'
-    '{"convertURLs":false,"help":"","hidden":false,"id":"editor3685223346","maxSize":0,"name":"body","presentable":false,"required":false,"system":false,"type":"editor"},'
-    '{"help":"","hidden":false,"id":"number300981383","max":null,"min":0,"name":"views","onlyInt":false,"presentable":false,"required":false,"system":false,"type":"number"},'
-    '{"help":"","hidden":false,"id":"bool1748787223","name":"published","presentable":false,"required":false,"system":false,"type":"bool"},'
-    '{"exceptDomains":[],"help":"","hidden":false,"id":"email1281549880","name":"contact","onlyDomains":[],"presentable":false,"required":false,"system":false,"type":"email"},'
-    '{"exceptDomains":[],"help":"","hidden":false,"id":"url917281265","name":"link","onlyDomains":[],"presentable":false,"required":false,"system":false,"type":"url"},'
-    '{"help":"","hidden":false,"id":"date602410524","max":"","min":"","name":"when","presentable":false,"required":false,"system":false,"type":"date"},'
-    '{"help":"","hidden":false,"id":"select2063623452","maxSelect":1,"name":"status","presentable":false,"required":false,"system":false,"type":"select","values":["draft","live"]},'
-    '{"help":"","hidden":false,"id":"select1874629670","maxSelect":3,"name":"tags","presentable":false,"required":false,"system":false,"type":"select","values":["a","b","c"]},'
-    '{"help":"","hidden":false,"id":"json3622966325","maxSize":0,"name":"meta","presentable":false,"required":false,"system":false,"type":"json"},'
-    '{"cascadeDelete":false,"collectionId":"_pb_users_auth_","help":"","hidden":false,"id":"relation3182418120","maxSelect":1,"minSelect":0,"name":"author","presentable":false,"required":false,"system":false,"type":"relation"},'
-    '{"autogeneratePattern":"","help":"","hidden":true,"id":"text1554180325","max":0,"min":0,"name":"secret","pattern":"","presentable":false,"primaryKey":false,"required":false,"system":false,"type":"text"},'
-    '{"help":"","hidden":false,"id":"file104153177","maxSelect":2,"maxSize":1000000,"mimeTypes":[],"name":"files","presentable":false,"protected":false,"required":false,"system":false,"thumbs":[],"type":"file"},'
-    '{"hidden":false,"id":"autodate2990389176","name":"created","onCreate":true,"onUpdate":false,"presentable":false,"system":false,"type":"autodate"},'
-    '{"hidden":false,"id":"autodate3332085495","name":"updated","onCreate":true,"onUpdate":true,"presentable":false,"system":false,"type":"autodate"}]'
-)
-PUBLIC_RULES = {
-    "listRule": "",
-    "viewRule": "",
-    "createRule": "",
-    "updateRule": "",
-    "deleteRule": "",
-}
-
-
-class Api:
-    """A tiny HTTP client for tests; `normalize` maps ids and times to placeholders."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.ids: dict[str, str] = {}
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        token: str = "",
-        content_type: str = "application/json",
-    ) -> tuple[int, str]:
-        import urllib.error
-        import urllib.request
-
-        data = (
-            body
-            if isinstance(body, bytes) or body is None
-            else json.dumps(body).encode()
-        )
-        headers = {"Authorization": token} if token else {}
-        if data is not None:
-            headers["Content-Type"] = content_type
-        request = urllib.request.Request(
-            self.url + path, data=data, method=method, headers=headers
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            with error:
-                return error.code, error.read().decode()
-
-    def json(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        token: str = "",
-        status: int = 200,
-    ) -> Any:
-        code, text = self.call(method, path, body, token)
-        assert code == status, text
-        return json.loads(text) if text else None
-
-    def normalized(
-        self, method: str, path: str, body: Any = None, token: str = "", **kwargs: Any
-    ) -> str:
-        code, text = self.call(method, path, body, token, **kwargs)
-        text = re.sub(r"eyJ[\w-]+\.[\w-]+\.[\w-]+", "TOKEN", text)
-        text = re.sub(
-            r"20[3-9]\d-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z|202[6-9]-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z",
-            "TS",
-            text,
-        )
-        text = re.sub(
-            r'(?<=")[a-z0-9]{15}(?=")',
-            lambda m: self.ids.setdefault(m.group(0), f"ID{len(self.ids)}"),
-            text,
-        )
-        return f"{code} {text}"
-
-    def login(
-        self, collection: str, identity: str, password: str
-    ) -> tuple[str, dict[str, Any]]:
-        answer = self.json(
-            "POST",
-            f"/api/collections/{collection}/auth-with-password",
-            {"identity": identity, "password": password},
-        )
-        return answer["token"], answer["record"]
-
-
-@contextlib.contextmanager
-def serving(tmp_path: Path, with_superuser: bool = True, **settings: Any) -> Any:
-    """Run an App in a thread with a superuser; yield (app, Api, superuser token)."""
-    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0, **settings)
-    if with_superuser:
-        store = app.open_store()
-        store.create_record(
-            store.collection("_superusers"),
-            {"email": SU_EMAIL, "password": SU_PASSWORD},
-            privileged=True,
-        )
-        store.close()
-    with app.run_in_thread() as url:
-        api = Api(url)
-        token = (
-            api.login("_superusers", SU_EMAIL, SU_PASSWORD)[0] if with_superuser else ""
-        )
-        yield app, api, token
-
-
-def test_store_fresh_dir_has_pocketbase_default_collections(tmp_path: Path) -> None:
-    with serving(tmp_path) as (_, api, su):
-        listing = api.json(
-            "GET", "/api/collections?fields=id,name,type,system", token=su
-        )
-        assert listing["items"] == [
-            {
-                "id": "pbc_3142635823",
-                "name": "_superusers",
-                "type": "auth",
-                "system": True,
-            },
-            {"id": "_pb_users_auth_", "name": "users", "type": "auth", "system": False},
-        ]
-        users = api.json("GET", "/api/collections/users", token=su)
-        assert [f["name"] for f in users["fields"]] == [
-            "id",
-            "password",
-            "tokenKey",
-            "email",
-            "emailVisibility",
-            "verified",
-            "name",
-            "avatar",
-            "created",
-            "updated",
-        ]
-        assert (
-            users["listRule"] == "id = @request.auth.id" and users["createRule"] == ""
-        )
-        assert users["authToken"] == {"duration": 432000}
-        assert "secret" not in json.dumps(users)
-        assert list(users)[:13] == [
-            "id",
-            "listRule",
-            "viewRule",
-            "createRule",
-            "updateRule",
-            "deleteRule",
-            "name",
-            "type",
-            "fields",
-            "indexes",
-            "created",
-            "updated",
-            "system",
-        ]
-
-
-def test_collections_create_matches_oracle_and_import_of_export_round_trips(
-    tmp_path: Path,
-) -> None:
-    with serving(tmp_path) as (_, api, su):
-        created = api.json(
-            "POST",
-            "/api/collections",
-            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
-            su,
-        )
-        assert created["id"] == "pbc_1125843985"
-        assert (
-            json.dumps(created["fields"], separators=(",", ":")) == POSTS_EXPORT_FIELDS
-        )
-        exported = dict(created, name="posts_copy", id="pbc_copy0000001")
-        exported["fields"] = json.loads(POSTS_EXPORT_FIELDS)
-        assert (
-            api.call(
-                "PUT",
-                "/api/collections/import",
-                {"collections": [exported], "deleteMissing": False},
-                su,
-            )[0]
-            == 204
-        )
-        copy = api.json("GET", "/api/collections/posts_copy", token=su)
-        assert copy["fields"] == created["fields"] and copy["id"] == "pbc_copy0000001"
-        assert api.normalized(
-            "PUT", "/api/collections/import", {"collections": []}, su
-        ) == (
-            '400 {"data":{"collections":{"code":"validation_required","message":"Cannot be blank."}},'
-            '"message":"An error occurred while validating the submitted data.","status":400}'
-        )
-        assert api.normalized(
-            "PUT",
-            "/api/collections/import",
-            {"collections": [{"name": "bad name!", "type": "base"}]},
-            su,
-        ) == (
-            '400 {"data":{"collections":{"code":"validation_collections_import_failure","message":"Data validations failed '
-            'for collection \\"bad name!\\" (pbc_634853492):\\n{\\n  \\"name\\": \\"must be in a valid format\\"\\n}."}},'
-            '"message":"Failed to import collections.","status":400}'
-        )
-        assert (
-            api.call("GET", "/api/collections/bad%20name!", token=su)[0] == 404
-        )  # the failed import left nothing
-
-
-COLLECTION_ERRORS = [
-    (
-        {"name": "posts", "type": "base"},
-        '{"data":{"name":{"code":"validation_collection_name_exists","message":"Collection name must be unique (case insensitive)."}},"message":"Failed to create collection.","status":400}',
-    ),
-    (
-        {"name": "bad name!", "type": "base"},
-        '{"data":{"name":{"code":"validation_match_invalid","message":"Must be in a valid format."}},"message":"Failed to create collection.","status":400}',
-    ),
-    (
-        {"name": "x1", "type": "nope"},
-        '{"data":{"type":{"code":"validation_in_invalid","message":"Must be a valid value."}},"message":"Failed to create collection.","status":400}',
-    ),
-    (
-        {"name": "x2", "type": "base", "fields": [{"name": "a", "type": "weird"}]},
-        '{"data":{},"message":"Failed to load the submitted data due to invalid formatting.","status":400}',
-    ),
-    (
-        {
-            "name": "x4",
-            "type": "base",
-            "fields": [{"name": "bad-name", "type": "text"}],
-        },
-        '{"data":{"fields":{"1":{"name":{"code":"validation_match_invalid","message":"Must be in a valid format."}}}},"message":"Failed to create collection.","status":400}',
-    ),
-    (
-        {
-            "name": "x5",
-            "type": "base",
-            "fields": [{"name": "r", "type": "relation", "collectionId": "nope"}],
-        },
-        '{"data":{"fields":{"1":{"collectionId":{"code":"validation_field_relation_missing_collection","message":"The relation collection doesn\'t exist."}}}},"message":"Failed to create collection.","status":400}',
-    ),
-    (
-        {"name": "x6", "type": "base", "fields": [{"name": "s", "type": "select"}]},
-        '{"data":{"fields":{"1":{"values":{"code":"validation_required","message":"Cannot be blank."}}}},"message":"Failed to create collection.","status":400}',
-    ),
-    (
-        {
-            "name": "x7",
-            "type": "base",
-            "fields": [{"name": "t", "type": "text", "max": "ten"}],
-        },
-        '{"data":{},"message":"Failed to load the submitted data due to invalid formatting.","status":400}',
-    ),
-]
-
-
-def test_collections_api_errors_match_oracle(tmp_path: Path) -> None:
-    with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
-            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
-            su,
-        )
-        for body, expected in COLLECTION_ERRORS:
-            assert (
-                api.normalized("POST", "/api/collections", body, su)
-                == "400 " + expected
-            )
-        assert api.normalized("DELETE", "/api/collections/users", token=su) == (
-            '400 {"data":{},"message":"Failed to delete collection probably due to existing reference in posts.","status":400}'
-        )
-        assert api.normalized("DELETE", "/api/collections/_superusers", token=su) == (
-            '400 {"data":{},"message":"Failed to delete collection.","status":400}'
-        )
-        assert api.normalized("GET", "/api/collections") == (
-            '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}'
-        )
-        user = api.json(
-            "POST",
-            "/api/collections/users/records",
-            {"email": "u@x.com", "password": "12345678", "passwordConfirm": "12345678"},
-        )
-        assert user["collectionName"] == "users"
-        user_token = api.login("users", "u@x.com", "12345678")[0]
-        assert api.normalized("GET", "/api/collections", token=user_token) == (
-            '403 {"data":{},"message":"The authorized record is not allowed to perform this action.","status":403}'
-        )
-        assert api.call("DELETE", "/api/collections/posts", token=su)[0] == 204
-        assert api.call("GET", "/api/collections/posts", token=su)[0] == 404
-
-
-RECORD_CASES = [
-    (
-        "superuser-json",
-        {
-            "title": "first",
-            "views": 3.5,
-            "published": True,
-            "contact": "a@b.co",
-            "link": "https://x.y/z",
-            "when": "2024-05-06 07:08:09Z",
-            "status": "live",
-            "tags": ["c", "a"],
-            "meta": {"k": [1, "two", None]},
-            "secret": "s1",
-            "body": "<p>hi</p>",
-        },
-        True,
-        '200 {"author":"","body":"<p>hi</p>","collectionId":"pbc_1125843985","collectionName":"posts","contact":"a@b.co","created":"TS","files":[],"id":"ID0","link":"https://x.y/z","meta":{"k":[1,"two",null]},"published":true,"secret":"s1","status":"live","tags":["c","a"],"title":"first","updated":"TS","views":3.5,"when":"2024-05-06 07:08:09.000Z"}',
-    ),
-    (
-        "guest-coercion",
-        {
-            "title": "guest",
-            "secret": "nope",
-            "views": "12",
-            "published": "maybe",
-            "tags": "b",
-            "meta": "{not json",
-            "when": "2024-01-01T10:20:30.123456+02:00",
-        },
-        False,
-        '200 {"author":"","body":"","collectionId":"pbc_1125843985","collectionName":"posts","contact":"","created":"TS","files":[],"id":"ID0","link":"","meta":"{not json","published":false,"status":"","tags":["b"],"title":"guest","updated":"TS","views":12,"when":"2024-01-01 08:20:30.123Z"}',
-    ),
-    (
-        "missing-relation",
-        {"title": "r", "author": "nosuchuser0000"},
-        False,
-        '400 {"data":{"author":{"code":"validation_missing_rel_records","message":"Failed to find all relation records with the provided ids."}},"message":"Failed to create record.","status":400}',
-    ),
-    (
-        "required",
-        {},
-        False,
-        '400 {"data":{"title":{"code":"validation_required","message":"Cannot be blank."}},"message":"Failed to create record.","status":400}',
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    ("name", "body", "as_superuser", "expected"),
-    RECORD_CASES,
-    ids=[c[0] for c in RECORD_CASES],
-)
-def test_records_create_matches_oracle(
-    tmp_path: Path, name: str, body: Any, as_superuser: bool, expected: str
-) -> None:
-    with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
-            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
-            su,
-        )
-        assert (
-            api.normalized(
-                "POST",
-                "/api/collections/posts/records",
-                body,
-                su if as_superuser else "",
-            )
-            == expected
-        )
-
-
-def test_records_form_bodies_and_crud_match_oracle(tmp_path: Path) -> None:
-    with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
-            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
-            su,
-        )
-        multipart = (
-            b'--XX\r\nContent-Disposition: form-data; name="title"\r\n\r\nmp\r\n'
-            b'--XX\r\nContent-Disposition: form-data; name="tags"\r\n\r\na\r\n'
-            b'--XX\r\nContent-Disposition: form-data; name="tags"\r\n\r\nb\r\n'
-            b'--XX\r\nContent-Disposition: form-data; name="meta"\r\n\r\n{"x":1}\r\n--XX--\r\n'
-        )
-        assert api.normalized(
-            "POST",
-            "/api/collections/posts/records",
-            multipart,
-            content_type="multipart/form-data; boundary=XX",
-        ) == (
-            '200 {"author":"","body":"","collectionId":"pbc_1125843985","collectionName":"posts","contact":"","created":"TS","files":[],"id":"ID0","link":"","meta":{"x":1},"published":false,"status":"","tags":["a","b"],"title":"mp","updated":"TS","views":0,"when":""}'
-        )
-        assert api.normalized(
-            "POST",
-            "/api/collections/posts/records",
-            b"title=urlenc&views=3&tags=a&tags=c",
-            content_type="application/x-www-form-urlencoded",
-        ) == (
-            '200 {"author":"","body":"","collectionId":"pbc_1125843985","collectionName":"posts","contact":"","created":"TS","files":[],"id":"ID1","link":"","meta":null,"published":false,"status":"","tags":["a","c"],"title":"urlenc","updated":"TS","views":3,"when":""}'
-        )
-        assert api.normalized(
-            "POST",
-            "/api/collections/posts/records",
-            {"id": "abcdefghijklmno", "title": "cid"},
-        ).startswith('200 {"author":""')
-        assert api.normalized(
-            "POST",
-            "/api/collections/posts/records",
-            {"id": "abcdefghijklmno", "title": "cid"},
-        ) == (
-            '400 {"data":{"id":{"code":"validation_not_unique","message":"Value must be unique."}},"message":"Failed to create record.","status":400}'
-        )
-        assert api.normalized(
-            "POST",
-            "/api/collections/posts/records",
-            {"id": "ABCDEFGHIJKLMNO", "title": "x"},
-        ) == (
-            '400 {"data":{"id":{"code":"validation_invalid_format","message":"Invalid value format."}},"message":"Failed to create record.","status":400}'
-        )
-        record = api.json(
-            "POST",
-            "/api/collections/posts/records",
-            {"title": "m", "views": 3.5, "tags": ["c", "a"], "body": "<p>hi there</p>"},
-        )
-        path = f"/api/collections/posts/records/{record['id']}"
-        patched = api.json(
-            "PATCH", path, {"title": "patched", "views+": 2, "tags+": "b", "tags-": "c"}
-        )
-        assert (patched["views"], patched["tags"], patched["title"]) == (
-            5.5,
-            ["a", "b"],
-            "patched",
-        )
-        assert api.json("PATCH", path, {"views-": 1.5, "+tags": "c"})["tags"] == [
-            "c",
-            "a",
-            "b",
-        ]
-        assert api.normalized("PATCH", path, {"title": ""}) == (
-            '400 {"data":{"title":{"code":"validation_required","message":"Cannot be blank."}},"message":"Failed to update record.","status":400}'
-        )
-        assert api.json("GET", path + "?fields=id,title,body:excerpt(4,true)") == {
-            "id": record["id"],
-            "title": "patched",
-            "body": "hi t...",
-        }
-        assert api.call("DELETE", path) == (204, "")
-        assert (
-            api.normalized("DELETE", path)
-            == '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}'
-        )
-        assert (
-            api.normalized("GET", "/api/collections/nosuch/records")
-            == '404 {"data":{},"message":"Missing collection context.","status":404}'
-        )
-        assert api.normalized("POST", "/api/collections/posts/records", b"{bad") == (
-            '400 {"data":{},"message":"Something went wrong while processing your request.","status":400}'
-        )
-        assert api.normalized(
-            "POST", "/api/collections/posts/records", {"title": "f", "files": ["x.txt"]}
-        ).startswith('400 {"data":{"files"')
-
-
-def test_records_list_paging_and_sort_match_oracle(tmp_path: Path) -> None:
-    with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
-            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
-            su,
-        )
-        for title, views in [
-            ("alpha", 1),
-            ("beta", 10),
-            ("gamma", 20),
-            ("delta", 5),
-            ("eps", 7),
-        ]:
-            api.json(
-                "POST",
-                "/api/collections/posts/records",
-                {"title": title, "views": views, "secret": title},
-                su,
-            )
-        base = "/api/collections/posts/records"
-        page = api.json(
-            "GET", base + "?perPage=2&page=2&sort=-views,title&fields=title,views"
-        )
-        assert page == {
-            "items": [{"title": "eps", "views": 7}, {"title": "delta", "views": 5}],
-            "page": 2,
-            "perPage": 2,
-            "totalItems": 5,
-            "totalPages": 3,
-        }
-        assert api.json(
-            "GET", base + "?perPage=2&skipTotal=1&sort=title&fields=title"
-        ) == {
-            "items": [{"title": "alpha"}, {"title": "beta"}],
-            "page": 1,
-            "perPage": 2,
-            "totalItems": -1,
-            "totalPages": -1,
-        }
-        assert api.json("GET", base + "?page=99&perPage=2&fields=id")["items"] == []
-        assert (
-            api.json("GET", base + "?perPage=5000&skipTotal=true&fields=id")["perPage"]
-            == 1000
-        )
-        zero = api.json("GET", base + "?perPage=0&page=0&sort=-@rowid&fields=title")
-        assert (zero["page"], zero["perPage"], zero["items"][0]) == (
-            1,
-            30,
-            {"title": "eps"},
-        )
-        bad = '400 {"data":{},"message":"Something went wrong while processing your request.","status":400}'
-        for query in [
-            "page=x",
-            "skipTotal=maybe",
-            "sort=nosuch",
-            "sort=secret",
-            "sort=id,",
-            "sort=" + ",".join(["id"] * 9),
-        ]:
-            assert api.normalized("GET", f"{base}?{query}") == bad, query
-        assert api.json("GET", base + "?sort=secret&fields=secret", token=su)["items"][
-            0
-        ] == {"secret": "alpha"}
-        assert api.normalized("GET", base + "?sort=@request.auth.id") == (
-            '403 {"data":{},"message":"Only superusers can filter by @request.","status":403}'
-        )
-        assert "secret" not in api.call("GET", base)[1]
-
-
-def test_records_rules_null_public_and_expressions_per_operation(
-    tmp_path: Path,
-) -> None:
-    with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
-            {
-                "name": "locked",
-                "type": "base",
-                "fields": [{"name": "title", "type": "text"}],
-            },
-            su,
-        )
-        owned_rule = "@request.auth.id != '' && owner = @request.auth.id"
-        rules = {
-            name: owned_rule
-            for name in (
-                "listRule",
-                "viewRule",
-                "createRule",
-                "updateRule",
-                "deleteRule",
-            )
-        }
-        api.json(
-            "POST",
-            "/api/collections",
-            {
-                "name": "owned",
-                "type": "base",
-                **rules,
-                "fields": [
-                    {"name": "owner", "type": "text"},
-                    {"name": "n", "type": "number"},
-                ],
-            },
-            su,
-        )
-        forbidden = '403 {"data":{},"message":"Only superusers can perform this action.","status":403}'
-        for method, path in [
-            ("GET", ""),
-            ("GET", "/nonexistent0000"),
-            ("POST", ""),
-            ("PATCH", "/nonexistent0000"),
-            ("DELETE", "/nonexistent0000"),
-        ]:
-            assert (
-                api.normalized(
-                    method,
-                    "/api/collections/locked/records" + path,
-                    {} if method in ("POST", "PATCH") else None,
-                )
-                == forbidden
-            )
-        locked = api.json("POST", "/api/collections/locked/records", {"title": "x"}, su)
-        assert api.json("GET", "/api/collections/locked/records", token=su)[
-            "items"
-        ] == [locked]
-        users = {}
-        for name in ("alice", "bob"):
-            api.json(
-                "POST",
-                "/api/collections/users/records",
-                {
-                    "email": f"{name}@x.com",
-                    "password": "password123",
-                    "passwordConfirm": "password123",
-                },
-            )
-            users[name] = api.login("users", f"{name}@x.com", "password123")
-        alice_token, alice = users["alice"]
-        bob_token, bob = users["bob"]
-        mine = api.json(
-            "POST",
-            "/api/collections/owned/records",
-            {"owner": alice["id"], "n": 1},
-            alice_token,
-        )
-        assert api.normalized(
-            "POST", "/api/collections/owned/records", {"owner": bob["id"]}, alice_token
-        ) == ('400 {"data":{},"message":"Failed to create record.","status":400}')
-        api.json(
-            "POST", "/api/collections/owned/records", {"owner": bob["id"], "n": 2}, su
-        )
-        assert (
-            api.normalized("GET", "/api/collections/owned/records")
-            == '200 {"items":[],"page":1,"perPage":30,"totalItems":0,"totalPages":0}'
-        )
-        assert [
-            i["n"]
-            for i in api.json(
-                "GET", "/api/collections/owned/records", token=alice_token
-            )["items"]
-        ] == [1]
-        assert [
-            i["n"]
-            for i in api.json("GET", "/api/collections/owned/records?sort=n", token=su)[
-                "items"
-            ]
-        ] == [1, 2]
-        not_found = '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}'
-        path = f"/api/collections/owned/records/{mine['id']}"
-        for method in ("GET", "PATCH", "DELETE"):
-            assert (
-                api.normalized(
-                    method, path, {} if method == "PATCH" else None, bob_token
-                )
-                == not_found
-            )
-        assert api.json("PATCH", path, {"n": 5}, alice_token)["n"] == 5
-        assert (
-            api.json(
-                "GET", "/api/collections/owned/records?filter=n%3E3", token=alice_token
-            )["totalItems"]
-            == 1
-        )
-        assert (
-            api.json(
-                "GET", "/api/collections/owned/records?filter=n%3E9", token=alice_token
-            )["totalItems"]
-            == 0
-        )
-        assert api.call("DELETE", path, token=alice_token)[0] == 204
-        assert (
-            api.json("GET", "/api/collections/owned/records", token=su)["totalItems"]
-            == 1
-        )
-
-
-def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
-    with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
-            {
-                "name": "teams",
-                "type": "base",
-                **PUBLIC_RULES,
-                "fields": [{"name": "name", "type": "text"}],
-            },
-            su,
-        )
-        teams_id = api.json("GET", "/api/collections/teams", token=su)["id"]
-        api.json(
-            "POST",
-            "/api/collections",
-            {
-                "name": "hidden_things",
-                "type": "base",
-                "fields": [{"name": "name", "type": "text"}],
-            },
-            su,
-        )
-        hidden_id = api.json("GET", "/api/collections/hidden_things", token=su)["id"]
-        fields = [
-            {"name": "title", "type": "text"},
-            {
-                "name": "team",
-                "type": "relation",
-                "collectionId": teams_id,
-                "maxSelect": 1,
-                "cascadeDelete": True,
-            },
-            {
-                "name": "helpers",
-                "type": "relation",
-                "collectionId": teams_id,
-                "maxSelect": 5,
-            },
-            {
-                "name": "owner_team",
-                "type": "relation",
-                "collectionId": teams_id,
-                "maxSelect": 1,
-                "required": True,
-            },
-            {
-                "name": "thing",
-                "type": "relation",
-                "collectionId": hidden_id,
-                "maxSelect": 1,
-            },
-        ]
-        api.json(
-            "POST",
-            "/api/collections",
-            {"name": "tasks", "type": "base", **PUBLIC_RULES, "fields": fields},
-            su,
-        )
-        red, blue, gold = (
-            api.json("POST", "/api/collections/teams/records", {"name": n})
-            for n in ("red", "blue", "gold")
-        )
-        thing = api.json(
-            "POST", "/api/collections/hidden_things/records", {"name": "t"}, su
-        )
-        task = api.json(
-            "POST",
-            "/api/collections/tasks/records",
-            {
-                "title": "t1",
-                "team": red["id"],
-                "helpers": [blue["id"], red["id"]],
-                "owner_team": gold["id"],
-                "thing": thing["id"],
-            },
-        )
-        path = f"/api/collections/tasks/records/{task['id']}"
-        expanded = api.json("GET", path + "?expand=team,helpers,thing,nosuch")
-        assert expanded["expand"]["team"]["name"] == "red"
-        assert [h["name"] for h in expanded["expand"]["helpers"]] == ["blue", "red"]
-        assert "thing" not in expanded["expand"]  # its collection's viewRule is null
-        assert list(expanded) == sorted(expanded)
-        assert "thing" in api.json("GET", path + "?expand=thing", token=su)["expand"]
-        assert api.json("GET", path + "?expand=team&fields=id,expand.team.name") == {
-            "id": task["id"],
-            "expand": {"team": {"name": "red"}},
-        }
-        assert api.normalized(
-            "DELETE", f"/api/collections/teams/records/{gold['id']}"
-        ) == (
-            '400 {"data":{},"message":"Failed to delete record. Make sure that the record is not part of a required relation reference.","status":400}'
-        )
-        assert (
-            api.call("DELETE", f"/api/collections/teams/records/{blue['id']}")[0] == 204
-        )
-        assert api.json("GET", path)["helpers"] == [red["id"]]
-        assert (
-            api.call("DELETE", f"/api/collections/teams/records/{red['id']}")[0] == 204
-        )
-        assert api.call("GET", path)[0] == 404  # cascaded
-
-
-def test_store_data_and_schema_survive_restart_and_renames(tmp_path: Path) -> None:
-    with serving(tmp_path) as (_, api, su):
-        created = api.json(
-            "POST",
-            "/api/collections",
-            {
-                "name": "notes",
-                "type": "base",
-                **PUBLIC_RULES,
-                "fields": [
-                    {"name": "text", "type": "text"},
-                    {"name": "n", "type": "number"},
-                ],
-            },
-            su,
-        )
-        record = api.json(
-            "POST", "/api/collections/notes/records", {"text": "kept", "n": 7}
-        )
-    with serving(tmp_path, with_superuser=False) as (_, api, _none):
-        su = api.login("_superusers", SU_EMAIL, SU_PASSWORD)[0]
-        assert (
-            api.json("GET", f"/api/collections/notes/records/{record['id']}")["text"]
-            == "kept"
-        )
-        fields = [
-            dict(f, name="body") if f["name"] == "text" else f
-            for f in created["fields"]
-        ]
-        fields.append({"name": "extra", "type": "bool"})
-        renamed = api.json(
-            "PATCH", "/api/collections/notes", {"name": "memos", "fields": fields}, su
-        )
-        assert [f["name"] for f in renamed["fields"]] == ["id", "body", "n", "extra"]
-        after = api.json("GET", f"/api/collections/memos/records/{record['id']}")
-        assert (after["body"], after["n"], after["extra"]) == ("kept", 7, False)
-        without_n = [f for f in renamed["fields"] if f["name"] != "n"]
-        api.json("PATCH", "/api/collections/memos", {"fields": without_n}, su)
-    with serving(tmp_path, with_superuser=False) as (_, api, _none):
-        final = api.json("GET", f"/api/collections/memos/records/{record['id']}")
-        assert final == {
-            "body": "kept",
-            "collectionId": created["id"],
-            "collectionName": "memos",
-            "extra": False,
-            "id": record["id"],
-        }
-    rows = (
-        sqlite3.connect(tmp_path / "pb_data" / "data.db")
-        .execute('SELECT "body" FROM "memos"')
-        .fetchall()
-    )
-    assert rows == [("kept",)]
-
-
-def test_records_concurrent_writes_on_many_connections_all_land(tmp_path: Path) -> None:
-    with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
-            {
-                "name": "counter",
-                "type": "base",
-                **PUBLIC_RULES,
-                "fields": [
-                    {"name": "n", "type": "number"},
-                    {"name": "who", "type": "text"},
-                ],
-            },
-            su,
-        )
-        host, port = api.url.removeprefix("http://").split(":")
-
-        async def writer(index: int) -> list[int]:
-            statuses = []
-            async with KeepAliveClient.connect(int(port)) as client:
-                for n in range(20):
-                    body = json.dumps({"n": n, "who": f"w{index}"}).encode()
-                    response = await client.request(
-                        "POST",
-                        "/api/collections/counter/records",
-                        body,
-                        **{"Content-Type": "application/json"},
-                    )
-                    statuses.append(response.status)
-            return statuses
-
-        async def all_writers() -> list[list[int]]:
-            return await asyncio.gather(*(writer(i) for i in range(10)))
-
-        results = run(all_writers())
-        assert all(status == 200 for statuses in results for status in statuses)
-        listing = api.json(
-            "GET", "/api/collections/counter/records?perPage=500&fields=n,who"
-        )
-        assert listing["totalItems"] == 200
-        assert sorted((i["who"], i["n"]) for i in listing["items"]) == sorted(
-            (f"w{w}", n) for w in range(10) for n in range(20)
-        )
-
-
-# ==========================================================================
 # 7. Auth
 # ==========================================================================
 
@@ -3467,7 +1739,7 @@ def test_auth_official_js_sdk_auth_with_password_and_refresh(tmp_path: Path) -> 
 
 
 # ==========================================================================
-# 4 and 8. Server-Sent Events and the realtime broker
+# 8. Realtime: SSE frames, the broker and the Realtime API
 # ==========================================================================
 
 
@@ -4577,8 +2849,1610 @@ def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> N
 
 
 # ==========================================================================
-# 11. Embedding: App, hooks, custom topics and pbrt.Client
+# 9. Routes (through real sockets)
 # ==========================================================================
+
+
+@contextlib.asynccontextmanager
+async def running_app(
+    tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[pbrt.App, int]]:
+    """Start an App on 127.0.0.1 port 0 with its data in tmp_path."""
+    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0, **settings)
+    port = await app.start()
+    try:
+        yield app, port
+    finally:
+        await app.stop()
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_responses(
+    data: bytes, head_only: bool = False, methods: list[str] = ()
+) -> list[RawResponse]:
+    """Split raw bytes into responses (Content-Length or chunked framing).
+
+    A response to HEAD (`head_only`, or "HEAD" at its index in `methods`)
+    has no body whatever its Content-Length says.
+    """
+    responses: list[RawResponse] = []
+    while data:
+        if len(responses) < len(methods):
+            head_only = methods[len(responses)] == "HEAD"
+        head, sep, data = data.partition(b"\r\n\r\n")
+        assert sep, f"incomplete head: {head!r}"
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = [tuple(line.split(": ", 1)) for line in lines[1:]]
+        response = RawResponse(status, headers, b"")  # type: ignore[arg-type]
+        if status == 100:
+            continue
+        length = response.header("Content-Length")
+        if response.header("Transfer-Encoding") == "chunked":
+            body = b""
+            while True:
+                size_line, _, data = data.partition(b"\r\n")
+                size = int(size_line, 16)
+                body, data = body + data[:size], data[size + 2 :]
+                if size == 0:
+                    break
+            response.body = body
+        elif length is not None and not head_only:
+            response.body, data = data[: int(length)], data[int(length) :]
+        responses.append(response)
+    return responses
+
+
+async def exchange(
+    port: int, data: bytes, *, half_close: bool = True, timeout: float = 10.0
+) -> bytes:
+    """Send raw bytes, then read everything until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        if half_close:
+            writer.write_eof()
+        chunks = []
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def http_request(
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    close: bool = True,
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class KeepAliveClient:
+    """One persistent connection sending requests one at a time."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, port: int) -> AsyncIterator[KeepAliveClient]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            yield cls(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", **headers: str
+    ) -> RawResponse:
+        self.writer.write(http_request(method, path, body, headers, close=False))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        response = parse_responses(head, head_only=True)[0]
+        length = int(response.header("Content-Length") or 0)
+        if method != "HEAD":
+            response.body = await self.reader.readexactly(length)
+        return response
+
+
+SECURITY_HEADER_LINES = (
+    "Cross-Origin-Opener-Policy: same-origin\r\nVary: Origin\r\nX-Content-Type-Options: nosniff\r\n"
+    "X-Frame-Options: SAMEORIGIN\r\nX-Xss-Protection: 1; mode=block\r\n"
+)
+
+
+@dataclass
+class Scenario:
+    """One request and what PocketBase answers to it."""
+
+    name: str
+    method: str
+    path: str
+    status: int
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    request_body: bytes = b""
+    expect_headers: list[tuple[str, str]] = field(default_factory=list)
+    absent_headers: list[str] = field(default_factory=list)
+
+
+ROUTE_SCENARIOS = [
+    Scenario(
+        "health",
+        "GET",
+        "/api/health",
+        200,
+        b'{"message":"API is healthy.","code":200,"data":{}}',
+        expect_headers=[("Content-Type", "application/json"), ("Content-Length", "50")],
+        absent_headers=["Access-Control-Allow-Origin"],
+    ),
+    Scenario(
+        "health-head",
+        "HEAD",
+        "/api/health",
+        200,
+        b"",
+        expect_headers=[("Content-Length", "50")],
+    ),
+    Scenario(
+        "unknown-path",
+        "GET",
+        "/api/nosuch",
+        404,
+        b'{"data":{},"message":"File not found.","status":404}',
+    ),
+    Scenario(
+        "root", "GET", "/", 404, b'{"data":{},"message":"File not found.","status":404}'
+    ),
+    Scenario(
+        "wrong-method",
+        "PUT",
+        "/api/health",
+        404,
+        b'{"data":{},"message":"The requested resource wasn\'t found.","status":404}',
+    ),
+    Scenario(
+        "origin-gets-acao",
+        "GET",
+        "/api/health",
+        200,
+        headers={"Origin": "http://example.test"},
+        expect_headers=[("Access-Control-Allow-Origin", "*")],
+    ),
+    Scenario(
+        "preflight",
+        "OPTIONS",
+        "/api/realtime",
+        204,
+        b"",
+        headers={
+            "Origin": "http://example.test",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization",
+        },
+        expect_headers=[
+            ("Access-Control-Allow-Headers", "content-type,authorization"),
+            ("Access-Control-Allow-Methods", "GET,HEAD,PUT,PATCH,POST,DELETE"),
+            ("Access-Control-Allow-Origin", "*"),
+            ("Vary", "Access-Control-Request-Method"),
+        ],
+        absent_headers=["X-Frame-Options", "Content-Length"],
+    ),
+    Scenario(
+        "options-without-origin",
+        "OPTIONS",
+        "/api/nosuch",
+        204,
+        b"",
+        expect_headers=[("Vary", "Origin")],
+        absent_headers=["Access-Control-Allow-Origin"],
+    ),
+]
+
+
+@pytest.mark.parametrize("scenario", ROUTE_SCENARIOS, ids=lambda s: s.name)
+def test_routes_answer_like_pocketbase(tmp_path: Path, scenario: Scenario) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path) as (_, port):
+            raw = await exchange(
+                port,
+                http_request(
+                    scenario.method,
+                    scenario.path,
+                    scenario.request_body,
+                    scenario.headers,
+                ),
+            )
+        (response,) = parse_responses(raw, head_only=scenario.method == "HEAD")
+        assert response.status == scenario.status
+        if scenario.body is not None:
+            assert response.body == scenario.body
+        for expected in scenario.expect_headers:
+            assert expected in response.headers
+        for name in scenario.absent_headers:
+            assert response.header(name) is None
+
+    run(body())
+
+
+def test_routes_json_response_head_bytes_match_pocketbase(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path) as (_, port):
+            raw = await exchange(port, http_request("GET", "/api/nosuch"))
+        head = re.sub(rb"Date: [^\r]+", b"Date: D", raw.partition(b"\r\n\r\n")[0])
+        assert head.decode() == (
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+            + SECURITY_HEADER_LINES
+            + "Date: D\r\nContent-Length: 52\r\nConnection: close"
+        )
+
+    run(body())
+
+
+async def echo_handler(context: pbrt.RequestContext) -> pbrt.Response:
+    """A test route that answers with the decoded body and the query."""
+    return pbrt.json_response(
+        {"data": context.body.data, "query": context.request.query}
+    )
+
+
+async def failing_handler(context: pbrt.RequestContext) -> pbrt.Response:
+    raise RuntimeError("secret internals")
+
+
+def add_test_routes(app: pbrt.App) -> None:
+    app.router.add("POST", "/test/echo", echo_handler)
+    app.router.add("GET", "/test/fail", failing_handler)
+
+
+def test_routes_unexpected_error_is_generic_500_with_traceback_in_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path) as (app, port):
+            add_test_routes(app)
+            raw = await exchange(port, http_request("GET", "/test/fail"))
+        (response,) = parse_responses(raw)
+        assert response.status == 500
+        assert response.body == (
+            b'{"data":{},"message":"Something went wrong while processing your request.","status":500}'
+        )
+
+    with caplog.at_level(logging.ERROR, logger="pbrt"):
+        run(body())
+    assert any("secret internals" in (r.exc_text or "") for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "request_body", "status", "data"),
+    [
+        ("application/json", b'{"a":[1,2.5]}', 200, {"a": [1, 2.5]}),
+        ("application/x-www-form-urlencoded", b"s=a&s=b", 200, {"s": ["a", "b"]}),
+        (
+            "multipart/form-data; boundary=XyZ",
+            MULTIPART,
+            200,
+            {"title": "json", "tags": ["a", "b"], "views": 9},
+        ),
+        ("application/json", b'{"a":', 400, None),
+        ("text/plain", b"x", 400, None),
+    ],
+    ids=["json", "urlencoded", "multipart", "invalid-json", "unknown-type"],
+)
+def test_routes_parse_each_body_kind(
+    tmp_path: Path, content_type: str, request_body: bytes, status: int, data: Any
+) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path) as (app, port):
+            add_test_routes(app)
+            raw = await exchange(
+                port,
+                http_request(
+                    "POST",
+                    "/test/echo?k=1&k=2",
+                    request_body,
+                    {"Content-Type": content_type},
+                ),
+            )
+        (response,) = parse_responses(raw)
+        assert response.status == status
+        if status == 200:
+            assert response.json() == {"data": data, "query": {"k": ["1", "2"]}}
+        else:
+            assert response.body == (
+                b'{"data":{},"message":"Something went wrong while processing your request.","status":400}'
+            )
+
+    run(body())
+
+
+# --- collections, records and auth ---------------------------------------
+
+SU_EMAIL, SU_PASSWORD = "test@example.com", "1234567890"
+
+# The oracle's `posts` collection as PocketBase 0.40.6 returned it (an export).
+POSTS_FIELDS = [
+    {"name": "title", "type": "text", "required": True, "max": 50},
+    {"name": "body", "type": "editor"},
+    {"name": "views", "type": "number", "min": 0},
+    {"name": "published", "type": "bool"},
+    {"name": "contact", "type": "email"},
+    {"name": "link", "type": "url"},
+    {"name": "when", "type": "date"},
+    {"name": "status", "type": "select", "values": ["draft", "live"], "maxSelect": 1},
+    {"name": "tags", "type": "select", "values": ["a", "b", "c"], "maxSelect": 3},
+    {"name": "meta", "type": "json"},
+    {
+        "name": "author",
+        "type": "relation",
+        "collectionId": "_pb_users_auth_",
+        "maxSelect": 1,
+    },
+    {"name": "secret", "type": "text", "hidden": True},
+    {"name": "files", "type": "file", "maxSelect": 2, "maxSize": 1000000},
+    {"name": "created", "type": "autodate", "onCreate": True},
+    {"name": "updated", "type": "autodate", "onCreate": True, "onUpdate": True},
+]
+POSTS_EXPORT_FIELDS = (
+    '[{"autogeneratePattern":"[a-z0-9]{15}","help":"","hidden":false,"id":"text3208210256","max":15,"min":15,"name":"id","pattern":"^[a-z0-9]+$","presentable":false,"primaryKey":true,"required":true,"system":true,"type":"text"},'
+    '{"autogeneratePattern":"","help":"","hidden":false,"id":"text724990059","max":50,"min":0,"name":"title","pattern":"","presentable":false,"primaryKey":false,"required":true,"system":false,"type":"text"},'
+    '{"convertURLs":false,"help":"","hidden":false,"id":"editor3685223346","maxSize":0,"name":"body","presentable":false,"required":false,"system":false,"type":"editor"},'
+    '{"help":"","hidden":false,"id":"number300981383","max":null,"min":0,"name":"views","onlyInt":false,"presentable":false,"required":false,"system":false,"type":"number"},'
+    '{"help":"","hidden":false,"id":"bool1748787223","name":"published","presentable":false,"required":false,"system":false,"type":"bool"},'
+    '{"exceptDomains":[],"help":"","hidden":false,"id":"email1281549880","name":"contact","onlyDomains":[],"presentable":false,"required":false,"system":false,"type":"email"},'
+    '{"exceptDomains":[],"help":"","hidden":false,"id":"url917281265","name":"link","onlyDomains":[],"presentable":false,"required":false,"system":false,"type":"url"},'
+    '{"help":"","hidden":false,"id":"date602410524","max":"","min":"","name":"when","presentable":false,"required":false,"system":false,"type":"date"},'
+    '{"help":"","hidden":false,"id":"select2063623452","maxSelect":1,"name":"status","presentable":false,"required":false,"system":false,"type":"select","values":["draft","live"]},'
+    '{"help":"","hidden":false,"id":"select1874629670","maxSelect":3,"name":"tags","presentable":false,"required":false,"system":false,"type":"select","values":["a","b","c"]},'
+    '{"help":"","hidden":false,"id":"json3622966325","maxSize":0,"name":"meta","presentable":false,"required":false,"system":false,"type":"json"},'
+    '{"cascadeDelete":false,"collectionId":"_pb_users_auth_","help":"","hidden":false,"id":"relation3182418120","maxSelect":1,"minSelect":0,"name":"author","presentable":false,"required":false,"system":false,"type":"relation"},'
+    '{"autogeneratePattern":"","help":"","hidden":true,"id":"text1554180325","max":0,"min":0,"name":"secret","pattern":"","presentable":false,"primaryKey":false,"required":false,"system":false,"type":"text"},'
+    '{"help":"","hidden":false,"id":"file104153177","maxSelect":2,"maxSize":1000000,"mimeTypes":[],"name":"files","presentable":false,"protected":false,"required":false,"system":false,"thumbs":[],"type":"file"},'
+    '{"hidden":false,"id":"autodate2990389176","name":"created","onCreate":true,"onUpdate":false,"presentable":false,"system":false,"type":"autodate"},'
+    '{"hidden":false,"id":"autodate3332085495","name":"updated","onCreate":true,"onUpdate":true,"presentable":false,"system":false,"type":"autodate"}]'
+)
+
+
+class Api:
+    """A tiny HTTP client for tests; `normalize` maps ids and times to placeholders."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ids: dict[str, str] = {}
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str = "",
+        content_type: str = "application/json",
+    ) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        data = (
+            body
+            if isinstance(body, bytes) or body is None
+            else json.dumps(body).encode()
+        )
+        headers = {"Authorization": token} if token else {}
+        if data is not None:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method, headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, error.read().decode()
+
+    def json(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str = "",
+        status: int = 200,
+    ) -> Any:
+        code, text = self.call(method, path, body, token)
+        assert code == status, text
+        return json.loads(text) if text else None
+
+    def normalized(
+        self, method: str, path: str, body: Any = None, token: str = "", **kwargs: Any
+    ) -> str:
+        code, text = self.call(method, path, body, token, **kwargs)
+        text = re.sub(r"eyJ[\w-]+\.[\w-]+\.[\w-]+", "TOKEN", text)
+        text = re.sub(
+            r"20[3-9]\d-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z|202[6-9]-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z",
+            "TS",
+            text,
+        )
+        text = re.sub(
+            r'(?<=")[a-z0-9]{15}(?=")',
+            lambda m: self.ids.setdefault(m.group(0), f"ID{len(self.ids)}"),
+            text,
+        )
+        return f"{code} {text}"
+
+    def login(
+        self, collection: str, identity: str, password: str
+    ) -> tuple[str, dict[str, Any]]:
+        answer = self.json(
+            "POST",
+            f"/api/collections/{collection}/auth-with-password",
+            {"identity": identity, "password": password},
+        )
+        return answer["token"], answer["record"]
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, with_superuser: bool = True, **settings: Any) -> Any:
+    """Run an App in a thread with a superuser; yield (app, Api, superuser token)."""
+    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0, **settings)
+    if with_superuser:
+        store = app.open_store()
+        store.create_record(
+            store.collection("_superusers"),
+            {"email": SU_EMAIL, "password": SU_PASSWORD},
+            privileged=True,
+        )
+        store.close()
+    with app.run_in_thread() as url:
+        api = Api(url)
+        token = (
+            api.login("_superusers", SU_EMAIL, SU_PASSWORD)[0] if with_superuser else ""
+        )
+        yield app, api, token
+
+
+def test_store_fresh_dir_has_pocketbase_default_collections(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        listing = api.json(
+            "GET", "/api/collections?fields=id,name,type,system", token=su
+        )
+        assert listing["items"] == [
+            {
+                "id": "pbc_3142635823",
+                "name": "_superusers",
+                "type": "auth",
+                "system": True,
+            },
+            {"id": "_pb_users_auth_", "name": "users", "type": "auth", "system": False},
+        ]
+        users = api.json("GET", "/api/collections/users", token=su)
+        assert [f["name"] for f in users["fields"]] == [
+            "id",
+            "password",
+            "tokenKey",
+            "email",
+            "emailVisibility",
+            "verified",
+            "name",
+            "avatar",
+            "created",
+            "updated",
+        ]
+        assert (
+            users["listRule"] == "id = @request.auth.id" and users["createRule"] == ""
+        )
+        assert users["authToken"] == {"duration": 432000}
+        assert "secret" not in json.dumps(users)
+        assert list(users)[:13] == [
+            "id",
+            "listRule",
+            "viewRule",
+            "createRule",
+            "updateRule",
+            "deleteRule",
+            "name",
+            "type",
+            "fields",
+            "indexes",
+            "created",
+            "updated",
+            "system",
+        ]
+
+
+def test_collections_create_matches_oracle_and_import_of_export_round_trips(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path) as (_, api, su):
+        created = api.json(
+            "POST",
+            "/api/collections",
+            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
+            su,
+        )
+        assert created["id"] == "pbc_1125843985"
+        assert (
+            json.dumps(created["fields"], separators=(",", ":")) == POSTS_EXPORT_FIELDS
+        )
+        exported = dict(created, name="posts_copy", id="pbc_copy0000001")
+        exported["fields"] = json.loads(POSTS_EXPORT_FIELDS)
+        assert (
+            api.call(
+                "PUT",
+                "/api/collections/import",
+                {"collections": [exported], "deleteMissing": False},
+                su,
+            )[0]
+            == 204
+        )
+        copy = api.json("GET", "/api/collections/posts_copy", token=su)
+        assert copy["fields"] == created["fields"] and copy["id"] == "pbc_copy0000001"
+        assert api.normalized(
+            "PUT", "/api/collections/import", {"collections": []}, su
+        ) == (
+            '400 {"data":{"collections":{"code":"validation_required","message":"Cannot be blank."}},'
+            '"message":"An error occurred while validating the submitted data.","status":400}'
+        )
+        assert api.normalized(
+            "PUT",
+            "/api/collections/import",
+            {"collections": [{"name": "bad name!", "type": "base"}]},
+            su,
+        ) == (
+            '400 {"data":{"collections":{"code":"validation_collections_import_failure","message":"Data validations failed '
+            'for collection \\"bad name!\\" (pbc_634853492):\\n{\\n  \\"name\\": \\"must be in a valid format\\"\\n}."}},'
+            '"message":"Failed to import collections.","status":400}'
+        )
+        assert (
+            api.call("GET", "/api/collections/bad%20name!", token=su)[0] == 404
+        )  # the failed import left nothing
+
+
+COLLECTION_ERRORS = [
+    (
+        {"name": "posts", "type": "base"},
+        '{"data":{"name":{"code":"validation_collection_name_exists","message":"Collection name must be unique (case insensitive)."}},"message":"Failed to create collection.","status":400}',
+    ),
+    (
+        {"name": "bad name!", "type": "base"},
+        '{"data":{"name":{"code":"validation_match_invalid","message":"Must be in a valid format."}},"message":"Failed to create collection.","status":400}',
+    ),
+    (
+        {"name": "x1", "type": "nope"},
+        '{"data":{"type":{"code":"validation_in_invalid","message":"Must be a valid value."}},"message":"Failed to create collection.","status":400}',
+    ),
+    (
+        {"name": "x2", "type": "base", "fields": [{"name": "a", "type": "weird"}]},
+        '{"data":{},"message":"Failed to load the submitted data due to invalid formatting.","status":400}',
+    ),
+    (
+        {
+            "name": "x4",
+            "type": "base",
+            "fields": [{"name": "bad-name", "type": "text"}],
+        },
+        '{"data":{"fields":{"1":{"name":{"code":"validation_match_invalid","message":"Must be in a valid format."}}}},"message":"Failed to create collection.","status":400}',
+    ),
+    (
+        {
+            "name": "x5",
+            "type": "base",
+            "fields": [{"name": "r", "type": "relation", "collectionId": "nope"}],
+        },
+        '{"data":{"fields":{"1":{"collectionId":{"code":"validation_field_relation_missing_collection","message":"The relation collection doesn\'t exist."}}}},"message":"Failed to create collection.","status":400}',
+    ),
+    (
+        {"name": "x6", "type": "base", "fields": [{"name": "s", "type": "select"}]},
+        '{"data":{"fields":{"1":{"values":{"code":"validation_required","message":"Cannot be blank."}}}},"message":"Failed to create collection.","status":400}',
+    ),
+    (
+        {
+            "name": "x7",
+            "type": "base",
+            "fields": [{"name": "t", "type": "text", "max": "ten"}],
+        },
+        '{"data":{},"message":"Failed to load the submitted data due to invalid formatting.","status":400}',
+    ),
+]
+
+
+def test_collections_api_errors_match_oracle(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json(
+            "POST",
+            "/api/collections",
+            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
+            su,
+        )
+        for body, expected in COLLECTION_ERRORS:
+            assert (
+                api.normalized("POST", "/api/collections", body, su)
+                == "400 " + expected
+            )
+        assert api.normalized("DELETE", "/api/collections/users", token=su) == (
+            '400 {"data":{},"message":"Failed to delete collection probably due to existing reference in posts.","status":400}'
+        )
+        assert api.normalized("DELETE", "/api/collections/_superusers", token=su) == (
+            '400 {"data":{},"message":"Failed to delete collection.","status":400}'
+        )
+        assert api.normalized("GET", "/api/collections") == (
+            '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}'
+        )
+        user = api.json(
+            "POST",
+            "/api/collections/users/records",
+            {"email": "u@x.com", "password": "12345678", "passwordConfirm": "12345678"},
+        )
+        assert user["collectionName"] == "users"
+        user_token = api.login("users", "u@x.com", "12345678")[0]
+        assert api.normalized("GET", "/api/collections", token=user_token) == (
+            '403 {"data":{},"message":"The authorized record is not allowed to perform this action.","status":403}'
+        )
+        assert api.call("DELETE", "/api/collections/posts", token=su)[0] == 204
+        assert api.call("GET", "/api/collections/posts", token=su)[0] == 404
+
+
+RECORD_CASES = [
+    (
+        "superuser-json",
+        {
+            "title": "first",
+            "views": 3.5,
+            "published": True,
+            "contact": "a@b.co",
+            "link": "https://x.y/z",
+            "when": "2024-05-06 07:08:09Z",
+            "status": "live",
+            "tags": ["c", "a"],
+            "meta": {"k": [1, "two", None]},
+            "secret": "s1",
+            "body": "<p>hi</p>",
+        },
+        True,
+        '200 {"author":"","body":"<p>hi</p>","collectionId":"pbc_1125843985","collectionName":"posts","contact":"a@b.co","created":"TS","files":[],"id":"ID0","link":"https://x.y/z","meta":{"k":[1,"two",null]},"published":true,"secret":"s1","status":"live","tags":["c","a"],"title":"first","updated":"TS","views":3.5,"when":"2024-05-06 07:08:09.000Z"}',
+    ),
+    (
+        "guest-coercion",
+        {
+            "title": "guest",
+            "secret": "nope",
+            "views": "12",
+            "published": "maybe",
+            "tags": "b",
+            "meta": "{not json",
+            "when": "2024-01-01T10:20:30.123456+02:00",
+        },
+        False,
+        '200 {"author":"","body":"","collectionId":"pbc_1125843985","collectionName":"posts","contact":"","created":"TS","files":[],"id":"ID0","link":"","meta":"{not json","published":false,"status":"","tags":["b"],"title":"guest","updated":"TS","views":12,"when":"2024-01-01 08:20:30.123Z"}',
+    ),
+    (
+        "missing-relation",
+        {"title": "r", "author": "nosuchuser0000"},
+        False,
+        '400 {"data":{"author":{"code":"validation_missing_rel_records","message":"Failed to find all relation records with the provided ids."}},"message":"Failed to create record.","status":400}',
+    ),
+    (
+        "required",
+        {},
+        False,
+        '400 {"data":{"title":{"code":"validation_required","message":"Cannot be blank."}},"message":"Failed to create record.","status":400}',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "as_superuser", "expected"),
+    RECORD_CASES,
+    ids=[c[0] for c in RECORD_CASES],
+)
+def test_records_create_matches_oracle(
+    tmp_path: Path, name: str, body: Any, as_superuser: bool, expected: str
+) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json(
+            "POST",
+            "/api/collections",
+            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
+            su,
+        )
+        assert (
+            api.normalized(
+                "POST",
+                "/api/collections/posts/records",
+                body,
+                su if as_superuser else "",
+            )
+            == expected
+        )
+
+
+def test_records_form_bodies_and_crud_match_oracle(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json(
+            "POST",
+            "/api/collections",
+            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
+            su,
+        )
+        multipart = (
+            b'--XX\r\nContent-Disposition: form-data; name="title"\r\n\r\nmp\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="tags"\r\n\r\na\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="tags"\r\n\r\nb\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="meta"\r\n\r\n{"x":1}\r\n--XX--\r\n'
+        )
+        assert api.normalized(
+            "POST",
+            "/api/collections/posts/records",
+            multipart,
+            content_type="multipart/form-data; boundary=XX",
+        ) == (
+            '200 {"author":"","body":"","collectionId":"pbc_1125843985","collectionName":"posts","contact":"","created":"TS","files":[],"id":"ID0","link":"","meta":{"x":1},"published":false,"status":"","tags":["a","b"],"title":"mp","updated":"TS","views":0,"when":""}'
+        )
+        assert api.normalized(
+            "POST",
+            "/api/collections/posts/records",
+            b"title=urlenc&views=3&tags=a&tags=c",
+            content_type="application/x-www-form-urlencoded",
+        ) == (
+            '200 {"author":"","body":"","collectionId":"pbc_1125843985","collectionName":"posts","contact":"","created":"TS","files":[],"id":"ID1","link":"","meta":null,"published":false,"status":"","tags":["a","c"],"title":"urlenc","updated":"TS","views":3,"when":""}'
+        )
+        assert api.normalized(
+            "POST",
+            "/api/collections/posts/records",
+            {"id": "abcdefghijklmno", "title": "cid"},
+        ).startswith('200 {"author":""')
+        assert api.normalized(
+            "POST",
+            "/api/collections/posts/records",
+            {"id": "abcdefghijklmno", "title": "cid"},
+        ) == (
+            '400 {"data":{"id":{"code":"validation_not_unique","message":"Value must be unique."}},"message":"Failed to create record.","status":400}'
+        )
+        assert api.normalized(
+            "POST",
+            "/api/collections/posts/records",
+            {"id": "ABCDEFGHIJKLMNO", "title": "x"},
+        ) == (
+            '400 {"data":{"id":{"code":"validation_invalid_format","message":"Invalid value format."}},"message":"Failed to create record.","status":400}'
+        )
+        record = api.json(
+            "POST",
+            "/api/collections/posts/records",
+            {"title": "m", "views": 3.5, "tags": ["c", "a"], "body": "<p>hi there</p>"},
+        )
+        path = f"/api/collections/posts/records/{record['id']}"
+        patched = api.json(
+            "PATCH", path, {"title": "patched", "views+": 2, "tags+": "b", "tags-": "c"}
+        )
+        assert (patched["views"], patched["tags"], patched["title"]) == (
+            5.5,
+            ["a", "b"],
+            "patched",
+        )
+        assert api.json("PATCH", path, {"views-": 1.5, "+tags": "c"})["tags"] == [
+            "c",
+            "a",
+            "b",
+        ]
+        assert api.normalized("PATCH", path, {"title": ""}) == (
+            '400 {"data":{"title":{"code":"validation_required","message":"Cannot be blank."}},"message":"Failed to update record.","status":400}'
+        )
+        assert api.json("GET", path + "?fields=id,title,body:excerpt(4,true)") == {
+            "id": record["id"],
+            "title": "patched",
+            "body": "hi t...",
+        }
+        assert api.call("DELETE", path) == (204, "")
+        assert (
+            api.normalized("DELETE", path)
+            == '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}'
+        )
+        assert (
+            api.normalized("GET", "/api/collections/nosuch/records")
+            == '404 {"data":{},"message":"Missing collection context.","status":404}'
+        )
+        assert api.normalized("POST", "/api/collections/posts/records", b"{bad") == (
+            '400 {"data":{},"message":"Something went wrong while processing your request.","status":400}'
+        )
+        assert api.normalized(
+            "POST", "/api/collections/posts/records", {"title": "f", "files": ["x.txt"]}
+        ).startswith('400 {"data":{"files"')
+
+
+def test_records_list_paging_and_sort_match_oracle(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json(
+            "POST",
+            "/api/collections",
+            {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
+            su,
+        )
+        for title, views in [
+            ("alpha", 1),
+            ("beta", 10),
+            ("gamma", 20),
+            ("delta", 5),
+            ("eps", 7),
+        ]:
+            api.json(
+                "POST",
+                "/api/collections/posts/records",
+                {"title": title, "views": views, "secret": title},
+                su,
+            )
+        base = "/api/collections/posts/records"
+        page = api.json(
+            "GET", base + "?perPage=2&page=2&sort=-views,title&fields=title,views"
+        )
+        assert page == {
+            "items": [{"title": "eps", "views": 7}, {"title": "delta", "views": 5}],
+            "page": 2,
+            "perPage": 2,
+            "totalItems": 5,
+            "totalPages": 3,
+        }
+        assert api.json(
+            "GET", base + "?perPage=2&skipTotal=1&sort=title&fields=title"
+        ) == {
+            "items": [{"title": "alpha"}, {"title": "beta"}],
+            "page": 1,
+            "perPage": 2,
+            "totalItems": -1,
+            "totalPages": -1,
+        }
+        assert api.json("GET", base + "?page=99&perPage=2&fields=id")["items"] == []
+        assert (
+            api.json("GET", base + "?perPage=5000&skipTotal=true&fields=id")["perPage"]
+            == 1000
+        )
+        zero = api.json("GET", base + "?perPage=0&page=0&sort=-@rowid&fields=title")
+        assert (zero["page"], zero["perPage"], zero["items"][0]) == (
+            1,
+            30,
+            {"title": "eps"},
+        )
+        bad = '400 {"data":{},"message":"Something went wrong while processing your request.","status":400}'
+        for query in [
+            "page=x",
+            "skipTotal=maybe",
+            "sort=nosuch",
+            "sort=secret",
+            "sort=id,",
+            "sort=" + ",".join(["id"] * 9),
+        ]:
+            assert api.normalized("GET", f"{base}?{query}") == bad, query
+        assert api.json("GET", base + "?sort=secret&fields=secret", token=su)["items"][
+            0
+        ] == {"secret": "alpha"}
+        assert api.normalized("GET", base + "?sort=@request.auth.id") == (
+            '403 {"data":{},"message":"Only superusers can filter by @request.","status":403}'
+        )
+        assert "secret" not in api.call("GET", base)[1]
+
+
+def test_records_rules_null_public_and_expressions_per_operation(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json(
+            "POST",
+            "/api/collections",
+            {
+                "name": "locked",
+                "type": "base",
+                "fields": [{"name": "title", "type": "text"}],
+            },
+            su,
+        )
+        owned_rule = "@request.auth.id != '' && owner = @request.auth.id"
+        rules = {
+            name: owned_rule
+            for name in (
+                "listRule",
+                "viewRule",
+                "createRule",
+                "updateRule",
+                "deleteRule",
+            )
+        }
+        api.json(
+            "POST",
+            "/api/collections",
+            {
+                "name": "owned",
+                "type": "base",
+                **rules,
+                "fields": [
+                    {"name": "owner", "type": "text"},
+                    {"name": "n", "type": "number"},
+                ],
+            },
+            su,
+        )
+        forbidden = '403 {"data":{},"message":"Only superusers can perform this action.","status":403}'
+        for method, path in [
+            ("GET", ""),
+            ("GET", "/nonexistent0000"),
+            ("POST", ""),
+            ("PATCH", "/nonexistent0000"),
+            ("DELETE", "/nonexistent0000"),
+        ]:
+            assert (
+                api.normalized(
+                    method,
+                    "/api/collections/locked/records" + path,
+                    {} if method in ("POST", "PATCH") else None,
+                )
+                == forbidden
+            )
+        locked = api.json("POST", "/api/collections/locked/records", {"title": "x"}, su)
+        assert api.json("GET", "/api/collections/locked/records", token=su)[
+            "items"
+        ] == [locked]
+        users = {}
+        for name in ("alice", "bob"):
+            api.json(
+                "POST",
+                "/api/collections/users/records",
+                {
+                    "email": f"{name}@x.com",
+                    "password": "password123",
+                    "passwordConfirm": "password123",
+                },
+            )
+            users[name] = api.login("users", f"{name}@x.com", "password123")
+        alice_token, alice = users["alice"]
+        bob_token, bob = users["bob"]
+        mine = api.json(
+            "POST",
+            "/api/collections/owned/records",
+            {"owner": alice["id"], "n": 1},
+            alice_token,
+        )
+        assert api.normalized(
+            "POST", "/api/collections/owned/records", {"owner": bob["id"]}, alice_token
+        ) == ('400 {"data":{},"message":"Failed to create record.","status":400}')
+        api.json(
+            "POST", "/api/collections/owned/records", {"owner": bob["id"], "n": 2}, su
+        )
+        assert (
+            api.normalized("GET", "/api/collections/owned/records")
+            == '200 {"items":[],"page":1,"perPage":30,"totalItems":0,"totalPages":0}'
+        )
+        assert [
+            i["n"]
+            for i in api.json(
+                "GET", "/api/collections/owned/records", token=alice_token
+            )["items"]
+        ] == [1]
+        assert [
+            i["n"]
+            for i in api.json("GET", "/api/collections/owned/records?sort=n", token=su)[
+                "items"
+            ]
+        ] == [1, 2]
+        not_found = '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}'
+        path = f"/api/collections/owned/records/{mine['id']}"
+        for method in ("GET", "PATCH", "DELETE"):
+            assert (
+                api.normalized(
+                    method, path, {} if method == "PATCH" else None, bob_token
+                )
+                == not_found
+            )
+        assert api.json("PATCH", path, {"n": 5}, alice_token)["n"] == 5
+        assert (
+            api.json(
+                "GET", "/api/collections/owned/records?filter=n%3E3", token=alice_token
+            )["totalItems"]
+            == 1
+        )
+        assert (
+            api.json(
+                "GET", "/api/collections/owned/records?filter=n%3E9", token=alice_token
+            )["totalItems"]
+            == 0
+        )
+        assert api.call("DELETE", path, token=alice_token)[0] == 204
+        assert (
+            api.json("GET", "/api/collections/owned/records", token=su)["totalItems"]
+            == 1
+        )
+
+
+def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json(
+            "POST",
+            "/api/collections",
+            {
+                "name": "teams",
+                "type": "base",
+                **PUBLIC_RULES,
+                "fields": [{"name": "name", "type": "text"}],
+            },
+            su,
+        )
+        teams_id = api.json("GET", "/api/collections/teams", token=su)["id"]
+        api.json(
+            "POST",
+            "/api/collections",
+            {
+                "name": "hidden_things",
+                "type": "base",
+                "fields": [{"name": "name", "type": "text"}],
+            },
+            su,
+        )
+        hidden_id = api.json("GET", "/api/collections/hidden_things", token=su)["id"]
+        fields = [
+            {"name": "title", "type": "text"},
+            {
+                "name": "team",
+                "type": "relation",
+                "collectionId": teams_id,
+                "maxSelect": 1,
+                "cascadeDelete": True,
+            },
+            {
+                "name": "helpers",
+                "type": "relation",
+                "collectionId": teams_id,
+                "maxSelect": 5,
+            },
+            {
+                "name": "owner_team",
+                "type": "relation",
+                "collectionId": teams_id,
+                "maxSelect": 1,
+                "required": True,
+            },
+            {
+                "name": "thing",
+                "type": "relation",
+                "collectionId": hidden_id,
+                "maxSelect": 1,
+            },
+        ]
+        api.json(
+            "POST",
+            "/api/collections",
+            {"name": "tasks", "type": "base", **PUBLIC_RULES, "fields": fields},
+            su,
+        )
+        red, blue, gold = (
+            api.json("POST", "/api/collections/teams/records", {"name": n})
+            for n in ("red", "blue", "gold")
+        )
+        thing = api.json(
+            "POST", "/api/collections/hidden_things/records", {"name": "t"}, su
+        )
+        task = api.json(
+            "POST",
+            "/api/collections/tasks/records",
+            {
+                "title": "t1",
+                "team": red["id"],
+                "helpers": [blue["id"], red["id"]],
+                "owner_team": gold["id"],
+                "thing": thing["id"],
+            },
+        )
+        path = f"/api/collections/tasks/records/{task['id']}"
+        expanded = api.json("GET", path + "?expand=team,helpers,thing,nosuch")
+        assert expanded["expand"]["team"]["name"] == "red"
+        assert [h["name"] for h in expanded["expand"]["helpers"]] == ["blue", "red"]
+        assert "thing" not in expanded["expand"]  # its collection's viewRule is null
+        assert list(expanded) == sorted(expanded)
+        assert "thing" in api.json("GET", path + "?expand=thing", token=su)["expand"]
+        assert api.json("GET", path + "?expand=team&fields=id,expand.team.name") == {
+            "id": task["id"],
+            "expand": {"team": {"name": "red"}},
+        }
+        assert api.normalized(
+            "DELETE", f"/api/collections/teams/records/{gold['id']}"
+        ) == (
+            '400 {"data":{},"message":"Failed to delete record. Make sure that the record is not part of a required relation reference.","status":400}'
+        )
+        assert (
+            api.call("DELETE", f"/api/collections/teams/records/{blue['id']}")[0] == 204
+        )
+        assert api.json("GET", path)["helpers"] == [red["id"]]
+        assert (
+            api.call("DELETE", f"/api/collections/teams/records/{red['id']}")[0] == 204
+        )
+        assert api.call("GET", path)[0] == 404  # cascaded
+
+
+def test_store_data_and_schema_survive_restart_and_renames(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        created = api.json(
+            "POST",
+            "/api/collections",
+            {
+                "name": "notes",
+                "type": "base",
+                **PUBLIC_RULES,
+                "fields": [
+                    {"name": "text", "type": "text"},
+                    {"name": "n", "type": "number"},
+                ],
+            },
+            su,
+        )
+        record = api.json(
+            "POST", "/api/collections/notes/records", {"text": "kept", "n": 7}
+        )
+    with serving(tmp_path, with_superuser=False) as (_, api, _none):
+        su = api.login("_superusers", SU_EMAIL, SU_PASSWORD)[0]
+        assert (
+            api.json("GET", f"/api/collections/notes/records/{record['id']}")["text"]
+            == "kept"
+        )
+        fields = [
+            dict(f, name="body") if f["name"] == "text" else f
+            for f in created["fields"]
+        ]
+        fields.append({"name": "extra", "type": "bool"})
+        renamed = api.json(
+            "PATCH", "/api/collections/notes", {"name": "memos", "fields": fields}, su
+        )
+        assert [f["name"] for f in renamed["fields"]] == ["id", "body", "n", "extra"]
+        after = api.json("GET", f"/api/collections/memos/records/{record['id']}")
+        assert (after["body"], after["n"], after["extra"]) == ("kept", 7, False)
+        without_n = [f for f in renamed["fields"] if f["name"] != "n"]
+        api.json("PATCH", "/api/collections/memos", {"fields": without_n}, su)
+    with serving(tmp_path, with_superuser=False) as (_, api, _none):
+        final = api.json("GET", f"/api/collections/memos/records/{record['id']}")
+        assert final == {
+            "body": "kept",
+            "collectionId": created["id"],
+            "collectionName": "memos",
+            "extra": False,
+            "id": record["id"],
+        }
+    rows = (
+        sqlite3.connect(tmp_path / "pb_data" / "data.db")
+        .execute('SELECT "body" FROM "memos"')
+        .fetchall()
+    )
+    assert rows == [("kept",)]
+
+
+def test_records_concurrent_writes_on_many_connections_all_land(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json(
+            "POST",
+            "/api/collections",
+            {
+                "name": "counter",
+                "type": "base",
+                **PUBLIC_RULES,
+                "fields": [
+                    {"name": "n", "type": "number"},
+                    {"name": "who", "type": "text"},
+                ],
+            },
+            su,
+        )
+        host, port = api.url.removeprefix("http://").split(":")
+
+        async def writer(index: int) -> list[int]:
+            statuses = []
+            async with KeepAliveClient.connect(int(port)) as client:
+                for n in range(20):
+                    body = json.dumps({"n": n, "who": f"w{index}"}).encode()
+                    response = await client.request(
+                        "POST",
+                        "/api/collections/counter/records",
+                        body,
+                        **{"Content-Type": "application/json"},
+                    )
+                    statuses.append(response.status)
+            return statuses
+
+        async def all_writers() -> list[list[int]]:
+            return await asyncio.gather(*(writer(i) for i in range(10)))
+
+        results = run(all_writers())
+        assert all(status == 200 for statuses in results for status in statuses)
+        listing = api.json(
+            "GET", "/api/collections/counter/records?perPage=500&fields=n,who"
+        )
+        assert listing["totalItems"] == 200
+        assert sorted((i["who"], i["n"]) for i in listing["items"]) == sorted(
+            (f"w{w}", n) for w in range(10) for n in range(20)
+        )
+
+
+# ==========================================================================
+# 10. Connection loop
+# ==========================================================================
+
+
+def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path) as (app, port):
+            add_test_routes(app)
+            requests = b"".join(
+                [
+                    http_request("GET", "/api/health", close=False),
+                    http_request(
+                        "POST",
+                        "/test/echo?n=1",
+                        b'{"x":1}',
+                        {"Content-Type": "application/json"},
+                        False,
+                    ),
+                    http_request("GET", "/api/nosuch", close=False),
+                    http_request("HEAD", "/api/health", close=False),
+                    http_request(
+                        "POST",
+                        "/test/echo?n=2",
+                        b"{}",
+                        {"Content-Type": "application/json"},
+                    ),
+                ]
+            )
+            raw = await exchange(port, requests)
+        responses = parse_responses(raw, methods=["GET", "POST", "GET", "HEAD", "POST"])
+        assert [r.status for r in responses] == [200, 200, 404, 200, 200]
+        assert responses[1].json() == {"data": {"x": 1}, "query": {"n": ["1"]}}
+        assert responses[4].json() == {"data": {}, "query": {"n": ["2"]}}
+        assert responses[4].header("Connection") == "close"
+
+    run(body())
+
+
+def test_connection_reads_chunked_bodies(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path) as (app, port):
+            add_test_routes(app)
+            request = (
+                b"POST /test/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                b'4;ext=1\r\n{"a"\r\n3\r\n:[1\r\n2\r\n]}\r\n0\r\nTrailer: x\r\n\r\n'
+            )
+            raw = await exchange(port, request)
+        (response,) = parse_responses(raw)
+        assert response.json()["data"] == {"a": [1]}
+
+    run(body())
+
+
+def test_connection_sends_100_continue_before_reading_the_body(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path) as (app, port):
+            add_test_routes(app)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /test/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: 7\r\nConnection: close\r\n\r\n"
+            )
+            assert (
+                await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            )
+            writer.write(b'{"a":1}')
+            (response,) = parse_responses(await reader.read())
+            writer.close()
+            await writer.wait_closed()
+        assert response.json()["data"] == {"a": 1}
+
+    run(body())
+
+
+def test_connection_http10_closes_after_the_response(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path) as (_, port):
+            raw = await exchange(
+                port, b"GET /api/health HTTP/1.0\r\n\r\n", half_close=False
+            )
+        assert raw.startswith(b"HTTP/1.0 200 OK\r\n")
+        assert raw.endswith(b'{"message":"API is healthy.","code":200,"data":{}}')
+
+    run(body())
+
+
+HOSTILE_REQUESTS = [
+    pytest.param(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+        431,
+        id="head-over-64k",
+    ),
+    pytest.param(b"GARBAGE\r\n\r\n", 400, id="malformed-request-line"),
+    pytest.param(
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+        400,
+        id="malformed-header",
+    ),
+    pytest.param(
+        b"POST /api/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        400,
+        id="bad-chunk-size",
+    ),
+    pytest.param(
+        b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        400,
+        id="two-content-lengths",
+    ),
+    pytest.param(
+        b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /api/health HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        id="smuggling-cl-te",
+    ),
+    pytest.param(
+        b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n",
+        413,
+        id="body-over-limit",
+    ),
+    pytest.param(
+        b"POST /api/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n"
+        + b"a" * 2000,
+        413,
+        id="chunked-body-over-limit",
+    ),
+    pytest.param(b"GET / HTTP/3.0\r\nHost: x\r\n\r\n", 505, id="http3"),
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), HOSTILE_REQUESTS)
+def test_connection_hostile_request_gets_status_and_close_while_others_are_served(
+    tmp_path: Path, request_bytes: bytes, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path, max_body_bytes=1000) as (_, port):
+            async with KeepAliveClient.connect(port) as good:
+                assert (await good.request("GET", "/api/health")).status == 200
+                raw = await exchange(port, request_bytes, half_close=False)
+                assert (await good.request("GET", "/api/health")).status == 200
+        (response,) = parse_responses(raw)
+        assert response.status == status
+        assert response.header("Connection") == "close"
+        assert response.json()["status"] == status
+
+    with caplog.at_level(logging.WARNING, logger="pbrt"):
+        run(body())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_connection_rejects_oversized_body_without_reading_it(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path, max_body_bytes=1000) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n"
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+            await writer.wait_closed()
+        assert head.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
+
+    run(body())
+
+
+def test_connection_closes_slowloris_head_while_others_are_served(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path, head_timeout_s=0.3) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            async with KeepAliveClient.connect(port) as good:
+                for _ in range(3):
+                    assert (await good.request("GET", "/api/health")).status == 200
+                    await asyncio.sleep(0.05)
+                assert await reader.read() == b""
+            elapsed = time.monotonic() - started
+            writer.close()
+            await writer.wait_closed()
+        assert 0.25 < elapsed < 3
+
+    run(body())
+
+
+def test_connection_closes_idle_keepalive_connection(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_app(tmp_path, keepalive_timeout_s=0.2) as (_, port):
+            async with KeepAliveClient.connect(port) as client:
+                assert (await client.request("GET", "/api/health")).status == 200
+                assert await asyncio.wait_for(client.reader.read(), 3) == b""
+
+    run(body())
+
+
+def test_connection_shutdown_finishes_requests_in_flight(tmp_path: Path) -> None:
+    release = asyncio.Event
+
+    async def body() -> None:
+        gate = release()
+
+        async def slow_handler(context: pbrt.RequestContext) -> pbrt.Response:
+            gate.set()
+            await asyncio.sleep(0.2)
+            return pbrt.json_response({"done": True})
+
+        app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
+        port = await app.start()
+        app.router.add("GET", "/test/slow", slow_handler)
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        in_flight = asyncio.create_task(
+            exchange(port, http_request("GET", "/test/slow"), half_close=False)
+        )
+        await gate.wait()
+        await app.stop()
+        (response,) = parse_responses(await in_flight)
+        assert response.json() == {"done": True}
+        assert await idle_reader.read() == b""
+        idle_writer.close()
+        await idle_writer.wait_closed()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+
+    run(body())
+
+
+# --- fuzz -------------------------------------------------------------------
+
+FUZZ_SEEDS = [
+    http_request("GET", "/api/health?a=1&a=2", close=False),
+    http_request(
+        "POST",
+        "/test/echo",
+        b'{"a":[1,2,{"b":"c"}]}',
+        {"Content-Type": "application/json"},
+    ),
+    b"POST /test/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\na=1&b\r\n3\r\n=%2\r\n0\r\n\r\n",
+    http_request(
+        "POST",
+        "/test/echo",
+        MULTIPART,
+        {"Content-Type": "multipart/form-data; boundary=XyZ"},
+    ),
+    http_request(
+        "OPTIONS",
+        "/api/realtime",
+        headers={"Origin": "o", "Access-Control-Request-Method": "POST"},
+    )
+    + http_request("HEAD", "/api/health"),
+    b"GET /api/%zz%00/\xff HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+]
+FUZZ_TOKENS = [
+    b"\r\n",
+    b"\r\n\r\n",
+    b":",
+    b" ",
+    b"\x00",
+    b"%",
+    b"\xff",
+    b"0\r\n\r\n",
+    b"Content-Length: 3\r\n",
+    b"Content-Length: 99999999999\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Expect: 100-continue\r\n",
+    b"HTTP/1.0",
+    b"HTTP/9.9",
+    b'{"',
+    b"--XyZ",
+    b";",
+    b"ffffffff\r\n",
+    b"\t",
+]
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    """Apply one to four random byte-level mutations."""
+    buffer = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        position = rng.randrange(len(buffer) + 1)
+        kind = rng.randrange(6)
+        if kind == 0 and buffer:
+            buffer[min(position, len(buffer) - 1)] = rng.randrange(256)
+        elif kind == 1:
+            buffer[position:position] = rng.choice(FUZZ_TOKENS)
+        elif kind == 2:
+            del buffer[position : position + rng.randint(1, 16)]
+        elif kind == 3:
+            buffer[position:position] = buffer[position : position + rng.randint(1, 64)]
+        elif kind == 4:
+            del buffer[position:]
+        else:
+            buffer[position:position] = bytes(
+                rng.randrange(256) for _ in range(rng.randint(1, 8))
+            )
+    return bytes(buffer)
+
+
+FUZZ_CASES = 5_000
+STATUS_LINE_RE = re.compile(rb"HTTP/1\.[01] [1-5]\d\d ")
+
+
+def test_connection_survives_seeded_mutation_fuzz(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = random.Random(20261128)
+    inputs = [mutate(rng, rng.choice(FUZZ_SEEDS)) for _ in range(FUZZ_CASES)]
+
+    for data in inputs:  # the pure parser alone: a Request or a ProtocolError
+        head = data.partition(b"\r\n\r\n")
+        with contextlib.suppress(pbrt.ProtocolError):
+            pbrt.parse_request_head(head[0] + head[1])
+
+    async def body() -> None:
+        async with running_app(tmp_path, head_timeout_s=2, body_timeout_s=2) as (
+            app,
+            port,
+        ):
+            add_test_routes(app)
+            limit = asyncio.Semaphore(16)
+            answered = 0
+
+            async def one(data: bytes) -> None:
+                nonlocal answered
+                async with limit:
+                    raw = await exchange(port, data, timeout=10)
+                assert raw == b"" or STATUS_LINE_RE.match(raw), raw[:100]
+                answered += bool(raw)
+
+            deadline = time.monotonic() + 120
+            for start in range(0, len(inputs), 500):
+                assert time.monotonic() < deadline, "fuzz exceeded its time bound"
+                await asyncio.gather(
+                    *(one(data) for data in inputs[start : start + 500])
+                )
+            async with KeepAliveClient.connect(port) as good:
+                assert (await good.request("GET", "/api/health")).status == 200
+        assert answered > FUZZ_CASES // 2
+
+    with caplog.at_level(logging.WARNING, logger="pbrt"):
+        run(body(), timeout=180)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# ==========================================================================
+# 11. Embedding
+# ==========================================================================
+
+
+def test_app_run_in_thread_serves_and_stops(tmp_path: Path) -> None:
+    import urllib.request
+
+    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
+    with app.run_in_thread() as url:
+        with urllib.request.urlopen(url + "/api/health", timeout=10) as response:
+            assert json.load(response)["message"] == "API is healthy."
+    assert app.store is None
+
+
+# --- App, hooks, custom topics and pbrt.Client -----------------------------
 
 
 def readme_example(name: str) -> str:
@@ -4948,8 +4822,131 @@ def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
 
 
 # ==========================================================================
-# 12. The bench command (behaviour only: numbers belong to benchmarks)
+# 12. Command line
 # ==========================================================================
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", str(HERE / "pbrt.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def reap(process: subprocess.Popen[str]) -> None:
+    """Kill a child process if it is still running, and collect it."""
+    if process.poll() is None:
+        process.kill()
+    process.communicate()
+
+
+def test_cli_help_and_version() -> None:
+    help_result = run_cli("--help")
+    assert help_result.returncode == 0
+    assert "serve" in help_result.stdout
+    serve_help = run_cli("serve", "--help")
+    assert "--http" in serve_help.stdout and "--dir" in serve_help.stdout
+    version = run_cli("--version")
+    assert version.stdout.strip() == f"pbrt version {pbrt.__version__}"
+
+
+def test_cli_rejects_bad_address() -> None:
+    result = run_cli("serve", "--http", "nonsense")
+    assert result.returncode == 2
+    assert "HOST:PORT" in result.stderr
+
+
+def start_cli_server(cwd: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """Start `python pbrt.py ARGS` and return it with the port it logged."""
+    process = subprocess.Popen(
+        [sys.executable, "-X", "dev", "-W", "error", str(HERE / "pbrt.py"), *args],
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        match = re.search(r"Server started at http://[^:]+:(\d+)", line)
+        if match:
+            return process, int(match.group(1))
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    process.communicate()
+    raise AssertionError("server did not start")
+
+
+def test_cli_serves_in_an_empty_folder_and_exits_0_on_sigint(tmp_path: Path) -> None:
+    process, port = start_cli_server(tmp_path, "--http", "127.0.0.1:0")
+    try:
+        raw = run(exchange(port, http_request("GET", "/api/health")))
+        assert parse_responses(raw)[0].json() == {
+            "message": "API is healthy.",
+            "code": 200,
+            "data": {},
+        }
+        assert (tmp_path / "pb_data" / "data.db").exists()
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+        assert time.monotonic() - started < 1.0
+        assert process.returncode == 0
+        assert "GET /api/health 200" in stderr
+        assert "Traceback" not in stderr
+    finally:
+        reap(process)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_cli_quiet_serve_on_given_dir_exits_0_on_sigterm(tmp_path: Path) -> None:
+    data_dir = tmp_path / "elsewhere"
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "pbrt.py"),
+            "serve",
+            f"--http=127.0.0.1:{port}",
+            "--dir",
+            str(data_dir),
+            "--quiet",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        raw = b""
+        deadline = time.monotonic() + 20
+        while not raw and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                raw = run(exchange(port, http_request("GET", "/api/health")))
+            time.sleep(0.05)
+        assert parse_responses(raw)[0].status == 200
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=10)
+        assert process.returncode == 0
+        assert "GET /api/health" not in stderr
+        assert (
+            "superuser upsert" in stderr
+        )  # the first-start hint is a warning, shown even when quiet
+        assert (data_dir / "data.db").exists()
+    finally:
+        reap(process)
+
+
+# --- the bench command (behaviour only: numbers belong to benchmarks) ------
 
 
 @pytest.mark.parametrize(
