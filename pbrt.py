@@ -3136,7 +3136,6 @@ class Store:
         data: dict[str, JSON],
         *,
         privileged: bool,
-        manager: bool = False,
     ) -> Record:
         """Validate and insert a record built from submitted `data`.
 
@@ -3149,7 +3148,6 @@ class Store:
             record,
             data,
             privileged=privileged,
-            manager=manager,
             creating=True,
         )
         return self._save(collection, record, None, errors)
@@ -3161,7 +3159,6 @@ class Store:
         data: dict[str, JSON],
         *,
         privileged: bool,
-        manager: bool = False,
     ) -> Record:
         """Apply submitted `data` (with `+`/`-` modifiers) to a record and save it."""
         record = dict(current)
@@ -3170,7 +3167,6 @@ class Store:
             record,
             data,
             privileged=privileged,
-            manager=manager,
             creating=False,
         )
         return self._save(collection, record, current, errors)
@@ -3182,7 +3178,6 @@ class Store:
         data: dict[str, JSON],
         *,
         privileged: bool,
-        manager: bool,
         creating: bool,
     ) -> dict[str, JSON]:
         """Set submitted values on `record`; return early validation errors."""
@@ -3212,11 +3207,7 @@ class Store:
                 continue
             if spec.get("hidden") and not privileged:
                 continue
-            if (
-                collection.is_auth
-                and name == "verified"
-                and not (privileged or manager)
-            ):
+            if collection.is_auth and name == "verified" and not privileged:
                 if _to_bool(raw) != bool(record.get("verified")):
                     errors[name] = validation_entry(
                         "validation_values_mismatch", "Values don't match."

@@ -5181,3 +5181,55 @@ def test_rules_client_filters_meet_related_list_rules_like_pocketbase(
                     else ",".join(item["title"] for item in json.loads(body)["items"])
                 )
                 assert got == expected, (text, bool(token))
+
+
+def test_collections_import_auth_export_and_delete_missing(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("POST", "/api/collections", {"name": "scratch", "type": "base"}, su)
+        exported_members = api.json("POST", "/api/collections", MEMBERS, su)
+        api.json("DELETE", "/api/collections/members", token=su, status=204)
+        # The export of an auth collection (system fields with their ids) imports unchanged.
+        imported = {"collections": [exported_members], "deleteMissing": False}
+        assert api.call("PUT", "/api/collections/import", imported, su)[0] == 204
+        people = api.json("GET", "/api/collections/members", token=su)
+        assert [f["id"] for f in people["fields"]] == [
+            f["id"] for f in exported_members["fields"]
+        ]
+        assert people["indexes"] == exported_members["indexes"]
+        assert (
+            api.json("GET", "/api/collections/scratch", token=su)["name"] == "scratch"
+        )
+        user = {
+            "email": "p@x.com",
+            "password": "password123",
+            "passwordConfirm": "password123",
+            "name": "P",
+        }
+        api.json("POST", "/api/collections/members/records", user)
+        assert api.login("members", "p@x.com", "password123")[1]["name"] == "P"
+        # deleteMissing drops collections and fields that the import does not list.
+        keep = api.json("GET", "/api/collections?perPage=100", token=su)["items"]
+        people_only_name = dict(
+            people, fields=[f for f in people["fields"] if f["name"] != "note"]
+        )
+        listed = [c for c in keep if c["name"] not in ("scratch", "members")] + [
+            people_only_name
+        ]
+        assert (
+            api.call(
+                "PUT",
+                "/api/collections/import",
+                {"collections": listed, "deleteMissing": True},
+                su,
+            )[0]
+            == 204
+        )
+        assert api.call("GET", "/api/collections/scratch", token=su)[0] == 404
+        fields = [
+            f["name"]
+            for f in api.json("GET", "/api/collections/members", token=su)["fields"]
+        ]
+        assert "note" not in fields and "name" in fields
+        assert (
+            api.login("members", "p@x.com", "password123")[1]["name"] == "P"
+        )  # data kept
