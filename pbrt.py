@@ -6513,25 +6513,25 @@ class App:
         if request.header("origin"):
             headers.append(("Access-Control-Allow-Origin", "*"))
         chunked = request.version == "HTTP/1.1"
-        writer.write(
-            encode_response_head(
-                response.status,
-                headers,
-                date=self._http_date(),
-                version=request.version,
-                close=not chunked,
-            )
+        head = encode_response_head(
+            response.status,
+            headers,
+            date=self._http_date(),
+            version=request.version,
+            close=not chunked,
         )
 
         async def pump() -> None:
+            pending = head  # sent together with the first frames, in one write
             async for frames in stream:
-                writer.write(
+                body = (
                     b"".join(map(encode_chunk, frames)) if chunked else b"".join(frames)
                 )
+                writer.write(pending + body)
+                pending = b""
                 await writer.drain()
-            if chunked:
-                writer.write(encode_chunk(b""))
-                await writer.drain()
+            writer.write(pending + (encode_chunk(b"") if chunked else b""))
+            await writer.drain()
 
         pumping = asyncio.create_task(pump())
         watching = asyncio.create_task(_wait_for_eof(reader))

@@ -4893,11 +4893,18 @@ def test_cli_serves_in_an_empty_folder_and_exits_0_on_sigint(tmp_path: Path) -> 
             "data": {},
         }
         assert (tmp_path / "pb_data" / "data.db").exists()
-        started = time.monotonic()
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=10)
-        assert time.monotonic() - started < 1.0
-        assert process.returncode == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stream:
+            stream.sendall(b"GET /api/realtime HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = stream.recv(65536)
+            assert b"event:PB_CONNECT" in received  # one write: head and first event
+            started = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=10)
+            assert time.monotonic() - started < 1.0
+            assert process.returncode == 0
+            while chunk := stream.recv(65536):
+                received += chunk
+        assert received.endswith(b"\r\n0\r\n\r\n")  # the open stream was ended, not cut
         assert "GET /api/health 200" in stderr
         assert "Traceback" not in stderr
     finally:
