@@ -14,7 +14,12 @@ Embed it in a script::
     import pbrt
     app = pbrt.App(dir="pb_data", port=0)
     with app.run_in_thread() as url:
-        ...  # talk to `url` with any HTTP client or SDK
+        app.create("posts", {"title": "hi"})  # validated, committed, broadcast
+        # ... and pbrt.Client(url).subscribe("posts/*") from any script
+
+Measure it, or any PocketBase-compatible server::
+
+    python pbrt.py bench fanout --clients 1000
 
 Sections, read top to bottom (each uses only names from above it):
 
