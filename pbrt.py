@@ -3147,15 +3147,7 @@ class Store:
         Non-privileged callers cannot set hidden fields (silently dropped)
         nor mark auth records verified. Raises ValidationError.
         """
-        record = {spec["name"]: zero_value(spec) for spec in collection.fields}
-        errors = self._apply(
-            collection,
-            record,
-            data,
-            privileged=privileged,
-            creating=True,
-        )
-        return self._save(collection, record, None, errors)
+        return self._write(collection, None, data, privileged)
 
     def update_record(
         self,
@@ -3166,13 +3158,22 @@ class Store:
         privileged: bool,
     ) -> Record:
         """Apply submitted `data` (with `+`/`-` modifiers) to a record and save it."""
-        record = dict(current)
+        return self._write(collection, current, data, privileged)
+
+    def _write(
+        self,
+        collection: Collection,
+        current: Record | None,
+        data: dict[str, JSON],
+        privileged: bool,
+    ) -> Record:
+        """Apply `data` to a copy of `current` (or to zero values), validate, save."""
+        if current is None:
+            record = {spec["name"]: zero_value(spec) for spec in collection.fields}
+        else:
+            record = dict(current)
         errors = self._apply(
-            collection,
-            record,
-            data,
-            privileged=privileged,
-            creating=False,
+            collection, record, data, privileged=privileged, creating=current is None
         )
         return self._save(collection, record, current, errors)
 

@@ -1373,7 +1373,7 @@ def test_auth_with_password_refresh_and_errors_match_oracle(
         caplog.at_level(logging.INFO, logger="pbrt"),
         serving(tmp_path) as (app, api, su),
     ):
-        api.json("POST", "/api/collections", MEMBERS, su)
+        api.create_collection(MEMBERS, su)
         assert api.normalized(
             "POST",
             "/api/collections/members/records",
@@ -1495,7 +1495,7 @@ def test_auth_with_password_refresh_and_errors_match_oracle(
         ) == (
             '404 {"data":{},"message":"Missing or invalid collection context.","status":404}'
         )
-        api.json("POST", "/api/collections", {"name": "plain", "type": "base"}, su)
+        api.create_collection({"name": "plain", "type": "base"}, su)
         assert api.normalized(
             "POST", "/api/collections/plain/auth-with-password", {}
         ) == (
@@ -1642,9 +1642,7 @@ def test_auth_superuser_cli_upsert_then_login_sees_hidden_fields(
         )
         token, record = api.login("_superusers", "root@example.com", "otherpass123")
         assert record["verified"] is True and record["email"] == "root@example.com"
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "notes",
                 "type": "base",
@@ -1716,7 +1714,7 @@ const [url, email, password] = process.argv.slice(1);
 
 def test_auth_official_js_sdk_auth_with_password_and_refresh(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json("POST", "/api/collections", MEMBERS, su)
+        api.create_collection(MEMBERS, su)
         alice = api.json(
             "POST",
             "/api/collections/members/records",
@@ -2128,7 +2126,7 @@ def test_realtime_record_events_match_the_oracle_capture(tmp_path: Path) -> None
         return [normalize_event(event, ids) for event in events]
 
     with serving(tmp_path) as (_, api, su):
-        api.json("POST", "/api/collections", NOTES, su)
+        api.create_collection(NOTES, su)
         note = api.json(
             "POST",
             "/api/collections/notes/records",
@@ -2230,9 +2228,7 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
         return received
 
     with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "locked",
                 "type": "base",
@@ -2240,9 +2236,7 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
             },
             su,
         )
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "owned",
                 "type": "base",
@@ -2255,9 +2249,7 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
             },
             su,
         )
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "viewonly",
                 "type": "base",
@@ -2266,9 +2258,7 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
             },
             su,
         )
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 **MEMBERS,
                 "fields": [
@@ -2391,9 +2381,7 @@ def test_realtime_expand_fields_filter_and_headers_options(tmp_path: Path) -> No
     import urllib.parse
 
     with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "teams",
                 "type": "base",
@@ -2407,9 +2395,7 @@ def test_realtime_expand_fields_filter_and_headers_options(tmp_path: Path) -> No
         )["id"]
         teams = api.json("GET", "/api/collections/teams", token=su)["id"]
         header_rule = "@request.headers.x_token = 'abc' || @request.query.k = 'v'"
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "tasks",
                 "type": "base",
@@ -2477,7 +2463,7 @@ def test_realtime_sends_nothing_for_rolled_back_writes(tmp_path: Path) -> None:
         return events
 
     with serving(tmp_path) as (app, api, su):
-        api.json("POST", "/api/collections", NOTES, su)
+        api.create_collection(NOTES, su)
         events = run(body(app, api, su))
         assert api.json("GET", "/api/collections/notes/records")["totalItems"] == 1
     assert [json.loads(e["data"])["record"]["title"] for e in events] == ["kept"]
@@ -2562,7 +2548,7 @@ def test_realtime_auth_follows_the_auth_record(tmp_path: Path) -> None:
         await client.close()
 
     with serving(tmp_path) as (_, api, su):
-        api.json("POST", "/api/collections", MEMBERS, su)
+        api.create_collection(MEMBERS, su)
         user = api.json(
             "POST",
             "/api/collections/members/records",
@@ -2609,7 +2595,7 @@ def test_realtime_idle_and_max_lifetimes_end_the_stream(tmp_path: Path) -> None:
         api,
         su,
     ):
-        api.json("POST", "/api/collections", NOTES, su)
+        api.create_collection(NOTES, su)
         run(body(api, su))
 
 
@@ -2661,9 +2647,7 @@ def test_realtime_slow_client_does_not_delay_100_others(tmp_path: Path) -> None:
 
     with serving(tmp_path, max_client_queue_bytes=1_000_000) as (app, api, su):
         for name in ("big", "small"):
-            api.json(
-                "POST",
-                "/api/collections",
+            api.create_collection(
                 {
                     "name": name,
                     "type": "base",
@@ -2744,9 +2728,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> None:
     with serving(tmp_path) as (app, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "teams",
                 "type": "base",
@@ -2756,9 +2738,7 @@ def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> N
             su,
         )
         teams = api.json("GET", "/api/collections/teams", token=su)["id"]
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "posts",
                 "type": "base",
@@ -2777,9 +2757,7 @@ def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> N
             },
             su,
         )
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "locked",
                 "type": "base",
@@ -2788,9 +2766,7 @@ def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> N
             su,
         )
         rule = "owner = @request.auth.id"
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "owned",
                 "type": "base",
@@ -3306,6 +3282,10 @@ class Api:
         )
         return f"{code} {text}"
 
+    def create_collection(self, body: dict[str, Any], token: str) -> Any:
+        """POST /api/collections (expecting 200); return the collection JSON."""
+        return self.json("POST", "/api/collections", body, token)
+
     def login(
         self, collection: str, identity: str, password: str
     ) -> tuple[str, dict[str, Any]]:
@@ -3390,9 +3370,7 @@ def test_collections_create_matches_oracle_and_import_of_export_round_trips(
     tmp_path: Path,
 ) -> None:
     with serving(tmp_path) as (_, api, su):
-        created = api.json(
-            "POST",
-            "/api/collections",
+        created = api.create_collection(
             {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
             su,
         )
@@ -3484,9 +3462,7 @@ COLLECTION_ERRORS = [
 
 def test_collections_api_errors_match_oracle(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
             su,
         )
@@ -3575,9 +3551,7 @@ def test_records_create_matches_oracle(
     tmp_path: Path, name: str, body: Any, as_superuser: bool, expected: str
 ) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
             su,
         )
@@ -3594,9 +3568,7 @@ def test_records_create_matches_oracle(
 
 def test_records_form_bodies_and_crud_match_oracle(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
             su,
         )
@@ -3687,9 +3659,7 @@ def test_records_form_bodies_and_crud_match_oracle(tmp_path: Path) -> None:
 
 def test_records_list_paging_and_sort_match_oracle(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {"name": "posts", "type": "base", **PUBLIC_RULES, "fields": POSTS_FIELDS},
             su,
         )
@@ -3760,9 +3730,7 @@ def test_records_rules_null_public_and_expressions_per_operation(
     tmp_path: Path,
 ) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "locked",
                 "type": "base",
@@ -3781,9 +3749,7 @@ def test_records_rules_null_public_and_expressions_per_operation(
                 "deleteRule",
             )
         }
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "owned",
                 "type": "base",
@@ -3888,9 +3854,7 @@ def test_records_rules_null_public_and_expressions_per_operation(
 
 def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "teams",
                 "type": "base",
@@ -3900,9 +3864,7 @@ def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
             su,
         )
         teams_id = api.json("GET", "/api/collections/teams", token=su)["id"]
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "hidden_things",
                 "type": "base",
@@ -3940,9 +3902,7 @@ def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
                 "maxSelect": 1,
             },
         ]
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {"name": "tasks", "type": "base", **PUBLIC_RULES, "fields": fields},
             su,
         )
@@ -3992,9 +3952,7 @@ def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
 
 def test_store_data_and_schema_survive_restart_and_renames(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        created = api.json(
-            "POST",
-            "/api/collections",
+        created = api.create_collection(
             {
                 "name": "notes",
                 "type": "base",
@@ -4047,9 +4005,7 @@ def test_store_data_and_schema_survive_restart_and_renames(tmp_path: Path) -> No
 
 def test_records_concurrent_writes_on_many_connections_all_land(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "counter",
                 "type": "base",
@@ -5071,9 +5027,7 @@ def test_rules_client_filters_meet_related_list_rules_like_pocketbase(
     import urllib.parse
 
     with serving(tmp_path) as (_, api, su):
-        teams = api.json(
-            "POST",
-            "/api/collections",
+        teams = api.create_collection(
             {
                 "name": "teams",
                 "type": "base",
@@ -5083,9 +5037,7 @@ def test_rules_client_filters_meet_related_list_rules_like_pocketbase(
             },
             su,
         )["id"]
-        locked = api.json(
-            "POST",
-            "/api/collections",
+        locked = api.create_collection(
             {
                 "name": "locked2",
                 "type": "base",
@@ -5111,9 +5063,7 @@ def test_rules_client_filters_meet_related_list_rules_like_pocketbase(
             },
             {"name": "lk", "type": "relation", "collectionId": locked, "maxSelect": 1},
         ]
-        api.json(
-            "POST",
-            "/api/collections",
+        api.create_collection(
             {
                 "name": "posts",
                 "type": "base",
@@ -5192,8 +5142,8 @@ def test_rules_client_filters_meet_related_list_rules_like_pocketbase(
 
 def test_collections_import_auth_export_and_delete_missing(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json("POST", "/api/collections", {"name": "scratch", "type": "base"}, su)
-        exported_members = api.json("POST", "/api/collections", MEMBERS, su)
+        api.create_collection({"name": "scratch", "type": "base"}, su)
+        exported_members = api.create_collection(MEMBERS, su)
         api.json("DELETE", "/api/collections/members", token=su, status=204)
         # The export of an auth collection (system fields with their ids) imports unchanged.
         imported = {"collections": [exported_members], "deleteMissing": False}
