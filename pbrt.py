@@ -3419,6 +3419,53 @@ def _modifier_order(item: tuple[str, JSON]) -> int:
     return "^+-".find(_split_modifier(item[0])[1]) + 1
 
 
+def _takes_modifier(spec: dict[str, JSON], modifier: str) -> bool:
+    """Whether PocketBase's field type has a setter for this modifier form."""
+    if spec["type"] == "number":
+        return modifier in ("+", "-")
+    return spec["type"] in MULTI_CAPABLE_TYPES
+
+
+def resolve_body_modifiers(
+    collection: Collection,
+    current: Record | None,
+    data: dict[str, JSON],
+    *,
+    superuser: bool,
+) -> dict[str, JSON]:
+    """The submitted body as rules and the store see it (PocketBase's ReplaceModifiers).
+
+    Every key naming a field (`field`, `field+`, `+field`, `field-`) is
+    replaced by the field's resulting value, computed from `current` (zero
+    values on create): `{"roles+": "admin"}` becomes `{"roles": [..., "admin"]}`,
+    so `@request.body.roles:isset` and `:changed` see the write that will
+    happen. Other keys stay as sent; hidden fields are dropped for
+    non-superusers (the auth password excepted), as PocketBase does.
+    """
+    record = (
+        dict(current)
+        if current is not None
+        else {spec["name"]: zero_value(spec) for spec in collection.fields}
+    )
+    result = dict(data)
+    for key, raw in sorted(data.items(), key=_modifier_order):
+        name, modifier = _split_modifier(key)
+        spec = collection.field(name)
+        if spec is None or (modifier and not _takes_modifier(spec, modifier)):
+            continue
+        del result[key]
+        if spec["type"] in ("password", "json"):
+            result[name] = raw  # plain text and raw JSON, as PocketBase's getters give them
+            continue
+        record[name] = _apply_modifier(spec, record.get(name), raw, modifier)
+        result[name] = record[name]
+    if not superuser:
+        for spec in collection.fields:
+            if spec.get("hidden") and spec["type"] != "password":
+                result.pop(spec["name"], None)
+    return result
+
+
 def _apply_modifier(
     spec: dict[str, JSON], current: JSON, raw: JSON, modifier: str
 ) -> JSON:
@@ -4991,14 +5038,17 @@ def canonical_header_name(name: str) -> str:
 
 
 def request_info(
-    context: RequestContext, request_context: str = "default"
+    context: RequestContext,
+    request_context: str = "default",
+    body: dict[str, JSON] | None = None,
 ) -> RequestInfo:
-    """The `@request.*` view of an HTTP request."""
+    """The `@request.*` view of an HTTP request; `body` replaces the submitted one."""
     request, auth = context.request, context.auth
-    body: dict[str, JSON] = {}
-    if context.raw_body:
-        with contextlib.suppress(BodyError):
-            body = context.body.data
+    if body is None:
+        body = {}
+        if context.raw_body:
+            with contextlib.suppress(BodyError):
+                body = context.body.data
     return RequestInfo(
         auth_collection=auth.collection if auth else None,
         auth_record=auth.record if auth else None,
@@ -5304,9 +5354,16 @@ async def handle_record_list(context: RequestContext) -> Response:
 
 
 def _record_or_404(
-    context: RequestContext, collection: Collection, rule_name: str
+    context: RequestContext,
+    collection: Collection,
+    rule_name: str,
+    body: Callable[[Record], dict[str, JSON]] | None = None,
 ) -> Record:
-    """The record of the path, or 404 when it is missing or the rule hides it."""
+    """The record of the path, or 404 when it is missing or the rule hides it.
+
+    `body` gives `@request.body` from the stored record (for updates, whose
+    modifiers resolve against it).
+    """
     store = _store(context)
     has_rule = require_rule(collection.rules.get(rule_name), context.auth)
     record = store.get_record(collection, context.params["id"])
@@ -5317,7 +5374,7 @@ def _record_or_404(
             compiled = compile_rules(
                 store,
                 collection,
-                request_info(context),
+                request_info(context, body=body(record) if body else None),
                 [(str(collection.rules[rule_name]), False)],
             )
         except RuleError:
@@ -5394,7 +5451,8 @@ async def handle_record_create(context: RequestContext) -> Response:
                 collection, data, privileged=_is_superuser(context)
             )
             if has_rule:
-                _require_created_rule(context, collection, record)
+                body = resolve_body_modifiers(collection, None, data, superuser=False)
+                _require_created_rule(context, collection, record, body)
     except ValidationError as exc:
         raise BadRequestError("Failed to create record.", exc.errors) from None
     hooks.run(
@@ -5406,14 +5464,17 @@ async def handle_record_create(context: RequestContext) -> Response:
 
 
 def _require_created_rule(
-    context: RequestContext, collection: Collection, record: Record
+    context: RequestContext,
+    collection: Collection,
+    record: Record,
+    body: dict[str, JSON],
 ) -> None:
     """Check createRule against the inserted (not yet committed) record."""
     try:
         compiled = compile_rules(
             _store(context),
             collection,
-            request_info(context),
+            request_info(context, body=body),
             [(str(collection.rules["createRule"]), False)],
         )
     except RuleError:
@@ -5427,8 +5488,16 @@ def _require_created_rule(
 async def handle_record_update(context: RequestContext) -> Response:
     """PATCH /api/collections/{collection}/records/{id}."""
     collection = _collection_or_404(context)
-    current = _record_or_404(context, collection, "updateRule")
     data = _record_input(context, collection)
+    superuser = _is_superuser(context)
+    current = _record_or_404(
+        context,
+        collection,
+        "updateRule",
+        lambda stored: resolve_body_modifiers(
+            collection, stored, data, superuser=superuser
+        ),
+    )
     hooks = context.app.hooks
     hooks.run(
         "before_update",

@@ -3852,6 +3852,100 @@ def test_records_rules_null_public_and_expressions_per_operation(
         )
 
 
+def make_user(api: Api, name: str, su: str = "", **fields: Any) -> tuple[str, Any]:
+    """Create users/NAME with password123 (as `su` when given); return (token, record)."""
+    api.json(
+        "POST",
+        "/api/collections/users/records",
+        {
+            "email": f"{name}@x.com",
+            "password": "password123",
+            "passwordConfirm": "password123",
+            **fields,
+        },
+        su,
+    )
+    return api.login("users", f"{name}@x.com", "password123")
+
+
+def test_records_write_rules_see_modifiers_resolved_like_pocketbase(
+    tmp_path: Path,
+) -> None:
+    """The attack: `roles+`/`+roles`/`credits+`/`credits-` slip past `@request.body` checks."""
+    with serving(tmp_path) as (_, api, su):
+        token, user = make_user(api, "mallory")
+        guarded = (
+            "@request.body.roles:isset = false && @request.body.credits:changed = false"
+            " && @request.body.friends:isset = false && @request.body.level:isset = false"
+        )
+        api.create_collection(
+            {
+                "name": "accounts",
+                "type": "base",
+                "createRule": guarded,
+                "updateRule": f"owner = @request.auth.id && {guarded}",
+                "fields": [
+                    {"name": "owner", "type": "text"},
+                    {
+                        "name": "roles",
+                        "type": "select",
+                        "maxSelect": 3,
+                        "values": ["user", "admin"],
+                    },
+                    {
+                        "name": "level",
+                        "type": "select",
+                        "maxSelect": 1,
+                        "values": ["low", "high"],
+                    },
+                    {"name": "credits", "type": "number"},
+                    {"name": "title", "type": "text"},
+                    {
+                        "name": "friends",
+                        "type": "relation",
+                        "collectionId": "_pb_users_auth_",
+                        "maxSelect": 5,
+                    },
+                ],
+            },
+            su,
+        )
+        records = "/api/collections/accounts/records"
+        mine = api.json(
+            "POST", records, {"owner": user["id"], "roles": ["user"], "credits": 5}, su
+        )
+        attacks: list[dict[str, Any]] = [
+            {"roles": ["user", "admin"]},
+            {"roles+": "admin"},
+            {"+roles": "admin"},
+            {"roles-": "user"},
+            {"credits+": 999},
+            {"credits-": -999},
+            {"friends+": user["id"]},
+            {"+friends": user["id"]},
+            {"level+": "high"},
+            {"+level": "high"},
+            {"level-": "low"},
+        ]
+        for body in attacks:
+            status, _ = api.call("PATCH", f"{records}/{mine['id']}", body, token)
+            assert status == 404, body
+            if "credits" not in next(iter(body)):  # on create, `:changed` compares with itself
+                status, _ = api.call("POST", records, {"owner": user["id"], **body})
+                assert status == 400, body
+        stored = api.json("GET", f"{records}/{mine['id']}", token=su)
+        assert (stored["roles"], stored["credits"], stored["friends"]) == (
+            ["user"],
+            5,
+            [],
+        )
+        # What PocketBase lets through stays allowed: no change, or no setter.
+        for body in [{"credits+": 0}, {"credits": "5"}, {"+credits": 3}, {"title+": "x"}]:
+            assert api.json("PATCH", f"{records}/{mine['id']}", body, token)[
+                "credits"
+            ] == 5
+
+
 def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         api.create_collection(
