@@ -1312,25 +1312,95 @@ def sqlite_compare(
     )
 
 
+_ASCII_FOLD = {code: code + 32 for code in range(ord("A"), ord("Z") + 1)}
+
+# A LIKE pattern split at its unescaped `%`: each segment is a tuple of
+# characters, None standing for `_` (any one character).
+LikeSegment = tuple[str | None, ...]
+
+
 def sqlite_like(value: JSON, pattern: JSON) -> int | None:
-    """SQLite's `value LIKE pattern ESCAPE '\\'` (ASCII case folding only)."""
+    """SQLite's `value LIKE pattern ESCAPE '\\'` (ASCII case folding only).
+
+    Linear in the text: `%` splits the pattern into fixed-length segments,
+    matched leftmost-first (enough for `%`), each found by a bit-parallel
+    scan; nothing backtracks, whatever the pattern.
+
+    >>> sqlite_like("Hello", "h%L_o"), sqlite_like("50%", "50\\%"), sqlite_like("x", "\\")
+    (1, 1, 0)
+    """
     if value is None or pattern is None:
         return None
-    text, pattern_text = _text_affinity(value), _text_affinity(pattern)
-    regex = []
-    index = 0
-    while index < len(pattern_text):
-        char = pattern_text[index]
+    segments = _like_segments(str(_text_affinity(pattern)).translate(_ASCII_FOLD))
+    if segments is None:
+        return 0  # a trailing escape matches nothing
+    text = str(_text_affinity(value)).translate(_ASCII_FOLD)
+    first, *middle = segments
+    if not _like_segment_at(text, 0, first):
+        return 0
+    if not middle:
+        return int(len(text) == len(first))
+    *middle, last = middle
+    position, end = len(first), len(text) - len(last)
+    for segment in middle:
+        found = _like_find(text, segment, position, end)
+        if found < 0:
+            return 0
+        position = found + len(segment)
+    return int(position <= end and _like_segment_at(text, end, last))
+
+
+def _like_segments(pattern: str) -> list[LikeSegment] | None:
+    """Split a LIKE pattern at unescaped `%`; None for a dangling escape."""
+    segments: list[LikeSegment] = []
+    current: list[str | None] = []
+    characters = iter(pattern)
+    for char in characters:
         if char == "\\":
-            if index + 1 >= len(pattern_text):
-                return 0  # a trailing escape matches nothing
-            regex.append(re.escape(pattern_text[index + 1]))
-            index += 2
-            continue
-        regex.append(".*" if char == "%" else "." if char == "_" else re.escape(char))
-        index += 1
-    folded = re.compile("".join(regex), re.DOTALL | re.IGNORECASE | re.ASCII)
-    return int(folded.fullmatch(str(text)) is not None)
+            escaped = next(characters, None)
+            if escaped is None:
+                return None
+            current.append(escaped)
+        elif char == "%":
+            segments.append(tuple(current))
+            current = []
+        else:
+            current.append(None if char == "_" else char)
+    segments.append(tuple(current))
+    return segments
+
+
+def _like_segment_at(text: str, start: int, segment: LikeSegment) -> bool:
+    if start < 0 or start + len(segment) > len(text):
+        return False
+    return all(
+        char is None or text[start + offset] == char
+        for offset, char in enumerate(segment)
+    )
+
+
+def _like_find(text: str, segment: LikeSegment, start: int, end: int) -> int:
+    """The first index in [start, end - len(segment)] where `segment` matches, or -1.
+
+    Shift-And: bit i of `state` says the last i+1 characters match the
+    segment's first i+1; one pass over the text, no backtracking.
+    """
+    if None not in segment:
+        return text.find("".join(segment), start, end)  # type: ignore[arg-type]
+    if end - start < len(segment):
+        return -1
+    wildcard, masks = 0, {}
+    for offset, char in enumerate(segment):
+        if char is None:
+            wildcard |= 1 << offset
+        else:
+            masks[char] = masks.get(char, 0) | 1 << offset
+    accept, state = 1 << (len(segment) - 1), 0
+    for index in range(start, end):
+        state = ((state << 1) | 1) & (masks.get(text[index], 0) | wildcard)
+        if state & accept:
+            return index - len(segment) + 1
+    return -1
 
 
 def _sqlite_lower(value: JSON) -> JSON:
@@ -1440,13 +1510,20 @@ _STRFTIME_DIRECTIVES = {
 }
 
 
+_CANONICAL_DATETIME_RE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z")
+
+
 def _sqlite_strftime(format_text: JSON, value: JSON) -> JSON:
     """SQLite's strftime(format, text) without modifiers; NULL for an invalid time."""
     if not isinstance(format_text, str) or not isinstance(value, str):
         if value is None or format_text is None:
             return None
         raise NeedsSql("strftime of a non-text time value")
-    moment = parse_datetime(value) if value.strip() else None
+    if not value:
+        return None
+    if not _CANONICAL_DATETIME_RE.fullmatch(value):
+        raise NeedsSql("strftime of a non-canonical time text")  # julian days, "now", …
+    moment = parse_datetime(value)
     if moment is None:
         return None
     parts, index = [], 0
