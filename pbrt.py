@@ -47,6 +47,7 @@ import gc
 import hashlib
 import hmac
 import http
+import itertools
 import json
 import logging
 import math
@@ -126,6 +127,13 @@ DISCARD_AFTER_REJECT_BYTES = 256 * 1024  # read so a 413 is not lost to a TCP re
 DEFAULT_PER_PAGE = 30  # PocketBase's list defaults and caps
 MAX_PER_PAGE = 1000
 MAX_SORT_FIELDS = 8
+# Work budgets: what one request or one realtime event may cost before it is
+# cut off (a client's filter, sort or expand can make SQL arbitrarily slow).
+REQUEST_BUDGET_S = 0.5  # SQL of one record list or view; over it -> 400
+EVENT_BUDGET_S = 0.25  # rule and filter checks of one change for all subscribers
+CHECK_BUDGET_S = 0.05  # one subscription's check; over it, the subscription is dropped
+BUDGET_CHECK_STEPS = 1000  # SQLite VM steps between two looks at the clock
+BUDGET_EXCEEDED_MESSAGE = "The request took too long to process; simplify its filter, sort or expand."
 
 # PocketBase's security headers (apis/middlewares.go), sent on every response.
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
@@ -179,6 +187,10 @@ class ProtocolError(PbrtError):
 
 class BodyError(PbrtError):
     """A request body that cannot be decoded for its content type."""
+
+
+class BudgetExceeded(PbrtError):
+    """Work that ran past its time budget was stopped (nothing was changed)."""
 
 
 class ValidationError(PbrtError):
@@ -2781,6 +2793,7 @@ class Store:
             GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True
         )
         self._depth = 0
+        self._deadline: float | None = None
         self._changes: list[RecordChange] = []
         self.listener: ChangeListener | None = None
         self._collections: dict[str, Collection] = {}
@@ -2823,6 +2836,31 @@ class Store:
         self.connection.execute("COMMIT")
         if changes and self.listener is not None:
             self.listener.committed(changes)
+
+    @contextlib.contextmanager
+    def budget(self, seconds: float) -> Iterator[None]:
+        """Stop any statement still running `seconds` from now.
+
+        Raises BudgetExceeded from the block when SQLite was interrupted;
+        nested budgets keep the earlier deadline.
+        """
+        outer = self._deadline
+        deadline = time.monotonic() + seconds
+        self._deadline = deadline if outer is None else min(outer, deadline)
+        self.connection.set_progress_handler(self._past_deadline, BUDGET_CHECK_STEPS)
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if str(exc) != "interrupted":
+                raise
+            raise BudgetExceeded(f"SQL ran past its budget of {seconds:g} s") from None
+        finally:
+            self._deadline = outer
+            if outer is None:
+                self.connection.set_progress_handler(None, 0)
+
+    def _past_deadline(self) -> int:
+        return int(self._deadline is not None and time.monotonic() > self._deadline)
 
     def _record_change(self, change: RecordChange) -> None:
         """Queue a change for the listener (inside the open transaction)."""
@@ -4178,14 +4216,24 @@ def pick_fields(value: JSON, tree: dict[str, JSON]) -> JSON:
     return picked
 
 
-_TAG_RE = re.compile(r"<[^>]*>")
+def _strip_tags(html: str) -> str:
+    """Replace each `<...>` with a space, in one pass (a regex is quadratic on `<<<<`)."""
+    parts, position = [], 0
+    while (start := html.find("<", position)) >= 0:
+        end = html.find(">", start)
+        if end < 0:
+            break
+        parts.append(html[position:start])
+        position = end + 1
+    parts.append(html[position:])
+    return " ".join(parts)
 
 
 def _excerpt(value: JSON, length: int, ellipsis: bool) -> JSON:
     """PocketBase's `:excerpt`: plain text of HTML, cut to `length` characters."""
     if not isinstance(value, str):
         return value
-    text = " ".join(_TAG_RE.sub(" ", value).split())
+    text = " ".join(_strip_tags(value).split())
     if len(text) <= length:
         return text
     return text[:length].rstrip() + ("..." if ellipsis else "")
@@ -4641,6 +4689,19 @@ class RealtimeClient:
         )
 
 
+def _round_robin(
+    candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]],
+) -> list[tuple[RealtimeClient, Subscription, str, Auth | None]]:
+    """Reorder so clients take turns: a client's many subscriptions go last."""
+    by_client: dict[str, list[tuple[RealtimeClient, Subscription, str, Auth | None]]] = {}
+    for candidate in candidates:
+        by_client.setdefault(candidate[0].id, []).append(candidate)
+    if len(by_client) == len(candidates):
+        return candidates
+    turns = itertools.zip_longest(*by_client.values())
+    return [candidate for turn in turns for candidate in turn if candidate is not None]
+
+
 @dataclass(frozen=True, slots=True)
 class _Delivery:
     client: RealtimeClient
@@ -4664,8 +4725,12 @@ class Broker:
         new_client_id: Callable[[], str],
         max_clients: int = MAX_REALTIME_CLIENTS,
         max_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES,
+        event_budget_s: float = EVENT_BUDGET_S,
+        check_budget_s: float = CHECK_BUDGET_S,
     ) -> None:
         self.store = store
+        self.event_budget_s = event_budget_s
+        self.check_budget_s = check_budget_s
         self.now = now
         self.new_client_id = new_client_id
         self.max_clients = max_clients
@@ -4796,7 +4861,7 @@ class Broker:
                 )
         change.prepared = (
             auth_updates,
-            self._fan_out(change, candidates) if candidates else [],
+            self._fan_out(change, _round_robin(candidates)) if candidates else [],
         )
 
     def committed(self, changes: list[RecordChange]) -> None:
@@ -4839,8 +4904,14 @@ class Broker:
         change: RecordChange,
         candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]],
     ) -> list[_Delivery]:
-        """Check rules once per distinct input, encode each distinct payload once."""
+        """Check rules once per distinct input, encode each distinct payload once.
+
+        The checks share the event's budget, clients taking turns; the
+        subscriptions left undecided when it runs out are dropped (logged),
+        so no filter can make every write slow.
+        """
         collection, record = change.collection, change.record
+        deadline = time.monotonic() + self.event_budget_s
         row = {
             spec["name"]: to_column(spec, record.get(spec["name"], zero_value(spec)))
             for spec in collection.fields
@@ -4866,7 +4937,9 @@ class Broker:
                     subscription.query,
                     subscription.headers,
                 )
-                if key not in verdicts:
+                if key not in verdicts and time.monotonic() > deadline:
+                    verdicts[key] = None
+                elif key not in verdicts:
                     info = client.request_info(subscription, auth, now)
                     verdicts[key] = self._verdict(
                         collection,
@@ -4878,11 +4951,14 @@ class Broker:
                         key,
                     )
             planned.append((client, subscription, key, auth))
-        self._run_pending(collection, record["id"], pending, verdicts)
+        self._run_pending(collection, record["id"], pending, verdicts, deadline)
         payloads: dict[tuple[JSON, ...], bytes] = {}
         deliveries: list[_Delivery] = []
         for client, subscription, key, auth in planned:
-            if key is not None and not verdicts.get(key):
+            if key is not None and verdicts[key] is None:
+                self._drop_subscription(client, subscription)
+                continue
+            if key is not None and not verdicts[key]:
                 continue
             personal = bool(subscription.expand) or collection.is_auth
             auth_key = (
@@ -4945,24 +5021,66 @@ class Broker:
         record_id: str,
         pending: dict[tuple[JSON, ...], CompiledRule],
         verdicts: dict[tuple[JSON, ...], bool | None],
+        deadline: float,
     ) -> None:
-        """Answer every rule that needs joins with one SQL statement per batch."""
+        """Answer every rule that needs joins with one SQL statement per batch.
+
+        A batch over the per-check budget is retried one check at a time,
+        so the costly checks are found; what is still unanswered at the
+        deadline stays None.
+        """
         items = list(pending.items())
-        table = quote_identifier(collection.name)
         for start in range(0, len(items), RULE_BATCH_SIZE):
             batch = items[start : start + RULE_BATCH_SIZE]
-            columns: list[str] = []
-            params: list[JSON] = []
-            for _, compiled in batch:
-                columns.append(
-                    f"EXISTS (SELECT 1 FROM {table} t WHERE t.id = ? AND ({compiled.sql}))"
-                )
-                params.extend((record_id, *compiled.params))
+            try:
+                self._check_in_sql(collection, record_id, batch, verdicts, deadline)
+            except BudgetExceeded:
+                for item in batch:
+                    with contextlib.suppress(BudgetExceeded):
+                        self._check_in_sql(
+                            collection, record_id, [item], verdicts, deadline
+                        )
+
+    def _check_in_sql(
+        self,
+        collection: Collection,
+        record_id: str,
+        batch: list[tuple[tuple[JSON, ...], CompiledRule]],
+        verdicts: dict[tuple[JSON, ...], bool | None],
+        deadline: float,
+    ) -> None:
+        remaining = min(self.check_budget_s, deadline - time.monotonic())
+        if remaining <= 0:
+            raise BudgetExceeded("the event's checks ran out of time")
+        table = quote_identifier(collection.name)
+        columns: list[str] = []
+        params: list[JSON] = []
+        for _, compiled in batch:
+            columns.append(
+                f"EXISTS (SELECT 1 FROM {table} t WHERE t.id = ? AND ({compiled.sql}))"
+            )
+            params.extend((record_id, *compiled.params))
+        with self.store.budget(remaining):
             row = self.store.connection.execute(
                 "SELECT " + ", ".join(columns), params
             ).fetchone()
-            for (key, _), verdict in zip(batch, row):
-                verdicts[key] = bool(verdict)
+        for (key, _), verdict in zip(batch, row):
+            verdicts[key] = bool(verdict)
+
+    def _drop_subscription(
+        self, client: RealtimeClient, subscription: Subscription
+    ) -> None:
+        """Unsubscribe what could not be checked within the budget (logged)."""
+        if subscription.raw not in client.subscriptions:
+            return
+        log.warning(
+            "realtime client %s: subscription %.200r dropped, its checks ran past the budget",
+            client.id,
+            subscription.raw,
+        )
+        self.set_subscriptions(
+            client, [raw for raw in client.subscriptions if raw != subscription.raw]
+        )
 
 
 # ==========================================================================
@@ -5041,6 +5159,9 @@ def to_api_error(exc: BaseException) -> ApiError:
         return BadRequestError(exc.message, exc.errors)
     if isinstance(exc, (BodyError, RuleError)):
         return BadRequestError()
+    if isinstance(exc, BudgetExceeded):
+        log.warning("request stopped: %s", exc)
+        return BadRequestError(BUDGET_EXCEEDED_MESSAGE)
     if isinstance(exc, ProtocolError):
         return ApiError(status=exc.status_hint)
     log.error("unexpected error", exc_info=exc)
@@ -5412,21 +5533,22 @@ async def handle_record_list(context: RequestContext) -> Response:
         else None
     )
     where, params = (compiled.sql, compiled.params) if compiled else ("", ())
-    records = store.find_records(
-        collection,
-        where=where,
-        params=params,
-        order=order,
-        order_params=order_params,
-        limit=per_page,
-        offset=(page - 1) * per_page,
-    )
-    total = (
-        None
-        if skip_total
-        else store.count_records(collection, where=where, params=params)
-    )
-    items = _presenter(context).present(collection, records)
+    with store.budget(context.app.config.request_budget_s):
+        records = store.find_records(
+            collection,
+            where=where,
+            params=params,
+            order=order,
+            order_params=order_params,
+            limit=per_page,
+            offset=(page - 1) * per_page,
+        )
+        total = (
+            None
+            if skip_total
+            else store.count_records(collection, where=where, params=params)
+        )
+        items = _presenter(context).present(collection, records)
     return json_response(_list_envelope(items, page, per_page, total))
 
 
@@ -5466,8 +5588,10 @@ def _record_or_404(
 async def handle_record_view(context: RequestContext) -> Response:
     """GET /api/collections/{collection}/records/{id}."""
     collection = _collection_or_404(context)
-    record = _record_or_404(context, collection, "viewRule")
-    return json_response(_presenter(context).present_one(collection, record))
+    with _store(context).budget(context.app.config.request_budget_s):
+        record = _record_or_404(context, collection, "viewRule")
+        view = _presenter(context).present_one(collection, record)
+    return json_response(view)
 
 
 def _record_input(context: RequestContext, collection: Collection) -> dict[str, JSON]:
@@ -6185,6 +6309,12 @@ class Config:
     max_realtime_clients: int = MAX_REALTIME_CLIENTS
     #: Bytes a realtime client may fall behind before it is disconnected.
     max_client_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES
+    #: Seconds of SQL one record list or view may take; over it, 400.
+    request_budget_s: float = REQUEST_BUDGET_S
+    #: Seconds the subscriber checks of one change may take in all.
+    event_budget_s: float = EVENT_BUDGET_S
+    #: Seconds one subscription's check may take; over it, it is dropped (logged).
+    check_budget_s: float = CHECK_BUDGET_S
 
 
 class App:
@@ -6245,6 +6375,8 @@ class App:
             ),
             max_clients=self.config.max_realtime_clients,
             max_queue_bytes=self.config.max_client_queue_bytes,
+            event_budget_s=self.config.event_budget_s,
+            check_budget_s=self.config.check_budget_s,
         )
         self.broker.message_filter = self.hooks.filter_message
         self.broker.message_filter_active = lambda: bool(

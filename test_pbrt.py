@@ -2839,16 +2839,15 @@ def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> N
                 },
             )
 
-        def publish_later() -> None:
-            time.sleep(0.5)
-            app._loop.call_soon_threadsafe(
-                app.broker.publish, "news/today", {"headline": "hi"}
-            )
+        published: list[bool] = []
 
-        publisher = threading.Thread(target=publish_later)
-        publisher.start()
+        @app.on("realtime_subscribe")
+        def publish_once_subscribed(event: pbrt.SubscribeEvent) -> None:
+            if "news/today" in event.subscriptions and not published:
+                published.append(True)  # published once the subscription is stored:
+                app._loop.call_soon(app.broker.publish, "news/today", {"headline": "hi"})
+
         result = run_node(SDK_REALTIME_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD)
-        publisher.join()
     got = result["got"]
     assert got.pop("custom") == [{"headline": "hi"}]
     titles = {
