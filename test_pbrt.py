@@ -21,7 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -4143,6 +4144,152 @@ def test_store_data_and_schema_survive_restart_and_renames(tmp_path: Path) -> No
         .fetchall()
     )
     assert rows == [("kept",)]
+
+
+@contextlib.contextmanager
+def health_watch(api: Api) -> Iterator[list[float]]:
+    """Poll /api/health beside the block (at most 2 minutes); yield its latencies."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            started = time.perf_counter()
+            assert api.call("GET", "/api/health")[0] == 200
+            latencies.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        yield latencies
+    finally:
+        stop.set()
+        thread.join()
+
+
+HEALTH_BOUND_S = 2.5  # generous: the budgets are 0.5 s per request, 0.25 s per event
+
+
+def test_records_hostile_reads_stay_within_their_budget(tmp_path: Path) -> None:
+    """The attacks: a quadratic `:excerpt`, and a filter whose joins explode."""
+    with serving(tmp_path) as (_, api, su):
+        nodes = api.create_collection(
+            {
+                "name": "nodes",
+                "type": "base",
+                "listRule": "",
+                "viewRule": "",
+                "fields": [{"name": "title", "type": "text"}, {"name": "body", "type": "editor"}],
+            },
+            su,
+        )
+        api.json(
+            "PATCH",
+            "/api/collections/nodes",
+            {
+                "fields": [
+                    *nodes["fields"],
+                    {
+                        "name": "links",
+                        "type": "relation",
+                        "collectionId": nodes["id"],
+                        "maxSelect": 50,
+                    },
+                ]
+            },
+            su,
+        )
+        records = "/api/collections/nodes/records"
+        ids = [api.json("POST", records, {"title": f"n{i}"}, su)["id"] for i in range(30)]
+        for record_id in ids:
+            api.json("PATCH", f"{records}/{record_id}", {"links": ids}, su)
+        api.json("POST", records, {"title": "html", "body": "<" * 2_000_000}, su)
+        with health_watch(api) as latencies:
+            started = time.monotonic()
+            answer = api.json(
+                "GET", f"{records}?filter=title%3D'html'&fields=body:excerpt(5)"
+            )
+            assert answer["items"] == [{"body": "<" * 5}]
+            deep = "links." * 5 + "title ?= 'x'"
+            status, text = api.call(
+                "GET", f"{records}?filter={urllib.parse.quote(deep)}"
+            )
+            assert (status, json.loads(text)["message"]) == (
+                400,
+                pbrt.BUDGET_EXCEEDED_MESSAGE,
+            )
+            assert time.monotonic() - started < HEALTH_BOUND_S
+        assert latencies and max(latencies) < HEALTH_BOUND_S
+
+
+def test_realtime_hostile_filters_never_slow_writes(tmp_path: Path) -> None:
+    """The attacks: a backtracking LIKE, and 1,000 filters that need SQL joins."""
+    with serving(tmp_path) as (app, api, su):
+        api.create_collection(
+            {
+                "name": "posts",
+                "type": "base",
+                "listRule": "",
+                "viewRule": "",
+                "fields": [
+                    {"name": "title", "type": "text"},
+                    {
+                        "name": "owner",
+                        "type": "relation",
+                        "collectionId": "_pb_users_auth_",
+                        "maxSelect": 1,
+                    },
+                ],
+            },
+            su,
+        )
+        api.json("PATCH", "/api/collections/users", {"listRule": ""}, su)
+        _, owner = make_user(api, "owner", su)
+
+        def options(text: str) -> str:
+            return "posts/*?options=" + urllib.parse.quote(
+                json.dumps({"query": {"filter": text}})
+            )
+
+        async def attack() -> tuple[list[float], list[dict[str, str]]]:
+            port = port_of(api)
+            backtracking = await SseClient.connect(port)
+            many = await SseClient.connect(port)
+            honest = await SseClient.connect(port)
+            pattern = "%e" * 12 + "%z"
+            await post_subscriptions(port, backtracking.id, [options(f"title ~ '{pattern}'")])
+            await post_subscriptions(
+                port,
+                many.id,
+                [options(f"owner.name ?= 'x{i}' || owner.email ?= 'y{i}'") for i in range(1000)],
+            )
+            await post_subscriptions(port, honest.id, ["posts/*"])
+            write_times = []
+            for index in range(3):
+                started = time.perf_counter()
+                await asyncio.to_thread(
+                    api.json,
+                    "POST",
+                    "/api/collections/posts/records",
+                    {"title": "e" * 60 + str(index), "owner": owner["id"]},
+                    su,
+                )
+                write_times.append(time.perf_counter() - started)
+            received = [await honest.next_event(10) for _ in range(3)]
+            for client in (backtracking, many, honest):
+                await client.close()
+            return write_times, received
+
+        with health_watch(api) as latencies:
+            write_times, received = run(attack())
+        assert max(write_times) < HEALTH_BOUND_S
+        assert latencies and max(latencies) < HEALTH_BOUND_S
+        assert [json.loads(e["data"])["record"]["title"][-1] for e in received] == [
+            "0",
+            "1",
+            "2",
+        ]
 
 
 def test_records_concurrent_writes_on_many_connections_all_land(tmp_path: Path) -> None:
