@@ -1338,7 +1338,7 @@ def sqlite_like(value: JSON, pattern: JSON) -> int | None:
     matched leftmost-first (enough for `%`), each found by a bit-parallel
     scan; nothing backtracks, whatever the pattern.
 
-    >>> sqlite_like("Hello", "h%L_o"), sqlite_like("50%", "50\\%"), sqlite_like("x", "\\")
+    >>> sqlite_like("Hello", "h%L_o"), sqlite_like("50%", "50\\\\%"), sqlite_like("x", "\\\\")
     (1, 1, 0)
     """
     if value is None or pattern is None:
@@ -1580,12 +1580,15 @@ class Resolved:
     no ''≡NULL), "empty" (null/''), "known" (a bound non-empty value), or
     "column" (anything else). `multi` names the join a multi-valued operand
     iterates; `all_items` renders the NOT EXISTS check of its other items.
+    `guard` must hold too for a comparison on this operand to be true
+    (a hidden email matches nothing in a client's filter).
     """
 
     node: IR
     kind: str = "column"
     multi: str | None = None
     like_params: bool = False
+    guard: IR | None = None
 
 
 class FieldResolver(Protocol):
@@ -1716,8 +1719,12 @@ def _call(call: Call, resolver: FieldResolver) -> Resolved:
         if any(not isinstance(arg, Literal) for arg in call.args[2:]):
             raise RuleError("strftime modifiers must be strings")
         multi = next((arg.multi for arg in args if arg.multi), None)
+        guard = next((arg.guard for arg in args if arg.guard), None)
         return Resolved(
-            Function("STRFTIME", tuple(arg.node for arg in args)), "column", multi
+            Function("STRFTIME", tuple(arg.node for arg in args)),
+            "column",
+            multi,
+            guard=guard,
         )
     if call.name == "geoDistance":
         if len(call.args) != 4 or any(
@@ -1733,11 +1740,16 @@ def _call(call: Call, resolver: FieldResolver) -> Resolved:
 
 def _comparison(op: str, left: Resolved, right: Resolved) -> IR:
     if op in ("=", "!="):
-        return _equality(op == "=", left, right)
-    if op in ("~", "!~"):
+        condition = _equality(op == "=", left, right)
+    elif op in ("~", "!~"):
         pattern = _like_pattern(right)
-        return Binary("LIKE" if op == "~" else "NOT LIKE", left.node, pattern)
-    return Binary(op.replace("!=", "<>"), left.node, right.node)
+        condition = Binary("LIKE" if op == "~" else "NOT LIKE", left.node, pattern)
+    else:
+        condition = Binary(op.replace("!=", "<>"), left.node, right.node)
+    for guard in (left.guard, right.guard):
+        if guard is not None:
+            condition = Binary("AND", condition, guard)
+    return condition
 
 
 def _equality(equal: bool, left: Resolved, right: Resolved) -> IR:
@@ -3822,7 +3834,7 @@ class RecordResolver:
         if len(segments) == 1 and isinstance(node, SqlRef) and spec["type"] != "json":
             known = to_column(spec, record.get(segments[0]))
             node = SqlRef(node.sql, node.affinity, (known,))
-        return Resolved(node, resolved.kind, resolved.multi)
+        return dataclasses.replace(resolved, node=node)
 
     def _collection_ref(self, rest: str) -> Resolved:
         head, _, path = rest.partition(".")
@@ -3843,7 +3855,7 @@ class RecordResolver:
         )
         field_path, modifier = _split_rule_modifier(path)
         resolved = self._path(target, field_path.split("."), modifier, alias, hops=1)
-        return Resolved(resolved.node, resolved.kind, resolved.multi or alias)
+        return dataclasses.replace(resolved, multi=resolved.multi or alias)
 
     def _path(
         self,
@@ -3909,7 +3921,7 @@ class RecordResolver:
                 )
                 self._require_related_rule(target, joined, rule)
                 resolved = self._path(target, rest, modifier, joined, hops + 1)
-                return Resolved(resolved.node, resolved.kind, resolved.multi or joined)
+                return dataclasses.replace(resolved, multi=resolved.multi or joined)
             joined = self._join(
                 f"{alias}.{name}",
                 f"{quote_identifier(target.name)} {{alias}}",
@@ -3921,6 +3933,20 @@ class RecordResolver:
 
     def _column(
         self, collection: Collection, spec: dict[str, JSON], alias: str, modifier: str
+    ) -> Resolved:
+        resolved = self._column_value(spec, alias, modifier)
+        if self.client_filter and collection.is_auth and spec["name"] == "email":
+            # As PocketBase: a client's filter sees only emails made public.
+            visible = (
+                Column("emailVisibility", "numeric")
+                if alias == "t"
+                else SqlRef(f'{alias}."emailVisibility"', "numeric")
+            )
+            return dataclasses.replace(resolved, guard=Binary("=", visible, TRUE_IR))
+        return resolved
+
+    def _column_value(
+        self, spec: dict[str, JSON], alias: str, modifier: str
     ) -> Resolved:
         name = spec["name"]
         node: IR = (
@@ -3979,7 +4005,7 @@ class RecordResolver:
         )
         self._require_related_rule(source, joined, rule)
         resolved = self._path(source, rest, modifier, joined, hops + 1)
-        return Resolved(resolved.node, resolved.kind, resolved.multi or joined)
+        return dataclasses.replace(resolved, multi=resolved.multi or joined)
 
     def _related_rule(self, target: Collection) -> str | None:
         """The listRule a client filter must also meet to cross into `target`.
@@ -4031,12 +4057,7 @@ def _static(value: JSON) -> Resolved:
 
 
 def _lowered(resolved: Resolved) -> Resolved:
-    return Resolved(
-        Function("LOWER", (resolved.node,)),
-        resolved.kind,
-        resolved.multi,
-        resolved.like_params,
-    )
+    return dataclasses.replace(resolved, node=Function("LOWER", (resolved.node,)))
 
 
 def _body_value(value: JSON) -> JSON:
@@ -5475,13 +5496,12 @@ def compile_sort(
         if isinstance(resolved.node, Value):
             raise RuleError(f"cannot sort by {name!r}")
         if not resolver.joins:
-            terms.append(f"{render_sql(resolved.node, params)} {direction}")
+            terms.append(f"{_sort_key(resolved, params)} {direction}")
             continue
         resolver = RecordResolver(store, collection, info, client_filter=True)
         resolver.base_alias = "s"  # a sub-query on the same row: joins start from `s`
-        node = resolver.resolve(name).node
         expression_params: list[JSON] = []
-        expression = render_sql(node, expression_params)
+        expression = _sort_key(resolver.resolve(name), expression_params)
         joins = "".join(
             f" LEFT JOIN {source} ON {on}" for source, on, _ in resolver.joins
         )
@@ -5493,6 +5513,17 @@ def compile_sort(
             f"(SELECT {expression} FROM {table} s{joins} WHERE s.rowid = t.rowid) {direction}"
         )
     return ", ".join(terms), tuple(params)
+
+
+def _sort_key(resolved: Resolved, params: list[JSON]) -> str:
+    """The SQL a list sorts by; guarded values (hidden emails) sort as NULL.
+
+    PocketBase sorts by hidden emails as they are, which leaks their order.
+    """
+    if resolved.guard is None:
+        return render_sql(resolved.node, params)
+    guard = render_sql(resolved.guard, params)
+    return f"(CASE WHEN {guard} THEN {render_sql(resolved.node, params)} END)"
 
 
 def _check_superuser_only_syntax(context: RequestContext) -> None:

@@ -3995,6 +3995,94 @@ def test_records_write_rules_see_modifiers_resolved_like_pocketbase(
             ] == 5
 
 
+def test_records_hidden_emails_cannot_be_searched_or_sorted(tmp_path: Path) -> None:
+    """The attack: recover a hidden email through filters, relations, sorts, realtime."""
+    with serving(tmp_path) as (_, api, su):
+        api.json("PATCH", "/api/collections/users", {"listRule": "", "viewRule": ""}, su)
+        _, zed = make_user(api, "zed", su)  # hidden, created first
+        amy_token, amy = make_user(api, "amy", su)  # hidden, sorts first by email
+        _, bob = make_user(api, "bob", su, emailVisibility=True)
+        api.create_collection(
+            {
+                "name": "notes",
+                "type": "base",
+                "listRule": "",
+                "viewRule": "",
+                "fields": [
+                    {"name": "owner", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 1},
+                    {"name": "editors", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 5},
+                ],
+            },
+            su,
+        )
+        api.json(
+            "POST",
+            "/api/collections/notes/records",
+            {"owner": amy["id"], "editors": [amy["id"], bob["id"]]},
+            su,
+        )
+
+        def total(collection: str, text: str, token: str = "") -> int:
+            query = urllib.parse.quote(text)
+            path = f"/api/collections/{collection}/records?filter={query}"
+            return int(api.json("GET", path, token=token)["totalItems"])
+
+        for token in ("", amy_token):  # PocketBase hides it from its owner's filters too
+            assert total("users", "email = 'amy@x.com'", token) == 0
+            assert total("users", "email ~ 'amy%'", token) == 0
+            assert total("users", "email:lower ~ 'a%'", token) == 0
+            assert total("users", "email != ''", token) == 1
+            assert total("notes", "owner.email = 'amy@x.com'", token) == 0
+            assert total("notes", "editors.email ?= 'amy@x.com'", token) == 0
+            assert total("notes", "editors.email ?= 'bob@x.com'", token) == 1
+        assert total("users", "email = 'amy@x.com'", su) == 1
+
+        def hidden_order(sort: str) -> list[str]:
+            items = api.json("GET", f"/api/collections/users/records?sort={sort}")["items"]
+            return [i["id"] for i in items if i["id"] != bob["id"]]
+
+        assert hidden_order("email") == hidden_order("-email") == [zed["id"], amy["id"]]
+
+        async def realtime() -> list[dict[str, Any]]:
+            port = port_of(api)
+            client = await SseClient.connect(port)
+            filters = ["email = 'amy@x.com'", "email = 'bob@x.com'"]
+            await post_subscriptions(
+                port,
+                client.id,
+                [
+                    "users/*?options=" + urllib.parse.quote(json.dumps({"query": {"filter": f}}))
+                    for f in filters
+                ]
+                + [
+                    "notes/*?options="
+                    + urllib.parse.quote(
+                        json.dumps({"query": {"filter": "owner.email = 'amy@x.com'"}})
+                    )
+                ],
+            )
+            for user in (amy, bob):
+                await asyncio.to_thread(
+                    api.json, "PATCH", f"/api/collections/users/records/{user['id']}", {"name": "x"}, su
+                )
+            await asyncio.to_thread(
+                api.json, "POST", "/api/collections/notes/records", {"owner": amy["id"]}, su
+            )
+            await asyncio.to_thread(  # the last write: events arrive in commit order
+                api.json, "PATCH", f"/api/collections/users/records/{bob['id']}", {"name": "end"}, su
+            )
+            records = []
+            while not records or records[-1]["name"] != "end":
+                records.append(json.loads((await client.next_event())["data"])["record"])
+            await client.close()
+            return records
+
+        assert [(r["id"], r["name"]) for r in run(realtime())] == [
+            (bob["id"], "x"),
+            (bob["id"], "end"),
+        ]
+
+
 def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         api.create_collection(
