@@ -1833,8 +1833,9 @@ def _like_text(value: JSON) -> str:
 
 # --- schema ----------------------------------------------------------------
 
-NAME_RE = re.compile(r"^\w+$", re.ASCII)
+NAME_RE = re.compile(r"\A\w+\Z", re.ASCII)  # \Z: "$" would admit a trailing newline
 MAX_NAME_LENGTH = 255
+MAX_ID_LENGTH = 100  # PocketBase's collection id: 1-100 word characters
 RECORD_ID_LENGTH = 15
 RECORD_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -2498,6 +2499,16 @@ def validate_collection(
     `known_ids` are collections about to exist too (an import's other members).
     """
     errors: dict[str, JSON] = {}
+    if not 1 <= len(collection.id) <= MAX_ID_LENGTH:
+        errors["id"] = validation_entry(
+            "validation_length_out_of_range",
+            f"The length must be between 1 and {MAX_ID_LENGTH}.",
+            {"max": MAX_ID_LENGTH, "min": 1},
+        )
+    elif not NAME_RE.match(collection.id):
+        errors["id"] = validation_entry(
+            "validation_match_invalid", "Must be in a valid format."
+        )
     if not NAME_RE.match(collection.name) or len(collection.name) > MAX_NAME_LENGTH:
         errors["name"] = validation_entry(
             "validation_match_invalid", "Must be in a valid format."
@@ -2561,16 +2572,28 @@ def validate_collection(
     if field_errors:
         errors["fields"] = field_errors
     for index_sql in collection.indexes:
-        if not isinstance(index_sql, str) or not _INDEX_RE.match(index_sql):
+        match = _INDEX_RE.match(index_sql) if isinstance(index_sql, str) else None
+        if match is None or match.group("table").lower() != collection.name.lower():
             errors["indexes"] = validation_entry(
                 "validation_invalid_index", "Invalid index expression."
             )
+    mfa = collection.options.get("mfa") if collection.is_auth else None
+    if isinstance(mfa, dict) and mfa.get("enabled"):
+        methods = [collection.options.get(name) for name in ("passwordAuth", "oauth2", "otp")]
+        if sum(isinstance(m, dict) and bool(m.get("enabled")) for m in methods) < 2:
+            errors["mfa"] = {
+                "enabled": validation_entry(
+                    "validation_mfa_not_enough_auths",
+                    "MFA requires at least 2 auth methods to be enabled.",
+                )
+            }
     return errors
 
 
 _INDEX_RE = re.compile(
-    r"^\s*CREATE\s+(UNIQUE\s+)?INDEX\s+(IF\s+NOT\s+EXISTS\s+)?[`\"\[]?(\w+)[`\"\]]?\s+ON\s+",
-    re.I,
+    r"\s*CREATE\s+(UNIQUE\s+)?INDEX\s+(IF\s+NOT\s+EXISTS\s+)?[`\"\[]?(\w+)[`\"\]]?"
+    r"\s+ON\s+[`\"\[]?(?P<table>\w+)[`\"\]]?\s*\(",
+    re.I | re.ASCII,
 )
 
 
@@ -3339,6 +3362,17 @@ class Store:
             if collection.is_auth and name == "tokenKey" and not privileged:
                 continue
             if spec.get("hidden") and not privileged:
+                continue
+            if (
+                collection.is_auth
+                and name == "email"
+                and not (creating or privileged)
+                and _to_text(raw) != record.get("email")
+            ):
+                # As PocketBase: an email changes through the email-change flow.
+                errors[name] = validation_entry(
+                    "validation_values_mismatch", "Values don't match."
+                )
                 continue
             if collection.is_auth and name == "verified" and not privileged:
                 if _to_bool(raw) != bool(record.get("verified")):
@@ -5372,6 +5406,12 @@ class Hooks:
 # --- handlers ------------------------------------------------------------------
 
 
+AUTH_RULE_REFUSED = (
+    "The request doesn't satisfy the collection requirements to authenticate."
+)
+MISSING_AUTH_TOKEN = "The request requires valid record authorization token."
+
+
 def _store(context: RequestContext) -> Store:
     store = context.app.store
     assert store is not None
@@ -5393,9 +5433,7 @@ def _is_superuser(context: RequestContext) -> bool:
 
 def _require_superuser(context: RequestContext) -> None:
     if context.auth is None:
-        raise UnauthorizedError(
-            "The request requires valid record authorization token."
-        )
+        raise UnauthorizedError(MISSING_AUTH_TOKEN)
     if not context.auth.is_superuser:
         raise ForbiddenError(
             "The authorized record is not allowed to perform this action."
@@ -5910,6 +5948,29 @@ def _auth_response(
     return json_response(pick_fields(envelope, fields) if fields else envelope)
 
 
+def _may_authenticate(
+    context: RequestContext, collection: Collection, record: Record
+) -> bool:
+    """Whether the collection's authRule lets this record authenticate (null: nobody)."""
+    rule = collection.options.get("authRule")
+    if rule is None or not isinstance(rule, str):
+        return False
+    if rule == "":
+        return True
+    store = _store(context)
+    try:
+        compiled = compile_rules(store, collection, request_info(context), [(rule, False)])
+    except RuleError:
+        return False
+    return store.record_matches(collection, record["id"], compiled.sql, compiled.params)
+
+
+def _mfa_required(collection: Collection) -> bool:
+    """MFA is on: pbrt has only password auth, so it can never be completed."""
+    mfa = collection.options.get("mfa")
+    return isinstance(mfa, dict) and bool(mfa.get("enabled"))
+
+
 async def handle_auth_with_password(context: RequestContext) -> Response:
     """POST /api/collections/{collection}/auth-with-password."""
     collection = _auth_collection_or_404(context)
@@ -5951,6 +6012,12 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
     encoded = str(record["password"]) if record else DUMMY_PASSWORD_HASH
     if not verify_password(password, encoded) or record is None:
         raise BadRequestError("Failed to authenticate.")
+    if not _may_authenticate(context, collection, record):
+        raise ForbiddenError(AUTH_RULE_REFUSED)
+    if _mfa_required(collection):
+        raise UnauthorizedError(
+            "Multi-factor authentication is required, and this server has no second factor."
+        )
     return _auth_response(
         context,
         collection,
@@ -5964,13 +6031,13 @@ async def handle_auth_refresh(context: RequestContext) -> Response:
     collection = _auth_collection_or_404(context)
     auth = context.auth
     if auth is None:
-        raise UnauthorizedError(
-            "The request requires valid record authorization token."
-        )
+        raise UnauthorizedError(MISSING_AUTH_TOKEN)
     if auth.collection.id != collection.id:
         raise ForbiddenError(
             f"The request requires auth record from {auth.collection.name} collection."
         )
+    if not _may_authenticate(context, collection, auth.record):
+        raise UnauthorizedError(MISSING_AUTH_TOKEN)
     token = context.auth_token
     claims = read_token_claims(token) or {}
     if claims.get("refreshable") is True:

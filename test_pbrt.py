@@ -4083,6 +4083,76 @@ def test_records_hidden_emails_cannot_be_searched_or_sorted(tmp_path: Path) -> N
         ]
 
 
+def test_auth_rule_mfa_and_email_changes_are_enforced_like_pocketbase(
+    tmp_path: Path,
+) -> None:
+    """The attacks: log in past authRule or MFA, keep `verified` with a new email."""
+    with serving(tmp_path) as (_, api, su):
+        api.create_collection(
+            {"name": "members", "type": "auth", "authRule": "verified = true", "updateRule": "id = @request.auth.id"},
+            su,
+        )
+        for name, verified in (("u1", False), ("u2", True)):
+            api.json(
+                "POST",
+                "/api/collections/members/records",
+                {"email": f"{name}@x.com", "password": "password123", "passwordConfirm": "password123", "verified": verified},
+                su,
+            )
+        login = "/api/collections/members/auth-with-password"
+        refused = '403 {"data":{},"message":"The request doesn\'t satisfy the collection requirements to authenticate.","status":403}'
+        assert api.normalized("POST", login, {"identity": "u1@x.com", "password": "password123"}) == refused
+        token, member = api.login("members", "u2@x.com", "password123")
+        status, text = api.call("PATCH", f"/api/collections/members/records/{member['id']}", {"email": "new@x.com"}, token)
+        assert (status, json.loads(text)["data"]) == (
+            400,
+            {"email": {"code": "validation_values_mismatch", "message": "Values don't match."}},
+        )
+        api.json("PATCH", "/api/collections/members", {"authRule": None}, su)
+        assert api.normalized("POST", login, {"identity": "u2@x.com", "password": "password123"}) == refused
+        assert api.normalized("POST", "/api/collections/members/auth-refresh", None, token) == (
+            '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}'
+        )
+        status, text = api.call("PATCH", "/api/collections/members", {"authRule": "", "mfa": {"enabled": True}}, su)
+        assert (status, json.loads(text)["data"]["mfa"]["enabled"]["code"]) == (
+            400,
+            "validation_mfa_not_enough_auths",
+        )
+        api.json("PATCH", "/api/collections/members", {"authRule": ""}, su)
+    # MFA switched on behind the API's back (an old export, a hand edit): still refused.
+    database = sqlite3.connect(tmp_path / "pb_data" / "data.db")
+    with database:
+        database.execute(
+            "UPDATE _collections SET data = json_set(data, '$.options.mfa.enabled', json('true'))"
+            " WHERE name = 'members'"
+        )
+    database.close()
+    with serving(tmp_path, with_superuser=False) as (_, api, _):
+        status, text = api.call("POST", login, {"identity": "u2@x.com", "password": "password123"})
+        assert status == 401 and "token" not in json.loads(text)
+
+
+def test_collections_refuse_hostile_schema_input(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        invalid = {"code": "validation_match_invalid", "message": "Must be in a valid format."}
+        for body, field in [
+            ({"name": "posts\n", "type": "base"}, "name"),
+            ({"id": "a/b?x", "name": "c1", "type": "base"}, "id"),
+            ({"id": "a b", "name": "c2", "type": "base"}, "id"),
+            ({"id": "x" * 150, "name": "c3", "type": "base"}, "id"),
+            ({"name": "c4", "type": "base", "indexes": ["CREATE UNIQUE INDEX i ON _superusers (email)"]}, "indexes"),
+        ]:
+            status, text = api.call("POST", "/api/collections", body, su)
+            assert status == 400 and field in json.loads(text)["data"], body
+            if field == "name":
+                assert json.loads(text)["data"]["name"] == invalid
+        status, text = api.call(
+            "POST", "/api/collections", {"name": "c5", "type": "base", "fields": [{"name": "t\n", "type": "text"}]}, su
+        )
+        assert json.loads(text)["data"]["fields"]["1"]["name"] == invalid
+        assert api.json("GET", "/api/collections?filter=name%3D'c1'", token=su)["totalItems"] == 0
+
+
 def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         api.create_collection(
