@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import collections.abc
 import concurrent.futures
 import contextlib
@@ -127,6 +128,11 @@ DISCARD_AFTER_REJECT_BYTES = 256 * 1024  # read so a 413 is not lost to a TCP re
 DEFAULT_PER_PAGE = 30  # PocketBase's list defaults and caps
 MAX_PER_PAGE = 1000
 MAX_SORT_FIELDS = 8
+# Failed logins tolerated per minute before 429 (PocketBase has no such limit;
+# its general rate limiter is off by default and so is pbrt's).
+LOGIN_FAILURES_PER_IP = 30
+LOGIN_FAILURES_PER_IDENTITY = 10
+LOGIN_FAILURE_WINDOW_S = 60.0
 # Work budgets: what one request or one realtime event may cost before it is
 # cut off (a client's filter, sort or expand can make SQL arbitrarily slow).
 REQUEST_BUDGET_S = 0.5  # SQL of one record list or view; over it -> 400
@@ -3503,7 +3509,7 @@ class Store:
         """
         deleted: list[tuple[Collection, Record]] = []
         with self.transaction():
-            self._delete(collection, record, deleted, depth=0)
+            self._delete(collection, record, deleted, set(), depth=0)
         return deleted
 
     def _delete(
@@ -3511,8 +3517,10 @@ class Store:
         collection: Collection,
         record: Record,
         deleted: list[tuple[Collection, Record]],
+        deleting: set[tuple[str, str]],
         depth: int,
     ) -> None:
+        deleting.add((collection.id, record["id"]))  # cascades that loop back stop here
         if depth > 32:
             raise ValueError("Failed to delete record: relation cascade is too deep.")
         for other in self.collections():
@@ -3531,10 +3539,10 @@ class Store:
                 for referencing in self.find_records(
                     other, where=condition, params=(record["id"],)
                 ):
-                    if other.id == collection.id and referencing["id"] == record["id"]:
+                    if (other.id, referencing["id"]) in deleting:
                         continue
                     if spec.get("cascadeDelete"):
-                        self._delete(other, referencing, deleted, depth + 1)
+                        self._delete(other, referencing, deleted, deleting, depth + 1)
                         continue
                     remaining = (
                         [i for i in referencing[spec["name"]] if i != record["id"]]
@@ -4532,6 +4540,39 @@ def auth_token_claims(
 # --- the auth of a request -------------------------------------------------------
 
 
+class FailureLimiter:
+    """Failed attempts per key in a sliding window (e.g. logins per IP).
+
+    Only failures are counted, so successful logins and other traffic are
+    never slowed. At most `max_keys` keys are tracked (the oldest go first).
+    """
+
+    def __init__(self, limit: int, window_s: float, max_keys: int = 100_000) -> None:
+        self.limit, self.window_s, self.max_keys = limit, window_s, max_keys
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def blocked(self, key: str, now: float) -> bool:
+        """Whether `key` has `limit` failures within the window (never when limit is 0)."""
+        failures = self._failures.get(key)
+        if not self.limit or failures is None:
+            return False
+        while failures and failures[0] <= now - self.window_s:
+            failures.popleft()
+        if not failures:
+            del self._failures[key]
+        return len(failures) >= self.limit
+
+    def fail(self, key: str, now: float) -> None:
+        """Count one failure of `key`."""
+        if not self.limit:
+            return
+        failures = self._failures.pop(key, None) or collections.deque(maxlen=self.limit)
+        failures.append(now)
+        self._failures[key] = failures  # re-inserted: dict order is least recent first
+        if len(self._failures) > self.max_keys:
+            del self._failures[next(iter(self._failures))]
+
+
 @dataclass(frozen=True, slots=True)
 class Auth:
     """The record a request is authenticated as."""
@@ -4601,6 +4642,9 @@ MAX_SUBSCRIPTIONS = 1000  # PocketBase's limits on POST /api/realtime
 MAX_SUBSCRIPTION_LENGTH = 2500
 MAX_CLIENT_ID_LENGTH = 255
 MAX_REALTIME_CLIENTS = 20_000
+# One address may not take every slot; behind a reverse proxy all clients share
+# its address, so raise this (0: no cap) there.
+MAX_REALTIME_CLIENTS_PER_IP = 1_000
 MAX_CLIENT_QUEUE_BYTES = 4 * 1024 * 1024  # a client further behind than this is dropped
 SSE_IDLE_TIMEOUT_S = 5 * 60.0  # PocketBase's apis/realtime.go timeouts
 SSE_MAX_LIFETIME_S = 30 * 60.0
@@ -4782,8 +4826,11 @@ class Broker:
         max_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES,
         event_budget_s: float = EVENT_BUDGET_S,
         check_budget_s: float = CHECK_BUDGET_S,
+        max_clients_per_ip: int = MAX_REALTIME_CLIENTS_PER_IP,
     ) -> None:
         self.store = store
+        self.max_clients_per_ip = max_clients_per_ip
+        self._per_ip: dict[str, int] = {}
         self.event_budget_s = event_budget_s
         self.check_budget_s = check_budget_s
         self.now = now
@@ -4803,17 +4850,24 @@ class Broker:
     # --- clients -------------------------------------------------------------
 
     def connect(self, remote_ip: str) -> RealtimeClient:
-        """Register a new client; raise TooManyRequestsError over the limit."""
-        if len(self.clients) >= self.max_clients:
+        """Register a new client; raise TooManyRequestsError over either limit."""
+        if len(self.clients) >= self.max_clients or (
+            self.max_clients_per_ip
+            and self._per_ip.get(remote_ip, 0) >= self.max_clients_per_ip
+        ):
             raise TooManyRequestsError("Too many realtime clients.")
         client = RealtimeClient(self.new_client_id(), remote_ip, self.max_queue_bytes)
         self.clients[client.id] = client
+        self._per_ip[remote_ip] = self._per_ip.get(remote_ip, 0) + 1
         return client
 
     def disconnect(self, client: RealtimeClient) -> None:
         """Forget a client and its subscriptions."""
         self.set_subscriptions(client, [])
-        self.clients.pop(client.id, None)
+        if self.clients.pop(client.id, None) is not None:
+            left = self._per_ip.pop(client.remote_ip, 1) - 1
+            if left:
+                self._per_ip[client.remote_ip] = left
         client.close()
 
     def close_all(self) -> None:
@@ -5989,6 +6043,11 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
         raise BadRequestError(
             "An error occurred while validating the submitted data.", errors
         )
+    app, now = context.app, time.monotonic()
+    keys = (context.remote_ip, f"{collection.id}:{identity.lower()}")
+    limiters = (app.login_failures_by_ip, app.login_failures_by_identity)
+    if any(limiter.blocked(key, now) for limiter, key in zip(limiters, keys)):
+        raise TooManyRequestsError()
     store = _store(context)
     identity_fields = collection.options.get("passwordAuth", {}).get(
         "identityFields"
@@ -6011,6 +6070,8 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
             break
     encoded = str(record["password"]) if record else DUMMY_PASSWORD_HASH
     if not verify_password(password, encoded) or record is None:
+        for limiter, key in zip(limiters, keys):
+            limiter.fail(key, now)
         raise BadRequestError("Failed to authenticate.")
     if not _may_authenticate(context, collection, record):
         raise ForbiddenError(AUTH_RULE_REFUSED)
@@ -6075,6 +6136,8 @@ SSE_HEADERS = (
 
 async def handle_realtime_connect(context: RequestContext) -> Response:
     """GET /api/realtime: open an SSE stream that starts with PB_CONNECT."""
+    if context.request.method == "HEAD":
+        return Response(200, headers=SSE_HEADERS)  # the head only: no client, no stream
     app = context.app
     broker = app.broker
     assert broker is not None
@@ -6405,8 +6468,16 @@ class Config:
     sse_max_lifetime_s: float = SSE_MAX_LIFETIME_S
     #: Most SSE clients connected at once; more get 429.
     max_realtime_clients: int = MAX_REALTIME_CLIENTS
+    #: Most SSE clients from one IP address (0: no cap); more get 429.
+    max_realtime_clients_per_ip: int = MAX_REALTIME_CLIENTS_PER_IP
     #: Bytes a realtime client may fall behind before it is disconnected.
     max_client_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES
+    #: Failed logins from one IP within the window before it gets 429 (0: off).
+    login_failures_per_ip: int = LOGIN_FAILURES_PER_IP
+    #: Failed logins for one identity within the window before it gets 429 (0: off).
+    login_failures_per_identity: int = LOGIN_FAILURES_PER_IDENTITY
+    #: The window of the two limits above, in seconds.
+    login_failure_window_s: float = LOGIN_FAILURE_WINDOW_S
     #: Seconds of SQL one record list or view may take; over it, 400.
     request_budget_s: float = REQUEST_BUDGET_S
     #: Seconds the subscriber checks of one change may take in all.
@@ -6429,6 +6500,11 @@ class App:
         self.config = dataclasses.replace(base, **settings) if settings else base
         self.router = build_router()
         self.hooks = Hooks()
+        window = self.config.login_failure_window_s
+        self.login_failures_by_ip = FailureLimiter(self.config.login_failures_per_ip, window)
+        self.login_failures_by_identity = FailureLimiter(
+            self.config.login_failures_per_identity, window
+        )
         self.store: Store | None = None
         self.broker: Broker | None = None
         self._server: asyncio.Server | None = None
@@ -6475,6 +6551,7 @@ class App:
             max_queue_bytes=self.config.max_client_queue_bytes,
             event_budget_s=self.config.event_budget_s,
             check_budget_s=self.config.check_budget_s,
+            max_clients_per_ip=self.config.max_realtime_clients_per_ip,
         )
         self.broker.message_filter = self.hooks.filter_message
         self.broker.message_filter_active = lambda: bool(
@@ -7227,6 +7304,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"TCP address to listen on (default {DEFAULT_HOST}:{DEFAULT_PORT})",
     )
+    serve_parser.add_argument(
+        "--max-clients-per-ip",
+        type=int,
+        default=MAX_REALTIME_CLIENTS_PER_IP,
+        metavar="N",
+        help=f"most SSE clients from one address, 0 for no cap (default {MAX_REALTIME_CLIENTS_PER_IP}; raise it behind a proxy)",
+    )
     _add_common_arguments(serve_parser)
     superuser_parser = commands.add_parser(
         "superuser", help="create, update or delete a superuser"
@@ -7351,6 +7435,8 @@ def _start_bench_server() -> _BenchTarget:
             "--dir",
             directory,
             "--quiet",
+            "--max-clients-per-ip",
+            "0",  # every load-generator client comes from 127.0.0.1
         ],
     )
     url = f"http://127.0.0.1:{port}"
@@ -7997,7 +8083,14 @@ def main(argv: list[str] | None = None) -> int:
     _tune_garbage_collector()
     host, port = args.http
     try:
-        App(Config(dir=args.dir, host=host, port=port)).serve()
+        App(
+            Config(
+                dir=args.dir,
+                host=host,
+                port=port,
+                max_realtime_clients_per_ip=args.max_clients_per_ip,
+            )
+        ).serve()
     except OSError as exc:
         log.error("cannot start the server: %s", exc)
         return 1

@@ -4153,6 +4153,78 @@ def test_collections_refuse_hostile_schema_input(tmp_path: Path) -> None:
         assert api.json("GET", "/api/collections?filter=name%3D'c1'", token=su)["totalItems"] == 0
 
 
+def test_auth_failed_logins_are_throttled_and_successful_ones_never(
+    tmp_path: Path,
+) -> None:
+    """The attack: guess passwords in a loop."""
+    with serving(tmp_path, login_failures_per_identity=3, login_failures_per_ip=5) as (_, api, su):
+        for name in ("victim", "other", "third"):
+            make_user(api, name, su)
+        login = "/api/collections/users/auth-with-password"
+        for _ in range(10):  # successes are never counted
+            api.login("users", "victim@x.com", "password123")
+        for _ in range(3):
+            assert api.call("POST", login, {"identity": "victim@x.com", "password": "guess"})[0] == 400
+        throttled = '429 {"data":{},"message":"Too Many Requests.","status":429}'
+        right = {"identity": "victim@x.com", "password": "password123"}
+        assert api.normalized("POST", login, right) == throttled  # the identity is locked
+        api.login("users", "other@x.com", "password123")  # others are not
+        for _ in range(2):
+            assert api.call("POST", login, {"identity": "other@x.com", "password": "guess"})[0] == 400
+        third = {"identity": "third@x.com", "password": "password123"}
+        assert api.normalized("POST", login, third) == throttled  # 5 from this address
+
+
+def test_realtime_head_registers_nothing_and_one_address_cannot_take_every_slot(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path, max_realtime_clients_per_ip=2) as (app, api, _):
+        port = port_of(api)
+
+        async def attack() -> None:
+            raw = await exchange(port, http_request("HEAD", "/api/realtime"))
+            (head,) = parse_responses(raw, head_only=True)
+            assert head.status == 200 and raw.endswith(b"\r\n\r\n")
+            assert head.header("Content-Type") == "text/event-stream"
+            assert not app.broker.clients
+            clients = [await SseClient.connect(port) for _ in range(2)]
+            (refused,) = parse_responses(await exchange(port, http_request("GET", "/api/realtime")))
+            assert refused.status == 429
+            await clients[0].close()
+            while len(app.broker.clients) > 1:  # its slot frees once the server sees the close
+                await asyncio.sleep(0.01)
+            clients[0] = await SseClient.connect(port)
+            for client in clients:
+                await client.close()
+
+        run(attack())
+
+
+def test_records_cascade_cycles_delete_both_records(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        first = api.create_collection({"name": "first", "type": "base", "fields": [{"name": "t", "type": "text"}]}, su)
+        second = api.create_collection(
+            {
+                "name": "second",
+                "type": "base",
+                "fields": [{"name": "one", "type": "relation", "collectionId": first["id"], "cascadeDelete": True, "maxSelect": 1}],
+            },
+            su,
+        )
+        api.json(
+            "PATCH",
+            "/api/collections/first",
+            {"fields": [*first["fields"], {"name": "two", "type": "relation", "collectionId": second["id"], "cascadeDelete": True, "maxSelect": 1}]},
+            su,
+        )
+        a = api.json("POST", "/api/collections/first/records", {"t": "a"}, su)
+        b = api.json("POST", "/api/collections/second/records", {"one": a["id"]}, su)
+        api.json("PATCH", f"/api/collections/first/records/{a['id']}", {"two": b["id"]}, su)
+        assert api.call("DELETE", f"/api/collections/first/records/{a['id']}", token=su)[0] == 204
+        for name in ("first", "second"):
+            assert api.json("GET", f"/api/collections/{name}/records", token=su)["totalItems"] == 0
+
+
 def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         api.create_collection(
