@@ -1201,6 +1201,11 @@ def render_sql(node: IR, params: list[JSON], alias: str = "t") -> str:
         rendered = [render_sql(arg, params, alias) for arg in node.args]
         if node.name == "_CONCAT":
             return "(" + " || ".join(rendered) + ")"
+        if node.name == "JSON_ARRAY_LENGTH":
+            # SQLite may substitute a compared constant for the column (`sel = 'a'
+            # AND sel:length = 0`): text that is not JSON must not fail the query.
+            again = render_sql(node.args[0], params, alias)
+            return f"JSON_ARRAY_LENGTH(CASE WHEN json_valid({rendered[0]}) THEN {again} ELSE '[]' END)"
         return f"{node.name}({', '.join(rendered)})"
     if isinstance(node, Binary):
         left, right = (
@@ -1510,7 +1515,7 @@ def evaluate_ir(node: IR, row: dict[str, JSON]) -> JSON:
             try:
                 items = json.loads(args[0]) if isinstance(args[0], str) else None
             except ValueError:
-                return None
+                return 0
             return len(items) if isinstance(items, list) else 0
     raise NeedsSql(type(node).__name__)
 

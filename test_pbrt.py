@@ -4225,6 +4225,30 @@ def test_records_cascade_cycles_delete_both_records(tmp_path: Path) -> None:
             assert api.json("GET", f"/api/collections/{name}/records", token=su)["totalItems"] == 0
 
 
+def test_records_valid_filters_never_answer_500(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.create_collection(
+            {
+                "name": "docs",
+                "type": "base",
+                "listRule": "",
+                "fields": [
+                    {"name": "editors", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 5},
+                    {"name": "sel", "type": "select", "values": ["a", "b"], "maxSelect": 2},
+                ],
+            },
+            su,
+        )
+        api.json("POST", "/api/collections/docs/records", {"sel": ["a"]}, su)
+        for text, total in [
+            ("editors:length > 0 && editors = 'x'", 0),  # SQLite substitutes 'x' into the length
+            ("sel:length = 0 && sel ?= 'a'", 0),
+            ("sel:length = 1 && sel:each ?= 'a'", 1),
+        ]:
+            path = "/api/collections/docs/records?filter=" + urllib.parse.quote(text)
+            assert api.json("GET", path)["totalItems"] == total, text
+
+
 def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         api.create_collection(
