@@ -98,7 +98,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 JSON = Any
 Headers = dict[str, str]
