@@ -5020,12 +5020,14 @@ class Broker:
     ) -> list[_Delivery]:
         """Check rules once per distinct input, encode each distinct payload once.
 
-        The checks share the event's budget, clients taking turns; the
-        subscriptions left undecided when it runs out are dropped (logged),
-        so no filter can make every write slow.
+        Each client's in-memory checks may take `check_budget_s`; the SQL
+        checks share the event's budget, clients taking turns. Subscriptions
+        left undecided are dropped (logged), so no filter can make every
+        write slow, and clients with a few subscriptions are never cut.
         """
         collection, record = change.collection, change.record
         deadline = time.monotonic() + self.event_budget_s
+        spent: dict[str, float] = {}  # seconds of checks per client in this event
         row = {
             spec["name"]: to_column(spec, record.get(spec["name"], zero_value(spec)))
             for spec in collection.fields
@@ -5051,9 +5053,10 @@ class Broker:
                     subscription.query,
                     subscription.headers,
                 )
-                if key not in verdicts and time.monotonic() > deadline:
-                    verdicts[key] = None
+                if key not in verdicts and spent.get(client.id, 0.0) > self.check_budget_s:
+                    verdicts[key] = None  # this client's own checks used its share
                 elif key not in verdicts:
+                    started = time.monotonic()
                     info = client.request_info(subscription, auth, now)
                     verdicts[key] = self._verdict(
                         collection,
@@ -5064,13 +5067,15 @@ class Broker:
                         pending,
                         key,
                     )
+                    spent[client.id] = spent.get(client.id, 0.0) + time.monotonic() - started
             planned.append((client, subscription, key, auth))
         self._run_pending(collection, record["id"], pending, verdicts, deadline)
         payloads: dict[tuple[JSON, ...], bytes] = {}
         deliveries: list[_Delivery] = []
+        dropped: dict[str, tuple[RealtimeClient, set[str]]] = {}
         for client, subscription, key, auth in planned:
             if key is not None and verdicts[key] is None:
-                self._drop_subscription(client, subscription)
+                dropped.setdefault(client.id, (client, set()))[1].add(subscription.raw)
                 continue
             if key is not None and not verdicts[key]:
                 continue
@@ -5098,6 +5103,8 @@ class Broker:
                     {"record": view, "action": change.action}
                 )
             deliveries.append(_Delivery(client, subscription.raw, payload))
+        for client, raws in dropped.values():
+            self._drop_subscriptions(client, raws)
         return deliveries
 
     def _verdict(
@@ -5181,19 +5188,16 @@ class Broker:
         for (key, _), verdict in zip(batch, row):
             verdicts[key] = bool(verdict)
 
-    def _drop_subscription(
-        self, client: RealtimeClient, subscription: Subscription
-    ) -> None:
+    def _drop_subscriptions(self, client: RealtimeClient, raws: set[str]) -> None:
         """Unsubscribe what could not be checked within the budget (logged)."""
-        if subscription.raw not in client.subscriptions:
-            return
         log.warning(
-            "realtime client %s: subscription %.200r dropped, its checks ran past the budget",
+            "realtime client %s: %d subscription(s) dropped, their checks ran past the budget (first: %.200r)",
             client.id,
-            subscription.raw,
+            len(raws),
+            min(raws),
         )
         self.set_subscriptions(
-            client, [raw for raw in client.subscriptions if raw != subscription.raw]
+            client, [raw for raw in client.subscriptions if raw not in raws]
         )
 
 
