@@ -123,6 +123,9 @@ HEAD_TIMEOUT_S = 10.0  # a head must be complete this long after its first byte
 BODY_TIMEOUT_S = 60.0  # the whole body must arrive within this time
 KEEPALIVE_TIMEOUT_S = 75.0  # idle keep-alive connections close (nginx's default)
 SHUTDOWN_GRACE_S = 5.0  # requests in flight get this long to finish on shutdown
+SEND_TIMEOUT_S = 30.0  # a response not taken by the client within this closes it
+SEND_SLICE_BYTES = 64 * 1024  # response bodies go out in slices of this size
+MAX_UNSENT_BYTES = 64 * 1024 * 1024  # bodies being sent, in all, before stalled readers go
 LISTEN_BACKLOG = 4096  # as Go's listener (the kernel caps it at somaxconn)
 DISCARD_AFTER_REJECT_BYTES = 256 * 1024  # read so a 413 is not lost to a TCP reset
 DEFAULT_PER_PAGE = 30  # PocketBase's list defaults and caps
@@ -6469,6 +6472,11 @@ class Config:
     body_timeout_s: float = BODY_TIMEOUT_S
     #: Seconds an idle keep-alive connection stays open.
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+    #: Seconds a client may take to receive one response before it is dropped.
+    send_timeout_s: float = SEND_TIMEOUT_S
+    #: Bytes of responses still being sent, in all, past which a client that
+    #: is not reading its response is dropped.
+    max_unsent_bytes: int = MAX_UNSENT_BYTES
     #: Seconds requests in flight get to finish on shutdown.
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     #: Seconds an SSE stream may go without a message before it is closed.
@@ -6520,6 +6528,7 @@ class App:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
         self._connections: set[_Connection] = set()
+        self._unsent_bytes = 0  # response bytes not yet handed to a socket
         self._date_cache: tuple[int, str] = (0, "")
 
     # --- lifecycle -----------------------------------------------------------
@@ -6952,19 +6961,35 @@ class App:
             headers.extend(SECURITY_HEADERS)
             if request.header("origin"):
                 headers.append(("Access-Control-Allow-Origin", "*"))
-        writer.write(
-            encode_response_head(
-                response.status,
-                headers,
-                date=self._http_date(),
-                version=request.version,
-                content_length=len(response.body),
-                close=not keep_alive,
-            )
+        head = encode_response_head(
+            response.status,
+            headers,
+            date=self._http_date(),
+            version=request.version,
+            content_length=len(response.body),
+            close=not keep_alive,
         )
-        if request.method != "HEAD" and response.body:
-            writer.write(response.body)
-        await writer.drain()
+        body = memoryview(response.body if request.method != "HEAD" else b"")
+        # In slices, each sent before the next: a client that does not read holds
+        # one response (never a second copy in the socket's buffer), is dropped
+        # after `send_timeout_s`, and at once while the responses that stalled
+        # clients hold pass `max_unsent_bytes` in all.
+        self._unsent_bytes += len(body)
+        try:
+            async with asyncio.timeout(self.config.send_timeout_s):
+                writer.write(head)
+                for start in range(0, max(len(body), 1), SEND_SLICE_BYTES):
+                    writer.write(body[start : start + SEND_SLICE_BYTES])
+                    stalled = writer.transport.get_write_buffer_size() > 0
+                    if stalled and self._unsent_bytes > self.config.max_unsent_bytes:
+                        log.warning("dropping a connection that does not read its responses")
+                        raise TimeoutError
+                    await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()
+            raise _Closed from None
+        finally:
+            self._unsent_bytes -= len(body)
 
     async def _write_stream(
         self,

@@ -4777,6 +4777,54 @@ def test_connection_closes_slowloris_head_while_others_are_served(
     run(body())
 
 
+class LogWaiter(logging.Handler):
+    """Counts log lines containing `text`; `reached` is set at `count` of them."""
+
+    def __init__(self, text: str, count: int) -> None:
+        super().__init__()
+        self.text, self.count, self.seen = text, count, 0
+        self.reached = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen += 1
+            if self.seen >= self.count:
+                self.reached.set()
+
+
+def test_connection_clients_that_never_read_cannot_pile_up_responses(
+    tmp_path: Path,
+) -> None:
+    """The attack: pipeline large lists on many connections and never read."""
+    with serving(tmp_path, max_unsent_bytes=2 * 1024 * 1024) as (app, api, su):
+        api.create_collection(
+            {"name": "big", "type": "base", "listRule": "", "fields": [{"name": "body", "type": "text", "max": 10000}]},
+            su,
+        )
+        for _ in range(300):  # one list is ~1.5 MB
+            api.json("POST", "/api/collections/big/records", {"body": "x" * 5000}, su)
+        waiter = LogWaiter("does not read its responses", 15)
+        pbrt.log.addHandler(waiter)
+        sockets = []
+        try:
+            request = b"GET /api/collections/big/records?perPage=1000 HTTP/1.1\r\nHost: x\r\n\r\n"
+            for _ in range(20):
+                attacker = socket.socket()
+                attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                attacker.connect(("127.0.0.1", port_of(api)))
+                attacker.sendall(request * 20)
+                sockets.append(attacker)
+            assert waiter.reached.wait(60)  # all but the first one or two are dropped
+            started = time.perf_counter()
+            assert api.call("GET", "/api/health")[0] == 200
+            assert time.perf_counter() - started < HEALTH_BOUND_S
+            assert app._unsent_bytes <= 2 * (2 * 1024 * 1024)
+        finally:
+            pbrt.log.removeHandler(waiter)
+            for attacker in sockets:
+                attacker.close()
+
+
 def test_connection_closes_idle_keepalive_connection(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_app(tmp_path, keepalive_timeout_s=0.2) as (_, port):
