@@ -793,7 +793,7 @@ def encode_sse_event(event_id: str, event: str, data: bytes) -> bytes:
 
 MAX_FILTER_BYTES = 3500  # PocketBase's cap on the `filter` parameter
 MAX_RULE_COMPARISONS = 200
-MAX_RULE_NESTING = 100
+MAX_RULE_NESTING = 200  # PocketBase accepts what fits in 200 comparisons
 MAX_RELATION_HOPS = 6
 COMPARISON_OPERATORS = frozenset(
     [
@@ -1004,13 +1004,41 @@ def parse_rule(source: str) -> Expression:
     """
     if "\x00" in source:
         raise RuleError("NUL character", source, source.index("\x00"))
-    parser = _RuleParser(source, tokenize_rule(source))
+    parser = _RuleParser(source, _without_redundant_groups(tokenize_rule(source)))
     expression = parser.expression(depth=0)
     if parser.index != len(parser.tokens):
         raise RuleError("unexpected token", source, parser.tokens[parser.index][2])
     if parser.comparisons > MAX_RULE_COMPARISONS:
         raise RuleError(f"more than {MAX_RULE_COMPARISONS} comparisons", source)
     return expression
+
+
+def _without_redundant_groups(
+    tokens: list[tuple[str, Any, int]],
+) -> list[tuple[str, Any, int]]:
+    """Drop parentheses that only wrap another group: `((a))` parses as `(a)`.
+
+    PocketBase accepts any depth of them; without this each level would cost
+    Python stack frames. Unbalanced input is left for the parser to refuse.
+    """
+    match: dict[int, int] = {}
+    opened: list[int] = []
+    for index, token in enumerate(tokens):
+        if token[0] == "(":
+            opened.append(index)
+        elif token[0] == ")":
+            if not opened:
+                return tokens
+            match[opened.pop()] = index
+    if opened:
+        return tokens
+    redundant = {
+        index
+        for start, end in match.items()
+        if match.get(start + 1) == end - 1
+        for index in (start, end)
+    }
+    return [token for index, token in enumerate(tokens) if index not in redundant]
 
 
 class _RuleParser:
@@ -1210,6 +1238,16 @@ def render_sql(node: IR, params: list[JSON], alias: str = "t") -> str:
             again = render_sql(node.args[0], params, alias)
             return f"JSON_ARRAY_LENGTH(CASE WHEN json_valid({rendered[0]}) THEN {again} ELSE '[]' END)"
         return f"{node.name}({', '.join(rendered)})"
+    if isinstance(node, Binary) and node.op in ("AND", "OR"):
+        # Flat `(a OR b OR c)`: SQLite's parser overflows at ~100 nested parentheses.
+        operands, pending = [], [node]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, Binary) and item.op == node.op:
+                pending += (item.right, item.left)
+            else:
+                operands.append(render_sql(item, params, alias))
+        return "(" + f" {node.op} ".join(operands) + ")"
     if isinstance(node, Binary):
         left, right = (
             render_sql(node.left, params, alias),
@@ -1612,6 +1650,8 @@ class FieldResolver(Protocol):
 
     def all_items(self, condition: Callable[[FieldResolver], IR]) -> IR | None: ...
 
+    def separate(self) -> None: ...
+
 
 _DATE_MACROS = (
     "@now",
@@ -1686,11 +1726,9 @@ def lower_rule(expression: Expression, resolver: FieldResolver) -> IR:
     if not expression.op.startswith("?") and multi:
 
         def again(fresh: FieldResolver) -> IR:
-            return _comparison(
-                expression.op,
-                _operand(expression.left, fresh),
-                _operand(expression.right, fresh),
-            )
+            left = _operand(expression.left, fresh)
+            fresh.separate()  # `tags:each = tags:each` compares every pair of items
+            return _comparison(expression.op, left, _operand(expression.right, fresh))
 
         every = resolver.all_items(again)
         if every is not None:
@@ -1795,9 +1833,6 @@ def _equality(equal: bool, left: Resolved, right: Resolved) -> IR:
     )
 
 
-_UNESCAPED_PERCENT_RE = re.compile(r"(?<!\\)%")
-
-
 def _like_pattern(right: Resolved) -> IR:
     """Build the LIKE pattern as PocketBase does (rules.md §5.5).
 
@@ -1818,24 +1853,52 @@ def _like_pattern(right: Resolved) -> IR:
     return Function("_CONCAT", (Value("%"), node, Value("%")))
 
 
-def _like_text(value: JSON) -> str:
+def _like_text(value: JSON) -> str | None:
+    """A bound value as a pattern; a missing one (a guest's `@request.auth.id`)
+    stays NULL, so that `~` and `!~` both fail, as in PocketBase."""
+    if value is None:
+        return None
     text = (
-        ""
-        if value is None
-        else (
-            _encode_json_text(_js_number(value))
-            if isinstance(value, float)
-            else str(value)
-        )
+        _encode_json_text(_js_number(value)) if isinstance(value, float) else str(value)
     )
-    if _UNESCAPED_PERCENT_RE.search(text):
+    if _has_unescaped_percent(text):
         return text
-    escaped = re.sub(
-        r"\\[\\%_]|[\\%_]",
-        lambda m: m.group(0) if len(m.group(0)) == 2 else "\\" + m.group(0),
-        text,
-    )
-    return f"%{escaped}%"
+    return f"%{_escape_like_wildcards(text)}%"
+
+
+def _has_unescaped_percent(text: str) -> bool:
+    """PocketBase's containsUnescapedChar(text, '%'): `\\\\` ends an escape."""
+    previous = ""
+    for char in text:
+        if char == "%" and previous != "\\":
+            return True
+        previous = "" if char == previous == "\\" else char
+    return False
+
+
+def _escape_like_wildcards(text: str) -> str:
+    """Escape `\\`, `%` and `_` as PocketBase's escapeUnescapedChars does.
+
+    It walks from the end and, after a match, only checks that the character
+    before it is not `\\`: so in `__` only the last `_` is escaped.
+
+    >>> print(_escape_like_wildcards("a_b"), _escape_like_wildcards("__"))
+    a\\_b _\\_
+    """
+    escaped: list[str] = []
+    after_match = False
+    for index in range(len(text) - 1, -1, -1):
+        char = text[index]
+        if after_match:
+            if char != "\\":
+                escaped.append("\\")
+            after_match = False
+        else:
+            after_match = char in "\\%_"
+        escaped.append(char)
+        if index == 0 and after_match:
+            escaped.append("\\")
+    return "".join(reversed(escaped))
 
 
 # ==========================================================================
@@ -2900,6 +2963,8 @@ class Store:
         try:
             yield
         except sqlite3.OperationalError as exc:
+            if str(exc) in ("parser stack overflow", "Expression tree is too large (maximum depth 1000)"):
+                raise RuleError(f"too complex for SQLite: {exc}") from None
             if str(exc) != "interrupted":
                 raise
             raise BudgetExceeded(f"SQL ran past its budget of {seconds:g} s") from None
@@ -3749,12 +3814,14 @@ class RecordResolver:
         self.base_alias = "t"
         self._join_keys: dict[str, str] = {}
         self._fresh_count = 0
+        self._scope = ""  # prefixes join keys: operands in separate scopes never share
 
     # --- joins ---------------------------------------------------------------
 
     def _join(
         self, key: str, source: str, on: str, params: tuple[JSON, ...] = ()
     ) -> str:
+        key = self._scope + key
         alias = self._join_keys.get(key)
         if alias is None:
             alias = f"{self.prefix}{len(self._join_keys)}"
@@ -3778,15 +3845,19 @@ class RecordResolver:
         if not fresh.joins:
             return None
         params: list[JSON] = []
-        (first_source, first_on, first_params), *rest = fresh.joins
-        sql = f"SELECT 1 FROM {first_source}"
-        for source, on, join_params in rest:
+        sql = "SELECT 1 FROM (SELECT 1)"  # every join alike: `JOIN source ON on`
+        for source, on, join_params in fresh.joins:
             params.extend(join_params)
             sql += f" JOIN {source} ON {on}"
-        params.extend(first_params)
         where = render_sql(Function("COALESCE", (inner, Value(0))), params)
-        sql += f" WHERE {first_on} AND NOT {where}"
+        sql += f" WHERE NOT {where}"
         return Exists(sql, tuple(params))
+
+    def separate(self) -> None:
+        """Identifiers resolved from now on get joins of their own (PocketBase
+        checks each operand of a multi-valued comparison on its own items)."""
+        self._fresh_count += 1
+        self._scope = f"{self._fresh_count}:"
 
     # --- identifiers -----------------------------------------------------------
 
@@ -3839,6 +3910,8 @@ class RecordResolver:
         key, _, deeper = tail.partition(".")
         spec = self.collection.field(key)
         present = key in body
+        if deeper and spec is not None and spec["type"] == "relation":
+            return self._body_relation(spec, body.get(key), deeper, modifier)
         value = body.get(key) if not deeper else None
         if modifier == "isset":
             return Resolved(Value(present), "known")
@@ -3855,9 +3928,31 @@ class RecordResolver:
             items = _relation_ids(value) if not isinstance(value, list) else value
             if modifier == "length":
                 return Resolved(Value(len(items)), "known")
-            raise RuleError(":each on @request.body is not supported")
+            each = self._join(
+                f"body:{key}:each", "json_each(?) {alias}", "1", (_encode_json_text(items),)
+            )
+            return Resolved(SqlRef(f"{each}.value", "none"), "column", each)
         resolved = _static(_body_value(value))
         return _lowered(resolved) if modifier == "lower" else resolved
+
+    def _body_relation(
+        self, spec: dict[str, JSON], value: JSON, path: str, modifier: str
+    ) -> Resolved:
+        """`@request.body.owner.role`: a field of the records the body names."""
+        target = self.store.collection(str(spec.get("collectionId", "")))
+        if target is None:
+            raise RuleError(f"missing relation collection of {spec['name']!r}")
+        ids = value if isinstance(value, list) else _relation_ids(value)
+        alias = self._join(
+            f"body:{spec['name']}",
+            f"{quote_identifier(target.name)} {{alias}}",
+            "{alias}.id IN (SELECT value FROM json_each(?))",
+            (_encode_json_text([_to_text(i) for i in ids]),),
+        )
+        resolved = self._path(target, path.split("."), modifier, alias, hops=1)
+        if is_multiple(spec):
+            return dataclasses.replace(resolved, multi=resolved.multi or alias)
+        return resolved
 
     def _auth(self, tail: str, modifier: str) -> Resolved:
         info = self.info
@@ -5657,7 +5752,9 @@ async def handle_record_list(context: RequestContext) -> Response:
     if len(filter_text.encode()) > MAX_FILTER_BYTES:
         raise BadRequestError()
     rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
-    if filter_text.strip():
+    if filter_text and not filter_text.strip():
+        raise RuleError("empty filter")  # PocketBase: 400, unlike no filter at all
+    if filter_text:
         rules.append((filter_text, True))
     sort_paths = tuple(
         item.strip().lstrip("+-") for item in sort.split(",") if "." in item
