@@ -3342,6 +3342,33 @@ class Store:
         rows = self.connection.execute(sql, arguments).fetchall()
         return [self._row_to_record(collection, row) for row in rows]
 
+    def referencing_ids(
+        self,
+        source: Collection,
+        spec: dict[str, JSON],
+        record_ids: list[str],
+        limit: int,
+    ) -> list[list[str]]:
+        """For each id, the ids of `source` records whose relation `spec` holds
+        it (at most `limit` each, in insertion order)."""
+        column = quote_identifier(spec["name"])
+        table = quote_identifier(source.name)
+        held = (
+            f"FROM {table} t, json_each(t.{column}) je WHERE je.value IN (SELECT value FROM json_each(?))"
+            if is_multiple(spec)
+            else f"FROM {table} t WHERE t.{column} IN (SELECT value FROM json_each(?))"
+        )
+        value = "je.value" if is_multiple(spec) else f"t.{column}"
+        found: dict[str, list[str]] = {record_id: [] for record_id in record_ids}
+        rows = self.connection.execute(
+            f"SELECT {value}, t.id {held} ORDER BY t.rowid", (json.dumps(record_ids),)
+        )
+        for held_id, referencing in rows:
+            ids = found[held_id]
+            if len(ids) < limit:
+                ids.append(referencing)
+        return [found[record_id] for record_id in record_ids]
+
     def record_matches(
         self,
         collection: Collection,
@@ -4276,6 +4303,8 @@ def compile_rules(
 # --- record JSON, expand and fields ----------------------------------------
 
 MAX_EXPAND_DEPTH = 6
+MAX_BACK_RELATIONS = 1000  # records one back-relation expand reaches (PocketBase's)
+_LEGACY_BACK_RELATION_RE = re.compile(r"^(\w+)\((\w+)\)$")
 MAX_EXPAND_PATHS = 100
 MAX_FIELDS_PARAM_BYTES = 4096
 
@@ -4304,19 +4333,15 @@ def record_json(
     return dict(sorted(data.items()))
 
 
-def parse_expand(text: str) -> dict[str, JSON]:
-    """Parse `a,b.c` into a tree {"a": {}, "b": {"c": {}}} (depth and count limited).
+def parse_expand(text: str) -> list[str]:
+    """Split `a,b.c` into its distinct paths (count and depth limited).
 
-    >>> parse_expand("member, author.team")
-    {'member': {}, 'author': {'team': {}}}
+    >>> parse_expand("member, author.team,member")
+    ['member', 'author.team']
     """
-    tree: dict[str, JSON] = {}
     paths = [path.strip() for path in text.split(",") if path.strip()]
-    for path in paths[:MAX_EXPAND_PATHS]:
-        node = tree
-        for segment in path.split(".")[:MAX_EXPAND_DEPTH]:
-            node = node.setdefault(segment, {})
-    return tree
+    limited = (".".join(path.split(".")[:MAX_EXPAND_DEPTH]) for path in paths)
+    return list(dict.fromkeys(limited))[:MAX_EXPAND_PATHS]
 
 
 _EXCERPT_RE = re.compile(
@@ -4418,7 +4443,7 @@ class RecordPresenter:
         self.store = store
         self.info = info
         self.superuser = info.is_superuser
-        self.expand = parse_expand(expand) if expand else {}
+        self.expand = parse_expand(expand) if expand else []
         self.fields = parse_fields(fields)
 
     def show_email(self, collection: Collection, record: Record) -> bool:
@@ -4451,7 +4476,7 @@ class RecordPresenter:
         self, collection: Collection, records: list[Record]
     ) -> list[dict[str, JSON]]:
         """Return the JSON of each record, with expand and fields applied."""
-        items = self._present(collection, records, self.expand, depth=0)
+        items, _ = self._present(collection, records, self.expand, depth=0)
         return (
             [pick_fields(item, self.fields) for item in items] if self.fields else items
         )
@@ -4464,9 +4489,15 @@ class RecordPresenter:
         self,
         collection: Collection,
         records: list[Record],
-        expand: dict[str, JSON],
+        paths: list[str],
         depth: int,
-    ) -> list[dict[str, JSON]]:
+    ) -> tuple[list[dict[str, JSON]], set[str]]:
+        """The records' JSON with `paths` expanded, and the paths that failed.
+
+        As in PocketBase each path stands alone: one naming what does not
+        exist (among records that have relations to follow) adds nothing,
+        and `expand` appears once any path at this level succeeded.
+        """
         items = [
             record_json(
                 collection,
@@ -4476,38 +4507,79 @@ class RecordPresenter:
             )
             for record in records
         ]
-        if not expand or depth >= MAX_EXPAND_DEPTH:
-            return items
-        expansions: list[dict[str, JSON]] = [{} for _ in records]
-        for name, nested in expand.items():
-            spec = collection.field(name)
-            if spec is None or spec["type"] != "relation":
+        if not paths or not records or depth >= MAX_EXPAND_DEPTH:
+            return items, set()
+        groups: dict[str, list[str]] = {}
+        for path in paths:
+            head, _, rest = path.partition(".")
+            groups.setdefault(head, []).append(rest)
+        failed: set[str] = set()
+        expansions: list[dict[str, JSON]] | None = None
+        for name, rests in groups.items():
+            relation = self._relation(collection, name, records)
+            if relation is None:
+                failed.update(f"{name}.{rest}" if rest else name for rest in rests)
                 continue
-            target = self.store.collection(str(spec.get("collectionId", "")))
-            rule = None if target is None else target.rules.get("viewRule")
-            if target is None or (rule is None and not self.superuser):
+            target, ids_of, multiple = relation
+            rule = target.rules.get("viewRule")
+            related: dict[str, Record] = {}
+            if rule is not None or self.superuser:
+                ids = sorted({i for record_ids in ids_of for i in record_ids})
+                related = self.store.get_records(target, ids)
+                if rule and not self.superuser:
+                    related = self._viewable(target, rule, related)
+            nested = [rest for rest in rests if rest]
+            shown_items, nested_failed = self._present(
+                target, list(related.values()), nested, depth + 1
+            )
+            if all(rest and rest in nested_failed for rest in rests):
+                failed.update(f"{name}.{rest}" for rest in rests)
                 continue
-            ids = sorted(
-                {i for record in records for i in _relation_ids(record.get(name))}
-            )
-            related = self.store.get_records(target, ids)
-            if rule and not self.superuser:
-                related = self._viewable(target, rule, related)
-            shown = dict(
-                zip(
-                    related,
-                    self._present(target, list(related.values()), nested, depth + 1),
-                )
-            )
-            for expansion, record in zip(expansions, records):
-                found = [
-                    shown[i] for i in _relation_ids(record.get(name)) if i in shown
-                ]
+            shown = dict(zip(related, shown_items))
+            expansions = expansions or [{} for _ in records]
+            for expansion, record_ids in zip(expansions, ids_of):
+                found = [shown[i] for i in record_ids if i in shown]
                 if found:
-                    expansion[name] = found if is_multiple(spec) else found[0]
+                    expansion[name] = found if multiple else found[0]
+        if expansions is None:
+            return items, failed
         for item, expansion in zip(items, expansions):
             item["expand"] = expansion
-        return [dict(sorted(item.items())) for item in items]
+        return [dict(sorted(item.items())) for item in items], failed
+
+    def _relation(
+        self, collection: Collection, name: str, records: list[Record]
+    ) -> tuple[Collection, list[list[str]], bool] | None:
+        """What `expand=name` reaches: the related collection, the related ids of
+        each record, and whether the result is a list; None if nothing.
+
+        `name` is a relation field, or a back-relation `posts_via_author` (legacy
+        `posts(author)`): up to 1,000 referencing records each, a list unless
+        the field has a single-column unique index, as in PocketBase.
+        """
+        spec = collection.field(name)
+        if spec is not None:
+            if spec["type"] != "relation":
+                return None
+            target = self.store.collection(str(spec.get("collectionId", "")))
+            if target is None:
+                return None
+            ids_of = [_relation_ids(record.get(name)) for record in records]
+            return target, ids_of, is_multiple(spec)
+        back = _BACK_RELATION_RE.match(name) or _LEGACY_BACK_RELATION_RE.match(name)
+        source = self.store.collection(back.group(1)) if back else None
+        field = source.field(back.group(2)) if source and back else None
+        if (
+            source is None
+            or field is None
+            or field["type"] != "relation"
+            or field.get("collectionId") != collection.id
+        ):
+            return None
+        ids_of = self.store.referencing_ids(
+            source, field, [str(record["id"]) for record in records], MAX_BACK_RELATIONS
+        )
+        return source, ids_of, not has_unique_index(source, field["name"])
 
     def _viewable(
         self, collection: Collection, rule: str, records: dict[str, Record]
@@ -4523,6 +4595,18 @@ class RecordPresenter:
             params=(json.dumps(list(records)), *compiled.params),
         )
         return {record["id"]: records[record["id"]] for record in allowed}
+
+
+def has_unique_index(collection: Collection, field_name: str) -> bool:
+    """Whether a UNIQUE index of `collection` covers exactly this one column."""
+    for index_sql in collection.indexes:
+        match = _UNIQUE_COLUMNS_RE.match(index_sql)
+        if match and match.group(1).strip().strip("`\"[]") == field_name:
+            return True
+    return False
+
+
+_UNIQUE_COLUMNS_RE = re.compile(r"\s*CREATE\s+UNIQUE\s+INDEX\b[^(]*\(([^,()]*)\)", re.I)
 
 
 def _relation_ids(value: JSON) -> list[str]:

@@ -4327,6 +4327,81 @@ def test_records_filter_edge_cases_match_the_oracle(tmp_path: Path) -> None:
         assert api.call("POST", records, {"title": "r2", "owner": ben["id"]}, ann_token)[0] == 400
 
 
+def test_records_back_relation_expand_like_pocketbase(tmp_path: Path) -> None:
+    """Shapes recorded from PocketBase 0.40.6 with the same collections and records."""
+    with serving(tmp_path) as (_, api, su):
+        posts = api.create_collection(
+            {"name": "posts", "type": "base", "listRule": "", "viewRule": "", "fields": [{"name": "title", "type": "text"}]},
+            su,
+        )
+        comments = api.create_collection(
+            {
+                "name": "comments",
+                "type": "base",
+                "listRule": "",
+                "viewRule": "hidden = false",
+                "fields": [
+                    {"name": "text", "type": "text"},
+                    {"name": "hidden", "type": "bool"},
+                    {"name": "post", "type": "relation", "collectionId": posts["id"], "maxSelect": 1},
+                    {"name": "posts", "type": "relation", "collectionId": posts["id"], "maxSelect": 5},
+                ],
+            },
+            su,
+        )
+        api.create_collection(
+            {
+                "name": "tags",
+                "type": "base",
+                "listRule": "",
+                "viewRule": "",
+                "fields": [
+                    {"name": "name", "type": "text"},
+                    {"name": "comment", "type": "relation", "collectionId": comments["id"], "maxSelect": 1},
+                ],
+                "indexes": ["CREATE UNIQUE INDEX idx_tag_comment ON tags (`comment`)"],
+            },
+            su,
+        )
+        p1 = api.json("POST", "/api/collections/posts/records", {"title": "p1"}, su)
+        p2 = api.json("POST", "/api/collections/posts/records", {"title": "p2"}, su)
+        made = []
+        for index, (post, hidden) in enumerate([(p1, False), (p1, True), (p2, False), (p1, False)]):
+            made.append(
+                api.json(
+                    "POST",
+                    "/api/collections/comments/records",
+                    {
+                        "text": f"c{index}",
+                        "hidden": hidden,
+                        "post": post["id"],
+                        "posts": [p1["id"], p2["id"]] if index % 2 else [p2["id"]],
+                    },
+                    su,
+                )
+            )
+        api.json("POST", "/api/collections/tags/records", {"name": "t0", "comment": made[0]["id"]}, su)
+
+        def expanded(expand: str, token: str = "") -> list[Any]:
+            path = f"/api/collections/posts/records?sort=title&expand={urllib.parse.quote(expand)}"
+            return [item.get("expand") for item in api.json("GET", path, token=token)["items"]]
+
+        def texts(expansions: list[Any], key: str) -> list[list[str]]:
+            return [[c["text"] for c in e.get(key, [])] for e in expansions]
+
+        assert texts(expanded("comments_via_post", su), "comments_via_post") == [["c0", "c1", "c3"], ["c2"]]
+        assert texts(expanded("comments_via_post"), "comments_via_post") == [["c0", "c3"], ["c2"]]  # viewRule
+        assert texts(expanded("comments_via_posts"), "comments_via_posts") == [["c3"], ["c0", "c2", "c3"]]
+        assert texts(expanded("comments(post)"), "comments(post)") == [["c0", "c3"], ["c2"]]
+        assert texts(expanded(f"{comments['id']}_via_post"), f"{comments['id']}_via_post") == [["c0", "c3"], ["c2"]]
+        nested = expanded("comments_via_post.tags_via_comment")[0]["comments_via_post"][0]
+        assert nested["expand"]["tags_via_comment"]["name"] == "t0"  # a unique index: one object
+        assert expanded("comments_via_post.post")[0]["comments_via_post"][0]["expand"]["post"]["title"] == "p1"
+        for broken in ("nosuch", "title", "comments_via_nosuch", "comments_via_text", "comments_via_post.nosuch"):
+            assert expanded(broken) == [None, None], broken  # no `expand` key at all
+        assert texts(expanded("nosuch,comments_via_post"), "comments_via_post") == [["c0", "c3"], ["c2"]]
+
+
 def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         api.create_collection(
