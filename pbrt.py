@@ -3544,20 +3544,23 @@ class Store:
         values = tuple(to_column(spec, record[spec["name"]]) for spec in columns)
         table = quote_identifier(collection.name)
         with self.transaction():
-            if creating:
-                names = ", ".join(quote_identifier(spec["name"]) for spec in columns)
-                marks = ", ".join("?" for _ in columns)
-                self.connection.execute(
-                    f"INSERT INTO {table} ({names}) VALUES ({marks})", values
-                )
-            else:
-                assignments = ", ".join(
-                    f"{quote_identifier(spec['name'])} = ?" for spec in columns
-                )
-                self.connection.execute(
-                    f"UPDATE {table} SET {assignments} WHERE id = ?",
-                    (*values, current["id"]),  # type: ignore[index]
-                )
+            try:
+                if creating:
+                    names = ", ".join(quote_identifier(spec["name"]) for spec in columns)
+                    marks = ", ".join("?" for _ in columns)
+                    self.connection.execute(
+                        f"INSERT INTO {table} ({names}) VALUES ({marks})", values
+                    )
+                else:
+                    assignments = ", ".join(
+                        f"{quote_identifier(spec['name'])} = ?" for spec in columns
+                    )
+                    self.connection.execute(
+                        f"UPDATE {table} SET {assignments} WHERE id = ?",
+                        (*values, current["id"]),  # type: ignore[index]
+                    )
+            except sqlite3.IntegrityError as exc:
+                raise ValidationError(_unique_violation(collection, str(exc))) from None
             self._record_change(
                 RecordChange(
                     "create" if creating else "update", collection, record, current
@@ -3672,6 +3675,17 @@ class Store:
             (record["id"],),
         )
         deleted.append((collection, record))
+
+
+def _unique_violation(collection: Collection, message: str) -> dict[str, JSON]:
+    """PocketBase's answer to a unique index violation: `validation_not_unique`
+    on each column SQLite names ("UNIQUE constraint failed: posts.a, posts.b")."""
+    prefix = "UNIQUE constraint failed: "
+    if not message.startswith(prefix):
+        return {}
+    columns = [part.strip().rpartition(".")[2] for part in message[len(prefix) :].split(",")]
+    not_unique = validation_entry("validation_not_unique", "Value must be unique.")
+    return {name: not_unique for name in sorted(columns) if collection.field(name)}
 
 
 def _split_modifier(key: str) -> tuple[str, str]:

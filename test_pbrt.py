@@ -4402,6 +4402,48 @@ def test_records_back_relation_expand_like_pocketbase(tmp_path: Path) -> None:
         assert texts(expanded("nosuch,comments_via_post"), "comments_via_post") == [["c0", "c3"], ["c2"]]
 
 
+def test_records_unique_index_violations_answer_like_pocketbase(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.create_collection(
+            {
+                "name": "u",
+                "type": "base",
+                "createRule": "",
+                "updateRule": "",
+                "fields": [
+                    {"name": "a", "type": "text"},
+                    {"name": "b", "type": "text"},
+                    {"name": "c", "type": "number"},
+                    {"name": "d", "type": "text"},
+                ],
+                "indexes": [
+                    "CREATE UNIQUE INDEX ia ON u (a)",
+                    "CREATE UNIQUE INDEX ibc ON u (b, c)",
+                    "CREATE UNIQUE INDEX idl ON u (d COLLATE NOCASE) WHERE d != ''",
+                ],
+            },
+            su,
+        )
+        records = "/api/collections/u/records"
+        api.json("POST", records, {"a": "1", "b": "x", "c": 1, "d": "Q"})
+        entry = {"code": "validation_not_unique", "message": "Value must be unique."}
+        for body, fields in [  # as recorded from PocketBase 0.40.6
+            ({"a": "1"}, ["a"]),
+            ({"a": "2", "b": "x", "c": 1}, ["b", "c"]),
+            ({"a": "4", "d": "q"}, ["d"]),
+        ]:
+            status, text = api.call("POST", records, body)
+            assert (status, json.loads(text)) == (
+                400,
+                {"data": {name: entry for name in fields}, "message": "Failed to create record.", "status": 400},
+            ), body
+        assert api.call("POST", records, {"a": "3", "b": "x", "c": 2})[0] == 200
+        other = api.json("POST", records, {"a": "9", "b": "z"})
+        status, text = api.call("PATCH", f"{records}/{other['id']}", {"a": "1"})
+        assert (status, json.loads(text)["data"]) == (400, {"a": entry})
+        assert api.json("GET", records, token=su)["totalItems"] == 3
+
+
 def test_records_relations_expand_and_delete_rules(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         api.create_collection(
