@@ -5164,7 +5164,13 @@ class Broker:
                 client = self.clients.get(client_id)
                 if client is None or client.closed:
                     continue
-                auth = auth_updates.get(client_id, client.auth)
+                # A delete is decided on the auth the client had: a user still
+                # hears of their own deletion (PocketBase's order), then is a guest.
+                auth = (
+                    client.auth
+                    if change.action == "delete"
+                    else auth_updates.get(client_id, client.auth)
+                )
                 candidates.extend(
                     (client, subscription, rule_name, auth)
                     for subscription in subscriptions

@@ -2612,6 +2612,24 @@ def test_realtime_auth_follows_the_auth_record(tmp_path: Path) -> None:
         run(body(api, su, token, user))
 
 
+def test_realtime_deleted_user_receives_their_own_delete_event(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.json("PATCH", "/api/collections/users", {"listRule": "id = @request.auth.id"}, su)
+        token, user = make_user(api, "leaving", su)
+
+        async def body() -> None:
+            port = port_of(api)
+            client = await SseClient.connect(port)
+            assert (await post_subscriptions(port, client.id, ["users/*"], token)).status == 204
+            await asyncio.to_thread(api.call, "DELETE", f"/api/collections/users/records/{user['id']}", None, su)
+            event = json.loads((await client.next_event())["data"])
+            assert (event["action"], event["record"]["id"]) == ("delete", user["id"])
+            assert (await post_subscriptions(port, client.id, ["users/*"])).status == 204  # a guest now
+            await client.close()
+
+        run(body())
+
+
 def test_realtime_idle_and_max_lifetimes_end_the_stream(tmp_path: Path) -> None:
     async def body(api: Api, su: str) -> None:
         port = port_of(api)
