@@ -1898,6 +1898,13 @@ class SseClient:
         block, self.buffer = self.buffer.split("\n\n", 1)
         return dict(line.split(":", 1) for line in block.split("\n"))
 
+    async def events_until_marker(self, timeout: float = 10.0) -> list[dict[str, str]]:
+        """The events before the MARKER message (see `publish_marker`)."""
+        events = []
+        while (event := await self.next_event(timeout))["event"] != MARKER:
+            events.append(event)
+        return events
+
     async def events_for(self, seconds: float) -> list[dict[str, str]]:
         events = []
         with contextlib.suppress(TimeoutError, EOFError):
@@ -1910,6 +1917,15 @@ class SseClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
+
+
+MARKER = "test/marker"  # a custom topic: subscribe to it, publish it, read up to it
+
+
+async def publish_marker(app: pbrt.App) -> None:
+    """Publish on MARKER; it reaches each subscriber after every event of the
+    writes already acknowledged (one writer, commit order)."""
+    await on_server_loop(app, lambda: app.broker.publish(MARKER, {}))
 
 
 async def post_subscriptions(
@@ -2090,13 +2106,13 @@ def test_realtime_subscribe_status_paths_match_pocketbase(tmp_path: Path) -> Non
             b'{"data":{},"message":"Invalid realtime client.","status":400}',
         )
         await client.close()
-        await asyncio.sleep(0.2)
-        assert await post(
-            json.dumps({"clientId": client.id}).encode(), token=user_token
-        ) == (
-            404,
-            b'{"data":{},"message":"Missing or invalid client id.","status":404}',
-        )
+        gone = (404, b'{"data":{},"message":"Missing or invalid client id.","status":404}')
+        for _ in range(500):  # until the server has seen the close (bounded)
+            answer = await post(json.dumps({"clientId": client.id}).encode(), token=user_token)
+            if answer == gone:
+                break
+            await asyncio.sleep(0.01)
+        assert answer == gone
 
     with serving(tmp_path) as (_, api, su):
         tokens = []
@@ -2138,7 +2154,7 @@ NOTES = {
 
 
 def test_realtime_record_events_match_the_oracle_capture(tmp_path: Path) -> None:
-    async def body(api: Api, su: str, note_id: str) -> list[str]:
+    async def body(app: pbrt.App, api: Api, su: str, note_id: str) -> list[str]:
         port = port_of(api)
         client = await SseClient.connect(port)
         fields_option = "notes/*?options=%7B%22query%22%3A%7B%22fields%22%3A%22id%2Ctitle%22%7D%2C%22headers%22%3A%7B%7D%7D"
@@ -2150,6 +2166,7 @@ def test_realtime_record_events_match_the_oracle_capture(tmp_path: Path) -> None
             "notes",
             "Notes/*",
             "notes/*x",
+            MARKER,
         ]
         assert (await post_subscriptions(port, client.id, subscriptions)).status == 204
         await asyncio.to_thread(
@@ -2169,13 +2186,14 @@ def test_realtime_record_events_match_the_oracle_capture(tmp_path: Path) -> None
         await asyncio.to_thread(
             api.call, "DELETE", f"/api/collections/notes/records/{note_id}", None, su
         )
-        events = await client.events_for(1.0)
+        await publish_marker(app)
+        events = await client.events_until_marker()
         assert all(event["id"] == client.id for event in events)
         await client.close()
         ids = {note_id: "ID0"}
         return [normalize_event(event, ids) for event in events]
 
-    with serving(tmp_path) as (_, api, su):
+    with serving(tmp_path) as (app, api, su):
         api.create_collection(NOTES, su)
         note = api.json(
             "POST",
@@ -2183,7 +2201,7 @@ def test_realtime_record_events_match_the_oracle_capture(tmp_path: Path) -> None
             {"title": "first", "secret": "s"},
             su,
         )
-        received = run(body(api, su, note["id"]))
+        received = run(body(app, api, su, note["id"]))
     record0 = '"collectionId":"pbc_3395098727","collectionName":"notes","created":"TS","id":"ID0","title":"hello again","updated":"TS"'
     record1 = '"collectionId":"pbc_3395098727","collectionName":"notes","created":"TS","id":"ID1","title":"second","updated":"TS"'
     fields_event = "notes/*?options=%7B%22query%22%3A%7B%22fields%22%3A%22id%2Ctitle%22%7D%2C%22headers%22%3A%7B%7D%7D"
@@ -2212,7 +2230,11 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
     owned_rule = '@request.auth.id != "" && owner = @request.auth.id'
 
     async def body(
-        api: Api, su: str, tokens: dict[str, str], users: dict[str, dict[str, Any]]
+        app: pbrt.App,
+        api: Api,
+        su: str,
+        tokens: dict[str, str],
+        users: dict[str, dict[str, Any]],
     ) -> dict[str, list[str]]:
         port = port_of(api)
         clients = {
@@ -2231,6 +2253,7 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
                 "viewonly/vvvvvvvvvvvvvvv",
                 'owned/*?options={"query":{"filter":"t ~ \'keep\'"}}',
                 'owned/*?options={"query":{"filter":"@request.auth.id != \'\'"}}',
+                MARKER,
             ]
             assert (
                 await post_subscriptions(port, client.id, subscriptions, auth[name])
@@ -2267,9 +2290,10 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
             )
 
         await asyncio.to_thread(writes)
+        await publish_marker(app)
         received = {}
         for name, client in clients.items():
-            events = await client.events_for(0.8)
+            events = await client.events_until_marker()
             received[name] = [
                 f"{e['event'].split('?')[0]} {json.loads(e['data'])['action']} {e['data']}"
                 for e in events
@@ -2277,7 +2301,7 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
             await client.close()
         return received
 
-    with serving(tmp_path) as (_, api, su):
+    with serving(tmp_path) as (app, api, su):
         api.create_collection(
             {
                 "name": "locked",
@@ -2334,7 +2358,7 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
                 su,
             )
             tokens[name] = api.login("members", f"{name}@example.com", "password123")[0]
-        received = run(body(api, su, tokens, users))
+        received = run(body(app, api, su, tokens, users))
     summary = {
         name: sorted(" ".join(line.split(" ")[:2]) for line in lines)
         for name, lines in received.items()
@@ -2389,7 +2413,7 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
 
 
 def test_realtime_expand_fields_filter_and_headers_options(tmp_path: Path) -> None:
-    async def body(api: Api, su: str) -> list[str]:
+    async def body(app: pbrt.App, api: Api, su: str) -> list[str]:
         port = port_of(api)
         client = await SseClient.connect(port)
         options = {
@@ -2405,7 +2429,7 @@ def test_realtime_expand_fields_filter_and_headers_options(tmp_path: Path) -> No
         subscriptions = [
             f"tasks/*?options={urllib.parse.quote(json.dumps(value))}"
             for value in options.values()
-        ]
+        ] + [MARKER]
         assert (await post_subscriptions(port, client.id, subscriptions)).status == 204
         await asyncio.to_thread(
             api.json,
@@ -2421,16 +2445,15 @@ def test_realtime_expand_fields_filter_and_headers_options(tmp_path: Path) -> No
             {"n": 20, "team": team_id},
             su,
         )
-        events = await client.events_for(0.8)
+        await publish_marker(app)
+        events = await client.events_until_marker()
         await client.close()
         names = {
             subscription: name for subscription, name in zip(subscriptions, options)
         }
         return sorted(f"{names[e['event']]} {e['data']}" for e in events)
 
-    import urllib.parse
-
-    with serving(tmp_path) as (_, api, su):
+    with serving(tmp_path) as (app, api, su):
         api.create_collection(
             {
                 "name": "teams",
@@ -2462,7 +2485,7 @@ def test_realtime_expand_fields_filter_and_headers_options(tmp_path: Path) -> No
             },
             su,
         )
-        received = run(body(api, su))
+        received = run(body(app, api, su))
     kinds = [line.split(" ")[0] for line in received]
     assert kinds == [
         "expand",
@@ -2485,7 +2508,7 @@ def test_realtime_sends_nothing_for_rolled_back_writes(tmp_path: Path) -> None:
     async def body(app: pbrt.App, api: Api, su: str) -> list[dict[str, str]]:
         port = port_of(api)
         client = await SseClient.connect(port)
-        assert (await post_subscriptions(port, client.id, ["notes/*"])).status == 204
+        assert (await post_subscriptions(port, client.id, ["notes/*", MARKER])).status == 204
 
         def rolled_back() -> None:
             store, notes = app.store, app.store.collection("notes")
@@ -2508,7 +2531,8 @@ def test_realtime_sends_nothing_for_rolled_back_writes(tmp_path: Path) -> None:
         await asyncio.to_thread(
             api.json, "POST", "/api/collections/notes/records", {"title": "kept"}
         )
-        events = await client.events_for(0.6)
+        await publish_marker(app)
+        events = await client.events_until_marker()
         await client.close()
         return events
 
@@ -5417,13 +5441,14 @@ def test_app_hooks_change_refuse_and_fail_requests_without_crashing(
         async def body() -> list[str]:
             client = await SseClient.connect(port_of(api))
             assert (
-                await post_subscriptions(port_of(api), client.id, ["posts/*"])
+                await post_subscriptions(port_of(api), client.id, ["posts/*", MARKER])
             ).status == 204
             for title in ("  hello ", "secret", "forbidden", "crash"):
                 await asyncio.to_thread(
                     api.call, "POST", "/api/collections/posts/records", {"title": title}
                 )
-            events = await client.events_for(0.8)
+            await publish_marker(app)
+            events = await client.events_until_marker()
             await client.close()
             return [json.loads(e["data"])["record"]["title"] for e in events]
 
@@ -5497,7 +5522,9 @@ def test_app_thread_safe_writes_and_publish_reach_subscribers(tmp_path: Path) ->
             assert (
                 await asyncio.to_thread(app.publish, "chat/room1", {"text": "hi"}) == 1
             )
-            events = await client.events_for(1.0)
+            events = []  # the publish comes after every write's event
+            while not events or events[-1]["event"] != "chat/room1":
+                events.append(await client.next_event(10))
             await client.close()
             numbers = [
                 json.loads(e["data"])["record"]["n"]
