@@ -71,7 +71,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -123,6 +123,7 @@ HEAD_TIMEOUT_S = 10.0  # a head must be complete this long after its first byte
 BODY_TIMEOUT_S = 60.0  # the whole body must arrive within this time
 KEEPALIVE_TIMEOUT_S = 75.0  # idle keep-alive connections close (nginx's default)
 SHUTDOWN_GRACE_S = 5.0  # requests in flight get this long to finish on shutdown
+READ_THREADS = 4  # threads reading (lists, views) beside the event loop
 SEND_TIMEOUT_S = 30.0  # a response not taken by the client within this closes it
 SEND_SLICE_BYTES = 64 * 1024  # response bodies go out in slices of this size
 MAX_UNSENT_BYTES = 64 * 1024 * 1024  # bodies being sent, in all, before stalled readers go
@@ -2894,18 +2895,14 @@ class Store:
         self.new_id = new_id
         self.new_secret = new_secret
         self.hash_password = hash_password
-        self.connection = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False
-        )
-        self.connection.execute("PRAGMA journal_mode = WAL")
-        self.connection.execute("PRAGMA foreign_keys = ON")
-        self.connection.execute("PRAGMA busy_timeout = 5000")
-        self.connection.execute("PRAGMA synchronous = NORMAL")
-        self.connection.create_function(
-            GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True
-        )
+        self._writer = self._connect(path)
+        self._writer.execute("PRAGMA journal_mode = WAL")
+        self._writer.execute("PRAGMA foreign_keys = ON")
+        self._writer.execute("PRAGMA synchronous = NORMAL")
+        # Per thread: the read-only connection `read` lent it, and its budget.
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
         self._depth = 0
-        self._deadline: float | None = None
         self._changes: list[RecordChange] = []
         self.listener: ChangeListener | None = None
         self._collections: dict[str, Collection] = {}
@@ -2919,9 +2916,52 @@ class Store:
             if not self._collections:
                 self._create_default_collections()
 
+    @staticmethod
+    def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
+        if read_only:
+            target = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+            connection = sqlite3.connect(target, uri=True, check_same_thread=False)
+        else:
+            connection = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False
+            )
+        connection.execute("PRAGMA busy_timeout = 5000")
+        connection.create_function(
+            GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True
+        )
+        return connection
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection of this thread: its read-only one inside `read`, else the writer."""
+        return getattr(self._local, "connection", None) or self._writer
+
+    @property
+    def can_read_in_threads(self) -> bool:
+        """Whether other threads may read beside the writer (a file in WAL mode)."""
+        return self.path != ":memory:"
+
+    def read(self, function: Callable[[], Any]) -> Any:
+        """Run `function` with this thread's read-only connection (opened once).
+
+        For worker threads: WAL lets them read a committed snapshot while the
+        writer goes on; a write through it fails.
+        """
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = self._connect(self.path, read_only=True)
+            self._readers.append(reader)
+        self._local.connection = reader
+        try:
+            return function()
+        finally:
+            self._local.connection = None
+
     def close(self) -> None:
         """Close the database; later calls fail."""
-        self.connection.close()
+        for reader in self._readers:
+            reader.close()
+        self._writer.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -2956,9 +2996,9 @@ class Store:
         Raises BudgetExceeded from the block when SQLite was interrupted;
         nested budgets keep the earlier deadline.
         """
-        outer = self._deadline
+        outer = getattr(self._local, "deadline", None)
         deadline = time.monotonic() + seconds
-        self._deadline = deadline if outer is None else min(outer, deadline)
+        self._local.deadline = deadline if outer is None else min(outer, deadline)
         self.connection.set_progress_handler(self._past_deadline, BUDGET_CHECK_STEPS)
         try:
             yield
@@ -2969,12 +3009,13 @@ class Store:
                 raise
             raise BudgetExceeded(f"SQL ran past its budget of {seconds:g} s") from None
         finally:
-            self._deadline = outer
+            self._local.deadline = outer
             if outer is None:
                 self.connection.set_progress_handler(None, 0)
 
     def _past_deadline(self) -> int:
-        return int(self._deadline is not None and time.monotonic() > self._deadline)
+        deadline = getattr(self._local, "deadline", None)
+        return int(deadline is not None and time.monotonic() > deadline)
 
     def _record_change(self, change: RecordChange) -> None:
         """Queue a change for the listener (inside the open transaction)."""
@@ -2988,13 +3029,16 @@ class Store:
 
     # --- collections -------------------------------------------------------
 
+    # The dict of collections is replaced, never changed in place, so that
+    # readers in other threads always iterate a consistent one.
+
     def _load_collections(self) -> None:
-        self._collections = {}
+        loaded: dict[str, Collection] = {}
         for (data,) in self.connection.execute(
             'SELECT data FROM "_collections" ORDER BY position'
         ):
             stored = json.loads(data)
-            self._collections[stored["id"]] = Collection(
+            loaded[stored["id"]] = Collection(
                 id=stored["id"],
                 name=stored["name"],
                 type=stored["type"],
@@ -3006,6 +3050,7 @@ class Store:
                 updated=stored["updated"],
                 options=stored["options"],
             )
+        self._collections = loaded
 
     def _create_default_collections(self) -> None:
         """Create what a fresh PocketBase has: `_superusers` and `users`."""
@@ -3148,7 +3193,7 @@ class Store:
                 (collection.name, json.dumps(stored), collection.id),
             )
         self._migrate_table(collection, existing)
-        self._collections[collection.id] = collection
+        self._collections = {**self._collections, collection.id: collection}
 
     def _migrate_table(
         self, collection: Collection, existing: Collection | None
@@ -3228,7 +3273,12 @@ class Store:
                 'DELETE FROM "_collections" WHERE id = ?', (collection.id,)
             )
             self.connection.execute(f"DROP TABLE {quote_identifier(collection.name)}")
-            del self._collections[collection.id]
+            self._forget_collection(collection.id)
+
+    def _forget_collection(self, collection_id: str) -> None:
+        self._collections = {
+            key: value for key, value in self._collections.items() if key != collection_id
+        }
 
     def import_collections(
         self, items: list[dict[str, JSON]], *, delete_missing: bool
@@ -3282,7 +3332,7 @@ class Store:
                         self.connection.execute(
                             f"DROP TABLE {quote_identifier(collection.name)}"
                         )
-                        del self._collections[collection.id]
+                        self._forget_collection(collection.id)
 
     # --- reading records -----------------------------------------------------
 
@@ -3397,13 +3447,15 @@ class Store:
         data: dict[str, JSON],
         *,
         privileged: bool,
+        password_hash: str | None = None,
     ) -> Record:
         """Validate and insert a record built from submitted `data`.
 
         Non-privileged callers cannot set hidden fields (silently dropped)
-        nor mark auth records verified. Raises ValidationError.
+        nor mark auth records verified. `password_hash` is the submitted
+        password already hashed (else it is hashed here). Raises ValidationError.
         """
-        return self._write(collection, None, data, privileged)
+        return self._write(collection, None, data, privileged, password_hash)
 
     def update_record(
         self,
@@ -3412,9 +3464,10 @@ class Store:
         data: dict[str, JSON],
         *,
         privileged: bool,
+        password_hash: str | None = None,
     ) -> Record:
         """Apply submitted `data` (with `+`/`-` modifiers) to a record and save it."""
-        return self._write(collection, current, data, privileged)
+        return self._write(collection, current, data, privileged, password_hash)
 
     def _write(
         self,
@@ -3422,6 +3475,7 @@ class Store:
         current: Record | None,
         data: dict[str, JSON],
         privileged: bool,
+        password_hash: str | None,
     ) -> Record:
         """Apply `data` to a copy of `current` (or to zero values), validate, save."""
         if current is None:
@@ -3429,7 +3483,12 @@ class Store:
         else:
             record = dict(current)
         errors = self._apply(
-            collection, record, data, privileged=privileged, creating=current is None
+            collection,
+            record,
+            data,
+            privileged=privileged,
+            creating=current is None,
+            password_hash=password_hash,
         )
         return self._save(collection, record, current, errors)
 
@@ -3441,6 +3500,7 @@ class Store:
         *,
         privileged: bool,
         creating: bool,
+        password_hash: str | None = None,
     ) -> dict[str, JSON]:
         """Set submitted values on `record`; return early validation errors."""
         errors: dict[str, JSON] = {}
@@ -3500,7 +3560,7 @@ class Store:
                 if problem:
                     errors["password"] = problem
                 elif password:
-                    record["password"] = self.hash_password(password)
+                    record["password"] = password_hash or self.hash_password(password)
                     record["tokenKey"] = self.new_secret()
             if creating and not record.get("tokenKey"):
                 record["tokenKey"] = self.new_secret()
@@ -3790,11 +3850,12 @@ class RequestInfo:
     method: str = "GET"
     context: str = "default"
     now: float = 0.0
+    system: bool = False  # the embedding API: no auth record, every rule passes
 
     @property
     def is_superuser(self) -> bool:
-        """Whether the auth record is a superuser."""
-        return (
+        """Whether every rule passes: the system, or a superuser's auth record."""
+        return self.system or (
             self.auth_collection is not None and self.auth_collection.name == SUPERUSERS
         )
 
@@ -4314,6 +4375,28 @@ def compile_rules(
     return CompiledRule(sql, (*join_params, *params), ir, True)
 
 
+def can_access(
+    store: Store,
+    collection: Collection,
+    record_id: str,
+    rule: str | None,
+    info: RequestInfo,
+) -> bool:
+    """Whether `info`'s requester passes `rule` on one stored record
+    (PocketBase's CanAccessRecord): null is superusers only, "" everyone."""
+    if info.is_superuser:
+        return True
+    if rule is None:
+        return False
+    if rule == "":
+        return True
+    try:
+        compiled = compile_rules(store, collection, info, [(rule, False)])
+    except RuleError:
+        return False
+    return store.record_matches(collection, record_id, compiled.sql, compiled.params)
+
+
 # --- record JSON, expand and fields ----------------------------------------
 
 MAX_EXPAND_DEPTH = 6
@@ -4472,18 +4555,8 @@ class RecordPresenter:
         ) == record.get("id"):
             return True
         manage_rule = collection.options.get("manageRule")
-        if manage_rule == "":
-            return True
-        if not isinstance(manage_rule, str):
-            return False
-        try:
-            compiled = compile_rules(
-                self.store, collection, info, [(manage_rule, False)]
-            )
-        except RuleError:
-            return False
-        return self.store.record_matches(
-            collection, str(record.get("id")), compiled.sql, compiled.params
+        return isinstance(manage_rule, str) and can_access(
+            self.store, collection, str(record.get("id")), manage_rule, info
         )
 
     def present(
@@ -5537,13 +5610,13 @@ class Router:
 ONLY_SUPERUSERS = "Only superusers can perform this action."
 
 
-def require_rule(rule: str | None, auth: Auth | None) -> bool:
+def require_rule(rule: str | None, superuser: bool) -> bool:
     """Apply a collection rule's null/"" forms; return whether it is an expression.
 
     Raises ForbiddenError for a null (superusers only) rule. Superusers pass
     every rule (returns False: nothing left to evaluate).
     """
-    if auth is not None and auth.is_superuser:
+    if superuser:
         return False
     if rule is None:
         raise ForbiddenError(ONLY_SUPERUSERS)
@@ -5553,34 +5626,6 @@ def require_rule(rule: str | None, auth: Auth | None) -> bool:
 def canonical_header_name(name: str) -> str:
     """Go's canonical header form (`x-api-key` -> `X-Api-Key`)."""
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
-
-
-def request_info(
-    context: RequestContext,
-    request_context: str = "default",
-    body: dict[str, JSON] | None = None,
-) -> RequestInfo:
-    """The `@request.*` view of an HTTP request; `body` replaces the submitted one."""
-    request, auth = context.request, context.auth
-    if body is None:
-        body = {}
-        if context.raw_body:
-            with contextlib.suppress(BodyError):
-                body = context.body.data
-    return RequestInfo(
-        auth_collection=auth.collection if auth else None,
-        auth_record=auth.record if auth else None,
-        query={key: values[0] for key, values in request.query.items()},
-        headers={
-            snake_case_header(canonical_header_name(name)): value
-            for name, value in request.headers.items()
-            if name != "host"
-        },
-        body=body,
-        method=request.method,
-        context=request_context,
-        now=context.app.now(),
-    )
 
 
 # --- hooks ----------------------------------------------------------------------
@@ -5668,41 +5713,49 @@ class Hooks:
         return payload
 
 
-# --- handlers ------------------------------------------------------------------
+# --- the records layer -----------------------------------------------------------
+# Record operations on behalf of a requester: rules, validation, hooks, and the
+# writes whose commits the broker turns into events. HTTP handlers and App call
+# it alike. Password hashing waits in a thread (`run_blocking`), reads run on a
+# read-only connection in a worker thread (`run_read`); writes run on the event
+# loop, one at a time, in commit order.
 
 
-AUTH_RULE_REFUSED = (
-    "The request doesn't satisfy the collection requirements to authenticate."
-)
-MISSING_AUTH_TOKEN = "The request requires valid record authorization token."
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """Who asks: an auth record, a guest (`auth` None), or the system (the
+    embedding API, which passes every rule), with what `@request.*` sees."""
 
+    auth: Auth | None = None
+    system: bool = False
+    query: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    method: str = "GET"
 
-def _store(context: RequestContext) -> Store:
-    store = context.app.store
-    assert store is not None
-    return store
+    @property
+    def is_superuser(self) -> bool:
+        """Whether every rule passes (the system, or a superuser)."""
+        return self.system or (self.auth is not None and self.auth.is_superuser)
 
-
-def _collection_or_404(
-    context: RequestContext, message: str = "Missing collection context."
-) -> Collection:
-    collection = _store(context).collection(context.params["collection"])
-    if collection is None:
-        raise NotFoundError(message)
-    return collection
-
-
-def _is_superuser(context: RequestContext) -> bool:
-    return context.auth is not None and context.auth.is_superuser
-
-
-def _require_superuser(context: RequestContext) -> None:
-    if context.auth is None:
-        raise UnauthorizedError(MISSING_AUTH_TOKEN)
-    if not context.auth.is_superuser:
-        raise ForbiddenError(
-            "The authorized record is not allowed to perform this action."
+    def info(
+        self, now: float, body: dict[str, JSON] | None = None, context: str = "default"
+    ) -> RequestInfo:
+        """The `@request.*` view of this requester at `now`."""
+        auth = self.auth
+        return RequestInfo(
+            auth_collection=auth.collection if auth else None,
+            auth_record=auth.record if auth else None,
+            query=self.query,
+            headers=self.headers,
+            body=body or {},
+            method=self.method,
+            context=context,
+            now=now,
+            system=self.system,
         )
+
+
+SYSTEM = Requester(system=True)
 
 
 def _go_bool(text: str) -> bool:
@@ -5714,8 +5767,8 @@ def _go_bool(text: str) -> bool:
     raise BadRequestError()
 
 
-def _int_param(request: Request, name: str, default: int) -> int:
-    text = request.query_value(name)
+def _int_query(query: Mapping[str, str], name: str, default: int) -> int:
+    text = query.get(name, "")
     if text == "":
         return default
     try:
@@ -5724,48 +5777,17 @@ def _int_param(request: Request, name: str, default: int) -> int:
         raise BadRequestError() from None
 
 
-def _paging(request: Request) -> tuple[int, int, bool]:
-    page = _int_param(request, "page", 1)
-    per_page = _int_param(request, "perPage", DEFAULT_PER_PAGE)
-    skip_total = (
-        _go_bool(request.query_value("skipTotal"))
-        if request.query_value("skipTotal")
-        else False
-    )
-    page = page if page > 0 else 1
-    per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
-    return page, per_page, skip_total
-
-
 def _list_envelope(
     items: list[JSON], page: int, per_page: int, total: int | None
 ) -> dict[str, JSON]:
-    if total is None:
-        return {
-            "items": items,
-            "page": page,
-            "perPage": per_page,
-            "totalItems": -1,
-            "totalPages": -1,
-        }
-    pages = (total + per_page - 1) // per_page
+    pages = -1 if total is None else (total + per_page - 1) // per_page
     return {
         "items": items,
         "page": page,
         "perPage": per_page,
-        "totalItems": total,
+        "totalItems": -1 if total is None else total,
         "totalPages": pages,
     }
-
-
-def _presenter(context: RequestContext) -> RecordPresenter:
-    request = context.request
-    return RecordPresenter(
-        _store(context),
-        request_info(context),
-        request.query_value("expand"),
-        request.query_value("fields"),
-    )
 
 
 def compile_sort(
@@ -5829,260 +5851,430 @@ def _sort_key(resolved: Resolved, params: list[JSON]) -> str:
     return f"(CASE WHEN {guard} THEN {render_sql(resolved.node, params)} END)"
 
 
-def _check_superuser_only_syntax(context: RequestContext) -> None:
-    """PocketBase refuses `@collection.`/`@request.` in filters and sorts of non-superusers."""
-    if _is_superuser(context):
-        return
-    for parameter in ("filter", "sort"):
-        text = context.request.query_value(parameter)
-        for prefix in ("@collection.", "@request."):
-            if prefix in text:
-                raise ForbiddenError(f"Only superusers can filter by {prefix}")
+class Records:
+    """Create, update, delete, view and list records for a requester.
+
+    Raises ApiError (404 for a missing or hidden record, 403 for a
+    superusers-only rule, 400 with PocketBase's field errors), RuleError for
+    a bad filter or sort and BudgetExceeded for a read over its budget.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        hooks: Hooks,
+        *,
+        now: Callable[[], float],
+        hash_password: Callable[[str], str],
+        run_blocking: Callable[..., Awaitable[Any]],
+        run_read: Callable[[Callable[[], Any]], Awaitable[Any]],
+        request_budget_s: float = REQUEST_BUDGET_S,
+    ) -> None:
+        self.store, self.hooks, self.now = store, hooks, now
+        self.hash_password = hash_password
+        self.run_blocking, self.run_read = run_blocking, run_read
+        self.request_budget_s = request_budget_s
+
+    def collection(self, ref: str, message: str = "Missing collection context.") -> Collection:
+        """The collection named or identified by `ref`; NotFoundError if none."""
+        found = self.store.collection(ref)
+        if found is None:
+            raise NotFoundError(message)
+        return found
+
+    # --- reading -----------------------------------------------------------------
+
+    async def list(
+        self, requester: Requester, ref: str, query: Mapping[str, str]
+    ) -> dict[str, JSON]:
+        """One page of records, as `GET .../records` with these query parameters
+        (`filter`, `sort`, `page`, `perPage`, `skipTotal`, `expand`, `fields`)."""
+        collection = self.collection(ref)
+        superuser = requester.is_superuser
+        has_rule = require_rule(collection.rules.get("listRule"), superuser)
+        filter_text, sort = query.get("filter", ""), query.get("sort", "")
+        if not superuser:  # as PocketBase, before anything else is parsed
+            for text in (filter_text, sort):
+                for prefix in ("@collection.", "@request."):
+                    if prefix in text:
+                        raise ForbiddenError(f"Only superusers can filter by {prefix}")
+        page = max(_int_query(query, "page", 1), 1)
+        per_page = _int_query(query, "perPage", DEFAULT_PER_PAGE)
+        per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
+        skip_total = _go_bool(query["skipTotal"]) if query.get("skipTotal") else False
+        if len(filter_text.encode()) > MAX_FILTER_BYTES:
+            raise BadRequestError()
+        if filter_text and not filter_text.strip():
+            raise RuleError("empty filter")  # PocketBase: 400, unlike no filter at all
+        info = requester.info(self.now())
+        presenter_args = (info, query.get("expand", ""), query.get("fields", ""))
+
+        def read() -> dict[str, JSON]:
+            store = self.store
+            order, order_params = (
+                compile_sort(store, collection, info, sort) if sort else ("", ())
+            )
+            rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
+            if filter_text:
+                rules.append((filter_text, True))
+            sort_paths = tuple(
+                item.strip().lstrip("+-") for item in sort.split(",") if "." in item
+            )
+            compiled = (
+                compile_rules(store, collection, info, rules, sort_paths)
+                if rules or sort_paths
+                else None
+            )
+            where, params = (compiled.sql, compiled.params) if compiled else ("", ())
+            with store.budget(self.request_budget_s):
+                records = store.find_records(
+                    collection,
+                    where=where,
+                    params=params,
+                    order=order,
+                    order_params=order_params,
+                    limit=per_page,
+                    offset=(page - 1) * per_page,
+                )
+                total = (
+                    None
+                    if skip_total
+                    else store.count_records(collection, where=where, params=params)
+                )
+                items = RecordPresenter(store, *presenter_args).present(collection, records)
+            return _list_envelope(items, page, per_page, total)
+
+        return cast(dict[str, JSON], await self.run_read(read))
+
+    async def view(
+        self,
+        requester: Requester,
+        ref: str,
+        record_id: str,
+        *,
+        expand: str = "",
+        fields: str = "",
+    ) -> dict[str, JSON]:
+        """One record, if the viewRule lets the requester see it (else 404)."""
+        collection = self.collection(ref)
+        info = requester.info(self.now())
+
+        def read() -> dict[str, JSON]:
+            with self.store.budget(self.request_budget_s):
+                record = self._record_or_404(requester, collection, record_id, "viewRule")
+                presenter = RecordPresenter(self.store, info, expand, fields)
+                return presenter.present_one(collection, record)
+
+        return cast(dict[str, JSON], await self.run_read(read))
+
+    def _record_or_404(
+        self,
+        requester: Requester,
+        collection: Collection,
+        record_id: str,
+        rule_name: str,
+        body: dict[str, JSON] | Callable[[Record], dict[str, JSON]] | None = None,
+    ) -> Record:
+        """The stored record, or 404 when it is missing or the rule hides it.
+
+        `body` is `@request.body`, or makes it from the stored record (an
+        update's modifiers resolve against it).
+        """
+        rule = collection.rules.get(rule_name)
+        require_rule(rule, requester.is_superuser)
+        record = self.store.get_record(collection, record_id)
+        if record is None:
+            raise NotFoundError()
+        submitted = body(record) if callable(body) else body
+        info = requester.info(self.now(), submitted)
+        if not can_access(self.store, collection, record["id"], rule, info):
+            raise NotFoundError()
+        return record
+
+    # --- writing -----------------------------------------------------------------
+
+    async def create(
+        self,
+        requester: Requester,
+        ref: str,
+        data: dict[str, JSON],
+        *,
+        expand: str = "",
+        fields: str = "",
+    ) -> dict[str, JSON]:
+        """Validate, insert (hooks, createRule) and return a record."""
+        collection = self.collection(ref)
+        superuser = requester.is_superuser
+        rule = collection.rules.get("createRule")
+        has_rule = require_rule(rule, superuser)
+        self.hooks.run(
+            "before_create",
+            RecordEvent(collection, data, None, requester.auth),
+            collection=collection,
+        )
+        try:
+            await self._check_password_form(requester, collection, data, None)
+            password_hash = await self._hash_submitted(collection, data)
+            with self.store.transaction():
+                record = self.store.create_record(
+                    collection, data, privileged=superuser, password_hash=password_hash
+                )
+                body = resolve_body_modifiers(collection, None, data, superuser=False)
+                info = requester.info(self.now(), body)
+                if has_rule and not can_access(
+                    self.store, collection, record["id"], rule, info
+                ):
+                    raise BadRequestError("Failed to create record.")
+        except ValidationError as exc:
+            raise BadRequestError("Failed to create record.", exc.errors) from None
+        self.hooks.run(
+            "after_create",
+            RecordEvent(collection, data, record, requester.auth),
+            collection=collection,
+        )
+        presenter = RecordPresenter(self.store, requester.info(self.now()), expand, fields)
+        return presenter.present_one(collection, record)
+
+    async def update(
+        self,
+        requester: Requester,
+        ref: str,
+        record_id: str,
+        data: dict[str, JSON],
+        *,
+        expand: str = "",
+        fields: str = "",
+    ) -> dict[str, JSON]:
+        """Apply `data` (modifiers included) if the updateRule allows; return the record."""
+        collection = self.collection(ref)
+        superuser = requester.is_superuser
+
+        def body(stored: Record) -> dict[str, JSON]:
+            return resolve_body_modifiers(collection, stored, data, superuser=superuser)
+
+        current = self._record_or_404(requester, collection, record_id, "updateRule", body)
+        self.hooks.run(
+            "before_update",
+            RecordEvent(collection, data, current, requester.auth),
+            collection=collection,
+        )
+        try:
+            await self._check_password_form(requester, collection, data, current)
+            password_hash = await self._hash_submitted(collection, data)
+            if password_hash is not None:  # other writes ran meanwhile: check again
+                current = self._record_or_404(
+                    requester, collection, record_id, "updateRule", body
+                )
+            record = self.store.update_record(
+                collection, current, data, privileged=superuser, password_hash=password_hash
+            )
+        except ValidationError as exc:
+            raise BadRequestError("Failed to update record.", exc.errors) from None
+        self.hooks.run(
+            "after_update",
+            RecordEvent(collection, data, record, requester.auth),
+            collection=collection,
+        )
+        viewer = requester
+        auth = requester.auth
+        if (
+            auth is not None
+            and auth.is_record(collection, current)
+            and record["tokenKey"] != current["tokenKey"]
+        ):  # a new password: the requester still sees their own record
+            viewer = dataclasses.replace(requester, auth=Auth(collection, record))
+        presenter = RecordPresenter(self.store, viewer.info(self.now()), expand, fields)
+        return presenter.present_one(collection, record)
+
+    async def delete(self, requester: Requester, ref: str, record_id: str) -> None:
+        """Delete a record (cascading) if the deleteRule allows."""
+        collection = self.collection(ref)
+        record = self._record_or_404(requester, collection, record_id, "deleteRule")
+        self.hooks.run(
+            "before_delete",
+            RecordEvent(collection, {}, record, requester.auth),
+            collection=collection,
+        )
+        try:
+            self.store.delete_record(collection, record)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+        self.hooks.run(
+            "after_delete",
+            RecordEvent(collection, {}, record, requester.auth),
+            collection=collection,
+        )
+
+    async def _check_password_form(
+        self,
+        requester: Requester,
+        collection: Collection,
+        data: dict[str, JSON],
+        current: Record | None,
+    ) -> None:
+        """PocketBase's auth form checks: passwordConfirm and, on update, oldPassword."""
+        if not collection.is_auth or "password" not in data or requester.is_superuser:
+            return
+        errors: dict[str, JSON] = {}
+        if not _to_text(data.get("passwordConfirm")):
+            errors["passwordConfirm"] = validation_entry(
+                "validation_required", "Cannot be blank."
+            )
+        if current is not None:
+            old = _to_text(data.get("oldPassword"))
+            stored = str(current.get("password", ""))
+            if not old:
+                errors["oldPassword"] = validation_entry(
+                    "validation_required", "Cannot be blank."
+                )
+            elif not await self.run_blocking(verify_password, old, stored):
+                errors["oldPassword"] = validation_entry(
+                    "validation_invalid_old_password", "Missing or invalid old password."
+                )
+        if errors:
+            raise ValidationError(errors)
+
+    async def _hash_submitted(
+        self, collection: Collection, data: dict[str, JSON]
+    ) -> str | None:
+        """The hash of a submitted password, made in a worker thread (None if none)."""
+        password = _to_text(data.get("password")) if collection.is_auth else ""
+        if not password:
+            return None
+        return cast(str, await self.run_blocking(self.hash_password, password))
+
+
+# --- handlers ------------------------------------------------------------------
+
+
+AUTH_RULE_REFUSED = (
+    "The request doesn't satisfy the collection requirements to authenticate."
+)
+MISSING_AUTH_TOKEN = "The request requires valid record authorization token."
+
+
+def _store(context: RequestContext) -> Store:
+    store = context.app.store
+    assert store is not None
+    return store
+
+
+def _collection_or_404(
+    context: RequestContext, message: str = "Missing collection context."
+) -> Collection:
+    collection = _store(context).collection(context.params["collection"])
+    if collection is None:
+        raise NotFoundError(message)
+    return collection
+
+
+def _is_superuser(context: RequestContext) -> bool:
+    return context.auth is not None and context.auth.is_superuser
+
+
+def _require_superuser(context: RequestContext) -> None:
+    if context.auth is None:
+        raise UnauthorizedError(MISSING_AUTH_TOKEN)
+    if not context.auth.is_superuser:
+        raise ForbiddenError(
+            "The authorized record is not allowed to perform this action."
+        )
+
+
+def _paging(request: Request) -> tuple[int, int, bool]:
+    query = {key: values[0] for key, values in request.query.items()}
+    page = max(_int_query(query, "page", 1), 1)
+    per_page = _int_query(query, "perPage", DEFAULT_PER_PAGE)
+    per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
+    skip_total = _go_bool(query["skipTotal"]) if query.get("skipTotal") else False
+    return page, per_page, skip_total
+
+
+def _requester(context: RequestContext) -> Requester:
+    """Who sent an HTTP request, with its query and headers for `@request.*`."""
+    request = context.request
+    return Requester(
+        auth=context.auth,
+        query={key: values[0] for key, values in request.query.items()},
+        headers={
+            snake_case_header(canonical_header_name(name)): value
+            for name, value in request.headers.items()
+            if name != "host"
+        },
+        method=request.method,
+    )
+
+
+def _records(context: RequestContext) -> Records:
+    return context.app.records
 
 
 async def handle_record_list(context: RequestContext) -> Response:
     """GET /api/collections/{collection}/records."""
-    store, request = _store(context), context.request
-    collection = _collection_or_404(context)
-    has_rule = require_rule(collection.rules.get("listRule"), context.auth)
-    _check_superuser_only_syntax(context)
-    page, per_page, skip_total = _paging(request)
-    sort = request.query_value("sort")
-    info = request_info(context)
-    order, order_params = (
-        compile_sort(store, collection, info, sort) if sort else ("", ())
+    requester = _requester(context)
+    page = await _records(context).list(
+        requester, context.params["collection"], requester.query
     )
-    filter_text = request.query_value("filter")
-    if len(filter_text.encode()) > MAX_FILTER_BYTES:
-        raise BadRequestError()
-    rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
-    if filter_text and not filter_text.strip():
-        raise RuleError("empty filter")  # PocketBase: 400, unlike no filter at all
-    if filter_text:
-        rules.append((filter_text, True))
-    sort_paths = tuple(
-        item.strip().lstrip("+-") for item in sort.split(",") if "." in item
-    )
-    compiled = (
-        compile_rules(store, collection, info, rules, sort_paths)
-        if rules or sort_paths
-        else None
-    )
-    where, params = (compiled.sql, compiled.params) if compiled else ("", ())
-    with store.budget(context.app.config.request_budget_s):
-        records = store.find_records(
-            collection,
-            where=where,
-            params=params,
-            order=order,
-            order_params=order_params,
-            limit=per_page,
-            offset=(page - 1) * per_page,
-        )
-        total = (
-            None
-            if skip_total
-            else store.count_records(collection, where=where, params=params)
-        )
-        items = _presenter(context).present(collection, records)
-    return json_response(_list_envelope(items, page, per_page, total))
-
-
-def _record_or_404(
-    context: RequestContext,
-    collection: Collection,
-    rule_name: str,
-    body: Callable[[Record], dict[str, JSON]] | None = None,
-) -> Record:
-    """The record of the path, or 404 when it is missing or the rule hides it.
-
-    `body` gives `@request.body` from the stored record (for updates, whose
-    modifiers resolve against it).
-    """
-    store = _store(context)
-    has_rule = require_rule(collection.rules.get(rule_name), context.auth)
-    record = store.get_record(collection, context.params["id"])
-    if record is None:
-        raise NotFoundError()
-    if has_rule:
-        try:
-            compiled = compile_rules(
-                store,
-                collection,
-                request_info(context, body=body(record) if body else None),
-                [(str(collection.rules[rule_name]), False)],
-            )
-        except RuleError:
-            raise NotFoundError() from None
-        if not store.record_matches(
-            collection, record["id"], compiled.sql, compiled.params
-        ):
-            raise NotFoundError()
-    return record
+    return json_response(page)
 
 
 async def handle_record_view(context: RequestContext) -> Response:
     """GET /api/collections/{collection}/records/{id}."""
-    collection = _collection_or_404(context)
-    with _store(context).budget(context.app.config.request_budget_s):
-        record = _record_or_404(context, collection, "viewRule")
-        view = _presenter(context).present_one(collection, record)
+    request = context.request
+    view = await _records(context).view(
+        _requester(context),
+        context.params["collection"],
+        context.params["id"],
+        expand=request.query_value("expand"),
+        fields=request.query_value("fields"),
+    )
     return json_response(view)
 
 
-def _record_input(context: RequestContext, collection: Collection) -> dict[str, JSON]:
-    """The submitted record values; file parts are refused for now."""
+def _record_input(context: RequestContext) -> dict[str, JSON]:
+    """The submitted record values; file parts become their names (refused later)."""
     body = context.body
     data = dict(body.data)
     for name in body.files:
-        spec = collection.field(name.rstrip("+-").lstrip("+"))
-        if spec is not None and spec["type"] == "file":
-            data[name] = [upload.filename for upload in body.files[name]]
+        data[name] = [upload.filename for upload in body.files[name]]
     return data
-
-
-def _check_password_form(
-    context: RequestContext,
-    collection: Collection,
-    data: dict[str, JSON],
-    current: Record | None,
-) -> None:
-    """PocketBase's auth form checks: passwordConfirm and, on update, oldPassword."""
-    if not collection.is_auth or "password" not in data or _is_superuser(context):
-        return
-    errors: dict[str, JSON] = {}
-    if not _to_text(data.get("passwordConfirm")):
-        errors["passwordConfirm"] = validation_entry(
-            "validation_required", "Cannot be blank."
-        )
-    if current is not None:
-        old = _to_text(data.get("oldPassword"))
-        if not old:
-            errors["oldPassword"] = validation_entry(
-                "validation_required", "Cannot be blank."
-            )
-        elif not verify_password(old, str(current.get("password", ""))):
-            errors["oldPassword"] = validation_entry(
-                "validation_invalid_old_password", "Missing or invalid old password."
-            )
-    if errors:
-        raise ValidationError(errors)
 
 
 async def handle_record_create(context: RequestContext) -> Response:
     """POST /api/collections/{collection}/records."""
-    collection = _collection_or_404(context)
-    has_rule = require_rule(collection.rules.get("createRule"), context.auth)
-    data = _record_input(context, collection)
-    hooks = context.app.hooks
-    hooks.run(
-        "before_create",
-        RecordEvent(collection, data, None, context.auth),
-        collection=collection,
+    request = context.request
+    records = _records(context)
+    records.collection(context.params["collection"])  # 404 before the body is read
+    record = await records.create(
+        _requester(context),
+        context.params["collection"],
+        _record_input(context),
+        expand=request.query_value("expand"),
+        fields=request.query_value("fields"),
     )
-    store = _store(context)
-    try:
-        _check_password_form(context, collection, data, None)
-        with store.transaction():
-            record = store.create_record(
-                collection, data, privileged=_is_superuser(context)
-            )
-            if has_rule:
-                body = resolve_body_modifiers(collection, None, data, superuser=False)
-                _require_created_rule(context, collection, record, body)
-    except ValidationError as exc:
-        raise BadRequestError("Failed to create record.", exc.errors) from None
-    hooks.run(
-        "after_create",
-        RecordEvent(collection, data, record, context.auth),
-        collection=collection,
-    )
-    return json_response(_presenter(context).present_one(collection, record))
-
-
-def _require_created_rule(
-    context: RequestContext,
-    collection: Collection,
-    record: Record,
-    body: dict[str, JSON],
-) -> None:
-    """Check createRule against the inserted (not yet committed) record."""
-    try:
-        compiled = compile_rules(
-            _store(context),
-            collection,
-            request_info(context, body=body),
-            [(str(collection.rules["createRule"]), False)],
-        )
-    except RuleError:
-        raise BadRequestError("Failed to create record.") from None
-    if not _store(context).record_matches(
-        collection, record["id"], compiled.sql, compiled.params
-    ):
-        raise BadRequestError("Failed to create record.")
+    return json_response(record)
 
 
 async def handle_record_update(context: RequestContext) -> Response:
     """PATCH /api/collections/{collection}/records/{id}."""
-    collection = _collection_or_404(context)
-    data = _record_input(context, collection)
-    superuser = _is_superuser(context)
-    current = _record_or_404(
-        context,
-        collection,
-        "updateRule",
-        lambda stored: resolve_body_modifiers(
-            collection, stored, data, superuser=superuser
-        ),
+    request = context.request
+    records = _records(context)
+    records.collection(context.params["collection"])
+    record = await records.update(
+        _requester(context),
+        context.params["collection"],
+        context.params["id"],
+        _record_input(context),
+        expand=request.query_value("expand"),
+        fields=request.query_value("fields"),
     )
-    hooks = context.app.hooks
-    hooks.run(
-        "before_update",
-        RecordEvent(collection, data, current, context.auth),
-        collection=collection,
-    )
-    try:
-        _check_password_form(context, collection, data, current)
-        record = _store(context).update_record(
-            collection, current, data, privileged=_is_superuser(context)
-        )
-    except ValidationError as exc:
-        raise BadRequestError("Failed to update record.", exc.errors) from None
-    hooks.run(
-        "after_update",
-        RecordEvent(collection, data, record, context.auth),
-        collection=collection,
-    )
-    auth = context.auth
-    if (
-        auth is not None
-        and auth.is_record(collection, current)
-        and record["tokenKey"] != current["tokenKey"]
-    ):
-        context.auth = Auth(
-            collection, record
-        )  # the requester still sees their own record
-    return json_response(_presenter(context).present_one(collection, record))
+    return json_response(record)
 
 
 async def handle_record_delete(context: RequestContext) -> Response:
     """DELETE /api/collections/{collection}/records/{id}."""
-    collection = _collection_or_404(context)
-    record = _record_or_404(context, collection, "deleteRule")
-    hooks = context.app.hooks
-    hooks.run(
-        "before_delete",
-        RecordEvent(collection, {}, record, context.auth),
-        collection=collection,
-    )
-    try:
-        _store(context).delete_record(collection, record)
-    except ValueError as exc:
-        raise BadRequestError(str(exc)) from None
-    hooks.run(
-        "after_delete",
-        RecordEvent(collection, {}, record, context.auth),
-        collection=collection,
+    await _records(context).delete(
+        _requester(context), context.params["collection"], context.params["id"]
     )
     return Response(204)
 
@@ -6163,7 +6355,13 @@ async def handle_collection_delete(context: RequestContext) -> Response:
 async def handle_collection_import(context: RequestContext) -> Response:
     """PUT /api/collections/import (superusers only): create or update many at once."""
     _require_superuser(context)
-    data = context.body.data
+    import_collections(_store(context), context.body.data)
+    return Response(204)
+
+
+def import_collections(store: Store, data: dict[str, JSON]) -> None:
+    """Apply an import body (`{"collections": [...], "deleteMissing": bool}`) in
+    one transaction; raise BadRequestError with PocketBase's answers."""
     collections = data.get("collections")
     if not collections:
         raise BadRequestError(
@@ -6179,14 +6377,13 @@ async def handle_collection_import(context: RequestContext) -> Response:
     ):
         raise BadRequestError(INVALID_FORMATTING)
     try:
-        _store(context).import_collections(
+        store.import_collections(
             collections, delete_missing=bool(data.get("deleteMissing"))
         )
     except ValidationError as exc:
         raise BadRequestError("Failed to import collections.", exc.errors) from None
     except (ValueError, TypeError, KeyError):
         raise BadRequestError(INVALID_FORMATTING) from None
-    return Response(204)
 
 
 # --- auth endpoints ------------------------------------------------------------
@@ -6203,9 +6400,8 @@ def _auth_response(
     context: RequestContext, collection: Collection, record: Record, token: str
 ) -> Response:
     request = context.request
-    info = dataclasses.replace(
-        request_info(context), auth_collection=collection, auth_record=record
-    )
+    viewer = dataclasses.replace(_requester(context), auth=Auth(collection, record))
+    info = viewer.info(context.app.now())
     presenter = RecordPresenter(_store(context), info, request.query_value("expand"))
     envelope: dict[str, JSON] = {
         "record": presenter.present_one(collection, record),
@@ -6220,16 +6416,10 @@ def _may_authenticate(
 ) -> bool:
     """Whether the collection's authRule lets this record authenticate (null: nobody)."""
     rule = collection.options.get("authRule")
-    if rule is None or not isinstance(rule, str):
-        return False
-    if rule == "":
-        return True
-    store = _store(context)
-    try:
-        compiled = compile_rules(store, collection, request_info(context), [(rule, False)])
-    except RuleError:
-        return False
-    return store.record_matches(collection, record["id"], compiled.sql, compiled.params)
+    info = _requester(context).info(context.app.now())
+    return (rule is None or isinstance(rule, str)) and can_access(
+        _store(context), collection, record["id"], rule, info
+    )
 
 
 def _mfa_required(collection: Collection) -> bool:
@@ -6282,7 +6472,8 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
             record = found[0]
             break
     encoded = str(record["password"]) if record else DUMMY_PASSWORD_HASH
-    if not verify_password(password, encoded) or record is None:
+    verified = await _records(context).run_blocking(verify_password, password, encoded)
+    if not verified or record is None:
         for limiter, key in zip(limiters, keys):
             limiter.fail(key, now)
         raise BadRequestError("Failed to authenticate.")
@@ -6724,6 +6915,8 @@ class App:
             self.config.login_failures_per_identity, window
         )
         self.store: Store | None = None
+        self._records: Records | None = None
+        self._read_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.broker: Broker | None = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -6777,6 +6970,9 @@ class App:
             self.hooks.registered("realtime_message")
         )
         self.store.listener = self.broker
+        self._read_pool = concurrent.futures.ThreadPoolExecutor(
+            READ_THREADS, thread_name_prefix="pbrt-read"
+        )
         superusers = self.store.collection(SUPERUSERS)
         if superusers is not None and self.store.count_records(superusers) == 0:
             log.warning(
@@ -6792,6 +6988,8 @@ class App:
                 backlog=LISTEN_BACKLOG,
             )
         except BaseException:
+            self._read_pool.shutdown()
+            self._read_pool = None
             self.store.close()
             self.store = None
             raise
@@ -6820,6 +7018,9 @@ class App:
         self._server = None
         self._loop = self._thread = None
         self.broker = None
+        if self._read_pool is not None:
+            self._read_pool.shutdown()  # waits for reads in flight
+            self._read_pool = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -6898,33 +7099,30 @@ class App:
 
     def collection(self, name: str) -> dict[str, JSON]:
         """Return a collection's JSON; raise NotFoundError if it does not exist."""
-        return cast(
-            dict[str, JSON],
-            self._call("GET", f"/api/collections/{_quote_segment(name)}"),
-        )
+
+        def find() -> dict[str, JSON]:
+            return self.records.collection(name, DEFAULT_ERROR_MESSAGES[404]).to_json()
+
+        return cast(dict[str, JSON], self._on_loop(find))
 
     def import_collections(
         self, collections: list[dict[str, JSON]], *, delete_missing: bool = False
     ) -> None:
         """Create or update collections from PocketBase's JSON (as `PUT /api/collections/import`)."""
-        self._call(
-            "PUT",
-            "/api/collections/import",
-            {"collections": collections, "deleteMissing": delete_missing},
-        )
+        body: dict[str, JSON] = {"collections": collections, "deleteMissing": delete_missing}
+        self._on_loop(lambda: import_collections(self.records.store, body))
 
     def create(
         self, collection: str, data: dict[str, JSON], *, token: str | None = None
     ) -> dict[str, JSON]:
-        """Validate, insert and broadcast a record; return it. Raises ApiError."""
+        """Validate, insert and broadcast a record; return it. Raises ApiError.
+
+        Without `token` the system acts (every rule passes, hidden fields are
+        shown); with one, that auth record does (`""` is a guest).
+        """
         return cast(
             dict[str, JSON],
-            self._call(
-                "POST",
-                _records_path(collection),
-                data,
-                token=token,
-            ),
+            self._run(lambda requester: self.records.create(requester, collection, data), token),
         )
 
     def update(
@@ -6936,22 +7134,28 @@ class App:
         token: str | None = None,
     ) -> dict[str, JSON]:
         """Apply changes (with `+`/`-` modifiers) to a record and broadcast it; return it."""
-        path = _records_path(collection, record_id)
-        return cast(dict[str, JSON], self._call("PATCH", path, data, token=token))
+        return cast(
+            dict[str, JSON],
+            self._run(
+                lambda requester: self.records.update(requester, collection, record_id, data),
+                token,
+            ),
+        )
 
     def delete(
         self, collection: str, record_id: str, *, token: str | None = None
     ) -> None:
         """Delete a record (cascading as its relations say) and broadcast it."""
-        path = _records_path(collection, record_id)
-        self._call("DELETE", path, token=token)
+        self._run(lambda requester: self.records.delete(requester, collection, record_id), token)
 
     def get(
         self, collection: str, record_id: str, *, token: str | None = None
     ) -> dict[str, JSON]:
         """Return one record; raise NotFoundError if missing or hidden by the viewRule."""
-        path = _records_path(collection, record_id)
-        return cast(dict[str, JSON], self._call("GET", path, token=token))
+        return cast(
+            dict[str, JSON],
+            self._run(lambda requester: self.records.view(requester, collection, record_id), token),
+        )
 
     def list(
         self,
@@ -6964,16 +7168,10 @@ class App:
         token: str | None = None,
     ) -> dict[str, JSON]:
         """Return one page of records: PocketBase's `{items, page, perPage, totalItems, totalPages}`."""
-        query = urllib.parse.urlencode(
-            {"filter": filter, "sort": sort, "page": page, "perPage": per_page}
-        )
+        query = {"filter": filter, "sort": sort, "page": str(page), "perPage": str(per_page)}
         return cast(
             dict[str, JSON],
-            self._call(
-                "GET",
-                f"{_records_path(collection)}?{query}",
-                token=token,
-            ),
+            self._run(lambda requester: self.records.list(requester, collection, query), token),
         )
 
     def publish(self, topic: str, data: JSON) -> int:
@@ -7017,40 +7215,59 @@ class App:
             self.store.close()
             self.store = None
 
-    def _call(
-        self, method: str, target: str, body: JSON = None, *, token: str | None = None
-    ) -> JSON:
-        """Run one API request in-process; return its JSON or raise its ApiError."""
-        raw_body = b"" if body is None else _json_body(body)
-        headers = {"content-type": "application/json"} if raw_body else {}
-        if token:
-            headers["authorization"] = token
-        path, query = _split_target(method, target)
-        request = Request(
-            method, target, path, query, "HTTP/1.1", headers, len(raw_body)
-        )
-
-        def invoke() -> Response:
-            if self.store is None:
-                self.store = self.open_store()
-            context = RequestContext(self, request, raw_body, "127.0.0.1")
-            if token is None:
-                superusers = self.store.collection(SUPERUSERS)
-                assert superusers is not None
-                context.auth = Auth(superusers, {"id": "", "email": "", "tokenKey": ""})
-            try:
-                handler, context.params = self.router.match(method, path)
-                return _finish(handler(context))
-            except Exception as exc:
-                return error_response(to_api_error(exc))
-
-        response = self._on_loop(invoke)
-        answer = json.loads(response.body) if response.body else {}
-        if response.status >= 400:
-            raise ApiError(
-                answer.get("message"), answer.get("data"), status=response.status
+    @property
+    def records(self) -> Records:
+        """The records layer over this App's store (opened on first use)."""
+        if self.store is None:
+            self.store = self.open_store()
+        if self._records is None or self._records.store is not self.store:
+            self._records = Records(
+                self.store,
+                self.hooks,
+                now=self.now,
+                hash_password=self.store.hash_password,
+                run_blocking=asyncio.to_thread,
+                run_read=self._run_read,
+                request_budget_s=self.config.request_budget_s,
             )
-        return answer or None
+        return self._records
+
+    async def _run_read(self, function: Callable[[], Any]) -> Any:
+        """Run a read in the pool of reading threads (or here, without a server)."""
+        store, pool = self.store, self._read_pool
+        if store is None or pool is None or not store.can_read_in_threads:
+            return function()
+        return await asyncio.get_running_loop().run_in_executor(pool, store.read, function)
+
+    def _run(
+        self,
+        operation: Callable[[Requester], Awaitable[Any]],
+        token: str | None,
+    ) -> Any:
+        """Await a records-layer operation on the server's loop (or, without a
+        server, on a loop of its own); PocketBase errors come out as ApiError."""
+
+        async def call() -> Any:
+            if token is None:
+                requester = SYSTEM
+            else:
+                store = self.records.store
+                auth = resolve_auth(store, token, self.now()) if token else None
+                requester = Requester(auth=auth)
+            try:
+                return await operation(requester)
+            except PbrtError as exc:
+                raise to_api_error(exc) from None
+
+        loop = self._loop
+        if loop is None:
+            return asyncio.run(call())
+        if self._thread == threading.get_ident():
+            raise RuntimeError(
+                "App's record methods block: call them from another thread, "
+                "or await app.records on the loop"
+            )
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=60)
 
     def _on_loop(self, function: Callable[[], Any]) -> Any:
         """Run `function` on the server's loop thread (or here, if no server runs)."""
@@ -7475,17 +7692,6 @@ class _ChunkDecoder:
             body.append(self.raw[end + 2 : end + 2 + size])
             self.raw = self.raw[end + 2 + size + 2 :]
         return b"".join(body)
-
-
-def _finish(coroutine: Awaitable[Response]) -> Response:
-    """Run a handler that never suspends (every record handler) to its result."""
-    assert isinstance(coroutine, collections.abc.Coroutine)
-    try:
-        coroutine.send(None)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    coroutine.close()
-    raise RuntimeError("this endpoint cannot be called in-process")
 
 
 def _quote_segment(text: str) -> str:
