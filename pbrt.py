@@ -7789,7 +7789,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --- bench: load tests against pbrt or any PocketBase-compatible server ------------
 
-BENCH_SCENARIOS = ("connect", "fanout", "writes", "churn")
+BENCH_SCENARIOS = ("connect", "fanout", "writes", "churn", "logins")
 BENCH_RULES = {
     "public": "",
     "field": "published = true",
@@ -8080,9 +8080,14 @@ def _spread(items: list[Any], processes: int) -> list[list[Any]]:
 
 
 def _bench_fanout(
-    target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]
+    target: _BenchTarget,
+    args: argparse.Namespace,
+    progress: Callable[[str], None],
+    load: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> dict[str, JSON]:
-    """N subscribers, E creates at a fixed rate: delivery latency, losses, order."""
+    """N subscribers, E creates at a fixed rate: delivery latency, losses, order.
+
+    `load` runs beside the creates (the `logins` scenario's storm)."""
     rule = BENCH_RULES[args.rule]
     _bench_collection(target, "bench_fanout", rule)
     users = _bench_users(target, args.users) if args.rule == "auth" else []
@@ -8129,14 +8134,15 @@ def _bench_fanout(
     )
     cpu_before = _process_cpu_s(target.pid)
     interval = 1.0 / args.rate
-    started = time.monotonic()
-    for seq in range(args.events):
-        owner = users[seq % len(users)][0] if users else ""
-        target.admin.create(
-            "bench_fanout",
-            {"seq": seq, "sent": time.time(), "published": True, "owner": owner},
-        )
-        time.sleep(max(0.0, started + (seq + 1) * interval - time.monotonic()))
+    with load():
+        started = time.monotonic()
+        for seq in range(args.events):
+            owner = users[seq % len(users)][0] if users else ""
+            target.admin.create(
+                "bench_fanout",
+                {"seq": seq, "sent": time.time(), "published": True, "owner": owner},
+            )
+            time.sleep(max(0.0, started + (seq + 1) * interval - time.monotonic()))
     outcomes = [results.get(timeout=args.timeout + 30) for _ in processes]
     cpu_after = _process_cpu_s(target.pid)
     for process in processes:
@@ -8186,6 +8192,92 @@ def _bench_fanout(
         "server_rss_kib": _process_rss_kib(target.pid),
         "load_generator_cpu_s": sum(outcome["cpu_s"] for outcome in outcomes),
     }
+
+
+@contextlib.contextmanager
+def _bench_storm(
+    target: _BenchTarget,
+    health: list[float],
+    logins: list[tuple[str, str]],
+    lists: int,
+    counts: dict[str, int],
+) -> Iterator[None]:
+    """Threads beside the block: /api/health polled (latencies into `health`),
+    a login loop per (email, password) and `lists` loops of a heavy list."""
+    stop = threading.Event()
+    heavy = "/api/collections/bench_list/records?perPage=500&sort=-seq&filter=" + (
+        urllib.parse.quote("body ~ 'x' && seq >= 0")
+    )
+
+    def poll_health() -> None:
+        client = Client(target.url)
+        while not stop.is_set():
+            started = time.perf_counter()
+            client.request("GET", "/api/health")
+            health.append(time.perf_counter() - started)
+            stop.wait(0.02)
+
+    def log_in(email: str, password: str) -> None:
+        client = Client(target.url)
+        while not stop.is_set():
+            client.auth_with_password("bench_users", email, password)
+            counts["logins"] += 1
+
+    def list_heavily() -> None:
+        client = Client(target.url)
+        while not stop.is_set():
+            client.request("GET", heavy)
+            counts["lists"] += 1
+
+    threads = [threading.Thread(target=poll_health)]
+    threads += [threading.Thread(target=log_in, args=login) for login in logins]
+    threads += [threading.Thread(target=list_heavily) for _ in range(lists)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+
+def _bench_logins(
+    target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]
+) -> dict[str, JSON]:
+    """A fan-out three times: quiet, during a login storm, during heavy lists;
+    `/api/health` latency and delivery p99 in each."""
+    users = _bench_users(target, args.logins)
+    logins = [(f"user{index}@bench.test", "bench-password-123") for index in range(len(users))]
+    _bench_collection(target, "bench_list", "")
+    progress(f"seeding {args.records} records for the heavy list")
+    for index in range(args.records):
+        target.admin.create("bench_list", {"seq": index, "body": "x" * 200})
+    results: dict[str, JSON] = {"scenario": "logins", "clients": args.clients}
+    for phase, storm_logins, lists in (
+        ("quiet", [], 0),
+        ("login_storm", logins, 0),
+        ("heavy_lists", [], args.lists),
+    ):
+        health: list[float] = []
+        counts = {"logins": 0, "lists": 0}
+        progress(f"phase {phase}")
+        fanout = _bench_fanout(
+            target,
+            args,
+            progress,
+            lambda: _bench_storm(target, health, storm_logins, lists, counts),
+        )
+        results[phase] = {
+            "health_ms": {
+                "p50": _percentile(health, 0.5) * 1000,
+                "p99": _percentile(health, 0.99) * 1000,
+            },
+            "delivery_p99_ms": cast(dict[str, float], fanout["delivery_ms"])["p99"],
+            "losses": fanout["losses"],
+            **counts,
+        }
+    return results
 
 
 def _bench_connect(
@@ -8407,6 +8499,7 @@ def _bench_command(args: argparse.Namespace) -> int:
             "fanout": _bench_fanout,
             "writes": _bench_writes,
             "churn": _bench_churn,
+            "logins": _bench_logins,
         }
         result = scenario[args.scenario](target, args, progress)
     finally:
@@ -8472,6 +8565,21 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=50,
         help="churn: clients at a time (default 50)",
+    )
+    parser.add_argument(
+        "--logins",
+        type=int,
+        default=4,
+        help="logins: clients logging in in a loop (default 4)",
+    )
+    parser.add_argument(
+        "--lists", type=int, default=2, help="logins: heavy list loops (default 2)"
+    )
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=2000,
+        help="logins: records the heavy list reads (default 2000)",
     )
     parser.add_argument(
         "--hold",
