@@ -126,7 +126,9 @@ SHUTDOWN_GRACE_S = 5.0  # requests in flight get this long to finish on shutdown
 READ_THREADS = 4  # threads reading (lists, views) beside the event loop
 SEND_TIMEOUT_S = 30.0  # a response not taken by the client within this closes it
 SEND_SLICE_BYTES = 64 * 1024  # response bodies go out in slices of this size
-MAX_UNSENT_BYTES = 64 * 1024 * 1024  # bodies being sent, in all, before stalled readers go
+MAX_UNSENT_BYTES = (
+    64 * 1024 * 1024
+)  # bodies being sent, in all, before stalled readers go
 LISTEN_BACKLOG = 4096  # as Go's listener (the kernel caps it at somaxconn)
 DISCARD_AFTER_REJECT_BYTES = 256 * 1024  # read so a 413 is not lost to a TCP reset
 DEFAULT_PER_PAGE = 30  # PocketBase's list defaults and caps
@@ -143,7 +145,9 @@ REQUEST_BUDGET_S = 0.5  # SQL of one record list or view; over it -> 400
 EVENT_BUDGET_S = 0.25  # rule and filter checks of one change for all subscribers
 CHECK_BUDGET_S = 0.05  # one subscription's check; over it, the subscription is dropped
 BUDGET_CHECK_STEPS = 1000  # SQLite VM steps between two looks at the clock
-BUDGET_EXCEEDED_MESSAGE = "The request took too long to process; simplify its filter, sort or expand."
+BUDGET_EXCEEDED_MESSAGE = (
+    "The request took too long to process; simplify its filter, sort or expand."
+)
 
 # PocketBase's security headers (apis/middlewares.go), sent on every response.
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
@@ -172,11 +176,75 @@ FILE_NOT_FOUND_MESSAGE = (
     "File not found."  # PocketBase's static handler: unknown routes
 )
 
+# Realtime clients and subscriptions.
+CLIENT_ID_LENGTH = 40
+MAX_SUBSCRIPTIONS = 1000  # PocketBase's limits on POST /api/realtime
+MAX_SUBSCRIPTION_LENGTH = 2500
+MAX_CLIENT_ID_LENGTH = 255
+MAX_REALTIME_CLIENTS = 20_000
+# One address may not take every slot; behind a reverse proxy all clients share
+# its address, so raise this (0: no cap) there.
+MAX_REALTIME_CLIENTS_PER_IP = 1_000
+MAX_CLIENT_QUEUE_BYTES = 4 * 1024 * 1024  # a client further behind than this is dropped
+SSE_IDLE_TIMEOUT_S = 5 * 60.0  # PocketBase's apis/realtime.go timeouts
+SSE_MAX_LIFETIME_S = 30 * 60.0
+RULE_BATCH_SIZE = 100  # rule checks per batched SQL statement
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of a pbrt server; CLI flags map one to one onto fields."""
+
+    #: Data directory; `data.db` is created inside it.
+    dir: str = DEFAULT_DATA_DIR
+    #: Address to listen on.
+    host: str = DEFAULT_HOST
+    #: Port to listen on; 0 picks a free one (see `App.start`).
+    port: int = DEFAULT_PORT
+    #: Largest request body accepted; larger ones get 413 unread.
+    max_body_bytes: int = MAX_BODY_BYTES
+    #: Seconds a request head may take from its first byte (slowloris guard).
+    head_timeout_s: float = HEAD_TIMEOUT_S
+    #: Seconds a request body may take.
+    body_timeout_s: float = BODY_TIMEOUT_S
+    #: Seconds an idle keep-alive connection stays open.
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+    #: Seconds a client may take to receive one response before it is dropped.
+    send_timeout_s: float = SEND_TIMEOUT_S
+    #: Bytes of responses still being sent, in all, past which a client that
+    #: is not reading its response is dropped.
+    max_unsent_bytes: int = MAX_UNSENT_BYTES
+    #: Seconds requests in flight get to finish on shutdown.
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    #: Seconds an SSE stream may go without a message before it is closed.
+    sse_idle_timeout_s: float = SSE_IDLE_TIMEOUT_S
+    #: Seconds an SSE stream may last at most (the SDK reconnects).
+    sse_max_lifetime_s: float = SSE_MAX_LIFETIME_S
+    #: Most SSE clients connected at once; more get 429.
+    max_realtime_clients: int = MAX_REALTIME_CLIENTS
+    #: Most SSE clients from one IP address (0: no cap); more get 429.
+    max_realtime_clients_per_ip: int = MAX_REALTIME_CLIENTS_PER_IP
+    #: Bytes a realtime client may fall behind before it is disconnected.
+    max_client_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES
+    #: Failed logins from one IP within the window before it gets 429 (0: off).
+    login_failures_per_ip: int = LOGIN_FAILURES_PER_IP
+    #: Failed logins for one identity within the window before it gets 429 (0: off).
+    login_failures_per_identity: int = LOGIN_FAILURES_PER_IDENTITY
+    #: The window of the two limits above, in seconds.
+    login_failure_window_s: float = LOGIN_FAILURE_WINDOW_S
+    #: Seconds of SQL one record list or view may take; over it, 400.
+    request_budget_s: float = REQUEST_BUDGET_S
+    #: Seconds the subscriber checks of one change may take in all.
+    event_budget_s: float = EVENT_BUDGET_S
+    #: Seconds one subscription's check may take; over it, it is dropped (logged).
+    check_budget_s: float = CHECK_BUDGET_S
+
+
 # ==========================================================================
 # 2. Errors
 # ==========================================================================
 # Lower layers raise what they know (a malformed request, a failed validation);
-# only `to_api_error` in section 9 turns them into HTTP statuses.
+# only `to_api_error` in section 12 turns them into HTTP statuses.
 
 
 class PbrtError(Exception):
@@ -289,10 +357,11 @@ class InternalServerError(ApiError):
 
 
 # ==========================================================================
-# 3. HTTP/1.1 wire format
+# 3. Wire formats
 # ==========================================================================
-# Bytes in, `Request` out; `Response` in, bytes out (RFC 9112). Nothing here
-# reads a socket or a clock: the connection loop (section 10) feeds the bytes.
+# Bytes in, a Request (or None for "need more", or a ProtocolError) out; a
+# Response or an SSE event in, bytes out. JSON as PocketBase writes it.
+# Never reads a stream or sends a reply.
 
 # RFC 9110 §5.6.2 token characters.
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -750,11 +819,9 @@ def _parse_multipart(body: bytes, boundary: bytes) -> Body:
     return Body(data, files, is_form=True)
 
 
-# ==========================================================================
-# 4. Server-Sent Events frames
-# ==========================================================================
-# One event in, the bytes of one frame out. PocketBase writes every field
-# without a space after the colon and uses the client id as the event id.
+# --- Server-Sent Events ------------------------------------------------------
+# PocketBase writes every field without a space after the colon and uses the
+# client id as the event id.
 
 
 def encode_sse_prefix(event_id: str, event: str) -> bytes:
@@ -782,6 +849,438 @@ def encode_sse_event(event_id: str, event: str, data: bytes) -> bytes:
     b'id:c1\\nevent:posts/*\\ndata:{"a":1}\\n\\n'
     """
     return encode_sse_prefix(event_id, event) + data + b"\n\n"
+
+
+# ==========================================================================
+# 4. Values
+# ==========================================================================
+# Field values as PocketBase stores, coerces, validates and modifies them
+# (`+`/`-`). Pure: a field is its spec dict, a record a dict of values.
+
+DEFAULT_TEXT_MAX = 5_000  # PocketBase's cap for a text field whose max is 0
+DEFAULT_EDITOR_MAX_BYTES = 5 * 1024 * 1024
+DEFAULT_JSON_MAX_BYTES = 1024 * 1024
+PASSWORD_MAX_LENGTH = 71  # bcrypt's input limit, which PocketBase inherits
+
+MULTI_CAPABLE_TYPES = frozenset({"select", "relation", "file"})
+
+
+def is_multiple(spec: dict[str, JSON]) -> bool:
+    """Whether a select/relation/file field holds a list (maxSelect > 1)."""
+    return spec["type"] in MULTI_CAPABLE_TYPES and (spec.get("maxSelect") or 0) > 1
+
+
+Record = dict[str, JSON]
+
+
+# --- values ------------------------------------------------------------------
+
+_DATE_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?\s*(Z|[+-]\d{2}:?\d{2}| UTC)?$"
+)
+
+
+def format_datetime(timestamp: float) -> str:
+    """Format a Unix time as PocketBase's `YYYY-MM-DD HH:MM:SS.mmmZ` (UTC).
+
+    >>> format_datetime(0.5)
+    '1970-01-01 00:00:00.500Z'
+    """
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_datetime(value: str) -> datetime.datetime | None:
+    """Parse the date forms PocketBase accepts; None if it is not a date.
+
+    >>> parse_datetime("2024-01-01T10:20:30.123456+02:00").isoformat()
+    '2024-01-01T08:20:30.123456+00:00'
+    """
+    match = _DATE_RE.match(value.strip())
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        moment = datetime.datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            int((fraction or "0")[:6].ljust(6, "0")),
+            datetime.timezone.utc,
+        )
+    except ValueError:
+        return None
+    if zone and zone not in ("Z", " UTC"):
+        sign = 1 if zone[0] == "+" else -1
+        digits = zone[1:].replace(":", "")
+        moment -= sign * datetime.timedelta(
+            hours=int(digits[:2]), minutes=int(digits[2:])
+        )
+    return moment
+
+
+def normalize_date(value: JSON) -> str:
+    """Return a date value in PocketBase's stored form, or "" if not a date."""
+    if not isinstance(value, str) or not value:
+        return ""
+    moment = parse_datetime(value)
+    if moment is None:
+        return ""
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _to_text(value: JSON) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return _encode_json_text(_js_number(value))
+    if isinstance(value, str):
+        return value
+    return _encode_json_text(value)
+
+
+def _to_number(value: JSON) -> int | float:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return _js_number(value)
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return 0
+        if number != number or number in (float("inf"), float("-inf")):
+            return 0
+        return _js_number(number)
+    return 0
+
+
+def _to_bool(value: JSON) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "t", "true")
+    if isinstance(value, (int, float)):
+        return value == 1
+    return value is True
+
+
+def _to_string_list(value: JSON) -> list[str]:
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, list) else [value]
+    unique: list[str] = []
+    for item in items:
+        text = _to_text(item)
+        if text and text not in unique:
+            unique.append(text)
+    return unique
+
+
+def coerce_value(spec: dict[str, JSON], value: JSON) -> JSON:
+    """Convert a submitted value to the field's type, as PocketBase does.
+
+    Never fails: `"abc"` for a number is 0, an unparseable date is "".
+
+    >>> coerce_value({"type": "number"}, "12"), coerce_value({"type": "bool"}, "true")
+    (12, True)
+    """
+    field_type = spec["type"]
+    if field_type == "number":
+        return _to_number(value)
+    if field_type == "bool":
+        return _to_bool(value)
+    if field_type in ("date", "autodate"):
+        return normalize_date(value)
+    if field_type == "json":
+        if isinstance(value, str):
+            try:
+                return parse_json_strict(value)
+            except BodyError:
+                return value
+        return value
+    if field_type in MULTI_CAPABLE_TYPES:
+        items = _to_string_list(value)
+        return items if is_multiple(spec) else (items[-1] if items else "")
+    return _to_text(value)
+
+
+def parse_json_strict(text: str) -> JSON:
+    """Decode a whole string as JSON (trailing data is an error); BodyError if invalid."""
+    try:
+        return _json_decoder.decode(text)
+    except (ValueError, RecursionError):
+        raise BodyError("invalid JSON") from None
+
+
+def zero_value(spec: dict[str, JSON]) -> JSON:
+    """Return a field's value when nothing was set."""
+    field_type = spec["type"]
+    if field_type == "number":
+        return 0
+    if field_type == "bool":
+        return False
+    if field_type == "json":
+        return None
+    if is_multiple(spec):
+        return []
+    return ""
+
+
+def to_column(spec: dict[str, JSON], value: JSON) -> JSON:
+    """Convert a record value to what its column stores."""
+    if spec["type"] == "json":
+        return None if value is None else _encode_json_text(value)
+    if is_multiple(spec):
+        return _encode_json_text(value)
+    if spec["type"] == "bool":
+        return 1 if value else 0
+    return value
+
+
+def from_column(spec: dict[str, JSON], value: JSON) -> JSON:
+    """Convert a stored column value back to the record value."""
+    field_type = spec["type"]
+    if field_type == "number":
+        return _to_number(value)
+    if field_type == "bool":
+        return bool(value)
+    if field_type == "json":
+        if isinstance(value, (int, float)):
+            return _js_number(
+                value
+            )  # the JSON column's NUMERIC affinity stored '1' as 1
+        return None if value is None else parse_json(value)
+    if is_multiple(spec):
+        try:
+            items = json.loads(value) if isinstance(value, str) else []
+        except ValueError:
+            return []
+        return items if isinstance(items, list) else []
+    return "" if value is None else str(value)
+
+
+# --- validation -------------------------------------------------------------
+
+_EMAIL_RE = re.compile(
+    r"^[\w.!#$%&'*+/=?^`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+
+
+def _go_number(number: JSON) -> str:
+    """Format a number the way Go's %v does for float64."""
+    return _encode_json_text(_js_number(float(number)))
+
+
+def _go_time(value: str) -> str:
+    moment = parse_datetime(value)
+    return moment.strftime("%Y-%m-%d %H:%M:%S +0000 UTC") if moment else value
+
+
+def _go_threshold(value: str) -> str:
+    """A date option as Go's time.Time marshals it into `params`."""
+    moment = parse_datetime(value)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else value
+
+
+def _domain_allowed(spec: dict[str, JSON], host: str) -> bool:
+    host = host.lower()
+    only, excepted = spec.get("onlyDomains") or [], spec.get("exceptDomains") or []
+    if only and host not in [d.lower() for d in only]:
+        return False
+    return host not in [d.lower() for d in excepted]
+
+
+def _is_blank(spec: dict[str, JSON], value: JSON) -> bool:
+    if spec["type"] == "json":
+        return value in (None, "", [], {})
+    return value in ("", 0, False, None, [])
+
+
+def validate_value(spec: dict[str, JSON], value: JSON) -> JSON | None:
+    """Return PocketBase's validation error object for one value, or None.
+
+    `value` is already coerced (see `coerce_value`). Relation existence is
+    checked by the store, which can see other records.
+    """
+    field_type = spec["type"]
+    required = spec.get("required") or spec.get("primaryKey")
+    if required and _is_blank(spec, value):
+        return validation_entry("validation_required", "Cannot be blank.")
+    if _is_blank(spec, value) and field_type != "json":
+        return None
+    if field_type in ("text", "password"):
+        length = len(value)
+        minimum = spec.get("min") or 0
+        maximum = spec.get("max") or (
+            DEFAULT_TEXT_MAX if field_type == "text" else PASSWORD_MAX_LENGTH
+        )
+        if minimum and length < minimum:
+            return validation_entry(
+                "validation_min_text_constraint",
+                f"Must be at least {minimum} character(s).",
+                {"min": minimum},
+            )
+        if length > maximum:
+            return validation_entry(
+                "validation_max_text_constraint",
+                f"Must be no more than {maximum} character(s).",
+                {"max": maximum},
+            )
+        if spec.get("pattern") and not re.search(spec["pattern"], value):
+            return validation_entry(
+                "validation_invalid_format", "Invalid value format."
+            )
+    elif field_type == "number":
+        if spec.get("onlyInt") and not float(value).is_integer():
+            return validation_entry(
+                "validation_only_int_constraint", "Decimal numbers are not allowed."
+            )
+        if spec.get("min") is not None and value < spec["min"]:
+            return validation_entry(
+                "validation_min_number_constraint",
+                f"Must be greater or equal than {_go_number(spec['min'])}.",
+                {"min": spec["min"]},
+            )
+        if spec.get("max") is not None and value > spec["max"]:
+            return validation_entry(
+                "validation_max_number_constraint",
+                f"Must be less or equal than {_go_number(spec['max'])}.",
+                {"max": spec["max"]},
+            )
+    elif field_type == "email":
+        if not _EMAIL_RE.match(value):
+            return validation_entry(
+                "validation_is_email", "Must be a valid email address."
+            )
+        if not _domain_allowed(spec, value.rpartition("@")[2]):
+            return validation_entry(
+                "validation_email_domain_not_allowed", "Email domain is not allowed."
+            )
+    elif field_type == "url":
+        parts = urllib.parse.urlsplit(value)
+        if (
+            parts.scheme not in ("http", "https", "ftp", "ws", "wss")
+            or not parts.hostname
+        ):
+            return validation_entry("validation_invalid_url", "Must be a valid url.")
+        if not _domain_allowed(spec, parts.hostname):
+            return validation_entry(
+                "validation_url_domain_not_allowed", "Url domain is not allowed."
+            )
+    elif field_type == "date":
+        if spec.get("min") and value < normalize_date(spec["min"]):
+            return validation_entry(
+                "validation_min_greater_equal_than_required",
+                f"Must be no less than {_go_time(spec['min'])}.",
+                {"threshold": _go_threshold(spec["min"])},
+            )
+        if spec.get("max") and value > normalize_date(spec["max"]):
+            return validation_entry(
+                "validation_max_less_equal_than_required",
+                f"Must be no greater than {_go_time(spec['max'])}.",
+                {"threshold": _go_threshold(spec["max"])},
+            )
+    elif field_type == "editor":
+        maximum = spec.get("maxSize") or DEFAULT_EDITOR_MAX_BYTES
+        if len(value.encode()) > maximum:
+            return validation_entry(
+                "validation_content_size_limit",
+                f"The maximum allowed content size is {maximum} bytes.",
+                {"maxSize": maximum},
+            )
+    elif field_type == "json":
+        maximum = spec.get("maxSize") or DEFAULT_JSON_MAX_BYTES
+        if value is not None and len(_encode_json_text(value).encode()) > maximum:
+            return validation_entry(
+                "validation_json_size_limit",
+                f"The maximum allowed JSON size is {maximum} bytes.",
+                {"maxSize": maximum},
+            )
+    elif field_type in ("select", "relation", "file"):
+        items = value if isinstance(value, list) else [value]
+        if field_type == "select":
+            for item in items:
+                if item not in spec.get("values", []):
+                    return validation_entry(
+                        "validation_invalid_value",
+                        f"Invalid value {item}.",
+                        {"value": item},
+                    )
+        max_select = max(spec.get("maxSelect") or 1, 1)
+        if len(items) > max_select:
+            return validation_entry(
+                "validation_too_many_values",
+                f"Select no more than {max_select}.",
+                {"maxSelect": max_select},
+            )
+        min_select = spec.get("minSelect") or 0
+        if field_type == "relation" and len(items) < min_select:
+            return validation_entry(
+                "validation_not_enough_values",
+                f"Select at least {min_select}.",
+                {"minSelect": min_select},
+            )
+    return None
+
+
+def _relation_ids(value: JSON) -> list[str]:
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    return [value] if isinstance(value, str) and value else []
+
+
+# --- modifiers ----------------------------------------------------------------
+
+
+def _split_modifier(key: str) -> tuple[str, str]:
+    """Split `name+` / `+name` / `name-` into the field name and "+", "^" or "-"."""
+    if key.endswith(("+", "-")):
+        return key[:-1], key[-1]
+    if key.startswith("+"):
+        return key[1:], "^"
+    return key, ""
+
+
+def _modifier_order(item: tuple[str, JSON]) -> int:
+    """PocketBase applies plain values, then prepends, appends, and removals last."""
+    return "^+-".find(_split_modifier(item[0])[1]) + 1
+
+
+def _takes_modifier(spec: dict[str, JSON], modifier: str) -> bool:
+    """Whether PocketBase's field type has a setter for this modifier form."""
+    if spec["type"] == "number":
+        return modifier in ("+", "-")
+    return spec["type"] in MULTI_CAPABLE_TYPES
+
+
+def _apply_modifier(
+    spec: dict[str, JSON], current: JSON, raw: JSON, modifier: str
+) -> JSON:
+    """Apply PocketBase's `field+` (append/add), `+field` (prepend), `field-` (remove/subtract)."""
+    if not modifier:
+        return coerce_value(spec, raw)
+    if spec["type"] == "number":
+        delta = _to_number(raw)
+        return (
+            _js_number(current + delta if modifier == "+" else current - delta)
+            if modifier != "^"
+            else current
+        )
+    if spec["type"] in MULTI_CAPABLE_TYPES:
+        items = current if isinstance(current, list) else ([current] if current else [])
+        changes = _to_string_list(raw)
+        if modifier == "-":
+            result = [item for item in items if item not in changes]
+        elif modifier == "+":
+            result = items + [item for item in changes if item not in items]
+        else:
+            result = [item for item in changes if item not in items] + items
+        return result if is_multiple(spec) else (result[-1] if result else "")
+    return current
 
 
 # ==========================================================================
@@ -1241,7 +1740,8 @@ def render_sql(node: IR, params: list[JSON], alias: str = "t") -> str:
         return f"{node.name}({', '.join(rendered)})"
     if isinstance(node, Binary) and node.op in ("AND", "OR"):
         # Flat `(a OR b OR c)`: SQLite's parser overflows at ~100 nested parentheses.
-        operands, pending = [], [node]
+        operands: list[str] = []
+        pending: list[IR] = [node]
         while pending:
             item = pending.pop()
             if isinstance(item, Binary) and item.op == node.op:
@@ -1454,7 +1954,7 @@ def _like_find(text: str, segment: LikeSegment, start: int, end: int) -> int:
         return text.find("".join(segment), start, end)  # type: ignore[arg-type]
     if end - start < len(segment):
         return -1
-    wildcard, masks = 0, {}
+    wildcard, masks = 0, dict[str, int]()
     for offset, char in enumerate(segment):
         if char is None:
             wildcard |= 1 << offset
@@ -1903,13 +2403,10 @@ def _escape_like_wildcards(text: str) -> str:
 
 
 # ==========================================================================
-# 6. Store
+# 6. Collections
 # ==========================================================================
-# Collections, field values and records over sqlite3: one table per
-# collection, one column per field, definitions in `_collections`. Sync and
-# short; knows nothing of HTTP. Time, ids and password hashing are passed in.
-
-# --- schema ----------------------------------------------------------------
+# Collection definitions: fields with their options, rules, indexes, and
+# their validation. Pure: no database.
 
 NAME_RE = re.compile(r"\A\w+\Z", re.ASCII)  # \Z: "$" would admit a trailing newline
 MAX_NAME_LENGTH = 255
@@ -1919,10 +2416,6 @@ RECORD_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 SECRET_LENGTH = 50  # tokenKeys and collection token secrets
 MAX_FIELDS = 1_000
-DEFAULT_TEXT_MAX = 5_000  # PocketBase's cap for a text field whose max is 0
-DEFAULT_EDITOR_MAX_BYTES = 5 * 1024 * 1024
-DEFAULT_JSON_MAX_BYTES = 1024 * 1024
-PASSWORD_MAX_LENGTH = 71  # bcrypt's input limit, which PocketBase inherits
 SUPERUSERS = "_superusers"
 USERS_ID = "_pb_users_auth_"
 RULE_NAMES = ("listRule", "viewRule", "createRule", "updateRule", "deleteRule")
@@ -1968,7 +2461,6 @@ FIELD_TYPE_OPTIONS: dict[str, dict[str, JSON]] = {
     },
     "password": {"cost": 0, "max": 0, "min": 0, "pattern": ""},
 }
-MULTI_CAPABLE_TYPES = frozenset({"select", "relation", "file"})
 
 
 def field_id(field_type: str, name: str) -> str:
@@ -2184,11 +2676,6 @@ class Collection:
         return data
 
 
-def is_multiple(spec: dict[str, JSON]) -> bool:
-    """Whether a select/relation/file field holds a list (maxSelect > 1)."""
-    return spec["type"] in MULTI_CAPABLE_TYPES and (spec.get("maxSelect") or 0) > 1
-
-
 def column_declaration(spec: dict[str, JSON]) -> str:
     """Return the SQLite column type of a field, as PocketBase declares it."""
     if spec["type"] == "number":
@@ -2211,360 +2698,6 @@ def quote_identifier(name: str) -> str:
     if not NAME_RE.match(name) and name != "_collections":
         raise ValueError(f"invalid identifier {name!r}")
     return '"' + name + '"'
-
-
-# --- values ------------------------------------------------------------------
-
-_DATE_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?\s*(Z|[+-]\d{2}:?\d{2}| UTC)?$"
-)
-
-
-def format_datetime(timestamp: float) -> str:
-    """Format a Unix time as PocketBase's `YYYY-MM-DD HH:MM:SS.mmmZ` (UTC).
-
-    >>> format_datetime(0.5)
-    '1970-01-01 00:00:00.500Z'
-    """
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def parse_datetime(value: str) -> datetime.datetime | None:
-    """Parse the date forms PocketBase accepts; None if it is not a date.
-
-    >>> parse_datetime("2024-01-01T10:20:30.123456+02:00").isoformat()
-    '2024-01-01T08:20:30.123456+00:00'
-    """
-    match = _DATE_RE.match(value.strip())
-    if match is None:
-        return None
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
-    try:
-        moment = datetime.datetime(
-            int(year),
-            int(month),
-            int(day),
-            int(hour or 0),
-            int(minute or 0),
-            int(second or 0),
-            int((fraction or "0")[:6].ljust(6, "0")),
-            datetime.timezone.utc,
-        )
-    except ValueError:
-        return None
-    if zone and zone not in ("Z", " UTC"):
-        sign = 1 if zone[0] == "+" else -1
-        digits = zone[1:].replace(":", "")
-        moment -= sign * datetime.timedelta(
-            hours=int(digits[:2]), minutes=int(digits[2:])
-        )
-    return moment
-
-
-def normalize_date(value: JSON) -> str:
-    """Return a date value in PocketBase's stored form, or "" if not a date."""
-    if not isinstance(value, str) or not value:
-        return ""
-    moment = parse_datetime(value)
-    if moment is None:
-        return ""
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def _to_text(value: JSON) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return _encode_json_text(_js_number(value))
-    if isinstance(value, str):
-        return value
-    return _encode_json_text(value)
-
-
-def _to_number(value: JSON) -> int | float:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, float)):
-        return _js_number(value)
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return 0
-        if number != number or number in (float("inf"), float("-inf")):
-            return 0
-        return _js_number(number)
-    return 0
-
-
-def _to_bool(value: JSON) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "t", "true")
-    if isinstance(value, (int, float)):
-        return value == 1
-    return value is True
-
-
-def _to_string_list(value: JSON) -> list[str]:
-    if value is None or value == "":
-        return []
-    items = value if isinstance(value, list) else [value]
-    unique: list[str] = []
-    for item in items:
-        text = _to_text(item)
-        if text and text not in unique:
-            unique.append(text)
-    return unique
-
-
-def coerce_value(spec: dict[str, JSON], value: JSON) -> JSON:
-    """Convert a submitted value to the field's type, as PocketBase does.
-
-    Never fails: `"abc"` for a number is 0, an unparseable date is "".
-
-    >>> coerce_value({"type": "number"}, "12"), coerce_value({"type": "bool"}, "true")
-    (12, True)
-    """
-    field_type = spec["type"]
-    if field_type == "number":
-        return _to_number(value)
-    if field_type == "bool":
-        return _to_bool(value)
-    if field_type in ("date", "autodate"):
-        return normalize_date(value)
-    if field_type == "json":
-        if isinstance(value, str):
-            try:
-                return parse_json_strict(value)
-            except BodyError:
-                return value
-        return value
-    if field_type in MULTI_CAPABLE_TYPES:
-        items = _to_string_list(value)
-        return items if is_multiple(spec) else (items[-1] if items else "")
-    return _to_text(value)
-
-
-def parse_json_strict(text: str) -> JSON:
-    """Decode a whole string as JSON (trailing data is an error); BodyError if invalid."""
-    try:
-        return _json_decoder.decode(text)
-    except (ValueError, RecursionError):
-        raise BodyError("invalid JSON") from None
-
-
-def zero_value(spec: dict[str, JSON]) -> JSON:
-    """Return a field's value when nothing was set."""
-    field_type = spec["type"]
-    if field_type == "number":
-        return 0
-    if field_type == "bool":
-        return False
-    if field_type == "json":
-        return None
-    if is_multiple(spec):
-        return []
-    return ""
-
-
-def to_column(spec: dict[str, JSON], value: JSON) -> JSON:
-    """Convert a record value to what its column stores."""
-    if spec["type"] == "json":
-        return None if value is None else _encode_json_text(value)
-    if is_multiple(spec):
-        return _encode_json_text(value)
-    if spec["type"] == "bool":
-        return 1 if value else 0
-    return value
-
-
-def from_column(spec: dict[str, JSON], value: JSON) -> JSON:
-    """Convert a stored column value back to the record value."""
-    field_type = spec["type"]
-    if field_type == "number":
-        return _to_number(value)
-    if field_type == "bool":
-        return bool(value)
-    if field_type == "json":
-        if isinstance(value, (int, float)):
-            return _js_number(
-                value
-            )  # the JSON column's NUMERIC affinity stored '1' as 1
-        return None if value is None else parse_json(value)
-    if is_multiple(spec):
-        try:
-            items = json.loads(value) if isinstance(value, str) else []
-        except ValueError:
-            return []
-        return items if isinstance(items, list) else []
-    return "" if value is None else str(value)
-
-
-# --- validation -------------------------------------------------------------
-
-_EMAIL_RE = re.compile(
-    r"^[\w.!#$%&'*+/=?^`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
-)
-
-
-def _go_number(number: JSON) -> str:
-    """Format a number the way Go's %v does for float64."""
-    return _encode_json_text(_js_number(float(number)))
-
-
-def _go_time(value: str) -> str:
-    moment = parse_datetime(value)
-    return moment.strftime("%Y-%m-%d %H:%M:%S +0000 UTC") if moment else value
-
-
-def _go_threshold(value: str) -> str:
-    """A date option as Go's time.Time marshals it into `params`."""
-    moment = parse_datetime(value)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else value
-
-
-def _domain_allowed(spec: dict[str, JSON], host: str) -> bool:
-    host = host.lower()
-    only, excepted = spec.get("onlyDomains") or [], spec.get("exceptDomains") or []
-    if only and host not in [d.lower() for d in only]:
-        return False
-    return host not in [d.lower() for d in excepted]
-
-
-def _is_blank(spec: dict[str, JSON], value: JSON) -> bool:
-    if spec["type"] == "json":
-        return value in (None, "", [], {})
-    return value in ("", 0, False, None, [])
-
-
-def validate_value(spec: dict[str, JSON], value: JSON) -> JSON | None:
-    """Return PocketBase's validation error object for one value, or None.
-
-    `value` is already coerced (see `coerce_value`). Relation existence is
-    checked by the store, which can see other records.
-    """
-    field_type = spec["type"]
-    required = spec.get("required") or spec.get("primaryKey")
-    if required and _is_blank(spec, value):
-        return validation_entry("validation_required", "Cannot be blank.")
-    if _is_blank(spec, value) and field_type != "json":
-        return None
-    if field_type in ("text", "password"):
-        length = len(value)
-        minimum = spec.get("min") or 0
-        maximum = spec.get("max") or (
-            DEFAULT_TEXT_MAX if field_type == "text" else PASSWORD_MAX_LENGTH
-        )
-        if minimum and length < minimum:
-            return validation_entry(
-                "validation_min_text_constraint",
-                f"Must be at least {minimum} character(s).",
-                {"min": minimum},
-            )
-        if length > maximum:
-            return validation_entry(
-                "validation_max_text_constraint",
-                f"Must be no more than {maximum} character(s).",
-                {"max": maximum},
-            )
-        if spec.get("pattern") and not re.search(spec["pattern"], value):
-            return validation_entry(
-                "validation_invalid_format", "Invalid value format."
-            )
-    elif field_type == "number":
-        if spec.get("onlyInt") and not float(value).is_integer():
-            return validation_entry(
-                "validation_only_int_constraint", "Decimal numbers are not allowed."
-            )
-        if spec.get("min") is not None and value < spec["min"]:
-            return validation_entry(
-                "validation_min_number_constraint",
-                f"Must be greater or equal than {_go_number(spec['min'])}.",
-                {"min": spec["min"]},
-            )
-        if spec.get("max") is not None and value > spec["max"]:
-            return validation_entry(
-                "validation_max_number_constraint",
-                f"Must be less or equal than {_go_number(spec['max'])}.",
-                {"max": spec["max"]},
-            )
-    elif field_type == "email":
-        if not _EMAIL_RE.match(value):
-            return validation_entry(
-                "validation_is_email", "Must be a valid email address."
-            )
-        if not _domain_allowed(spec, value.rpartition("@")[2]):
-            return validation_entry(
-                "validation_email_domain_not_allowed", "Email domain is not allowed."
-            )
-    elif field_type == "url":
-        parts = urllib.parse.urlsplit(value)
-        if (
-            parts.scheme not in ("http", "https", "ftp", "ws", "wss")
-            or not parts.hostname
-        ):
-            return validation_entry("validation_invalid_url", "Must be a valid url.")
-        if not _domain_allowed(spec, parts.hostname):
-            return validation_entry(
-                "validation_url_domain_not_allowed", "Url domain is not allowed."
-            )
-    elif field_type == "date":
-        if spec.get("min") and value < normalize_date(spec["min"]):
-            return validation_entry(
-                "validation_min_greater_equal_than_required",
-                f"Must be no less than {_go_time(spec['min'])}.",
-                {"threshold": _go_threshold(spec["min"])},
-            )
-        if spec.get("max") and value > normalize_date(spec["max"]):
-            return validation_entry(
-                "validation_max_less_equal_than_required",
-                f"Must be no greater than {_go_time(spec['max'])}.",
-                {"threshold": _go_threshold(spec["max"])},
-            )
-    elif field_type == "editor":
-        maximum = spec.get("maxSize") or DEFAULT_EDITOR_MAX_BYTES
-        if len(value.encode()) > maximum:
-            return validation_entry(
-                "validation_content_size_limit",
-                f"The maximum allowed content size is {maximum} bytes.",
-                {"maxSize": maximum},
-            )
-    elif field_type == "json":
-        maximum = spec.get("maxSize") or DEFAULT_JSON_MAX_BYTES
-        if value is not None and len(_encode_json_text(value).encode()) > maximum:
-            return validation_entry(
-                "validation_json_size_limit",
-                f"The maximum allowed JSON size is {maximum} bytes.",
-                {"maxSize": maximum},
-            )
-    elif field_type in ("select", "relation", "file"):
-        items = value if isinstance(value, list) else [value]
-        if field_type == "select":
-            for item in items:
-                if item not in spec.get("values", []):
-                    return validation_entry(
-                        "validation_invalid_value",
-                        f"Invalid value {item}.",
-                        {"value": item},
-                    )
-        max_select = max(spec.get("maxSelect") or 1, 1)
-        if len(items) > max_select:
-            return validation_entry(
-                "validation_too_many_values",
-                f"Select no more than {max_select}.",
-                {"maxSelect": max_select},
-            )
-        min_select = spec.get("minSelect") or 0
-        if field_type == "relation" and len(items) < min_select:
-            return validation_entry(
-                "validation_not_enough_values",
-                f"Select at least {min_select}.",
-                {"minSelect": min_select},
-            )
-    return None
 
 
 def validate_collection(
@@ -2657,7 +2790,9 @@ def validate_collection(
             )
     mfa = collection.options.get("mfa") if collection.is_auth else None
     if isinstance(mfa, dict) and mfa.get("enabled"):
-        methods = [collection.options.get(name) for name in ("passwordAuth", "oauth2", "otp")]
+        methods = [
+            collection.options.get(name) for name in ("passwordAuth", "oauth2", "otp")
+        ]
         if sum(isinstance(m, dict) and bool(m.get("enabled")) for m in methods) < 2:
             errors["mfa"] = {
                 "enabled": validation_entry(
@@ -2671,7 +2806,7 @@ def validate_collection(
 _INDEX_RE = re.compile(
     r"\s*CREATE\s+(UNIQUE\s+)?INDEX\s+(IF\s+NOT\s+EXISTS\s+)?[`\"\[]?(\w+)[`\"\]]?"
     r"\s+ON\s+[`\"\[]?(?P<table>\w+)[`\"\]]?\s*\(",
-    re.I | re.ASCII,
+    re.IGNORECASE | re.ASCII,
 )
 
 
@@ -2843,999 +2978,12 @@ def _import_failure(data: dict[str, JSON], errors: dict[str, JSON]) -> JSON:
     )
 
 
-# --- records ---------------------------------------------------------------
-
-Record = dict[str, JSON]
-
-
-@dataclass(slots=True)
-class RecordChange:
-    """One record written by a transaction: what realtime fan-out starts from.
-
-    `record` is the new state (the old one for deletes); `prepared` holds
-    the listener's work, done inside the transaction so that it sees the
-    record as it was written, or as it was just before a delete.
-    """
-
-    action: str  # "create" | "update" | "delete"
-    collection: Collection
-    record: Record
-    previous: Record | None = None
-    prepared: Any = None
-
-
-class ChangeListener(Protocol):
-    """Receives record changes: prepared inside the transaction, then committed."""
-
-    def prepare(self, change: RecordChange) -> None: ...
-
-    def committed(self, changes: list[RecordChange]) -> None: ...
-
-
-class Store:
-    """The sqlite3 database of one data dir (`<dir>/data.db`).
-
-    Opened in WAL mode with foreign keys on and a busy timeout, so the
-    `sqlite3` shell and other processes can read it while pbrt runs.
-    `now`, `new_id`, `new_secret` and `hash_password` are supplied by the
-    caller, so this class has no clock or randomness of its own.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        *,
-        now: Callable[[], float],
-        new_id: Callable[[], str],
-        new_secret: Callable[[], str],
-        hash_password: Callable[[str], str],
-    ) -> None:
-        self.path = path
-        self.now = now
-        self.new_id = new_id
-        self.new_secret = new_secret
-        self.hash_password = hash_password
-        self._writer = self._connect(path)
-        self._writer.execute("PRAGMA journal_mode = WAL")
-        self._writer.execute("PRAGMA foreign_keys = ON")
-        self._writer.execute("PRAGMA synchronous = NORMAL")
-        # Per thread: the read-only connection `read` lent it, and its budget.
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._depth = 0
-        self._changes: list[RecordChange] = []
-        self.listener: ChangeListener | None = None
-        self._collections: dict[str, Collection] = {}
-        with self.transaction():
-            self.connection.execute(
-                'CREATE TABLE IF NOT EXISTS "_collections" ('
-                "id TEXT PRIMARY KEY NOT NULL, name TEXT UNIQUE NOT NULL COLLATE NOCASE, "
-                "position INTEGER NOT NULL, data JSON NOT NULL)"
-            )
-            self._load_collections()
-            if not self._collections:
-                self._create_default_collections()
-
-    @staticmethod
-    def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
-        if read_only:
-            target = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-            connection = sqlite3.connect(target, uri=True, check_same_thread=False)
-        else:
-            connection = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False
-            )
-        connection.execute("PRAGMA busy_timeout = 5000")
-        connection.create_function(
-            GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True
-        )
-        return connection
-
-    @property
-    def connection(self) -> sqlite3.Connection:
-        """The connection of this thread: its read-only one inside `read`, else the writer."""
-        return getattr(self._local, "connection", None) or self._writer
-
-    @property
-    def can_read_in_threads(self) -> bool:
-        """Whether other threads may read beside the writer (a file in WAL mode)."""
-        return self.path != ":memory:"
-
-    def read(self, function: Callable[[], Any]) -> Any:
-        """Run `function` with this thread's read-only connection (opened once).
-
-        For worker threads: WAL lets them read a committed snapshot while the
-        writer goes on; a write through it fails.
-        """
-        reader = getattr(self._local, "reader", None)
-        if reader is None:
-            reader = self._local.reader = self._connect(self.path, read_only=True)
-            self._readers.append(reader)
-        self._local.connection = reader
-        try:
-            return function()
-        finally:
-            self._local.connection = None
-
-    def close(self) -> None:
-        """Close the database; later calls fail."""
-        for reader in self._readers:
-            reader.close()
-        self._writer.close()
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Run the block in one transaction (nested blocks join the outer one)."""
-        if self._depth:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
-        self.connection.execute("BEGIN IMMEDIATE")
-        self._depth = 1
-        try:
-            yield
-        except BaseException:
-            self._depth = 0
-            self._changes = []
-            self.connection.execute("ROLLBACK")
-            self._load_collections()
-            raise
-        self._depth = 0
-        changes, self._changes = self._changes, []
-        self.connection.execute("COMMIT")
-        if changes and self.listener is not None:
-            self.listener.committed(changes)
-
-    @contextlib.contextmanager
-    def budget(self, seconds: float) -> Iterator[None]:
-        """Stop any statement still running `seconds` from now.
-
-        Raises BudgetExceeded from the block when SQLite was interrupted;
-        nested budgets keep the earlier deadline.
-        """
-        outer = getattr(self._local, "deadline", None)
-        deadline = time.monotonic() + seconds
-        self._local.deadline = deadline if outer is None else min(outer, deadline)
-        self.connection.set_progress_handler(self._past_deadline, BUDGET_CHECK_STEPS)
-        try:
-            yield
-        except sqlite3.OperationalError as exc:
-            if str(exc) in ("parser stack overflow", "Expression tree is too large (maximum depth 1000)"):
-                raise RuleError(f"too complex for SQLite: {exc}") from None
-            if str(exc) != "interrupted":
-                raise
-            raise BudgetExceeded(f"SQL ran past its budget of {seconds:g} s") from None
-        finally:
-            self._local.deadline = outer
-            if outer is None:
-                self.connection.set_progress_handler(None, 0)
-
-    def _past_deadline(self) -> int:
-        deadline = getattr(self._local, "deadline", None)
-        return int(deadline is not None and time.monotonic() > deadline)
-
-    def _record_change(self, change: RecordChange) -> None:
-        """Queue a change for the listener (inside the open transaction)."""
-        if self.listener is not None:
-            self.listener.prepare(change)
-            self._changes.append(change)
-
-    def now_text(self) -> str:
-        """The current time in PocketBase's stored date format."""
-        return format_datetime(self.now())
-
-    # --- collections -------------------------------------------------------
-
-    # The dict of collections is replaced, never changed in place, so that
-    # readers in other threads always iterate a consistent one.
-
-    def _load_collections(self) -> None:
-        loaded: dict[str, Collection] = {}
-        for (data,) in self.connection.execute(
-            'SELECT data FROM "_collections" ORDER BY position'
-        ):
-            stored = json.loads(data)
-            loaded[stored["id"]] = Collection(
-                id=stored["id"],
-                name=stored["name"],
-                type=stored["type"],
-                fields=tuple(stored["fields"]),
-                rules=stored["rules"],
-                indexes=tuple(stored["indexes"]),
-                system=stored["system"],
-                created=stored["created"],
-                updated=stored["updated"],
-                options=stored["options"],
-            )
-        self._collections = loaded
-
-    def _create_default_collections(self) -> None:
-        """Create what a fresh PocketBase has: `_superusers` and `users`."""
-        now = self.now_text()
-        superusers = build_collection(
-            {
-                "name": SUPERUSERS,
-                "type": "auth",
-                "fields": [*_auth_system_fields(), *_timestamp_fields(system=True)],
-            },
-            None,
-            now=now,
-            new_secret=self.new_secret,
-        )
-        options = dict(
-            superusers.options,
-            authToken={**superusers.options["authToken"], "duration": 86_400},
-        )
-        self._write_collection(
-            dataclasses.replace(superusers, system=True, options=options), None
-        )
-        users_rule = "id = @request.auth.id"
-        users = build_collection(
-            {
-                "id": USERS_ID,
-                "name": "users",
-                "type": "auth",
-                "listRule": users_rule,
-                "viewRule": users_rule,
-                "createRule": "",
-                "updateRule": users_rule,
-                "deleteRule": users_rule,
-                "fields": [
-                    *_auth_system_fields(),
-                    {"name": "name", "type": "text", "max": 255},
-                    {
-                        "name": "avatar",
-                        "type": "file",
-                        "maxSelect": 1,
-                        "mimeTypes": [
-                            "image/jpeg",
-                            "image/png",
-                            "image/svg+xml",
-                            "image/gif",
-                            "image/webp",
-                        ],
-                    },
-                    *_timestamp_fields(),
-                ],
-            },
-            None,
-            now=now,
-            new_secret=self.new_secret,
-        )
-        users.options["oauth2"]["mappedFields"].update(name="name", avatarURL="avatar")
-        self._write_collection(users, None)
-
-    def collections(self) -> list[Collection]:
-        """All collections, in creation order."""
-        return list(self._collections.values())
-
-    def collection(self, id_or_name: str) -> Collection | None:
-        """Return the collection with this id, or else this name (any case)."""
-        found = self._collections.get(id_or_name)
-        if found is not None:
-            return found
-        lowered = id_or_name.lower()
-        return next(
-            (c for c in self._collections.values() if c.name.lower() == lowered), None
-        )
-
-    def save_collection(
-        self,
-        data: dict[str, JSON],
-        existing: Collection | None = None,
-        *,
-        known_ids: frozenset[str] = frozenset(),
-    ) -> Collection:
-        """Create or update a collection from its JSON; migrate its table.
-
-        Raises ValidationError with PocketBase's field errors, or ValueError
-        for data of the wrong shape.
-        """
-        collection = build_collection(
-            data, existing, now=self.now_text(), new_secret=self.new_secret
-        )
-        others = [
-            c
-            for c in self._collections.values()
-            if existing is None or c.id != existing.id
-        ]
-        errors = validate_collection(collection, others, known_ids)
-        for rule_name in (
-            *RULE_NAMES,
-            *(AUTH_RULE_NAMES if collection.is_auth else ()),
-        ):
-            rule = collection.rules.get(rule_name, collection.options.get(rule_name))
-            if not isinstance(rule, str) or rule == "":
-                continue
-            try:
-                compile_rules(self, collection, RequestInfo(), [(rule, False)])
-            except RuleError as exc:
-                errors[rule_name] = validation_entry(
-                    "validation_invalid_rule", f"Invalid rule. Raw error: {exc.msg}."
-                )
-        if not errors and existing is None and collection.id in self._collections:
-            errors["id"] = validation_entry(
-                "validation_invalid_id", "The model id is invalid or already exists."
-            )
-        if errors:
-            raise ValidationError(errors)
-        with self.transaction():
-            self._write_collection(collection, existing)
-        return collection
-
-    def _write_collection(
-        self, collection: Collection, existing: Collection | None
-    ) -> None:
-        stored = {
-            "id": collection.id,
-            "name": collection.name,
-            "type": collection.type,
-            "fields": list(collection.fields),
-            "rules": collection.rules,
-            "indexes": list(collection.indexes),
-            "system": collection.system,
-            "created": collection.created,
-            "updated": collection.updated,
-            "options": collection.options,
-        }
-        if existing is None:
-            position = len(self._collections)
-            self.connection.execute(
-                'INSERT INTO "_collections" (id, name, position, data) VALUES (?, ?, ?, ?)',
-                (collection.id, collection.name, position, json.dumps(stored)),
-            )
-        else:
-            self.connection.execute(
-                'UPDATE "_collections" SET name = ?, data = ? WHERE id = ?',
-                (collection.name, json.dumps(stored), collection.id),
-            )
-        self._migrate_table(collection, existing)
-        self._collections = {**self._collections, collection.id: collection}
-
-    def _migrate_table(
-        self, collection: Collection, existing: Collection | None
-    ) -> None:
-        """Create or rebuild a collection's table, keeping data by field id."""
-        table = quote_identifier(collection.name)
-        columns = ", ".join(
-            f"{quote_identifier(spec['name'])} "
-            + (
-                "TEXT PRIMARY KEY NOT NULL"
-                if spec["name"] == "id"
-                else column_declaration(spec)
-            )
-            for spec in collection.fields
-        )
-        if existing is None:
-            self.connection.execute(f"CREATE TABLE {table} ({columns})")
-        else:
-            old_table = quote_identifier(existing.name)
-            temporary = quote_identifier(f"_pbrt_migrate_{collection.name}")
-            self.connection.execute(f"CREATE TABLE {temporary} ({columns})")
-            old_by_id = {spec["id"]: spec for spec in existing.fields}
-            pairs = [
-                (
-                    quote_identifier(spec["name"]),
-                    quote_identifier(old_by_id[spec["id"]]["name"]),
-                )
-                for spec in collection.fields
-                if spec["id"] in old_by_id
-                and old_by_id[spec["id"]]["type"] == spec["type"]
-                and is_multiple(old_by_id[spec["id"]]) == is_multiple(spec)
-            ]
-            targets = ", ".join(["rowid"] + [new for new, _ in pairs])
-            sources = ", ".join(["rowid"] + [old for _, old in pairs])
-            self.connection.execute(
-                f"INSERT INTO {temporary} ({targets}) SELECT {sources} FROM {old_table}"
-            )
-            self.connection.execute(f"DROP TABLE {old_table}")
-            self.connection.execute(f"ALTER TABLE {temporary} RENAME TO {table}")
-        for index_sql in collection.indexes:
-            try:
-                self.connection.execute(index_sql)
-            except sqlite3.Error as exc:
-                raise ValidationError(
-                    {
-                        "indexes": validation_entry(
-                            "validation_invalid_index", f"Invalid index: {exc}."
-                        )
-                    }
-                ) from None
-
-    def delete_collection(self, collection: Collection) -> None:
-        """Drop a collection and its table.
-
-        Raises ValueError with PocketBase's sentence when it is a system
-        collection or another collection's relation points at it.
-        """
-        if collection.system:
-            raise ValueError("Failed to delete collection.")
-        referencing = [
-            other.name
-            for other in self._collections.values()
-            if other.id != collection.id
-            and any(
-                spec["type"] == "relation" and spec.get("collectionId") == collection.id
-                for spec in other.fields
-            )
-        ]
-        if referencing:
-            raise ValueError(
-                "Failed to delete collection probably due to existing reference in "
-                + ", ".join(referencing)
-                + "."
-            )
-        with self.transaction():
-            self.connection.execute(
-                'DELETE FROM "_collections" WHERE id = ?', (collection.id,)
-            )
-            self.connection.execute(f"DROP TABLE {quote_identifier(collection.name)}")
-            self._forget_collection(collection.id)
-
-    def _forget_collection(self, collection_id: str) -> None:
-        self._collections = {
-            key: value for key, value in self._collections.items() if key != collection_id
-        }
-
-    def import_collections(
-        self, items: list[dict[str, JSON]], *, delete_missing: bool
-    ) -> None:
-        """Create or update many collections in one transaction (PocketBase's import).
-
-        Each is matched to an existing collection by id, else by name. Without
-        `delete_missing`, fields the import does not list are kept; with it,
-        unlisted fields and non-system collections are deleted. Raises
-        ValidationError naming the first collection that fails.
-        """
-        known_ids = frozenset(str(item["id"]) for item in items if item.get("id"))
-        imported: set[str] = set()
-        with self.transaction():
-            for item in items:
-                existing = self._collections.get(
-                    str(item.get("id") or "")
-                ) or self.collection(str(item.get("name") or "\0"))
-                data = dict(item)
-                if (
-                    existing is not None
-                    and not delete_missing
-                    and isinstance(data.get("fields"), list)
-                ):
-                    listed = {
-                        (f.get("id"), f.get("name"))
-                        for f in data["fields"]
-                        if isinstance(f, dict)
-                    }
-                    listed_ids = {pair[0] for pair in listed}
-                    listed_names = {pair[1] for pair in listed}
-                    kept = [
-                        f
-                        for f in existing.fields
-                        if f["id"] not in listed_ids and f["name"] not in listed_names
-                    ]
-                    data["fields"] = kept + data["fields"]
-                try:
-                    saved = self.save_collection(data, existing, known_ids=known_ids)
-                except ValidationError as exc:
-                    raise ValidationError(
-                        {"collections": _import_failure(data, exc.errors)}
-                    ) from None
-                imported.add(saved.id)
-            if delete_missing:
-                for collection in self.collections():
-                    if collection.id not in imported and not collection.system:
-                        self.connection.execute(
-                            'DELETE FROM "_collections" WHERE id = ?', (collection.id,)
-                        )
-                        self.connection.execute(
-                            f"DROP TABLE {quote_identifier(collection.name)}"
-                        )
-                        self._forget_collection(collection.id)
-
-    # --- reading records -----------------------------------------------------
-
-    def _row_to_record(
-        self, collection: Collection, row: sqlite3.Row | tuple[JSON, ...]
-    ) -> Record:
-        return {
-            spec["name"]: from_column(spec, value)
-            for spec, value in zip(collection.fields, row)
-        }
-
-    def _select_columns(self, collection: Collection, alias: str = "") -> str:
-        prefix = f"{alias}." if alias else ""
-        return ", ".join(
-            prefix + quote_identifier(spec["name"]) for spec in collection.fields
-        )
-
-    def get_record(self, collection: Collection, record_id: str) -> Record | None:
-        """Return one record by id, or None."""
-        row = self.connection.execute(
-            f"SELECT {self._select_columns(collection)} FROM {quote_identifier(collection.name)} WHERE id = ?",
-            (record_id,),
-        ).fetchone()
-        return None if row is None else self._row_to_record(collection, row)
-
-    def get_records(
-        self, collection: Collection, record_ids: list[str]
-    ) -> dict[str, Record]:
-        """Return the records with these ids, keyed by id (missing ones absent)."""
-        if not record_ids:
-            return {}
-        rows = self.connection.execute(
-            f"SELECT {self._select_columns(collection)} FROM {quote_identifier(collection.name)} "
-            f"WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(record_ids),),
-        ).fetchall()
-        records = (self._row_to_record(collection, row) for row in rows)
-        return {record["id"]: record for record in records}
-
-    def find_records(
-        self,
-        collection: Collection,
-        *,
-        where: str = "",
-        params: tuple[JSON, ...] = (),
-        order: str = "",
-        order_params: tuple[JSON, ...] = (),
-        limit: int = -1,
-        offset: int = 0,
-    ) -> list[Record]:
-        """Return records matching an SQL condition built with bound params."""
-        sql = f"SELECT {self._select_columns(collection, 't')} FROM {quote_identifier(collection.name)} t"
-        if where:
-            sql += f" WHERE {where}"
-        sql += f" ORDER BY {order or 't.rowid'} LIMIT ? OFFSET ?"
-        arguments = (*params, *order_params, limit, offset)
-        rows = self.connection.execute(sql, arguments).fetchall()
-        return [self._row_to_record(collection, row) for row in rows]
-
-    def referencing_ids(
-        self,
-        source: Collection,
-        spec: dict[str, JSON],
-        record_ids: list[str],
-        limit: int,
-    ) -> list[list[str]]:
-        """For each id, the ids of `source` records whose relation `spec` holds
-        it (at most `limit` each, in insertion order)."""
-        column = quote_identifier(spec["name"])
-        table = quote_identifier(source.name)
-        held = (
-            f"FROM {table} t, json_each(t.{column}) je WHERE je.value IN (SELECT value FROM json_each(?))"
-            if is_multiple(spec)
-            else f"FROM {table} t WHERE t.{column} IN (SELECT value FROM json_each(?))"
-        )
-        value = "je.value" if is_multiple(spec) else f"t.{column}"
-        found: dict[str, list[str]] = {record_id: [] for record_id in record_ids}
-        rows = self.connection.execute(
-            f"SELECT {value}, t.id {held} ORDER BY t.rowid", (json.dumps(record_ids),)
-        )
-        for held_id, referencing in rows:
-            ids = found[held_id]
-            if len(ids) < limit:
-                ids.append(referencing)
-        return [found[record_id] for record_id in record_ids]
-
-    def record_matches(
-        self,
-        collection: Collection,
-        record_id: str,
-        where: str,
-        params: tuple[JSON, ...],
-    ) -> bool:
-        """Whether the record with this id satisfies an SQL condition."""
-        sql = f"SELECT 1 FROM {quote_identifier(collection.name)} t WHERE t.id = ? AND ({where})"
-        return self.connection.execute(sql, (record_id, *params)).fetchone() is not None
-
-    def count_records(
-        self, collection: Collection, *, where: str = "", params: tuple[JSON, ...] = ()
-    ) -> int:
-        """Count the records matching an SQL condition."""
-        sql = f"SELECT COUNT(*) FROM {quote_identifier(collection.name)} t"
-        if where:
-            sql += f" WHERE {where}"
-        return int(self.connection.execute(sql, params).fetchone()[0])
-
-    # --- writing records -----------------------------------------------------
-
-    def create_record(
-        self,
-        collection: Collection,
-        data: dict[str, JSON],
-        *,
-        privileged: bool,
-        password_hash: str | None = None,
-    ) -> Record:
-        """Validate and insert a record built from submitted `data`.
-
-        Non-privileged callers cannot set hidden fields (silently dropped)
-        nor mark auth records verified. `password_hash` is the submitted
-        password already hashed (else it is hashed here). Raises ValidationError.
-        """
-        return self._write(collection, None, data, privileged, password_hash)
-
-    def update_record(
-        self,
-        collection: Collection,
-        current: Record,
-        data: dict[str, JSON],
-        *,
-        privileged: bool,
-        password_hash: str | None = None,
-    ) -> Record:
-        """Apply submitted `data` (with `+`/`-` modifiers) to a record and save it."""
-        return self._write(collection, current, data, privileged, password_hash)
-
-    def _write(
-        self,
-        collection: Collection,
-        current: Record | None,
-        data: dict[str, JSON],
-        privileged: bool,
-        password_hash: str | None,
-    ) -> Record:
-        """Apply `data` to a copy of `current` (or to zero values), validate, save."""
-        if current is None:
-            record = {spec["name"]: zero_value(spec) for spec in collection.fields}
-        else:
-            record = dict(current)
-        errors = self._apply(
-            collection,
-            record,
-            data,
-            privileged=privileged,
-            creating=current is None,
-            password_hash=password_hash,
-        )
-        return self._save(collection, record, current, errors)
-
-    def _apply(
-        self,
-        collection: Collection,
-        record: Record,
-        data: dict[str, JSON],
-        *,
-        privileged: bool,
-        creating: bool,
-        password_hash: str | None = None,
-    ) -> dict[str, JSON]:
-        """Set submitted values on `record`; return early validation errors."""
-        errors: dict[str, JSON] = {}
-        password = None
-        for key, raw in sorted(data.items(), key=_modifier_order):
-            name, modifier = _split_modifier(key)
-            spec = collection.field(name)
-            if (
-                spec is None
-                or spec["type"] == "autodate"
-                or (name == "id" and (not creating or modifier))
-            ):
-                continue
-            if spec["type"] == "file":
-                if raw not in (None, "", []):
-                    errors[name] = validation_entry(
-                        "validation_file_unsupported", "File uploads are not supported."
-                    )
-                continue
-            if spec["type"] == "password":
-                if modifier:
-                    continue
-                password = _to_text(raw)
-                continue
-            if collection.is_auth and name == "tokenKey" and not privileged:
-                continue
-            if spec.get("hidden") and not privileged:
-                continue
-            if (
-                collection.is_auth
-                and name == "email"
-                and not (creating or privileged)
-                and _to_text(raw) != record.get("email")
-            ):
-                # As PocketBase: an email changes through the email-change flow.
-                errors[name] = validation_entry(
-                    "validation_values_mismatch", "Values don't match."
-                )
-                continue
-            if collection.is_auth and name == "verified" and not privileged:
-                if _to_bool(raw) != bool(record.get("verified")):
-                    errors[name] = validation_entry(
-                        "validation_values_mismatch", "Values don't match."
-                    )
-                continue
-            record[name] = _apply_modifier(spec, record[name], raw, modifier)
-        if collection.is_auth:
-            confirm = data.get("passwordConfirm")
-            if password is not None or creating:
-                password = password or ""
-                if confirm is not None and _to_text(confirm) != password:
-                    errors["passwordConfirm"] = validation_entry(
-                        "validation_values_mismatch", "Values don't match."
-                    )
-                spec = collection.field("password")
-                problem = validate_value(spec, password) if spec else None
-                if problem:
-                    errors["password"] = problem
-                elif password:
-                    record["password"] = password_hash or self.hash_password(password)
-                    record["tokenKey"] = self.new_secret()
-            if creating and not record.get("tokenKey"):
-                record["tokenKey"] = self.new_secret()
-            if collection.name == SUPERUSERS:
-                record["verified"] = True
-        return errors
-
-    def _save(
-        self,
-        collection: Collection,
-        record: Record,
-        current: Record | None,
-        errors: dict[str, JSON],
-    ) -> Record:
-        creating = current is None
-        now = self.now_text()
-        for spec in collection.fields:
-            if spec["type"] == "autodate" and (
-                spec.get("onCreate") and creating or spec.get("onUpdate")
-            ):
-                record[spec["name"]] = now
-        if creating and not record.get("id"):
-            record["id"] = self.new_id()
-        for spec in collection.fields:
-            if spec["name"] in errors or spec["type"] in (
-                "password",
-                "autodate",
-                "file",
-            ):
-                continue
-            problem = validate_value(spec, record[spec["name"]])
-            if problem is None and spec["type"] == "relation":
-                problem = self._check_relation(spec, record[spec["name"]])
-            if problem is not None:
-                errors[spec["name"]] = problem
-        if not errors:
-            errors.update(self._unique_errors(collection, record, creating))
-        if errors:
-            raise ValidationError(dict(sorted(errors.items())))
-        columns = [spec for spec in collection.fields]
-        values = tuple(to_column(spec, record[spec["name"]]) for spec in columns)
-        table = quote_identifier(collection.name)
-        with self.transaction():
-            try:
-                if creating:
-                    names = ", ".join(quote_identifier(spec["name"]) for spec in columns)
-                    marks = ", ".join("?" for _ in columns)
-                    self.connection.execute(
-                        f"INSERT INTO {table} ({names}) VALUES ({marks})", values
-                    )
-                else:
-                    assignments = ", ".join(
-                        f"{quote_identifier(spec['name'])} = ?" for spec in columns
-                    )
-                    self.connection.execute(
-                        f"UPDATE {table} SET {assignments} WHERE id = ?",
-                        (*values, current["id"]),  # type: ignore[index]
-                    )
-            except sqlite3.IntegrityError as exc:
-                raise ValidationError(_unique_violation(collection, str(exc))) from None
-            self._record_change(
-                RecordChange(
-                    "create" if creating else "update", collection, record, current
-                )
-            )
-        return record
-
-    def _check_relation(self, spec: dict[str, JSON], value: JSON) -> JSON | None:
-        ids = value if isinstance(value, list) else ([value] if value else [])
-        target = self._collections.get(spec.get("collectionId", ""))
-        if not ids:
-            return None
-        if target is None or len(self.get_records(target, ids)) != len(ids):
-            return validation_entry(
-                "validation_missing_rel_records",
-                "Failed to find all relation records with the provided ids.",
-            )
-        return None
-
-    def _unique_errors(
-        self, collection: Collection, record: Record, creating: bool
-    ) -> dict[str, JSON]:
-        errors: dict[str, JSON] = {}
-        table = quote_identifier(collection.name)
-        not_unique = validation_entry("validation_not_unique", "Value must be unique.")
-        if (
-            creating
-            and self.connection.execute(
-                f"SELECT 1 FROM {table} WHERE id = ?", (record["id"],)
-            ).fetchone()
-        ):
-            errors["id"] = not_unique
-        if collection.is_auth and record.get("email"):
-            clash = self.connection.execute(
-                f"SELECT 1 FROM {table} WHERE email = ? AND id != ?",
-                (record["email"], record["id"]),
-            ).fetchone()
-            if clash:
-                errors["email"] = not_unique
-        return errors
-
-    def delete_record(
-        self, collection: Collection, record: Record
-    ) -> list[tuple[Collection, Record]]:
-        """Delete a record, applying each relation's cascade option.
-
-        Returns every deleted (collection, record), the given one last.
-        Raises ValueError when a required relation still points at it.
-        """
-        deleted: list[tuple[Collection, Record]] = []
-        with self.transaction():
-            self._delete(collection, record, deleted, set(), depth=0)
-        return deleted
-
-    def _delete(
-        self,
-        collection: Collection,
-        record: Record,
-        deleted: list[tuple[Collection, Record]],
-        deleting: set[tuple[str, str]],
-        depth: int,
-    ) -> None:
-        deleting.add((collection.id, record["id"]))  # cascades that loop back stop here
-        if depth > 32:
-            raise ValueError("Failed to delete record: relation cascade is too deep.")
-        for other in self.collections():
-            for spec in other.fields:
-                if (
-                    spec["type"] != "relation"
-                    or spec.get("collectionId") != collection.id
-                ):
-                    continue
-                column = quote_identifier(spec["name"])
-                condition = (
-                    f"EXISTS (SELECT 1 FROM json_each(t.{column}) WHERE value = ?)"
-                    if is_multiple(spec)
-                    else f"t.{column} = ?"
-                )
-                for referencing in self.find_records(
-                    other, where=condition, params=(record["id"],)
-                ):
-                    if (other.id, referencing["id"]) in deleting:
-                        continue
-                    if spec.get("cascadeDelete"):
-                        self._delete(other, referencing, deleted, deleting, depth + 1)
-                        continue
-                    remaining = (
-                        [i for i in referencing[spec["name"]] if i != record["id"]]
-                        if is_multiple(spec)
-                        else ""
-                    )
-                    if spec.get("required") and not remaining:
-                        raise ValueError(
-                            "Failed to delete record. Make sure that the record is not part of a required "
-                            "relation reference."
-                        )
-                    self.connection.execute(
-                        f"UPDATE {quote_identifier(other.name)} SET {column} = ? WHERE id = ?",
-                        (to_column(spec, remaining), referencing["id"]),
-                    )
-                    self._record_change(
-                        RecordChange(
-                            "update",
-                            other,
-                            {**referencing, spec["name"]: remaining},
-                            referencing,
-                        )
-                    )
-        self._record_change(RecordChange("delete", collection, record))
-        self.connection.execute(
-            f"DELETE FROM {quote_identifier(collection.name)} WHERE id = ?",
-            (record["id"],),
-        )
-        deleted.append((collection, record))
-
-
-def _unique_violation(collection: Collection, message: str) -> dict[str, JSON]:
-    """PocketBase's answer to a unique index violation: `validation_not_unique`
-    on each column SQLite names ("UNIQUE constraint failed: posts.a, posts.b")."""
-    prefix = "UNIQUE constraint failed: "
-    if not message.startswith(prefix):
-        return {}
-    columns = [part.strip().rpartition(".")[2] for part in message[len(prefix) :].split(",")]
-    not_unique = validation_entry("validation_not_unique", "Value must be unique.")
-    return {name: not_unique for name in sorted(columns) if collection.field(name)}
-
-
-def _split_modifier(key: str) -> tuple[str, str]:
-    """Split `name+` / `+name` / `name-` into the field name and "+", "^" or "-"."""
-    if key.endswith(("+", "-")):
-        return key[:-1], key[-1]
-    if key.startswith("+"):
-        return key[1:], "^"
-    return key, ""
-
-
-def _modifier_order(item: tuple[str, JSON]) -> int:
-    """PocketBase applies plain values, then prepends, appends, and removals last."""
-    return "^+-".find(_split_modifier(item[0])[1]) + 1
-
-
-def _takes_modifier(spec: dict[str, JSON], modifier: str) -> bool:
-    """Whether PocketBase's field type has a setter for this modifier form."""
-    if spec["type"] == "number":
-        return modifier in ("+", "-")
-    return spec["type"] in MULTI_CAPABLE_TYPES
-
-
-def resolve_body_modifiers(
-    collection: Collection,
-    current: Record | None,
-    data: dict[str, JSON],
-    *,
-    superuser: bool,
-) -> dict[str, JSON]:
-    """The submitted body as rules and the store see it (PocketBase's ReplaceModifiers).
-
-    Every key naming a field (`field`, `field+`, `+field`, `field-`) is
-    replaced by the field's resulting value, computed from `current` (zero
-    values on create): `{"roles+": "admin"}` becomes `{"roles": [..., "admin"]}`,
-    so `@request.body.roles:isset` and `:changed` see the write that will
-    happen. Other keys stay as sent; hidden fields are dropped for
-    non-superusers (the auth password excepted), as PocketBase does.
-    """
-    record = (
-        dict(current)
-        if current is not None
-        else {spec["name"]: zero_value(spec) for spec in collection.fields}
-    )
-    result = dict(data)
-    for key, raw in sorted(data.items(), key=_modifier_order):
-        name, modifier = _split_modifier(key)
-        spec = collection.field(name)
-        if spec is None or (modifier and not _takes_modifier(spec, modifier)):
-            continue
-        del result[key]
-        if spec["type"] in ("password", "json"):
-            result[name] = raw  # plain text and raw JSON, as PocketBase's getters give them
-            continue
-        record[name] = _apply_modifier(spec, record.get(name), raw, modifier)
-        result[name] = record[name]
-    if not superuser:
-        for spec in collection.fields:
-            if spec.get("hidden") and spec["type"] != "password":
-                result.pop(spec["name"], None)
-    return result
-
-
-def _apply_modifier(
-    spec: dict[str, JSON], current: JSON, raw: JSON, modifier: str
-) -> JSON:
-    """Apply PocketBase's `field+` (append/add), `+field` (prepend), `field-` (remove/subtract)."""
-    if not modifier:
-        return coerce_value(spec, raw)
-    if spec["type"] == "number":
-        delta = _to_number(raw)
-        return (
-            _js_number(current + delta if modifier == "+" else current - delta)
-            if modifier != "^"
-            else current
-        )
-    if spec["type"] in MULTI_CAPABLE_TYPES:
-        items = current if isinstance(current, list) else ([current] if current else [])
-        changes = _to_string_list(raw)
-        if modifier == "-":
-            result = [item for item in items if item not in changes]
-        elif modifier == "+":
-            result = items + [item for item in changes if item not in items]
-        else:
-            result = [item for item in changes if item not in items] + items
-        return result if is_multiple(spec) else (result[-1] if result else "")
-    return current
-
-
-# --- rules over records ----------------------------------------------------------
+# ==========================================================================
+# 7. Rules over records
+# ==========================================================================
+# Rule identifiers resolved against collections: field paths, relation
+# joins, `@request.*`, one WHERE for rules and filters. Collections are
+# looked up through a CollectionLookup; nothing here runs SQL.
 
 
 @dataclass(frozen=True, slots=True)
@@ -4031,7 +3179,10 @@ class RecordResolver:
             if modifier == "length":
                 return Resolved(Value(len(items)), "known")
             each = self._join(
-                f"body:{key}:each", "json_each(?) {alias}", "1", (_encode_json_text(items),)
+                f"body:{key}:each",
+                "json_each(?) {alias}",
+                "1",
+                (_encode_json_text(items),),
             )
             return Resolved(SqlRef(f"{each}.value", "none"), "column", each)
         resolved = _static(_body_value(value))
@@ -4375,6 +3526,1194 @@ def compile_rules(
     return CompiledRule(sql, (*join_params, *params), ir, True)
 
 
+def resolve_body_modifiers(
+    collection: Collection,
+    current: Record | None,
+    data: dict[str, JSON],
+    *,
+    superuser: bool,
+) -> dict[str, JSON]:
+    """The submitted body as rules and the store see it (PocketBase's ReplaceModifiers).
+
+    Every key naming a field (`field`, `field+`, `+field`, `field-`) is
+    replaced by the field's resulting value, computed from `current` (zero
+    values on create): `{"roles+": "admin"}` becomes `{"roles": [..., "admin"]}`,
+    so `@request.body.roles:isset` and `:changed` see the write that will
+    happen. Other keys stay as sent; hidden fields are dropped for
+    non-superusers (the auth password excepted), as PocketBase does.
+    """
+    record = (
+        dict(current)
+        if current is not None
+        else {spec["name"]: zero_value(spec) for spec in collection.fields}
+    )
+    result = dict(data)
+    for key, raw in sorted(data.items(), key=_modifier_order):
+        name, modifier = _split_modifier(key)
+        spec = collection.field(name)
+        if spec is None or (modifier and not _takes_modifier(spec, modifier)):
+            continue
+        del result[key]
+        if spec["type"] in ("password", "json"):
+            result[name] = (
+                raw  # plain text and raw JSON, as PocketBase's getters give them
+            )
+            continue
+        record[name] = _apply_modifier(spec, record.get(name), raw, modifier)
+        result[name] = record[name]
+    if not superuser:
+        for spec in collection.fields:
+            if spec.get("hidden") and spec["type"] != "password":
+                result.pop(spec["name"], None)
+    return result
+
+
+# ==========================================================================
+# 8. Store
+# ==========================================================================
+# sqlite3: one table per collection, definitions in `_collections`, WAL,
+# transactions whose commits a ChangeListener (the broker) hears of. Time,
+# ids and password hashing are passed in. Knows nothing of HTTP.
+
+
+@dataclass(slots=True)
+class RecordChange:
+    """One record written by a transaction: what realtime fan-out starts from.
+
+    `record` is the new state (the old one for deletes); `prepared` holds
+    the listener's work, done inside the transaction so that it sees the
+    record as it was written, or as it was just before a delete.
+    """
+
+    action: str  # "create" | "update" | "delete"
+    collection: Collection
+    record: Record
+    previous: Record | None = None
+    prepared: Any = None
+
+
+class ChangeListener(Protocol):
+    """Receives record changes: prepared inside the transaction, then committed."""
+
+    def prepare(self, change: RecordChange) -> None: ...
+
+    def committed(self, changes: list[RecordChange]) -> None: ...
+
+
+class Store:
+    """The sqlite3 database of one data dir (`<dir>/data.db`).
+
+    Opened in WAL mode with foreign keys on and a busy timeout, so the
+    `sqlite3` shell and other processes can read it while pbrt runs.
+    `now`, `new_id`, `new_secret` and `hash_password` are supplied by the
+    caller, so this class has no clock or randomness of its own.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        now: Callable[[], float],
+        new_id: Callable[[], str],
+        new_secret: Callable[[], str],
+        hash_password: Callable[[str], str],
+    ) -> None:
+        self.path = path
+        self.now = now
+        self.new_id = new_id
+        self.new_secret = new_secret
+        self.hash_password = hash_password
+        self._writer = self._connect(path)
+        self._writer.execute("PRAGMA journal_mode = WAL")
+        self._writer.execute("PRAGMA foreign_keys = ON")
+        self._writer.execute("PRAGMA synchronous = NORMAL")
+        # Per thread: the read-only connection `read` lent it, and its budget.
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._depth = 0
+        self._changes: list[RecordChange] = []
+        self.listener: ChangeListener | None = None
+        self._collections: dict[str, Collection] = {}
+        with self.transaction():
+            self.connection.execute(
+                'CREATE TABLE IF NOT EXISTS "_collections" ('
+                "id TEXT PRIMARY KEY NOT NULL, name TEXT UNIQUE NOT NULL COLLATE NOCASE, "
+                "position INTEGER NOT NULL, data JSON NOT NULL)"
+            )
+            self._load_collections()
+            if not self._collections:
+                self._create_default_collections()
+
+    @staticmethod
+    def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
+        if read_only:
+            target = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+            connection = sqlite3.connect(target, uri=True, check_same_thread=False)
+        else:
+            connection = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False
+            )
+        connection.execute("PRAGMA busy_timeout = 5000")
+        connection.create_function(
+            GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True
+        )
+        return connection
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection of this thread: its read-only one inside `read`, else the writer."""
+        return getattr(self._local, "connection", None) or self._writer
+
+    @property
+    def can_read_in_threads(self) -> bool:
+        """Whether other threads may read beside the writer (a file in WAL mode)."""
+        return self.path != ":memory:"
+
+    def read(self, function: Callable[[], Any]) -> Any:
+        """Run `function` with this thread's read-only connection (opened once).
+
+        For worker threads: WAL lets them read a committed snapshot while the
+        writer goes on; a write through it fails.
+        """
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = self._connect(self.path, read_only=True)
+            self._readers.append(reader)
+        self._local.connection = reader
+        try:
+            return function()
+        finally:
+            self._local.connection = None
+
+    def close(self) -> None:
+        """Close the database; later calls fail."""
+        for reader in self._readers:
+            reader.close()
+        self._writer.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block in one transaction (nested blocks join the outer one)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self.connection.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            self._changes = []
+            self.connection.execute("ROLLBACK")
+            self._load_collections()
+            raise
+        self._depth = 0
+        changes, self._changes = self._changes, []
+        self.connection.execute("COMMIT")
+        if changes and self.listener is not None:
+            self.listener.committed(changes)
+
+    @contextlib.contextmanager
+    def budget(self, seconds: float) -> Iterator[None]:
+        """Stop any statement still running `seconds` from now.
+
+        Raises BudgetExceeded from the block when SQLite was interrupted;
+        nested budgets keep the earlier deadline.
+        """
+        outer = getattr(self._local, "deadline", None)
+        deadline = time.monotonic() + seconds
+        self._local.deadline = deadline if outer is None else min(outer, deadline)
+        self.connection.set_progress_handler(self._past_deadline, BUDGET_CHECK_STEPS)
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if str(exc) in (
+                "parser stack overflow",
+                "Expression tree is too large (maximum depth 1000)",
+            ):
+                raise RuleError(f"too complex for SQLite: {exc}") from None
+            if str(exc) != "interrupted":
+                raise
+            raise BudgetExceeded(f"SQL ran past its budget of {seconds:g} s") from None
+        finally:
+            self._local.deadline = outer
+            if outer is None:
+                self.connection.set_progress_handler(None, 0)
+
+    def _past_deadline(self) -> int:
+        deadline = getattr(self._local, "deadline", None)
+        return int(deadline is not None and time.monotonic() > deadline)
+
+    def _record_change(self, change: RecordChange) -> None:
+        """Queue a change for the listener (inside the open transaction)."""
+        if self.listener is not None:
+            self.listener.prepare(change)
+            self._changes.append(change)
+
+    def now_text(self) -> str:
+        """The current time in PocketBase's stored date format."""
+        return format_datetime(self.now())
+
+    # --- collections -------------------------------------------------------
+
+    # The dict of collections is replaced, never changed in place, so that
+    # readers in other threads always iterate a consistent one.
+
+    def _load_collections(self) -> None:
+        loaded: dict[str, Collection] = {}
+        for (data,) in self.connection.execute(
+            'SELECT data FROM "_collections" ORDER BY position'
+        ):
+            stored = json.loads(data)
+            loaded[stored["id"]] = Collection(
+                id=stored["id"],
+                name=stored["name"],
+                type=stored["type"],
+                fields=tuple(stored["fields"]),
+                rules=stored["rules"],
+                indexes=tuple(stored["indexes"]),
+                system=stored["system"],
+                created=stored["created"],
+                updated=stored["updated"],
+                options=stored["options"],
+            )
+        self._collections = loaded
+
+    def _create_default_collections(self) -> None:
+        """Create what a fresh PocketBase has: `_superusers` and `users`."""
+        now = self.now_text()
+        superusers = build_collection(
+            {
+                "name": SUPERUSERS,
+                "type": "auth",
+                "fields": [*_auth_system_fields(), *_timestamp_fields(system=True)],
+            },
+            None,
+            now=now,
+            new_secret=self.new_secret,
+        )
+        options = dict(
+            superusers.options,
+            authToken={**superusers.options["authToken"], "duration": 86_400},
+        )
+        self._write_collection(
+            dataclasses.replace(superusers, system=True, options=options), None
+        )
+        users_rule = "id = @request.auth.id"
+        users = build_collection(
+            {
+                "id": USERS_ID,
+                "name": "users",
+                "type": "auth",
+                "listRule": users_rule,
+                "viewRule": users_rule,
+                "createRule": "",
+                "updateRule": users_rule,
+                "deleteRule": users_rule,
+                "fields": [
+                    *_auth_system_fields(),
+                    {"name": "name", "type": "text", "max": 255},
+                    {
+                        "name": "avatar",
+                        "type": "file",
+                        "maxSelect": 1,
+                        "mimeTypes": [
+                            "image/jpeg",
+                            "image/png",
+                            "image/svg+xml",
+                            "image/gif",
+                            "image/webp",
+                        ],
+                    },
+                    *_timestamp_fields(),
+                ],
+            },
+            None,
+            now=now,
+            new_secret=self.new_secret,
+        )
+        users.options["oauth2"]["mappedFields"].update(name="name", avatarURL="avatar")
+        self._write_collection(users, None)
+
+    def collections(self) -> list[Collection]:
+        """All collections, in creation order."""
+        return list(self._collections.values())
+
+    def collection(self, id_or_name: str) -> Collection | None:
+        """Return the collection with this id, or else this name (any case)."""
+        found = self._collections.get(id_or_name)
+        if found is not None:
+            return found
+        lowered = id_or_name.lower()
+        return next(
+            (c for c in self._collections.values() if c.name.lower() == lowered), None
+        )
+
+    def save_collection(
+        self,
+        data: dict[str, JSON],
+        existing: Collection | None = None,
+        *,
+        known_ids: frozenset[str] = frozenset(),
+    ) -> Collection:
+        """Create or update a collection from its JSON; migrate its table.
+
+        Raises ValidationError with PocketBase's field errors, or ValueError
+        for data of the wrong shape.
+        """
+        collection = build_collection(
+            data, existing, now=self.now_text(), new_secret=self.new_secret
+        )
+        others = [
+            c
+            for c in self._collections.values()
+            if existing is None or c.id != existing.id
+        ]
+        errors = validate_collection(collection, others, known_ids)
+        for rule_name in (
+            *RULE_NAMES,
+            *(AUTH_RULE_NAMES if collection.is_auth else ()),
+        ):
+            rule = collection.rules.get(rule_name, collection.options.get(rule_name))
+            if not isinstance(rule, str) or rule == "":
+                continue
+            try:
+                compile_rules(self, collection, RequestInfo(), [(rule, False)])
+            except RuleError as exc:
+                errors[rule_name] = validation_entry(
+                    "validation_invalid_rule", f"Invalid rule. Raw error: {exc.msg}."
+                )
+        if not errors and existing is None and collection.id in self._collections:
+            errors["id"] = validation_entry(
+                "validation_invalid_id", "The model id is invalid or already exists."
+            )
+        if errors:
+            raise ValidationError(errors)
+        with self.transaction():
+            self._write_collection(collection, existing)
+        return collection
+
+    def _write_collection(
+        self, collection: Collection, existing: Collection | None
+    ) -> None:
+        stored = {
+            "id": collection.id,
+            "name": collection.name,
+            "type": collection.type,
+            "fields": list(collection.fields),
+            "rules": collection.rules,
+            "indexes": list(collection.indexes),
+            "system": collection.system,
+            "created": collection.created,
+            "updated": collection.updated,
+            "options": collection.options,
+        }
+        if existing is None:
+            position = len(self._collections)
+            self.connection.execute(
+                'INSERT INTO "_collections" (id, name, position, data) VALUES (?, ?, ?, ?)',
+                (collection.id, collection.name, position, json.dumps(stored)),
+            )
+        else:
+            self.connection.execute(
+                'UPDATE "_collections" SET name = ?, data = ? WHERE id = ?',
+                (collection.name, json.dumps(stored), collection.id),
+            )
+        self._migrate_table(collection, existing)
+        self._collections = {**self._collections, collection.id: collection}
+
+    def _migrate_table(
+        self, collection: Collection, existing: Collection | None
+    ) -> None:
+        """Create or rebuild a collection's table, keeping data by field id."""
+        table = quote_identifier(collection.name)
+        columns = ", ".join(
+            f"{quote_identifier(spec['name'])} "
+            + (
+                "TEXT PRIMARY KEY NOT NULL"
+                if spec["name"] == "id"
+                else column_declaration(spec)
+            )
+            for spec in collection.fields
+        )
+        if existing is None:
+            self.connection.execute(f"CREATE TABLE {table} ({columns})")
+        else:
+            old_table = quote_identifier(existing.name)
+            temporary = quote_identifier(f"_pbrt_migrate_{collection.name}")
+            self.connection.execute(f"CREATE TABLE {temporary} ({columns})")
+            old_by_id = {spec["id"]: spec for spec in existing.fields}
+            pairs = [
+                (
+                    quote_identifier(spec["name"]),
+                    quote_identifier(old_by_id[spec["id"]]["name"]),
+                )
+                for spec in collection.fields
+                if spec["id"] in old_by_id
+                and old_by_id[spec["id"]]["type"] == spec["type"]
+                and is_multiple(old_by_id[spec["id"]]) == is_multiple(spec)
+            ]
+            targets = ", ".join(["rowid"] + [new for new, _ in pairs])
+            sources = ", ".join(["rowid"] + [old for _, old in pairs])
+            self.connection.execute(
+                f"INSERT INTO {temporary} ({targets}) SELECT {sources} FROM {old_table}"
+            )
+            self.connection.execute(f"DROP TABLE {old_table}")
+            self.connection.execute(f"ALTER TABLE {temporary} RENAME TO {table}")
+        for index_sql in collection.indexes:
+            try:
+                self.connection.execute(index_sql)
+            except sqlite3.Error as exc:
+                raise ValidationError(
+                    {
+                        "indexes": validation_entry(
+                            "validation_invalid_index", f"Invalid index: {exc}."
+                        )
+                    }
+                ) from None
+
+    def delete_collection(self, collection: Collection) -> None:
+        """Drop a collection and its table.
+
+        Raises ValueError with PocketBase's sentence when it is a system
+        collection or another collection's relation points at it.
+        """
+        if collection.system:
+            raise ValueError("Failed to delete collection.")
+        referencing = [
+            other.name
+            for other in self._collections.values()
+            if other.id != collection.id
+            and any(
+                spec["type"] == "relation" and spec.get("collectionId") == collection.id
+                for spec in other.fields
+            )
+        ]
+        if referencing:
+            raise ValueError(
+                "Failed to delete collection probably due to existing reference in "
+                + ", ".join(referencing)
+                + "."
+            )
+        with self.transaction():
+            self.connection.execute(
+                'DELETE FROM "_collections" WHERE id = ?', (collection.id,)
+            )
+            self.connection.execute(f"DROP TABLE {quote_identifier(collection.name)}")
+            self._forget_collection(collection.id)
+
+    def _forget_collection(self, collection_id: str) -> None:
+        self._collections = {
+            key: value
+            for key, value in self._collections.items()
+            if key != collection_id
+        }
+
+    def import_collections(
+        self, items: list[dict[str, JSON]], *, delete_missing: bool
+    ) -> None:
+        """Create or update many collections in one transaction (PocketBase's import).
+
+        Each is matched to an existing collection by id, else by name. Without
+        `delete_missing`, fields the import does not list are kept; with it,
+        unlisted fields and non-system collections are deleted. Raises
+        ValidationError naming the first collection that fails.
+        """
+        known_ids = frozenset(str(item["id"]) for item in items if item.get("id"))
+        imported: set[str] = set()
+        with self.transaction():
+            for item in items:
+                existing = self._collections.get(
+                    str(item.get("id") or "")
+                ) or self.collection(str(item.get("name") or "\0"))
+                data = dict(item)
+                if (
+                    existing is not None
+                    and not delete_missing
+                    and isinstance(data.get("fields"), list)
+                ):
+                    listed = {
+                        (f.get("id"), f.get("name"))
+                        for f in data["fields"]
+                        if isinstance(f, dict)
+                    }
+                    listed_ids = {pair[0] for pair in listed}
+                    listed_names = {pair[1] for pair in listed}
+                    kept = [
+                        f
+                        for f in existing.fields
+                        if f["id"] not in listed_ids and f["name"] not in listed_names
+                    ]
+                    data["fields"] = kept + data["fields"]
+                try:
+                    saved = self.save_collection(data, existing, known_ids=known_ids)
+                except ValidationError as exc:
+                    raise ValidationError(
+                        {"collections": _import_failure(data, exc.errors)}
+                    ) from None
+                imported.add(saved.id)
+            if delete_missing:
+                for collection in self.collections():
+                    if collection.id not in imported and not collection.system:
+                        self.connection.execute(
+                            'DELETE FROM "_collections" WHERE id = ?', (collection.id,)
+                        )
+                        self.connection.execute(
+                            f"DROP TABLE {quote_identifier(collection.name)}"
+                        )
+                        self._forget_collection(collection.id)
+
+    # --- reading records -----------------------------------------------------
+
+    def _row_to_record(
+        self, collection: Collection, row: sqlite3.Row | tuple[JSON, ...]
+    ) -> Record:
+        return {
+            spec["name"]: from_column(spec, value)
+            for spec, value in zip(collection.fields, row)
+        }
+
+    def _select_columns(self, collection: Collection, alias: str = "") -> str:
+        prefix = f"{alias}." if alias else ""
+        return ", ".join(
+            prefix + quote_identifier(spec["name"]) for spec in collection.fields
+        )
+
+    def get_record(self, collection: Collection, record_id: str) -> Record | None:
+        """Return one record by id, or None."""
+        row = self.connection.execute(
+            f"SELECT {self._select_columns(collection)} FROM {quote_identifier(collection.name)} WHERE id = ?",
+            (record_id,),
+        ).fetchone()
+        return None if row is None else self._row_to_record(collection, row)
+
+    def get_records(
+        self, collection: Collection, record_ids: list[str]
+    ) -> dict[str, Record]:
+        """Return the records with these ids, keyed by id (missing ones absent)."""
+        if not record_ids:
+            return {}
+        rows = self.connection.execute(
+            f"SELECT {self._select_columns(collection)} FROM {quote_identifier(collection.name)} "
+            f"WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(record_ids),),
+        ).fetchall()
+        records = (self._row_to_record(collection, row) for row in rows)
+        return {record["id"]: record for record in records}
+
+    def find_records(
+        self,
+        collection: Collection,
+        *,
+        where: str = "",
+        params: tuple[JSON, ...] = (),
+        order: str = "",
+        order_params: tuple[JSON, ...] = (),
+        limit: int = -1,
+        offset: int = 0,
+    ) -> list[Record]:
+        """Return records matching an SQL condition built with bound params."""
+        sql = f"SELECT {self._select_columns(collection, 't')} FROM {quote_identifier(collection.name)} t"
+        if where:
+            sql += f" WHERE {where}"
+        sql += f" ORDER BY {order or 't.rowid'} LIMIT ? OFFSET ?"
+        arguments = (*params, *order_params, limit, offset)
+        rows = self.connection.execute(sql, arguments).fetchall()
+        return [self._row_to_record(collection, row) for row in rows]
+
+    def referencing_ids(
+        self,
+        source: Collection,
+        spec: dict[str, JSON],
+        record_ids: list[str],
+        limit: int,
+    ) -> list[list[str]]:
+        """For each id, the ids of `source` records whose relation `spec` holds
+        it (at most `limit` each, in insertion order)."""
+        column = quote_identifier(spec["name"])
+        table = quote_identifier(source.name)
+        held = (
+            f"FROM {table} t, json_each(t.{column}) je WHERE je.value IN (SELECT value FROM json_each(?))"
+            if is_multiple(spec)
+            else f"FROM {table} t WHERE t.{column} IN (SELECT value FROM json_each(?))"
+        )
+        value = "je.value" if is_multiple(spec) else f"t.{column}"
+        found: dict[str, list[str]] = {record_id: [] for record_id in record_ids}
+        rows = self.connection.execute(
+            f"SELECT {value}, t.id {held} ORDER BY t.rowid", (json.dumps(record_ids),)
+        )
+        for held_id, referencing in rows:
+            ids = found[held_id]
+            if len(ids) < limit:
+                ids.append(referencing)
+        return [found[record_id] for record_id in record_ids]
+
+    def record_matches(
+        self,
+        collection: Collection,
+        record_id: str,
+        where: str,
+        params: tuple[JSON, ...],
+    ) -> bool:
+        """Whether the record with this id satisfies an SQL condition."""
+        sql = f"SELECT 1 FROM {quote_identifier(collection.name)} t WHERE t.id = ? AND ({where})"
+        return self.connection.execute(sql, (record_id, *params)).fetchone() is not None
+
+    def count_records(
+        self, collection: Collection, *, where: str = "", params: tuple[JSON, ...] = ()
+    ) -> int:
+        """Count the records matching an SQL condition."""
+        sql = f"SELECT COUNT(*) FROM {quote_identifier(collection.name)} t"
+        if where:
+            sql += f" WHERE {where}"
+        return int(self.connection.execute(sql, params).fetchone()[0])
+
+    # --- writing records -----------------------------------------------------
+
+    def create_record(
+        self,
+        collection: Collection,
+        data: dict[str, JSON],
+        *,
+        privileged: bool,
+        password_hash: str | None = None,
+    ) -> Record:
+        """Validate and insert a record built from submitted `data`.
+
+        Non-privileged callers cannot set hidden fields (silently dropped)
+        nor mark auth records verified. `password_hash` is the submitted
+        password already hashed (else it is hashed here). Raises ValidationError.
+        """
+        return self._write(collection, None, data, privileged, password_hash)
+
+    def update_record(
+        self,
+        collection: Collection,
+        current: Record,
+        data: dict[str, JSON],
+        *,
+        privileged: bool,
+        password_hash: str | None = None,
+    ) -> Record:
+        """Apply submitted `data` (with `+`/`-` modifiers) to a record and save it."""
+        return self._write(collection, current, data, privileged, password_hash)
+
+    def _write(
+        self,
+        collection: Collection,
+        current: Record | None,
+        data: dict[str, JSON],
+        privileged: bool,
+        password_hash: str | None,
+    ) -> Record:
+        """Apply `data` to a copy of `current` (or to zero values), validate, save."""
+        if current is None:
+            record = {spec["name"]: zero_value(spec) for spec in collection.fields}
+        else:
+            record = dict(current)
+        errors = self._apply(
+            collection,
+            record,
+            data,
+            privileged=privileged,
+            creating=current is None,
+            password_hash=password_hash,
+        )
+        return self._save(collection, record, current, errors)
+
+    def _apply(
+        self,
+        collection: Collection,
+        record: Record,
+        data: dict[str, JSON],
+        *,
+        privileged: bool,
+        creating: bool,
+        password_hash: str | None = None,
+    ) -> dict[str, JSON]:
+        """Set submitted values on `record`; return early validation errors."""
+        errors: dict[str, JSON] = {}
+        password = None
+        for key, raw in sorted(data.items(), key=_modifier_order):
+            name, modifier = _split_modifier(key)
+            spec = collection.field(name)
+            if (
+                spec is None
+                or spec["type"] == "autodate"
+                or (name == "id" and (not creating or modifier))
+            ):
+                continue
+            if spec["type"] == "file":
+                if raw not in (None, "", []):
+                    errors[name] = validation_entry(
+                        "validation_file_unsupported", "File uploads are not supported."
+                    )
+                continue
+            if spec["type"] == "password":
+                if modifier:
+                    continue
+                password = _to_text(raw)
+                continue
+            if collection.is_auth and name == "tokenKey" and not privileged:
+                continue
+            if spec.get("hidden") and not privileged:
+                continue
+            if (
+                collection.is_auth
+                and name == "email"
+                and not (creating or privileged)
+                and _to_text(raw) != record.get("email")
+            ):
+                # As PocketBase: an email changes through the email-change flow.
+                errors[name] = validation_entry(
+                    "validation_values_mismatch", "Values don't match."
+                )
+                continue
+            if collection.is_auth and name == "verified" and not privileged:
+                if _to_bool(raw) != bool(record.get("verified")):
+                    errors[name] = validation_entry(
+                        "validation_values_mismatch", "Values don't match."
+                    )
+                continue
+            record[name] = _apply_modifier(spec, record[name], raw, modifier)
+        if collection.is_auth:
+            confirm = data.get("passwordConfirm")
+            if password is not None or creating:
+                password = password or ""
+                if confirm is not None and _to_text(confirm) != password:
+                    errors["passwordConfirm"] = validation_entry(
+                        "validation_values_mismatch", "Values don't match."
+                    )
+                spec = collection.field("password")
+                problem = validate_value(spec, password) if spec else None
+                if problem:
+                    errors["password"] = problem
+                elif password:
+                    record["password"] = password_hash or self.hash_password(password)
+                    record["tokenKey"] = self.new_secret()
+            if creating and not record.get("tokenKey"):
+                record["tokenKey"] = self.new_secret()
+            if collection.name == SUPERUSERS:
+                record["verified"] = True
+        return errors
+
+    def _save(
+        self,
+        collection: Collection,
+        record: Record,
+        current: Record | None,
+        errors: dict[str, JSON],
+    ) -> Record:
+        creating = current is None
+        now = self.now_text()
+        for spec in collection.fields:
+            if spec["type"] == "autodate" and (
+                spec.get("onCreate") and creating or spec.get("onUpdate")
+            ):
+                record[spec["name"]] = now
+        if creating and not record.get("id"):
+            record["id"] = self.new_id()
+        for spec in collection.fields:
+            if spec["name"] in errors or spec["type"] in (
+                "password",
+                "autodate",
+                "file",
+            ):
+                continue
+            problem = validate_value(spec, record[spec["name"]])
+            if problem is None and spec["type"] == "relation":
+                problem = self._check_relation(spec, record[spec["name"]])
+            if problem is not None:
+                errors[spec["name"]] = problem
+        if not errors:
+            errors.update(self._unique_errors(collection, record, creating))
+        if errors:
+            raise ValidationError(dict(sorted(errors.items())))
+        columns = [spec for spec in collection.fields]
+        values = tuple(to_column(spec, record[spec["name"]]) for spec in columns)
+        table = quote_identifier(collection.name)
+        with self.transaction():
+            try:
+                if creating:
+                    names = ", ".join(
+                        quote_identifier(spec["name"]) for spec in columns
+                    )
+                    marks = ", ".join("?" for _ in columns)
+                    self.connection.execute(
+                        f"INSERT INTO {table} ({names}) VALUES ({marks})", values
+                    )
+                else:
+                    assignments = ", ".join(
+                        f"{quote_identifier(spec['name'])} = ?" for spec in columns
+                    )
+                    self.connection.execute(
+                        f"UPDATE {table} SET {assignments} WHERE id = ?",
+                        (*values, current["id"]),  # type: ignore[index]
+                    )
+            except sqlite3.IntegrityError as exc:
+                raise ValidationError(_unique_violation(collection, str(exc))) from None
+            self._record_change(
+                RecordChange(
+                    "create" if creating else "update", collection, record, current
+                )
+            )
+        return record
+
+    def _check_relation(self, spec: dict[str, JSON], value: JSON) -> JSON | None:
+        ids = value if isinstance(value, list) else ([value] if value else [])
+        target = self._collections.get(spec.get("collectionId", ""))
+        if not ids:
+            return None
+        if target is None or len(self.get_records(target, ids)) != len(ids):
+            return validation_entry(
+                "validation_missing_rel_records",
+                "Failed to find all relation records with the provided ids.",
+            )
+        return None
+
+    def _unique_errors(
+        self, collection: Collection, record: Record, creating: bool
+    ) -> dict[str, JSON]:
+        errors: dict[str, JSON] = {}
+        table = quote_identifier(collection.name)
+        not_unique = validation_entry("validation_not_unique", "Value must be unique.")
+        if (
+            creating
+            and self.connection.execute(
+                f"SELECT 1 FROM {table} WHERE id = ?", (record["id"],)
+            ).fetchone()
+        ):
+            errors["id"] = not_unique
+        if collection.is_auth and record.get("email"):
+            clash = self.connection.execute(
+                f"SELECT 1 FROM {table} WHERE email = ? AND id != ?",
+                (record["email"], record["id"]),
+            ).fetchone()
+            if clash:
+                errors["email"] = not_unique
+        return errors
+
+    def delete_record(
+        self, collection: Collection, record: Record
+    ) -> list[tuple[Collection, Record]]:
+        """Delete a record, applying each relation's cascade option.
+
+        Returns every deleted (collection, record), the given one last.
+        Raises ValueError when a required relation still points at it.
+        """
+        deleted: list[tuple[Collection, Record]] = []
+        with self.transaction():
+            self._delete(collection, record, deleted, set(), depth=0)
+        return deleted
+
+    def _delete(
+        self,
+        collection: Collection,
+        record: Record,
+        deleted: list[tuple[Collection, Record]],
+        deleting: set[tuple[str, str]],
+        depth: int,
+    ) -> None:
+        deleting.add((collection.id, record["id"]))  # cascades that loop back stop here
+        if depth > 32:
+            raise ValueError("Failed to delete record: relation cascade is too deep.")
+        for other in self.collections():
+            for spec in other.fields:
+                if (
+                    spec["type"] != "relation"
+                    or spec.get("collectionId") != collection.id
+                ):
+                    continue
+                column = quote_identifier(spec["name"])
+                condition = (
+                    f"EXISTS (SELECT 1 FROM json_each(t.{column}) WHERE value = ?)"
+                    if is_multiple(spec)
+                    else f"t.{column} = ?"
+                )
+                for referencing in self.find_records(
+                    other, where=condition, params=(record["id"],)
+                ):
+                    if (other.id, referencing["id"]) in deleting:
+                        continue
+                    if spec.get("cascadeDelete"):
+                        self._delete(other, referencing, deleted, deleting, depth + 1)
+                        continue
+                    remaining = (
+                        [i for i in referencing[spec["name"]] if i != record["id"]]
+                        if is_multiple(spec)
+                        else ""
+                    )
+                    if spec.get("required") and not remaining:
+                        raise ValueError(
+                            "Failed to delete record. Make sure that the record is not part of a required "
+                            "relation reference."
+                        )
+                    self.connection.execute(
+                        f"UPDATE {quote_identifier(other.name)} SET {column} = ? WHERE id = ?",
+                        (to_column(spec, remaining), referencing["id"]),
+                    )
+                    self._record_change(
+                        RecordChange(
+                            "update",
+                            other,
+                            {**referencing, spec["name"]: remaining},
+                            referencing,
+                        )
+                    )
+        self._record_change(RecordChange("delete", collection, record))
+        self.connection.execute(
+            f"DELETE FROM {quote_identifier(collection.name)} WHERE id = ?",
+            (record["id"],),
+        )
+        deleted.append((collection, record))
+
+
+def _unique_violation(collection: Collection, message: str) -> dict[str, JSON]:
+    """PocketBase's answer to a unique index violation: `validation_not_unique`
+    on each column SQLite names ("UNIQUE constraint failed: posts.a, posts.b")."""
+    prefix = "UNIQUE constraint failed: "
+    if not message.startswith(prefix):
+        return {}
+    columns = [
+        part.strip().rpartition(".")[2] for part in message[len(prefix) :].split(",")
+    ]
+    not_unique = validation_entry("validation_not_unique", "Value must be unique.")
+    return {name: not_unique for name in sorted(columns) if collection.field(name)}
+
+
+# ==========================================================================
+# 9. Auth
+# ==========================================================================
+# Password hashing and HS256 tokens with PocketBase's claims; who a token
+# names; failed-login limits. The clock and random salts are arguments.
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # RFC 7914's interactive-login parameters
+SCRYPT_SALT_BYTES = 16
+MAX_TOKEN_BYTES = 4096
+# Verified against when a login names an unknown identity, so both cases take equal time.
+DUMMY_PASSWORD_HASH = "scrypt$16384$8$1$cGJydC1kdW1teS1zYWx0IQ$sHyEEZebWchQbJuTvUlOp3X9K5hT4M9DT01ZTtEUH4c"
+
+
+def hash_password(password: str, salt: bytes) -> str:
+    """Hash a password with scrypt; the result records its parameters and salt.
+
+    >>> hash_password("pw", b"0" * 16).startswith("scrypt$16384$8$1$")
+    True
+    """
+    digest = hashlib.scrypt(
+        password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32
+    )
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64encode(salt)}${_b64encode(digest)}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Check a password against `hash_password` output in constant time."""
+    try:
+        scheme, n, r, p, salt, expected = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        digest = hashlib.scrypt(
+            password.encode(),
+            salt=_b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=32,
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(digest, _b64decode(expected))
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+_TOKEN_HEADER = _b64encode(b'{"alg":"HS256","typ":"JWT"}')
+
+
+def sign_token(claims: dict[str, JSON], key: str) -> str:
+    """Return an HS256 JWT of `claims` (compact JSON, keys sorted) signed with `key`.
+
+    >>> sign_token({"id": "a"}, "k").split(".")[1]
+    'eyJpZCI6ImEifQ'
+    """
+    payload = _b64encode(
+        json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
+    )
+    signing_input = f"{_TOKEN_HEADER}.{payload}"
+    signature = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64encode(signature)}"
+
+
+def read_token_claims(token: str) -> dict[str, JSON] | None:
+    """Decode a JWT's claims without checking its signature; None if malformed."""
+    if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
+        return None
+    header, payload, _ = token.split(".")
+    try:
+        if json.loads(_b64decode(header)).get("alg") != "HS256":
+            return None
+        claims = json.loads(_b64decode(payload))
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def token_is_valid(token: str, key: str, now: float) -> bool:
+    """Whether `token` is signed with `key` and, if it has `exp`, not expired."""
+    claims = read_token_claims(token)
+    if claims is None:
+        return False
+    signing_input, _, signature = token.rpartition(".")
+    expected = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(_b64encode(expected), signature):
+        return False
+    expires = claims.get("exp")
+    return expires is None or (isinstance(expires, (int, float)) and expires > now)
+
+
+def auth_token_claims(
+    collection_id_value: str, record_id: str, expires: int
+) -> dict[str, JSON]:
+    """Return the claims PocketBase puts in an auth token."""
+    return {
+        "collectionId": collection_id_value,
+        "exp": expires,
+        "id": record_id,
+        "refreshable": True,
+        "type": "auth",
+    }
+
+
+# --- the auth of a request -------------------------------------------------------
+
+
+class FailureLimiter:
+    """Failed attempts per key in a sliding window (e.g. logins per IP).
+
+    Only failures are counted, so successful logins and other traffic are
+    never slowed. At most `max_keys` keys are tracked (the oldest go first).
+    """
+
+    def __init__(self, limit: int, window_s: float, max_keys: int = 100_000) -> None:
+        self.limit, self.window_s, self.max_keys = limit, window_s, max_keys
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def blocked(self, key: str, now: float) -> bool:
+        """Whether `key` has `limit` failures within the window (never when limit is 0)."""
+        failures = self._failures.get(key)
+        if not self.limit or failures is None:
+            return False
+        while failures and failures[0] <= now - self.window_s:
+            failures.popleft()
+        if not failures:
+            del self._failures[key]
+        return len(failures) >= self.limit
+
+    def fail(self, key: str, now: float) -> None:
+        """Count one failure of `key`."""
+        if not self.limit:
+            return
+        failures = self._failures.pop(key, None) or collections.deque(maxlen=self.limit)
+        failures.append(now)
+        self._failures[key] = failures  # re-inserted: dict order is least recent first
+        if len(self._failures) > self.max_keys:
+            del self._failures[next(iter(self._failures))]
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """The record a request is authenticated as."""
+
+    collection: Collection
+    record: Record
+
+    @property
+    def is_superuser(self) -> bool:
+        """Whether this is a `_superusers` record (rules do not apply)."""
+        return self.collection.name == SUPERUSERS
+
+    def is_record(self, collection: Collection, record: Record) -> bool:
+        """Whether this auth is `record` of `collection` itself."""
+        return self.collection.id == collection.id and self.record.get(
+            "id"
+        ) == record.get("id")
+
+
+def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
+    """Return the Auth for an Authorization header value, or None (guest).
+
+    As PocketBase: a `Bearer ` prefix is optional; a malformed, expired,
+    tampered or foreign token means guest, never an error.
+    """
+    token = header[7:] if header[:7].lower() == "bearer " else header
+    claims = read_token_claims(token.strip())
+    if not claims or claims.get("type") != "auth":
+        return None
+    record_id, collection_ref = claims.get("id"), claims.get("collectionId")
+    if (
+        not isinstance(record_id, str)
+        or not isinstance(collection_ref, str)
+        or not record_id
+    ):
+        return None
+    collection = store.collection(collection_ref) if collection_ref else None
+    if collection is None or not collection.is_auth:
+        return None
+    record = store.get_record(collection, record_id)
+    if record is None:
+        return None
+    if not token_is_valid(
+        token.strip(), str(record["tokenKey"]) + collection.token_secret, now
+    ):
+        return None
+    return Auth(collection, record)
+
+
+def issue_auth_token(collection: Collection, record: Record, now: float) -> str:
+    """Sign a new auth token for a record, valid for the collection's duration."""
+    duration = int(collection.options.get("authToken", {}).get("duration", 432_000))
+    claims = auth_token_claims(collection.id, str(record["id"]), int(now) + duration)
+    return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
+
+
+# ==========================================================================
+# 10. Records
+# ==========================================================================
+# Record operations on behalf of a requester (rules, validation, hooks), and
+# what a requester may see of records (expand, fields, hidden fields). The
+# HTTP API and App call it alike; nothing here knows of HTTP.
+
+ONLY_SUPERUSERS = "Only superusers can perform this action."
+
+
+def require_rule(rule: str | None, superuser: bool) -> bool:
+    """Apply a collection rule's null/"" forms; return whether it is an expression.
+
+    Raises ForbiddenError for a null (superusers only) rule. Superusers pass
+    every rule (returns False: nothing left to evaluate).
+    """
+    if superuser:
+        return False
+    if rule is None:
+        raise ForbiddenError(ONLY_SUPERUSERS)
+    return rule != ""
+
+
+def canonical_header_name(name: str) -> str:
+    """Go's canonical header form (`x-api-key` -> `X-Api-Key`)."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
 def can_access(
     store: Store,
     collection: Collection,
@@ -4688,241 +5027,554 @@ def has_unique_index(collection: Collection, field_name: str) -> bool:
     """Whether a UNIQUE index of `collection` covers exactly this one column."""
     for index_sql in collection.indexes:
         match = _UNIQUE_COLUMNS_RE.match(index_sql)
-        if match and match.group(1).strip().strip("`\"[]") == field_name:
+        if match and match.group(1).strip().strip('`"[]') == field_name:
             return True
     return False
 
 
-_UNIQUE_COLUMNS_RE = re.compile(r"\s*CREATE\s+UNIQUE\s+INDEX\b[^(]*\(([^,()]*)\)", re.I)
+_UNIQUE_COLUMNS_RE = re.compile(
+    r"\s*CREATE\s+UNIQUE\s+INDEX\b[^(]*\(([^,()]*)\)", re.IGNORECASE
+)
 
 
-def _relation_ids(value: JSON) -> list[str]:
-    if isinstance(value, list):
-        return [str(item) for item in value]
-    return [value] if isinstance(value, str) and value else []
+# --- hooks ----------------------------------------------------------------------
+
+HOOK_NAMES = (
+    "before_create",
+    "after_create",
+    "before_update",
+    "after_update",
+    "before_delete",
+    "after_delete",
+    "realtime_connect",
+    "realtime_subscribe",
+    "realtime_message",
+)
 
 
-# ==========================================================================
-# 7. Auth
-# ==========================================================================
-# Password hashing and HS256 tokens with PocketBase's claims. Pure: the
-# clock and random salts are arguments. Knows records only as dicts.
+@dataclass(slots=True)
+class RecordEvent:
+    """What a record hook sees; a `before_*` hook may change `data` or raise ApiError.
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # RFC 7914's interactive-login parameters
-SCRYPT_SALT_BYTES = 16
-MAX_TOKEN_BYTES = 4096
-# Verified against when a login names an unknown identity, so both cases take equal time.
-DUMMY_PASSWORD_HASH = "scrypt$16384$8$1$cGJydC1kdW1teS1zYWx0IQ$sHyEEZebWchQbJuTvUlOp3X9K5hT4M9DT01ZTtEUH4c"
-
-
-def hash_password(password: str, salt: bytes) -> str:
-    """Hash a password with scrypt; the result records its parameters and salt.
-
-    >>> hash_password("pw", b"0" * 16).startswith("scrypt$16384$8$1$")
-    True
-    """
-    digest = hashlib.scrypt(
-        password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32
-    )
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64encode(salt)}${_b64encode(digest)}"
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """Check a password against `hash_password` output in constant time."""
-    try:
-        scheme, n, r, p, salt, expected = encoded.split("$")
-        if scheme != "scrypt":
-            return False
-        digest = hashlib.scrypt(
-            password.encode(),
-            salt=_b64decode(salt),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            dklen=32,
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(digest, _b64decode(expected))
-
-
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-_TOKEN_HEADER = _b64encode(b'{"alg":"HS256","typ":"JWT"}')
-
-
-def sign_token(claims: dict[str, JSON], key: str) -> str:
-    """Return an HS256 JWT of `claims` (compact JSON, keys sorted) signed with `key`.
-
-    >>> sign_token({"id": "a"}, "k").split(".")[1]
-    'eyJpZCI6ImEifQ'
-    """
-    payload = _b64encode(
-        json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
-    )
-    signing_input = f"{_TOKEN_HEADER}.{payload}"
-    signature = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{_b64encode(signature)}"
-
-
-def read_token_claims(token: str) -> dict[str, JSON] | None:
-    """Decode a JWT's claims without checking its signature; None if malformed."""
-    if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
-        return None
-    header, payload, _ = token.split(".")
-    try:
-        if json.loads(_b64decode(header)).get("alg") != "HS256":
-            return None
-        claims = json.loads(_b64decode(payload))
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-def token_is_valid(token: str, key: str, now: float) -> bool:
-    """Whether `token` is signed with `key` and, if it has `exp`, not expired."""
-    claims = read_token_claims(token)
-    if claims is None:
-        return False
-    signing_input, _, signature = token.rpartition(".")
-    expected = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
-    if not hmac.compare_digest(_b64encode(expected), signature):
-        return False
-    expires = claims.get("exp")
-    return expires is None or (isinstance(expires, (int, float)) and expires > now)
-
-
-def auth_token_claims(
-    collection_id_value: str, record_id: str, expires: int
-) -> dict[str, JSON]:
-    """Return the claims PocketBase puts in an auth token."""
-    return {
-        "collectionId": collection_id_value,
-        "exp": expires,
-        "id": record_id,
-        "refreshable": True,
-        "type": "auth",
-    }
-
-
-# --- the auth of a request -------------------------------------------------------
-
-
-class FailureLimiter:
-    """Failed attempts per key in a sliding window (e.g. logins per IP).
-
-    Only failures are counted, so successful logins and other traffic are
-    never slowed. At most `max_keys` keys are tracked (the oldest go first).
+    `record` is the current record (for updates and deletes) in `before_*`
+    hooks and the stored record in `after_*` hooks; `auth` is the requester
+    (None for guests and for the embedding API's superuser calls).
     """
 
-    def __init__(self, limit: int, window_s: float, max_keys: int = 100_000) -> None:
-        self.limit, self.window_s, self.max_keys = limit, window_s, max_keys
-        self._failures: dict[str, collections.deque[float]] = {}
+    collection: Collection
+    data: dict[str, JSON]
+    record: Record | None
+    auth: Auth | None
 
-    def blocked(self, key: str, now: float) -> bool:
-        """Whether `key` has `limit` failures within the window (never when limit is 0)."""
-        failures = self._failures.get(key)
-        if not self.limit or failures is None:
-            return False
-        while failures and failures[0] <= now - self.window_s:
-            failures.popleft()
-        if not failures:
-            del self._failures[key]
-        return len(failures) >= self.limit
 
-    def fail(self, key: str, now: float) -> None:
-        """Count one failure of `key`."""
-        if not self.limit:
-            return
-        failures = self._failures.pop(key, None) or collections.deque(maxlen=self.limit)
-        failures.append(now)
-        self._failures[key] = failures  # re-inserted: dict order is least recent first
-        if len(self._failures) > self.max_keys:
-            del self._failures[next(iter(self._failures))]
+@dataclass(slots=True)
+class SubscribeEvent:
+    """What a `realtime_subscribe` hook sees; it may change `subscriptions`."""
+
+    client: RealtimeClient
+    subscriptions: list[str]
+
+
+class Hooks:
+    """Callbacks by name, run in registration order; see App.on for the names.
+
+    An exception in a hook becomes the error of the request that ran it.
+    """
+
+    def __init__(self) -> None:
+        self._callbacks: dict[str, list[tuple[str | None, Callable[..., Any]]]] = {
+            name: [] for name in HOOK_NAMES
+        }
+
+    def add(
+        self, name: str, callback: Callable[..., Any], collection: str | None = None
+    ) -> None:
+        """Register `callback` for hook `name`, optionally for one collection only."""
+        if name not in self._callbacks:
+            raise ValueError(
+                f"unknown hook {name!r}; choose from {', '.join(HOOK_NAMES)}"
+            )
+        self._callbacks[name].append((collection, callback))
+
+    def run(self, name: str, *args: Any, collection: Collection | None = None) -> None:
+        """Call every callback of `name` that applies to `collection`."""
+        for wanted, callback in self._callbacks[name]:
+            if (
+                wanted is None
+                or collection is None
+                or wanted in (collection.name, collection.id)
+            ):
+                callback(*args)
+
+    def registered(self, name: str) -> int:
+        """How many callbacks hook `name` has."""
+        return len(self._callbacks[name])
+
+    def filter_message(
+        self, client: RealtimeClient, event: str, payload: bytes
+    ) -> bytes | None:
+        """Pass a realtime message through the message hooks; None drops it."""
+        for _, callback in self._callbacks["realtime_message"]:
+            result = callback(client, event, payload)
+            if result is None:
+                return None
+            payload = result
+        return payload
+
+
+# --- the records layer -----------------------------------------------------------
+# Record operations on behalf of a requester: rules, validation, hooks, and the
+# writes whose commits the broker turns into events. HTTP handlers and App call
+# it alike. Password hashing waits in a thread (`run_blocking`), reads run on a
+# read-only connection in a worker thread (`run_read`); writes run on the event
+# loop, one at a time, in commit order.
 
 
 @dataclass(frozen=True, slots=True)
-class Auth:
-    """The record a request is authenticated as."""
+class Requester:
+    """Who asks: an auth record, a guest (`auth` None), or the system (the
+    embedding API, which passes every rule), with what `@request.*` sees."""
 
-    collection: Collection
-    record: Record
+    auth: Auth | None = None
+    system: bool = False
+    query: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    method: str = "GET"
 
     @property
     def is_superuser(self) -> bool:
-        """Whether this is a `_superusers` record (rules do not apply)."""
-        return self.collection.name == SUPERUSERS
+        """Whether every rule passes (the system, or a superuser)."""
+        return self.system or (self.auth is not None and self.auth.is_superuser)
 
-    def is_record(self, collection: Collection, record: Record) -> bool:
-        """Whether this auth is `record` of `collection` itself."""
-        return self.collection.id == collection.id and self.record.get(
-            "id"
-        ) == record.get("id")
+    def info(
+        self, now: float, body: dict[str, JSON] | None = None, context: str = "default"
+    ) -> RequestInfo:
+        """The `@request.*` view of this requester at `now`."""
+        auth = self.auth
+        return RequestInfo(
+            auth_collection=auth.collection if auth else None,
+            auth_record=auth.record if auth else None,
+            query=self.query,
+            headers=self.headers,
+            body=body or {},
+            method=self.method,
+            context=context,
+            now=now,
+            system=self.system,
+        )
 
 
-def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
-    """Return the Auth for an Authorization header value, or None (guest).
+SYSTEM = Requester(system=True)
 
-    As PocketBase: a `Bearer ` prefix is optional; a malformed, expired,
-    tampered or foreign token means guest, never an error.
+
+def _go_bool(text: str) -> bool:
+    """Parse a boolean as Go's strconv.ParseBool; BadRequestError otherwise."""
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise BadRequestError()
+
+
+def _int_query(query: Mapping[str, str], name: str, default: int) -> int:
+    text = query.get(name, "")
+    if text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise BadRequestError() from None
+
+
+def _list_envelope(
+    items: list[JSON], page: int, per_page: int, total: int | None
+) -> dict[str, JSON]:
+    pages = -1 if total is None else (total + per_page - 1) // per_page
+    return {
+        "items": items,
+        "page": page,
+        "perPage": per_page,
+        "totalItems": -1 if total is None else total,
+        "totalPages": pages,
+    }
+
+
+def compile_sort(
+    store: Store, collection: Collection, info: RequestInfo, sort: str
+) -> tuple[str, tuple[JSON, ...]]:
+    """Compile a `sort` parameter (`-a,+owner.name,@random,@rowid`) to ORDER BY SQL.
+
+    Each item resolves like a filter identifier (relation paths and
+    modifiers included; hidden fields for superusers only); a path through
+    relations becomes a correlated sub-query. Raises RuleError.
     """
-    token = header[7:] if header[:7].lower() == "bearer " else header
-    claims = read_token_claims(token.strip())
-    if not claims or claims.get("type") != "auth":
-        return None
-    record_id, collection_ref = claims.get("id"), claims.get("collectionId")
-    if (
-        not isinstance(record_id, str)
-        or not isinstance(collection_ref, str)
-        or not record_id
-    ):
-        return None
-    collection = store.collection(collection_ref) if collection_ref else None
-    if collection is None or not collection.is_auth:
-        return None
-    record = store.get_record(collection, record_id)
-    if record is None:
-        return None
-    if not token_is_valid(
-        token.strip(), str(record["tokenKey"]) + collection.token_secret, now
-    ):
-        return None
-    return Auth(collection, record)
+    items = sort.split(",")
+    if len(items) > MAX_SORT_FIELDS:
+        raise RuleError(f"more than {MAX_SORT_FIELDS} sort fields")
+    terms: list[str] = []
+    params: list[JSON] = []
+    for raw in items:
+        item = raw.strip()
+        if not item or len(item.encode()) > 255 or " " in item:
+            raise RuleError(f"invalid sort item {raw!r}")
+        direction = "DESC" if item.startswith("-") else "ASC"
+        name = item[1:] if item[0] in "+-" else item
+        if name == "@random":
+            terms.append("RANDOM()")
+            continue
+        if name == "@rowid":
+            terms.append(f"t.rowid {direction}")
+            continue
+        resolver = RecordResolver(store, collection, info, client_filter=True)
+        resolved = resolver.resolve(name)
+        if isinstance(resolved.node, Value):
+            raise RuleError(f"cannot sort by {name!r}")
+        if not resolver.joins:
+            terms.append(f"{_sort_key(resolved, params)} {direction}")
+            continue
+        resolver = RecordResolver(store, collection, info, client_filter=True)
+        resolver.base_alias = "s"  # a sub-query on the same row: joins start from `s`
+        expression_params: list[JSON] = []
+        expression = _sort_key(resolver.resolve(name), expression_params)
+        joins = "".join(
+            f" LEFT JOIN {source} ON {on}" for source, on, _ in resolver.joins
+        )
+        for _, _, join_params in resolver.joins:
+            params.extend(join_params)
+        params.extend(expression_params)
+        table = quote_identifier(collection.name)
+        terms.append(
+            f"(SELECT {expression} FROM {table} s{joins} WHERE s.rowid = t.rowid) {direction}"
+        )
+    return ", ".join(terms), tuple(params)
 
 
-def issue_auth_token(collection: Collection, record: Record, now: float) -> str:
-    """Sign a new auth token for a record, valid for the collection's duration."""
-    duration = int(collection.options.get("authToken", {}).get("duration", 432_000))
-    claims = auth_token_claims(collection.id, str(record["id"]), int(now) + duration)
-    return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
+def _sort_key(resolved: Resolved, params: list[JSON]) -> str:
+    """The SQL a list sorts by; guarded values (hidden emails) sort as NULL.
+
+    PocketBase sorts by hidden emails as they are, which leaks their order.
+    """
+    if resolved.guard is None:
+        return render_sql(resolved.node, params)
+    guard = render_sql(resolved.guard, params)
+    return f"(CASE WHEN {guard} THEN {render_sql(resolved.node, params)} END)"
+
+
+class Records:
+    """Create, update, delete, view and list records for a requester.
+
+    Raises ApiError (404 for a missing or hidden record, 403 for a
+    superusers-only rule, 400 with PocketBase's field errors), RuleError for
+    a bad filter or sort and BudgetExceeded for a read over its budget.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        hooks: Hooks,
+        *,
+        now: Callable[[], float],
+        hash_password: Callable[[str], str],
+        run_blocking: Callable[..., Awaitable[Any]],
+        run_read: Callable[[Callable[[], Any]], Awaitable[Any]],
+        request_budget_s: float = REQUEST_BUDGET_S,
+    ) -> None:
+        self.store, self.hooks, self.now = store, hooks, now
+        self.hash_password = hash_password
+        self.run_blocking, self.run_read = run_blocking, run_read
+        self.request_budget_s = request_budget_s
+
+    def collection(
+        self, ref: str, message: str = "Missing collection context."
+    ) -> Collection:
+        """The collection named or identified by `ref`; NotFoundError if none."""
+        found = self.store.collection(ref)
+        if found is None:
+            raise NotFoundError(message)
+        return found
+
+    # --- reading -----------------------------------------------------------------
+
+    async def list(
+        self, requester: Requester, ref: str, query: Mapping[str, str]
+    ) -> dict[str, JSON]:
+        """One page of records, as `GET .../records` with these query parameters
+        (`filter`, `sort`, `page`, `perPage`, `skipTotal`, `expand`, `fields`)."""
+        collection = self.collection(ref)
+        superuser = requester.is_superuser
+        has_rule = require_rule(collection.rules.get("listRule"), superuser)
+        filter_text, sort = query.get("filter", ""), query.get("sort", "")
+        if not superuser:  # as PocketBase, before anything else is parsed
+            for text in (filter_text, sort):
+                for prefix in ("@collection.", "@request."):
+                    if prefix in text:
+                        raise ForbiddenError(f"Only superusers can filter by {prefix}")
+        page = max(_int_query(query, "page", 1), 1)
+        per_page = _int_query(query, "perPage", DEFAULT_PER_PAGE)
+        per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
+        skip_total = _go_bool(query["skipTotal"]) if query.get("skipTotal") else False
+        if len(filter_text.encode()) > MAX_FILTER_BYTES:
+            raise BadRequestError()
+        if filter_text and not filter_text.strip():
+            raise RuleError("empty filter")  # PocketBase: 400, unlike no filter at all
+        info = requester.info(self.now())
+        presenter_args = (info, query.get("expand", ""), query.get("fields", ""))
+
+        def read() -> dict[str, JSON]:
+            store = self.store
+            order, order_params = (
+                compile_sort(store, collection, info, sort) if sort else ("", ())
+            )
+            rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
+            if filter_text:
+                rules.append((filter_text, True))
+            sort_paths = tuple(
+                item.strip().lstrip("+-") for item in sort.split(",") if "." in item
+            )
+            compiled = (
+                compile_rules(store, collection, info, rules, sort_paths)
+                if rules or sort_paths
+                else None
+            )
+            where, params = (compiled.sql, compiled.params) if compiled else ("", ())
+            with store.budget(self.request_budget_s):
+                records = store.find_records(
+                    collection,
+                    where=where,
+                    params=params,
+                    order=order,
+                    order_params=order_params,
+                    limit=per_page,
+                    offset=(page - 1) * per_page,
+                )
+                total = (
+                    None
+                    if skip_total
+                    else store.count_records(collection, where=where, params=params)
+                )
+                items = RecordPresenter(store, *presenter_args).present(
+                    collection, records
+                )
+            return _list_envelope(items, page, per_page, total)
+
+        return cast(dict[str, JSON], await self.run_read(read))
+
+    async def view(
+        self,
+        requester: Requester,
+        ref: str,
+        record_id: str,
+        *,
+        expand: str = "",
+        fields: str = "",
+    ) -> dict[str, JSON]:
+        """One record, if the viewRule lets the requester see it (else 404)."""
+        collection = self.collection(ref)
+        info = requester.info(self.now())
+
+        def read() -> dict[str, JSON]:
+            with self.store.budget(self.request_budget_s):
+                record = self._record_or_404(
+                    requester, collection, record_id, "viewRule"
+                )
+                presenter = RecordPresenter(self.store, info, expand, fields)
+                return presenter.present_one(collection, record)
+
+        return cast(dict[str, JSON], await self.run_read(read))
+
+    def _record_or_404(
+        self,
+        requester: Requester,
+        collection: Collection,
+        record_id: str,
+        rule_name: str,
+        body: dict[str, JSON] | Callable[[Record], dict[str, JSON]] | None = None,
+    ) -> Record:
+        """The stored record, or 404 when it is missing or the rule hides it.
+
+        `body` is `@request.body`, or makes it from the stored record (an
+        update's modifiers resolve against it).
+        """
+        rule = collection.rules.get(rule_name)
+        require_rule(rule, requester.is_superuser)
+        record = self.store.get_record(collection, record_id)
+        if record is None:
+            raise NotFoundError()
+        submitted = body(record) if callable(body) else body
+        info = requester.info(self.now(), submitted)
+        if not can_access(self.store, collection, record["id"], rule, info):
+            raise NotFoundError()
+        return record
+
+    # --- writing -----------------------------------------------------------------
+
+    async def create(
+        self,
+        requester: Requester,
+        ref: str,
+        data: dict[str, JSON],
+        *,
+        expand: str = "",
+        fields: str = "",
+    ) -> dict[str, JSON]:
+        """Validate, insert (hooks, createRule) and return a record."""
+        collection = self.collection(ref)
+        superuser = requester.is_superuser
+        rule = collection.rules.get("createRule")
+        has_rule = require_rule(rule, superuser)
+        self.hooks.run(
+            "before_create",
+            RecordEvent(collection, data, None, requester.auth),
+            collection=collection,
+        )
+        try:
+            await self._check_password_form(requester, collection, data, None)
+            password_hash = await self._hash_submitted(collection, data)
+            with self.store.transaction():
+                record = self.store.create_record(
+                    collection, data, privileged=superuser, password_hash=password_hash
+                )
+                body = resolve_body_modifiers(collection, None, data, superuser=False)
+                info = requester.info(self.now(), body)
+                if has_rule and not can_access(
+                    self.store, collection, record["id"], rule, info
+                ):
+                    raise BadRequestError("Failed to create record.")
+        except ValidationError as exc:
+            raise BadRequestError("Failed to create record.", exc.errors) from None
+        self.hooks.run(
+            "after_create",
+            RecordEvent(collection, data, record, requester.auth),
+            collection=collection,
+        )
+        presenter = RecordPresenter(
+            self.store, requester.info(self.now()), expand, fields
+        )
+        return presenter.present_one(collection, record)
+
+    async def update(
+        self,
+        requester: Requester,
+        ref: str,
+        record_id: str,
+        data: dict[str, JSON],
+        *,
+        expand: str = "",
+        fields: str = "",
+    ) -> dict[str, JSON]:
+        """Apply `data` (modifiers included) if the updateRule allows; return the record."""
+        collection = self.collection(ref)
+        superuser = requester.is_superuser
+
+        def body(stored: Record) -> dict[str, JSON]:
+            return resolve_body_modifiers(collection, stored, data, superuser=superuser)
+
+        current = self._record_or_404(
+            requester, collection, record_id, "updateRule", body
+        )
+        self.hooks.run(
+            "before_update",
+            RecordEvent(collection, data, current, requester.auth),
+            collection=collection,
+        )
+        try:
+            await self._check_password_form(requester, collection, data, current)
+            password_hash = await self._hash_submitted(collection, data)
+            if password_hash is not None:  # other writes ran meanwhile: check again
+                current = self._record_or_404(
+                    requester, collection, record_id, "updateRule", body
+                )
+            record = self.store.update_record(
+                collection,
+                current,
+                data,
+                privileged=superuser,
+                password_hash=password_hash,
+            )
+        except ValidationError as exc:
+            raise BadRequestError("Failed to update record.", exc.errors) from None
+        self.hooks.run(
+            "after_update",
+            RecordEvent(collection, data, record, requester.auth),
+            collection=collection,
+        )
+        viewer = requester
+        auth = requester.auth
+        if (
+            auth is not None
+            and auth.is_record(collection, current)
+            and record["tokenKey"] != current["tokenKey"]
+        ):  # a new password: the requester still sees their own record
+            viewer = dataclasses.replace(requester, auth=Auth(collection, record))
+        presenter = RecordPresenter(self.store, viewer.info(self.now()), expand, fields)
+        return presenter.present_one(collection, record)
+
+    async def delete(self, requester: Requester, ref: str, record_id: str) -> None:
+        """Delete a record (cascading) if the deleteRule allows."""
+        collection = self.collection(ref)
+        record = self._record_or_404(requester, collection, record_id, "deleteRule")
+        self.hooks.run(
+            "before_delete",
+            RecordEvent(collection, {}, record, requester.auth),
+            collection=collection,
+        )
+        try:
+            self.store.delete_record(collection, record)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+        self.hooks.run(
+            "after_delete",
+            RecordEvent(collection, {}, record, requester.auth),
+            collection=collection,
+        )
+
+    async def _check_password_form(
+        self,
+        requester: Requester,
+        collection: Collection,
+        data: dict[str, JSON],
+        current: Record | None,
+    ) -> None:
+        """PocketBase's auth form checks: passwordConfirm and, on update, oldPassword."""
+        if not collection.is_auth or "password" not in data or requester.is_superuser:
+            return
+        errors: dict[str, JSON] = {}
+        if not _to_text(data.get("passwordConfirm")):
+            errors["passwordConfirm"] = validation_entry(
+                "validation_required", "Cannot be blank."
+            )
+        if current is not None:
+            old = _to_text(data.get("oldPassword"))
+            stored = str(current.get("password", ""))
+            if not old:
+                errors["oldPassword"] = validation_entry(
+                    "validation_required", "Cannot be blank."
+                )
+            elif not await self.run_blocking(verify_password, old, stored):
+                errors["oldPassword"] = validation_entry(
+                    "validation_invalid_old_password",
+                    "Missing or invalid old password.",
+                )
+        if errors:
+            raise ValidationError(errors)
+
+    async def _hash_submitted(
+        self, collection: Collection, data: dict[str, JSON]
+    ) -> str | None:
+        """The hash of a submitted password, made in a worker thread (None if none)."""
+        password = _to_text(data.get("password")) if collection.is_auth else ""
+        if not password:
+            return None
+        return cast(str, await self.run_blocking(self.hash_password, password))
 
 
 # ==========================================================================
-# 8. Realtime broker
+# 11. Realtime broker
 # ==========================================================================
 # SSE clients, their subscriptions and record fan-out. Rules are checked in
 # memory (one batched SQL query per event for what needs joins), shared by
 # subscribers with equal inputs; each distinct payload is encoded once. A
 # client that cannot keep up is disconnected, never waited for.
-
-CLIENT_ID_LENGTH = 40
-MAX_SUBSCRIPTIONS = 1000  # PocketBase's limits on POST /api/realtime
-MAX_SUBSCRIPTION_LENGTH = 2500
-MAX_CLIENT_ID_LENGTH = 255
-MAX_REALTIME_CLIENTS = 20_000
-# One address may not take every slot; behind a reverse proxy all clients share
-# its address, so raise this (0: no cap) there.
-MAX_REALTIME_CLIENTS_PER_IP = 1_000
-MAX_CLIENT_QUEUE_BYTES = 4 * 1024 * 1024  # a client further behind than this is dropped
-SSE_IDLE_TIMEOUT_S = 5 * 60.0  # PocketBase's apis/realtime.go timeouts
-SSE_MAX_LIFETIME_S = 30 * 60.0
-RULE_BATCH_SIZE = 100  # rule checks per batched SQL statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -5066,7 +5718,9 @@ def _round_robin(
     candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]],
 ) -> list[tuple[RealtimeClient, Subscription, str, Auth | None]]:
     """Reorder so clients take turns: a client's many subscriptions go last."""
-    by_client: dict[str, list[tuple[RealtimeClient, Subscription, str, Auth | None]]] = {}
+    by_client: dict[
+        str, list[tuple[RealtimeClient, Subscription, str, Auth | None]]
+    ] = {}
     for candidate in candidates:
         by_client.setdefault(candidate[0].id, []).append(candidate)
     if len(by_client) == len(candidates):
@@ -5328,7 +5982,10 @@ class Broker:
                     subscription.query,
                     subscription.headers,
                 )
-                if key not in verdicts and spent.get(client.id, 0.0) > self.check_budget_s:
+                if (
+                    key not in verdicts
+                    and spent.get(client.id, 0.0) > self.check_budget_s
+                ):
                     verdicts[key] = None  # this client's own checks used its share
                 elif key not in verdicts:
                     started = time.monotonic()
@@ -5342,7 +5999,9 @@ class Broker:
                         pending,
                         key,
                     )
-                    spent[client.id] = spent.get(client.id, 0.0) + time.monotonic() - started
+                    spent[client.id] = (
+                        spent.get(client.id, 0.0) + time.monotonic() - started
+                    )
             planned.append((client, subscription, key, auth))
         self._run_pending(collection, record["id"], pending, verdicts, deadline)
         payloads: dict[tuple[JSON, ...], bytes] = {}
@@ -5477,10 +6136,11 @@ class Broker:
 
 
 # ==========================================================================
-# 9. Routes and handlers
+# 12. HTTP API
 # ==========================================================================
-# A request context in, a `Response` out. Handlers raise; `to_api_error` is
-# the one place that turns any exception into PocketBase's envelope.
+# A request context in, a `Response` out: thin handlers that parse the
+# request and call the records layer or the broker. `to_api_error` is the
+# one place that turns any exception into PocketBase's envelope.
 
 Handler = Callable[["RequestContext"], Awaitable[Response]]
 
@@ -5603,545 +6263,6 @@ class Router:
             if handler is not None:
                 return handler, match.groupdict()
         raise NotFoundError(None if path_known else FILE_NOT_FOUND_MESSAGE)
-
-
-# --- rules -----------------------------------------------------------------------
-
-ONLY_SUPERUSERS = "Only superusers can perform this action."
-
-
-def require_rule(rule: str | None, superuser: bool) -> bool:
-    """Apply a collection rule's null/"" forms; return whether it is an expression.
-
-    Raises ForbiddenError for a null (superusers only) rule. Superusers pass
-    every rule (returns False: nothing left to evaluate).
-    """
-    if superuser:
-        return False
-    if rule is None:
-        raise ForbiddenError(ONLY_SUPERUSERS)
-    return rule != ""
-
-
-def canonical_header_name(name: str) -> str:
-    """Go's canonical header form (`x-api-key` -> `X-Api-Key`)."""
-    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
-
-
-# --- hooks ----------------------------------------------------------------------
-
-HOOK_NAMES = (
-    "before_create",
-    "after_create",
-    "before_update",
-    "after_update",
-    "before_delete",
-    "after_delete",
-    "realtime_connect",
-    "realtime_subscribe",
-    "realtime_message",
-)
-
-
-@dataclass(slots=True)
-class RecordEvent:
-    """What a record hook sees; a `before_*` hook may change `data` or raise ApiError.
-
-    `record` is the current record (for updates and deletes) in `before_*`
-    hooks and the stored record in `after_*` hooks; `auth` is the requester
-    (None for guests and for the embedding API's superuser calls).
-    """
-
-    collection: Collection
-    data: dict[str, JSON]
-    record: Record | None
-    auth: Auth | None
-
-
-@dataclass(slots=True)
-class SubscribeEvent:
-    """What a `realtime_subscribe` hook sees; it may change `subscriptions`."""
-
-    client: RealtimeClient
-    subscriptions: list[str]
-
-
-class Hooks:
-    """Callbacks by name, run in registration order; see App.on for the names.
-
-    An exception in a hook becomes the error of the request that ran it.
-    """
-
-    def __init__(self) -> None:
-        self._callbacks: dict[str, list[tuple[str | None, Callable[..., Any]]]] = {
-            name: [] for name in HOOK_NAMES
-        }
-
-    def add(
-        self, name: str, callback: Callable[..., Any], collection: str | None = None
-    ) -> None:
-        """Register `callback` for hook `name`, optionally for one collection only."""
-        if name not in self._callbacks:
-            raise ValueError(
-                f"unknown hook {name!r}; choose from {', '.join(HOOK_NAMES)}"
-            )
-        self._callbacks[name].append((collection, callback))
-
-    def run(self, name: str, *args: Any, collection: Collection | None = None) -> None:
-        """Call every callback of `name` that applies to `collection`."""
-        for wanted, callback in self._callbacks[name]:
-            if (
-                wanted is None
-                or collection is None
-                or wanted in (collection.name, collection.id)
-            ):
-                callback(*args)
-
-    def registered(self, name: str) -> int:
-        """How many callbacks hook `name` has."""
-        return len(self._callbacks[name])
-
-    def filter_message(
-        self, client: RealtimeClient, event: str, payload: bytes
-    ) -> bytes | None:
-        """Pass a realtime message through the message hooks; None drops it."""
-        for _, callback in self._callbacks["realtime_message"]:
-            result = callback(client, event, payload)
-            if result is None:
-                return None
-            payload = result
-        return payload
-
-
-# --- the records layer -----------------------------------------------------------
-# Record operations on behalf of a requester: rules, validation, hooks, and the
-# writes whose commits the broker turns into events. HTTP handlers and App call
-# it alike. Password hashing waits in a thread (`run_blocking`), reads run on a
-# read-only connection in a worker thread (`run_read`); writes run on the event
-# loop, one at a time, in commit order.
-
-
-@dataclass(frozen=True, slots=True)
-class Requester:
-    """Who asks: an auth record, a guest (`auth` None), or the system (the
-    embedding API, which passes every rule), with what `@request.*` sees."""
-
-    auth: Auth | None = None
-    system: bool = False
-    query: dict[str, str] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    method: str = "GET"
-
-    @property
-    def is_superuser(self) -> bool:
-        """Whether every rule passes (the system, or a superuser)."""
-        return self.system or (self.auth is not None and self.auth.is_superuser)
-
-    def info(
-        self, now: float, body: dict[str, JSON] | None = None, context: str = "default"
-    ) -> RequestInfo:
-        """The `@request.*` view of this requester at `now`."""
-        auth = self.auth
-        return RequestInfo(
-            auth_collection=auth.collection if auth else None,
-            auth_record=auth.record if auth else None,
-            query=self.query,
-            headers=self.headers,
-            body=body or {},
-            method=self.method,
-            context=context,
-            now=now,
-            system=self.system,
-        )
-
-
-SYSTEM = Requester(system=True)
-
-
-def _go_bool(text: str) -> bool:
-    """Parse a boolean as Go's strconv.ParseBool; BadRequestError otherwise."""
-    if text in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if text in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    raise BadRequestError()
-
-
-def _int_query(query: Mapping[str, str], name: str, default: int) -> int:
-    text = query.get(name, "")
-    if text == "":
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise BadRequestError() from None
-
-
-def _list_envelope(
-    items: list[JSON], page: int, per_page: int, total: int | None
-) -> dict[str, JSON]:
-    pages = -1 if total is None else (total + per_page - 1) // per_page
-    return {
-        "items": items,
-        "page": page,
-        "perPage": per_page,
-        "totalItems": -1 if total is None else total,
-        "totalPages": pages,
-    }
-
-
-def compile_sort(
-    store: Store, collection: Collection, info: RequestInfo, sort: str
-) -> tuple[str, tuple[JSON, ...]]:
-    """Compile a `sort` parameter (`-a,+owner.name,@random,@rowid`) to ORDER BY SQL.
-
-    Each item resolves like a filter identifier (relation paths and
-    modifiers included; hidden fields for superusers only); a path through
-    relations becomes a correlated sub-query. Raises RuleError.
-    """
-    items = sort.split(",")
-    if len(items) > MAX_SORT_FIELDS:
-        raise RuleError(f"more than {MAX_SORT_FIELDS} sort fields")
-    terms: list[str] = []
-    params: list[JSON] = []
-    for raw in items:
-        item = raw.strip()
-        if not item or len(item.encode()) > 255 or " " in item:
-            raise RuleError(f"invalid sort item {raw!r}")
-        direction = "DESC" if item.startswith("-") else "ASC"
-        name = item[1:] if item[0] in "+-" else item
-        if name == "@random":
-            terms.append("RANDOM()")
-            continue
-        if name == "@rowid":
-            terms.append(f"t.rowid {direction}")
-            continue
-        resolver = RecordResolver(store, collection, info, client_filter=True)
-        resolved = resolver.resolve(name)
-        if isinstance(resolved.node, Value):
-            raise RuleError(f"cannot sort by {name!r}")
-        if not resolver.joins:
-            terms.append(f"{_sort_key(resolved, params)} {direction}")
-            continue
-        resolver = RecordResolver(store, collection, info, client_filter=True)
-        resolver.base_alias = "s"  # a sub-query on the same row: joins start from `s`
-        expression_params: list[JSON] = []
-        expression = _sort_key(resolver.resolve(name), expression_params)
-        joins = "".join(
-            f" LEFT JOIN {source} ON {on}" for source, on, _ in resolver.joins
-        )
-        for _, _, join_params in resolver.joins:
-            params.extend(join_params)
-        params.extend(expression_params)
-        table = quote_identifier(collection.name)
-        terms.append(
-            f"(SELECT {expression} FROM {table} s{joins} WHERE s.rowid = t.rowid) {direction}"
-        )
-    return ", ".join(terms), tuple(params)
-
-
-def _sort_key(resolved: Resolved, params: list[JSON]) -> str:
-    """The SQL a list sorts by; guarded values (hidden emails) sort as NULL.
-
-    PocketBase sorts by hidden emails as they are, which leaks their order.
-    """
-    if resolved.guard is None:
-        return render_sql(resolved.node, params)
-    guard = render_sql(resolved.guard, params)
-    return f"(CASE WHEN {guard} THEN {render_sql(resolved.node, params)} END)"
-
-
-class Records:
-    """Create, update, delete, view and list records for a requester.
-
-    Raises ApiError (404 for a missing or hidden record, 403 for a
-    superusers-only rule, 400 with PocketBase's field errors), RuleError for
-    a bad filter or sort and BudgetExceeded for a read over its budget.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        hooks: Hooks,
-        *,
-        now: Callable[[], float],
-        hash_password: Callable[[str], str],
-        run_blocking: Callable[..., Awaitable[Any]],
-        run_read: Callable[[Callable[[], Any]], Awaitable[Any]],
-        request_budget_s: float = REQUEST_BUDGET_S,
-    ) -> None:
-        self.store, self.hooks, self.now = store, hooks, now
-        self.hash_password = hash_password
-        self.run_blocking, self.run_read = run_blocking, run_read
-        self.request_budget_s = request_budget_s
-
-    def collection(self, ref: str, message: str = "Missing collection context.") -> Collection:
-        """The collection named or identified by `ref`; NotFoundError if none."""
-        found = self.store.collection(ref)
-        if found is None:
-            raise NotFoundError(message)
-        return found
-
-    # --- reading -----------------------------------------------------------------
-
-    async def list(
-        self, requester: Requester, ref: str, query: Mapping[str, str]
-    ) -> dict[str, JSON]:
-        """One page of records, as `GET .../records` with these query parameters
-        (`filter`, `sort`, `page`, `perPage`, `skipTotal`, `expand`, `fields`)."""
-        collection = self.collection(ref)
-        superuser = requester.is_superuser
-        has_rule = require_rule(collection.rules.get("listRule"), superuser)
-        filter_text, sort = query.get("filter", ""), query.get("sort", "")
-        if not superuser:  # as PocketBase, before anything else is parsed
-            for text in (filter_text, sort):
-                for prefix in ("@collection.", "@request."):
-                    if prefix in text:
-                        raise ForbiddenError(f"Only superusers can filter by {prefix}")
-        page = max(_int_query(query, "page", 1), 1)
-        per_page = _int_query(query, "perPage", DEFAULT_PER_PAGE)
-        per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
-        skip_total = _go_bool(query["skipTotal"]) if query.get("skipTotal") else False
-        if len(filter_text.encode()) > MAX_FILTER_BYTES:
-            raise BadRequestError()
-        if filter_text and not filter_text.strip():
-            raise RuleError("empty filter")  # PocketBase: 400, unlike no filter at all
-        info = requester.info(self.now())
-        presenter_args = (info, query.get("expand", ""), query.get("fields", ""))
-
-        def read() -> dict[str, JSON]:
-            store = self.store
-            order, order_params = (
-                compile_sort(store, collection, info, sort) if sort else ("", ())
-            )
-            rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
-            if filter_text:
-                rules.append((filter_text, True))
-            sort_paths = tuple(
-                item.strip().lstrip("+-") for item in sort.split(",") if "." in item
-            )
-            compiled = (
-                compile_rules(store, collection, info, rules, sort_paths)
-                if rules or sort_paths
-                else None
-            )
-            where, params = (compiled.sql, compiled.params) if compiled else ("", ())
-            with store.budget(self.request_budget_s):
-                records = store.find_records(
-                    collection,
-                    where=where,
-                    params=params,
-                    order=order,
-                    order_params=order_params,
-                    limit=per_page,
-                    offset=(page - 1) * per_page,
-                )
-                total = (
-                    None
-                    if skip_total
-                    else store.count_records(collection, where=where, params=params)
-                )
-                items = RecordPresenter(store, *presenter_args).present(collection, records)
-            return _list_envelope(items, page, per_page, total)
-
-        return cast(dict[str, JSON], await self.run_read(read))
-
-    async def view(
-        self,
-        requester: Requester,
-        ref: str,
-        record_id: str,
-        *,
-        expand: str = "",
-        fields: str = "",
-    ) -> dict[str, JSON]:
-        """One record, if the viewRule lets the requester see it (else 404)."""
-        collection = self.collection(ref)
-        info = requester.info(self.now())
-
-        def read() -> dict[str, JSON]:
-            with self.store.budget(self.request_budget_s):
-                record = self._record_or_404(requester, collection, record_id, "viewRule")
-                presenter = RecordPresenter(self.store, info, expand, fields)
-                return presenter.present_one(collection, record)
-
-        return cast(dict[str, JSON], await self.run_read(read))
-
-    def _record_or_404(
-        self,
-        requester: Requester,
-        collection: Collection,
-        record_id: str,
-        rule_name: str,
-        body: dict[str, JSON] | Callable[[Record], dict[str, JSON]] | None = None,
-    ) -> Record:
-        """The stored record, or 404 when it is missing or the rule hides it.
-
-        `body` is `@request.body`, or makes it from the stored record (an
-        update's modifiers resolve against it).
-        """
-        rule = collection.rules.get(rule_name)
-        require_rule(rule, requester.is_superuser)
-        record = self.store.get_record(collection, record_id)
-        if record is None:
-            raise NotFoundError()
-        submitted = body(record) if callable(body) else body
-        info = requester.info(self.now(), submitted)
-        if not can_access(self.store, collection, record["id"], rule, info):
-            raise NotFoundError()
-        return record
-
-    # --- writing -----------------------------------------------------------------
-
-    async def create(
-        self,
-        requester: Requester,
-        ref: str,
-        data: dict[str, JSON],
-        *,
-        expand: str = "",
-        fields: str = "",
-    ) -> dict[str, JSON]:
-        """Validate, insert (hooks, createRule) and return a record."""
-        collection = self.collection(ref)
-        superuser = requester.is_superuser
-        rule = collection.rules.get("createRule")
-        has_rule = require_rule(rule, superuser)
-        self.hooks.run(
-            "before_create",
-            RecordEvent(collection, data, None, requester.auth),
-            collection=collection,
-        )
-        try:
-            await self._check_password_form(requester, collection, data, None)
-            password_hash = await self._hash_submitted(collection, data)
-            with self.store.transaction():
-                record = self.store.create_record(
-                    collection, data, privileged=superuser, password_hash=password_hash
-                )
-                body = resolve_body_modifiers(collection, None, data, superuser=False)
-                info = requester.info(self.now(), body)
-                if has_rule and not can_access(
-                    self.store, collection, record["id"], rule, info
-                ):
-                    raise BadRequestError("Failed to create record.")
-        except ValidationError as exc:
-            raise BadRequestError("Failed to create record.", exc.errors) from None
-        self.hooks.run(
-            "after_create",
-            RecordEvent(collection, data, record, requester.auth),
-            collection=collection,
-        )
-        presenter = RecordPresenter(self.store, requester.info(self.now()), expand, fields)
-        return presenter.present_one(collection, record)
-
-    async def update(
-        self,
-        requester: Requester,
-        ref: str,
-        record_id: str,
-        data: dict[str, JSON],
-        *,
-        expand: str = "",
-        fields: str = "",
-    ) -> dict[str, JSON]:
-        """Apply `data` (modifiers included) if the updateRule allows; return the record."""
-        collection = self.collection(ref)
-        superuser = requester.is_superuser
-
-        def body(stored: Record) -> dict[str, JSON]:
-            return resolve_body_modifiers(collection, stored, data, superuser=superuser)
-
-        current = self._record_or_404(requester, collection, record_id, "updateRule", body)
-        self.hooks.run(
-            "before_update",
-            RecordEvent(collection, data, current, requester.auth),
-            collection=collection,
-        )
-        try:
-            await self._check_password_form(requester, collection, data, current)
-            password_hash = await self._hash_submitted(collection, data)
-            if password_hash is not None:  # other writes ran meanwhile: check again
-                current = self._record_or_404(
-                    requester, collection, record_id, "updateRule", body
-                )
-            record = self.store.update_record(
-                collection, current, data, privileged=superuser, password_hash=password_hash
-            )
-        except ValidationError as exc:
-            raise BadRequestError("Failed to update record.", exc.errors) from None
-        self.hooks.run(
-            "after_update",
-            RecordEvent(collection, data, record, requester.auth),
-            collection=collection,
-        )
-        viewer = requester
-        auth = requester.auth
-        if (
-            auth is not None
-            and auth.is_record(collection, current)
-            and record["tokenKey"] != current["tokenKey"]
-        ):  # a new password: the requester still sees their own record
-            viewer = dataclasses.replace(requester, auth=Auth(collection, record))
-        presenter = RecordPresenter(self.store, viewer.info(self.now()), expand, fields)
-        return presenter.present_one(collection, record)
-
-    async def delete(self, requester: Requester, ref: str, record_id: str) -> None:
-        """Delete a record (cascading) if the deleteRule allows."""
-        collection = self.collection(ref)
-        record = self._record_or_404(requester, collection, record_id, "deleteRule")
-        self.hooks.run(
-            "before_delete",
-            RecordEvent(collection, {}, record, requester.auth),
-            collection=collection,
-        )
-        try:
-            self.store.delete_record(collection, record)
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from None
-        self.hooks.run(
-            "after_delete",
-            RecordEvent(collection, {}, record, requester.auth),
-            collection=collection,
-        )
-
-    async def _check_password_form(
-        self,
-        requester: Requester,
-        collection: Collection,
-        data: dict[str, JSON],
-        current: Record | None,
-    ) -> None:
-        """PocketBase's auth form checks: passwordConfirm and, on update, oldPassword."""
-        if not collection.is_auth or "password" not in data or requester.is_superuser:
-            return
-        errors: dict[str, JSON] = {}
-        if not _to_text(data.get("passwordConfirm")):
-            errors["passwordConfirm"] = validation_entry(
-                "validation_required", "Cannot be blank."
-            )
-        if current is not None:
-            old = _to_text(data.get("oldPassword"))
-            stored = str(current.get("password", ""))
-            if not old:
-                errors["oldPassword"] = validation_entry(
-                    "validation_required", "Cannot be blank."
-                )
-            elif not await self.run_blocking(verify_password, old, stored):
-                errors["oldPassword"] = validation_entry(
-                    "validation_invalid_old_password", "Missing or invalid old password."
-                )
-        if errors:
-            raise ValidationError(errors)
-
-    async def _hash_submitted(
-        self, collection: Collection, data: dict[str, JSON]
-    ) -> str | None:
-        """The hash of a submitted password, made in a worker thread (None if none)."""
-        password = _to_text(data.get("password")) if collection.is_auth else ""
-        if not password:
-            return None
-        return cast(str, await self.run_blocking(self.hash_password, password))
 
 
 # --- handlers ------------------------------------------------------------------
@@ -6728,11 +6849,10 @@ def cors_preflight_headers(request: Request) -> list[tuple[str, str]]:
 
 
 # ==========================================================================
-# 10. Connection loop
+# 13. Connection loop
 # ==========================================================================
-# Moves bytes between a socket and the pure parser/encoder: read a head under
-# a limit and a deadline, read the body, dispatch, write, repeat. Nothing a
-# client sends may raise out of `serve_connection`.
+# Sockets: reading heads and bodies under limits and timeouts. The loop
+# itself (keep-alive, writing responses and streams) is App's.
 
 
 class _Connection:
@@ -6840,59 +6960,11 @@ async def _discard_input(reader: asyncio.StreamReader) -> None:
 
 
 # ==========================================================================
-# 11. Config, App, serve()
+# 14. App, serve(), Client
 # ==========================================================================
-# The embedding API: one frozen Config, one App that owns the store, the
-# router and the listening socket. Only this section starts or stops things.
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """Every setting of a pbrt server; CLI flags map one to one onto fields."""
-
-    #: Data directory; `data.db` is created inside it.
-    dir: str = DEFAULT_DATA_DIR
-    #: Address to listen on.
-    host: str = DEFAULT_HOST
-    #: Port to listen on; 0 picks a free one (see `App.start`).
-    port: int = DEFAULT_PORT
-    #: Largest request body accepted; larger ones get 413 unread.
-    max_body_bytes: int = MAX_BODY_BYTES
-    #: Seconds a request head may take from its first byte (slowloris guard).
-    head_timeout_s: float = HEAD_TIMEOUT_S
-    #: Seconds a request body may take.
-    body_timeout_s: float = BODY_TIMEOUT_S
-    #: Seconds an idle keep-alive connection stays open.
-    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
-    #: Seconds a client may take to receive one response before it is dropped.
-    send_timeout_s: float = SEND_TIMEOUT_S
-    #: Bytes of responses still being sent, in all, past which a client that
-    #: is not reading its response is dropped.
-    max_unsent_bytes: int = MAX_UNSENT_BYTES
-    #: Seconds requests in flight get to finish on shutdown.
-    shutdown_grace_s: float = SHUTDOWN_GRACE_S
-    #: Seconds an SSE stream may go without a message before it is closed.
-    sse_idle_timeout_s: float = SSE_IDLE_TIMEOUT_S
-    #: Seconds an SSE stream may last at most (the SDK reconnects).
-    sse_max_lifetime_s: float = SSE_MAX_LIFETIME_S
-    #: Most SSE clients connected at once; more get 429.
-    max_realtime_clients: int = MAX_REALTIME_CLIENTS
-    #: Most SSE clients from one IP address (0: no cap); more get 429.
-    max_realtime_clients_per_ip: int = MAX_REALTIME_CLIENTS_PER_IP
-    #: Bytes a realtime client may fall behind before it is disconnected.
-    max_client_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES
-    #: Failed logins from one IP within the window before it gets 429 (0: off).
-    login_failures_per_ip: int = LOGIN_FAILURES_PER_IP
-    #: Failed logins for one identity within the window before it gets 429 (0: off).
-    login_failures_per_identity: int = LOGIN_FAILURES_PER_IDENTITY
-    #: The window of the two limits above, in seconds.
-    login_failure_window_s: float = LOGIN_FAILURE_WINDOW_S
-    #: Seconds of SQL one record list or view may take; over it, 400.
-    request_budget_s: float = REQUEST_BUDGET_S
-    #: Seconds the subscriber checks of one change may take in all.
-    event_budget_s: float = EVENT_BUDGET_S
-    #: Seconds one subscription's check may take; over it, it is dropped (logged).
-    check_budget_s: float = CHECK_BUDGET_S
+# The embedding API: App owns the store, the broker, the router, the
+# listening socket and the reading threads; only this section starts or
+# stops things. Client is a small PocketBase client for scripts.
 
 
 class App:
@@ -6910,7 +6982,9 @@ class App:
         self.router = build_router()
         self.hooks = Hooks()
         window = self.config.login_failure_window_s
-        self.login_failures_by_ip = FailureLimiter(self.config.login_failures_per_ip, window)
+        self.login_failures_by_ip = FailureLimiter(
+            self.config.login_failures_per_ip, window
+        )
         self.login_failures_by_identity = FailureLimiter(
             self.config.login_failures_per_identity, window
         )
@@ -7109,7 +7183,10 @@ class App:
         self, collections: list[dict[str, JSON]], *, delete_missing: bool = False
     ) -> None:
         """Create or update collections from PocketBase's JSON (as `PUT /api/collections/import`)."""
-        body: dict[str, JSON] = {"collections": collections, "deleteMissing": delete_missing}
+        body: dict[str, JSON] = {
+            "collections": collections,
+            "deleteMissing": delete_missing,
+        }
         self._on_loop(lambda: import_collections(self.records.store, body))
 
     def create(
@@ -7122,7 +7199,10 @@ class App:
         """
         return cast(
             dict[str, JSON],
-            self._run(lambda requester: self.records.create(requester, collection, data), token),
+            self._run(
+                lambda requester: self.records.create(requester, collection, data),
+                token,
+            ),
         )
 
     def update(
@@ -7137,7 +7217,9 @@ class App:
         return cast(
             dict[str, JSON],
             self._run(
-                lambda requester: self.records.update(requester, collection, record_id, data),
+                lambda requester: self.records.update(
+                    requester, collection, record_id, data
+                ),
                 token,
             ),
         )
@@ -7146,7 +7228,10 @@ class App:
         self, collection: str, record_id: str, *, token: str | None = None
     ) -> None:
         """Delete a record (cascading as its relations say) and broadcast it."""
-        self._run(lambda requester: self.records.delete(requester, collection, record_id), token)
+        self._run(
+            lambda requester: self.records.delete(requester, collection, record_id),
+            token,
+        )
 
     def get(
         self, collection: str, record_id: str, *, token: str | None = None
@@ -7154,7 +7239,10 @@ class App:
         """Return one record; raise NotFoundError if missing or hidden by the viewRule."""
         return cast(
             dict[str, JSON],
-            self._run(lambda requester: self.records.view(requester, collection, record_id), token),
+            self._run(
+                lambda requester: self.records.view(requester, collection, record_id),
+                token,
+            ),
         )
 
     def list(
@@ -7168,10 +7256,17 @@ class App:
         token: str | None = None,
     ) -> dict[str, JSON]:
         """Return one page of records: PocketBase's `{items, page, perPage, totalItems, totalPages}`."""
-        query = {"filter": filter, "sort": sort, "page": str(page), "perPage": str(per_page)}
+        query = {
+            "filter": filter,
+            "sort": sort,
+            "page": str(page),
+            "perPage": str(per_page),
+        }
         return cast(
             dict[str, JSON],
-            self._run(lambda requester: self.records.list(requester, collection, query), token),
+            self._run(
+                lambda requester: self.records.list(requester, collection, query), token
+            ),
         )
 
     def publish(self, topic: str, data: JSON) -> int:
@@ -7237,7 +7332,9 @@ class App:
         store, pool = self.store, self._read_pool
         if store is None or pool is None or not store.can_read_in_threads:
             return function()
-        return await asyncio.get_running_loop().run_in_executor(pool, store.read, function)
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, store.read, function
+        )
 
     def _run(
         self,
@@ -7400,7 +7497,9 @@ class App:
                     writer.write(body[start : start + SEND_SLICE_BYTES])
                     stalled = writer.transport.get_write_buffer_size() > 0
                     if stalled and self._unsent_bytes > self.config.max_unsent_bytes:
-                        log.warning("dropping a connection that does not read its responses")
+                        log.warning(
+                            "dropping a connection that does not read its responses"
+                        )
                         raise TimeoutError
                     await writer.drain()
         except TimeoutError:
@@ -7710,84 +7809,10 @@ def serve(**settings: Any) -> None:
 
 
 # ==========================================================================
-# 12. Command line
+# 15. Bench
 # ==========================================================================
-# `python pbrt.py [serve] [--http HOST:PORT] [--dir PATH]`, shaped like
-# PocketBase's CLI. Only this section reads argv or the environment.
-
-
-def _parse_http_address(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(
-            f"invalid address {value!r}, expected HOST:PORT"
-        )
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of `python pbrt.py`."""
-    parser = argparse.ArgumentParser(
-        prog="pbrt",
-        description="pbrt: a realtime backend in one file, compatible with the PocketBase API.",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"pbrt version {__version__}"
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve_parser = commands.add_parser(
-        "serve", help="start the web server (the default command)"
-    )
-    serve_parser.add_argument(
-        "--http",
-        type=_parse_http_address,
-        default=(DEFAULT_HOST, DEFAULT_PORT),
-        metavar="HOST:PORT",
-        help=f"TCP address to listen on (default {DEFAULT_HOST}:{DEFAULT_PORT})",
-    )
-    serve_parser.add_argument(
-        "--max-clients-per-ip",
-        type=int,
-        default=MAX_REALTIME_CLIENTS_PER_IP,
-        metavar="N",
-        help=f"most SSE clients from one address, 0 for no cap (default {MAX_REALTIME_CLIENTS_PER_IP}; raise it behind a proxy)",
-    )
-    _add_common_arguments(serve_parser)
-    superuser_parser = commands.add_parser(
-        "superuser", help="create, update or delete a superuser"
-    )
-    superuser_commands = superuser_parser.add_subparsers(
-        dest="action", metavar="ACTION", required=True
-    )
-    upsert_parser = superuser_commands.add_parser(
-        "upsert", help="create or update a superuser"
-    )
-    upsert_parser.add_argument("email")
-    upsert_parser.add_argument("password")
-    delete_parser = superuser_commands.add_parser("delete", help="delete a superuser")
-    delete_parser.add_argument("email")
-    for action_parser in (upsert_parser, delete_parser):
-        _add_common_arguments(action_parser)
-    bench_parser = commands.add_parser(
-        "bench",
-        help="measure this server (or any PocketBase-compatible one) under load",
-    )
-    _add_bench_arguments(bench_parser)
-    return parser
-
-
-def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dir",
-        default=DEFAULT_DATA_DIR,
-        help=f"the data directory (default ./{DEFAULT_DATA_DIR})",
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", help="log only warnings and errors"
-    )
-
-
-# --- bench: load tests against pbrt or any PocketBase-compatible server ------------
+# Load scenarios against a pbrt child process or any PocketBase-compatible
+# server (`--url`): latency, losses, order, CPU and memory.
 
 BENCH_SCENARIOS = ("connect", "fanout", "writes", "churn", "logins")
 BENCH_RULES = {
@@ -8248,7 +8273,9 @@ def _bench_logins(
     """A fan-out three times: quiet, during a login storm, during heavy lists;
     `/api/health` latency and delivery p99 in each."""
     users = _bench_users(target, args.logins)
-    logins = [(f"user{index}@bench.test", "bench-password-123") for index in range(len(users))]
+    logins = [
+        (f"user{index}@bench.test", "bench-password-123") for index in range(len(users))
+    ]
     _bench_collection(target, "bench_list", "")
     progress(f"seeding {args.records} records for the heavy list")
     for index in range(args.records):
@@ -8266,7 +8293,9 @@ def _bench_logins(
             target,
             args,
             progress,
-            lambda: _bench_storm(target, health, storm_logins, lists, counts),
+            functools.partial(
+                _bench_storm, target, health, storm_logins, lists, counts
+            ),
         )
         results[phase] = {
             "health_ms": {
@@ -8598,6 +8627,83 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of a table"
+    )
+
+
+# ==========================================================================
+# 16. Command line
+# ==========================================================================
+# `main(argv) -> int`; only this section reads argv and the environment.
+
+
+def _parse_http_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid address {value!r}, expected HOST:PORT"
+        )
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of `python pbrt.py`."""
+    parser = argparse.ArgumentParser(
+        prog="pbrt",
+        description="pbrt: a realtime backend in one file, compatible with the PocketBase API.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"pbrt version {__version__}"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve_parser = commands.add_parser(
+        "serve", help="start the web server (the default command)"
+    )
+    serve_parser.add_argument(
+        "--http",
+        type=_parse_http_address,
+        default=(DEFAULT_HOST, DEFAULT_PORT),
+        metavar="HOST:PORT",
+        help=f"TCP address to listen on (default {DEFAULT_HOST}:{DEFAULT_PORT})",
+    )
+    serve_parser.add_argument(
+        "--max-clients-per-ip",
+        type=int,
+        default=MAX_REALTIME_CLIENTS_PER_IP,
+        metavar="N",
+        help=f"most SSE clients from one address, 0 for no cap (default {MAX_REALTIME_CLIENTS_PER_IP}; raise it behind a proxy)",
+    )
+    _add_common_arguments(serve_parser)
+    superuser_parser = commands.add_parser(
+        "superuser", help="create, update or delete a superuser"
+    )
+    superuser_commands = superuser_parser.add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    upsert_parser = superuser_commands.add_parser(
+        "upsert", help="create or update a superuser"
+    )
+    upsert_parser.add_argument("email")
+    upsert_parser.add_argument("password")
+    delete_parser = superuser_commands.add_parser("delete", help="delete a superuser")
+    delete_parser.add_argument("email")
+    for action_parser in (upsert_parser, delete_parser):
+        _add_common_arguments(action_parser)
+    bench_parser = commands.add_parser(
+        "bench",
+        help="measure this server (or any PocketBase-compatible one) under load",
+    )
+    _add_bench_arguments(bench_parser)
+    return parser
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dir",
+        default=DEFAULT_DATA_DIR,
+        help=f"the data directory (default ./{DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="log only warnings and errors"
     )
 
 

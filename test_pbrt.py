@@ -2106,9 +2106,14 @@ def test_realtime_subscribe_status_paths_match_pocketbase(tmp_path: Path) -> Non
             b'{"data":{},"message":"Invalid realtime client.","status":400}',
         )
         await client.close()
-        gone = (404, b'{"data":{},"message":"Missing or invalid client id.","status":404}')
+        gone = (
+            404,
+            b'{"data":{},"message":"Missing or invalid client id.","status":404}',
+        )
         for _ in range(500):  # until the server has seen the close (bounded)
-            answer = await post(json.dumps({"clientId": client.id}).encode(), token=user_token)
+            answer = await post(
+                json.dumps({"clientId": client.id}).encode(), token=user_token
+            )
             if answer == gone:
                 break
             await asyncio.sleep(0.01)
@@ -2508,7 +2513,9 @@ def test_realtime_sends_nothing_for_rolled_back_writes(tmp_path: Path) -> None:
     async def body(app: pbrt.App, api: Api, su: str) -> list[dict[str, str]]:
         port = port_of(api)
         client = await SseClient.connect(port)
-        assert (await post_subscriptions(port, client.id, ["notes/*", MARKER])).status == 204
+        assert (
+            await post_subscriptions(port, client.id, ["notes/*", MARKER])
+        ).status == 204
 
         def rolled_back() -> None:
             store, notes = app.store, app.store.collection("notes")
@@ -2638,17 +2645,29 @@ def test_realtime_auth_follows_the_auth_record(tmp_path: Path) -> None:
 
 def test_realtime_deleted_user_receives_their_own_delete_event(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        api.json("PATCH", "/api/collections/users", {"listRule": "id = @request.auth.id"}, su)
+        api.json(
+            "PATCH", "/api/collections/users", {"listRule": "id = @request.auth.id"}, su
+        )
         token, user = make_user(api, "leaving", su)
 
         async def body() -> None:
             port = port_of(api)
             client = await SseClient.connect(port)
-            assert (await post_subscriptions(port, client.id, ["users/*"], token)).status == 204
-            await asyncio.to_thread(api.call, "DELETE", f"/api/collections/users/records/{user['id']}", None, su)
+            assert (
+                await post_subscriptions(port, client.id, ["users/*"], token)
+            ).status == 204
+            await asyncio.to_thread(
+                api.call,
+                "DELETE",
+                f"/api/collections/users/records/{user['id']}",
+                None,
+                su,
+            )
             event = json.loads((await client.next_event())["data"])
             assert (event["action"], event["record"]["id"]) == ("delete", user["id"])
-            assert (await post_subscriptions(port, client.id, ["users/*"])).status == 204  # a guest now
+            assert (
+                await post_subscriptions(port, client.id, ["users/*"])
+            ).status == 204  # a guest now
             await client.close()
 
         run(body())
@@ -2888,7 +2907,9 @@ def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> N
         def publish_once_subscribed(event: pbrt.SubscribeEvent) -> None:
             if "news/today" in event.subscriptions and not published:
                 published.append(True)  # published once the subscription is stored:
-                app._loop.call_soon(app.broker.publish, "news/today", {"headline": "hi"})
+                app._loop.call_soon(
+                    app.broker.publish, "news/today", {"headline": "hi"}
+                )
 
         result = run_node(SDK_REALTIME_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD)
     got = result["got"]
@@ -4021,7 +4042,9 @@ def test_records_write_rules_see_modifiers_resolved_like_pocketbase(
         for body in attacks:
             status, _ = api.call("PATCH", f"{records}/{mine['id']}", body, token)
             assert status == 404, body
-            if "credits" not in next(iter(body)):  # on create, `:changed` compares with itself
+            if "credits" not in next(
+                iter(body)
+            ):  # on create, `:changed` compares with itself
                 status, _ = api.call("POST", records, {"owner": user["id"], **body})
                 assert status == 400, body
         stored = api.json("GET", f"{records}/{mine['id']}", token=su)
@@ -4031,16 +4054,24 @@ def test_records_write_rules_see_modifiers_resolved_like_pocketbase(
             [],
         )
         # What PocketBase lets through stays allowed: no change, or no setter.
-        for body in [{"credits+": 0}, {"credits": "5"}, {"+credits": 3}, {"title+": "x"}]:
-            assert api.json("PATCH", f"{records}/{mine['id']}", body, token)[
-                "credits"
-            ] == 5
+        for body in [
+            {"credits+": 0},
+            {"credits": "5"},
+            {"+credits": 3},
+            {"title+": "x"},
+        ]:
+            assert (
+                api.json("PATCH", f"{records}/{mine['id']}", body, token)["credits"]
+                == 5
+            )
 
 
 def test_records_hidden_emails_cannot_be_searched_or_sorted(tmp_path: Path) -> None:
     """The attack: recover a hidden email through filters, relations, sorts, realtime."""
     with serving(tmp_path) as (_, api, su):
-        api.json("PATCH", "/api/collections/users", {"listRule": "", "viewRule": ""}, su)
+        api.json(
+            "PATCH", "/api/collections/users", {"listRule": "", "viewRule": ""}, su
+        )
         _, zed = make_user(api, "zed", su)  # hidden, created first
         amy_token, amy = make_user(api, "amy", su)  # hidden, sorts first by email
         _, bob = make_user(api, "bob", su, emailVisibility=True)
@@ -4051,8 +4082,18 @@ def test_records_hidden_emails_cannot_be_searched_or_sorted(tmp_path: Path) -> N
                 "listRule": "",
                 "viewRule": "",
                 "fields": [
-                    {"name": "owner", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 1},
-                    {"name": "editors", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 5},
+                    {
+                        "name": "owner",
+                        "type": "relation",
+                        "collectionId": "_pb_users_auth_",
+                        "maxSelect": 1,
+                    },
+                    {
+                        "name": "editors",
+                        "type": "relation",
+                        "collectionId": "_pb_users_auth_",
+                        "maxSelect": 5,
+                    },
                 ],
             },
             su,
@@ -4069,7 +4110,10 @@ def test_records_hidden_emails_cannot_be_searched_or_sorted(tmp_path: Path) -> N
             path = f"/api/collections/{collection}/records?filter={query}"
             return int(api.json("GET", path, token=token)["totalItems"])
 
-        for token in ("", amy_token):  # PocketBase hides it from its owner's filters too
+        for token in (
+            "",
+            amy_token,
+        ):  # PocketBase hides it from its owner's filters too
             assert total("users", "email = 'amy@x.com'", token) == 0
             assert total("users", "email ~ 'amy%'", token) == 0
             assert total("users", "email:lower ~ 'a%'", token) == 0
@@ -4080,7 +4124,9 @@ def test_records_hidden_emails_cannot_be_searched_or_sorted(tmp_path: Path) -> N
         assert total("users", "email = 'amy@x.com'", su) == 1
 
         def hidden_order(sort: str) -> list[str]:
-            items = api.json("GET", f"/api/collections/users/records?sort={sort}")["items"]
+            items = api.json("GET", f"/api/collections/users/records?sort={sort}")[
+                "items"
+            ]
             return [i["id"] for i in items if i["id"] != bob["id"]]
 
         assert hidden_order("email") == hidden_order("-email") == [zed["id"], amy["id"]]
@@ -4093,7 +4139,8 @@ def test_records_hidden_emails_cannot_be_searched_or_sorted(tmp_path: Path) -> N
                 port,
                 client.id,
                 [
-                    "users/*?options=" + urllib.parse.quote(json.dumps({"query": {"filter": f}}))
+                    "users/*?options="
+                    + urllib.parse.quote(json.dumps({"query": {"filter": f}}))
                     for f in filters
                 ]
                 + [
@@ -4105,17 +4152,31 @@ def test_records_hidden_emails_cannot_be_searched_or_sorted(tmp_path: Path) -> N
             )
             for user in (amy, bob):
                 await asyncio.to_thread(
-                    api.json, "PATCH", f"/api/collections/users/records/{user['id']}", {"name": "x"}, su
+                    api.json,
+                    "PATCH",
+                    f"/api/collections/users/records/{user['id']}",
+                    {"name": "x"},
+                    su,
                 )
             await asyncio.to_thread(
-                api.json, "POST", "/api/collections/notes/records", {"owner": amy["id"]}, su
+                api.json,
+                "POST",
+                "/api/collections/notes/records",
+                {"owner": amy["id"]},
+                su,
             )
             await asyncio.to_thread(  # the last write: events arrive in commit order
-                api.json, "PATCH", f"/api/collections/users/records/{bob['id']}", {"name": "end"}, su
+                api.json,
+                "PATCH",
+                f"/api/collections/users/records/{bob['id']}",
+                {"name": "end"},
+                su,
             )
             records = []
             while not records or records[-1]["name"] != "end":
-                records.append(json.loads((await client.next_event())["data"])["record"])
+                records.append(
+                    json.loads((await client.next_event())["data"])["record"]
+                )
             await client.close()
             return records
 
@@ -4131,31 +4192,68 @@ def test_auth_rule_mfa_and_email_changes_are_enforced_like_pocketbase(
     """The attacks: log in past authRule or MFA, keep `verified` with a new email."""
     with serving(tmp_path) as (_, api, su):
         api.create_collection(
-            {"name": "members", "type": "auth", "authRule": "verified = true", "updateRule": "id = @request.auth.id"},
+            {
+                "name": "members",
+                "type": "auth",
+                "authRule": "verified = true",
+                "updateRule": "id = @request.auth.id",
+            },
             su,
         )
         for name, verified in (("u1", False), ("u2", True)):
             api.json(
                 "POST",
                 "/api/collections/members/records",
-                {"email": f"{name}@x.com", "password": "password123", "passwordConfirm": "password123", "verified": verified},
+                {
+                    "email": f"{name}@x.com",
+                    "password": "password123",
+                    "passwordConfirm": "password123",
+                    "verified": verified,
+                },
                 su,
             )
         login = "/api/collections/members/auth-with-password"
         refused = '403 {"data":{},"message":"The request doesn\'t satisfy the collection requirements to authenticate.","status":403}'
-        assert api.normalized("POST", login, {"identity": "u1@x.com", "password": "password123"}) == refused
+        assert (
+            api.normalized(
+                "POST", login, {"identity": "u1@x.com", "password": "password123"}
+            )
+            == refused
+        )
         token, member = api.login("members", "u2@x.com", "password123")
-        status, text = api.call("PATCH", f"/api/collections/members/records/{member['id']}", {"email": "new@x.com"}, token)
+        status, text = api.call(
+            "PATCH",
+            f"/api/collections/members/records/{member['id']}",
+            {"email": "new@x.com"},
+            token,
+        )
         assert (status, json.loads(text)["data"]) == (
             400,
-            {"email": {"code": "validation_values_mismatch", "message": "Values don't match."}},
+            {
+                "email": {
+                    "code": "validation_values_mismatch",
+                    "message": "Values don't match.",
+                }
+            },
         )
         api.json("PATCH", "/api/collections/members", {"authRule": None}, su)
-        assert api.normalized("POST", login, {"identity": "u2@x.com", "password": "password123"}) == refused
-        assert api.normalized("POST", "/api/collections/members/auth-refresh", None, token) == (
+        assert (
+            api.normalized(
+                "POST", login, {"identity": "u2@x.com", "password": "password123"}
+            )
+            == refused
+        )
+        assert api.normalized(
+            "POST", "/api/collections/members/auth-refresh", None, token
+        ) == (
             '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}'
         )
-        status, text = api.call("PATCH", "/api/collections/members", {"authRule": "", "mfa": {"enabled": True}}, su)
+        status, text = api.call(
+            "PATCH",
+            "/api/collections/members",
+            {"authRule": "", "mfa": {"enabled": True}},
+            su,
+        )
         assert (status, json.loads(text)["data"]["mfa"]["enabled"]["code"]) == (
             400,
             "validation_mfa_not_enough_auths",
@@ -4170,49 +4268,85 @@ def test_auth_rule_mfa_and_email_changes_are_enforced_like_pocketbase(
         )
     database.close()
     with serving(tmp_path, with_superuser=False) as (_, api, _):
-        status, text = api.call("POST", login, {"identity": "u2@x.com", "password": "password123"})
+        status, text = api.call(
+            "POST", login, {"identity": "u2@x.com", "password": "password123"}
+        )
         assert status == 401 and "token" not in json.loads(text)
 
 
 def test_collections_refuse_hostile_schema_input(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        invalid = {"code": "validation_match_invalid", "message": "Must be in a valid format."}
+        invalid = {
+            "code": "validation_match_invalid",
+            "message": "Must be in a valid format.",
+        }
         for body, field in [
             ({"name": "posts\n", "type": "base"}, "name"),
             ({"id": "a/b?x", "name": "c1", "type": "base"}, "id"),
             ({"id": "a b", "name": "c2", "type": "base"}, "id"),
             ({"id": "x" * 150, "name": "c3", "type": "base"}, "id"),
-            ({"name": "c4", "type": "base", "indexes": ["CREATE UNIQUE INDEX i ON _superusers (email)"]}, "indexes"),
+            (
+                {
+                    "name": "c4",
+                    "type": "base",
+                    "indexes": ["CREATE UNIQUE INDEX i ON _superusers (email)"],
+                },
+                "indexes",
+            ),
         ]:
             status, text = api.call("POST", "/api/collections", body, su)
             assert status == 400 and field in json.loads(text)["data"], body
             if field == "name":
                 assert json.loads(text)["data"]["name"] == invalid
         status, text = api.call(
-            "POST", "/api/collections", {"name": "c5", "type": "base", "fields": [{"name": "t\n", "type": "text"}]}, su
+            "POST",
+            "/api/collections",
+            {"name": "c5", "type": "base", "fields": [{"name": "t\n", "type": "text"}]},
+            su,
         )
         assert json.loads(text)["data"]["fields"]["1"]["name"] == invalid
-        assert api.json("GET", "/api/collections?filter=name%3D'c1'", token=su)["totalItems"] == 0
+        assert (
+            api.json("GET", "/api/collections?filter=name%3D'c1'", token=su)[
+                "totalItems"
+            ]
+            == 0
+        )
 
 
 def test_auth_failed_logins_are_throttled_and_successful_ones_never(
     tmp_path: Path,
 ) -> None:
     """The attack: guess passwords in a loop."""
-    with serving(tmp_path, login_failures_per_identity=3, login_failures_per_ip=5) as (_, api, su):
+    with serving(tmp_path, login_failures_per_identity=3, login_failures_per_ip=5) as (
+        _,
+        api,
+        su,
+    ):
         for name in ("victim", "other", "third"):
             make_user(api, name, su)
         login = "/api/collections/users/auth-with-password"
         for _ in range(10):  # successes are never counted
             api.login("users", "victim@x.com", "password123")
         for _ in range(3):
-            assert api.call("POST", login, {"identity": "victim@x.com", "password": "guess"})[0] == 400
+            assert (
+                api.call(
+                    "POST", login, {"identity": "victim@x.com", "password": "guess"}
+                )[0]
+                == 400
+            )
         throttled = '429 {"data":{},"message":"Too Many Requests.","status":429}'
         right = {"identity": "victim@x.com", "password": "password123"}
-        assert api.normalized("POST", login, right) == throttled  # the identity is locked
+        assert (
+            api.normalized("POST", login, right) == throttled
+        )  # the identity is locked
         api.login("users", "other@x.com", "password123")  # others are not
         for _ in range(2):
-            assert api.call("POST", login, {"identity": "other@x.com", "password": "guess"})[0] == 400
+            assert (
+                api.call(
+                    "POST", login, {"identity": "other@x.com", "password": "guess"}
+                )[0]
+                == 400
+            )
         third = {"identity": "third@x.com", "password": "password123"}
         assert api.normalized("POST", login, third) == throttled  # 5 from this address
 
@@ -4230,10 +4364,14 @@ def test_realtime_head_registers_nothing_and_one_address_cannot_take_every_slot(
             assert head.header("Content-Type") == "text/event-stream"
             assert not app.broker.clients
             clients = [await SseClient.connect(port) for _ in range(2)]
-            (refused,) = parse_responses(await exchange(port, http_request("GET", "/api/realtime")))
+            (refused,) = parse_responses(
+                await exchange(port, http_request("GET", "/api/realtime"))
+            )
             assert refused.status == 429
             await clients[0].close()
-            while len(app.broker.clients) > 1:  # its slot frees once the server sees the close
+            while (
+                len(app.broker.clients) > 1
+            ):  # its slot frees once the server sees the close
                 await asyncio.sleep(0.01)
             clients[0] = await SseClient.connect(port)
             for client in clients:
@@ -4244,27 +4382,63 @@ def test_realtime_head_registers_nothing_and_one_address_cannot_take_every_slot(
 
 def test_records_cascade_cycles_delete_both_records(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
-        first = api.create_collection({"name": "first", "type": "base", "fields": [{"name": "t", "type": "text"}]}, su)
+        first = api.create_collection(
+            {
+                "name": "first",
+                "type": "base",
+                "fields": [{"name": "t", "type": "text"}],
+            },
+            su,
+        )
         second = api.create_collection(
             {
                 "name": "second",
                 "type": "base",
-                "fields": [{"name": "one", "type": "relation", "collectionId": first["id"], "cascadeDelete": True, "maxSelect": 1}],
+                "fields": [
+                    {
+                        "name": "one",
+                        "type": "relation",
+                        "collectionId": first["id"],
+                        "cascadeDelete": True,
+                        "maxSelect": 1,
+                    }
+                ],
             },
             su,
         )
         api.json(
             "PATCH",
             "/api/collections/first",
-            {"fields": [*first["fields"], {"name": "two", "type": "relation", "collectionId": second["id"], "cascadeDelete": True, "maxSelect": 1}]},
+            {
+                "fields": [
+                    *first["fields"],
+                    {
+                        "name": "two",
+                        "type": "relation",
+                        "collectionId": second["id"],
+                        "cascadeDelete": True,
+                        "maxSelect": 1,
+                    },
+                ]
+            },
             su,
         )
         a = api.json("POST", "/api/collections/first/records", {"t": "a"}, su)
         b = api.json("POST", "/api/collections/second/records", {"one": a["id"]}, su)
-        api.json("PATCH", f"/api/collections/first/records/{a['id']}", {"two": b["id"]}, su)
-        assert api.call("DELETE", f"/api/collections/first/records/{a['id']}", token=su)[0] == 204
+        api.json(
+            "PATCH", f"/api/collections/first/records/{a['id']}", {"two": b["id"]}, su
+        )
+        assert (
+            api.call("DELETE", f"/api/collections/first/records/{a['id']}", token=su)[0]
+            == 204
+        )
         for name in ("first", "second"):
-            assert api.json("GET", f"/api/collections/{name}/records", token=su)["totalItems"] == 0
+            assert (
+                api.json("GET", f"/api/collections/{name}/records", token=su)[
+                    "totalItems"
+                ]
+                == 0
+            )
 
 
 def test_records_valid_filters_never_answer_500(tmp_path: Path) -> None:
@@ -4275,15 +4449,28 @@ def test_records_valid_filters_never_answer_500(tmp_path: Path) -> None:
                 "type": "base",
                 "listRule": "",
                 "fields": [
-                    {"name": "editors", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 5},
-                    {"name": "sel", "type": "select", "values": ["a", "b"], "maxSelect": 2},
+                    {
+                        "name": "editors",
+                        "type": "relation",
+                        "collectionId": "_pb_users_auth_",
+                        "maxSelect": 5,
+                    },
+                    {
+                        "name": "sel",
+                        "type": "select",
+                        "values": ["a", "b"],
+                        "maxSelect": 2,
+                    },
                 ],
             },
             su,
         )
         api.json("POST", "/api/collections/docs/records", {"sel": ["a"]}, su)
         for text, total in [
-            ("editors:length > 0 && editors = 'x'", 0),  # SQLite substitutes 'x' into the length
+            (
+                "editors:length > 0 && editors = 'x'",
+                0,
+            ),  # SQLite substitutes 'x' into the length
             ("sel:length = 0 && sel ?= 'a'", 0),
             ("sel:length = 1 && sel:each ?= 'a'", 1),
         ]:
@@ -4294,7 +4481,9 @@ def test_records_valid_filters_never_answer_500(tmp_path: Path) -> None:
 def test_records_filter_edge_cases_match_the_oracle(tmp_path: Path) -> None:
     """Each expectation below was recorded from PocketBase 0.40.6 on the same data."""
     with serving(tmp_path) as (_, api, su):
-        api.json("PATCH", "/api/collections/users", {"listRule": "", "viewRule": ""}, su)
+        api.json(
+            "PATCH", "/api/collections/users", {"listRule": "", "viewRule": ""}, su
+        )
         ann_token, ann = make_user(api, "ann", su, name="ann")
         _, ben = make_user(api, "ben", su, name="ben")
         api.create_collection(
@@ -4305,9 +4494,24 @@ def test_records_filter_edge_cases_match_the_oracle(tmp_path: Path) -> None:
                 "createRule": "@request.body.owner.name = 'ann'",
                 "fields": [
                     {"name": "title", "type": "text"},
-                    {"name": "tags", "type": "select", "values": ["a", "b", "c"], "maxSelect": 3},
-                    {"name": "owner", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 1},
-                    {"name": "editors", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 5},
+                    {
+                        "name": "tags",
+                        "type": "select",
+                        "values": ["a", "b", "c"],
+                        "maxSelect": 3,
+                    },
+                    {
+                        "name": "owner",
+                        "type": "relation",
+                        "collectionId": "_pb_users_auth_",
+                        "maxSelect": 1,
+                    },
+                    {
+                        "name": "editors",
+                        "type": "relation",
+                        "collectionId": "_pb_users_auth_",
+                        "maxSelect": 5,
+                    },
                 ],
             },
             su,
@@ -4326,22 +4530,35 @@ def test_records_filter_edge_cases_match_the_oracle(tmp_path: Path) -> None:
             )
 
         def titles(text: str, token: str = su) -> list[str] | int:
-            path = "/api/collections/items/records?sort=title&perPage=100&filter=" + urllib.parse.quote(text)
+            path = (
+                "/api/collections/items/records?sort=title&perPage=100&filter="
+                + urllib.parse.quote(text)
+            )
             status, body = api.call("GET", path, token=token)
-            return [item["title"] for item in json.loads(body)["items"]] if status == 200 else status
+            return (
+                [item["title"] for item in json.loads(body)["items"]]
+                if status == 200
+                else status
+            )
 
         everything = ["__", "a_b", "ab", "x%y"]
         for text, expected in [
             (" ", 400),
             ("  \n\t ", 400),
-            ("title ~ '__'", ["__", "a_b"]),  # PocketBase escapes only the last `_` of a run
+            (
+                "title ~ '__'",
+                ["__", "a_b"],
+            ),  # PocketBase escapes only the last `_` of a run
             ("title ~ '_'", ["__", "a_b"]),
             ("title ~ 'x%y'", ["x%y"]),
             ("tags:each = tags:each", ["a_b", "ab", "x%y"]),  # every pair of items
             ("tags:each ?= tags:each", everything),
             ("editors.name = editors.name", ["a_b", "ab", "x%y"]),
             ("strftime('%Y', title, 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h') != ''", []),
-            ("strftime('%Y', title, 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i') != ''", 400),
+            (
+                "strftime('%Y', title, 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i') != ''",
+                400,
+            ),
             ("strftime(title) != ''", 400),
             ("@request.body.tags:each = 'a'", []),
             ("@request.body.tags:each ?= 'a'", []),
@@ -4362,18 +4579,38 @@ def test_records_filter_edge_cases_match_the_oracle(tmp_path: Path) -> None:
             ("title ~ ''", 4),
         ]:
             api.json("PATCH", "/api/collections/items", {"listRule": rule}, su)
-            assert api.json("GET", "/api/collections/items/records")["totalItems"] == expected, rule
-        api.json("PATCH", "/api/collections/items", {"updateRule": "@request.body.tags:each ?= 'a'"}, su)
+            assert (
+                api.json("GET", "/api/collections/items/records")["totalItems"]
+                == expected
+            ), rule
+        api.json(
+            "PATCH",
+            "/api/collections/items",
+            {"updateRule": "@request.body.tags:each ?= 'a'"},
+            su,
+        )
         records = "/api/collections/items/records"
-        assert api.call("POST", records, {"title": "r1", "owner": ann["id"]}, ann_token)[0] == 200
-        assert api.call("POST", records, {"title": "r2", "owner": ben["id"]}, ann_token)[0] == 400
+        assert (
+            api.call("POST", records, {"title": "r1", "owner": ann["id"]}, ann_token)[0]
+            == 200
+        )
+        assert (
+            api.call("POST", records, {"title": "r2", "owner": ben["id"]}, ann_token)[0]
+            == 400
+        )
 
 
 def test_records_back_relation_expand_like_pocketbase(tmp_path: Path) -> None:
     """Shapes recorded from PocketBase 0.40.6 with the same collections and records."""
     with serving(tmp_path) as (_, api, su):
         posts = api.create_collection(
-            {"name": "posts", "type": "base", "listRule": "", "viewRule": "", "fields": [{"name": "title", "type": "text"}]},
+            {
+                "name": "posts",
+                "type": "base",
+                "listRule": "",
+                "viewRule": "",
+                "fields": [{"name": "title", "type": "text"}],
+            },
             su,
         )
         comments = api.create_collection(
@@ -4385,8 +4622,18 @@ def test_records_back_relation_expand_like_pocketbase(tmp_path: Path) -> None:
                 "fields": [
                     {"name": "text", "type": "text"},
                     {"name": "hidden", "type": "bool"},
-                    {"name": "post", "type": "relation", "collectionId": posts["id"], "maxSelect": 1},
-                    {"name": "posts", "type": "relation", "collectionId": posts["id"], "maxSelect": 5},
+                    {
+                        "name": "post",
+                        "type": "relation",
+                        "collectionId": posts["id"],
+                        "maxSelect": 1,
+                    },
+                    {
+                        "name": "posts",
+                        "type": "relation",
+                        "collectionId": posts["id"],
+                        "maxSelect": 5,
+                    },
                 ],
             },
             su,
@@ -4399,7 +4646,12 @@ def test_records_back_relation_expand_like_pocketbase(tmp_path: Path) -> None:
                 "viewRule": "",
                 "fields": [
                     {"name": "name", "type": "text"},
-                    {"name": "comment", "type": "relation", "collectionId": comments["id"], "maxSelect": 1},
+                    {
+                        "name": "comment",
+                        "type": "relation",
+                        "collectionId": comments["id"],
+                        "maxSelect": 1,
+                    },
                 ],
                 "indexes": ["CREATE UNIQUE INDEX idx_tag_comment ON tags (`comment`)"],
             },
@@ -4408,7 +4660,9 @@ def test_records_back_relation_expand_like_pocketbase(tmp_path: Path) -> None:
         p1 = api.json("POST", "/api/collections/posts/records", {"title": "p1"}, su)
         p2 = api.json("POST", "/api/collections/posts/records", {"title": "p2"}, su)
         made = []
-        for index, (post, hidden) in enumerate([(p1, False), (p1, True), (p2, False), (p1, False)]):
+        for index, (post, hidden) in enumerate(
+            [(p1, False), (p1, True), (p2, False), (p1, False)]
+        ):
             made.append(
                 api.json(
                     "POST",
@@ -4422,26 +4676,66 @@ def test_records_back_relation_expand_like_pocketbase(tmp_path: Path) -> None:
                     su,
                 )
             )
-        api.json("POST", "/api/collections/tags/records", {"name": "t0", "comment": made[0]["id"]}, su)
+        api.json(
+            "POST",
+            "/api/collections/tags/records",
+            {"name": "t0", "comment": made[0]["id"]},
+            su,
+        )
 
         def expanded(expand: str, token: str = "") -> list[Any]:
             path = f"/api/collections/posts/records?sort=title&expand={urllib.parse.quote(expand)}"
-            return [item.get("expand") for item in api.json("GET", path, token=token)["items"]]
+            return [
+                item.get("expand")
+                for item in api.json("GET", path, token=token)["items"]
+            ]
 
         def texts(expansions: list[Any], key: str) -> list[list[str]]:
             return [[c["text"] for c in e.get(key, [])] for e in expansions]
 
-        assert texts(expanded("comments_via_post", su), "comments_via_post") == [["c0", "c1", "c3"], ["c2"]]
-        assert texts(expanded("comments_via_post"), "comments_via_post") == [["c0", "c3"], ["c2"]]  # viewRule
-        assert texts(expanded("comments_via_posts"), "comments_via_posts") == [["c3"], ["c0", "c2", "c3"]]
-        assert texts(expanded("comments(post)"), "comments(post)") == [["c0", "c3"], ["c2"]]
-        assert texts(expanded(f"{comments['id']}_via_post"), f"{comments['id']}_via_post") == [["c0", "c3"], ["c2"]]
-        nested = expanded("comments_via_post.tags_via_comment")[0]["comments_via_post"][0]
-        assert nested["expand"]["tags_via_comment"]["name"] == "t0"  # a unique index: one object
-        assert expanded("comments_via_post.post")[0]["comments_via_post"][0]["expand"]["post"]["title"] == "p1"
-        for broken in ("nosuch", "title", "comments_via_nosuch", "comments_via_text", "comments_via_post.nosuch"):
+        assert texts(expanded("comments_via_post", su), "comments_via_post") == [
+            ["c0", "c1", "c3"],
+            ["c2"],
+        ]
+        assert texts(expanded("comments_via_post"), "comments_via_post") == [
+            ["c0", "c3"],
+            ["c2"],
+        ]  # viewRule
+        assert texts(expanded("comments_via_posts"), "comments_via_posts") == [
+            ["c3"],
+            ["c0", "c2", "c3"],
+        ]
+        assert texts(expanded("comments(post)"), "comments(post)") == [
+            ["c0", "c3"],
+            ["c2"],
+        ]
+        assert texts(
+            expanded(f"{comments['id']}_via_post"), f"{comments['id']}_via_post"
+        ) == [["c0", "c3"], ["c2"]]
+        nested = expanded("comments_via_post.tags_via_comment")[0]["comments_via_post"][
+            0
+        ]
+        assert (
+            nested["expand"]["tags_via_comment"]["name"] == "t0"
+        )  # a unique index: one object
+        assert (
+            expanded("comments_via_post.post")[0]["comments_via_post"][0]["expand"][
+                "post"
+            ]["title"]
+            == "p1"
+        )
+        for broken in (
+            "nosuch",
+            "title",
+            "comments_via_nosuch",
+            "comments_via_text",
+            "comments_via_post.nosuch",
+        ):
             assert expanded(broken) == [None, None], broken  # no `expand` key at all
-        assert texts(expanded("nosuch,comments_via_post"), "comments_via_post") == [["c0", "c3"], ["c2"]]
+        assert texts(expanded("nosuch,comments_via_post"), "comments_via_post") == [
+            ["c0", "c3"],
+            ["c2"],
+        ]
 
 
 def test_records_unique_index_violations_answer_like_pocketbase(tmp_path: Path) -> None:
@@ -4477,7 +4771,11 @@ def test_records_unique_index_violations_answer_like_pocketbase(tmp_path: Path) 
             status, text = api.call("POST", records, body)
             assert (status, json.loads(text)) == (
                 400,
-                {"data": {name: entry for name in fields}, "message": "Failed to create record.", "status": 400},
+                {
+                    "data": {name: entry for name in fields},
+                    "message": "Failed to create record.",
+                    "status": 400,
+                },
             ), body
         assert api.call("POST", records, {"a": "3", "b": "x", "c": 2})[0] == 200
         other = api.json("POST", records, {"a": "9", "b": "z"})
@@ -4671,7 +4969,10 @@ def test_records_hostile_reads_stay_within_their_budget(tmp_path: Path) -> None:
                 "type": "base",
                 "listRule": "",
                 "viewRule": "",
-                "fields": [{"name": "title", "type": "text"}, {"name": "body", "type": "editor"}],
+                "fields": [
+                    {"name": "title", "type": "text"},
+                    {"name": "body", "type": "editor"},
+                ],
             },
             su,
         )
@@ -4692,7 +4993,9 @@ def test_records_hostile_reads_stay_within_their_budget(tmp_path: Path) -> None:
             su,
         )
         records = "/api/collections/nodes/records"
-        ids = [api.json("POST", records, {"title": f"n{i}"}, su)["id"] for i in range(30)]
+        ids = [
+            api.json("POST", records, {"title": f"n{i}"}, su)["id"] for i in range(30)
+        ]
         for record_id in ids:
             api.json("PATCH", f"{records}/{record_id}", {"links": ids}, su)
         api.json("POST", records, {"title": "html", "body": "<" * 2_000_000}, su)
@@ -4749,11 +5052,16 @@ def test_realtime_hostile_filters_never_slow_writes(tmp_path: Path) -> None:
             many = await SseClient.connect(port)
             honest = await SseClient.connect(port)
             pattern = "%e" * 12 + "%z"
-            await post_subscriptions(port, backtracking.id, [options(f"title ~ '{pattern}'")])
+            await post_subscriptions(
+                port, backtracking.id, [options(f"title ~ '{pattern}'")]
+            )
             await post_subscriptions(
                 port,
                 many.id,
-                [options(f"owner.name ?= 'x{i}' || owner.email ?= 'y{i}'") for i in range(1000)],
+                [
+                    options(f"owner.name ?= 'x{i}' || owner.email ?= 'y{i}'")
+                    for i in range(1000)
+                ],
             )
             await post_subscriptions(port, honest.id, ["posts/*"])
             write_times = []
@@ -5035,7 +5343,12 @@ def test_connection_clients_that_never_read_cannot_pile_up_responses(
     """The attack: pipeline large lists on many connections and never read."""
     with serving(tmp_path, max_unsent_bytes=2 * 1024 * 1024) as (app, api, su):
         api.create_collection(
-            {"name": "big", "type": "base", "listRule": "", "fields": [{"name": "body", "type": "text", "max": 10000}]},
+            {
+                "name": "big",
+                "type": "base",
+                "listRule": "",
+                "fields": [{"name": "body", "type": "text", "max": 10000}],
+            },
             su,
         )
         for _ in range(300):  # one list is ~1.5 MB
