@@ -71,7 +71,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -265,6 +272,11 @@ class ProtocolError(PbrtError):
 
 class BodyError(PbrtError):
     """A request body that cannot be decoded for its content type."""
+
+
+class Refused(PbrtError):
+    """A change the stored data forbids (a record still required by a relation,
+    a referenced collection); its text is PocketBase's sentence for it."""
 
 
 class BudgetExceeded(PbrtError):
@@ -536,6 +548,19 @@ class Response:
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     stream: AsyncGenerator[list[bytes], None] | None = None
+
+
+def finish_headers(
+    headers: Iterable[tuple[str, str]], request: Request | None
+) -> list[tuple[str, str]]:
+    """A response's headers plus PocketBase's security headers and, for a
+    request with an Origin, its CORS header (a preflight answer has its own)."""
+    finished = list(headers)
+    if request is None or request.method != "OPTIONS":
+        finished.extend(SECURITY_HEADERS)
+        if request is not None and request.header("origin"):
+            finished.append(("Access-Control-Allow-Origin", "*"))
+    return finished
 
 
 def encode_response_head(
@@ -3039,8 +3064,14 @@ def _field_affinity(spec: dict[str, JSON]) -> str:
     )
 
 
+class CollectionLookup(Protocol):
+    """Where rules find collections by id or name (the store)."""
+
+    def collection(self, id_or_name: str) -> Collection | None: ...
+
+
 class RecordResolver:
-    """Resolves rule identifiers against a collection, the store and a request.
+    """Resolves rule identifiers against a collection, the others and a request.
 
     Collects the LEFT JOINs its identifiers need; `client_filter` applies
     the checks PocketBase makes on filters sent by non-superusers.
@@ -3048,7 +3079,7 @@ class RecordResolver:
 
     def __init__(
         self,
-        store: Store,
+        store: CollectionLookup,
         collection: Collection,
         info: RequestInfo,
         *,
@@ -3491,7 +3522,7 @@ class CompiledRule:
 
 
 def compile_rules(
-    store: Store,
+    store: CollectionLookup,
     collection: Collection,
     info: RequestInfo,
     rules: list[tuple[str, bool]],
@@ -3713,7 +3744,13 @@ class Store:
             raise
         self._depth = 0
         changes, self._changes = self._changes, []
-        self.connection.execute("COMMIT")
+        try:
+            self.connection.execute("COMMIT")
+        except BaseException:  # e.g. a full disk: nothing was written
+            if self.connection.in_transaction:
+                self.connection.execute("ROLLBACK")
+            self._load_collections()
+            raise
         if changes and self.listener is not None:
             self.listener.committed(changes)
 
@@ -3979,11 +4016,11 @@ class Store:
     def delete_collection(self, collection: Collection) -> None:
         """Drop a collection and its table.
 
-        Raises ValueError with PocketBase's sentence when it is a system
-        collection or another collection's relation points at it.
+        Raises Refused when it is a system collection or another
+        collection's relation points at it.
         """
         if collection.system:
-            raise ValueError("Failed to delete collection.")
+            raise Refused("Failed to delete collection.")
         referencing = [
             other.name
             for other in self._collections.values()
@@ -3994,7 +4031,7 @@ class Store:
             )
         ]
         if referencing:
-            raise ValueError(
+            raise Refused(
                 "Failed to delete collection probably due to existing reference in "
                 + ", ".join(referencing)
                 + "."
@@ -4403,7 +4440,7 @@ class Store:
         """Delete a record, applying each relation's cascade option.
 
         Returns every deleted (collection, record), the given one last.
-        Raises ValueError when a required relation still points at it.
+        Raises Refused when a required relation still points at it.
         """
         deleted: list[tuple[Collection, Record]] = []
         with self.transaction():
@@ -4420,7 +4457,7 @@ class Store:
     ) -> None:
         deleting.add((collection.id, record["id"]))  # cascades that loop back stop here
         if depth > 32:
-            raise ValueError("Failed to delete record: relation cascade is too deep.")
+            raise Refused("Failed to delete record: relation cascade is too deep.")
         for other in self.collections():
             for spec in other.fields:
                 if (
@@ -4448,7 +4485,7 @@ class Store:
                         else ""
                     )
                     if spec.get("required") and not remaining:
-                        raise ValueError(
+                        raise Refused(
                             "Failed to delete record. Make sure that the record is not part of a required "
                             "relation reference."
                         )
@@ -5200,7 +5237,7 @@ def _list_envelope(
 
 
 def compile_sort(
-    store: Store, collection: Collection, info: RequestInfo, sort: str
+    store: CollectionLookup, collection: Collection, info: RequestInfo, sort: str
 ) -> tuple[str, tuple[JSON, ...]]:
     """Compile a `sort` parameter (`-a,+owner.name,@random,@rowid`) to ORDER BY SQL.
 
@@ -5518,10 +5555,7 @@ class Records:
             RecordEvent(collection, {}, record, requester.auth),
             collection=collection,
         )
-        try:
-            self.store.delete_record(collection, record)
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from None
+        self.store.delete_record(collection, record)
         self.hooks.run(
             "after_delete",
             RecordEvent(collection, {}, record, requester.auth),
@@ -5636,6 +5670,17 @@ def parse_subscription(raw: str) -> Subscription:
     )
 
 
+class FrameSink(Protocol):
+    """Where a live client's frames go: its socket's asyncio transport, whose
+    buffer is the client's queue."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def get_write_buffer_size(self) -> int: ...
+
+    def abort(self) -> None: ...
+
+
 class RealtimeClient:
     """One SSE connection: its id, auth and subscriptions.
 
@@ -5655,7 +5700,7 @@ class RealtimeClient:
         ] = {}  # subscription -> its encoded `id:`/`event:` fields
         self.max_queue_bytes = max_queue_bytes
         self.pending: list[bytes] = []
-        self.transport: asyncio.WriteTransport | None = None
+        self.transport: FrameSink | None = None
         self.chunked = True
         self.closed = False
         self.ended = asyncio.Event()
@@ -5684,8 +5729,8 @@ class RealtimeClient:
             prefix = encode_sse_prefix(self.id, event)
         self.send(prefix + payload + b"\n\n")
 
-    def go_live(self, transport: asyncio.WriteTransport, chunked: bool) -> None:
-        """Start writing to `transport`, first what was queued."""
+    def go_live(self, transport: FrameSink, chunked: bool) -> None:
+        """Start writing to `transport` (the socket's), first what was queued."""
         self.transport, self.chunked = transport, chunked
         pending, self.pending = self.pending, []
         for frame in pending:
@@ -6212,6 +6257,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return BadRequestError(exc.message, exc.errors)
     if isinstance(exc, (BodyError, RuleError)):
         return BadRequestError()
+    if isinstance(exc, Refused):
+        return BadRequestError(str(exc))
     if isinstance(exc, BudgetExceeded):
         log.warning("request stopped: %s", exc)
         return BadRequestError(BUDGET_EXCEEDED_MESSAGE)
@@ -6464,10 +6511,7 @@ async def handle_collection_delete(context: RequestContext) -> Response:
     """DELETE /api/collections/{collection} (superusers only)."""
     _require_superuser(context)
     collection = _collection_or_404(context, DEFAULT_ERROR_MESSAGES[404])
-    try:
-        _store(context).delete_collection(collection)
-    except ValueError as exc:
-        raise BadRequestError(str(exc)) from None
+    _store(context).delete_collection(collection)
     if collection.is_auth and context.app.broker is not None:
         context.app.broker.forget_auth_collection(collection)
     return Response(204)
@@ -7471,14 +7515,9 @@ class App:
         response: Response,
         keep_alive: bool,
     ) -> None:
-        headers = list(response.headers)
-        if request.method != "OPTIONS":
-            headers.extend(SECURITY_HEADERS)
-            if request.header("origin"):
-                headers.append(("Access-Control-Allow-Origin", "*"))
         head = encode_response_head(
             response.status,
-            headers,
+            finish_headers(response.headers, request),
             date=self._http_date(),
             version=request.version,
             content_length=len(response.body),
@@ -7519,13 +7558,10 @@ class App:
         ends or the client goes away."""
         assert response.stream is not None
         stream = response.stream
-        headers = [*response.headers, *SECURITY_HEADERS]
-        if request.header("origin"):
-            headers.append(("Access-Control-Allow-Origin", "*"))
         chunked = request.version == "HTTP/1.1"
         head = encode_response_head(
             response.status,
-            headers,
+            finish_headers(response.headers, request),
             date=self._http_date(),
             version=request.version,
             close=not chunked,
@@ -7562,11 +7598,10 @@ class App:
         """Answer a protocol error with its status, then close."""
         error = to_api_error(exc)
         body = _json_body(error.payload())
-        headers = [("Content-Type", "application/json"), *SECURITY_HEADERS]
         writer.write(
             encode_response_head(
                 error.status,
-                headers,
+                finish_headers((("Content-Type", "application/json"),), None),
                 date=self._http_date(),
                 content_length=len(body),
                 close=True,
