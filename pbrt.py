@@ -5471,12 +5471,13 @@ class Records:
                 record = self.store.create_record(
                     collection, data, privileged=superuser, password_hash=password_hash
                 )
-                body = resolve_body_modifiers(collection, None, data, superuser=False)
-                info = requester.info(self.now(), body)
-                if has_rule and not can_access(
-                    self.store, collection, record["id"], rule, info
-                ):
-                    raise BadRequestError("Failed to create record.")
+                if has_rule:
+                    body = resolve_body_modifiers(
+                        collection, None, data, superuser=False
+                    )
+                    info = requester.info(self.now(), body)
+                    if not can_access(self.store, collection, record["id"], rule, info):
+                        raise BadRequestError("Failed to create record.")
         except ValidationError as exc:
             raise BadRequestError("Failed to create record.", exc.errors) from None
         self.hooks.run(
@@ -7524,6 +7525,12 @@ class App:
             close=not keep_alive,
         )
         body = memoryview(response.body if request.method != "HEAD" else b"")
+        if len(body) <= SEND_SLICE_BYTES:
+            writer.write(head + body)
+            if not writer.transport.get_write_buffer_size():
+                return  # all in the socket already: the common case
+            body = body[len(body) :]
+            head = b""
         # In slices, each sent before the next: a client that does not read holds
         # one response (never a second copy in the socket's buffer), is dropped
         # after `send_timeout_s`, and at once while the responses that stalled
