@@ -23,12 +23,14 @@ Measure it, or any PocketBase-compatible server::
 
 Sections, read top to bottom (each uses only names from above it):
 
-     1. constants and defaults          7. auth
-     2. errors                          8. realtime broker
-     3. HTTP/1.1 wire format            9. routes and handlers
-     4. Server-Sent Events frames      10. connection loop
-     5. rule language                  11. Config, App, serve()
-     6. store                          12. command line
+     1. constants, limits, Config       9. auth
+     2. errors                         10. records (the core HTTP and App share)
+     3. wire formats (HTTP, JSON, SSE) 11. realtime broker
+     4. values                         12. HTTP API
+     5. rule language                  13. connection loop
+     6. collections                    14. App, serve(), Client
+     7. rules over records             15. bench
+     8. store                          16. command line
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import argparse
 import asyncio
 import base64
 import collections
-import collections.abc
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -105,7 +106,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 JSON = Any
 Headers = dict[str, str]
@@ -8286,15 +8287,19 @@ def _bench_storm(
 
     def log_in(email: str, password: str) -> None:
         client = Client(target.url)
-        while not stop.is_set():
+        while True:  # at least once, however short the block
             client.auth_with_password("bench_users", email, password)
             counts["logins"] += 1
+            if stop.is_set():
+                return
 
     def list_heavily() -> None:
         client = Client(target.url)
-        while not stop.is_set():
+        while True:
             client.request("GET", heavy)
             counts["lists"] += 1
+            if stop.is_set():
+                return
 
     threads = [threading.Thread(target=poll_health)]
     threads += [threading.Thread(target=log_in, args=login) for login in logins]
@@ -8383,7 +8388,7 @@ def _bench_connect(
             if connected % 1000 == 0:
                 progress(f"subscribed {connected}/{args.clients}")
     elapsed = time.monotonic() - started
-    time.sleep(1.0)
+    time.sleep(args.settle)
     rss = _process_rss_kib(target.pid)
     outcomes = [results.get(timeout=args.timeout + args.hold + 60) for _ in processes]
     for process in processes:
@@ -8539,7 +8544,7 @@ def _bench_churn(
             progress(f"churn: {cycles} cycles, {errors} errors")
 
     asyncio.run(loop())
-    time.sleep(2.0)
+    time.sleep(args.settle)
     rss_after = _process_rss_kib(target.pid)
     return {
         "scenario": "churn",
@@ -8660,6 +8665,12 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--processes", type=int, default=2, help="load-generator processes (default 2)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="connect/churn: seconds before reading the server's RSS (default 2)",
     )
     parser.add_argument(
         "--timeout",
