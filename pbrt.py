@@ -1070,6 +1070,8 @@ def to_column(spec: dict[str, JSON], value: JSON) -> JSON:
 def from_column(spec: dict[str, JSON], value: JSON) -> JSON:
     """Convert a stored column value back to the record value."""
     field_type = spec["type"]
+    if field_type in ("text", "editor", "email", "url", "date", "autodate"):
+        return "" if value is None else str(value)  # the most common case first
     if field_type == "number":
         return _to_number(value)
     if field_type == "bool":
@@ -4190,16 +4192,21 @@ class Store:
                 ids.append(referencing)
         return [found[record_id] for record_id in record_ids]
 
-    def record_matches(
+    def matching_ids(
         self,
         collection: Collection,
-        record_id: str,
+        record_ids: list[str],
         where: str,
         params: tuple[JSON, ...],
-    ) -> bool:
-        """Whether the record with this id satisfies an SQL condition."""
-        sql = f"SELECT 1 FROM {quote_identifier(collection.name)} t WHERE t.id = ? AND ({where})"
-        return self.connection.execute(sql, (record_id, *params)).fetchone() is not None
+    ) -> set[str]:
+        """Which of these records satisfy an SQL condition (one query)."""
+        table = quote_identifier(collection.name)
+        sql = (
+            f"SELECT t.id FROM {table} t WHERE t.id IN "
+            f"(SELECT value FROM json_each(?)) AND ({where})"
+        )
+        rows = self.connection.execute(sql, (json.dumps(record_ids), *params))
+        return {row[0] for row in rows}
 
     def count_records(
         self, collection: Collection, *, where: str = "", params: tuple[JSON, ...] = ()
@@ -4752,6 +4759,27 @@ def canonical_header_name(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
 
+def accessible_ids(
+    store: Store,
+    collection: Collection,
+    record_ids: list[str],
+    rule: str | None,
+    info: RequestInfo,
+) -> set[str]:
+    """Which stored records `info`'s requester passes `rule` on (PocketBase's
+    CanAccessRecord, for many records in one query): null is superusers only,
+    "" everyone, a rule that does not compile no one."""
+    if info.is_superuser or rule == "":
+        return set(record_ids)
+    if rule is None or not record_ids:
+        return set()
+    try:
+        compiled = compile_rules(store, collection, info, [(rule, False)])
+    except RuleError:
+        return set()
+    return store.matching_ids(collection, record_ids, compiled.sql, compiled.params)
+
+
 def can_access(
     store: Store,
     collection: Collection,
@@ -4759,19 +4787,8 @@ def can_access(
     rule: str | None,
     info: RequestInfo,
 ) -> bool:
-    """Whether `info`'s requester passes `rule` on one stored record
-    (PocketBase's CanAccessRecord): null is superusers only, "" everyone."""
-    if info.is_superuser:
-        return True
-    if rule is None:
-        return False
-    if rule == "":
-        return True
-    try:
-        compiled = compile_rules(store, collection, info, [(rule, False)])
-    except RuleError:
-        return False
-    return store.record_matches(collection, record_id, compiled.sql, compiled.params)
+    """Whether `info`'s requester passes `rule` on one stored record."""
+    return record_id in accessible_ids(store, collection, [record_id], rule, info)
 
 
 # --- record JSON, expand and fields ----------------------------------------
@@ -4795,15 +4812,16 @@ def record_json(
         "collectionId": collection.id,
         "collectionName": collection.name,
     }
+    auth = collection.is_auth
     for spec in collection.fields:
         name = spec["name"]
-        if spec["type"] == "password" or (collection.is_auth and name == "tokenKey"):
+        if spec["type"] == "password" or (auth and name == "tokenKey"):
             continue
         if spec.get("hidden") and not superuser:
             continue
-        if collection.is_auth and name == "email" and not show_email:
+        if auth and name == "email" and not show_email:
             continue
-        data[name] = record.get(name, zero_value(spec))
+        data[name] = record[name] if name in record else zero_value(spec)
     return dict(sorted(data.items()))
 
 
@@ -5049,16 +5067,9 @@ class RecordPresenter:
         self, collection: Collection, rule: str, records: dict[str, Record]
     ) -> dict[str, Record]:
         """Keep the related records this requester's viewRule allows (one query)."""
-        if not records:
-            return records
         info = dataclasses.replace(self.info, context="expand")
-        compiled = compile_rules(self.store, collection, info, [(rule, False)])
-        allowed = self.store.find_records(
-            collection,
-            where=f"t.id IN (SELECT value FROM json_each(?)) AND ({compiled.sql})",
-            params=(json.dumps(list(records)), *compiled.params),
-        )
-        return {record["id"]: records[record["id"]] for record in allowed}
+        allowed = accessible_ids(self.store, collection, list(records), rule, info)
+        return {key: record for key, record in records.items() if key in allowed}
 
 
 def has_unique_index(collection: Collection, field_name: str) -> bool:
