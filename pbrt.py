@@ -3018,8 +3018,7 @@ def _import_failure(data: dict[str, JSON], errors: dict[str, JSON]) -> JSON:
 class RequestInfo:
     """What `@request.*` sees: auth, query, headers, body, method and context."""
 
-    auth_collection: Collection | None = None
-    auth_record: Record | None = None
+    auth: Auth | None = None  # who asks: an auth record, or None (a guest)
     query: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     body: dict[str, JSON] = field(default_factory=dict)
@@ -3032,7 +3031,7 @@ class RequestInfo:
     def is_superuser(self) -> bool:
         """Whether every rule passes: the system, or a superuser's auth record."""
         return self.system or (
-            self.auth_collection is not None and self.auth_collection.name == SUPERUSERS
+            self.auth is not None and self.auth.collection.name == SUPERUSERS
         )
 
 
@@ -3243,9 +3242,9 @@ class RecordResolver:
 
     def _auth(self, tail: str, modifier: str) -> Resolved:
         info = self.info
-        if info.auth_record is None or info.auth_collection is None:
+        if info.auth is None:
             return _static(None)
-        record, collection = info.auth_record, info.auth_collection
+        record, collection = info.auth.record, info.auth.collection
         segments = tail.split(".")
         if len(segments) == 1 and not modifier and segments[0] in _STATIC_AUTH_FIELDS:
             name = segments[0]
@@ -4943,11 +4942,9 @@ class RecordPresenter:
         info = self.info
         if self.superuser or record.get("emailVisibility"):
             return True
-        if info.auth_record is None or info.auth_collection is None:
+        if info.auth is None:
             return False
-        if info.auth_collection.id == collection.id and info.auth_record.get(
-            "id"
-        ) == record.get("id"):
+        if info.auth.is_record(collection, record):
             return True
         manage_rule = collection.options.get("manageRule")
         return isinstance(manage_rule, str) and can_access(
@@ -5201,8 +5198,7 @@ class Requester:
         """The `@request.*` view of this requester at `now`."""
         auth = self.auth
         return RequestInfo(
-            auth_collection=auth.collection if auth else None,
-            auth_record=auth.record if auth else None,
+            auth=auth,
             query=self.query,
             headers=self.headers,
             body=body or {},
@@ -5762,8 +5758,7 @@ class RealtimeClient:
     ) -> RequestInfo:
         """What `@request.*` is for this subscription (PocketBase's realtime context)."""
         return RequestInfo(
-            auth_collection=auth.collection if auth else None,
-            auth_record=auth.record if auth else None,
+            auth=auth,
             query=dict(subscription.query),
             headers=dict(subscription.headers),
             method="GET",

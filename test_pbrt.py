@@ -1307,7 +1307,7 @@ def rules_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     yield (
         store,
         items,
-        pbrt.RequestInfo(auth_collection=superusers, auth_record=root, now=time.time()),
+        pbrt.RequestInfo(auth=pbrt.Auth(superusers, root), now=time.time()),
     )
     store.close()
 
@@ -1533,8 +1533,7 @@ def test_rules_sql_and_in_memory_back_ends_agree_on_random_expressions() -> None
             now=1_800_000_000.0,
         ),
         pbrt.RequestInfo(
-            auth_collection=store.collection("users"),
-            auth_record=user,
+            auth=pbrt.Auth(store.collection("users"), user),
             method="POST",
             now=1_800_000_000.0,
         ),
