@@ -2173,7 +2173,7 @@ class Resolved:
 
 
 class FieldResolver(Protocol):
-    """Turns identifiers into IR; implemented by the store (section 6)."""
+    """Turns identifiers into IR; implemented by RecordResolver (section 7)."""
 
     def resolve(self, name: str) -> Resolved: ...
 
