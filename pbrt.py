@@ -150,6 +150,7 @@ LOGIN_FAILURE_WINDOW_S = 60.0
 # Work budgets: what one request or one realtime event may cost before it is
 # cut off (a client's filter, sort or expand can make SQL arbitrarily slow).
 REQUEST_BUDGET_S = 0.5  # SQL of one record list or view; over it -> 400
+SLOW_LIST_S = 0.1  # with --dev, lists slower than this are logged with their SQL
 EVENT_BUDGET_S = 0.25  # rule and filter checks of one change for all subscribers
 CHECK_BUDGET_S = 0.05  # one subscription's check; over it, the subscription is dropped
 BUDGET_CHECK_STEPS = 1000  # SQLite VM steps between two looks at the clock
@@ -205,6 +206,9 @@ class Config:
 
     #: Data directory; `data.db` is created inside it.
     dir: str = DEFAULT_DATA_DIR
+    #: Development mode: log why each 4xx/5xx happened, slow lists with their
+    #: SQL, and subscriptions that can never deliver.
+    dev: bool = False
     #: Address to listen on.
     host: str = DEFAULT_HOST
     #: Port to listen on; 0 picks a free one (see `App.start`).
@@ -2518,7 +2522,10 @@ def normalize_field(spec: dict[str, JSON]) -> dict[str, JSON]:
     if field_type not in FIELD_TYPE_OPTIONS or not isinstance(
         spec.get("name", ""), str
     ):
-        raise ValueError(f"unknown field type {field_type!r}")
+        known = ", ".join(sorted(FIELD_TYPE_OPTIONS))
+        raise ValueError(
+            f"field {spec.get('name')!r}: unknown type {field_type!r} (one of {known})"
+        )
     base = dict(_COMMON_FIELD_OPTIONS)
     if field_type == "autodate":
         del base["help"], base["required"]
@@ -3662,6 +3669,7 @@ class Store:
         self._writer.execute("PRAGMA synchronous = NORMAL")
         # Per thread: the read-only connection `read` lent it, and its budget.
         self._local = threading.local()
+        self._data_version = -1  # PRAGMA data_version when collections were loaded
         self._readers: list[sqlite3.Connection] = []
         self._depth = 0
         self._changes: list[RecordChange] = []
@@ -3802,7 +3810,17 @@ class Store:
     # The dict of collections is replaced, never changed in place, so that
     # readers in other threads always iterate a consistent one.
 
+    def refresh(self) -> bool:
+        """Reload the collections if another connection (another process, the
+        `sqlite3` shell) committed since they were loaded; return whether."""
+        (version,) = self._writer.execute("PRAGMA data_version").fetchone()
+        if version == self._data_version:
+            return False
+        self._load_collections()
+        return True
+
     def _load_collections(self) -> None:
+        (self._data_version,) = self._writer.execute("PRAGMA data_version").fetchone()
         loaded: dict[str, Collection] = {}
         for (data,) in self.connection.execute(
             'SELECT data FROM "_collections" ORDER BY position'
@@ -5323,8 +5341,10 @@ class Records:
         run_blocking: Callable[..., Awaitable[Any]],
         run_read: Callable[[Callable[[], Any]], Awaitable[Any]],
         request_budget_s: float = REQUEST_BUDGET_S,
+        log_slow: bool = False,
     ) -> None:
         self.store, self.hooks, self.now = store, hooks, now
+        self.log_slow = log_slow
         self.hash_password = hash_password
         self.run_blocking, self.run_read = run_blocking, run_read
         self.request_budget_s = request_budget_s
@@ -5382,6 +5402,7 @@ class Records:
                 else None
             )
             where, params = (compiled.sql, compiled.params) if compiled else ("", ())
+            started = time.monotonic()
             with store.budget(self.request_budget_s):
                 records = store.find_records(
                     collection,
@@ -5399,6 +5420,15 @@ class Records:
                 )
                 items = RecordPresenter(store, *presenter_args).present(
                     collection, records
+                )
+            elapsed = time.monotonic() - started
+            if self.log_slow and elapsed > SLOW_LIST_S:
+                log.warning(
+                    "slow list of %s (%.0f ms): WHERE %s ORDER BY %s",
+                    collection.name,
+                    elapsed * 1000,
+                    where or "1",
+                    order or "rowid",
                 )
             return _list_envelope(items, page, per_page, total)
 
@@ -6276,6 +6306,29 @@ def to_api_error(exc: BaseException) -> ApiError:
     return InternalServerError()
 
 
+def explain_error(exc: BaseException, error: ApiError) -> str:
+    """Why a request failed, for the server's log (never sent to the client)."""
+    reasons = [error.message]
+    reasons += _error_lines(error.data)
+    cause: BaseException | None = exc if exc is not error else exc.__cause__
+    while cause is not None:
+        reasons.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__
+    return "\n    ".join(reasons)
+
+
+def _error_lines(data: JSON, path: str = "") -> list[str]:
+    """PocketBase's nested `data` of field errors as `path: message` lines."""
+    if not isinstance(data, dict):
+        return []
+    if isinstance(data.get("message"), str) and "code" in data:
+        return [f"{path or '(body)'}: {data['message']} ({data['code']})"]
+    lines: list[str] = []
+    for key, value in data.items():
+        lines += _error_lines(value, f"{path}.{key}" if path else str(key))
+    return lines
+
+
 class Router:
     """Maps a method and a path to a handler and its path parameters.
 
@@ -6496,8 +6549,8 @@ def _save_collection(
         return _store(context).save_collection(data, existing)
     except ValidationError as exc:
         raise BadRequestError(failure, exc.errors) from None
-    except (ValueError, TypeError, KeyError):
-        raise BadRequestError(INVALID_FORMATTING) from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadRequestError(INVALID_FORMATTING) from exc
 
 
 async def handle_collection_create(context: RequestContext) -> Response:
@@ -6555,8 +6608,8 @@ def import_collections(store: Store, data: dict[str, JSON]) -> None:
         )
     except ValidationError as exc:
         raise BadRequestError("Failed to import collections.", exc.errors) from None
-    except (ValueError, TypeError, KeyError):
-        raise BadRequestError(INVALID_FORMATTING) from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadRequestError(INVALID_FORMATTING) from exc
 
 
 # --- auth endpoints ------------------------------------------------------------
@@ -6782,6 +6835,25 @@ def _realtime_input(body: Body) -> tuple[JSON, JSON]:
     return client_id, subscriptions
 
 
+def _subscription_problem(store: Store, subscription: Subscription) -> str:
+    """Why a subscription can never deliver a record event (for --dev), or ""."""
+    name = subscription.topic.split("/", 1)[0]
+    collection = store.collection(name)
+    if collection is None:
+        if "/" in subscription.topic or subscription.filter:
+            return (
+                f"{subscription.raw!r} names no collection {name!r}: only messages "
+                "published to that custom topic will arrive"
+            )
+        return ""
+    if subscription.filter:
+        try:
+            parse_rule(subscription.filter)
+        except RuleError as exc:
+            return f"{subscription.raw!r}: its filter never matches:\n{exc}"
+    return ""
+
+
 async def handle_realtime_subscribe(context: RequestContext) -> Response:
     """POST /api/realtime: replace a client's subscriptions and bind its auth."""
     broker = context.app.broker
@@ -6832,6 +6904,11 @@ async def handle_realtime_subscribe(context: RequestContext) -> Response:
         )
     event = SubscribeEvent(client, list(subscriptions))
     context.app.hooks.run("realtime_subscribe", event)
+    if context.app.config.dev:
+        for text in event.subscriptions:
+            problem = _subscription_problem(_store(context), parse_subscription(text))
+            if problem:
+                log.warning("realtime client %s: %s", client.id, problem)
     client.auth = auth
     broker.set_subscriptions(client, event.subscriptions)
     return Response(204)
@@ -7019,6 +7096,14 @@ async def _discard_input(reader: asyncio.StreamReader) -> None:
 # stops things. Client is a small PocketBase client for scripts.
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """Show pbrt's log (request lines too, unless `quiet`) on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 class App:
     """A pbrt server: its store, routes and listening socket.
 
@@ -7075,10 +7160,26 @@ class App:
         )
 
     async def start(self) -> int:
-        """Open the store and start listening; return the bound port."""
+        """Bind, open the store, start listening; return the bound port.
+
+        The address is bound first: a port in use fails with OSError before
+        anything is created in the data dir.
+        """
+        server = await asyncio.start_server(
+            self._accept,
+            self.config.host,
+            self.config.port,
+            limit=MAX_HEAD_BYTES,
+            backlog=LISTEN_BACKLOG,
+            start_serving=False,
+        )
+        try:
+            self.store = self.store or self.open_store()
+        except BaseException:
+            server.close()
+            raise
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
-        self.store = self.store or self.open_store()
         self.broker = Broker(
             self.store,
             now=self.now,
@@ -7099,27 +7200,9 @@ class App:
         self._read_pool = concurrent.futures.ThreadPoolExecutor(
             READ_THREADS, thread_name_prefix="pbrt-read"
         )
-        superusers = self.store.collection(SUPERUSERS)
-        if superusers is not None and self.store.count_records(superusers) == 0:
-            log.warning(
-                "No superuser exists yet. Create one with: python pbrt.py superuser upsert EMAIL PASS --dir %s",
-                self.config.dir,
-            )
-        try:
-            self._server = await asyncio.start_server(
-                self._accept,
-                self.config.host,
-                self.config.port,
-                limit=MAX_HEAD_BYTES,
-                backlog=LISTEN_BACKLOG,
-            )
-        except BaseException:
-            self._read_pool.shutdown()
-            self._read_pool = None
-            self.store.close()
-            self.store = None
-            raise
-        port: int = self._server.sockets[0].getsockname()[1]
+        self._server = server
+        await server.start_serving()
+        port: int = server.sockets[0].getsockname()[1]
         log.info("Server started at http://%s:%d", self.config.host, port)
         return port
 
@@ -7158,7 +7241,11 @@ class App:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
+    async def serve_forever(
+        self,
+        stop: asyncio.Event | None = None,
+        on_started: Callable[[App], None] | None = None,
+    ) -> None:
         """Start, run until `stop` is set (or SIGINT/SIGTERM), then stop."""
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -7169,15 +7256,20 @@ class App:
                 installed.append(signum)
         try:
             await self.start()
+            if on_started is not None:
+                on_started(self)
             await stop.wait()
         finally:
             for signum in installed:
                 loop.remove_signal_handler(signum)
             await self.stop()
 
-    def serve(self) -> None:
-        """Run the server until SIGINT/SIGTERM (what `python pbrt.py serve` does)."""
-        asyncio.run(self.serve_forever())
+    def serve(self, on_started: Callable[[App], None] | None = None) -> None:
+        """Run the server until SIGINT/SIGTERM (what `python pbrt.py serve` does),
+        logging its URL and requests to stderr if nothing else shows pbrt's log."""
+        if not log.handlers and not logging.getLogger().handlers:
+            _log_to_stderr(quiet=False)
+        asyncio.run(self.serve_forever(on_started=on_started))
 
     @contextlib.contextmanager
     def run_in_thread(self) -> Iterator[str]:
@@ -7350,6 +7442,11 @@ class App:
         the bytes to send or None to drop the message for that client.
         """
 
+        if collection is not None and self._on_loop(
+            lambda: self.records.store.collection(collection) is None
+        ):
+            raise ValueError(f"unknown collection {collection!r}: create it first")
+
         def register(callback: Callable[..., Any]) -> Callable[..., Any]:
             self.hooks.add(hook, callback, collection)
             return callback
@@ -7376,6 +7473,7 @@ class App:
                 run_blocking=asyncio.to_thread,
                 run_read=self._run_read,
                 request_budget_s=self.config.request_budget_s,
+                log_slow=self.config.dev,
             )
         return self._records
 
@@ -7510,11 +7608,22 @@ class App:
         if request.method == "OPTIONS":
             return Response(204, headers=tuple(cors_preflight_headers(request)))
         context = RequestContext(self, request, raw_body, remote_ip, writer)
+        if self.store is not None:
+            self.store.refresh()  # another process may have changed a rule
         try:
             handler, context.params = self.router.match(request.method, request.path)
             return await handler(context)
         except Exception as exc:
-            return error_response(to_api_error(exc))
+            error = to_api_error(exc)
+            if self.config.dev:
+                log.warning(
+                    "%s %s -> %d: %s",
+                    request.method,
+                    request.target,
+                    error.status,
+                    explain_error(exc, error),
+                )
+            return error_response(error)
 
     async def _write_response(
         self,
@@ -8725,6 +8834,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help=f"TCP address to listen on (default {DEFAULT_HOST}:{DEFAULT_PORT})",
     )
     serve_parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="log why each 4xx/5xx happened, slow lists and dead subscriptions",
+    )
+    serve_parser.add_argument(
         "--max-clients-per-ip",
         type=int,
         default=MAX_REALTIME_CLIENTS_PER_IP,
@@ -8746,6 +8860,28 @@ def build_arg_parser() -> argparse.ArgumentParser:
     delete_parser = superuser_commands.add_parser("delete", help="delete a superuser")
     delete_parser.add_argument("email")
     for action_parser in (upsert_parser, delete_parser):
+        _add_common_arguments(action_parser)
+    collections_parser = commands.add_parser(
+        "collections",
+        help="export or import the collections (PocketBase's JSON), server running or not",
+    )
+    collections_commands = collections_parser.add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    export_parser = collections_commands.add_parser(
+        "export", help="write every collection as JSON (to stdout without FILE)"
+    )
+    export_parser.add_argument("file", nargs="?", metavar="FILE")
+    import_parser = collections_commands.add_parser(
+        "import", help="create or update collections from a JSON file"
+    )
+    import_parser.add_argument("file", metavar="FILE")
+    import_parser.add_argument(
+        "--delete-missing",
+        action="store_true",
+        help="also delete the collections (and their records) FILE does not name",
+    )
+    for action_parser in (export_parser, import_parser):
         _add_common_arguments(action_parser)
     bench_parser = commands.add_parser(
         "bench",
@@ -8785,32 +8921,100 @@ def main(argv: list[str] | None = None) -> int:
     ):
         argv.insert(0, "serve")
     args = build_arg_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    _log_to_stderr(quiet=getattr(args, "quiet", False))
     if args.command == "superuser":
         return _superuser_command(args)
+    if args.command == "collections":
+        return _collections_command(args)
     if args.command == "bench":
         return _bench_command(args)
     _raise_open_files_limit()  # so that thousands of SSE clients fit
     _tune_garbage_collector()
     host, port = args.http
     try:
-        App(
+        app = App(
             Config(
                 dir=args.dir,
                 host=host,
                 port=port,
                 max_realtime_clients_per_ip=args.max_clients_per_ip,
+                dev=args.dev,
             )
-        ).serve()
-    except OSError as exc:
+        )
+        app.serve(on_started=_hint_first_superuser)
+    except (OSError, sqlite3.Error) as exc:
         log.error("cannot start the server: %s", exc)
         return 1
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _collections_command(args: argparse.Namespace) -> int:
+    """`collections export [FILE]` / `collections import FILE` on `--dir`.
+
+    The JSON is PocketBase's: a list of collections, as `GET /api/collections`
+    items and its dashboard's export (an import also takes
+    `{"collections": [...]}`). A server running on the same dir sees the
+    change before its next request.
+    """
+    path = os.path.join(args.dir, DATABASE_FILE)
+    if args.action == "export" and not os.path.exists(path):
+        print(
+            f"No {DATABASE_FILE} in {args.dir!r}: nothing to export.", file=sys.stderr
+        )
+        return 1
+    try:
+        if args.action == "import":
+            with open(args.file, encoding="utf-8") as file:
+                data = parse_json(file.read())
+    except (OSError, BodyError) as exc:
+        print(f"Cannot read {args.file!r}: {exc}", file=sys.stderr)
+        return 1
+    store = App(Config(dir=args.dir)).open_store()
+    try:
+        if args.action == "export":
+            exported = [collection.to_json() for collection in store.collections()]
+            text = json.dumps(exported, indent=2, ensure_ascii=False) + "\n"
+            if args.file:
+                with open(args.file, "w", encoding="utf-8") as file:
+                    file.write(text)
+            else:
+                sys.stdout.write(text)
+            return 0
+        collections = data.get("collections") if isinstance(data, dict) else data
+        import_collections(
+            store, {"collections": collections, "deleteMissing": args.delete_missing}
+        )
+        names = [c.get("name") for c in collections or [] if isinstance(c, dict)]
+        print(
+            f"Imported {len(names)} collection(s) into {args.dir}: {', '.join(map(str, names))}"
+        )
+        return 0
+    except ApiError as exc:
+        print(f"Import failed: {exc.message}", file=sys.stderr)
+        for line in _error_lines(exc.data):
+            print(f"  {line}", file=sys.stderr)
+        if exc.__cause__ is not None:
+            print(f"  cause: {exc.__cause__}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def _hint_first_superuser(app: App) -> None:
+    """`serve` says how to create the first superuser when there is none."""
+    store = app.store
+    superusers = store.collection(SUPERUSERS) if store else None
+    if (
+        store is not None
+        and superusers is not None
+        and not store.count_records(superusers)
+    ):
+        log.warning(
+            "No superuser exists yet. Create one with: python pbrt.py superuser upsert EMAIL PASS --dir %s",
+            app.config.dir,
+        )
 
 
 def _superuser_command(args: argparse.Namespace) -> int:

@@ -6381,3 +6381,164 @@ def test_cli_quiet_serve_on_given_dir_exits_0_on_sigterm(tmp_path: Path) -> None
         assert (data_dir / "data.db").exists()
     finally:
         reap(process)
+
+
+def stderr_lines(process: subprocess.Popen[str]) -> Callable[[str], list[str]]:
+    """Read a child's stderr in a thread; return `wait_for(text)`, which gives
+    the lines read until one contains `text` (at most 20 s)."""
+    import queue
+
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stderr is not None
+    stream = process.stderr
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in stream], daemon=True
+    ).start()
+
+    def wait_for(text: str) -> list[str]:
+        seen: list[str] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                seen.append(lines.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+            if text in seen[-1]:
+                return seen
+        raise AssertionError(f"{text!r} not logged; got {seen}")
+
+    return wait_for
+
+
+def test_cli_collections_export_and_import_with_or_without_a_server(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "pb_data"
+    assert run_cli("collections", "export", "--dir", str(data)).returncode == 1
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "posts",
+                    "type": "base",
+                    "listRule": "",
+                    "fields": [{"name": "title", "type": "text"}],
+                }
+            ]
+        )
+    )
+    done = run_cli("collections", "import", str(schema), "--dir", str(data))
+    assert done.returncode == 0 and "posts" in done.stdout, done.stderr
+    exported = json.loads(run_cli("collections", "export", "--dir", str(data)).stdout)
+    assert [c["name"] for c in exported][-1] == "posts"
+    broken = tmp_path / "broken.json"
+    broken.write_text(
+        '[{"name": "notes", "type": "base", "fields": [{"name": "x", "type": "txt"}]}]'
+    )
+    failed = run_cli("collections", "import", str(broken), "--dir", str(data))
+    assert failed.returncode == 1 and "field 'x': unknown type 'txt'" in failed.stderr
+    process, port = start_cli_server(
+        tmp_path, "serve", "--dir", str(data), "--http", "127.0.0.1:0"
+    )
+    try:
+        api = Api(f"http://127.0.0.1:{port}")
+        assert api.call("GET", "/api/collections/posts/records")[0] == 200
+        exported[-1]["listRule"] = None  # locked by another process...
+        schema.write_text(json.dumps(exported))
+        assert (
+            run_cli("collections", "import", str(schema), "--dir", str(data)).returncode
+            == 0
+        )
+        assert (
+            api.call("GET", "/api/collections/posts/records")[0] == 403
+        )  # ...enforced at once
+    finally:
+        process.send_signal(signal.SIGINT)
+        reap(process)
+
+
+def test_cli_imports_the_readme_schema(tmp_path: Path) -> None:
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    schema = re.search(
+        r"## Define your collections.*?```json\n(.*?)```", text, re.DOTALL
+    )
+    assert schema is not None
+    (tmp_path / "schema.json").write_text(schema.group(1))
+    done = run_cli(
+        "collections", "import", "schema.json", "--dir", "pb_data", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    app = pbrt.App(dir=str(tmp_path / "pb_data"))
+    user = app.create("users", {"email": "ada@example.com", "password": "password123"})
+    token = pbrt.issue_auth_token(
+        app.records.collection("users"),
+        app.records.store.get_record(app.records.collection("users"), user["id"]),
+        time.time(),
+    )
+    post = app.create("posts", {"title": "hi", "owner": user["id"]}, token=token)
+    assert post["owner"] == user["id"]
+    with pytest.raises(pbrt.ApiError):
+        app.create("posts", {"title": "hi", "owner": user["id"]}, token="")  # a guest
+    app.close()
+
+
+def test_cli_serve_dev_says_why_requests_failed(tmp_path: Path) -> None:
+    process, port = start_cli_server(
+        tmp_path, "serve", "--dev", "--http", "127.0.0.1:0"
+    )
+    wait_for = stderr_lines(process)
+    try:
+        api = Api(f"http://127.0.0.1:{port}")
+        query = urllib.parse.quote("email == 1")
+        assert (
+            api.call("GET", f"/api/collections/users/records?filter={query}")[0] == 400
+        )
+        logged = wait_for("^")  # the caret under the bad operator
+        assert any("invalid operator '=='" in line for line in logged)
+        api.call("POST", "/api/collections/users/records", {"email": "x"})
+        assert any(
+            "validation_is_email" in line for line in wait_for("validation_is_email")
+        )
+
+        async def subscribe() -> None:
+            client = await SseClient.connect(port)
+            await post_subscriptions(port, client.id, ["nosuch/*"])
+            await client.close()
+
+        run(subscribe())
+        wait_for("names no collection 'nosuch'")
+    finally:
+        process.send_signal(signal.SIGINT)
+        reap(process)
+
+
+def test_cli_port_in_use_fails_in_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli(
+            "serve", "--http", f"127.0.0.1:{port}", "--dir", str(tmp_path / "new")
+        )
+    assert done.returncode == 1
+    assert "cannot start the server" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_superuser_hint_comes_from_serve_and_app_hooks_need_a_collection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
+    with pytest.raises(ValueError, match="unknown collection 'nosuch'"):
+        app.on("before_create", "nosuch")
+    with caplog.at_level(logging.WARNING, logger="pbrt"), app.run_in_thread():
+        pass
+    assert not [r for r in caplog.records if "No superuser" in r.getMessage()]
+    process, _ = start_cli_server(tmp_path, "serve", "--http", "127.0.0.1:0")
+    try:
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert "No superuser exists yet" in stderr
