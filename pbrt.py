@@ -7741,6 +7741,7 @@ class App:
 
 RECONNECT_DELAYS_S = (0.2, 0.3, 0.5, 1.0, 1.2, 1.5, 2.0)  # the JS SDK's backoff
 CLIENT_TIMEOUT_S = 30.0
+CLIENT_MAX_ATTEMPTS = 10  # failed connections in a row before subscribe() raises
 
 
 class Client:
@@ -7837,25 +7838,55 @@ class Client:
         topic: str,
         options: dict[str, JSON] | None = None,
         *,
+        filter: str | None = None,
+        expand: str | None = None,
+        fields: str | None = None,
+        query: dict[str, JSON] | None = None,
+        headers: dict[str, str] | None = None,
         on_subscribed: Callable[[], None] | None = None,
+        max_attempts: int | None = CLIENT_MAX_ATTEMPTS,
     ) -> AsyncGenerator[JSON, None]:
         """Yield the decoded data of every message on `topic` (`posts/*`, `posts/ID`, custom).
 
-        `options` is PocketBase's `{"query": {...}, "headers": {...}}`. On a
-        lost connection it reconnects (200 ms growing to 2 s) and
-        resubscribes; `on_subscribed` is called each time the server has
-        accepted the subscription. Leave the `async for` to stop.
+        `filter`, `expand`, `fields`, `query` and `headers` are the JS SDK's
+        subscription options; `options` may give them as one dict, in the
+        SDK's form (`{"filter": ...}`) or PocketBase's (`{"query": {...},
+        "headers": {...}}`). On a lost connection it reconnects (200 ms
+        growing to 2 s) and resubscribes; `on_subscribed` is called each time
+        the server has accepted the subscription. After `max_attempts`
+        connections in a row fail (None: never give up) it raises
+        ConnectionError with the last cause. Leave the `async for` to stop.
         """
+        merged: dict[str, Any] = dict(options or {})
+        merged_query = dict(merged.pop("query", None) or {})
+        merged_headers = dict(merged.pop("headers", None) or {})
+        merged_query.update(merged)  # the SDK's top-level keys are query parameters
+        for key, value in (("filter", filter), ("expand", expand), ("fields", fields)):
+            if value is not None:
+                merged_query[key] = value
+        merged_query.update(query or {})
+        merged_headers.update(headers or {})
+        wire: dict[str, JSON] = {}
+        if merged_query:
+            wire["query"] = merged_query
+        if merged_headers:
+            wire["headers"] = merged_headers
         subscription = topic
-        if options:
+        if wire:
             subscription += "?options=" + urllib.parse.quote(
-                _encode_json_text(options), safe=""
+                _encode_json_text(wire), safe=""
             )
         attempt = 0
+
+        def subscribed() -> None:
+            nonlocal attempt
+            attempt = 0  # the server took the subscription: a healthy connection
+            if on_subscribed is not None:
+                on_subscribed()
+
         while True:
             try:
-                async for data in self._stream(subscription, on_subscribed):
-                    attempt = 0
+                async for data in self._stream(subscription, subscribed):
                     yield data
             except (
                 OSError,
@@ -7864,6 +7895,10 @@ class Client:
                 ApiError,
                 asyncio.IncompleteReadError,
             ) as exc:
+                if max_attempts is not None and attempt + 1 >= max_attempts:
+                    raise ConnectionError(
+                        f"realtime connection to {self.url} failed {attempt + 1} times in a row: {exc}"
+                    ) from exc
                 log.debug("realtime connection lost (%s); reconnecting", exc)
             await asyncio.sleep(
                 RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)]

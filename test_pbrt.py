@@ -6084,6 +6084,58 @@ def test_app_thread_safe_writes_and_publish_reach_subscribers(tmp_path: Path) ->
     assert chat == [{"text": "hi"}]
 
 
+def test_client_subscribe_takes_the_sdk_options_and_gives_up_on_a_dead_server(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path) as (app, api, su):
+        api.create_collection(
+            {
+                "name": "posts",
+                "type": "base",
+                "listRule": "",
+                "fields": [{"name": "n", "type": "number"}],
+            },
+            su,
+        )
+        subscribed = threading.Semaphore(0)
+        app.on("realtime_subscribe")(lambda event: subscribed.release())
+        client = pbrt.Client(api.url)
+
+        async def body() -> list[list[Any]]:
+            streams = [
+                client.subscribe("posts/*", filter="n > 1", fields="n"),  # keywords
+                client.subscribe("posts/*", {"filter": "n > 2"}),  # the SDK's dict
+                client.subscribe(
+                    "posts/*", {"query": {"filter": "n > 3"}}
+                ),  # PocketBase's
+            ]
+            firsts = [asyncio.ensure_future(anext(stream)) for stream in streams]
+            for _ in streams:
+                assert await asyncio.to_thread(subscribed.acquire, True, 10)
+            for n in range(5):
+                await asyncio.to_thread(
+                    api.json, "POST", "/api/collections/posts/records", {"n": n}, su
+                )
+            got = [[(await asyncio.wait_for(first, 10))["record"]] for first in firsts]
+            for stream in streams:
+                await stream.aclose()
+            return got
+
+        first_seen = run(body())
+    assert first_seen[0] == [{"n": 2}]  # `fields` applied too
+    assert first_seen[1][0]["n"] == 3 and first_seen[2][0]["n"] == 4
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there
+
+    async def give_up() -> None:
+        async for _ in pbrt.Client(dead).subscribe("posts/*", max_attempts=2):
+            pass
+
+    with pytest.raises(ConnectionError, match="failed 2 times in a row"):
+        run(give_up())
+
+
 def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
     app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
     app.import_collections(
