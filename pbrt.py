@@ -66,6 +66,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import zipfile
 import threading
 import time
 import urllib.error
@@ -122,6 +123,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8090  # PocketBase's default `--http 127.0.0.1:8090`
 DEFAULT_DATA_DIR = "pb_data"
 DATABASE_FILE = "data.db"
+BACKUPS_DIR = "backups"  # inside the data dir, as PocketBase's pb_data/backups
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; over it -> 431
 MAX_HEADER_COUNT = 100  # nginx and Go both cap header count around this order
@@ -4547,6 +4549,58 @@ def _unique_violation(collection: Collection, message: str) -> dict[str, JSON]:
     return {name: not_unique for name in sorted(columns) if collection.field(name)}
 
 
+# --- backups ---------------------------------------------------------------------
+
+BACKUP_NAME_RE = re.compile(r"\A[a-z0-9_-]{1,150}\.zip\Z")  # PocketBase's rule
+
+
+def write_backup(database: str, target: str) -> None:
+    """Zip a consistent copy of `database` to `target` (`data.db` inside, as
+    PocketBase's backups). SQLite's online backup reads one snapshot while
+    writers go on; `target` appears whole or not at all."""
+    directory = os.path.dirname(os.path.abspath(target))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".backup-") as scratch:
+        copy = os.path.join(scratch, DATABASE_FILE)
+        source = Store._connect(database, read_only=True)
+        destination = sqlite3.connect(copy)
+        try:
+            source.backup(destination)
+        finally:
+            destination.close()
+            source.close()
+        partial = os.path.join(scratch, "backup.zip")
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.write(copy, DATABASE_FILE)
+        os.replace(partial, target)
+
+
+def extract_backup(archive_path: str, directory: str) -> str:
+    """Unpack a backup's `data.db` into `directory`; return its path.
+
+    Raises Refused if the archive holds no `data.db` or it fails
+    `PRAGMA integrity_check`.
+    """
+    target = os.path.join(directory, DATABASE_FILE)
+    try:
+        archive = zipfile.ZipFile(archive_path)
+    except zipfile.BadZipFile:
+        raise Refused("The backup is not a zip archive.") from None
+    with archive:
+        if DATABASE_FILE not in archive.namelist():
+            raise Refused(f"The backup holds no {DATABASE_FILE}.")
+        with archive.open(DATABASE_FILE) as packed, open(target, "wb") as out:
+            shutil.copyfileobj(packed, out)
+    check = sqlite3.connect(target)
+    try:
+        (verdict,) = check.execute("PRAGMA integrity_check").fetchone()
+    finally:
+        check.close()
+    if verdict != "ok":
+        raise Refused(f"The backup's {DATABASE_FILE} is damaged: {verdict}.")
+    return target
+
+
 # ==========================================================================
 # 9. Auth
 # ==========================================================================
@@ -4711,15 +4765,18 @@ class Auth:
         ) == record.get("id")
 
 
-def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
+def resolve_auth(
+    store: Store, header: str, now: float, kind: str = "auth"
+) -> Auth | None:
     """Return the Auth for an Authorization header value, or None (guest).
 
     As PocketBase: a `Bearer ` prefix is optional; a malformed, expired,
-    tampered or foreign token means guest, never an error.
+    tampered or foreign token means guest, never an error. `kind` is the
+    token type accepted ("file" for `?token=` on downloads).
     """
     token = header[7:] if header[:7].lower() == "bearer " else header
     claims = read_token_claims(token.strip())
-    if not claims or claims.get("type") != "auth":
+    if not claims or claims.get("type") != kind:
         return None
     record_id, collection_ref = claims.get("id"), claims.get("collectionId")
     if (
@@ -4739,6 +4796,18 @@ def resolve_auth(store: Store, header: str, now: float) -> Auth | None:
     ):
         return None
     return Auth(collection, record)
+
+
+def issue_file_token(collection: Collection, record: Record, now: float) -> str:
+    """Sign a short-lived file token (PocketBase's `type: "file"`, for downloads)."""
+    duration = int(collection.options.get("fileToken", {}).get("duration", 180))
+    claims = {
+        "collectionId": collection.id,
+        "exp": int(now) + duration,
+        "id": str(record["id"]),
+        "type": "file",
+    }
+    return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
 
 
 def issue_auth_token(collection: Collection, record: Record, now: float) -> str:
@@ -6921,15 +6990,137 @@ async def handle_health(context: RequestContext) -> Response:
         data = {
             "realIP": context.remote_ip,
             "possibleProxyHeader": "",
-            "canBackup": False,
+            "canBackup": True,
         }
     return json_response({"message": "API is healthy.", "code": 200, "data": data})
+
+
+# --- files and backups -----------------------------------------------------------
+
+
+async def handle_file_token(context: RequestContext) -> Response:
+    """POST /api/files/token: a short-lived token for protected downloads."""
+    auth = context.auth
+    if auth is None:
+        raise UnauthorizedError(MISSING_AUTH_TOKEN)
+    return json_response(
+        {"token": issue_file_token(auth.collection, auth.record, context.app.now())}
+    )
+
+
+def _backups_dir(context: RequestContext) -> str:
+    return os.path.join(context.app.config.dir, BACKUPS_DIR)
+
+
+def _backup_path(context: RequestContext) -> str:
+    """The file of the path's backup key; 404 for a name that is not one."""
+    key = context.params["key"]
+    path = os.path.join(_backups_dir(context), key)
+    if not BACKUP_NAME_RE.match(key) or not os.path.isfile(path):
+        raise NotFoundError()
+    return path
+
+
+async def handle_backup_list(context: RequestContext) -> Response:
+    """GET /api/backups (superusers): `[{key, size, modified}]`, newest first."""
+    _require_superuser(context)
+    directory = _backups_dir(context)
+    items = []
+    if os.path.isdir(directory):
+        for entry in os.scandir(directory):
+            if entry.is_file() and BACKUP_NAME_RE.match(entry.name):
+                stat = entry.stat()
+                items.append((stat.st_mtime, entry.name, stat.st_size))
+    return json_response(
+        [
+            {"key": key, "modified": format_datetime(mtime), "size": size}
+            for mtime, key, size in sorted(items, reverse=True)
+        ]
+    )
+
+
+async def handle_backup_create(context: RequestContext) -> Response:
+    """POST /api/backups (superusers): a consistent backup, taken beside writes."""
+    _require_superuser(context)
+    name = _to_text(context.body.data.get("name")) if context.raw_body else ""
+    if not name:
+        moment = datetime.datetime.fromtimestamp(
+            context.app.now(), datetime.timezone.utc
+        )
+        name = moment.strftime("pb_backup_%Y%m%d%H%M%S.zip")
+    problem = None
+    if not BACKUP_NAME_RE.match(name):
+        problem = validation_entry(
+            "validation_match_invalid", "Must be in a valid format."
+        )
+    elif os.path.exists(os.path.join(_backups_dir(context), name)):
+        problem = validation_entry(
+            "validation_backup_name_exists",
+            "The backup file name is invalid or already exists.",
+        )
+    if problem is not None:
+        raise BadRequestError(
+            "An error occurred while validating the submitted data.", {"name": problem}
+        )
+    database = os.path.join(context.app.config.dir, DATABASE_FILE)
+    target = os.path.join(_backups_dir(context), name)
+    await _records(context).run_blocking(write_backup, database, target)
+    return Response(204)
+
+
+async def handle_backup_download(context: RequestContext) -> Response:
+    """GET /api/backups/{key}?token=: download with a superuser's file token."""
+    store = _store(context)
+    token = context.request.query_value("token")
+    auth = resolve_auth(store, token, context.app.now(), kind="file") if token else None
+    if auth is None or not auth.is_superuser:
+        raise ForbiddenError("Insufficient permissions to access the resource.")
+    path = _backup_path(context)
+    with open(path, "rb") as file:  # backups are small next to the body limit
+        data = await _records(context).run_blocking(file.read)
+    key = context.params["key"]
+    return Response(
+        200,
+        headers=(
+            ("Content-Disposition", f'attachment; filename="{key}"'),
+            ("Content-Security-Policy", "default-src 'none'; sandbox"),
+            ("Content-Type", "application/zip"),
+        ),
+        body=data,
+    )
+
+
+async def handle_backup_delete(context: RequestContext) -> Response:
+    """DELETE /api/backups/{key} (superusers)."""
+    _require_superuser(context)
+    key = context.params["key"]
+    path = os.path.join(_backups_dir(context), key)
+    if not BACKUP_NAME_RE.match(key) or not os.path.isfile(path):
+        raise BadRequestError("Invalid or already deleted backup file.")
+    os.remove(path)
+    return Response(204)
+
+
+async def handle_backup_restore(context: RequestContext) -> Response:
+    """POST /api/backups/{key}/restore (superusers): replace the data with a
+    backup's. Realtime clients are disconnected (they reconnect), as when
+    PocketBase restarts after a restore."""
+    _require_superuser(context)
+    path = _backup_path(context)
+    await context.app.restore_backup(path)
+    return Response(204)
 
 
 def build_router() -> Router:
     """Return the router with every API route."""
     router = Router()
     router.add("GET", "/api/health", handle_health)
+    router.add("POST", "/api/files/token", handle_file_token)
+    router.add("GET", "/api/backups", handle_backup_list)
+    router.add("POST", "/api/backups", handle_backup_create)
+    router.add("GET", "/api/backups/{key}", handle_backup_download)
+    router.add("DELETE", "/api/backups/{key}", handle_backup_delete)
+    router.add("POST", "/api/backups/{key}/restore", handle_backup_restore)
     router.add("GET", "/api/realtime", handle_realtime_connect)
     router.add("POST", "/api/realtime", handle_realtime_subscribe)
     router.add("GET", "/api/collections", handle_collection_list)
@@ -7458,6 +7649,29 @@ class App:
         if self._server is None and self.store is not None:
             self.store.close()
             self.store = None
+
+    async def restore_backup(self, archive: str) -> None:
+        """Replace the data dir's database with a backup's (validated first);
+        realtime clients are disconnected and the store reopened."""
+        store = self.store
+        assert store is not None
+        directory = tempfile.mkdtemp(prefix=".restore-", dir=self.config.dir)
+        try:
+            restored = await asyncio.to_thread(extract_backup, archive, directory)
+            if self.broker is not None:
+                self.broker.close_all()
+            store.close()
+            database = os.path.join(self.config.dir, DATABASE_FILE)
+            for leftover in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(database + leftover)
+            os.replace(restored, database)
+            self.store = self.open_store()
+            if self.broker is not None:
+                self.broker.store = self.store
+                self.store.listener = self.broker
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     @property
     def records(self) -> Records:
@@ -8918,6 +9132,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     for action_parser in (export_parser, import_parser):
         _add_common_arguments(action_parser)
+    backup_parser = commands.add_parser(
+        "backup",
+        help="write a consistent backup of the data (a zip, as PocketBase's) while it is used",
+    )
+    backup_parser.add_argument("file", metavar="FILE")
+    _add_common_arguments(backup_parser)
     bench_parser = commands.add_parser(
         "bench",
         help="measure this server (or any PocketBase-compatible one) under load",
@@ -8961,6 +9181,17 @@ def main(argv: list[str] | None = None) -> int:
         return _superuser_command(args)
     if args.command == "collections":
         return _collections_command(args)
+    if args.command == "backup":
+        database = os.path.join(args.dir, DATABASE_FILE)
+        if not os.path.exists(database):
+            print(
+                f"No {DATABASE_FILE} in {args.dir!r}: nothing to back up.",
+                file=sys.stderr,
+            )
+            return 1
+        write_backup(database, args.file)
+        print(f"Backed up {database} to {args.file}")
+        return 0
     if args.command == "bench":
         return _bench_command(args)
     _raise_open_files_limit()  # so that thousands of SSE clients fit

@@ -5361,6 +5361,111 @@ def test_routes_parse_each_body_kind(
     run(body())
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll `condition` (observable state another thread changes) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+SDK_BACKUPS_SCRIPT = r"""
+const PocketBase = require("pocketbase/cjs");
+const [url, email, password] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url);
+  await pb.collection("_superusers").authWithPassword(email, password);
+  await pb.backups.create("first.zip");
+  let refused = null;
+  try { await pb.backups.create("../escape.zip"); } catch (error) { refused = error.response; }
+  const listed = await pb.backups.getFullList();
+  const token = await pb.files.getToken();
+  const download = await fetch(pb.backups.getDownloadURL(token, "first.zip"));
+  const bytes = Buffer.from(await download.arrayBuffer());
+  const anonymous = await fetch(pb.backups.getDownloadURL("", "first.zip"));
+  await pb.collection("notes").create({title: "after the backup"});
+  await pb.backups.restore("first.zip");
+  const pb2 = new PocketBase(url);
+  await pb2.collection("_superusers").authWithPassword(email, password);
+  const titles = (await pb2.collection("notes").getFullList()).map((r) => r.title);
+  await pb2.backups.delete("first.zip");
+  console.log(JSON.stringify({
+    keys: listed.map((b) => b.key), sized: listed.every((b) => b.size > 0 && b.modified),
+    contentType: download.headers.get("content-type"), zip: bytes.subarray(0, 2).toString(),
+    anonymousStatus: anonymous.status, refused, titles,
+    left: (await pb2.backups.getFullList()).length,
+  }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_routes_backups_with_the_official_js_sdk(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.create_collection(NOTES, su)
+        api.json("POST", "/api/collections/notes/records", {"title": "before"}, su)
+        result = run_node(SDK_BACKUPS_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD)
+    assert result["keys"] == ["first.zip"] and result["sized"]
+    assert (result["contentType"], result["zip"]) == ("application/zip", "PK")
+    assert result["anonymousStatus"] == 403
+    assert result["refused"]["data"]["name"]["code"] == "validation_match_invalid"
+    assert result["titles"] == ["before"]  # the restore brought back the data of then
+    assert result["left"] == 0
+
+
+def test_routes_backup_during_a_write_burst_holds_every_acknowledged_write(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path) as (app, api, su):
+        api.create_collection(NOTES, su)
+        acknowledged: list[str] = []
+        stop = threading.Event()
+
+        def burst() -> None:
+            client = pbrt.Client(api.url, su)
+            for index in range(5_000):  # bounded; stopped long before
+                if stop.is_set():
+                    return
+                acknowledged.append(
+                    str(client.create("notes", {"title": f"n{index}"})["id"])
+                )
+
+        writer = threading.Thread(target=burst)
+        writer.start()
+        try:
+            wait_until(lambda: len(acknowledged) >= 50)
+            before = list(acknowledged)  # acknowledged before the backup started
+            api.json("POST", "/api/backups", {"name": "burst.zip"}, su)
+            wait_until(lambda: len(acknowledged) >= len(before) + 20)  # writes go on
+        finally:
+            stop.set()
+            writer.join()
+        archive = tmp_path / "pb_data" / "backups" / "burst.zip"
+        database = pbrt.extract_backup(
+            str(archive), str(tmp_path)
+        )  # integrity_check inside
+    restored = sqlite3.connect(database)
+    ids = {row[0] for row in restored.execute("SELECT id FROM notes")}
+    restored.close()
+    assert set(before) <= ids
+
+
+def test_cli_backup_command_writes_a_restorable_zip(tmp_path: Path) -> None:
+    app = pbrt.App(dir=str(tmp_path / "pb_data"))
+    app.create("users", {"email": "u@x.com", "password": "password123"})
+    app.close()
+    done = run_cli(
+        "backup", str(tmp_path / "b.zip"), "--dir", str(tmp_path / "pb_data")
+    )
+    assert done.returncode == 0, done.stderr
+    database = pbrt.extract_backup(str(tmp_path / "b.zip"), str(tmp_path))
+    restored = sqlite3.connect(database)
+    assert restored.execute("SELECT email FROM users").fetchall() == [("u@x.com",)]
+    restored.close()
+    assert (
+        run_cli("backup", "x.zip", "--dir", str(tmp_path / "nothing")).returncode == 1
+    )
+
+
 # ==========================================================================
 # 13. Connection loop
 # ==========================================================================
