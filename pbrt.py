@@ -2442,6 +2442,7 @@ def _escape_like_wildcards(text: str) -> str:
 # Collection definitions: fields with their options, rules, indexes, and
 # their validation. Pure: no database.
 
+RESERVED_TABLES = frozenset({"_collections", "_params", "_migrations"})
 NAME_RE = re.compile(r"\A\w+\Z", re.ASCII)  # \Z: "$" would admit a trailing newline
 MAX_NAME_LENGTH = 255
 MAX_ID_LENGTH = 100  # PocketBase's collection id: 1-100 word characters
@@ -2761,7 +2762,9 @@ def validate_collection(
         errors["name"] = validation_entry(
             "validation_match_invalid", "Must be in a valid format."
         )
-    elif any(o.name.lower() == collection.name.lower() for o in others):
+    elif collection.name.lower() in RESERVED_TABLES or any(
+        o.name.lower() == collection.name.lower() for o in others
+    ):
         errors["name"] = validation_entry(
             "validation_collection_name_exists",
             "Collection name must be unique (case insensitive).",
@@ -3013,6 +3016,159 @@ def _import_failure(data: dict[str, JSON], errors: dict[str, JSON]) -> JSON:
         "validation_collections_import_failure",
         f'Data validations failed for collection "{name}" ({identifier}):\n{details}.',
     )
+
+
+# --- app settings ------------------------------------------------------------------
+
+# PocketBase 0.40's settings and their defaults, in its key order. pbrt uses
+# `trustedProxy` (the client's IP behind a proxy); the others are kept so that
+# SDKs and exports see PocketBase's shape. Secrets (`smtp.password`,
+# `s3.secret`) are accepted and stored but never shown.
+DEFAULT_SETTINGS: dict[str, JSON] = {
+    "superuserIPs": [],
+    "smtp": {
+        "enabled": False,
+        "port": 587,
+        "host": "smtp.example.com",
+        "username": "",
+        "authMethod": "",
+        "tls": False,
+        "localName": "",
+    },
+    "backups": {
+        "cron": "",
+        "cronMaxKeep": 3,
+        "s3": {
+            "enabled": False,
+            "bucket": "",
+            "region": "",
+            "endpoint": "",
+            "accessKey": "",
+            "forcePathStyle": False,
+        },
+    },
+    "s3": {
+        "enabled": False,
+        "bucket": "",
+        "region": "",
+        "endpoint": "",
+        "accessKey": "",
+        "forcePathStyle": False,
+    },
+    "meta": {
+        "accentColor": "#1055c9",
+        "appName": "Acme",
+        "appURL": "http://localhost:8090",
+        "senderName": "Support",
+        "senderAddress": "support@example.com",
+        "hideControls": False,
+    },
+    "rateLimits": {
+        "rules": [
+            {"label": "*:auth", "audience": "", "duration": 3, "maxRequests": 2},
+            {"label": "*:create", "audience": "", "duration": 5, "maxRequests": 20},
+            {"label": "/api/batch", "audience": "", "duration": 1, "maxRequests": 3},
+            {"label": "/api/", "audience": "", "duration": 10, "maxRequests": 300},
+        ],
+        "excludedIPs": [],
+        "enabled": False,
+    },
+    "trustedProxy": {"headers": [], "useLeftmostIP": False},
+    "batch": {"enabled": False, "maxRequests": 50, "timeout": 3, "maxBodySize": 0},
+    "logs": {
+        "maxDataSize": 0,
+        "maxDays": 5,
+        "minLevel": 0,
+        "logIP": True,
+        "logAuthId": False,
+    },
+}
+SETTINGS_SECRETS = (("smtp", "password"), ("s3", "secret"), ("backups", "s3", "secret"))
+_URL_RE = re.compile(r"\Ahttps?://[^\s/?#]+[^\s]*\Z", re.IGNORECASE)
+
+
+def merge_settings(current: JSON, patch: JSON) -> JSON:
+    """`patch` laid over `current`: objects merge key by key, other values replace.
+
+    Keys `current` does not know are ignored (as PocketBase does); a value of
+    the wrong kind where an object belongs raises BodyError.
+    """
+    if not isinstance(current, dict):
+        return patch
+    if not isinstance(patch, dict):
+        raise BodyError("settings values must keep their shape")
+    merged = dict(current)
+    for key, value in patch.items():
+        if key in current:
+            merged[key] = merge_settings(current[key], value)
+        elif any(path[-1] == key for path in SETTINGS_SECRETS):
+            merged[key] = value
+    return merged
+
+
+def public_settings(settings: dict[str, JSON]) -> dict[str, JSON]:
+    """The settings as PocketBase shows them: secrets removed."""
+    shown = json.loads(json.dumps(settings))
+    for *parents, key in SETTINGS_SECRETS:
+        node = shown
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(key, None)
+    return cast(dict[str, JSON], shown)
+
+
+def validate_settings(settings: dict[str, JSON]) -> dict[str, JSON]:
+    """PocketBase's field errors for the settings pbrt checks (`{}` if fine)."""
+    errors: dict[str, dict[str, JSON]] = {}
+
+    def fail(group: str, key: str, entry: JSON) -> None:
+        errors.setdefault(group, {})[key] = entry
+
+    meta = settings["meta"]
+    if not _to_text(meta.get("appName")).strip():
+        fail(
+            "meta",
+            "appName",
+            validation_entry("validation_required", "Cannot be blank."),
+        )
+    if not _URL_RE.match(_to_text(meta.get("appURL"))):
+        fail(
+            "meta",
+            "appURL",
+            validation_entry("validation_is_url", "Must be a valid URL."),
+        )
+    if not _EMAIL_RE.match(_to_text(meta.get("senderAddress"))):
+        fail(
+            "meta",
+            "senderAddress",
+            validation_entry("validation_is_email", "Must be a valid email address."),
+        )
+    for group, key in (
+        ("logs", "maxDays"),
+        ("logs", "maxDataSize"),
+        ("batch", "maxRequests"),
+        ("batch", "timeout"),
+        ("batch", "maxBodySize"),
+    ):
+        value = settings[group].get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            fail(
+                group,
+                key,
+                validation_entry(
+                    "validation_min_greater_equal_than_required",
+                    "Must be no less than 0.",
+                    {"threshold": 0},
+                ),
+            )
+    headers = settings["trustedProxy"].get("headers")
+    if not isinstance(headers, list) or not all(isinstance(h, str) for h in headers):
+        fail(
+            "trustedProxy",
+            "headers",
+            validation_entry("validation_invalid_value", "Invalid value."),
+        )
+    return cast(dict[str, JSON], errors)
 
 
 # ==========================================================================
@@ -3683,6 +3839,10 @@ class Store:
                 "id TEXT PRIMARY KEY NOT NULL, name TEXT UNIQUE NOT NULL COLLATE NOCASE, "
                 "position INTEGER NOT NULL, data JSON NOT NULL)"
             )
+            self.connection.execute(
+                'CREATE TABLE IF NOT EXISTS "_params" '
+                "(id TEXT PRIMARY KEY NOT NULL, value JSON NOT NULL)"
+            )
             self._load_collections()
             if not self._collections:
                 self._create_default_collections()
@@ -3811,6 +3971,22 @@ class Store:
 
     # The dict of collections is replaced, never changed in place, so that
     # readers in other threads always iterate a consistent one.
+
+    def param(self, key: str) -> JSON:
+        """A stored parameter (the app settings, say), or None."""
+        row = self.connection.execute(
+            'SELECT value FROM "_params" WHERE id = ?', (key,)
+        ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def save_param(self, key: str, value: JSON) -> None:
+        """Store a parameter (in its own transaction, or the one open)."""
+        with self.transaction():
+            self.connection.execute(
+                'INSERT INTO "_params" (id, value) VALUES (?, ?) '
+                "ON CONFLICT(id) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
 
     def refresh(self) -> bool:
         """Reload the collections if another connection (another process, the
@@ -7111,11 +7287,41 @@ async def handle_backup_restore(context: RequestContext) -> Response:
     return Response(204)
 
 
+# --- settings --------------------------------------------------------------------
+
+LOAD_FAILURE = "An error occurred while loading the submitted data."
+
+
+async def handle_settings_view(context: RequestContext) -> Response:
+    """GET /api/settings (superusers)."""
+    _require_superuser(context)
+    return json_response(public_settings(context.app.settings))
+
+
+async def handle_settings_update(context: RequestContext) -> Response:
+    """PATCH /api/settings (superusers): merge, validate, store, answer them all."""
+    _require_superuser(context)
+    try:
+        patch = parse_json(context.raw_body.decode()) if context.raw_body else {}
+        merged = merge_settings(context.app.settings, patch)
+    except (BodyError, UnicodeDecodeError):
+        raise BadRequestError(LOAD_FAILURE) from None
+    errors = validate_settings(cast(dict[str, JSON], merged))
+    if errors:
+        raise BadRequestError(
+            "An error occurred while saving the new settings.", errors
+        )
+    context.app.save_settings(cast(dict[str, JSON], merged))
+    return json_response(public_settings(cast(dict[str, JSON], merged)))
+
+
 def build_router() -> Router:
     """Return the router with every API route."""
     router = Router()
     router.add("GET", "/api/health", handle_health)
     router.add("POST", "/api/files/token", handle_file_token)
+    router.add("GET", "/api/settings", handle_settings_view)
+    router.add("PATCH", "/api/settings", handle_settings_update)
     router.add("GET", "/api/backups", handle_backup_list)
     router.add("POST", "/api/backups", handle_backup_create)
     router.add("GET", "/api/backups/{key}", handle_backup_download)
@@ -7318,6 +7524,7 @@ class App:
         )
         self.store: Store | None = None
         self._records: Records | None = None
+        self._settings: dict[str, JSON] | None = None
         self._read_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.broker: Broker | None = None
         self._server: asyncio.Server | None = None
@@ -7650,6 +7857,33 @@ class App:
             self.store.close()
             self.store = None
 
+    @property
+    def settings(self) -> dict[str, JSON]:
+        """The app settings: the stored ones over PocketBase's defaults."""
+        if self._settings is None:
+            stored = self.records.store.param("settings")
+            self._settings = cast(
+                dict[str, JSON], merge_settings(DEFAULT_SETTINGS, stored or {})
+            )
+        return self._settings
+
+    def save_settings(self, settings: dict[str, JSON]) -> None:
+        """Store new (validated) settings; they apply from the next request."""
+        self.records.store.save_param("settings", settings)
+        self._settings = settings
+
+    def client_ip(self, request: Request, peer_ip: str) -> str:
+        """The client's address: the peer's, or, behind a proxy named in
+        `trustedProxy.headers`, the one that proxy reports (PocketBase's rule)."""
+        proxy = self.settings["trustedProxy"]
+        for name in proxy["headers"]:
+            value = request.header(name.lower())
+            if value:
+                addresses = [part.strip() for part in value.split(",") if part.strip()]
+                if addresses:
+                    return addresses[0] if proxy["useLeftmostIP"] else addresses[-1]
+        return peer_ip
+
     async def restore_backup(self, archive: str) -> None:
         """Replace the data dir's database with a backup's (validated first);
         realtime clients are disconnected and the store reopened."""
@@ -7667,6 +7901,7 @@ class App:
                     os.remove(database + leftover)
             os.replace(restored, database)
             self.store = self.open_store()
+            self._settings = None
             if self.broker is not None:
                 self.broker.store = self.store
                 self.store.listener = self.broker
@@ -7821,9 +8056,11 @@ class App:
         """Route one request; every exception becomes an error envelope."""
         if request.method == "OPTIONS":
             return Response(204, headers=tuple(cors_preflight_headers(request)))
-        context = RequestContext(self, request, raw_body, remote_ip, writer)
-        if self.store is not None:
-            self.store.refresh()  # another process may have changed a rule
+        if self.store is not None and self.store.refresh():
+            self._settings = None  # another process changed the data: reread them
+        context = RequestContext(
+            self, request, raw_body, self.client_ip(request, remote_ip), writer
+        )
         try:
             handler, context.params = self.router.match(request.method, request.path)
             return await handler(context)

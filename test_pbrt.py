@@ -5466,6 +5466,52 @@ def test_cli_backup_command_writes_a_restorable_zip(tmp_path: Path) -> None:
     )
 
 
+SDK_SETTINGS_SCRIPT = r"""
+const PocketBase = require("pocketbase/cjs");
+const [url, email, password] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url);
+  await pb.collection("_superusers").authWithPassword(email, password);
+  const before = await pb.settings.getAll();
+  const after = await pb.settings.update({meta: {appName: "Chat"}, smtp: {password: "s3cret"}});
+  let refused = null;
+  try { await pb.settings.update({meta: {appURL: "not a url"}}); } catch (error) { refused = error.response; }
+  await pb.settings.update({trustedProxy: {headers: ["X-Real-IP"], useLeftmostIP: true}});
+  const health = await pb.health.check({headers: {"X-Real-IP": "203.0.113.7, 10.0.0.1"}});
+  const again = await pb.settings.getAll();
+  console.log(JSON.stringify({before, after, refused, health, again}));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_routes_settings_with_the_official_js_sdk(tmp_path: Path) -> None:
+    with serving(tmp_path) as (app, api, su):
+        result = run_node(SDK_SETTINGS_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD)
+        assert api.call("GET", "/api/settings")[0] == 401
+    assert list(result["before"]) == list(pbrt.DEFAULT_SETTINGS)  # PocketBase's order
+    assert result["before"]["meta"]["appName"] == "Acme"
+    assert result["after"]["meta"]["appName"] == "Chat"
+    assert "password" not in result["after"]["smtp"]  # stored, never shown
+    assert result["refused"] == {
+        "data": {
+            "meta": {
+                "appURL": {
+                    "code": "validation_is_url",
+                    "message": "Must be a valid URL.",
+                }
+            }
+        },
+        "message": "An error occurred while saving the new settings.",
+        "status": 400,
+    }
+    assert result["health"]["data"]["realIP"] == "203.0.113.7"  # the leftmost, as asked
+    assert result["again"]["meta"]["appName"] == "Chat"
+    reopened = pbrt.App(dir=str(tmp_path / "pb_data"))
+    assert reopened.settings["meta"]["appName"] == "Chat"  # stored in data.db
+    assert reopened.settings["smtp"]["password"] == "s3cret"
+    reopened.close()
+
+
 # ==========================================================================
 # 13. Connection loop
 # ==========================================================================
