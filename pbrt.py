@@ -124,6 +124,9 @@ DEFAULT_PORT = 8090  # PocketBase's default `--http 127.0.0.1:8090`
 DEFAULT_DATA_DIR = "pb_data"
 DATABASE_FILE = "data.db"
 BACKUPS_DIR = "backups"  # inside the data dir, as PocketBase's pb_data/backups
+LOGS_FILE = "auxiliary.db"  # request logs, apart from the data (PocketBase's name)
+LOG_FLUSH_S = 1.0  # request logs are written in batches this often
+MAX_PENDING_LOGS = 10_000  # entries waiting for a flush; the oldest go beyond
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; over it -> 431
 MAX_HEADER_COUNT = 100  # nginx and Go both cap header count around this order
@@ -4725,6 +4728,165 @@ def _unique_violation(collection: Collection, message: str) -> dict[str, JSON]:
     return {name: not_unique for name in sorted(columns) if collection.field(name)}
 
 
+# --- request logs ------------------------------------------------------------------
+
+
+class LogResolver:
+    """Identifiers of a log filter or sort: `id`, `created`, `level`,
+    `message`, and `data.*` (any key of the entry's data)."""
+
+    def resolve(self, name: str) -> Resolved:
+        """Resolve one identifier; RuleError when logs have no such field."""
+        if name in ("id", "created", "message"):
+            return Resolved(Column(name, "text"))
+        if name == "level":
+            return Resolved(Column(name, "numeric"))
+        head, _, path = name.partition(".")
+        if (
+            head == "data"
+            and path
+            and all(part.isidentifier() for part in path.split("."))
+        ):
+            node = Function(
+                "JSON_EXTRACT", (Column("data", "none"), Value("$." + path))
+            )
+            return Resolved(node, "raw")
+        raise RuleError(f"logs have no field {name!r}")
+
+    def all_items(self, condition: Callable[[FieldResolver], IR]) -> IR | None:
+        """Logs have no multi-valued fields."""
+        return None
+
+    def separate(self) -> None:
+        """Logs have no joins to keep apart."""
+
+
+class RequestLogs:
+    """Request logs in their own database (`auxiliary.db`, as PocketBase).
+
+    `add` only queues (on the event loop); `flush` writes the queue in one
+    transaction and prunes entries past `max_days`, in a worker thread. A
+    lock keeps the flushes and the API's reads from using the connection at
+    once.
+    """
+
+    def __init__(
+        self, path: str, *, now: Callable[[], float], new_id: Callable[[], str]
+    ) -> None:
+        self.now, self.new_id = now, new_id
+        self.connection = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False
+        )
+        self.connection.execute("PRAGMA journal_mode = WAL")
+        self.connection.execute("PRAGMA busy_timeout = 5000")
+        self.connection.execute(
+            'CREATE TABLE IF NOT EXISTS "_logs" (id TEXT PRIMARY KEY NOT NULL, '
+            "level INTEGER NOT NULL, message TEXT NOT NULL, data JSON NOT NULL, "
+            "created TEXT NOT NULL)"
+        )
+        self.connection.execute(
+            'CREATE INDEX IF NOT EXISTS "_logs_created" ON "_logs" (created)'
+        )
+        self.lock = threading.Lock()
+        self.pending: collections.deque[tuple[str, int, str, str, str]] = (
+            collections.deque(maxlen=MAX_PENDING_LOGS)
+        )
+
+    def add(self, level: int, message: str, data: dict[str, JSON]) -> None:
+        """Queue one entry (keys of `data` sorted, as PocketBase writes them)."""
+        entry = (
+            self.new_id(),
+            level,
+            message,
+            _encode_json_text(dict(sorted(data.items()))),
+            format_datetime(self.now()),
+        )
+        self.pending.append(entry)
+
+    def flush(self, max_days: float) -> None:
+        """Write what is queued, and drop entries older than `max_days` (0: keep none)."""
+        batch = [self.pending.popleft() for _ in range(len(self.pending))]
+        cutoff = format_datetime(self.now() - max_days * 86_400)
+        with self.lock:
+            self.connection.execute("BEGIN")
+            self.connection.executemany(
+                'INSERT INTO "_logs" VALUES (?, ?, ?, ?, ?)', batch
+            )
+            self.connection.execute('DELETE FROM "_logs" WHERE created < ?', (cutoff,))
+            self.connection.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database."""
+        self.connection.close()
+
+    def _where(self, filter_text: str) -> tuple[str, list[JSON]]:
+        params: list[JSON] = []
+        if not filter_text:
+            return "1", params
+        if not filter_text.strip():
+            raise RuleError("empty filter")
+        return render_sql(
+            lower_rule(parse_rule(filter_text), LogResolver()), params
+        ), params
+
+    @staticmethod
+    def _entry(row: tuple[Any, ...]) -> dict[str, JSON]:
+        entry_id, level, message, data, created = row
+        return {
+            "id": entry_id,
+            "created": created,
+            "data": json.loads(data),
+            "message": message,
+            "level": level,
+        }
+
+    def page(self, query: Mapping[str, str]) -> dict[str, JSON]:
+        """One page of entries, as `GET /api/logs` with these query parameters."""
+        page = max(_int_query(query, "page", 1), 1)
+        per_page = _int_query(query, "perPage", DEFAULT_PER_PAGE)
+        per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
+        where, params = self._where(query.get("filter", ""))
+        order: list[str] = []
+        order_params: list[JSON] = []
+        items = [
+            part.strip() for part in query.get("sort", "").split(",") if part.strip()
+        ]
+        for item in items[:MAX_SORT_FIELDS]:
+            direction = "DESC" if item.startswith("-") else "ASC"
+            node = LogResolver().resolve(item.lstrip("+-")).node
+            order.append(f"{render_sql(node, order_params)} {direction}")
+        with self.lock:
+            rows = self.connection.execute(
+                f'SELECT id, level, message, data, created FROM "_logs" t WHERE {where} '
+                f"ORDER BY {', '.join(order or ['t.rowid'])} LIMIT ? OFFSET ?",
+                (*params, *order_params, per_page, (page - 1) * per_page),
+            ).fetchall()
+            (total,) = self.connection.execute(
+                f'SELECT COUNT(*) FROM "_logs" t WHERE {where}', params
+            ).fetchone()
+        return _list_envelope([self._entry(row) for row in rows], page, per_page, total)
+
+    def entry(self, entry_id: str) -> dict[str, JSON] | None:
+        """One entry, or None."""
+        with self.lock:
+            row = self.connection.execute(
+                'SELECT id, level, message, data, created FROM "_logs" WHERE id = ?',
+                (entry_id,),
+            ).fetchone()
+        return None if row is None else self._entry(row)
+
+    def stats(self, filter_text: str) -> list[JSON]:
+        """Entries per hour (`[{date, total}]`), as `GET /api/logs/stats`."""
+        where, params = self._where(filter_text)
+        with self.lock:
+            rows = self.connection.execute(
+                "SELECT strftime('%Y-%m-%d %H:00:00.000Z', created) AS date, COUNT(*) "
+                f'FROM "_logs" t WHERE {where} GROUP BY date ORDER BY date',
+                params,
+            ).fetchall()
+        return [{"date": date, "total": total} for date, total in rows]
+
+
 # --- backups ---------------------------------------------------------------------
 
 BACKUP_NAME_RE = re.compile(r"\A[a-z0-9_-]{1,150}\.zip\Z")  # PocketBase's rule
@@ -6486,6 +6648,8 @@ class RequestContext:
     _body: Body | None = None
     _auth: Auth | None = None
     _auth_resolved: bool = False
+    #: Why the request failed (its message and the cause), for the request log.
+    failure: tuple[str, str] | None = None
 
     @property
     def body(self) -> Body:
@@ -7287,6 +7451,39 @@ async def handle_backup_restore(context: RequestContext) -> Response:
     return Response(204)
 
 
+# --- request logs ------------------------------------------------------------------
+
+
+def _logs(context: RequestContext) -> RequestLogs:
+    _require_superuser(context)
+    logs = context.app.logs
+    assert logs is not None
+    return logs
+
+
+async def handle_logs_list(context: RequestContext) -> Response:
+    """GET /api/logs (superusers): PocketBase's paged list, with filter and sort."""
+    logs = _logs(context)
+    query = {key: values[0] for key, values in context.request.query.items()}
+    return json_response(await _records(context).run_blocking(logs.page, query))
+
+
+async def handle_logs_stats(context: RequestContext) -> Response:
+    """GET /api/logs/stats (superusers): entries per hour."""
+    logs = _logs(context)
+    filter_text = context.request.query_value("filter")
+    return json_response(await _records(context).run_blocking(logs.stats, filter_text))
+
+
+async def handle_logs_view(context: RequestContext) -> Response:
+    """GET /api/logs/{id} (superusers)."""
+    logs = _logs(context)
+    entry = await _records(context).run_blocking(logs.entry, context.params["id"])
+    if entry is None:
+        raise NotFoundError()
+    return json_response(entry)
+
+
 # --- settings --------------------------------------------------------------------
 
 LOAD_FAILURE = "An error occurred while loading the submitted data."
@@ -7320,6 +7517,9 @@ def build_router() -> Router:
     router = Router()
     router.add("GET", "/api/health", handle_health)
     router.add("POST", "/api/files/token", handle_file_token)
+    router.add("GET", "/api/logs", handle_logs_list)
+    router.add("GET", "/api/logs/stats", handle_logs_stats)
+    router.add("GET", "/api/logs/{id}", handle_logs_view)
     router.add("GET", "/api/settings", handle_settings_view)
     router.add("PATCH", "/api/settings", handle_settings_update)
     router.add("GET", "/api/backups", handle_backup_list)
@@ -7525,6 +7725,8 @@ class App:
         self.store: Store | None = None
         self._records: Records | None = None
         self._settings: dict[str, JSON] | None = None
+        self.logs: RequestLogs | None = None
+        self._log_flusher: asyncio.Task[None] | None = None
         self._read_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.broker: Broker | None = None
         self._server: asyncio.Server | None = None
@@ -7598,6 +7800,14 @@ class App:
         self._read_pool = concurrent.futures.ThreadPoolExecutor(
             READ_THREADS, thread_name_prefix="pbrt-read"
         )
+        self.logs = RequestLogs(
+            os.path.join(self.config.dir, LOGS_FILE),
+            now=self.now,
+            new_id=lambda: "".join(
+                secrets.choice(RECORD_ID_ALPHABET) for _ in range(RECORD_ID_LENGTH)
+            ),
+        )
+        self._log_flusher = asyncio.ensure_future(self._flush_logs())
         self._server = server
         await server.start_serving()
         port: int = server.sockets[0].getsockname()[1]
@@ -7628,6 +7838,16 @@ class App:
         if self._read_pool is not None:
             self._read_pool.shutdown()  # waits for reads in flight
             self._read_pool = None
+        if self._log_flusher is not None:
+            self._log_flusher.cancel()
+            await asyncio.gather(self._log_flusher, return_exceptions=True)
+            self._log_flusher = None
+        if self.logs is not None:
+            logs, self.logs = self.logs, None
+            await asyncio.to_thread(
+                logs.flush, float(self.settings["logs"].get("maxDays", 5))
+            )
+            logs.close()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -8025,7 +8245,9 @@ class App:
                 await self._reject(reader, writer, exc)
                 return
             first = False
-            response = await self._dispatch(request, raw_body, remote_ip, writer)
+            response, context = await self._dispatch(
+                request, raw_body, remote_ip, writer
+            )
             keep_alive = (
                 request.keep_alive
                 and response.stream is None
@@ -8036,15 +8258,58 @@ class App:
                 await self._write_response(writer, request, response, keep_alive)
             else:
                 await self._write_stream(reader, writer, request, response)
+            elapsed_ms = (time.perf_counter() - started) * 1000
             log.info(
                 "%s %s %d %.2fms",
                 request.method,
                 request.target,
                 response.status,
-                (time.perf_counter() - started) * 1000,
+                elapsed_ms,
             )
+            self._log_request(request, response, context, remote_ip, elapsed_ms)
             if not keep_alive:
                 return
+
+    def _log_request(
+        self,
+        request: Request,
+        response: Response,
+        context: RequestContext | None,
+        peer_ip: str,
+        elapsed_ms: float,
+    ) -> None:
+        """Queue the request-log entry PocketBase would write for this request."""
+        if self.logs is None:
+            return
+        settings = self.settings["logs"]
+        log_ip = bool(settings.get("logIP", True))
+        auth = context._auth if context is not None and context._auth_resolved else None
+        data: dict[str, JSON] = {
+            "auth": auth.collection.name if auth else "",
+            "execTime": round(elapsed_ms, 6),
+            "method": request.method,
+            "referer": request.header("referer"),
+            "remoteIP": peer_ip if log_ip else "",
+            "status": response.status,
+            "type": "request",
+            "url": request.target,
+            "userAgent": request.header("user-agent"),
+            "userIP": (context.remote_ip if context else peer_ip) if log_ip else "",
+        }
+        if context is not None and context.failure is not None:
+            data["error"], data["details"] = context.failure
+        level = 8 if response.status >= 400 else 0
+        self.logs.add(level, f"{request.method} {request.target}", data)
+
+    async def _flush_logs(self) -> None:
+        """Write queued request logs every LOG_FLUSH_S, in a worker thread."""
+        logs = self.logs
+        assert logs is not None
+        while True:
+            await asyncio.sleep(LOG_FLUSH_S)
+            if logs.pending:
+                max_days = float(self.settings["logs"].get("maxDays", 5))
+                await asyncio.to_thread(logs.flush, max_days)
 
     async def _dispatch(
         self,
@@ -8052,10 +8317,10 @@ class App:
         raw_body: bytes,
         remote_ip: str,
         writer: asyncio.StreamWriter | None = None,
-    ) -> Response:
+    ) -> tuple[Response, RequestContext | None]:
         """Route one request; every exception becomes an error envelope."""
         if request.method == "OPTIONS":
-            return Response(204, headers=tuple(cors_preflight_headers(request)))
+            return Response(204, headers=tuple(cors_preflight_headers(request))), None
         if self.store is not None and self.store.refresh():
             self._settings = None  # another process changed the data: reread them
         context = RequestContext(
@@ -8063,18 +8328,19 @@ class App:
         )
         try:
             handler, context.params = self.router.match(request.method, request.path)
-            return await handler(context)
+            return await handler(context), context
         except Exception as exc:
             error = to_api_error(exc)
+            context.failure = (error.message, explain_error(exc, error))
             if self.config.dev:
                 log.warning(
                     "%s %s -> %d: %s",
                     request.method,
                     request.target,
                     error.status,
-                    explain_error(exc, error),
+                    context.failure[1],
                 )
-            return error_response(error)
+            return error_response(error), context
 
     async def _write_response(
         self,

@@ -5512,6 +5512,62 @@ def test_routes_settings_with_the_official_js_sdk(tmp_path: Path) -> None:
     reopened.close()
 
 
+SDK_LOGS_SCRIPT = r"""
+const PocketBase = require("pocketbase/cjs");
+const [url, email, password] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url);
+  await pb.collection("_superusers").authWithPassword(email, password);
+  const page = await pb.logs.getList(1, 50, {filter: "data.status >= 400", sort: "-created"});
+  const one = await pb.logs.getOne(page.items[0].id);
+  const stats = await pb.logs.getStats();
+  let refused = null;
+  try { await pb.logs.getList(1, 5, {filter: "nosuch = 1"}); } catch (error) { refused = error.status; }
+  console.log(JSON.stringify({page, one, stats, refused}));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_routes_request_logs_with_the_official_js_sdk(tmp_path: Path) -> None:
+    with serving(tmp_path) as (app, api, su):
+        query = urllib.parse.quote("title ~")
+        assert (
+            api.call("GET", f"/api/collections/users/records?filter={query}")[0] == 400
+        )
+        assert api.call("GET", "/api/logs")[0] == 401  # superusers only
+        logs = app.logs
+        assert logs is not None
+        wait_until(lambda: logs.page({"filter": "data.status = 400"})["totalItems"] > 0)
+        result = run_node(SDK_LOGS_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD)
+    failed = [
+        item
+        for item in result["page"]["items"]
+        if "/api/collections/users" in item["data"]["url"]
+    ]
+    assert (
+        failed
+        and failed[0]["level"] == 8
+        and failed[0]["message"].startswith("GET /api/collections/users/records")
+    )
+    data = failed[0]["data"]
+    assert (
+        list(data) == sorted(data)
+        and data["status"] == 400
+        and data["type"] == "request"
+    )
+    assert "RuleError" in data["details"] and data["error"].startswith(
+        "Something went wrong"
+    )
+    assert all(item["data"]["status"] >= 400 for item in result["page"]["items"])
+    assert result["one"] == result["page"]["items"][0]
+    assert (
+        result["stats"]
+        and result["stats"][0]["total"] >= 1
+        and result["stats"][0]["date"].endswith(":00:00.000Z")
+    )
+    assert result["refused"] == 400
+
+
 # ==========================================================================
 # 13. Connection loop
 # ==========================================================================
