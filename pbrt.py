@@ -8474,6 +8474,7 @@ class Client:
         self.url = url.rstrip("/")
         self.token = token
         self.record: dict[str, JSON] | None = None
+        self._realtime: _SharedStream | None = None
 
     def request(self, method: str, path: str, body: JSON = None) -> JSON:
         """Send one request; return the decoded JSON (None for 204)."""
@@ -8565,6 +8566,8 @@ class Client:
     ) -> AsyncGenerator[JSON, None]:
         """Yield the decoded data of every message on `topic` (`posts/*`, `posts/ID`, custom).
 
+        All subscriptions of one Client share one SSE connection, as in the
+        SDKs: each change of the set is one POST with the whole set.
         `filter`, `expand`, `fields`, `query` and `headers` are the JS SDK's
         subscription options; `options` may give them as one dict, in the
         SDK's form (`{"filter": ...}`) or PocketBase's (`{"query": {...},
@@ -8574,58 +8577,28 @@ class Client:
         connections in a row fail (None: never give up) it raises
         ConnectionError with the last cause. Leave the `async for` to stop.
         """
-        merged: dict[str, Any] = dict(options or {})
-        merged_query = dict(merged.pop("query", None) or {})
-        merged_headers = dict(merged.pop("headers", None) or {})
-        merged_query.update(merged)  # the SDK's top-level keys are query parameters
-        for key, value in (("filter", filter), ("expand", expand), ("fields", fields)):
-            if value is not None:
-                merged_query[key] = value
-        merged_query.update(query or {})
-        merged_headers.update(headers or {})
-        wire: dict[str, JSON] = {}
-        if merged_query:
-            wire["query"] = merged_query
-        if merged_headers:
-            wire["headers"] = merged_headers
-        subscription = topic
-        if wire:
-            subscription += "?options=" + urllib.parse.quote(
-                _encode_json_text(wire), safe=""
-            )
-        attempt = 0
+        subscription = _subscription_string(
+            topic, options, filter, expand, fields, query, headers
+        )
+        shared = self._realtime
+        if shared is None or shared.loop is not asyncio.get_running_loop():
+            shared = self._realtime = _SharedStream(self)
+        queue: asyncio.Queue[JSON | BaseException] = asyncio.Queue()
+        listener = _Listener(queue, on_subscribed)
+        await shared.add(subscription, listener, max_attempts)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            await shared.remove(subscription, listener)
 
-        def subscribed() -> None:
-            nonlocal attempt
-            attempt = 0  # the server took the subscription: a healthy connection
-            if on_subscribed is not None:
-                on_subscribed()
-
-        while True:
-            try:
-                async for data in self._stream(subscription, subscribed):
-                    yield data
-            except (
-                OSError,
-                EOFError,
-                ValueError,
-                ApiError,
-                asyncio.IncompleteReadError,
-            ) as exc:
-                if max_attempts is not None and attempt + 1 >= max_attempts:
-                    raise ConnectionError(
-                        f"realtime connection to {self.url} failed {attempt + 1} times in a row: {exc}"
-                    ) from exc
-                log.debug("realtime connection lost (%s); reconnecting", exc)
-            await asyncio.sleep(
-                RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)]
-            )
-            attempt += 1
-
-    async def _stream(
-        self, subscription: str, on_subscribed: Callable[[], None] | None
-    ) -> AsyncGenerator[JSON, None]:
-        """One SSE connection: connect, subscribe on PB_CONNECT, yield messages."""
+    async def _events(
+        self, on_connect: Callable[[str], Awaitable[None]]
+    ) -> AsyncGenerator[tuple[str, JSON], None]:
+        """One SSE connection: yield (event name, data); PB_CONNECT goes to `on_connect`."""
         parts = urllib.parse.urlsplit(self.url)
         secure = parts.scheme == "https"
         host = parts.hostname or "127.0.0.1"
@@ -8662,22 +8635,138 @@ class Client:
                         if ":" in line
                     )
                     if fields.get("event") == "PB_CONNECT":
-                        body = {
-                            "clientId": fields.get("id", ""),
-                            "subscriptions": [subscription],
-                        }
-                        await asyncio.to_thread(
-                            self.request, "POST", "/api/realtime", body
-                        )
-                        if on_subscribed is not None:
-                            on_subscribed()
-                    elif fields.get("event") == subscription:
-                        yield json.loads(fields.get("data", "null"))
+                        await on_connect(fields.get("id", ""))
+                    elif "event" in fields:
+                        yield fields["event"], json.loads(fields.get("data", "null"))
             raise EOFError("the server ended the stream")
         finally:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+def _subscription_string(
+    topic: str,
+    options: dict[str, JSON] | None,
+    filter_text: str | None,
+    expand: str | None,
+    fields: str | None,
+    query: dict[str, JSON] | None,
+    headers: dict[str, str] | None,
+) -> str:
+    """`topic?options=...` as the JS SDK sends it."""
+    merged: dict[str, Any] = dict(options or {})
+    merged_query = dict(merged.pop("query", None) or {})
+    merged_headers = dict(merged.pop("headers", None) or {})
+    merged_query.update(merged)  # the SDK's top-level keys are query parameters
+    for key, value in (("filter", filter_text), ("expand", expand), ("fields", fields)):
+        if value is not None:
+            merged_query[key] = value
+    merged_query.update(query or {})
+    merged_headers.update(headers or {})
+    wire: dict[str, JSON] = {}
+    if merged_query:
+        wire["query"] = merged_query
+    if merged_headers:
+        wire["headers"] = merged_headers
+    if not wire:
+        return topic
+    return topic + "?options=" + urllib.parse.quote(_encode_json_text(wire), safe="")
+
+
+@dataclass(eq=False, slots=True)
+class _Listener:
+    queue: asyncio.Queue[JSON | BaseException]
+    on_subscribed: Callable[[], None] | None
+
+
+class _SharedStream:
+    """A Client's one SSE connection and the subscriptions that share it."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.loop = asyncio.get_running_loop()
+        self.listeners: dict[str, list[_Listener]] = {}
+        self.client_id = ""
+        self.max_attempts: int | None = CLIENT_MAX_ATTEMPTS
+        self.attempt = 0  # connections failed in a row
+        self.task: asyncio.Task[None] | None = None
+
+    async def add(
+        self, subscription: str, listener: _Listener, max_attempts: int | None
+    ) -> None:
+        """Join the set; tell the server now if a connection is up."""
+        self.max_attempts = max_attempts
+        self.listeners.setdefault(subscription, []).append(listener)
+        if self.task is None or self.task.done():
+            self.client_id = ""
+            self.task = asyncio.ensure_future(self._run())
+        elif self.client_id:  # connected: the server must hear of a new topic
+            if len(self.listeners[subscription]) == 1:
+                await self._submit()
+            if listener.on_subscribed is not None:
+                listener.on_subscribed()
+
+    async def remove(self, subscription: str, listener: _Listener) -> None:
+        """Leave the set; the last one out closes the connection."""
+        listeners = self.listeners.get(subscription, [])
+        if listener in listeners:
+            listeners.remove(listener)
+        if not listeners:
+            self.listeners.pop(subscription, None)
+        if not self.listeners and self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+        elif not listeners and self.client_id:
+            with contextlib.suppress(OSError, ApiError):
+                await self._submit()
+
+    async def _submit(self) -> None:
+        body = {"clientId": self.client_id, "subscriptions": list(self.listeners)}
+        await asyncio.to_thread(self.client.request, "POST", "/api/realtime", body)
+
+    async def _on_connect(self, client_id: str) -> None:
+        self.client_id = client_id
+        await self._submit()
+        self.attempt = 0  # the server took the set: a healthy connection
+        for listeners in list(self.listeners.values()):
+            for listener in listeners:
+                if listener.on_subscribed is not None:
+                    listener.on_subscribed()
+
+    async def _run(self) -> None:
+        """Connect, resubscribe and reconnect until no subscription is left."""
+        while self.listeners:
+            try:
+                async for event, data in self.client._events(self._on_connect):
+                    for listener in self.listeners.get(event, []):
+                        listener.queue.put_nowait(data)
+            except (
+                OSError,
+                EOFError,
+                ValueError,
+                ApiError,
+                asyncio.IncompleteReadError,
+            ) as exc:
+                self.client_id = ""
+                limit = self.max_attempts
+                if limit is not None and self.attempt + 1 >= limit:
+                    failure = ConnectionError(
+                        f"realtime connection to {self.client.url} failed "
+                        f"{self.attempt + 1} times in a row: {exc}"
+                    )
+                    failure.__cause__ = exc
+                    for listeners in self.listeners.values():
+                        for listener in listeners:
+                            listener.queue.put_nowait(failure)
+                    return
+                log.debug("realtime connection lost (%s); reconnecting", exc)
+            await asyncio.sleep(
+                RECONNECT_DELAYS_S[min(self.attempt, len(RECONNECT_DELAYS_S) - 1)]
+            )
+            self.attempt += 1
 
 
 class _ChunkDecoder:

@@ -6304,26 +6304,35 @@ def test_client_subscribe_takes_the_sdk_options_and_gives_up_on_a_dead_server(
             },
             su,
         )
-        subscribed = threading.Semaphore(0)
-        app.on("realtime_subscribe")(lambda event: subscribed.release())
         client = pbrt.Client(api.url)
 
         async def body() -> list[list[Any]]:
+            subscribed = asyncio.Semaphore(0)
             streams = [
-                client.subscribe("posts/*", filter="n > 1", fields="n"),  # keywords
-                client.subscribe("posts/*", {"filter": "n > 2"}),  # the SDK's dict
                 client.subscribe(
-                    "posts/*", {"query": {"filter": "n > 3"}}
+                    "posts/*",
+                    filter="n > 1",
+                    fields="n",
+                    on_subscribed=subscribed.release,
+                ),  # keywords
+                client.subscribe(
+                    "posts/*", {"filter": "n > 2"}, on_subscribed=subscribed.release
+                ),  # the SDK's dict
+                client.subscribe(
+                    "posts/*",
+                    {"query": {"filter": "n > 3"}},
+                    on_subscribed=subscribed.release,
                 ),  # PocketBase's
             ]
             firsts = [asyncio.ensure_future(anext(stream)) for stream in streams]
             for _ in streams:
-                assert await asyncio.to_thread(subscribed.acquire, True, 10)
+                await asyncio.wait_for(subscribed.acquire(), 10)
             for n in range(5):
                 await asyncio.to_thread(
                     api.json, "POST", "/api/collections/posts/records", {"n": n}, su
                 )
             got = [[(await asyncio.wait_for(first, 10))["record"]] for first in firsts]
+            assert len(app.broker.clients) == 1  # one SSE connection for the three
             for stream in streams:
                 await stream.aclose()
             return got
