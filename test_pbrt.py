@@ -6744,10 +6744,10 @@ def test_cli_imports_the_readme_schema(tmp_path: Path) -> None:
         app.records.store.get_record(app.records.collection("users"), user["id"]),
         time.time(),
     )
-    post = app.create("posts", {"title": "hi", "owner": user["id"]}, token=token)
-    assert post["owner"] == user["id"]
+    post = app.create("posts", {"title": "hi", "author": user["id"]}, token=token)
+    assert post["author"] == user["id"]
     with pytest.raises(pbrt.ApiError):
-        app.create("posts", {"title": "hi", "owner": user["id"]}, token="")  # a guest
+        app.create("posts", {"title": "hi", "author": user["id"]}, token="")  # a guest
     app.close()
 
 
@@ -6779,6 +6779,13 @@ def test_cli_serve_dev_says_why_requests_failed(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGINT)
         reap(process)
+
+
+def test_cli_unusable_data_dir_fails_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "pb_data" / "data.db").mkdir(parents=True)  # not a database
+    done = run_cli("serve", "--http", "127.0.0.1:0", "--dir", str(tmp_path / "pb_data"))
+    assert done.returncode == 1
+    assert "cannot start the server" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_cli_port_in_use_fails_in_one_line_and_creates_nothing(tmp_path: Path) -> None:
