@@ -6751,6 +6751,37 @@ def test_cli_imports_the_readme_schema(tmp_path: Path) -> None:
     app.close()
 
 
+def test_cli_readme_sdk_example_runs_against_the_readme_schema(tmp_path: Path) -> None:
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    schema = re.search(
+        r"## Define your collections.*?```json\n(.*?)```", text, re.DOTALL
+    )
+    assert schema is not None
+    (tmp_path / "schema.json").write_text(schema.group(1))
+    data = tmp_path / "pb_data"
+    assert (
+        run_cli(
+            "collections", "import", "schema.json", "--dir", str(data), cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    app = pbrt.App(dir=str(data), port=0)
+    app.create("users", {"email": "ada@example.com", "password": "password123"})
+    (tmp_path / "node_modules").symlink_to(JS_MODULES)  # ES modules ignore NODE_PATH
+    with app.run_in_thread() as url:
+        script = readme_example("sdk").replace("http://127.0.0.1:8090", url)
+        (tmp_path / "example.mjs").write_text(script)
+        done = subprocess.run(
+            ["node", str(tmp_path / "example.mjs")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Hello ada@example.com"
+
+
 def test_cli_serve_dev_says_why_requests_failed(tmp_path: Path) -> None:
     process, port = start_cli_server(
         tmp_path, "serve", "--dev", "--http", "127.0.0.1:0"
