@@ -4809,10 +4809,16 @@ class RequestLogs:
         cutoff = format_datetime(self.now() - max_days * 86_400)
         with self.lock:
             self.connection.execute("BEGIN")
-            self.connection.executemany(
-                'INSERT INTO "_logs" VALUES (?, ?, ?, ?, ?)', batch
-            )
-            self.connection.execute('DELETE FROM "_logs" WHERE created < ?', (cutoff,))
+            try:
+                self.connection.executemany(
+                    'INSERT OR IGNORE INTO "_logs" VALUES (?, ?, ?, ?, ?)', batch
+                )
+                self.connection.execute(
+                    'DELETE FROM "_logs" WHERE created < ?', (cutoff,)
+                )
+            except BaseException:
+                self.connection.execute("ROLLBACK")
+                raise
             self.connection.execute("COMMIT")
 
     def close(self) -> None:
@@ -4823,8 +4829,8 @@ class RequestLogs:
         params: list[JSON] = []
         if not filter_text:
             return "1", params
-        if not filter_text.strip():
-            raise RuleError("empty filter")
+        if not filter_text.strip() or len(filter_text.encode()) > MAX_FILTER_BYTES:
+            raise RuleError("empty or too long filter")
         return render_sql(
             lower_rule(parse_rule(filter_text), LogResolver()), params
         ), params
