@@ -96,7 +96,10 @@ __all__ = [
     "PbrtError",
     "ProtocolError",
     "RecordEvent",
+    "Records",
+    "Refused",
     "Request",
+    "Requester",
     "Response",
     "RuleError",
     "SubscribeEvent",
@@ -115,9 +118,10 @@ Headers = dict[str, str]
 log = logging.getLogger("pbrt")
 
 # ==========================================================================
-# 1. Constants and defaults
+# 1. Constants, limits and Config
 # ==========================================================================
-# Every limit a client can push against lives here, with its unit in the name.
+# Every limit a client can push against lives here, with its unit in the name,
+# and Config, which gathers the ones a deployment may change.
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8090  # PocketBase's default `--http 127.0.0.1:8090`
