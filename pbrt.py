@@ -7461,6 +7461,130 @@ async def handle_backup_restore(context: RequestContext) -> Response:
     return Response(204)
 
 
+# --- batch -----------------------------------------------------------------------
+
+_BATCH_RECORDS_RE = re.compile(r"\A/api/collections/([^/]+)/records(?:/([^/]+))?\Z")
+INVALID_BATCH = "Invalid batch request data."
+
+
+async def _run_inline(function: Callable[..., Any], *args: Any) -> Any:
+    """A `run_blocking` that runs here: a batch's transaction must not yield."""
+    return function(*args)
+
+
+class _BatchFailure(Exception):
+    def __init__(self, index: int, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.index, self.error = index, error
+
+
+async def handle_batch(context: RequestContext) -> Response:
+    """POST /api/batch: record creates, upserts, updates and deletes in one
+    transaction, all or nothing; their events leave after the commit, in order.
+
+    Each request is checked against its collection's rules with the caller's
+    auth. Off unless the settings' `batch.enabled` is on, as in PocketBase.
+    """
+    settings = context.app.settings["batch"]
+    if not settings.get("enabled"):
+        raise ForbiddenError("Batch requests are not allowed.")
+    requests = context.body.data.get("requests")
+    if requests is not None and not isinstance(requests, list):
+        raise BadRequestError("Failed to read the submitted batch data.")
+    if not requests:
+        raise BadRequestError(
+            INVALID_BATCH,
+            {"requests": validation_entry("validation_required", "Cannot be blank.")},
+        )
+    limit = int(settings.get("maxRequests") or 0)
+    if limit and len(requests) > limit:
+        raise BadRequestError(
+            INVALID_BATCH,
+            {
+                "requests": validation_entry(
+                    "validation_length_too_long",
+                    f"The length must be no more than {limit}.",
+                    {"max": limit, "min": 0},
+                )
+            },
+        )
+    app, caller = context.app, _requester(context)
+    records = app.records
+    inline = Records(
+        records.store,
+        records.hooks,
+        now=records.now,
+        hash_password=records.hash_password,
+        run_blocking=_run_inline,
+        run_read=_run_inline,
+        request_budget_s=records.request_budget_s,
+    )
+    answers: list[JSON] = []
+    try:
+        with records.store.transaction():
+            for index, item in enumerate(requests):
+                try:
+                    answers.append(await _batch_one(inline, caller, item))
+                except Exception as exc:  # one request's failure fails them all
+                    raise _BatchFailure(index, to_api_error(exc)) from exc
+    except _BatchFailure as failure:
+        entry = {
+            "code": "batch_request_failed",
+            "message": "Batch request failed.",
+            "response": failure.error.payload(),
+        }
+        raise BadRequestError(
+            "Batch transaction failed.", {"requests": {str(failure.index): entry}}
+        ) from failure
+    return json_response(answers)
+
+
+async def _batch_one(records: Records, caller: Requester, item: JSON) -> JSON:
+    """Run one request of a batch; return PocketBase's `{body, status}`."""
+    if not isinstance(item, dict):
+        raise BadRequestError()
+    method = _to_text(item.get("method")).upper()
+    path, query_lists = _split_target(method, _to_text(item.get("url")) or "?")
+    match = _BATCH_RECORDS_RE.match(path)
+    body = item.get("body") or {}
+    if match is None or not isinstance(body, dict):
+        raise BadRequestError()
+    query = {key: values[0] for key, values in query_lists.items()}
+    headers = item.get("headers")
+    requester = dataclasses.replace(
+        caller,
+        query=query,
+        headers={
+            snake_case_header(canonical_header_name(str(k))): _to_text(v)
+            for k, v in (headers.items() if isinstance(headers, dict) else ())
+        }
+        or caller.headers,
+        method=method,
+    )
+    collection, record_id = urllib.parse.unquote(match.group(1)), match.group(2)
+    shown = {"expand": query.get("expand", ""), "fields": query.get("fields", "")}
+    if method == "PUT" and record_id is None:  # upsert by the body's id
+        existing = records.store.collection(collection)
+        found = (
+            records.store.get_record(existing, _to_text(body.get("id")))
+            if existing is not None and body.get("id")
+            else None
+        )
+        method, record_id = ("PATCH", _to_text(body["id"])) if found else ("POST", None)
+    if method == "POST" and record_id is None:
+        record = await records.create(requester, collection, body, **shown)
+    elif method == "PATCH" and record_id is not None:
+        record = await records.update(
+            requester, collection, urllib.parse.unquote(record_id), body, **shown
+        )
+    elif method == "DELETE" and record_id is not None:
+        await records.delete(requester, collection, urllib.parse.unquote(record_id))
+        return {"body": None, "status": 204}
+    else:
+        raise BadRequestError()
+    return {"body": record, "status": 200}
+
+
 # --- request logs ------------------------------------------------------------------
 
 
@@ -7527,6 +7651,7 @@ def build_router() -> Router:
     router = Router()
     router.add("GET", "/api/health", handle_health)
     router.add("POST", "/api/files/token", handle_file_token)
+    router.add("POST", "/api/batch", handle_batch)
     router.add("GET", "/api/logs", handle_logs_list)
     router.add("GET", "/api/logs/stats", handle_logs_stats)
     router.add("GET", "/api/logs/{id}", handle_logs_view)

@@ -5568,6 +5568,62 @@ def test_routes_request_logs_with_the_official_js_sdk(tmp_path: Path) -> None:
     assert result["refused"] == 400
 
 
+SDK_BATCH_SCRIPT = r"""
+global.EventSource = require("eventsource").EventSource;
+const PocketBase = require("pocketbase/cjs");
+const [url] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url), watcher = new PocketBase(url);
+  const seen = [];
+  await watcher.collection("notes").subscribe("*", (e) => seen.push(e.action + " " + e.record.title));
+  let refused = null;
+  const failing = pb.createBatch();
+  failing.collection("notes").create({title: "rolled back"});
+  failing.collection("notes").create({title: "x".repeat(6000)});  // over the field's max
+  try { await failing.send(); } catch (error) { refused = error.response; }
+  const first = await pb.collection("notes").create({title: "first"});
+  const batch = pb.createBatch();
+  batch.collection("notes").create({title: "one"});
+  batch.collection("notes").update(first.id, {title: "first-changed"});
+  batch.collection("notes").upsert({id: "upsertupsert123", title: "upserted"});
+  batch.collection("notes").delete(first.id);
+  const results = await batch.send();
+  const titles = (await pb.collection("notes").getFullList({sort: "title"})).map((r) => r.title);
+  const deadline = Date.now() + 10000;
+  while (seen.length < 5 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  await watcher.realtime.unsubscribe();
+  console.log(JSON.stringify({refused, statuses: results.map((r) => r.status), titles, seen}));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_routes_batch_with_the_official_js_sdk(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.create_collection(NOTES, su)
+        assert (
+            api.call("POST", "/api/batch", {"requests": []})[0] == 403
+        )  # off by default
+        api.json("PATCH", "/api/settings", {"batch": {"enabled": True}}, su)
+        result = run_node(SDK_BATCH_SCRIPT, api.url)
+    failure = result["refused"]["data"]["requests"]["1"]
+    assert result["refused"]["message"] == "Batch transaction failed."
+    assert (failure["code"], failure["response"]["status"]) == (
+        "batch_request_failed",
+        400,
+    )
+    assert result["statuses"] == [200, 200, 200, 204]
+    assert result["titles"] == ["one", "upserted"]  # nothing of the failed batch
+    assert result[
+        "seen"
+    ] == [  # in request order, after the commit; none for the rollback
+        "create first",
+        "create one",
+        "update first-changed",
+        "create upserted",
+        "delete first-changed",
+    ]
+
+
 # ==========================================================================
 # 13. Connection loop
 # ==========================================================================
