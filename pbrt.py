@@ -4792,24 +4792,28 @@ class RequestLogs:
             'CREATE INDEX IF NOT EXISTS "_logs_created" ON "_logs" (created)'
         )
         self.lock = threading.Lock()
-        self.pending: collections.deque[tuple[str, int, str, str, str]] = (
+        self.pending: collections.deque[tuple[float, int, str, dict[str, JSON]]] = (
             collections.deque(maxlen=MAX_PENDING_LOGS)
         )
 
     def add(self, level: int, message: str, data: dict[str, JSON]) -> None:
-        """Queue one entry (keys of `data` sorted, as PocketBase writes them)."""
-        entry = (
-            self.new_id(),
-            level,
-            message,
-            _encode_json_text(dict(sorted(data.items()))),
-            format_datetime(self.now()),
-        )
-        self.pending.append(entry)
+        """Queue one entry; ids, dates and JSON are made by `flush`, off the loop."""
+        self.pending.append((self.now(), level, message, data))
 
     def flush(self, max_days: float) -> None:
         """Write what is queued, and drop entries older than `max_days` (0: keep none)."""
-        batch = [self.pending.popleft() for _ in range(len(self.pending))]
+        batch = [
+            (
+                self.new_id(),
+                level,
+                message,
+                _encode_json_text(dict(sorted(data.items()))),  # PocketBase's key order
+                format_datetime(moment),
+            )
+            for moment, level, message, data in (
+                self.pending.popleft() for _ in range(len(self.pending))
+            )
+        ]
         cutoff = format_datetime(self.now() - max_days * 86_400)
         with self.lock:
             self.connection.execute("BEGIN")
@@ -7828,6 +7832,17 @@ async def _discard_input(reader: asyncio.StreamReader) -> None:
 # stops things. Client is a small PocketBase client for scripts.
 
 
+def random_text(alphabet: str, length: int) -> str:
+    """`length` characters drawn uniformly from `alphabet` with the OS's
+    randomness, in one read of it (`secrets.choice` reads it per character)."""
+    size = len(alphabet)
+    usable = 256 - 256 % size  # bytes at or past this would favour some characters
+    text: list[str] = []
+    while len(text) < length:
+        text.extend(alphabet[b % size] for b in secrets.token_bytes(length * 2) if b < usable)
+    return "".join(text[:length])
+
+
 def _log_to_stderr(quiet: bool) -> None:
     """Show pbrt's log (request lines too, unless `quiet`) on stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -7883,12 +7898,8 @@ class App:
         return Store(
             os.path.join(self.config.dir, DATABASE_FILE),
             now=self.now,
-            new_id=lambda: "".join(
-                secrets.choice(RECORD_ID_ALPHABET) for _ in range(RECORD_ID_LENGTH)
-            ),
-            new_secret=lambda: "".join(
-                secrets.choice(SECRET_ALPHABET) for _ in range(SECRET_LENGTH)
-            ),
+            new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
+            new_secret=lambda: random_text(SECRET_ALPHABET, SECRET_LENGTH),
             hash_password=lambda password: hash_password(
                 password, secrets.token_bytes(SCRYPT_SALT_BYTES)
             ),
@@ -7918,9 +7929,7 @@ class App:
         self.broker = Broker(
             self.store,
             now=self.now,
-            new_client_id=lambda: "".join(
-                secrets.choice(SECRET_ALPHABET) for _ in range(CLIENT_ID_LENGTH)
-            ),
+            new_client_id=lambda: random_text(SECRET_ALPHABET, CLIENT_ID_LENGTH),
             max_clients=self.config.max_realtime_clients,
             max_queue_bytes=self.config.max_client_queue_bytes,
             event_budget_s=self.config.event_budget_s,
@@ -7938,9 +7947,7 @@ class App:
         self.logs = RequestLogs(
             os.path.join(self.config.dir, LOGS_FILE),
             now=self.now,
-            new_id=lambda: "".join(
-                secrets.choice(RECORD_ID_ALPHABET) for _ in range(RECORD_ID_LENGTH)
-            ),
+            new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
         )
         self._log_flusher = asyncio.ensure_future(self._flush_logs())
         self._server = server
@@ -8414,9 +8421,9 @@ class App:
         elapsed_ms: float,
     ) -> None:
         """Queue the request-log entry PocketBase would write for this request."""
-        if self.logs is None:
-            return
         settings = self.settings["logs"]
+        if self.logs is None or not settings.get("maxDays"):
+            return  # `logs.maxDays: 0` turns request logs off, as in PocketBase
         log_ip = bool(settings.get("logIP", True))
         auth = context._auth if context is not None and context._auth_resolved else None
         data: dict[str, JSON] = {
