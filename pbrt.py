@@ -7422,6 +7422,51 @@ async def handle_backup_create(context: RequestContext) -> Response:
     return Response(204)
 
 
+async def handle_backup_upload(context: RequestContext) -> Response:
+    """POST /api/backups/upload (superusers): add a backup zip made elsewhere.
+
+    Unlike PocketBase, the file's name must be a valid backup name too.
+    """
+    _require_superuser(context)
+    uploads = context.body.files.get("file") or []
+    problem = None
+    if not uploads:
+        problem = validation_entry("validation_required", "Cannot be blank.")
+    else:
+        upload = uploads[0]
+        name = os.path.basename(upload.filename.replace("\\", "/"))
+        target = os.path.join(_backups_dir(context), name)
+        if not upload.content.startswith(b"PK\x03\x04"):
+            problem = validation_entry(
+                "validation_invalid_mime_type",
+                f'"{name}" mime type must be one of: application/zip.',
+            )
+        elif not BACKUP_NAME_RE.match(name):
+            problem = validation_entry(
+                "validation_match_invalid", "Must be in a valid format."
+            )
+        elif os.path.exists(target):
+            problem = validation_entry(
+                "validation_backup_name_exists",
+                "Backup file with the specified name already exists.",
+            )
+    if problem is not None:
+        raise BadRequestError(
+            "An error occurred while validating the submitted data.", {"file": problem}
+        )
+    await _records(context).run_blocking(_write_file, target, upload.content)
+    return Response(204)
+
+
+def _write_file(path: str, content: bytes) -> None:
+    """Write `content` to `path` whole or not at all (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = path + ".partial"
+    with open(partial, "wb") as file:
+        file.write(content)
+    os.replace(partial, path)
+
+
 async def handle_backup_download(context: RequestContext) -> Response:
     """GET /api/backups/{key}?token=: download with a superuser's file token."""
     store = _store(context)
@@ -7663,6 +7708,7 @@ def build_router() -> Router:
     router.add("PATCH", "/api/settings", handle_settings_update)
     router.add("GET", "/api/backups", handle_backup_list)
     router.add("POST", "/api/backups", handle_backup_create)
+    router.add("POST", "/api/backups/upload", handle_backup_upload)
     router.add("GET", "/api/backups/{key}", handle_backup_download)
     router.add("DELETE", "/api/backups/{key}", handle_backup_delete)
     router.add("POST", "/api/backups/{key}/restore", handle_backup_restore)
@@ -7839,7 +7885,9 @@ def random_text(alphabet: str, length: int) -> str:
     usable = 256 - 256 % size  # bytes at or past this would favour some characters
     text: list[str] = []
     while len(text) < length:
-        text.extend(alphabet[b % size] for b in secrets.token_bytes(length * 2) if b < usable)
+        text.extend(
+            alphabet[b % size] for b in secrets.token_bytes(length * 2) if b < usable
+        )
     return "".join(text[:length])
 
 

@@ -5383,6 +5383,14 @@ const [url, email, password] = process.argv.slice(1);
   const download = await fetch(pb.backups.getDownloadURL(token, "first.zip"));
   const bytes = Buffer.from(await download.arrayBuffer());
   const anonymous = await fetch(pb.backups.getDownloadURL("", "first.zip"));
+  const form = new FormData();
+  form.append("file", new Blob([bytes]), "copy.zip");
+  await pb.backups.upload(form);
+  let notZip = null;
+  const text = new FormData();
+  text.append("file", new Blob(["hello"]), "notes.zip");
+  try { await pb.backups.upload(text); } catch (error) { notZip = error.response.data.file.code; }
+  const afterUpload = (await pb.backups.getFullList()).map((b) => b.key).sort();
   await pb.collection("notes").create({title: "after the backup"});
   await pb.backups.restore("first.zip");
   const pb2 = new PocketBase(url);
@@ -5392,7 +5400,7 @@ const [url, email, password] = process.argv.slice(1);
   console.log(JSON.stringify({
     keys: listed.map((b) => b.key), sized: listed.every((b) => b.size > 0 && b.modified),
     contentType: download.headers.get("content-type"), zip: bytes.subarray(0, 2).toString(),
-    anonymousStatus: anonymous.status, refused, titles,
+    anonymousStatus: anonymous.status, refused, titles, afterUpload, notZip,
     left: (await pb2.backups.getFullList()).length,
   }));
 })().catch((error) => { console.error(error); process.exit(1); });
@@ -5409,7 +5417,9 @@ def test_routes_backups_with_the_official_js_sdk(tmp_path: Path) -> None:
     assert result["anonymousStatus"] == 403
     assert result["refused"]["data"]["name"]["code"] == "validation_match_invalid"
     assert result["titles"] == ["before"]  # the restore brought back the data of then
-    assert result["left"] == 0
+    assert result["afterUpload"] == ["copy.zip", "first.zip"]
+    assert result["notZip"] == "validation_invalid_mime_type"
+    assert result["left"] == 1  # copy.zip
 
 
 def test_routes_backup_during_a_write_burst_holds_every_acknowledged_write(
