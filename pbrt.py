@@ -53,8 +53,10 @@ import itertools
 import json
 import logging
 import math
+import mimetypes
 import multiprocessing
 import os
+import posixpath
 import queue
 import re
 import secrets
@@ -128,6 +130,8 @@ DEFAULT_PORT = 8090  # PocketBase's default `--http 127.0.0.1:8090`
 DEFAULT_DATA_DIR = "pb_data"
 DATABASE_FILE = "data.db"
 BACKUPS_DIR = "backups"  # inside the data dir, as PocketBase's pb_data/backups
+STORAGE_DIR = "storage"  # uploaded files: storage/<collectionId>/<recordId>/<name>
+DEFAULT_FILE_MAX_BYTES = 5 * 1024 * 1024  # PocketBase's limit when a file field says 0
 LOGS_FILE = "auxiliary.db"  # request logs, apart from the data (PocketBase's name)
 LOG_FLUSH_S = 1.0  # request logs are written in batches this often
 MAX_PENDING_LOGS = 10_000  # entries waiting for a flush; the oldest go beyond
@@ -1272,6 +1276,24 @@ def _relation_ids(value: JSON) -> list[str]:
     if isinstance(value, list):
         return [str(item) for item in value]
     return [value] if isinstance(value, str) and value else []
+
+
+def storage_name(original: str, random_text: Callable[[int], str]) -> str:
+    """The name an upload is stored under, as PocketBase makes it: the original
+    name's stem, lowercased and sanitized, `_`, 10 random characters, and its
+    extension (`My File (1).txt` -> `my_file_1_ab12cd34ef.txt`). Never a path.
+
+    >>> storage_name("../../Etc/Pass wd.TXT", lambda n: "x" * n)
+    'pass_wd_xxxxxxxxxx.txt'
+    """
+    stem, extension = posixpath.splitext(
+        posixpath.basename(original.replace("\\", "/"))
+    )
+    extension = re.sub(r"[^a-z0-9.]", "", extension.lower())[:20]
+    stem = re.sub(r"[^a-z0-9_]+", "_", stem.lower()).strip("_")[:100]
+    if len(stem) < 3:
+        stem += random_text(10)
+    return f"{stem}_{random_text(10)}{extension}"
 
 
 # --- modifiers ----------------------------------------------------------------
@@ -4428,14 +4450,20 @@ class Store:
         *,
         privileged: bool,
         password_hash: str | None = None,
+        uploaded: Mapping[str, list[str]] | None = None,
+        record_id: str = "",
     ) -> Record:
         """Validate and insert a record built from submitted `data`.
 
         Non-privileged callers cannot set hidden fields (silently dropped)
         nor mark auth records verified. `password_hash` is the submitted
-        password already hashed (else it is hashed here). Raises ValidationError.
+        password already hashed (else it is hashed here); `uploaded` names the
+        files stored for it, under `record_id` (used when `data` sets no id).
+        Raises ValidationError.
         """
-        return self._write(collection, None, data, privileged, password_hash)
+        return self._write(
+            collection, None, data, privileged, password_hash, uploaded, record_id
+        )
 
     def update_record(
         self,
@@ -4445,9 +4473,12 @@ class Store:
         *,
         privileged: bool,
         password_hash: str | None = None,
+        uploaded: Mapping[str, list[str]] | None = None,
     ) -> Record:
         """Apply submitted `data` (with `+`/`-` modifiers) to a record and save it."""
-        return self._write(collection, current, data, privileged, password_hash)
+        return self._write(
+            collection, current, data, privileged, password_hash, uploaded
+        )
 
     def _write(
         self,
@@ -4456,10 +4487,13 @@ class Store:
         data: dict[str, JSON],
         privileged: bool,
         password_hash: str | None,
+        uploaded: Mapping[str, list[str]] | None = None,
+        record_id: str = "",
     ) -> Record:
         """Apply `data` to a copy of `current` (or to zero values), validate, save."""
         if current is None:
             record = {spec["name"]: zero_value(spec) for spec in collection.fields}
+            record["id"] = record_id
         else:
             record = dict(current)
         errors = self._apply(
@@ -4469,6 +4503,7 @@ class Store:
             privileged=privileged,
             creating=current is None,
             password_hash=password_hash,
+            uploaded=uploaded,
         )
         return self._save(collection, record, current, errors)
 
@@ -4481,8 +4516,13 @@ class Store:
         privileged: bool,
         creating: bool,
         password_hash: str | None = None,
+        uploaded: Mapping[str, list[str]] | None = None,
     ) -> dict[str, JSON]:
-        """Set submitted values on `record`; return early validation errors."""
+        """Set submitted values on `record`; return early validation errors.
+
+        A file field takes only names it already holds or `uploaded` ones.
+        """
+        uploaded = uploaded or {}
         errors: dict[str, JSON] = {}
         password = None
         for key, raw in sorted(data.items(), key=_modifier_order):
@@ -4494,11 +4534,19 @@ class Store:
                 or (name == "id" and (not creating or modifier))
             ):
                 continue
-            if spec["type"] == "file":
-                if raw not in (None, "", []):
+            if spec["type"] == "file":  # names: the record's own, or just uploaded
+                allowed = {*_relation_ids(record.get(name)), *uploaded.get(name, ())}
+                value = _apply_modifier(spec, record[name], raw, modifier)
+                unknown = [item for item in _relation_ids(value) if item not in allowed]
+                if unknown:
+                    listed = " ".join(unknown)
                     errors[name] = validation_entry(
-                        "validation_file_unsupported", "File uploads are not supported."
+                        "validation_invalid_file",
+                        f"Invalid new files: [{listed}].",
+                        {"invalidFiles": unknown},
                     )
+                    continue
+                record[name] = value
                 continue
             if spec["type"] == "password":
                 if modifier:
@@ -5744,6 +5792,12 @@ def _sort_key(resolved: Resolved, params: list[JSON]) -> str:
     return f"(CASE WHEN {guard} THEN {render_sql(resolved.node, params)} END)"
 
 
+# Annotations inside Records (whose `list` method hides the builtin there).
+Uploads = Mapping[str, list[UploadedFile]]  # uploaded files by submitted key
+Names = list[str]
+Plan = list[tuple[str, bytes]]  # (path, content) of files to write
+
+
 class Records:
     """Create, update, delete, view and list records for a requester.
 
@@ -5763,9 +5817,12 @@ class Records:
         run_read: Callable[[Callable[[], Any]], Awaitable[Any]],
         request_budget_s: float = REQUEST_BUDGET_S,
         log_slow: bool = False,
+        storage: str = "",
+        random_text: Callable[[int], str] = lambda length: "x" * length,
     ) -> None:
         self.store, self.hooks, self.now = store, hooks, now
         self.log_slow = log_slow
+        self.storage, self.random_text = storage, random_text
         self.hash_password = hash_password
         self.run_blocking, self.run_read = run_blocking, run_read
         self.request_budget_s = request_budget_s
@@ -5910,10 +5967,15 @@ class Records:
         ref: str,
         data: dict[str, JSON],
         *,
+        files: Uploads | None = None,
         expand: str = "",
         fields: str = "",
     ) -> dict[str, JSON]:
-        """Validate, insert (hooks, createRule) and return a record."""
+        """Validate, insert (hooks, createRule) and return a record.
+
+        `files` are uploads by field (`docs`, `docs+`): stored before the
+        insert, removed again if it fails.
+        """
         collection = self.collection(ref)
         superuser = requester.is_superuser
         rule = collection.rules.get("createRule")
@@ -5923,12 +5985,22 @@ class Records:
             RecordEvent(collection, data, None, requester.auth),
             collection=collection,
         )
+        record_id = _to_text(data.get("id")) or self.store.new_id()
+        written: Names = []
         try:
             await self._check_password_form(requester, collection, data, None)
             password_hash = await self._hash_submitted(collection, data)
+            uploaded, written = await self._take_uploads(
+                collection, record_id, files or {}, data
+            )
             with self.store.transaction():
                 record = self.store.create_record(
-                    collection, data, privileged=superuser, password_hash=password_hash
+                    collection,
+                    data,
+                    privileged=superuser,
+                    password_hash=password_hash,
+                    uploaded=uploaded,
+                    record_id=record_id,
                 )
                 if has_rule:
                     body = resolve_body_modifiers(
@@ -5937,8 +6009,11 @@ class Records:
                     info = requester.info(self.now(), body)
                     if not can_access(self.store, collection, record["id"], rule, info):
                         raise BadRequestError("Failed to create record.")
-        except ValidationError as exc:
-            raise BadRequestError("Failed to create record.", exc.errors) from None
+        except BaseException as exc:
+            await self.run_blocking(_remove_files, written)  # no orphans
+            if isinstance(exc, ValidationError):
+                raise BadRequestError("Failed to create record.", exc.errors) from None
+            raise
         self.hooks.run(
             "after_create",
             RecordEvent(collection, data, record, requester.auth),
@@ -5956,10 +6031,14 @@ class Records:
         record_id: str,
         data: dict[str, JSON],
         *,
+        files: Uploads | None = None,
         expand: str = "",
         fields: str = "",
     ) -> dict[str, JSON]:
-        """Apply `data` (modifiers included) if the updateRule allows; return the record."""
+        """Apply `data` (modifiers included) if the updateRule allows; return the record.
+
+        Files the record no longer holds are removed from disk after the write.
+        """
         collection = self.collection(ref)
         superuser = requester.is_superuser
 
@@ -5974,10 +6053,14 @@ class Records:
             RecordEvent(collection, data, current, requester.auth),
             collection=collection,
         )
+        written: Names = []
         try:
             await self._check_password_form(requester, collection, data, current)
             password_hash = await self._hash_submitted(collection, data)
-            if password_hash is not None:  # other writes ran meanwhile: check again
+            uploaded, written = await self._take_uploads(
+                collection, current["id"], files or {}, data
+            )
+            if password_hash is not None or written:  # others wrote meanwhile
                 current = self._record_or_404(
                     requester, collection, record_id, "updateRule", body
                 )
@@ -5987,9 +6070,17 @@ class Records:
                 data,
                 privileged=superuser,
                 password_hash=password_hash,
+                uploaded=uploaded,
             )
-        except ValidationError as exc:
-            raise BadRequestError("Failed to update record.", exc.errors) from None
+        except BaseException as exc:
+            await self.run_blocking(_remove_files, written)
+            if isinstance(exc, ValidationError):
+                raise BadRequestError("Failed to update record.", exc.errors) from None
+            raise
+        dropped = set(self._file_paths(collection, current)) - set(
+            self._file_paths(collection, record)
+        )
+        await self.run_blocking(_remove_files, sorted(dropped))
         self.hooks.run(
             "after_update",
             RecordEvent(collection, data, record, requester.auth),
@@ -6015,7 +6106,13 @@ class Records:
             RecordEvent(collection, {}, record, requester.auth),
             collection=collection,
         )
-        self.store.delete_record(collection, record)
+        deleted = self.store.delete_record(collection, record)
+        if self.storage:
+            directories = [
+                os.path.join(self.storage, gone.id, str(item["id"]))
+                for gone, item in deleted
+            ]
+            await self.run_blocking(_remove_trees, directories)
         self.hooks.run(
             "after_delete",
             RecordEvent(collection, {}, record, requester.auth),
@@ -6051,6 +6148,75 @@ class Records:
                 )
         if errors:
             raise ValidationError(errors)
+
+    def _file_paths(self, collection: Collection, record: Record) -> Names:
+        """Where the files a record holds are stored."""
+        if not self.storage:
+            return []
+        directory = os.path.join(self.storage, collection.id, str(record["id"]))
+        return [
+            os.path.join(directory, name)
+            for spec in collection.fields
+            if spec["type"] == "file"
+            for name in _relation_ids(record.get(spec["name"]))
+        ]
+
+    async def _take_uploads(
+        self,
+        collection: Collection,
+        record_id: str,
+        files: Uploads,
+        data: dict[str, JSON],
+    ) -> tuple[dict[str, Names], Names]:
+        """Check and store uploads; put their names in `data` as PocketBase does
+        (`docs`: the names the body keeps, then the new ones; `docs+`,
+        `+docs`: added). Return the new names by field and the paths written.
+
+        Raises ValidationError (size, MIME type) before writing anything.
+        """
+        uploaded: dict[str, Names] = {}
+        errors: dict[str, JSON] = {}
+        plan: Plan = []
+        directory = os.path.join(self.storage, collection.id, record_id)
+        for key, parts in files.items():
+            name, modifier = _split_modifier(key)
+            spec = collection.field(name)
+            if spec is None or spec["type"] != "file" or not parts:
+                continue
+            if not self.storage:
+                errors[name] = validation_entry(
+                    "validation_file_unsupported", "File uploads are not supported."
+                )
+                continue
+            limit = int(spec.get("maxSize") or DEFAULT_FILE_MAX_BYTES)
+            types = [str(t) for t in spec.get("mimeTypes") or []]
+            names: Names = []
+            for part in parts:
+                stored = storage_name(part.filename, self.random_text)
+                declared = part.content_type.split(";")[0].strip().lower()
+                if len(part.content) > limit:
+                    errors[name] = validation_entry(
+                        "validation_file_size_limit",
+                        f"Failed to upload {part.filename} - the maximum allowed "
+                        f"file size is {limit} bytes.",
+                        {"file": part.filename, "maxSize": limit},
+                    )
+                elif types and not {declared, mimetypes.guess_type(stored)[0]} & set(
+                    types
+                ):
+                    errors[name] = validation_entry(
+                        "validation_invalid_mime_type",
+                        f'"{stored}" mime type must be one of: {", ".join(types)}.',
+                    )
+                names.append(stored)
+                plan.append((os.path.join(directory, stored), part.content))
+            uploaded[name] = uploaded.get(name, []) + names
+            kept = [] if modifier else _relation_ids(data.get(name))
+            data[key] = kept + names
+        if errors:
+            raise ValidationError(errors)
+        await self.run_blocking(_write_files, plan)
+        return uploaded, [path for path, _ in plan]
 
     async def _hash_submitted(
         self, collection: Collection, data: dict[str, JSON]
@@ -6796,6 +6962,29 @@ class Router:
         raise NotFoundError(None if path_known else FILE_NOT_FOUND_MESSAGE)
 
 
+def _write_files(plan: list[tuple[str, bytes]]) -> None:
+    """Write each (path, content), creating directories; any failure removes all."""
+    try:
+        for path, content in plan:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "xb") as file:  # never over another file
+                file.write(content)
+    except BaseException:
+        _remove_files([path for path, _ in plan])
+        raise
+
+
+def _remove_files(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _remove_trees(directories: list[str]) -> None:
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 # --- handlers ------------------------------------------------------------------
 
 
@@ -6884,12 +7073,8 @@ async def handle_record_view(context: RequestContext) -> Response:
 
 
 def _record_input(context: RequestContext) -> dict[str, JSON]:
-    """The submitted record values; file parts become their names (refused later)."""
-    body = context.body
-    data = dict(body.data)
-    for name in body.files:
-        data[name] = [upload.filename for upload in body.files[name]]
-    return data
+    """The submitted record values (uploads travel apart, in `context.body.files`)."""
+    return dict(context.body.data)
 
 
 async def handle_record_create(context: RequestContext) -> Response:
@@ -6901,6 +7086,7 @@ async def handle_record_create(context: RequestContext) -> Response:
         _requester(context),
         context.params["collection"],
         _record_input(context),
+        files=context.body.files,
         expand=request.query_value("expand"),
         fields=request.query_value("fields"),
     )
@@ -6917,6 +7103,7 @@ async def handle_record_update(context: RequestContext) -> Response:
         context.params["collection"],
         context.params["id"],
         _record_input(context),
+        files=context.body.files,
         expand=request.query_value("expand"),
         fields=request.query_value("fields"),
     )
@@ -6996,6 +7183,8 @@ async def handle_collection_delete(context: RequestContext) -> Response:
     _require_superuser(context)
     collection = _collection_or_404(context, DEFAULT_ERROR_MESSAGES[404])
     _store(context).delete_collection(collection)
+    storage = os.path.join(context.app.config.dir, STORAGE_DIR, collection.id)
+    await _records(context).run_blocking(_remove_trees, [storage])
     if collection.is_auth and context.app.broker is not None:
         context.app.broker.forget_auth_collection(collection)
     return Response(204)
@@ -7362,6 +7551,132 @@ async def handle_file_token(context: RequestContext) -> Response:
     )
 
 
+FILE_HEADERS = (  # PocketBase's, on every stored file it serves
+    ("Cache-Control", "max-age=2592000, stale-while-revalidate=86400"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; media-src 'self'; style-src 'unsafe-inline'; sandbox",
+    ),
+)
+_INLINE_TYPES = ("image/", "video/", "audio/", "application/pdf")
+_ACTIVE_TYPES = (
+    "image/svg+xml",
+    "text/html",
+    "application/xhtml+xml",
+    "text/xml",
+    "application/xml",
+)
+_RANGE_RE = re.compile(r"\Abytes=(\d*)-(\d*)\Z")
+
+
+async def handle_file(context: RequestContext) -> Response:
+    """GET /api/files/{collection}/{recordId}/{filename}: a stored upload.
+
+    The record's viewRule applies (to the auth of `?token=`, a file token,
+    or else of the request), protected fields need a token; `download=1`,
+    `Range`, `If-None-Match` and `If-Modified-Since` work. Uploaded HTML or
+    SVG is never shown inline; `thumb` is ignored (the original is served).
+    """
+    records, request = _records(context), context.request
+    collection = records.collection(
+        context.params["collection"], DEFAULT_ERROR_MESSAGES[404]
+    )
+    record = records.store.get_record(collection, context.params["id"])
+    name = context.params["filename"]
+    spec = next(
+        (
+            spec
+            for spec in collection.fields
+            if spec["type"] == "file"
+            and record is not None
+            and name in _relation_ids(record.get(spec["name"]))
+        ),
+        None,
+    )
+    if record is None or spec is None:
+        raise NotFoundError()
+    token = request.query_value("token")
+    auth = (
+        resolve_auth(records.store, token, context.app.now(), kind="file")
+        if token
+        else (None if spec.get("protected") else context.auth)
+    )
+    info = dataclasses.replace(_requester(context), auth=auth).info(context.app.now())
+    if (spec.get("protected") and auth is None) or not can_access(
+        records.store, collection, record["id"], collection.rules.get("viewRule"), info
+    ):
+        raise NotFoundError()
+    path = os.path.join(
+        context.app.config.dir, STORAGE_DIR, collection.id, record["id"], name
+    )
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise NotFoundError() from None
+    kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    inline = kind.startswith(_INLINE_TYPES) and kind not in _ACTIVE_TYPES
+    if _go_bool_or(request.query_value("download"), False):
+        inline = False
+    content_type = kind + ("; charset=utf-8" if kind.startswith("text/") else "")
+    etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+    headers = [
+        ("Accept-Ranges", "bytes"),
+        *FILE_HEADERS,
+        (
+            "Content-Disposition",
+            f'{"inline" if inline else "attachment"}; filename="{name}"',
+        ),
+        ("Content-Type", content_type),
+        ("ETag", etag),
+        ("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True)),
+    ]
+    if request.header("if-none-match") == etag or (
+        not request.header("if-none-match")
+        and _not_modified_since(request.header("if-modified-since"), stat.st_mtime)
+    ):
+        return Response(304, headers=tuple(headers))
+    start, end, status = 0, stat.st_size - 1, 200
+    wanted = _RANGE_RE.match(request.header("range").replace(" ", ""))
+    if wanted is not None and (wanted.group(1) or wanted.group(2)):
+        first, last = wanted.groups()
+        if first:
+            start, end = int(first), min(int(last), end) if last else end
+        else:
+            start = max(0, stat.st_size - int(last))
+        if start > end or start >= stat.st_size:
+            headers.append(("Content-Range", f"bytes */{stat.st_size}"))
+            return Response(416, headers=tuple(headers))
+        headers.append(("Content-Range", f"bytes {start}-{end}/{stat.st_size}"))
+        status = 206
+
+    def read() -> bytes:
+        with open(path, "rb") as file:
+            file.seek(start)
+            return file.read(end - start + 1)
+
+    return Response(
+        status, headers=tuple(headers), body=await records.run_blocking(read)
+    )
+
+
+def _not_modified_since(header: str, modified: float) -> bool:
+    """Whether an If-Modified-Since date is at or after `modified` (bad dates: no)."""
+    try:
+        return bool(header) and email.utils.parsedate_to_datetime(
+            header
+        ).timestamp() >= int(modified)
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
+def _go_bool_or(text: str, default: bool) -> bool:
+    """A query flag such as `download=1`; `default` when absent or unreadable."""
+    try:
+        return _go_bool(text) if text else default
+    except BadRequestError:
+        return default
+
+
 def _backups_dir(context: RequestContext) -> str:
     return os.path.join(context.app.config.dir, BACKUPS_DIR)
 
@@ -7611,7 +7926,7 @@ async def _batch_one(records: Records, caller: Requester, item: JSON) -> JSON:
         method=method,
     )
     collection, record_id = urllib.parse.unquote(match.group(1)), match.group(2)
-    shown = {"expand": query.get("expand", ""), "fields": query.get("fields", "")}
+    expand, fields = query.get("expand", ""), query.get("fields", "")
     if method == "PUT" and record_id is None:  # upsert by the body's id
         existing = records.store.collection(collection)
         found = (
@@ -7621,10 +7936,17 @@ async def _batch_one(records: Records, caller: Requester, item: JSON) -> JSON:
         )
         method, record_id = ("PATCH", _to_text(body["id"])) if found else ("POST", None)
     if method == "POST" and record_id is None:
-        record = await records.create(requester, collection, body, **shown)
+        record = await records.create(
+            requester, collection, body, expand=expand, fields=fields
+        )
     elif method == "PATCH" and record_id is not None:
         record = await records.update(
-            requester, collection, urllib.parse.unquote(record_id), body, **shown
+            requester,
+            collection,
+            urllib.parse.unquote(record_id),
+            body,
+            expand=expand,
+            fields=fields,
         )
     elif method == "DELETE" and record_id is not None:
         await records.delete(requester, collection, urllib.parse.unquote(record_id))
@@ -7700,6 +8022,7 @@ def build_router() -> Router:
     router = Router()
     router.add("GET", "/api/health", handle_health)
     router.add("POST", "/api/files/token", handle_file_token)
+    router.add("GET", "/api/files/{collection}/{id}/{filename}", handle_file)
     router.add("POST", "/api/batch", handle_batch)
     router.add("GET", "/api/logs", handle_logs_list)
     router.add("GET", "/api/logs/stats", handle_logs_stats)
@@ -8333,6 +8656,8 @@ class App:
                 run_read=self._run_read,
                 request_budget_s=self.config.request_budget_s,
                 log_slow=self.config.dev,
+                storage=os.path.join(self.config.dir, STORAGE_DIR),
+                random_text=lambda length: random_text(RECORD_ID_ALPHABET, length),
             )
         return self._records
 

@@ -2745,9 +2745,12 @@ def test_records_form_bodies_and_crud_match_oracle(tmp_path: Path) -> None:
         assert api.normalized("POST", "/api/collections/posts/records", b"{bad") == (
             '400 {"data":{},"message":"Something went wrong while processing your request.","status":400}'
         )
-        assert api.normalized(
+        assert api.normalized(  # a name that is neither the record's nor uploaded
             "POST", "/api/collections/posts/records", {"title": "f", "files": ["x.txt"]}
-        ).startswith('400 {"data":{"files"')
+        ) == (
+            '400 {"data":{"files":{"code":"validation_invalid_file","message":"Invalid new files: [x.txt].",'
+            '"params":{"invalidFiles":["x.txt"]}}},"message":"Failed to create record.","status":400}'
+        )
 
 
 def test_records_list_paging_and_sort_match_oracle(tmp_path: Path) -> None:
@@ -5632,6 +5635,119 @@ def test_routes_batch_with_the_official_js_sdk(tmp_path: Path) -> None:
         "create upserted",
         "delete first-changed",
     ]
+
+
+SDK_FILES_SCRIPT = r"""
+const PocketBase = require("pocketbase/cjs");
+const [url, email, password] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url);
+  const form = new FormData();
+  form.append("title", "with files");
+  form.append("doc", new Blob(["hello world"], {type: "text/plain"}), "My File (1).txt");
+  form.append("docs", new Blob(["a"], {type: "text/plain"}), "../../a.txt");
+  form.append("docs", new Blob(["b"], {type: "text/plain"}), "b.txt");
+  form.append("secret", new Blob(["s3cret"], {type: "text/plain"}), "secret.txt");
+  const record = await pb.collection("docs").create(form);
+  const plain = await fetch(pb.files.getURL(record, record.doc));
+  const ranged = await fetch(pb.files.getURL(record, record.doc), {headers: {Range: "bytes=0-4"}});
+  const past = await fetch(pb.files.getURL(record, record.doc), {headers: {Range: "bytes=50-60"}});
+  const etag = plain.headers.get("etag");
+  const cached = await fetch(pb.files.getURL(record, record.doc), {headers: {"If-None-Match": etag}});
+  const lockedOut = await fetch(pb.files.getURL(record, record.secret));
+  await pb.collection("_superusers").authWithPassword(email, password);
+  const token = await pb.files.getToken();
+  const unlocked = await fetch(pb.files.getURL(record, record.secret, {token}));
+  const more = new FormData();
+  more.append("docs+", new Blob(["c"], {type: "text/plain"}), "c.txt");
+  more.append("docs-", record.docs[0]);
+  const updated = await pb.collection("docs").update(record.id, more);
+  let tooBig = null;
+  const big = new FormData();
+  big.append("doc", new Blob(["x".repeat(2000)], {type: "text/plain"}), "big.txt");
+  try { await pb.collection("docs").create(big); } catch (error) { tooBig = error.response.data.doc.code; }
+  console.log(JSON.stringify({
+    record, updated, tooBig,
+    plain: {status: plain.status, body: await plain.text(), type: plain.headers.get("content-type"),
+            disposition: plain.headers.get("content-disposition")},
+    ranged: {status: ranged.status, body: await ranged.text(), range: ranged.headers.get("content-range")},
+    past: {status: past.status, range: past.headers.get("content-range")},
+    cached: cached.status, lockedOut: lockedOut.status,
+    unlocked: {status: unlocked.status, body: await unlocked.text()},
+  }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+DOCS = {
+    "name": "docs",
+    "type": "base",
+    **PUBLIC_RULES,
+    "fields": [
+        {"name": "title", "type": "text"},
+        {"name": "doc", "type": "file", "maxSelect": 1, "maxSize": 1000},
+        {"name": "docs", "type": "file", "maxSelect": 5, "mimeTypes": ["text/plain"]},
+        {"name": "secret", "type": "file", "maxSelect": 1, "protected": True},
+    ],
+}
+
+
+def test_routes_files_with_the_official_js_sdk(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, api, su):
+        api.create_collection(DOCS, su)
+        result = run_node(SDK_FILES_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD)
+        record, updated = result["record"], result["updated"]
+        storage = (
+            tmp_path
+            / "pb_data"
+            / "storage"
+            / api.json("GET", "/api/collections/docs", token=su)["id"]
+        )
+        on_disk = sorted(p.name for p in (storage / record["id"]).iterdir())
+        api.call("DELETE", f"/api/collections/docs/records/{record['id']}", token=su)
+        assert not (storage / record["id"]).exists()  # files go with their record
+    assert re.fullmatch(r"my_file_1_[a-z0-9]{10}\.txt", record["doc"])
+    assert re.fullmatch(
+        r"a[a-z0-9]{10}_[a-z0-9]{10}\.txt", record["docs"][0]
+    )  # no path
+    assert result["plain"] == {
+        "status": 200,
+        "body": "hello world",
+        "type": "text/plain; charset=utf-8",
+        "disposition": f'attachment; filename="{record["doc"]}"',
+    }
+    assert result["ranged"] == {"status": 206, "body": "hello", "range": "bytes 0-4/11"}
+    assert result["past"] == {"status": 416, "range": "bytes */11"}
+    assert (result["cached"], result["lockedOut"]) == (304, 404)
+    assert result["unlocked"] == {"status": 200, "body": "s3cret"}
+    assert (
+        updated["docs"][0] == record["docs"][1] and len(updated["docs"]) == 2
+    )  # a- removed, c+ added
+    assert on_disk == sorted(
+        [updated["doc"], *updated["docs"], updated["secret"]]
+    )  # the removed one is gone
+    assert result["tooBig"] == "validation_file_size_limit"
+
+
+def test_records_failed_writes_leave_no_uploaded_files(tmp_path: Path) -> None:
+    """The attack: fill the disk with uploads attached to writes that fail."""
+    with serving(tmp_path) as (_, api, su):
+        collection = api.create_collection({**DOCS, "createRule": "title = 'ok'"}, su)
+        boundary = "b0undary"
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="title"\r\n\r\nnope\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="doc"; filename="x.txt"\r\n'
+            f"Content-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n"
+        ).encode()
+        status, _ = api.call(
+            "POST",
+            "/api/collections/docs/records",
+            body,
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+        assert status == 400  # the createRule refused it after the upload was stored
+        storage = tmp_path / "pb_data" / "storage" / collection["id"]
+        assert not storage.exists() or not any(p.is_file() for p in storage.rglob("*"))
 
 
 # ==========================================================================
