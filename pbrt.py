@@ -713,11 +713,11 @@ def parse_json(text: str) -> JSON:
 
 @dataclass(frozen=True, slots=True)
 class UploadedFile:
-    """A file part of a multipart body."""
+    """A file part of a multipart body (its content a view into the body)."""
 
     filename: str
     content_type: str
-    content: bytes
+    content: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -806,24 +806,53 @@ def _collect_form_values(pairs: list[tuple[str, str]]) -> dict[str, JSON]:
 
 
 def _parse_multipart(body: bytes, boundary: bytes) -> Body:
-    """Decode a multipart/form-data body (RFC 7578)."""
+    """Decode a multipart/form-data body (RFC 7578).
+
+    File contents are views into `body`, never copies: an upload is held in
+    memory once, however large.
+    """
     delimiter = b"--" + boundary
-    sections = body.split(delimiter)
-    if len(sections) < 3 or not sections[-1].startswith(b"--"):
+    positions: list[int] = []
+    while (
+        found := body.find(
+            delimiter, positions[-1] + len(delimiter) if positions else 0
+        )
+    ) >= 0:
+        positions.append(found)
+        if len(positions) - 2 > MAX_FORM_FIELDS:
+            raise BodyError("too many multipart parts")
+    last = positions[-1] + len(delimiter) if positions else 0
+    if len(positions) < 2 or body[last : last + 2] != b"--":
         raise BodyError("malformed multipart body")
-    if len(sections) - 2 > MAX_FORM_FIELDS:
-        raise BodyError("too many multipart parts")
+    view = memoryview(body)
     pairs: list[tuple[str, str]] = []
     files: dict[str, list[UploadedFile]] = {}
     json_payload: dict[str, JSON] = {}
-    for section in sections[1:-1]:
-        if not section.startswith(b"\r\n") or not section.endswith(b"\r\n"):
+    for start, end in zip(positions, positions[1:]):
+        start += len(delimiter)  # a part is `\r\n` head `\r\n\r\n` content `\r\n`
+        if (
+            end - start < 4
+            or body[start : start + 2] != b"\r\n"
+            or body[end - 2 : end] != b"\r\n"
+        ):
             raise BodyError("malformed multipart part")
-        raw_head, sep, content = section[2:-2].partition(b"\r\n\r\n")
-        if not sep:
-            if not section[2:-2].endswith(b"\r\n"):
+        inner_start, inner_end = start + 2, end - 2
+        separator = body.find(b"\r\n\r\n", inner_start, inner_end)
+        if separator < 0:
+            if (
+                body[inner_end - 2 : inner_end] != b"\r\n"
+                or inner_end - inner_start < 2
+            ):
                 raise BodyError("malformed multipart part")
-            raw_head, content = section[2:-4], b""
+            raw_head, content = (
+                body[inner_start : inner_end - 2],
+                view[inner_end:inner_end],
+            )
+        else:
+            raw_head, content = (
+                body[inner_start:separator],
+                view[separator + 4 : inner_end],
+            )
         part_headers = {}
         for line in raw_head.split(b"\r\n"):
             header_name, colon, header_value = line.decode(
@@ -847,7 +876,7 @@ def _parse_multipart(body: bytes, boundary: bytes) -> Body:
             files.setdefault(name, []).append(upload)
             continue
         try:
-            text = content.decode("utf-8")
+            text = bytes(content).decode("utf-8")
         except UnicodeDecodeError:
             raise BodyError("multipart value is not UTF-8") from None
         if name == JSON_PAYLOAD_FIELD:
@@ -5795,7 +5824,7 @@ def _sort_key(resolved: Resolved, params: list[JSON]) -> str:
 # Annotations inside Records (whose `list` method hides the builtin there).
 Uploads = Mapping[str, list[UploadedFile]]  # uploaded files by submitted key
 Names = list[str]
-Plan = list[tuple[str, bytes]]  # (path, content) of files to write
+Plan = list[tuple[str, bytes | memoryview]]  # (path, content) of files to write
 
 
 class Records:
@@ -6962,7 +6991,7 @@ class Router:
         raise NotFoundError(None if path_known else FILE_NOT_FOUND_MESSAGE)
 
 
-def _write_files(plan: list[tuple[str, bytes]]) -> None:
+def _write_files(plan: Plan) -> None:
     """Write each (path, content), creating directories; any failure removes all."""
     try:
         for path, content in plan:
@@ -7751,7 +7780,7 @@ async def handle_backup_upload(context: RequestContext) -> Response:
         upload = uploads[0]
         name = os.path.basename(upload.filename.replace("\\", "/"))
         target = os.path.join(_backups_dir(context), name)
-        if not upload.content.startswith(b"PK\x03\x04"):
+        if bytes(upload.content[:4]) != b"PK\x03\x04":
             problem = validation_entry(
                 "validation_invalid_mime_type",
                 f'"{name}" mime type must be one of: application/zip.',
@@ -7882,13 +7911,22 @@ async def handle_batch(context: RequestContext) -> Response:
         run_blocking=_run_inline,
         run_read=_run_inline,
         request_budget_s=records.request_budget_s,
+        storage=records.storage,
+        random_text=records.random_text,
     )
+    uploads: dict[int, dict[str, list[UploadedFile]]] = {}
+    for key, parts in context.body.files.items():  # `requests.N.FIELD`, as the SDK sends
+        prefix, position, field_key = (key.split(".", 2) + ["", ""])[:3]
+        if prefix == "requests" and position.isdigit() and field_key:
+            uploads.setdefault(int(position), {})[field_key] = parts
     answers: list[JSON] = []
     try:
         with records.store.transaction():
             for index, item in enumerate(requests):
                 try:
-                    answers.append(await _batch_one(inline, caller, item))
+                    answers.append(
+                        await _batch_one(inline, caller, item, uploads.get(index, {}))
+                    )
                 except Exception as exc:  # one request's failure fails them all
                     raise _BatchFailure(index, to_api_error(exc)) from exc
     except _BatchFailure as failure:
@@ -7903,7 +7941,12 @@ async def handle_batch(context: RequestContext) -> Response:
     return json_response(answers)
 
 
-async def _batch_one(records: Records, caller: Requester, item: JSON) -> JSON:
+async def _batch_one(
+    records: Records,
+    caller: Requester,
+    item: JSON,
+    files: dict[str, list[UploadedFile]],
+) -> JSON:
     """Run one request of a batch; return PocketBase's `{body, status}`."""
     if not isinstance(item, dict):
         raise BadRequestError()
@@ -7937,7 +7980,7 @@ async def _batch_one(records: Records, caller: Requester, item: JSON) -> JSON:
         method, record_id = ("PATCH", _to_text(body["id"])) if found else ("POST", None)
     if method == "POST" and record_id is None:
         record = await records.create(
-            requester, collection, body, expand=expand, fields=fields
+            requester, collection, body, files=files, expand=expand, fields=fields
         )
     elif method == "PATCH" and record_id is not None:
         record = await records.update(
@@ -7945,6 +7988,7 @@ async def _batch_one(records: Records, caller: Requester, item: JSON) -> JSON:
             collection,
             urllib.parse.unquote(record_id),
             body,
+            files=files,
             expand=expand,
             fields=fields,
         )

@@ -372,6 +372,26 @@ def test_http_parse_body_keeps_multipart_files() -> None:
     assert parsed.files == {
         "files": [pbrt.UploadedFile("a.txt", "text/plain", b"file\r\ndata")]
     }
+    content = parsed.files["files"][0].content
+    assert isinstance(content, memoryview) and content.obj is MULTIPART  # no copy
+
+
+@pytest.mark.parametrize(
+    ("original", "expected"),
+    [
+        ("My File (1).txt", "my_file_1_RRRRRRRRRR.txt"),
+        ("../../etc/passwd", "passwd_RRRRRRRRRR"),
+        ("..\\..\\boot.ini", "boot_RRRRRRRRRR.ini"),
+        ("a\x00b.txt", "a_b_RRRRRRRRRR.txt"),
+        ("x" * 300 + ".txt", "x" * 100 + "_RRRRRRRRRR.txt"),
+        ("résumé.PDF", "r_sum_RRRRRRRRRR.pdf"),
+        ("日本.png", "RRRRRRRRRR_RRRRRRRRRR.png"),
+        (".htaccess", "htaccess_RRRRRRRRRR"),
+        ("evil.php\x00.jpg", "evil_php_RRRRRRRRRR.jpg"),
+    ],
+)
+def test_values_storage_names_are_never_paths(original: str, expected: str) -> None:
+    assert pbrt.storage_name(original, lambda length: "R" * length) == expected
 
 
 @pytest.mark.parametrize(
@@ -5601,11 +5621,15 @@ const [url] = process.argv.slice(1);
   batch.collection("notes").upsert({id: "upsertupsert123", title: "upserted"});
   batch.collection("notes").delete(first.id);
   const results = await batch.send();
+  const withFile = pb.createBatch();
+  withFile.collection("docs").create({title: "attached", doc: new Blob(["in a batch"], {type: "text/plain"})});
+  const [attached] = await withFile.send();
+  const fileText = await (await fetch(pb.files.getURL(attached.body, attached.body.doc))).text();
   const titles = (await pb.collection("notes").getFullList({sort: "title"})).map((r) => r.title);
   const deadline = Date.now() + 10000;
   while (seen.length < 5 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
   await watcher.realtime.unsubscribe();
-  console.log(JSON.stringify({refused, statuses: results.map((r) => r.status), titles, seen}));
+  console.log(JSON.stringify({refused, statuses: results.map((r) => r.status), titles, seen, fileText}));
 })().catch((error) => { console.error(error); process.exit(1); });
 """
 
@@ -5613,6 +5637,7 @@ const [url] = process.argv.slice(1);
 def test_routes_batch_with_the_official_js_sdk(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         api.create_collection(NOTES, su)
+        api.create_collection(DOCS, su)
         assert (
             api.call("POST", "/api/batch", {"requests": []})[0] == 403
         )  # off by default
@@ -5626,6 +5651,7 @@ def test_routes_batch_with_the_official_js_sdk(tmp_path: Path) -> None:
     )
     assert result["statuses"] == [200, 200, 200, 204]
     assert result["titles"] == ["one", "upserted"]  # nothing of the failed batch
+    assert result["fileText"] == "in a batch"  # files travel as requests.N.FIELD
     assert result[
         "seen"
     ] == [  # in request order, after the commit; none for the rollback
