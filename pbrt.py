@@ -6106,8 +6106,8 @@ class Records:
             if isinstance(exc, ValidationError):
                 raise BadRequestError("Failed to update record.", exc.errors) from None
             raise
-        dropped = set(self._file_paths(collection, current)) - set(
-            self._file_paths(collection, record)
+        dropped = set(self.file_paths(collection, current)) - set(
+            self.file_paths(collection, record)
         )
         await self.run_blocking(_remove_files, sorted(dropped))
         self.hooks.run(
@@ -6178,15 +6178,17 @@ class Records:
         if errors:
             raise ValidationError(errors)
 
-    def _file_paths(self, collection: Collection, record: Record) -> Names:
-        """Where the files a record holds are stored."""
+    def file_paths(
+        self, collection: Collection, record: Record, field_name: str = ""
+    ) -> Names:
+        """Where the files a record holds (in one field, or in all) are stored."""
         if not self.storage:
             return []
         directory = os.path.join(self.storage, collection.id, str(record["id"]))
         return [
             os.path.join(directory, name)
             for spec in collection.fields
-            if spec["type"] == "file"
+            if spec["type"] == "file" and field_name in ("", spec["name"])
             for name in _relation_ids(record.get(spec["name"]))
         ]
 
@@ -7203,7 +7205,25 @@ async def handle_collection_update(context: RequestContext) -> Response:
     """PATCH /api/collections/{collection} (superusers only)."""
     _require_superuser(context)
     existing = _collection_or_404(context, DEFAULT_ERROR_MESSAGES[404])
+    records = _records(context)
+    before = {spec["id"]: spec for spec in existing.fields if spec["type"] == "file"}
+    held = {  # every file each file field holds now, in case the field goes
+        field_id: [
+            path
+            for record in records.store.find_records(existing)
+            for path in records.file_paths(existing, record, spec["name"])
+        ]
+        for field_id, spec in before.items()
+    }
     collection = _save_collection(context, existing, "Failed to update collection.")
+    kept = {spec["id"] for spec in collection.fields if spec["type"] == "file"}
+    gone = [
+        path
+        for field_id, paths in held.items()
+        if field_id not in kept
+        for path in paths
+    ]
+    await records.run_blocking(_remove_files, gone)  # a removed field takes its files
     return json_response(collection.to_json())
 
 
@@ -7915,7 +7935,10 @@ async def handle_batch(context: RequestContext) -> Response:
         random_text=records.random_text,
     )
     uploads: dict[int, dict[str, list[UploadedFile]]] = {}
-    for key, parts in context.body.files.items():  # `requests.N.FIELD`, as the SDK sends
+    for (
+        key,
+        parts,
+    ) in context.body.files.items():  # `requests.N.FIELD`, as the SDK sends
         prefix, position, field_key = (key.split(".", 2) + ["", ""])[:3]
         if prefix == "requests" and position.isdigit() and field_key:
             uploads.setdefault(int(position), {})[field_key] = parts

@@ -5730,6 +5730,12 @@ def test_routes_files_with_the_official_js_sdk(tmp_path: Path) -> None:
             / api.json("GET", "/api/collections/docs", token=su)["id"]
         )
         on_disk = sorted(p.name for p in (storage / record["id"]).iterdir())
+        fields = api.json("GET", "/api/collections/docs", token=su)["fields"]
+        remaining = [f for f in fields if f["name"] != "secret"]
+        api.json("PATCH", "/api/collections/docs", {"fields": remaining}, su)
+        assert not (
+            storage / record["id"] / updated["secret"]
+        ).exists()  # went with its field
         api.call("DELETE", f"/api/collections/docs/records/{record['id']}", token=su)
         assert not (storage / record["id"]).exists()  # files go with their record
     assert re.fullmatch(r"my_file_1_[a-z0-9]{10}\.txt", record["doc"])
