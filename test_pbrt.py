@@ -6554,16 +6554,16 @@ def test_client_subscribe_takes_the_sdk_options_and_gives_up_on_a_dead_server(
         first_seen = run(body())
     assert first_seen[0] == [{"n": 2}]  # `fields` applied too
     assert first_seen[1][0]["n"] == 3 and first_seen[2][0]["n"] == 4
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there
 
-    async def give_up() -> None:
+    async def give_up(dead: str) -> None:
         async for _ in pbrt.Client(dead).subscribe("posts/*", max_attempts=2):
             pass
 
-    with pytest.raises(ConnectionError, match="failed 2 times in a row"):
-        run(give_up())
+    with socket.socket() as taken:  # bound, never listening: refused, and nobody else's
+        taken.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ConnectionError, match="failed 2 times in a row"):
+            run(give_up(dead))
 
 
 def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
