@@ -49,6 +49,7 @@ import gc
 import hashlib
 import hmac
 import http
+import http.cookies
 import itertools
 import json
 import logging
@@ -210,7 +211,22 @@ MAX_REALTIME_CLIENTS_PER_IP = 1_000
 MAX_CLIENT_QUEUE_BYTES = 4 * 1024 * 1024  # a client further behind than this is dropped
 SSE_IDLE_TIMEOUT_S = 5 * 60.0  # PocketBase's apis/realtime.go timeouts
 SSE_MAX_LIFETIME_S = 30 * 60.0
+SSE_HEARTBEAT_S = 25.0  # a comment line this often: under common proxy idle limits
 RULE_BATCH_SIZE = 100  # rule checks per batched SQL statement
+FANOUT_SLICE = 500  # subscriptions decided between two turns of the event loop
+
+# The realtime log: every committed change and custom message, in data.db.
+REALTIME_LOG_TABLE = "_realtime_log"
+LOG_MAX_ENTRIES = 100_000  # entries kept for clients that resume
+LOG_MAX_AGE_S = 24 * 3600.0
+LOG_WATCH_S = 0.05  # how often other processes' commits are looked for
+LOG_PRUNE_S = 10.0  # how often the log is pruned
+LOG_PRUNE_CHUNK = 2_000  # entries deleted per transaction when pruning
+LOG_READ_BATCH = 256  # entries read at a time for delivery and replay
+MISSED_EVENT = "PB_MISSED"  # sent to a client whose position the log no longer holds
+RESUME_COOKIE = "pbrt_realtime"  # carries a browser's position to its next stream
+RESUME_WINDOW_S = 10 * 60.0  # a stream's position stays claimable this long
+MAX_RESUME_POSITIONS = 20_000  # positions of closed streams kept for their cookies
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +279,12 @@ class Config:
     event_budget_s: float = EVENT_BUDGET_S
     #: Seconds one subscription's check may take; over it, it is dropped (logged).
     check_budget_s: float = CHECK_BUDGET_S
+    #: Seconds between two SSE comment lines on a stream with nothing to send.
+    sse_heartbeat_s: float = SSE_HEARTBEAT_S
+    #: Entries the realtime log keeps for clients that resume (0: no count limit).
+    realtime_log_max_entries: int = LOG_MAX_ENTRIES
+    #: Seconds the realtime log keeps an entry (0: no age limit).
+    realtime_log_max_age_s: float = LOG_MAX_AGE_S
 
 
 # ==========================================================================
@@ -892,23 +914,30 @@ def _parse_multipart(body: bytes, boundary: bytes) -> Body:
 
 
 # --- Server-Sent Events ------------------------------------------------------
-# PocketBase writes every field without a space after the colon and uses the
-# client id as the event id.
+# PocketBase writes every field without a space after the colon. PB_CONNECT
+# carries the client id as its id (the SDKs read it there); record events and
+# custom messages carry their position in the realtime log, so a client can
+# resume after it.
+
+SSE_HEARTBEAT = b":\n\n"  # a comment: proxies see traffic, EventSource ignores it
 
 
-def encode_sse_prefix(event_id: str, event: str) -> bytes:
-    """Encode the `id:` and `event:` fields and the `data:` name of an SSE event.
+def _sse_safe(text: str) -> str:
+    """CR and LF percent-encoded, so a name or id cannot start new fields."""
+    if "\r" in text or "\n" in text:
+        return text.replace("\r", "%0D").replace("\n", "%0A")
+    return text
 
-    A frame is this prefix, the one-line JSON data and a blank line; the
-    broker encodes the prefix once per subscription and reuses it.
 
-    >>> encode_sse_prefix("c1", "posts/*")
-    b'id:c1\\nevent:posts/*\\ndata:'
+def encode_sse_name(event: str) -> bytes:
+    """Encode the `event:` field and the `data:` name: what follows an event's id.
+
+    The broker encodes this once per subscription and reuses it.
+
+    >>> encode_sse_name("posts/*")
+    b'event:posts/*\\ndata:'
     """
-    if "\r" in event or "\n" in event or "\r" in event_id or "\n" in event_id:
-        event = event.replace("\r", "%0D").replace("\n", "%0A")
-        event_id = event_id.replace("\r", "%0D").replace("\n", "%0A")
-    return b"id:%s\nevent:%s\ndata:" % (event_id.encode(), event.encode())
+    return b"event:%s\ndata:" % _sse_safe(event).encode()
 
 
 def encode_sse_event(event_id: str, event: str, data: bytes) -> bytes:
@@ -920,7 +949,7 @@ def encode_sse_event(event_id: str, event: str, data: bytes) -> bytes:
     >>> encode_sse_event("c1", "posts/*", b'{"a":1}')
     b'id:c1\\nevent:posts/*\\ndata:{"a":1}\\n\\n'
     """
-    return encode_sse_prefix(event_id, event) + data + b"\n\n"
+    return b"id:%s\n%s%s\n\n" % (_sse_safe(event_id).encode(), encode_sse_name(event), data)
 
 
 # ==========================================================================
@@ -3752,12 +3781,14 @@ def compile_rules(
     info: RequestInfo,
     rules: list[tuple[str, bool]],
     sort_paths: tuple[str, ...] = (),
+    table: str = "",
 ) -> CompiledRule:
     """Compile rules and filters (`(text, is_client_filter)`) into one WHERE.
 
     They share one set of joins, as PocketBase's list does (rules.md §9.2).
     `sort_paths` are the client's sort identifiers: the related listRules
-    they cross are required too, as PocketBase does. Raises RuleError.
+    they cross are required too, as PocketBase does. The record is row `t`
+    of the collection's table, or of `table` (a logged row's). Raises RuleError.
     """
     resolver = RecordResolver(store, collection, info)
     parts: list[IR] = []
@@ -3778,7 +3809,8 @@ def compile_rules(
     for source, on, source_params in resolver.joins:
         join_params.extend(source_params)
         joins += f" LEFT JOIN {source} ON {on}"
-    sql = f"t.rowid IN (SELECT t.rowid FROM {quote_identifier(collection.name)} t{joins} WHERE {condition})"
+    source = table or quote_identifier(collection.name)
+    sql = f"t.rowid IN (SELECT t.rowid FROM {source} t{joins} WHERE {condition})"
     return CompiledRule(sql, (*join_params, *params), ir, True)
 
 
@@ -3828,32 +3860,93 @@ def resolve_body_modifiers(
 # 8. Store
 # ==========================================================================
 # sqlite3: one table per collection, definitions in `_collections`, WAL,
-# transactions whose commits a ChangeListener (the broker) hears of. Time,
-# ids and password hashing are passed in. Knows nothing of HTTP.
+# transactions, and the realtime log: SQLite triggers append every committed
+# row change to `_realtime_log`, whoever writes. Time, ids and password
+# hashing are passed in. Knows nothing of HTTP.
 
 
-@dataclass(slots=True)
-class RecordChange:
-    """One record written by a transaction: what realtime fan-out starts from.
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One entry of the realtime log: a committed record change or a message.
 
-    `record` is the new state (the old one for deletes); `prepared` holds
-    the listener's work, done inside the transaction so that it sees the
-    record as it was written, or as it was just before a delete.
+    `data` is the row after a create or update (column values by field
+    name) or a custom message's data; `previous` the row before an update or
+    delete. Entries are numbered in commit order by `seq`.
     """
 
-    action: str  # "create" | "update" | "delete"
-    collection: Collection
-    record: Record
-    previous: Record | None = None
-    prepared: Any = None
+    seq: int
+    created: float  # Unix time of the commit
+    collection: str  # the collection's id; "" for a custom message
+    action: str  # "create" | "update" | "delete" | "message"
+    record: str  # the record's id, or the message's topic
+    data: JSON
+    previous: JSON
+
+    @property
+    def row(self) -> dict[str, JSON]:
+        """The record's columns as the change left them (as they were, for a delete)."""
+        row = self.data if self.action != "delete" else self.previous
+        return row if isinstance(row, dict) else {}
 
 
-class ChangeListener(Protocol):
-    """Receives record changes: prepared inside the transaction, then committed."""
+# The time of a commit in Unix seconds, in SQL (unixepoch('subsec') needs 3.42).
+_SQL_NOW = "(julianday('now') - 2440587.5) * 86400.0"
+_LOG_ACTIONS = (("create", "INSERT", "NEW"), ("update", "UPDATE", "NEW"), ("delete", "DELETE", "OLD"))
 
-    def prepare(self, change: RecordChange) -> None: ...
 
-    def committed(self, changes: list[RecordChange]) -> None: ...
+def _logged_column(row: str, name: str) -> str:
+    """A column as the log keeps it: reals with all 17 digits (SQLite's JSON
+    writes 15), blobs as text (JSON has none)."""
+    column = f'{row}."{name}"'
+    return (
+        f"CASE typeof({column}) WHEN 'real' THEN json(printf('%!.17g', {column})) "
+        f"WHEN 'blob' THEN CAST({column} AS TEXT) ELSE {column} END"
+    )
+
+
+def log_trigger_sql(collection: Collection, action: str) -> str:
+    """The trigger that appends `action`'s row changes of a collection to the log.
+
+    Being in the database, it runs for every writer: pbrt, another process,
+    the `sqlite3` shell; in the writer's transaction, so a rolled-back write
+    leaves no entry.
+    """
+    statement, row = next((s, r) for a, s, r in _LOG_ACTIONS if a == action)
+
+    def columns(prefix: str) -> str:
+        pairs = ", ".join(
+            f"'{spec['name']}', {_logged_column(prefix, spec['name'])}"
+            for spec in collection.fields
+        )
+        return f"json_object({pairs})"
+
+    data = columns("NEW") if action != "delete" else "NULL"
+    previous = columns("OLD") if action != "create" else "NULL"
+    name = quote_identifier(f"_pbrt_log_{collection.name}_{action}")
+    return (
+        f"CREATE TRIGGER {name} AFTER {statement} ON {quote_identifier(collection.name)} "
+        f'BEGIN INSERT INTO "{REALTIME_LOG_TABLE}" '
+        "(created, collection, action, record, data, previous) "
+        f"VALUES ({_SQL_NOW}, '{collection.id}', '{action}', {row}.id, {data}, {previous}); END"
+    )
+
+
+def logged_row_table(collection: Collection) -> str:
+    """The temporary table that holds a logged row while SQL checks run on it."""
+    return f'temp."_pbrt_row_{collection.id}"'
+
+
+def logged_record(collection: Collection, entry: LogEntry) -> tuple[dict[str, JSON], Record]:
+    """A logged row as columns (fields added since get their zero value) and as a record."""
+    logged = entry.row
+    row: dict[str, JSON] = {}
+    record: Record = {}
+    for spec in collection.fields:
+        name = spec["name"]
+        value = logged[name] if name in logged else to_column(spec, zero_value(spec))
+        row[name] = value
+        record[name] = from_column(spec, value)
+    return row, record
 
 
 class Store:
@@ -3885,11 +3978,13 @@ class Store:
         self._writer.execute("PRAGMA synchronous = NORMAL")
         # Per thread: the read-only connection `read` lent it, and its budget.
         self._local = threading.local()
-        self._data_version = -1  # PRAGMA data_version when collections were loaded
+        self._data_version = -1  # PRAGMA data_version when last looked at
+        self._collections_version: JSON = None  # `_params` collectionsVersion loaded
         self._readers: list[sqlite3.Connection] = []
         self._depth = 0
-        self._changes: list[RecordChange] = []
-        self.listener: ChangeListener | None = None
+        #: Called after each commit of this store's and when `refresh` notices
+        #: another connection's: the broker delivers what the log got.
+        self.listener: Callable[[], None] | None = None
         self._collections: dict[str, Collection] = {}
         with self.transaction():
             self.connection.execute(
@@ -3901,9 +3996,12 @@ class Store:
                 'CREATE TABLE IF NOT EXISTS "_params" '
                 "(id TEXT PRIMARY KEY NOT NULL, value JSON NOT NULL)"
             )
+            self._create_log()
             self._load_collections()
             if not self._collections:
                 self._create_default_collections()
+            for collection in self._collections.values():
+                self._install_log_triggers(collection)
 
     @staticmethod
     def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
@@ -3968,12 +4066,10 @@ class Store:
             yield
         except BaseException:
             self._depth = 0
-            self._changes = []
             self.connection.execute("ROLLBACK")
             self._load_collections()
             raise
         self._depth = 0
-        changes, self._changes = self._changes, []
         try:
             self.connection.execute("COMMIT")
         except BaseException:  # e.g. a full disk: nothing was written
@@ -3981,8 +4077,8 @@ class Store:
                 self.connection.execute("ROLLBACK")
             self._load_collections()
             raise
-        if changes and self.listener is not None:
-            self.listener.committed(changes)
+        if self.listener is not None:
+            self.listener()
 
     @contextlib.contextmanager
     def budget(self, seconds: float) -> Iterator[None]:
@@ -4015,15 +4111,145 @@ class Store:
         deadline = getattr(self._local, "deadline", None)
         return int(deadline is not None and time.monotonic() > deadline)
 
-    def _record_change(self, change: RecordChange) -> None:
-        """Queue a change for the listener (inside the open transaction)."""
-        if self.listener is not None:
-            self.listener.prepare(change)
-            self._changes.append(change)
-
     def now_text(self) -> str:
         """The current time in PocketBase's stored date format."""
         return format_datetime(self.now())
+
+    # --- the realtime log ----------------------------------------------------
+    # Append-only, numbered in commit order (AUTOINCREMENT: a number is never
+    # reused, even after pruning). `_params` keeps how far it was pruned.
+
+    def _create_log(self) -> None:
+        self.connection.execute(
+            f'CREATE TABLE IF NOT EXISTS "{REALTIME_LOG_TABLE}" ('
+            "seq INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, "
+            "collection TEXT NOT NULL, action TEXT NOT NULL, record TEXT NOT NULL, "
+            "data JSON, previous JSON)"
+        )
+        # Any change of a collection's definition, by any writer, bumps this:
+        # other processes reload the collections before their next request.
+        for statement in ("INSERT", "UPDATE", "DELETE"):
+            self.connection.execute(
+                f'CREATE TRIGGER IF NOT EXISTS "_pbrt_collections_{statement.lower()}" '
+                f'AFTER {statement} ON "_collections" BEGIN '
+                "INSERT INTO \"_params\" (id, value) VALUES ('collectionsVersion', 1) "
+                "ON CONFLICT(id) DO UPDATE SET value = value + 1; END"
+            )
+
+    def _install_log_triggers(self, collection: Collection) -> None:
+        """(Re)create a collection's log triggers where they differ from its fields."""
+        existing = dict(
+            self.connection.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?",
+                (collection.name,),
+            ).fetchall()
+        )
+        for action, _, _ in _LOG_ACTIONS:
+            name = f"_pbrt_log_{collection.name}_{action}"
+            wanted = log_trigger_sql(collection, action)
+            if existing.get(name) != wanted:
+                self.connection.execute(f"DROP TRIGGER IF EXISTS {quote_identifier(name)}")
+                self.connection.execute(wanted)
+
+    def append_message(self, topic: str, data: JSON) -> int:
+        """Log a custom-topic message (in its own transaction, or the one open); return its seq."""
+        with self.transaction():
+            cursor = self.connection.execute(
+                f'INSERT INTO "{REALTIME_LOG_TABLE}" (created, collection, action, record, data) '
+                f"VALUES ({_SQL_NOW}, '', 'message', ?, ?)",
+                (topic, _encode_json_text(data)),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def read_log(self, after: int, limit: int, through: int | None = None) -> list[LogEntry]:
+        """The committed entries after `seq` `after` (up to `through`), oldest first."""
+        rows = self.connection.execute(
+            "SELECT seq, created, collection, action, record, data, previous "
+            f'FROM "{REALTIME_LOG_TABLE}" WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?',
+            (after, through if through is not None else 2**62, limit),
+        ).fetchall()
+        return [
+            LogEntry(
+                seq,
+                created,
+                collection,
+                action,
+                record,
+                None if data is None else json.loads(data),
+                None if previous is None else json.loads(previous),
+            )
+            for seq, created, collection, action, record, data, previous in rows
+        ]
+
+    def log_bounds(self) -> tuple[int, int]:
+        """`(pruned, last)`: the log holds every entry after `pruned` up to `last`."""
+        row = self.connection.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = ?", (REALTIME_LOG_TABLE,)
+        ).fetchone()
+        pruned = self.param("realtimeLogPruned")
+        return int(pruned or 0), int(row[0]) if row else 0
+
+    def prune_log(self, max_entries: int, max_age_s: float) -> int:
+        """Delete up to LOG_PRUNE_CHUNK of the oldest entries past either limit
+        (0: none) in one short transaction; return how many went."""
+        pruned, last = self.log_bounds()
+        count_cut = last - max_entries if max_entries else 0
+        age_cut = self.now() - max_age_s if max_age_s else -math.inf
+        with self.transaction():
+            (cut,) = self.connection.execute(
+                f'SELECT max(seq) FROM (SELECT seq, created FROM "{REALTIME_LOG_TABLE}" '
+                "ORDER BY seq LIMIT ?) WHERE seq <= ? OR created < ?",
+                (LOG_PRUNE_CHUNK, count_cut, age_cut),
+            ).fetchone()
+            if cut is None:
+                return 0
+            deleted = self.connection.execute(
+                f'DELETE FROM "{REALTIME_LOG_TABLE}" WHERE seq <= ?', (cut,)
+            ).rowcount
+            self.save_param("realtimeLogPruned", max(pruned, int(cut)))
+        return int(deleted)
+
+    def row_matches(
+        self,
+        collection: Collection,
+        row: dict[str, JSON],
+        conditions: list[tuple[str, tuple[JSON, ...]]],
+    ) -> list[bool]:
+        """Evaluate SQL conditions (compiled with `table=LOGGED_ROW_TABLE`) on
+        a row that need not be in its table: a logged one, a deleted record.
+
+        The row sits alone in a temporary table declared as the collection's,
+        so every comparison has the column's affinity; joins see the data now.
+        """
+        connection = self.connection
+        table = logged_row_table(collection)
+        declared = tuple(
+            (spec["name"], column_declaration(spec)) for spec in collection.fields
+        )
+        made: dict[tuple[int, str], JSON] = getattr(self._local, "row_tables", {})
+        self._local.row_tables = made
+        key = (id(connection), collection.id)
+        if made.get(key) != declared:
+            connection.execute(f"DROP TABLE IF EXISTS {table}")
+            columns = ", ".join(f'"{name}" {declaration}' for name, declaration in declared)
+            connection.execute(f"CREATE TABLE {table} ({columns})")
+            made[key] = declared
+        names = ", ".join(f'"{name}"' for name, _ in declared)
+        marks = ", ".join("?" for _ in declared)
+        try:  # the table's one row is rowid 1, whatever an interrupted check left
+            connection.execute(
+                f"INSERT OR REPLACE INTO {table} (rowid, {names}) VALUES (1, {marks})",
+                tuple(row.get(name) for name, _ in declared),
+            )
+            checks = ", ".join(
+                f"EXISTS (SELECT 1 FROM {table} t WHERE ({sql}))" for sql, _ in conditions
+            )
+            params = [param for _, params in conditions for param in params]
+            found = connection.execute(f"SELECT {checks}", params).fetchone()
+        finally:
+            if connection is not self._writer and connection.in_transaction:
+                connection.commit()  # a reader's implicit transaction: keep no snapshot
+        return [bool(value) for value in found]
 
     # --- collections -------------------------------------------------------
 
@@ -4047,16 +4273,28 @@ class Store:
             )
 
     def refresh(self) -> bool:
-        """Reload the collections if another connection (another process, the
-        `sqlite3` shell) committed since they were loaded; return whether."""
+        """Notice commits of other connections (another process, the `sqlite3`
+        shell): reload the collections if they changed, tell the listener
+        (their log entries wait); return whether anything was committed."""
         (version,) = self._writer.execute("PRAGMA data_version").fetchone()
         if version == self._data_version:
             return False
-        self._load_collections()
+        self._data_version = version
+        if self._read_collections_version() != self._collections_version:
+            self._load_collections()
+        if self.listener is not None:
+            self.listener()
         return True
+
+    def _read_collections_version(self) -> JSON:
+        row = self._writer.execute(
+            "SELECT value FROM \"_params\" WHERE id = 'collectionsVersion'"
+        ).fetchone()
+        return None if row is None else row[0]
 
     def _load_collections(self) -> None:
         (self._data_version,) = self._writer.execute("PRAGMA data_version").fetchone()
+        self._collections_version = self._read_collections_version()
         loaded: dict[str, Collection] = {}
         for (data,) in self.connection.execute(
             'SELECT data FROM "_collections" ORDER BY position'
@@ -4217,6 +4455,7 @@ class Store:
                 (collection.name, json.dumps(stored), collection.id),
             )
         self._migrate_table(collection, existing)
+        self._install_log_triggers(collection)
         self._collections = {**self._collections, collection.id: collection}
 
     def _migrate_table(
@@ -4680,11 +4919,6 @@ class Store:
                     )
             except sqlite3.IntegrityError as exc:
                 raise ValidationError(_unique_violation(collection, str(exc))) from None
-            self._record_change(
-                RecordChange(
-                    "create" if creating else "update", collection, record, current
-                )
-            )
         return record
 
     def _check_relation(self, spec: dict[str, JSON], value: JSON) -> JSON | None:
@@ -4780,15 +5014,6 @@ class Store:
                         f"UPDATE {quote_identifier(other.name)} SET {column} = ? WHERE id = ?",
                         (to_column(spec, remaining), referencing["id"]),
                     )
-                    self._record_change(
-                        RecordChange(
-                            "update",
-                            other,
-                            {**referencing, spec["name"]: remaining},
-                            referencing,
-                        )
-                    )
-        self._record_change(RecordChange("delete", collection, record))
         self.connection.execute(
             f"DELETE FROM {quote_identifier(collection.name)} WHERE id = ?",
             (record["id"],),
@@ -6339,12 +6564,16 @@ class FrameSink(Protocol):
 
 
 class RealtimeClient:
-    """One SSE connection: its id, auth and subscriptions.
+    """One SSE connection: its id, auth, subscriptions and log position.
 
     Until its stream is live, frames wait in a small list; afterwards they
     are written straight to the socket's transport, whose buffer is the
     client's bounded queue: a client more than `max_queue_bytes` behind is
     disconnected (the SDK reconnects) instead of slowing anyone down.
+
+    `position` is None while the client follows the broker's live delivery;
+    a client that came back with a position waits there (its first
+    subscriptions start its replay) and replays until it catches up.
     """
 
     def __init__(self, client_id: str, remote_ip: str, max_queue_bytes: int) -> None:
@@ -6352,46 +6581,82 @@ class RealtimeClient:
         self.remote_ip = remote_ip
         self.auth: Auth | None = None
         self.subscriptions: dict[str, Subscription] = {}
-        self.prefixes: dict[
-            str, bytes
-        ] = {}  # subscription -> its encoded `id:`/`event:` fields
+        self.names: dict[str, bytes] = {}  # subscription -> its encoded `event:` field
         self.max_queue_bytes = max_queue_bytes
         self.pending: list[bytes] = []
         self.transport: FrameSink | None = None
         self.chunked = True
         self.closed = False
         self.ended = asyncio.Event()
-        self.last_write = time.monotonic()
+        self.last_write = self.last_message = time.monotonic()
+        self.position: int | None = None
+        self.resuming = False  # a position arrived with the stream (its replay is due)
+        self.missed: str | None = None  # the cursor it came back with, if the log lost it
+        # Log frames the transport may still hold: (bytes written after them, seq).
+        self.written = 0
+        self.unflushed: collections.deque[tuple[int, int]] = collections.deque()
 
-    def send(self, frame: bytes) -> None:
-        """Write one frame now (or queue it until the stream is live)."""
+    def send(self, frame: bytes, seq: int = 0) -> None:
+        """Write one frame now (or queue it until the stream is live); `seq`
+        is the log entry it carries, so a dropped stream knows where it stood."""
         if self.closed:
             return
+        self.last_message = time.monotonic()
+        if seq:
+            self.unflushed.append((self.written + len(frame), seq))
+            if len(self.unflushed) > 64:
+                self._forget_flushed()
+        self.written += len(frame)
         transport = self.transport
         if transport is None:
             self.pending.append(frame)
             if sum(map(len, self.pending)) > self.max_queue_bytes:
                 self.close(abort=True)
             return
-        transport.write(encode_chunk(frame) if self.chunked else frame)
-        self.last_write = time.monotonic()
+        self._write(frame)
         if transport.get_write_buffer_size() > self.max_queue_bytes:
             log.warning("realtime client %s is too slow; disconnecting it", self.id)
             self.close(abort=True)
 
-    def send_event(self, event: str, payload: bytes) -> None:
-        """Send one event with a JSON payload (its prefix is encoded once per subscription)."""
-        prefix = self.prefixes.get(event)
-        if prefix is None:
-            prefix = encode_sse_prefix(self.id, event)
-        self.send(prefix + payload + b"\n\n")
+    def _write(self, frame: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(encode_chunk(frame) if self.chunked else frame)
+        self.last_write = time.monotonic()
+
+    def send_event(self, seq: int, event: str, payload: bytes) -> None:
+        """Send one log entry's event (its name is encoded once per subscription)."""
+        name = self.names.get(event) or encode_sse_name(event)
+        self.send(b"id:%d\n%s%s\n\n" % (seq, name, payload), seq)
+
+    def heartbeat(self) -> None:
+        """Write an SSE comment: traffic for proxies, not a message (idle time runs on)."""
+        if not self.closed and self.transport is not None:
+            self._write(SSE_HEARTBEAT)
 
     def go_live(self, transport: FrameSink, chunked: bool) -> None:
         """Start writing to `transport` (the socket's), first what was queued."""
         self.transport, self.chunked = transport, chunked
         pending, self.pending = self.pending, []
         for frame in pending:
-            self.send(frame)
+            self._write(frame)
+
+    def _forget_flushed(self) -> None:
+        """Drop the frames the transport has handed to the OS."""
+        buffered = len(b"".join(self.pending)) if self.transport is None else (
+            self.transport.get_write_buffer_size()
+        )
+        flushed = self.written - buffered
+        while self.unflushed and self.unflushed[0][0] <= flushed:
+            self.unflushed.popleft()
+
+    def resume_position(self, live_position: int) -> int:
+        """Where this client's stream stood: every log entry up to it was
+        handed to the OS (or needed nothing); call before closing."""
+        self._forget_flushed()
+        position = self.position if self.position is not None else live_position
+        if self.unflushed:
+            position = min(position, self.unflushed[0][1] - 1)
+        return position
 
     def close(self, abort: bool = False) -> None:
         """End the stream; with `abort`, drop the socket at once."""
@@ -6415,13 +6680,12 @@ class RealtimeClient:
         )
 
 
-def _round_robin(
-    candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]],
-) -> list[tuple[RealtimeClient, Subscription, str, Auth | None]]:
+Candidate = tuple[RealtimeClient, Subscription, str, "Auth | None"]
+
+
+def _round_robin(candidates: list[Candidate]) -> list[Candidate]:
     """Reorder so clients take turns: a client's many subscriptions go last."""
-    by_client: dict[
-        str, list[tuple[RealtimeClient, Subscription, str, Auth | None]]
-    ] = {}
+    by_client: dict[str, list[Candidate]] = {}
     for candidate in candidates:
         by_client.setdefault(candidate[0].id, []).append(candidate)
     if len(by_client) == len(candidates):
@@ -6430,19 +6694,181 @@ def _round_robin(
     return [candidate for turn in turns for candidate in turn if candidate is not None]
 
 
-@dataclass(frozen=True, slots=True)
-class _Delivery:
-    client: RealtimeClient
-    event: str
-    payload: bytes
+def _record_topics(collection: Collection, record_id: str) -> list[tuple[str, str]]:
+    """The topics a record change is published on, with the rule each needs."""
+    return [
+        (topic, "viewRule" if "/" in topic and not topic.endswith("/*") else "listRule")
+        for topic in dict.fromkeys(
+            [
+                f"{collection.name}/{record_id}",
+                f"{collection.id}/{record_id}",
+                f"{collection.name}/*",
+                f"{collection.id}/*",
+                collection.name,
+                collection.id,
+            ]
+        )
+    ]
+
+
+class _FanOut:
+    """The decisions for one record change: who may see it, with what payload.
+
+    Rules and filters are checked in memory once per distinct input; what
+    needs joins waits in `pending` for one batched SQL statement per
+    RULE_BATCH_SIZE (`check_in_sql`, safe in a reading thread). Each client's
+    in-memory checks may take `check_budget_s`; the SQL checks share the
+    event's budget. Subscriptions left undecided are dropped (logged), so no
+    filter can make delivery slow for others.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        collection: Collection,
+        entry: LogEntry,
+        row: dict[str, JSON],
+        record: Record,
+    ) -> None:
+        self.broker, self.collection, self.entry = broker, collection, entry
+        self.row, self.record = row, record
+        self.now = broker.now()
+        self.deadline = time.monotonic() + broker.event_budget_s
+        self.spent: dict[str, float] = {}  # seconds of checks per client
+        self.verdicts: dict[tuple[JSON, ...], bool | None] = {}
+        self.pending: dict[tuple[JSON, ...], CompiledRule] = {}
+        self.planned: list[
+            tuple[RealtimeClient, Subscription, tuple[JSON, ...] | None, Auth | None]
+        ] = []
+
+    def decide(self, candidates: list[Candidate]) -> None:
+        """Check rules and filters in memory for these candidates."""
+        collection, broker = self.collection, self.broker
+        for client, subscription, rule_name, auth in candidates:
+            superuser = auth is not None and auth.is_superuser
+            rule = collection.rules.get(rule_name)
+            if rule is None and not superuser:
+                continue
+            key = None
+            if (rule and not superuser) or subscription.filter:
+                auth_key = (auth.collection.id, auth.record.get("id")) if auth else None
+                key = (rule_name, superuser, auth_key, subscription.query, subscription.headers)
+                if key not in self.verdicts:
+                    if self.spent.get(client.id, 0.0) > broker.check_budget_s:
+                        self.verdicts[key] = None  # this client's checks used its share
+                    else:
+                        started = time.monotonic()
+                        info = client.request_info(subscription, auth, self.now)
+                        self.verdicts[key] = self._verdict(
+                            info, "" if superuser else str(rule), subscription.filter, key
+                        )
+                        self.spent[client.id] = (
+                            self.spent.get(client.id, 0.0) + time.monotonic() - started
+                        )
+            self.planned.append((client, subscription, key, auth))
+
+    def _verdict(
+        self, info: RequestInfo, rule: str, filter_text: str, key: tuple[JSON, ...]
+    ) -> bool | None:
+        """Evaluate rule and filter in memory; park what needs SQL in `pending`."""
+        parts = [(rule, False)] if rule else []
+        if filter_text:
+            if not info.is_superuser and (
+                "@request." in filter_text or "@collection." in filter_text
+            ):
+                return False
+            parts.append((filter_text, True))
+        if not parts:
+            return True
+        try:
+            compiled = compile_rules(
+                self.broker.store,
+                self.collection,
+                info,
+                parts,
+                table=logged_row_table(self.collection),
+            )
+        except RuleError:
+            return False
+        verdict = rule_matches(compiled, self.row)
+        if verdict is None:
+            self.pending[key] = compiled
+        return verdict
+
+    def check_in_sql(self) -> None:
+        """Answer the checks that need joins, on the logged row (any thread).
+
+        A batch over the per-check budget is retried one check at a time,
+        so the costly checks are found; what is still unanswered at the
+        deadline stays None.
+        """
+        items = list(self.pending.items())
+        for start in range(0, len(items), RULE_BATCH_SIZE):
+            batch = items[start : start + RULE_BATCH_SIZE]
+            try:
+                self._check_batch(batch)
+            except BudgetExceeded:
+                for item in batch:
+                    with contextlib.suppress(BudgetExceeded):
+                        self._check_batch([item])
+
+    def _check_batch(self, batch: list[tuple[tuple[JSON, ...], CompiledRule]]) -> None:
+        remaining = min(self.broker.check_budget_s, self.deadline - time.monotonic())
+        if remaining <= 0:
+            raise BudgetExceeded("the event's checks ran out of time")
+        store = self.broker.store
+        with store.budget(remaining):
+            found = store.row_matches(
+                self.collection,
+                self.row,
+                [(compiled.sql, compiled.params) for _, compiled in batch],
+            )
+        for (key, _), verdict in zip(batch, found):
+            self.verdicts[key] = verdict
+
+    def deliveries(self) -> list[tuple[RealtimeClient, str, bytes]]:
+        """(client, subscription, payload) for every subscription that may see
+        the change; each distinct payload is encoded once."""
+        collection, record, broker = self.collection, self.record, self.broker
+        payloads: dict[tuple[JSON, ...], bytes] = {}
+        deliveries: list[tuple[RealtimeClient, str, bytes]] = []
+        dropped: dict[str, tuple[RealtimeClient, set[str]]] = {}
+        for client, subscription, key, auth in self.planned:
+            if key is not None and self.verdicts[key] is None:
+                dropped.setdefault(client.id, (client, set()))[1].add(subscription.raw)
+                continue
+            if key is not None and not self.verdicts[key]:
+                continue
+            personal = bool(subscription.expand) or collection.is_auth
+            auth_key = (
+                (auth.collection.id, auth.record.get("id")) if auth and personal else None
+            )
+            superuser = auth is not None and auth.is_superuser
+            payload_key = (superuser, subscription.expand, subscription.fields, auth_key)
+            payload = payloads.get(payload_key)
+            if payload is None:
+                info = client.request_info(subscription, auth, self.now)
+                presenter = RecordPresenter(
+                    broker.store, info, subscription.expand, subscription.fields
+                )
+                view = presenter.present_one(collection, record)
+                payload = payloads[payload_key] = _json_body(
+                    {"record": view, "action": self.entry.action}
+                )
+            deliveries.append((client, subscription.raw, payload))
+        for client, raws in dropped.values():
+            broker.drop_subscriptions(client, raws)
+        return deliveries
 
 
 class Broker:
-    """Realtime clients and the fan-out of record events and custom messages.
+    """Realtime clients and the delivery of the realtime log to them.
 
-    It is the store's ChangeListener: `prepare` decides who receives what
-    inside the write's transaction; `committed` queues the frames after the
-    commit, in commit order.
+    Every event comes from the log in `data.db`, whoever wrote it: `run`
+    delivers each entry after `position`, in order, once its commit is seen
+    (the store's listener wakes it). Decisions are made after the commit, on
+    the row the log holds, so a write never waits for its subscribers. A
+    client that comes back with a position replays what it missed first.
     """
 
     def __init__(
@@ -6451,6 +6877,7 @@ class Broker:
         *,
         now: Callable[[], float],
         new_client_id: Callable[[], str],
+        run_read: Callable[[Callable[[], Any]], Awaitable[Any]],
         max_clients: int = MAX_REALTIME_CLIENTS,
         max_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES,
         event_budget_s: float = EVENT_BUDGET_S,
@@ -6464,10 +6891,23 @@ class Broker:
         self.check_budget_s = check_budget_s
         self.now = now
         self.new_client_id = new_client_id
+        self.run_read = run_read
         self.max_clients = max_clients
         self.max_queue_bytes = max_queue_bytes
         self.clients: dict[str, RealtimeClient] = {}
         self._by_topic: dict[str, dict[str, list[Subscription]]] = {}
+        #: Every entry up to here was delivered to live clients (or came before
+        #: this server started: only clients that resume get those).
+        self.position = store.log_bounds()[1]
+        #: The entry being delivered now (its subscribers were chosen).
+        self.claimed = self.position
+        #: Where closed streams stood, by client id, for the cookie that names them.
+        self.closed_positions: collections.OrderedDict[str, tuple[int, float]] = (
+            collections.OrderedDict()
+        )
+        self._wakeup: asyncio.Event | None = None
+        self._advanced: asyncio.Event | None = None
+        self._replays: set[asyncio.Task[None]] = set()
         #: Called with (client, event name, payload) before each message; returns
         #: the payload to send, or None to drop it for that client.
         self.message_filter: (
@@ -6478,25 +6918,50 @@ class Broker:
 
     # --- clients -------------------------------------------------------------
 
-    def connect(self, remote_ip: str) -> RealtimeClient:
-        """Register a new client; raise TooManyRequestsError over either limit."""
+    def connect(
+        self, remote_ip: str, position: int | None = None, cursor: str = ""
+    ) -> RealtimeClient:
+        """Register a new client; raise TooManyRequestsError over either limit.
+
+        A client that gave a `cursor` resumes after log entry `position`
+        once it subscribes, or is told it missed events: when the log no
+        longer holds them, or the cursor names no position (None).
+        """
         if len(self.clients) >= self.max_clients or (
             self.max_clients_per_ip
             and self._per_ip.get(remote_ip, 0) >= self.max_clients_per_ip
         ):
             raise TooManyRequestsError("Too many realtime clients.")
         client = RealtimeClient(self.new_client_id(), remote_ip, self.max_queue_bytes)
+        if cursor:
+            pruned, last = self.store.log_bounds()
+            if position is not None and pruned <= position <= last:
+                client.position, client.resuming = position, True
+            else:  # older than the log holds, from another database, or unknown
+                client.missed = cursor
         self.clients[client.id] = client
         self._per_ip[remote_ip] = self._per_ip.get(remote_ip, 0) + 1
         return client
 
+    def closed_position(self, client_id: str) -> int | None:
+        """Where a closed stream stood (claimed once), or None if unknown or too old."""
+        found = self.closed_positions.pop(client_id, None)
+        if found is None or time.monotonic() - found[1] > RESUME_WINDOW_S:
+            return None
+        return found[0]
+
     def disconnect(self, client: RealtimeClient) -> None:
-        """Forget a client and its subscriptions."""
-        self.set_subscriptions(client, [])
+        """Forget a client and its subscriptions; keep where its stream stood."""
         if self.clients.pop(client.id, None) is not None:
+            self.set_subscriptions(client, [])
             left = self._per_ip.pop(client.remote_ip, 1) - 1
             if left:
                 self._per_ip[client.remote_ip] = left
+            if client.missed is None:
+                position = client.resume_position(self.position)
+                self.closed_positions[client.id] = (position, time.monotonic())
+                while len(self.closed_positions) > MAX_RESUME_POSITIONS:
+                    self.closed_positions.popitem(last=False)
         client.close()
 
     def close_all(self) -> None:
@@ -6505,7 +6970,8 @@ class Broker:
             client.close()
 
     def set_subscriptions(self, client: RealtimeClient, raw: list[str]) -> None:
-        """Replace a client's whole subscription set."""
+        """Replace a client's whole subscription set (a returning client's
+        first non-empty one starts its replay, or tells it what it missed)."""
         for subscription in client.subscriptions.values():
             by_client = self._by_topic.get(subscription.topic)
             if by_client is not None:
@@ -6515,13 +6981,27 @@ class Broker:
         client.subscriptions = {
             text: parse_subscription(text) for text in dict.fromkeys(raw) if text
         }
-        client.prefixes = {
-            text: encode_sse_prefix(client.id, text) for text in client.subscriptions
-        }
+        client.names = {text: encode_sse_name(text) for text in client.subscriptions}
         for subscription in client.subscriptions.values():
             self._by_topic.setdefault(subscription.topic, {}).setdefault(
                 client.id, []
             ).append(subscription)
+        if client.subscriptions and client.missed is not None:
+            self._send_missed(client)
+        if client.subscriptions and client.resuming and not client.closed:
+            client.resuming = False
+            task = asyncio.ensure_future(self._replay(client))
+            self._replays.add(task)
+            task.add_done_callback(self._replays.discard)
+
+    def _send_missed(self, client: RealtimeClient) -> None:
+        """Tell a client that events after its position are gone: refetch."""
+        data = {
+            "lastEventId": client.missed,
+            "message": "The realtime log no longer holds the events after this id; refetch.",
+        }
+        client.missed = None
+        client.send(encode_sse_event(str(self.position), MISSED_EVENT, _json_body(data)))
 
     def forget_auth_collection(self, collection: Collection) -> None:
         """Clients authenticated in a deleted auth collection become guests."""
@@ -6529,301 +7009,7 @@ class Broker:
             if client.auth is not None and client.auth.collection.id == collection.id:
                 client.auth = None
 
-    # --- custom messages -------------------------------------------------------
-
-    def publish(self, topic: str, data: JSON) -> int:
-        """Send `data` to every subscriber of a custom topic; return how many got it.
-
-        Raises ValueError for a topic that names a collection (those carry
-        record events only).
-        """
-        name = topic.split("?", 1)[0].split("/", 1)[0]
-        if self.store.collection(name) is not None:
-            raise ValueError(
-                f"topic {topic!r} is reserved for the records of collection {name!r}"
-            )
-        payload = _json_body(data)
-        sent = 0
-        for client_id, subscriptions in self._by_topic.get(topic, {}).items():
-            client = self.clients[client_id]
-            for subscription in subscriptions:
-                sent += self._send(client, subscription.raw, payload)
-        return sent
-
-    def _send(self, client: RealtimeClient, event: str, payload: bytes) -> int:
-        """Queue one message through the message filter; return 1 if it was queued."""
-        if self.message_filter is not None and self.message_filter_active():
-            try:
-                filtered = self.message_filter(client, event, payload)
-            except Exception:
-                log.exception(
-                    "realtime message hook failed; message dropped for client %s",
-                    client.id,
-                )
-                return 0
-            if filtered is None:
-                return 0
-            payload = filtered
-        client.send_event(event, payload)
-        return 1
-
-    # --- record events (ChangeListener) ------------------------------------------
-
-    def prepare(self, change: RecordChange) -> None:
-        """Decide, inside the transaction, which subscriptions get this change."""
-        collection, record = change.collection, change.record
-        auth_updates = self._auth_updates(change)
-        topics = dict.fromkeys(
-            [
-                f"{collection.name}/{record['id']}",
-                f"{collection.id}/{record['id']}",
-                f"{collection.name}/*",
-                f"{collection.id}/*",
-                collection.name,
-                collection.id,
-            ]
-        )
-        candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]] = []
-        for topic in topics:
-            rule_name = (
-                "listRule" if topic.endswith("/*") or "/" not in topic else "viewRule"
-            )
-            for client_id, subscriptions in self._by_topic.get(topic, {}).items():
-                client = self.clients.get(client_id)
-                if client is None or client.closed:
-                    continue
-                # A delete is decided on the auth the client had: a user still
-                # hears of their own deletion (PocketBase's order), then is a guest.
-                auth = (
-                    client.auth
-                    if change.action == "delete"
-                    else auth_updates.get(client_id, client.auth)
-                )
-                candidates.extend(
-                    (client, subscription, rule_name, auth)
-                    for subscription in subscriptions
-                )
-        change.prepared = (
-            auth_updates,
-            self._fan_out(change, _round_robin(candidates)) if candidates else [],
-        )
-
-    def committed(self, changes: list[RecordChange]) -> None:
-        """Queue the frames of committed changes, in commit order."""
-        for change in changes:
-            if not change.prepared:
-                continue
-            auth_updates, deliveries = change.prepared
-            for client_id, auth in auth_updates.items():
-                client = self.clients.get(client_id)
-                if client is not None:
-                    client.auth = auth
-            for delivery in deliveries:
-                self._send(delivery.client, delivery.event, delivery.payload)
-
-    def _auth_updates(self, change: RecordChange) -> dict[str, Auth | None]:
-        """Clients authenticated as this record follow it (PocketBase's realtime auth sync)."""
-        if not change.collection.is_auth:
-            return {}
-        updates: dict[str, Auth | None] = {}
-        record = change.record
-        for client in self.clients.values():
-            auth = client.auth
-            if (
-                auth is None
-                or auth.collection.id != change.collection.id
-                or auth.record.get("id") != record["id"]
-            ):
-                continue
-            if change.action == "delete" or record.get("tokenKey") != auth.record.get(
-                "tokenKey"
-            ):
-                updates[client.id] = None
-            else:
-                updates[client.id] = Auth(change.collection, record)
-        return updates
-
-    def _fan_out(
-        self,
-        change: RecordChange,
-        candidates: list[tuple[RealtimeClient, Subscription, str, Auth | None]],
-    ) -> list[_Delivery]:
-        """Check rules once per distinct input, encode each distinct payload once.
-
-        Each client's in-memory checks may take `check_budget_s`; the SQL
-        checks share the event's budget, clients taking turns. Subscriptions
-        left undecided are dropped (logged), so no filter can make every
-        write slow, and clients with a few subscriptions are never cut.
-        """
-        collection, record = change.collection, change.record
-        deadline = time.monotonic() + self.event_budget_s
-        spent: dict[str, float] = {}  # seconds of checks per client in this event
-        row = {
-            spec["name"]: to_column(spec, record.get(spec["name"], zero_value(spec)))
-            for spec in collection.fields
-        }
-        now = self.now()
-        verdicts: dict[tuple[JSON, ...], bool | None] = {}
-        pending: dict[tuple[JSON, ...], CompiledRule] = {}
-        planned: list[
-            tuple[RealtimeClient, Subscription, tuple[JSON, ...] | None, Auth | None]
-        ] = []
-        for client, subscription, rule_name, auth in candidates:
-            superuser = auth is not None and auth.is_superuser
-            rule = collection.rules.get(rule_name)
-            if rule is None and not superuser:
-                continue
-            key = None
-            if (rule and not superuser) or subscription.filter:
-                auth_key = (auth.collection.id, auth.record.get("id")) if auth else None
-                key = (
-                    rule_name,
-                    superuser,
-                    auth_key,
-                    subscription.query,
-                    subscription.headers,
-                )
-                if (
-                    key not in verdicts
-                    and spent.get(client.id, 0.0) > self.check_budget_s
-                ):
-                    verdicts[key] = None  # this client's own checks used its share
-                elif key not in verdicts:
-                    started = time.monotonic()
-                    info = client.request_info(subscription, auth, now)
-                    verdicts[key] = self._verdict(
-                        collection,
-                        row,
-                        info,
-                        "" if superuser else str(rule),
-                        subscription.filter,
-                        pending,
-                        key,
-                    )
-                    spent[client.id] = (
-                        spent.get(client.id, 0.0) + time.monotonic() - started
-                    )
-            planned.append((client, subscription, key, auth))
-        self._run_pending(collection, record["id"], pending, verdicts, deadline)
-        payloads: dict[tuple[JSON, ...], bytes] = {}
-        deliveries: list[_Delivery] = []
-        dropped: dict[str, tuple[RealtimeClient, set[str]]] = {}
-        for client, subscription, key, auth in planned:
-            if key is not None and verdicts[key] is None:
-                dropped.setdefault(client.id, (client, set()))[1].add(subscription.raw)
-                continue
-            if key is not None and not verdicts[key]:
-                continue
-            personal = bool(subscription.expand) or collection.is_auth
-            auth_key = (
-                (auth.collection.id, auth.record.get("id"))
-                if auth and personal
-                else None
-            )
-            superuser = auth is not None and auth.is_superuser
-            payload_key = (
-                superuser,
-                subscription.expand,
-                subscription.fields,
-                auth_key,
-            )
-            payload = payloads.get(payload_key)
-            if payload is None:
-                info = client.request_info(subscription, auth, now)
-                presenter = RecordPresenter(
-                    self.store, info, subscription.expand, subscription.fields
-                )
-                view = presenter.present_one(collection, record)
-                payload = payloads[payload_key] = _json_body(
-                    {"record": view, "action": change.action}
-                )
-            deliveries.append(_Delivery(client, subscription.raw, payload))
-        for client, raws in dropped.values():
-            self._drop_subscriptions(client, raws)
-        return deliveries
-
-    def _verdict(
-        self,
-        collection: Collection,
-        row: dict[str, JSON],
-        info: RequestInfo,
-        rule: str,
-        filter_text: str,
-        pending: dict[tuple[JSON, ...], CompiledRule],
-        key: tuple[JSON, ...],
-    ) -> bool | None:
-        """Evaluate rule and filter in memory; park what needs SQL in `pending`."""
-        parts = [(rule, False)] if rule else []
-        if filter_text:
-            if not info.is_superuser and (
-                "@request." in filter_text or "@collection." in filter_text
-            ):
-                return False
-            parts.append((filter_text, True))
-        if not parts:
-            return True
-        try:
-            compiled = compile_rules(self.store, collection, info, parts)
-        except RuleError:
-            return False
-        verdict = rule_matches(compiled, row)
-        if verdict is None:
-            pending[key] = compiled
-        return verdict
-
-    def _run_pending(
-        self,
-        collection: Collection,
-        record_id: str,
-        pending: dict[tuple[JSON, ...], CompiledRule],
-        verdicts: dict[tuple[JSON, ...], bool | None],
-        deadline: float,
-    ) -> None:
-        """Answer every rule that needs joins with one SQL statement per batch.
-
-        A batch over the per-check budget is retried one check at a time,
-        so the costly checks are found; what is still unanswered at the
-        deadline stays None.
-        """
-        items = list(pending.items())
-        for start in range(0, len(items), RULE_BATCH_SIZE):
-            batch = items[start : start + RULE_BATCH_SIZE]
-            try:
-                self._check_in_sql(collection, record_id, batch, verdicts, deadline)
-            except BudgetExceeded:
-                for item in batch:
-                    with contextlib.suppress(BudgetExceeded):
-                        self._check_in_sql(
-                            collection, record_id, [item], verdicts, deadline
-                        )
-
-    def _check_in_sql(
-        self,
-        collection: Collection,
-        record_id: str,
-        batch: list[tuple[tuple[JSON, ...], CompiledRule]],
-        verdicts: dict[tuple[JSON, ...], bool | None],
-        deadline: float,
-    ) -> None:
-        remaining = min(self.check_budget_s, deadline - time.monotonic())
-        if remaining <= 0:
-            raise BudgetExceeded("the event's checks ran out of time")
-        table = quote_identifier(collection.name)
-        columns: list[str] = []
-        params: list[JSON] = []
-        for _, compiled in batch:
-            columns.append(
-                f"EXISTS (SELECT 1 FROM {table} t WHERE t.id = ? AND ({compiled.sql}))"
-            )
-            params.extend((record_id, *compiled.params))
-        with self.store.budget(remaining):
-            row = self.store.connection.execute(
-                "SELECT " + ", ".join(columns), params
-            ).fetchone()
-        for (key, _), verdict in zip(batch, row):
-            verdicts[key] = bool(verdict)
-
-    def _drop_subscriptions(self, client: RealtimeClient, raws: set[str]) -> None:
+    def drop_subscriptions(self, client: RealtimeClient, raws: set[str]) -> None:
         """Unsubscribe what could not be checked within the budget (logged)."""
         log.warning(
             "realtime client %s: %d subscription(s) dropped, their checks ran past the budget (first: %.200r)",
@@ -6834,6 +7020,217 @@ class Broker:
         self.set_subscriptions(
             client, [raw for raw in client.subscriptions if raw not in raws]
         )
+
+    # --- custom messages -------------------------------------------------------
+
+    def publish(self, topic: str, data: JSON) -> int:
+        """Log a message to a custom topic; return how many of this server's
+        subscriptions it goes to (delivered in log order, like record events).
+
+        Raises ValueError for a topic that names a collection (those carry
+        record events only) or starts with `PB_` (the server's own events).
+        """
+        check_topic(self.store, topic)
+        self.store.append_message(topic, data)
+        return sum(
+            len(subscriptions)
+            for client_id, subscriptions in self._by_topic.get(topic, {}).items()
+            if self.clients[client_id].position is None
+        )
+
+    def _send(self, client: RealtimeClient, seq: int, event: str, payload: bytes) -> None:
+        """Queue one message through the message filter."""
+        if self.message_filter is not None and self.message_filter_active():
+            try:
+                filtered = self.message_filter(client, event, payload)
+            except Exception:
+                log.exception(
+                    "realtime message hook failed; message dropped for client %s",
+                    client.id,
+                )
+                return
+            if filtered is None:
+                return
+            payload = filtered
+        client.send_event(seq, event, payload)
+
+    # --- delivering the log ------------------------------------------------------
+
+    def wake(self) -> None:
+        """Something was committed: deliver the log's new entries soon."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        """Deliver the log to live clients, entry by entry, until cancelled."""
+        self._wakeup, self._advanced = asyncio.Event(), asyncio.Event()
+        self._wakeup.set()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            try:
+                await self._deliver_new_entries()
+            except sqlite3.Error:  # e.g. locked for longer than the busy timeout
+                log.exception("reading the realtime log failed; trying again")
+                await asyncio.sleep(LOG_WATCH_S)
+                self._wakeup.set()
+
+    async def _deliver_new_entries(self) -> None:
+        assert self._advanced is not None
+        while entries := self.store.read_log(self.position, LOG_READ_BATCH):
+            self.store.refresh()  # rules at least as new as the entries
+            for entry in entries:
+                self.claimed = entry.seq
+                try:
+                    await self._deliver(entry, self._candidates(entry), live=True)
+                except Exception:  # one bad entry must not stop delivery
+                    log.exception("realtime log entry %d not delivered", entry.seq)
+                self.position = entry.seq
+                self._advanced.set()
+
+    async def caught_up(self) -> None:
+        """Return once every entry committed so far was delivered."""
+        target = self.store.log_bounds()[1]
+        while self.position < target and self._advanced is not None:
+            self._advanced.clear()
+            self.wake()
+            await self._advanced.wait()
+
+    def _candidates(self, entry: LogEntry) -> list[Candidate]:
+        """The live subscriptions an entry goes to, with the auth to decide on."""
+        if entry.action == "message":
+            return [
+                (client, subscription, "", client.auth)
+                for client_id, subscriptions in self._by_topic.get(entry.record, {}).items()
+                if (client := self.clients[client_id]).position is None and not client.closed
+                for subscription in subscriptions
+            ]
+        collection = self.store.collection(entry.collection)
+        if collection is None:
+            return []
+        candidates: list[Candidate] = []
+        for topic, rule_name in _record_topics(collection, entry.record):
+            for client_id, subscriptions in self._by_topic.get(topic, {}).items():
+                client = self.clients[client_id]
+                if client.position is None and not client.closed:
+                    candidates.extend(
+                        (client, subscription, rule_name, client.auth)
+                        for subscription in subscriptions
+                    )
+        return _round_robin(candidates)
+
+    async def _deliver(
+        self, entry: LogEntry, candidates: list[Candidate], *, live: bool
+    ) -> None:
+        """Decide and send one entry to these candidates, in one piece.
+
+        Live delivery also moves the auth of clients signed in as a changed
+        auth record (PocketBase's realtime auth sync); a delete is decided on
+        the auth they had, so a user still hears of their own deletion.
+        """
+        if entry.action == "message":
+            payload = _json_body(entry.data)
+            for client, subscription, _, _ in candidates:
+                self._send(client, entry.seq, subscription.raw, payload)
+            return
+        collection = self.store.collection(entry.collection)
+        if collection is None:
+            return
+        row, record = logged_record(collection, entry)
+        auth_updates = self._auth_updates(collection, entry, record) if live else {}
+        if auth_updates and entry.action != "delete":
+            candidates = [
+                (client, subscription, rule, auth_updates.get(client.id, auth))
+                for client, subscription, rule, auth in candidates
+            ]
+        fan_out = _FanOut(self, collection, entry, row, record)
+        for start in range(0, len(candidates), FANOUT_SLICE):
+            if start:
+                await asyncio.sleep(0)  # others' requests go on between slices
+            fan_out.decide(candidates[start : start + FANOUT_SLICE])
+        if fan_out.pending:
+            await self.run_read(fan_out.check_in_sql)
+        deliveries = fan_out.deliveries()
+        for client_id, auth in auth_updates.items():
+            if (client := self.clients.get(client_id)) is not None:
+                client.auth = auth
+        for client, event, payload in deliveries:
+            if not client.closed:
+                self._send(client, entry.seq, event, payload)
+
+    def _auth_updates(
+        self, collection: Collection, entry: LogEntry, record: Record
+    ) -> dict[str, Auth | None]:
+        """Clients authenticated as this record follow it (PocketBase's realtime auth sync)."""
+        if not collection.is_auth:
+            return {}
+        updates: dict[str, Auth | None] = {}
+        for client in self.clients.values():
+            auth = client.auth
+            if (
+                auth is None
+                or auth.collection.id != collection.id
+                or auth.record.get("id") != entry.record
+            ):
+                continue
+            if entry.action == "delete" or record.get("tokenKey") != auth.record.get(
+                "tokenKey"
+            ):
+                updates[client.id] = None
+            else:
+                updates[client.id] = Auth(collection, record)
+        return updates
+
+    async def _replay(self, client: RealtimeClient) -> None:
+        """Send a returning client what it missed, then make it live.
+
+        It replays up to the entry live delivery is on (`claimed`), so the
+        hand-over has no gap and no duplicate; rules apply with its auth now.
+        """
+        try:
+            while not client.closed and client.position is not None:
+                position = client.position
+                if position >= self.claimed:
+                    client.position = None  # live from the next entry on
+                    return
+                through = self.claimed
+                entries = await self.run_read(
+                    functools.partial(self.store.read_log, position, LOG_READ_BATCH, through)
+                )
+                for entry in entries:
+                    if client.closed:
+                        return
+                    await self._deliver(entry, self._client_candidates(client, entry), live=False)
+                    client.position = entry.seq
+                if not entries:
+                    client.position = through
+        except Exception:
+            log.exception("realtime client %s: replay failed; disconnecting it", client.id)
+            client.close(abort=True)
+
+    def _client_candidates(self, client: RealtimeClient, entry: LogEntry) -> list[Candidate]:
+        """One client's subscriptions an entry goes to."""
+        subscriptions = client.subscriptions.values()
+        if entry.action == "message":
+            return [(client, s, "", client.auth) for s in subscriptions if s.topic == entry.record]
+        collection = self.store.collection(entry.collection)
+        if collection is None:
+            return []
+        rules = dict(_record_topics(collection, entry.record))
+        return [
+            (client, s, rules[s.topic], client.auth) for s in subscriptions if s.topic in rules
+        ]
+
+
+def check_topic(store: CollectionLookup, topic: str) -> None:
+    """Raise ValueError for a topic that custom messages may not use."""
+    name = topic.split("?", 1)[0].split("/", 1)[0]
+    if store.collection(name) is not None:
+        raise ValueError(
+            f"topic {topic!r} is reserved for the records of collection {name!r}"
+        )
+    if topic.startswith("PB_"):
+        raise ValueError(f"topic {topic!r} is reserved for the server's own events")
 
 
 # ==========================================================================
@@ -7426,13 +7823,18 @@ SSE_HEADERS = (
 
 
 async def handle_realtime_connect(context: RequestContext) -> Response:
-    """GET /api/realtime: open an SSE stream that starts with PB_CONNECT."""
+    """GET /api/realtime: open an SSE stream that starts with PB_CONNECT.
+
+    A client that comes back names where its last stream stood: a log id in
+    `Last-Event-ID` (or `?lastEventId=`, for clients that cannot set
+    headers), or, in a browser, the cookie its last stream set.
+    """
     if context.request.method == "HEAD":
         return Response(200, headers=SSE_HEADERS)  # the head only: no client, no stream
     app = context.app
     broker = app.broker
     assert broker is not None
-    client = broker.connect(context.remote_ip)
+    client = broker.connect(context.remote_ip, *_resume_cursor(context.request, broker))
     try:
         app.hooks.run("realtime_connect", client)
     except BaseException:
@@ -7440,11 +7842,36 @@ async def handle_realtime_connect(context: RequestContext) -> Response:
         raise
     chunked = context.request.version == "HTTP/1.1"
     transport = context.writer.transport if context.writer is not None else None
+    headers = SSE_HEADERS
+    if context.request.header("sec-fetch-site") == "same-origin":
+        # A browser page of this origin: its EventSource cannot send
+        # Last-Event-ID to a new stream, but it sends this cookie.
+        cookie = f"{RESUME_COOKIE}={client.id}; Path=/api/realtime; HttpOnly; SameSite=Strict"
+        headers = (*SSE_HEADERS, ("Set-Cookie", cookie))
     return Response(
         200,
-        headers=SSE_HEADERS,
+        headers=headers,
         stream=_realtime_stream(broker, client, app.config, transport, chunked),
     )
+
+
+def _resume_cursor(request: Request, broker: Broker) -> tuple[int | None, str]:
+    """Where a new stream resumes (None: live only) and the cursor as the client gave it.
+
+    A cursor that names no position the server knows (a closed stream it no
+    longer remembers) resumes nowhere, and the client is told it missed events.
+    """
+    cursor = request.header("last-event-id").strip() or request.query_value("lastEventId")
+    if not cursor:
+        cookies = http.cookies.SimpleCookie()
+        with contextlib.suppress(http.cookies.CookieError):
+            cookies.load(request.header("cookie"))
+        if RESUME_COOKIE not in cookies:
+            return None, ""
+        cursor = cookies[RESUME_COOKIE].value
+    if cursor.isascii() and cursor.isdigit() and len(cursor) < 19:
+        return int(cursor), cursor
+    return broker.closed_position(cursor[:MAX_CLIENT_ID_LENGTH]), cursor[:MAX_CLIENT_ID_LENGTH]
 
 
 async def _realtime_stream(
@@ -7456,8 +7883,10 @@ async def _realtime_stream(
 ) -> AsyncGenerator[list[bytes], None]:
     """Send PB_CONNECT, hand the socket to the broker, end on close or timeout.
 
-    Record events do not pass through here: the broker writes them to the
-    transport directly, in commit order. This only keeps the lifetimes.
+    Events do not pass through here: the broker writes them to the transport
+    directly, in log order. This keeps the lifetimes and the heartbeats (a
+    comment line after `sse_heartbeat_s` of silence, which is no message:
+    the idle limit runs on).
     """
     try:
         yield [
@@ -7469,13 +7898,17 @@ async def _realtime_stream(
             return
         client.go_live(transport, chunked)
         end = time.monotonic() + config.sse_max_lifetime_s
+        heartbeat = config.sse_heartbeat_s or math.inf
         while not client.closed:
             now = time.monotonic()
-            deadline = min(end, client.last_write + config.sse_idle_timeout_s)
+            deadline = min(end, client.last_message + config.sse_idle_timeout_s)
             if now >= deadline:
                 return
+            if now >= client.last_write + heartbeat:
+                client.heartbeat()
+            wake = min(deadline, client.last_write + heartbeat)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(client.ended.wait(), deadline - now)
+                await asyncio.wait_for(client.ended.wait(), max(wake - now, 0.001))
     finally:
         broker.disconnect(client)
 
@@ -8159,7 +8592,7 @@ def cors_preflight_headers(request: Request) -> list[tuple[str, str]]:
 class _Connection:
     """One client connection and whether a request is in flight on it."""
 
-    __slots__ = ("writer", "task", "busy")
+    __slots__ = ("busy", "streaming", "task", "writer")
 
     def __init__(
         self, writer: asyncio.StreamWriter, task: asyncio.Task[None] | None
@@ -8167,6 +8600,7 @@ class _Connection:
         self.writer = writer
         self.task = task
         self.busy = False
+        self.streaming = False  # an SSE stream: it ends when the broker closes it
 
 
 class _Closed(Exception):
@@ -8321,6 +8755,7 @@ class App:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
         self._connections: set[_Connection] = set()
+        self._tasks: list[asyncio.Future[None]] = []  # the broker's and the log's
         self._unsent_bytes = 0  # response bytes not yet handed to a socket
         self._date_cache: tuple[int, str] = (0, "")
 
@@ -8368,6 +8803,7 @@ class App:
             self.store,
             now=self.now,
             new_client_id=lambda: random_text(SECRET_ALPHABET, CLIENT_ID_LENGTH),
+            run_read=self._run_read,
             max_clients=self.config.max_realtime_clients,
             max_queue_bytes=self.config.max_client_queue_bytes,
             event_budget_s=self.config.event_budget_s,
@@ -8378,10 +8814,15 @@ class App:
         self.broker.message_filter_active = lambda: bool(
             self.hooks.registered("realtime_message")
         )
-        self.store.listener = self.broker
+        self.store.listener = self.broker.wake
         self._read_pool = concurrent.futures.ThreadPoolExecutor(
             READ_THREADS, thread_name_prefix="pbrt-read"
         )
+        self._tasks = [
+            asyncio.ensure_future(self.broker.run()),
+            asyncio.ensure_future(self._watch_other_writers()),
+            asyncio.ensure_future(self._prune_realtime_log()),
+        ]
         self.logs = RequestLogs(
             os.path.join(self.config.dir, LOGS_FILE),
             now=self.now,
@@ -8395,18 +8836,29 @@ class App:
         return port
 
     async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish, close the store."""
+        """Stop accepting, let requests in flight finish, deliver every
+        committed event to the open streams, end them, close the store."""
         if self._server is None:
             return
         self._server.close()
-        if self.broker is not None:
-            self.broker.close_all()
         for connection in list(self._connections):
             if not connection.busy and connection.task is not None:
                 connection.task.cancel()
         deadline = time.monotonic() + self.config.shutdown_grace_s
-        while any(c.busy for c in self._connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+
+        async def settled(streams: bool) -> None:
+            while time.monotonic() < deadline and any(
+                c.busy and (streams or not c.streaming) for c in self._connections
+            ):
+                await asyncio.sleep(0.01)
+
+        await settled(streams=False)  # requests in flight: their writes commit
+        if self.broker is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                    await self.broker.caught_up()
+            self.broker.close_all()
+        await settled(streams=True)  # streams write what they hold, then end
         tasks = [c.task for c in self._connections if c.task is not None]
         for task in tasks:
             task.cancel()
@@ -8415,6 +8867,10 @@ class App:
         self._server = None
         self._loop = self._thread = None
         self.broker = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         if self._read_pool is not None:
             self._read_pool.shutdown()  # waits for reads in flight
             self._read_pool = None
@@ -8612,15 +9068,18 @@ class App:
         )
 
     def publish(self, topic: str, data: JSON) -> int:
-        """Send `data` to every subscriber of a custom topic; return how many got it.
+        """Send `data` to every subscriber of a custom topic, through the
+        realtime log; return how many of this server's subscriptions it goes
+        to (0 without a server: one serving this dir delivers it).
 
-        Raises ValueError for a topic that names a collection, and
-        RuntimeError when the server is not running.
+        Raises ValueError for a topic that names a collection or starts with `PB_`.
         """
 
         def send() -> int:
-            if self.broker is None:
-                raise RuntimeError("the server is not running")
+            if self.broker is None:  # the log takes it to whoever serves this dir
+                check_topic(self.records.store, topic)
+                self.records.store.append_message(topic, data)
+                return 0
             return self.broker.publish(topic, data)
 
         return int(self._on_loop(send))
@@ -8704,7 +9163,8 @@ class App:
             self._settings = None
             if self.broker is not None:
                 self.broker.store = self.store
-                self.store.listener = self.broker
+                self.broker.position = self.broker.claimed = self.store.log_bounds()[1]
+                self.store.listener = self.broker.wake
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -8839,6 +9299,7 @@ class App:
             if response.stream is None:
                 await self._write_response(writer, request, response, keep_alive)
             else:
+                connection.streaming = True
                 await self._write_stream(reader, writer, request, response)
             elapsed_ms = (time.perf_counter() - started) * 1000
             log.info(
@@ -8883,6 +9344,35 @@ class App:
         level = 8 if response.status >= 400 else 0
         self.logs.add(level, f"{request.method} {request.target}", data)
 
+    def _notice_other_writers(self) -> None:
+        """See what other processes committed: collections, settings, log entries."""
+        if self.store is not None and self.store.refresh():
+            self._settings = None
+
+    async def _watch_other_writers(self) -> None:
+        """Look for other writers' commits every LOG_WATCH_S (a cheap pragma),
+        so their events leave within that time even while no request comes."""
+        while True:
+            await asyncio.sleep(LOG_WATCH_S)
+            try:
+                self._notice_other_writers()
+            except sqlite3.Error:
+                log.exception("looking for other writers' changes failed")
+
+    async def _prune_realtime_log(self) -> None:
+        """Keep the realtime log within its limits, a short transaction at a time."""
+        config = self.config
+        while True:
+            await asyncio.sleep(LOG_PRUNE_S)
+            store = self.store
+            try:
+                while store is not None and store.prune_log(
+                    config.realtime_log_max_entries, config.realtime_log_max_age_s
+                ) >= LOG_PRUNE_CHUNK:
+                    await asyncio.sleep(0)  # writes go on between chunks
+            except sqlite3.Error:
+                log.exception("pruning the realtime log failed")
+
     async def _flush_logs(self) -> None:
         """Write queued request logs every LOG_FLUSH_S, in a worker thread."""
         logs = self.logs
@@ -8903,8 +9393,7 @@ class App:
         """Route one request; every exception becomes an error envelope."""
         if request.method == "OPTIONS":
             return Response(204, headers=tuple(cors_preflight_headers(request))), None
-        if self.store is not None and self.store.refresh():
-            self._settings = None  # another process changed the data: reread them
+        self._notice_other_writers()
         context = RequestContext(
             self, request, raw_body, self.client_ip(request, remote_ip), writer
         )

@@ -4201,7 +4201,11 @@ def test_realtime_record_events_match_the_oracle_capture(tmp_path: Path) -> None
         )
         await publish_marker(app)
         events = await client.events_until_marker()
-        assert all(event["id"] == client.id for event in events)
+        # Each change's frames carry its position in the realtime log.
+        positions = [int(event["id"]) for event in events]
+        assert positions == sorted(positions) and len(set(positions)) == 3
+        actions = {int(e["id"]): json.loads(e["data"])["action"] for e in events}
+        assert list(actions.values()) == ["update", "create", "delete"]
         await client.close()
         ids = {note_id: "ID0"}
         return [normalize_event(event, ids) for event in events]
@@ -6355,8 +6359,12 @@ def test_app_works_without_a_server_and_applies_rules_for_tokens(
     assert caught.value.status == 404
     app.delete("notes", mine["id"])
     assert app.list("notes")["totalItems"] == 1
-    with pytest.raises(RuntimeError):
-        app.publish("news", {"x": 1})  # nobody can be subscribed without a server
+    # Without a server, a message goes to the log for whoever serves this dir.
+    assert app.publish("news", {"x": 1}) == 0
+    with pytest.raises(ValueError):
+        app.publish("PB_CONNECT", {})  # the server's own events cannot be faked
+    last = app.records.store.read_log(0, 1000)[-1]
+    assert (last.action, last.record, last.data) == ("message", "news", {"x": 1})
     app.close()
 
 
