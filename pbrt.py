@@ -949,7 +949,11 @@ def encode_sse_event(event_id: str, event: str, data: bytes) -> bytes:
     >>> encode_sse_event("c1", "posts/*", b'{"a":1}')
     b'id:c1\\nevent:posts/*\\ndata:{"a":1}\\n\\n'
     """
-    return b"id:%s\n%s%s\n\n" % (_sse_safe(event_id).encode(), encode_sse_name(event), data)
+    return b"id:%s\n%s%s\n\n" % (
+        _sse_safe(event_id).encode(),
+        encode_sse_name(event),
+        data,
+    )
 
 
 # ==========================================================================
@@ -3891,7 +3895,11 @@ class LogEntry:
 
 # The time of a commit in Unix seconds, in SQL (unixepoch('subsec') needs 3.42).
 _SQL_NOW = "(julianday('now') - 2440587.5) * 86400.0"
-_LOG_ACTIONS = (("create", "INSERT", "NEW"), ("update", "UPDATE", "NEW"), ("delete", "DELETE", "OLD"))
+_LOG_ACTIONS = (
+    ("create", "INSERT", "NEW"),
+    ("update", "UPDATE", "NEW"),
+    ("delete", "DELETE", "OLD"),
+)
 
 
 def _logged_column(row: str, name: str) -> str:
@@ -3936,7 +3944,9 @@ def logged_row_table(collection: Collection) -> str:
     return f'temp."_pbrt_row_{collection.id}"'
 
 
-def logged_record(collection: Collection, entry: LogEntry) -> tuple[dict[str, JSON], Record]:
+def logged_record(
+    collection: Collection, entry: LogEntry
+) -> tuple[dict[str, JSON], Record]:
     """A logged row as columns (fields added since get their zero value) and as a record."""
     logged = entry.row
     row: dict[str, JSON] = {}
@@ -4148,7 +4158,9 @@ class Store:
             name = f"_pbrt_log_{collection.name}_{action}"
             wanted = log_trigger_sql(collection, action)
             if existing.get(name) != wanted:
-                self.connection.execute(f"DROP TRIGGER IF EXISTS {quote_identifier(name)}")
+                self.connection.execute(
+                    f"DROP TRIGGER IF EXISTS {quote_identifier(name)}"
+                )
                 self.connection.execute(wanted)
 
     def append_message(self, topic: str, data: JSON) -> int:
@@ -4161,7 +4173,9 @@ class Store:
             )
         return int(cursor.lastrowid or 0)
 
-    def read_log(self, after: int, limit: int, through: int | None = None) -> list[LogEntry]:
+    def read_log(
+        self, after: int, limit: int, through: int | None = None
+    ) -> list[LogEntry]:
         """The committed entries after `seq` `after` (up to `through`), oldest first."""
         rows = self.connection.execute(
             "SELECT seq, created, collection, action, record, data, previous "
@@ -4231,7 +4245,9 @@ class Store:
         key = (id(connection), collection.id)
         if made.get(key) != declared:
             connection.execute(f"DROP TABLE IF EXISTS {table}")
-            columns = ", ".join(f'"{name}" {declaration}' for name, declaration in declared)
+            columns = ", ".join(
+                f'"{name}" {declaration}' for name, declaration in declared
+            )
             connection.execute(f"CREATE TABLE {table} ({columns})")
             made[key] = declared
         names = ", ".join(f'"{name}"' for name, _ in declared)
@@ -4242,7 +4258,8 @@ class Store:
                 tuple(row.get(name) for name, _ in declared),
             )
             checks = ", ".join(
-                f"EXISTS (SELECT 1 FROM {table} t WHERE ({sql}))" for sql, _ in conditions
+                f"EXISTS (SELECT 1 FROM {table} t WHERE ({sql}))"
+                for sql, _ in conditions
             )
             params = [param for _, params in conditions for param in params]
             found = connection.execute(f"SELECT {checks}", params).fetchone()
@@ -4261,7 +4278,9 @@ class Store:
         row = self.connection.execute(
             'SELECT value FROM "_params" WHERE id = ?', (key,)
         ).fetchone()
-        return None if row is None else json.loads(row[0])
+        if row is None or not isinstance(row[0], str):
+            return None if row is None else row[0]  # JSON's affinity made '5' 5
+        return json.loads(row[0])
 
     def save_param(self, key: str, value: JSON) -> None:
         """Store a parameter (in its own transaction, or the one open)."""
@@ -6576,7 +6595,13 @@ class RealtimeClient:
     subscriptions start its replay) and replays until it catches up.
     """
 
-    def __init__(self, client_id: str, remote_ip: str, max_queue_bytes: int) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        remote_ip: str,
+        max_queue_bytes: int,
+        live_position: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.id = client_id
         self.remote_ip = remote_ip
         self.auth: Auth | None = None
@@ -6591,10 +6616,13 @@ class RealtimeClient:
         self.last_write = self.last_message = time.monotonic()
         self.position: int | None = None
         self.resuming = False  # a position arrived with the stream (its replay is due)
-        self.missed: str | None = None  # the cursor it came back with, if the log lost it
+        # The cursor it came back with, when the log no longer holds that far back.
+        self.missed: str | None = None
         # Log frames the transport may still hold: (bytes written after them, seq).
         self.written = 0
         self.unflushed: collections.deque[tuple[int, int]] = collections.deque()
+        self.live_position = live_position  # the broker's, while this client is live
+        self.stood_at = 0  # where the stream stood when it closed (see `close`)
 
     def send(self, frame: bytes, seq: int = 0) -> None:
         """Write one frame now (or queue it until the stream is live); `seq`
@@ -6641,25 +6669,28 @@ class RealtimeClient:
             self._write(frame)
 
     def _forget_flushed(self) -> None:
-        """Drop the frames the transport has handed to the OS."""
-        buffered = len(b"".join(self.pending)) if self.transport is None else (
-            self.transport.get_write_buffer_size()
-        )
-        flushed = self.written - buffered
+        """Drop the frames the transport has handed to the OS (while live:
+        before that, and once closed, what is unflushed stays so)."""
+        if self.transport is None:
+            return
+        flushed = self.written - self.transport.get_write_buffer_size()
         while self.unflushed and self.unflushed[0][0] <= flushed:
             self.unflushed.popleft()
 
-    def resume_position(self, live_position: int) -> int:
-        """Where this client's stream stood: every log entry up to it was
-        handed to the OS (or needed nothing); call before closing."""
-        self._forget_flushed()
-        position = self.position if self.position is not None else live_position
-        if self.unflushed:
-            position = min(position, self.unflushed[0][1] - 1)
-        return position
-
     def close(self, abort: bool = False) -> None:
-        """End the stream; with `abort`, drop the socket at once."""
+        """End the stream; with `abort`, drop the socket at once.
+
+        First notes in `stood_at` where the stream stood: every log entry up
+        to it was handed to the OS, or needed nothing from this client.
+        """
+        if not self.closed:
+            self._forget_flushed()
+            position = (
+                self.position if self.position is not None else self.live_position()
+            )
+            if self.unflushed:
+                position = min(position, self.unflushed[0][1] - 1)
+            self.stood_at = position
         self.closed = True
         self.ended.set()
         if abort and self.transport is not None:
@@ -6752,7 +6783,13 @@ class _FanOut:
             key = None
             if (rule and not superuser) or subscription.filter:
                 auth_key = (auth.collection.id, auth.record.get("id")) if auth else None
-                key = (rule_name, superuser, auth_key, subscription.query, subscription.headers)
+                key = (
+                    rule_name,
+                    superuser,
+                    auth_key,
+                    subscription.query,
+                    subscription.headers,
+                )
                 if key not in self.verdicts:
                     if self.spent.get(client.id, 0.0) > broker.check_budget_s:
                         self.verdicts[key] = None  # this client's checks used its share
@@ -6760,7 +6797,10 @@ class _FanOut:
                         started = time.monotonic()
                         info = client.request_info(subscription, auth, self.now)
                         self.verdicts[key] = self._verdict(
-                            info, "" if superuser else str(rule), subscription.filter, key
+                            info,
+                            "" if superuser else str(rule),
+                            subscription.filter,
+                            key,
                         )
                         self.spent[client.id] = (
                             self.spent.get(client.id, 0.0) + time.monotonic() - started
@@ -6841,10 +6881,17 @@ class _FanOut:
                 continue
             personal = bool(subscription.expand) or collection.is_auth
             auth_key = (
-                (auth.collection.id, auth.record.get("id")) if auth and personal else None
+                (auth.collection.id, auth.record.get("id"))
+                if auth and personal
+                else None
             )
             superuser = auth is not None and auth.is_superuser
-            payload_key = (superuser, subscription.expand, subscription.fields, auth_key)
+            payload_key = (
+                superuser,
+                subscription.expand,
+                subscription.fields,
+                auth_key,
+            )
             payload = payloads.get(payload_key)
             if payload is None:
                 info = client.request_info(subscription, auth, self.now)
@@ -6932,7 +6979,12 @@ class Broker:
             and self._per_ip.get(remote_ip, 0) >= self.max_clients_per_ip
         ):
             raise TooManyRequestsError("Too many realtime clients.")
-        client = RealtimeClient(self.new_client_id(), remote_ip, self.max_queue_bytes)
+        client = RealtimeClient(
+            self.new_client_id(),
+            remote_ip,
+            self.max_queue_bytes,
+            lambda: self.position,
+        )
         if cursor:
             pruned, last = self.store.log_bounds()
             if position is not None and pruned <= position <= last:
@@ -6952,17 +7004,16 @@ class Broker:
 
     def disconnect(self, client: RealtimeClient) -> None:
         """Forget a client and its subscriptions; keep where its stream stood."""
+        client.close()
         if self.clients.pop(client.id, None) is not None:
             self.set_subscriptions(client, [])
             left = self._per_ip.pop(client.remote_ip, 1) - 1
             if left:
                 self._per_ip[client.remote_ip] = left
             if client.missed is None:
-                position = client.resume_position(self.position)
-                self.closed_positions[client.id] = (position, time.monotonic())
+                self.closed_positions[client.id] = (client.stood_at, time.monotonic())
                 while len(self.closed_positions) > MAX_RESUME_POSITIONS:
                     self.closed_positions.popitem(last=False)
-        client.close()
 
     def close_all(self) -> None:
         """End every stream (server shutdown)."""
@@ -7001,7 +7052,9 @@ class Broker:
             "message": "The realtime log no longer holds the events after this id; refetch.",
         }
         client.missed = None
-        client.send(encode_sse_event(str(self.position), MISSED_EVENT, _json_body(data)))
+        client.send(
+            encode_sse_event(str(self.position), MISSED_EVENT, _json_body(data))
+        )
 
     def forget_auth_collection(self, collection: Collection) -> None:
         """Clients authenticated in a deleted auth collection become guests."""
@@ -7038,7 +7091,9 @@ class Broker:
             if self.clients[client_id].position is None
         )
 
-    def _send(self, client: RealtimeClient, seq: int, event: str, payload: bytes) -> None:
+    def _send(
+        self, client: RealtimeClient, seq: int, event: str, payload: bytes
+    ) -> None:
         """Queue one message through the message filter."""
         if self.message_filter is not None and self.message_filter_active():
             try:
@@ -7101,8 +7156,11 @@ class Broker:
         if entry.action == "message":
             return [
                 (client, subscription, "", client.auth)
-                for client_id, subscriptions in self._by_topic.get(entry.record, {}).items()
-                if (client := self.clients[client_id]).position is None and not client.closed
+                for client_id, subscriptions in self._by_topic.get(
+                    entry.record, {}
+                ).items()
+                if (client := self.clients[client_id]).position is None
+                and not client.closed
                 for subscription in subscriptions
             ]
         collection = self.store.collection(entry.collection)
@@ -7152,8 +7210,8 @@ class Broker:
             await self.run_read(fan_out.check_in_sql)
         deliveries = fan_out.deliveries()
         for client_id, auth in auth_updates.items():
-            if (client := self.clients.get(client_id)) is not None:
-                client.auth = auth
+            if (following := self.clients.get(client_id)) is not None:
+                following.auth = auth
         for client, event, payload in deliveries:
             if not client.closed:
                 self._send(client, entry.seq, event, payload)
@@ -7195,30 +7253,44 @@ class Broker:
                     return
                 through = self.claimed
                 entries = await self.run_read(
-                    functools.partial(self.store.read_log, position, LOG_READ_BATCH, through)
+                    functools.partial(
+                        self.store.read_log, position, LOG_READ_BATCH, through
+                    )
                 )
                 for entry in entries:
                     if client.closed:
                         return
-                    await self._deliver(entry, self._client_candidates(client, entry), live=False)
+                    await self._deliver(
+                        entry, self._client_candidates(client, entry), live=False
+                    )
                     client.position = entry.seq
                 if not entries:
                     client.position = through
         except Exception:
-            log.exception("realtime client %s: replay failed; disconnecting it", client.id)
+            log.exception(
+                "realtime client %s: replay failed; disconnecting it", client.id
+            )
             client.close(abort=True)
 
-    def _client_candidates(self, client: RealtimeClient, entry: LogEntry) -> list[Candidate]:
+    def _client_candidates(
+        self, client: RealtimeClient, entry: LogEntry
+    ) -> list[Candidate]:
         """One client's subscriptions an entry goes to."""
         subscriptions = client.subscriptions.values()
         if entry.action == "message":
-            return [(client, s, "", client.auth) for s in subscriptions if s.topic == entry.record]
+            return [
+                (client, s, "", client.auth)
+                for s in subscriptions
+                if s.topic == entry.record
+            ]
         collection = self.store.collection(entry.collection)
         if collection is None:
             return []
         rules = dict(_record_topics(collection, entry.record))
         return [
-            (client, s, rules[s.topic], client.auth) for s in subscriptions if s.topic in rules
+            (client, s, rules[s.topic], client.auth)
+            for s in subscriptions
+            if s.topic in rules
         ]
 
 
@@ -7842,7 +7914,7 @@ async def handle_realtime_connect(context: RequestContext) -> Response:
         raise
     chunked = context.request.version == "HTTP/1.1"
     transport = context.writer.transport if context.writer is not None else None
-    headers = SSE_HEADERS
+    headers: tuple[tuple[str, str], ...] = SSE_HEADERS
     if context.request.header("sec-fetch-site") == "same-origin":
         # A browser page of this origin: its EventSource cannot send
         # Last-Event-ID to a new stream, but it sends this cookie.
@@ -7861,7 +7933,8 @@ def _resume_cursor(request: Request, broker: Broker) -> tuple[int | None, str]:
     A cursor that names no position the server knows (a closed stream it no
     longer remembers) resumes nowhere, and the client is told it missed events.
     """
-    cursor = request.header("last-event-id").strip() or request.query_value("lastEventId")
+    cursor = request.header("last-event-id").strip()
+    cursor = cursor or request.query_value("lastEventId")
     if not cursor:
         cookies = http.cookies.SimpleCookie()
         with contextlib.suppress(http.cookies.CookieError):
@@ -7869,9 +7942,10 @@ def _resume_cursor(request: Request, broker: Broker) -> tuple[int | None, str]:
         if RESUME_COOKIE not in cookies:
             return None, ""
         cursor = cookies[RESUME_COOKIE].value
+    cursor = cursor[:MAX_CLIENT_ID_LENGTH]
     if cursor.isascii() and cursor.isdigit() and len(cursor) < 19:
         return int(cursor), cursor
-    return broker.closed_position(cursor[:MAX_CLIENT_ID_LENGTH]), cursor[:MAX_CLIENT_ID_LENGTH]
+    return broker.closed_position(cursor), cursor
 
 
 async def _realtime_stream(
@@ -8859,16 +8933,16 @@ class App:
                     await self.broker.caught_up()
             self.broker.close_all()
         await settled(streams=True)  # streams write what they hold, then end
-        tasks = [c.task for c in self._connections if c.task is not None]
-        for task in tasks:
+        connection_tasks = [c.task for c in self._connections if c.task is not None]
+        for task in connection_tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*connection_tasks, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
         self._loop = self._thread = None
         self.broker = None
-        for task in self._tasks:
-            task.cancel()
+        for background in self._tasks:
+            background.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._read_pool is not None:
@@ -9365,10 +9439,9 @@ class App:
         while True:
             await asyncio.sleep(LOG_PRUNE_S)
             store = self.store
+            limits = (config.realtime_log_max_entries, config.realtime_log_max_age_s)
             try:
-                while store is not None and store.prune_log(
-                    config.realtime_log_max_entries, config.realtime_log_max_age_s
-                ) >= LOG_PRUNE_CHUNK:
+                while store is not None and store.prune_log(*limits) >= LOG_PRUNE_CHUNK:
                     await asyncio.sleep(0)  # writes go on between chunks
             except sqlite3.Error:
                 log.exception("pruning the realtime log failed")
@@ -9644,7 +9717,10 @@ class Client:
         SDK's form (`{"filter": ...}`) or PocketBase's (`{"query": {...},
         "headers": {...}}`). On a lost connection it reconnects (200 ms
         growing to 2 s) and resubscribes; `on_subscribed` is called each time
-        the server has accepted the subscription. After `max_attempts`
+        the server has accepted the subscription. Against pbrt it resumes
+        after the last event received, so nothing is missed; where the
+        server's log no longer holds that far back, the `PB_MISSED` topic
+        (subscribe to it too) yields `{"lastEventId", "message"}`: refetch. After `max_attempts`
         connections in a row fail (None: never give up) it raises
         ConnectionError with the last cause. Leave the `async for` to stop.
         """
@@ -9667,9 +9743,10 @@ class Client:
             await shared.remove(subscription, listener)
 
     async def _events(
-        self, on_connect: Callable[[str], Awaitable[None]]
-    ) -> AsyncGenerator[tuple[str, JSON], None]:
-        """One SSE connection: yield (event name, data); PB_CONNECT goes to `on_connect`."""
+        self, on_connect: Callable[[str], Awaitable[None]], last_event_id: str = ""
+    ) -> AsyncGenerator[tuple[str, str, JSON], None]:
+        """One SSE connection, resuming after `last_event_id` if given: yield
+        (event id, event name, data); PB_CONNECT goes to `on_connect`."""
         parts = urllib.parse.urlsplit(self.url)
         secure = parts.scheme == "https"
         host = parts.hostname or "127.0.0.1"
@@ -9679,8 +9756,10 @@ class Client:
         )
         try:
             target = (parts.path or "") + "/api/realtime"
+            resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
             writer.write(
-                f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n\r\n".encode()
+                f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                f"Accept: text/event-stream\r\n{resume}\r\n".encode()
             )
             head = await asyncio.wait_for(
                 reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT_S
@@ -9708,7 +9787,8 @@ class Client:
                     if fields.get("event") == "PB_CONNECT":
                         await on_connect(fields.get("id", ""))
                     elif "event" in fields:
-                        yield fields["event"], json.loads(fields.get("data", "null"))
+                        data = json.loads(fields.get("data", "null"))
+                        yield fields.get("id", ""), fields["event"], data
             raise EOFError("the server ended the stream")
         finally:
             writer.close()
@@ -9759,6 +9839,7 @@ class _SharedStream:
         self.loop = asyncio.get_running_loop()
         self.listeners: dict[str, list[_Listener]] = {}
         self.client_id = ""
+        self.last_event_id = ""  # the realtime log's id of the last event received
         self.max_attempts: int | None = CLIENT_MAX_ATTEMPTS
         self.attempt = 0  # connections failed in a row
         self.task: asyncio.Task[None] | None = None
@@ -9808,10 +9889,15 @@ class _SharedStream:
                     listener.on_subscribed()
 
     async def _run(self) -> None:
-        """Connect, resubscribe and reconnect until no subscription is left."""
+        """Connect, resubscribe and reconnect (resuming after the last event
+        received) until no subscription is left."""
         while self.listeners:
             try:
-                async for event, data in self.client._events(self._on_connect):
+                async for event_id, event, data in self.client._events(
+                    self._on_connect, self.last_event_id
+                ):
+                    if event_id.isdigit():
+                        self.last_event_id = event_id
                     for listener in self.listeners.get(event, []):
                         listener.queue.put_nowait(data)
             except (

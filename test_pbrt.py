@@ -2007,6 +2007,90 @@ def test_store_data_and_schema_survive_restart_and_renames(tmp_path: Path) -> No
     assert rows == [("kept",)]
 
 
+def test_store_realtime_log_records_every_writer_in_commit_order(
+    tmp_path: Path,
+) -> None:
+    """pbrt's writes, a plain sqlite3 connection's and a schema change all log;
+    a rolled-back write logs nothing; reals keep every digit."""
+    store = make_store(str(tmp_path / "data.db"))
+    notes = store.save_collection(
+        {
+            "name": "notes",
+            "type": "base",
+            "fields": [
+                {"name": "title", "type": "text"},
+                {"name": "score", "type": "number"},
+                {
+                    "name": "tags",
+                    "type": "select",
+                    "values": ["a", "b"],
+                    "maxSelect": 2,
+                },
+            ],
+        }
+    )
+    start = store.log_bounds()[1]
+    created = store.create_record(
+        notes, {"title": "mine", "score": 0.1 + 0.2, "tags": ["a"]}, privileged=True
+    )
+    with pytest.raises(RuntimeError), store.transaction():
+        store.create_record(notes, {"title": "rolled back"}, privileged=True)
+        raise RuntimeError("abort")
+    other = sqlite3.connect(tmp_path / "data.db", isolation_level=None)
+    other.execute(
+        "INSERT INTO notes (id, title, score) VALUES ('shell0000000001', 'x', 2)"
+    )
+    other.execute("UPDATE notes SET title = 'y' WHERE id = 'shell0000000001'")
+    other.execute("DELETE FROM notes WHERE id = 'shell0000000001'")
+    other.close()
+    store.save_collection(
+        {
+            **notes.to_json(),
+            "fields": [*notes.fields, {"name": "extra", "type": "text"}],
+        },
+        notes,
+    )
+    notes = store.collection("notes")
+    current = store.get_record(notes, created["id"])
+    store.update_record(notes, current, {"extra": "new field"}, privileged=True)
+    entries = store.read_log(start, 100)
+    assert [(e.action, e.record) for e in entries] == [
+        ("create", created["id"]),
+        ("create", "shell0000000001"),
+        ("update", "shell0000000001"),
+        ("delete", "shell0000000001"),
+        ("update", created["id"]),
+    ]
+    assert entries == sorted(entries, key=lambda e: e.seq)
+    first, _, update, delete, last = entries
+    assert first.data["score"] == 0.1 + 0.2 and first.data["tags"] == '["a"]'
+    assert (update.previous["title"], update.data["title"]) == ("x", "y")
+    assert (delete.data, delete.row["title"]) == (None, "y")
+    assert (last.previous["extra"], last.data["extra"]) == ("", "new field")
+    _, record = pbrt.logged_record(notes, first)
+    assert (record["tags"], record["extra"]) == (["a"], "")
+    store.close()
+
+
+def test_store_realtime_log_prunes_within_its_limits_and_never_reuses_ids(
+    tmp_path: Path,
+) -> None:
+    store = make_store(str(tmp_path / "data.db"))
+    for n in range(30):
+        store.append_message("news", {"n": n})
+    assert store.prune_log(10, 0) == 20
+    assert store.log_bounds() == (20, 30)
+    assert [e.data["n"] for e in store.read_log(0, 100)] == list(range(20, 30))
+    assert store.prune_log(10, 0) == 0
+    store.append_message("news", {"n": 30})
+    assert store.prune_log(0, 0) == 0  # no limits: nothing goes
+    store.now = lambda: time.time() + 7200
+    assert store.prune_log(0, 3600) == 11  # all older than an hour
+    assert store.log_bounds() == (31, 31)
+    assert store.append_message("news", {}) == 32  # a number is never given twice
+    store.close()
+
+
 # ==========================================================================
 # 9. Auth
 # ==========================================================================
@@ -3872,13 +3956,19 @@ class SseClient:
 
     @classmethod
     async def connect(
-        cls, port: int, host: str = "127.0.0.1", local_host: str | None = None
+        cls,
+        port: int,
+        host: str = "127.0.0.1",
+        local_host: str | None = None,
+        headers: str = "",
     ) -> SseClient:
         reader, writer = await asyncio.open_connection(
             host, port, local_addr=(local_host, 0) if local_host else None
         )
         writer.write(
-            b"GET /api/realtime HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+            b"GET /api/realtime HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+            + headers.encode()
+            + b"\r\n"
         )
         head = await reader.readuntil(b"\r\n\r\n")
         client = cls(reader, writer, head)
@@ -5041,6 +5131,636 @@ def test_realtime_hostile_filters_never_slow_writes(tmp_path: Path) -> None:
             "1",
             "2",
         ]
+
+
+# --- the realtime log: every writer, resume, retention --------------------------
+
+
+class ServerProcess:
+    """`python pbrt.py serve` on a data dir in a child process, logging to a file."""
+
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        self.data_dir, self.port = data_dir, port
+        self.log = data_dir.parent / f"serve-{id(self)}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        """Start (on the same port as before, if it ran); return once it listens."""
+        with open(self.log, "w", encoding="utf-8") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-X", "dev", "-W", "error", str(HERE / "pbrt.py")]
+                + [
+                    "serve",
+                    f"--http=127.0.0.1:{self.port}",
+                    "--dir",
+                    str(self.data_dir),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
+
+        def started() -> bool:
+            assert self.process is not None and self.process.poll() is None, self.text()
+            found = re.search(r"Server started at http://[^:]+:(\d+)", self.text())
+            if found:
+                self.port = int(found.group(1))
+            return found is not None
+
+        wait_until(started)
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text(encoding="utf-8")
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no flush."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self, signum: int = signal.SIGINT) -> int:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=30)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def data_dir_with(tmp_path: Path, collections: list[dict[str, Any]]) -> Path:
+    """A data dir holding a superuser and these collections."""
+    data_dir = tmp_path / "pb_data"
+    app = pbrt.App(dir=str(data_dir))
+    store = app.records.store
+    store.create_record(
+        store.collection("_superusers"),
+        {"email": SU_EMAIL, "password": SU_PASSWORD},
+        privileged=True,
+    )
+    app.import_collections(collections)
+    app.close()
+    return data_dir
+
+
+POSTS = {
+    "name": "posts",
+    "type": "base",
+    **PUBLIC_RULES,
+    "fields": [{"name": "title", "type": "text"}],
+}
+
+
+async def collect(
+    client: pbrt.Client,
+    topic: str,
+    until: Callable[[list[Any]], bool],
+    subscribed: threading.Event | None = None,
+    timeout: float = 60,
+) -> list[Any]:
+    """Messages of `topic` through `pbrt.Client.subscribe` until `until(messages)`."""
+    messages: list[Any] = []
+    async with asyncio.timeout(timeout):
+        async for message in client.subscribe(
+            topic,
+            on_subscribed=subscribed.set if subscribed else None,
+            max_attempts=None,
+        ):
+            messages.append(message)
+            if until(messages):
+                return messages
+    return messages
+
+
+EXTERNAL_WRITER = r"""
+import json, sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+done = []
+def run(sql, *params):
+    connection.execute(sql, params)
+for n in range(6):
+    run("INSERT INTO notes (id, title, visible) VALUES (?, ?, ?)", f"ext{n:012d}", f"n{n}", n % 2)
+    done.append(["create", f"ext{n:012d}", n % 2])
+run("UPDATE notes SET title = 'n0 again', visible = 0 WHERE id = 'ext000000000000'")
+done.append(["update", "ext000000000000", 0])
+run("UPDATE notes SET title = 'n1 again' WHERE id = 'ext000000000001'")
+done.append(["update", "ext000000000001", 1])
+run("BEGIN")
+run("DELETE FROM notes WHERE id = 'ext000000000003'")
+run("DELETE FROM notes WHERE id = 'ext000000000002'")
+run("COMMIT")
+done += [["delete", "ext000000000003", 1], ["delete", "ext000000000002", 0]]
+run("BEGIN")
+run("INSERT INTO notes (id, title, visible) VALUES ('rolledback00000', 'no', 1)")
+run("ROLLBACK")
+run("INSERT INTO notes (id, title, visible) VALUES ('end000000000000', 'end', 1)")
+done.append(["create", "end000000000000", 1])
+print(json.dumps(done))
+"""
+
+SDK_WATCH_SCRIPT = r"""
+global.EventSource = require("eventsource").EventSource;
+const PocketBase = require("pocketbase/cjs");
+const pb = new PocketBase(process.argv[1]);
+const got = [];
+setTimeout(() => { console.error("timed out", JSON.stringify(got)); process.exit(1); }, 60000);
+pb.collection("notes").subscribe("*", (e) => {
+  got.push([e.action, e.record.id, e.record.title]);
+  if (e.record.title === "end") { console.log(JSON.stringify(got)); process.exit(0); }
+}).then(() => console.log("ready"));
+"""
+
+
+def test_realtime_external_sqlite_writer_reaches_the_js_sdk_in_commit_order(
+    tmp_path: Path,
+) -> None:
+    """A process that knows only sqlite3 writes; the unchanged JS SDK hears
+    every committed change in order, through the listRule, and no rollback."""
+    with serving(tmp_path) as (_, api, su):
+        api.create_collection(
+            {
+                "name": "notes",
+                "type": "base",
+                "listRule": "visible = true",
+                "viewRule": "visible = true",
+                "fields": [
+                    {"name": "title", "type": "text"},
+                    {"name": "visible", "type": "bool"},
+                ],
+            },
+            su,
+        )
+        watcher = subprocess.Popen(
+            ["node", "-e", SDK_WATCH_SCRIPT, "--", api.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "NODE_PATH": str(JS_MODULES)},
+        )
+        try:
+            assert watcher.stdout is not None
+            assert watcher.stdout.readline().strip() == "ready"
+            writer = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    EXTERNAL_WRITER,
+                    str(tmp_path / "pb_data" / "data.db"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert writer.returncode == 0, writer.stderr
+            out, err = watcher.communicate(timeout=60)
+            assert watcher.returncode == 0, err
+        finally:
+            reap(watcher)
+    done = json.loads(writer.stdout)
+    got = json.loads(out.strip().splitlines()[-1])
+    assert [[action, record_id] for action, record_id, _ in got] == [
+        [action, record_id] for action, record_id, visible in done if visible
+    ]
+    assert "rolledback00000" not in {record_id for _, record_id, _ in got}
+
+
+def test_realtime_two_servers_on_one_dir_share_events_and_rules(tmp_path: Path) -> None:
+    """Two `pbrt serve` processes: a write through either reaches clients of
+    both; a rule tightened through one holds on the other at once."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    with ServerProcess(data_dir) as first, ServerProcess(data_dir) as second:
+        su = Api(first.url).login("_superusers", SU_EMAIL, SU_PASSWORD)[0]
+
+        async def body() -> list[list[Any]]:
+            ready = [threading.Event(), threading.Event()]
+            watchers = [
+                asyncio.ensure_future(
+                    collect(
+                        pbrt.Client(server.url),
+                        "posts/*",
+                        lambda got: got[-1]["record"]["title"] == "last",
+                        ready[index],
+                    )
+                )
+                for index, server in enumerate((first, second))
+            ]
+            for event in ready:
+                await asyncio.to_thread(event.wait, 30)
+            await asyncio.to_thread(
+                pbrt.Client(first.url).create, "posts", {"title": "one"}
+            )
+            await asyncio.to_thread(
+                pbrt.Client(second.url).create, "posts", {"title": "two"}
+            )
+            await asyncio.to_thread(
+                Api(first.url).json,
+                "PATCH",
+                "/api/collections/posts",
+                {"listRule": "title != 'one' && title != 'hidden'"},
+                su,
+            )
+            # The other server's very next request and event apply the new rule.
+            listed = await asyncio.to_thread(
+                Api(second.url).json, "GET", "/api/collections/posts/records"
+            )
+            assert [item["title"] for item in listed["items"]] == ["two"]
+            await asyncio.to_thread(
+                pbrt.Client(first.url).create, "posts", {"title": "hidden"}
+            )
+            await asyncio.to_thread(
+                pbrt.Client(second.url).create, "posts", {"title": "last"}
+            )
+            return [await watcher for watcher in watchers]
+
+        on_first, on_second = run(body())
+    for received in (on_first, on_second):
+        assert [m["record"]["title"] for m in received] == ["one", "two", "last"]
+
+
+def test_realtime_kill_9_mid_burst_then_resume_receives_every_committed_write_once(
+    tmp_path: Path,
+) -> None:
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    server = ServerProcess(data_dir)
+    with server:
+        acknowledged: list[str] = []
+        subscribed = threading.Event()
+
+        def write_until_killed() -> None:
+            client = pbrt.Client(server.url)
+            for n in range(100_000):
+                try:
+                    acknowledged.append(
+                        client.create("posts", {"title": f"p{n}"})["id"]
+                    )
+                except OSError:
+                    return
+
+        async def body() -> list[Any]:
+            watcher = asyncio.ensure_future(
+                collect(
+                    pbrt.Client(server.url),
+                    "posts/*",
+                    lambda got: got[-1]["record"]["title"] == "end",
+                    subscribed,
+                )
+            )
+            await asyncio.to_thread(subscribed.wait, 30)
+            writer = threading.Thread(target=write_until_killed)
+            writer.start()
+            await asyncio.to_thread(wait_until, lambda: len(acknowledged) >= 40)
+            server.kill()  # in the middle of the burst
+            await asyncio.to_thread(writer.join, 60)
+            server.start()  # the same port: the client comes back with its last id
+            await asyncio.to_thread(
+                pbrt.Client(server.url).create, "posts", {"title": "end"}
+            )
+            return await watcher
+
+        received = [m["record"]["id"] for m in run(body())]
+    with contextlib.closing(sqlite3.connect(data_dir / "data.db")) as database:
+        committed = [
+            row[0]
+            for row in database.execute(
+                "SELECT record FROM _realtime_log WHERE action = 'create' AND collection = "
+                "(SELECT id FROM _collections WHERE name = 'posts') ORDER BY seq"
+            )
+        ]
+    assert received == committed  # every committed write once, in order; no others
+    assert set(acknowledged) <= set(committed)
+
+
+SDK_RESUME_SCRIPT = r"""
+// The README's Node.js option: an EventSource that resumes after the last id.
+const { EventSource: NodeEventSource } = require("eventsource");
+let lastEventId = "";
+global.EventSource = class extends NodeEventSource {
+  constructor(url, init) {
+    super(url, { ...init, fetch: (input, options) => fetch(input, { ...options,
+      headers: { ...options.headers, ...(lastEventId && { "Last-Event-ID": lastEventId }) } }) });
+  }
+  dispatchEvent(event) {
+    if (/^\d+$/.test(event.lastEventId || "")) lastEventId = event.lastEventId;
+    return super.dispatchEvent(event);
+  }
+};
+const PocketBase = require("pocketbase/cjs");
+const pb = new PocketBase(process.argv[1]);
+const titles = [];
+let connects = 0;
+setTimeout(() => { console.error("timed out", JSON.stringify(titles)); process.exit(1); }, 60000);
+pb.realtime.subscribe("PB_CONNECT", () => { connects += 1; });
+pb.collection("posts").subscribe("*", (e) => {
+  titles.push(e.record.title);
+  if (e.record.title === "before") console.log("dropme");
+  if (e.record.title === "p49") {
+    setTimeout(() => { console.log(JSON.stringify({ titles, connects })); process.exit(0); }, 300);
+  }
+}).then(() => console.log("ready"));
+"""
+
+
+def test_realtime_unmodified_js_sdk_resumes_after_a_dropped_stream(
+    tmp_path: Path,
+) -> None:
+    """The server drops the SDK's stream and 50 records are written meanwhile:
+    its callback gets all 50, in order, once."""
+    with serving(tmp_path) as (app, api, su):
+        api.create_collection(POSTS, su)
+        watcher = subprocess.Popen(
+            ["node", "-e", SDK_RESUME_SCRIPT, "--", api.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "NODE_PATH": str(JS_MODULES)},
+        )
+        try:
+            assert watcher.stdout is not None
+            assert watcher.stdout.readline().strip() == "ready"
+            app.create("posts", {"title": "before"})
+            assert watcher.stdout.readline().strip() == "dropme"
+
+            def drop_every_stream() -> None:
+                for client in list(app.broker.clients.values()):
+                    client.close(abort=True)
+
+            run(on_server_loop(app, drop_every_stream))
+            for n in range(50):
+                app.create("posts", {"title": f"p{n}"})
+            out, err = watcher.communicate(timeout=60)
+            assert watcher.returncode == 0, err
+        finally:
+            reap(watcher)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["titles"] == ["before"] + [f"p{n}" for n in range(50)]
+    assert result["connects"] >= 2  # it did reconnect
+
+
+def test_realtime_resume_replays_by_the_rules_of_the_new_auth(tmp_path: Path) -> None:
+    """A cursor replays only what the new connection may see; one the log no
+    longer holds, or that names nothing, gets PB_MISSED; garbage never errs."""
+    owned = {
+        "name": "owned",
+        "type": "base",
+        "listRule": "owner = @request.auth.id",
+        "fields": [
+            {"name": "title", "type": "text"},
+            {"name": "secret", "type": "text", "hidden": True},
+            {
+                "name": "owner",
+                "type": "relation",
+                "collectionId": "_pb_users_auth_",
+                "maxSelect": 1,
+            },
+        ],
+    }
+    with serving(tmp_path, realtime_log_max_entries=0) as (app, api, su):
+        api.create_collection(owned, su)
+        alice_token, alice = make_user(api, "alice", su)
+        _, bob = make_user(api, "bob", su)
+        start = app.store.log_bounds()[1]
+        for owner, title in [(alice, "a1"), (bob, "b1"), (alice, "a2")]:
+            api.json(
+                "POST",
+                "/api/collections/owned/records",
+                {"title": title, "owner": owner["id"], "secret": "s"},
+                su,
+            )
+
+        async def replayed(cursor: str, token: str = "") -> list[dict[str, str]]:
+            port = port_of(api)
+            client = await SseClient.connect(
+                port, headers=f"Last-Event-ID: {cursor}\r\n"
+            )
+            response = await post_subscriptions(
+                port, client.id, ["owned/*", MARKER], token
+            )
+            assert response.status == 204
+            await publish_marker(app)
+            events = await client.events_until_marker()
+            await client.close()
+            return events
+
+        as_alice = run(replayed(str(start), alice_token))
+        as_guest = run(replayed(str(start)))
+        assert [json.loads(e["data"])["record"]["title"] for e in as_alice] == [
+            "a1",
+            "a2",
+        ]
+        assert all("secret" not in e["data"] for e in as_alice)
+        assert as_guest == []
+        for n in range(10):
+            app.publish("news", {"n": n})
+        run(on_server_loop(app, lambda: app.store.prune_log(5, 0)))
+        for cursor in (str(start), "99999999", "not-a-client", "-1", "9" * 30):
+            (missed,) = run(replayed(cursor))
+            assert missed["event"] == "PB_MISSED"
+            assert json.loads(missed["data"])["lastEventId"] == cursor[:255]
+        with pytest.raises(ValueError):
+            app.publish("PB_MISSED", {"fake": True})
+
+
+def test_realtime_browser_cookie_resumes_the_next_stream_once(tmp_path: Path) -> None:
+    """A same-origin browser stream gets an HttpOnly cookie; its next stream
+    (an unmodified SDK's new EventSource) resumes where it stood, once."""
+    browser = "Sec-Fetch-Site: same-origin\r\n"
+    with serving(tmp_path) as (app, api, su):
+        api.create_collection(POSTS, su)
+
+        async def body() -> tuple[bytes, list[str], list[str]]:
+            port = port_of(api)
+            plain = await SseClient.connect(port)
+            await plain.close()
+            first = await SseClient.connect(port, headers=browser)
+            cookie = re.search(rb"Set-Cookie: (pbrt_realtime=\w+);", first.head)
+            assert cookie is not None
+            await post_subscriptions(port, first.id, ["posts/*"])
+            await asyncio.to_thread(app.create, "posts", {"title": "seen"})
+            assert (
+                json.loads((await first.next_event())["data"])["record"]["title"]
+                == "seen"
+            )
+            await on_server_loop(
+                app, lambda: app.broker.clients[first.id].close(abort=True)
+            )
+            await first.close()
+            for n in range(3):
+                await asyncio.to_thread(app.create, "posts", {"title": f"missed {n}"})
+            resume = browser + f"Cookie: {cookie.group(1).decode()}\r\n"
+            second = await SseClient.connect(port, headers=resume)
+            await post_subscriptions(port, second.id, ["posts/*", MARKER])
+            await publish_marker(app)
+            replayed = [
+                json.loads(e["data"])["record"]["title"]
+                for e in await second.events_until_marker()
+            ]
+            await second.close()
+            # The same cookie again: a position is claimed once.
+            third = await SseClient.connect(port, headers=resume)
+            await post_subscriptions(port, third.id, ["posts/*"])
+            again = [(await third.next_event())["event"]]
+            await third.close()
+            return plain.head, replayed, again
+
+        plain_head, replayed, again = run(body())
+    assert b"Set-Cookie" not in plain_head  # other clients see PocketBase's head
+    assert replayed == ["missed 0", "missed 1", "missed 2"]
+    assert again == ["PB_MISSED"]
+
+
+def test_realtime_heartbeats_are_comments_that_do_not_count_as_messages(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path, sse_heartbeat_s=0.1, sse_idle_timeout_s=1.0) as (
+        _,
+        api,
+        _su,
+    ):
+
+        async def body() -> tuple[list[bytes], float]:
+            client = await SseClient.connect(port_of(api))
+            started = time.monotonic()
+            with contextlib.suppress(EOFError):
+                while True:  # a comment parses as a block with no `event`
+                    assert "event" not in await client.next_event(10)
+            await client.close()
+            return client.raw_chunks, time.monotonic() - started
+
+        chunks, lasted = run(body())
+    heartbeats = [chunk for chunk in chunks if chunk.endswith(b":\n\n\r\n")]
+    assert len(heartbeats) >= 3
+    assert lasted < 5  # the idle limit still ended the stream
+
+
+def test_realtime_writes_do_not_wait_for_1000_filtered_subscriptions(
+    tmp_path: Path,
+) -> None:
+    """Decisions run after the commit, off the write's path: 1,000
+    subscriptions with relation filters leave each write's latency alone."""
+    budgets = {"check_budget_s": 10.0, "event_budget_s": 10.0}  # not under test here
+    with serving(tmp_path, **budgets) as (app, api, su):
+        api.json("PATCH", "/api/collections/users", {"listRule": ""}, su)
+        _, owner = make_user(api, "owner", su, name="ada")
+        api.create_collection(
+            {
+                **POSTS,
+                "fields": [
+                    {"name": "title", "type": "text"},
+                    {
+                        "name": "owner",
+                        "type": "relation",
+                        "collectionId": "_pb_users_auth_",
+                        "maxSelect": 1,
+                    },
+                ],
+            },
+            su,
+        )
+
+        def option(n: int) -> str:
+            text = f"owner.name = 'ada' && title != 'x{n}'"
+            return "posts/*?options=" + urllib.parse.quote(
+                json.dumps({"query": {"filter": text}})
+            )
+
+        async def body() -> tuple[list[float], list[int]]:
+            port = port_of(api)
+            clients = [await SseClient.connect(port) for _ in range(100)]
+            for index, client in enumerate(clients):
+                subscriptions = [option(10 * index + n) for n in range(10)] + [MARKER]
+                await post_subscriptions(port, client.id, subscriptions)
+            latencies = []
+            for n in range(5):
+                started = time.perf_counter()
+                await asyncio.to_thread(
+                    api.json,
+                    "POST",
+                    "/api/collections/posts/records",
+                    {"title": f"t{n}", "owner": owner["id"]},
+                    su,
+                )
+                latencies.append(time.perf_counter() - started)
+            await publish_marker(app)
+            counts = [len(await client.events_until_marker(60)) for client in clients]
+            for client in clients:
+                await client.close()
+            return latencies, counts
+
+        latencies, counts = run(body(), timeout=120)
+    assert max(latencies) < HEALTH_BOUND_S
+    assert counts == [50] * 100  # and every subscription got every event
+
+
+SHUTDOWN_WRITER = r"""
+import json, sys, urllib.request
+acknowledged = []
+for n in range(100000):
+    request = urllib.request.Request(sys.argv[1] + "/api/collections/posts/records",
+        data=json.dumps({"title": f"p{n}"}).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            acknowledged.append(json.load(response)["id"])
+    except OSError:
+        break
+    if n == 30:
+        print("busy", flush=True)
+print(json.dumps(acknowledged), flush=True)
+"""
+
+
+def test_realtime_shutdown_delivers_every_acknowledged_write_first(
+    tmp_path: Path,
+) -> None:
+    """SIGINT during a write burst: the open stream gets every acknowledged
+    write's event before it ends, and a client that comes back resumes."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    server = ServerProcess(data_dir)
+    with server:
+
+        async def body() -> tuple[list[str], list[str], list[str]]:
+            client = await SseClient.connect(server.port)
+            await post_subscriptions(server.port, client.id, ["posts/*"])
+            writer = subprocess.Popen(
+                [sys.executable, "-c", SHUTDOWN_WRITER, server.url],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert writer.stdout is not None
+            assert await asyncio.to_thread(writer.stdout.readline) == "busy\n"
+            assert await asyncio.to_thread(server.stop) == 0
+            out, _ = await asyncio.to_thread(writer.communicate, timeout=60)
+            events = []
+            with contextlib.suppress(EOFError):
+                while True:
+                    events.append(await client.next_event(30))
+            await client.close()
+            received = [json.loads(e["data"])["record"]["id"] for e in events]
+            server.start()  # back with the last id: nothing again, then what is new
+            again = await SseClient.connect(
+                server.port, headers=f"Last-Event-ID: {events[-1]['id']}\r\n"
+            )
+            await post_subscriptions(server.port, again.id, ["posts/*"])
+            await asyncio.to_thread(
+                pbrt.Client(server.url).create, "posts", {"title": "end"}
+            )
+            after = [
+                json.loads((await again.next_event(30))["data"])["record"]["title"]
+            ]
+            await again.close()
+            return json.loads(out), received, after
+
+        acknowledged, received, after = run(body())
+    assert acknowledged and set(acknowledged) <= set(received)
+    assert after == ["end"]
+    assert received == sorted(set(received), key=received.index)  # no duplicate
 
 
 # ==========================================================================
