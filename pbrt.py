@@ -6622,6 +6622,7 @@ class RealtimeClient:
         self.written = 0
         self.unflushed: collections.deque[tuple[int, int]] = collections.deque()
         self.live_position = live_position  # the broker's, while this client is live
+        self.browser = client_id  # the browser its cookie names (ClosedStreams)
         self.stood_at = 0  # where the stream stood when it closed (see `close`)
 
     def send(self, frame: bytes, seq: int = 0) -> None:
@@ -6908,6 +6909,76 @@ class _FanOut:
         return deliveries
 
 
+class ClosedStreams:
+    """Where closed streams stood, for the cookie of a browser's next stream.
+
+    A browser's streams (its tabs) share one cookie, which names the last
+    stream it opened; a stream belongs to the browser of the stream its
+    cookie named. A new stream of a browser with one closed stream waiting
+    and none open takes that position: exact. With several (tabs), it starts
+    from the oldest and leaves them: at least once, never a gap. With none,
+    the client is told it missed events.
+    """
+
+    def __init__(
+        self, window_s: float = RESUME_WINDOW_S, limit: int = MAX_RESUME_POSITIONS
+    ) -> None:
+        self.window_s, self.limit = window_s, limit
+        # client id -> (position, monotonic time it closed, browser); oldest first
+        self._closed: collections.OrderedDict[str, tuple[int, float, str]] = (
+            collections.OrderedDict()
+        )
+        self._waiting: dict[str, dict[str, int]] = {}  # browser -> {client: position}
+        self._open: dict[str, int] = {}  # browser -> streams open now
+
+    def browser_of(self, client_id: str) -> str | None:
+        """The browser of a closed stream still remembered, else None."""
+        found = self._closed.get(client_id)
+        return found[2] if found else None
+
+    def opened(self, browser: str) -> None:
+        self._open[browser] = self._open.get(browser, 0) + 1
+
+    def closed(
+        self, client_id: str, browser: str, position: int | None, now: float
+    ) -> None:
+        """A stream ended; `position` None: it has nothing to resume from."""
+        left = self._open.pop(browser, 1) - 1
+        if left:
+            self._open[browser] = left
+        if position is not None:
+            self._closed[client_id] = (position, now, browser)
+            self._waiting.setdefault(browser, {})[client_id] = position
+        self._expire(now)
+
+    def claim(self, browser: str, now: float) -> int | None:
+        """Where the browser's new stream resumes (see the class), or None."""
+        self._expire(now)
+        waiting = self._waiting.get(browser)
+        if not waiting:
+            return None
+        if len(waiting) == 1 and not self._open.get(browser):
+            ((owner, position),) = waiting.items()
+            self._forget(owner)
+            return position
+        return min(waiting.values())
+
+    def _expire(self, now: float) -> None:
+        """Forget the oldest positions past the window or the count."""
+        while self._closed and (
+            len(self._closed) > self.limit
+            or next(iter(self._closed.values()))[1] < now - self.window_s
+        ):
+            self._forget(next(iter(self._closed)))
+
+    def _forget(self, client_id: str) -> None:
+        _, _, browser = self._closed.pop(client_id)
+        waiting = self._waiting[browser]
+        del waiting[client_id]
+        if not waiting:
+            del self._waiting[browser]
+
+
 class Broker:
     """Realtime clients and the delivery of the realtime log to them.
 
@@ -6948,10 +7019,8 @@ class Broker:
         self.position = store.log_bounds()[1]
         #: The entry being delivered now (its subscribers were chosen).
         self.claimed = self.position
-        #: Where closed streams stood, by client id, for the cookie that names them.
-        self.closed_positions: collections.OrderedDict[str, tuple[int, float]] = (
-            collections.OrderedDict()
-        )
+        #: Where closed streams stood, for the cookie of a browser's next one.
+        self.closed_streams = ClosedStreams()
         self._wakeup: asyncio.Event | None = None
         self._advanced: asyncio.Event | None = None
         self._replays: set[asyncio.Task[None]] = set()
@@ -6966,13 +7035,18 @@ class Broker:
     # --- clients -------------------------------------------------------------
 
     def connect(
-        self, remote_ip: str, position: int | None = None, cursor: str = ""
+        self,
+        remote_ip: str,
+        position: int | None = None,
+        cursor: str = "",
+        browser: str = "",
     ) -> RealtimeClient:
         """Register a new client; raise TooManyRequestsError over either limit.
 
         A client that gave a `cursor` resumes after log entry `position`
         once it subscribes, or is told it missed events: when the log no
-        longer holds them, or the cursor names no position (None).
+        longer holds them, or the cursor names no position (None). `browser`
+        is the one its cookie named (see ClosedStreams).
         """
         if len(self.clients) >= self.max_clients or (
             self.max_clients_per_ip
@@ -6985,6 +7059,8 @@ class Broker:
             self.max_queue_bytes,
             lambda: self.position,
         )
+        client.browser = browser or client.id
+        self.closed_streams.opened(client.browser)
         if cursor:
             pruned, last = self.store.log_bounds()
             if position is not None and pruned <= position <= last:
@@ -6995,12 +7071,16 @@ class Broker:
         self._per_ip[remote_ip] = self._per_ip.get(remote_ip, 0) + 1
         return client
 
-    def closed_position(self, client_id: str) -> int | None:
-        """Where a closed stream stood (claimed once), or None if unknown or too old."""
-        found = self.closed_positions.pop(client_id, None)
-        if found is None or time.monotonic() - found[1] > RESUME_WINDOW_S:
-            return None
-        return found[0]
+    def claim_position(self, client_id: str) -> tuple[int | None, str]:
+        """For a new stream whose cookie names stream `client_id`: where it
+        resumes (None: unknown) and the browser both belong to."""
+        open_stream = self.clients.get(client_id)
+        browser = (
+            open_stream.browser
+            if open_stream is not None
+            else self.closed_streams.browser_of(client_id) or client_id
+        )
+        return self.closed_streams.claim(browser, time.monotonic()), browser
 
     def disconnect(self, client: RealtimeClient) -> None:
         """Forget a client and its subscriptions; keep where its stream stood."""
@@ -7010,10 +7090,12 @@ class Broker:
             left = self._per_ip.pop(client.remote_ip, 1) - 1
             if left:
                 self._per_ip[client.remote_ip] = left
-            if client.missed is None:
-                self.closed_positions[client.id] = (client.stood_at, time.monotonic())
-                while len(self.closed_positions) > MAX_RESUME_POSITIONS:
-                    self.closed_positions.popitem(last=False)
+            self.closed_streams.closed(
+                client.id,
+                client.browser,
+                client.stood_at if client.missed is None else None,
+                time.monotonic(),
+            )
 
     def close_all(self) -> None:
         """End every stream (server shutdown)."""
@@ -7927,8 +8009,9 @@ async def handle_realtime_connect(context: RequestContext) -> Response:
     )
 
 
-def _resume_cursor(request: Request, broker: Broker) -> tuple[int | None, str]:
-    """Where a new stream resumes (None: live only) and the cursor as the client gave it.
+def _resume_cursor(request: Request, broker: Broker) -> tuple[int | None, str, str]:
+    """Where a new stream resumes (None: live only), the cursor as the client
+    gave it, and the browser its cookie names.
 
     A cursor that names no position the server knows (a closed stream it no
     longer remembers) resumes nowhere, and the client is told it missed events.
@@ -7940,12 +8023,14 @@ def _resume_cursor(request: Request, broker: Broker) -> tuple[int | None, str]:
         with contextlib.suppress(http.cookies.CookieError):
             cookies.load(request.header("cookie"))
         if RESUME_COOKIE not in cookies:
-            return None, ""
+            return None, "", ""
         cursor = cookies[RESUME_COOKIE].value
     cursor = cursor[:MAX_CLIENT_ID_LENGTH]
     if cursor.isascii() and cursor.isdigit() and len(cursor) < 19:
-        return int(cursor), cursor
-    return broker.closed_position(cursor), cursor
+        return int(cursor), cursor, ""
+    # An EventSource's own reconnect sends PB_CONNECT's id: a client id too.
+    position, browser = broker.claim_position(cursor)
+    return position, cursor, browser
 
 
 async def _realtime_stream(
@@ -9351,8 +9436,8 @@ class App:
             connection.busy = False
             try:
                 head = await _read_head(reader, self.config, first)
-                if head is None:
-                    return
+                if head is None or not self._server or not self._server.is_serving():
+                    return  # stopping: a request not begun is not served (as Go's Shutdown)
                 connection.busy = True
                 started = time.perf_counter()
                 request = parse_request_head(head)
