@@ -41,6 +41,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import email.utils
@@ -4305,6 +4306,29 @@ class Store:
             self.listener()
         return True
 
+    def watch_commits(
+        self, stopping: threading.Event, on_commit: Callable[[], None]
+    ) -> None:
+        """Call `on_commit` soon after any other connection commits, until
+        `stopping` is set; for a thread of its own.
+
+        It looks at `PRAGMA data_version` on a connection of its own every
+        LOG_WATCH_S: a few microseconds, and no event-loop wakeup while
+        nothing changes.
+        """
+        if not self.can_read_in_threads:
+            return  # nobody else can write an in-memory database
+        connection = self._connect(self.path, read_only=True)
+        try:
+            (seen,) = connection.execute("PRAGMA data_version").fetchone()
+            while not stopping.wait(LOG_WATCH_S):
+                (version,) = connection.execute("PRAGMA data_version").fetchone()
+                if version != seen:
+                    seen = version
+                    on_commit()
+        finally:
+            connection.close()
+
     def _read_collections_version(self) -> JSON:
         row = self._writer.execute(
             "SELECT value FROM \"_params\" WHERE id = 'collectionsVersion'"
@@ -6712,7 +6736,7 @@ class RealtimeClient:
         )
 
 
-Candidate = tuple[RealtimeClient, Subscription, str, "Auth | None"]
+Candidate = tuple[RealtimeClient, Subscription, str, Auth | None]
 
 
 def _round_robin(candidates: list[Candidate]) -> list[Candidate]:
@@ -7096,6 +7120,12 @@ class Broker:
                 client.stood_at if client.missed is None else None,
                 time.monotonic(),
             )
+
+    def send_heartbeats(self, silent_since: float) -> None:
+        """A comment line to every stream that wrote nothing since then (monotonic)."""
+        for client in self.clients.values():
+            if client.last_write <= silent_since:
+                client.heartbeat()
 
     def close_all(self) -> None:
         """End every stream (server shutdown)."""
@@ -8043,9 +8073,8 @@ async def _realtime_stream(
     """Send PB_CONNECT, hand the socket to the broker, end on close or timeout.
 
     Events do not pass through here: the broker writes them to the transport
-    directly, in log order. This keeps the lifetimes and the heartbeats (a
-    comment line after `sse_heartbeat_s` of silence, which is no message:
-    the idle limit runs on).
+    directly, in log order (heartbeats too, which are no message: the idle
+    limit runs on). This keeps the lifetimes.
     """
     try:
         yield [
@@ -8057,17 +8086,13 @@ async def _realtime_stream(
             return
         client.go_live(transport, chunked)
         end = time.monotonic() + config.sse_max_lifetime_s
-        heartbeat = config.sse_heartbeat_s or math.inf
         while not client.closed:
             now = time.monotonic()
             deadline = min(end, client.last_message + config.sse_idle_timeout_s)
             if now >= deadline:
                 return
-            if now >= client.last_write + heartbeat:
-                client.heartbeat()
-            wake = min(deadline, client.last_write + heartbeat)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(client.ended.wait(), max(wake - now, 0.001))
+                await asyncio.wait_for(client.ended.wait(), deadline - now)
     finally:
         broker.disconnect(client)
 
@@ -8861,6 +8886,27 @@ async def _discard_input(reader: asyncio.StreamReader) -> None:
 # stops things. Client is a small PocketBase client for scripts.
 
 
+_IN_MODIFY = 0x2  # <sys/inotify.h>
+
+
+def _watch_writes(path: str) -> int | None:
+    """A non-blocking inotify descriptor that turns readable when the file at
+    `path` is written (Linux, through ctypes), or None where there is none."""
+    if not sys.platform.startswith("linux") or not os.path.exists(path):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    except (OSError, AttributeError):
+        return None
+    if fd < 0:
+        return None
+    if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+        os.close(fd)
+        return None
+    return fd
+
+
 def random_text(alphabet: str, length: int) -> str:
     """`length` characters drawn uniformly from `alphabet` with the OS's
     randomness, in one read of it (`secrets.choice` reads it per character)."""
@@ -8915,6 +8961,10 @@ class App:
         self._thread: int | None = None
         self._connections: set[_Connection] = set()
         self._tasks: list[asyncio.Future[None]] = []  # the broker's and the log's
+        # What hears of other writers' commits: an inotify descriptor, or a thread.
+        self._wal_watch: int | None = None
+        self._watcher: threading.Thread | None = None
+        self._watching = threading.Event()  # set: the thread stops
         self._unsent_bytes = 0  # response bytes not yet handed to a socket
         self._date_cache: tuple[int, str] = (0, "")
 
@@ -8977,9 +9027,10 @@ class App:
         self._read_pool = concurrent.futures.ThreadPoolExecutor(
             READ_THREADS, thread_name_prefix="pbrt-read"
         )
+        self._watch_other_writers()
         self._tasks = [
             asyncio.ensure_future(self.broker.run()),
-            asyncio.ensure_future(self._watch_other_writers()),
+            asyncio.ensure_future(self._send_heartbeats()),
             asyncio.ensure_future(self._prune_realtime_log()),
         ]
         self.logs = RequestLogs(
@@ -9030,6 +9081,15 @@ class App:
             background.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._wal_watch is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._wal_watch)
+            os.close(self._wal_watch)
+            self._wal_watch = None
+        if self._watcher is not None:
+            self._watching.set()
+            await asyncio.to_thread(self._watcher.join)
+            self._watcher = None
         if self._read_pool is not None:
             self._read_pool.shutdown()  # waits for reads in flight
             self._read_pool = None
@@ -9503,20 +9563,62 @@ class App:
         level = 8 if response.status >= 400 else 0
         self.logs.add(level, f"{request.method} {request.target}", data)
 
+    def _watch_other_writers(self) -> None:
+        """Hear of other processes' commits within LOG_WATCH_S, at no cost while
+        nothing changes: on Linux, inotify on the WAL file wakes the loop (then
+        it rests LOG_WATCH_S); elsewhere a thread looks at PRAGMA data_version."""
+        store, loop = self.store, self._loop
+        assert store is not None and loop is not None
+        if not store.can_read_in_threads:
+            return  # nobody else can write an in-memory database
+        self._wal_watch = _watch_writes(store.path + "-wal")
+        if self._wal_watch is not None:
+            loop.add_reader(self._wal_watch, self._on_wal_written)
+            return
+        self._watching = threading.Event()
+        self._watcher = threading.Thread(
+            target=store.watch_commits,
+            args=(
+                self._watching,
+                lambda: loop.call_soon_threadsafe(self._notice_other_writers),
+            ),
+            name="pbrt-watch",
+            daemon=True,
+        )
+        self._watcher.start()
+
+    def _on_wal_written(self) -> None:
+        """The WAL was written (a commit, ours or another's): look, then rest."""
+        fd, loop = self._wal_watch, self._loop
+        assert fd is not None and loop is not None
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 4096):
+                pass
+        loop.remove_reader(fd)
+        self._notice_other_writers()
+        loop.call_later(LOG_WATCH_S, self._rest_over)
+
+    def _rest_over(self) -> None:
+        if self._wal_watch is not None and self._loop is not None:
+            self._loop.add_reader(self._wal_watch, self._on_wal_written)
+
     def _notice_other_writers(self) -> None:
         """See what other processes committed: collections, settings, log entries."""
-        if self.store is not None and self.store.refresh():
-            self._settings = None
+        try:
+            if self.store is not None and self.store.refresh():
+                self._settings = None
+        except sqlite3.Error:  # e.g. locked past the busy timeout: the next look
+            log.exception("looking for other writers' changes failed")
 
-    async def _watch_other_writers(self) -> None:
-        """Look for other writers' commits every LOG_WATCH_S (a cheap pragma),
-        so their events leave within that time even while no request comes."""
+    async def _send_heartbeats(self) -> None:
+        """Every half heartbeat, a comment line to each stream silent for as long."""
+        interval = self.config.sse_heartbeat_s / 2
+        if interval <= 0:
+            return
         while True:
-            await asyncio.sleep(LOG_WATCH_S)
-            try:
-                self._notice_other_writers()
-            except sqlite3.Error:
-                log.exception("looking for other writers' changes failed")
+            await asyncio.sleep(interval)
+            if self.broker is not None:
+                self.broker.send_heartbeats(time.monotonic() - interval)
 
     async def _prune_realtime_log(self) -> None:
         """Keep the realtime log within its limits, a short transaction at a time."""
@@ -10586,7 +10688,9 @@ def _bench_connect(
             if connected % 1000 == 0:
                 progress(f"subscribed {connected}/{args.clients}")
     elapsed = time.monotonic() - started
-    time.sleep(args.settle)
+    cpu_before = _process_cpu_s(target.pid)
+    time.sleep(args.settle)  # every client idle: what does holding them cost?
+    cpu_after = _process_cpu_s(target.pid)
     rss = _process_rss_kib(target.pid)
     outcomes = [results.get(timeout=args.timeout + args.hold + 60) for _ in processes]
     for process in processes:
@@ -10602,6 +10706,9 @@ def _bench_connect(
         "server_kib_per_client": None
         if rss is None or rss_before is None
         else (rss - rss_before) / max(1, connected),
+        "server_idle_cpu_percent": None
+        if cpu_before is None or cpu_after is None or args.settle <= 0
+        else 100 * (cpu_after - cpu_before) / args.settle,
         "load_generator_cpu_s": sum(outcome["cpu_s"] for outcome in outcomes),
     }
 

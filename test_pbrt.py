@@ -5279,11 +5279,15 @@ pb.collection("notes").subscribe("*", (e) => {
 """
 
 
+@pytest.mark.parametrize("watch", ["inotify", "polling"])
 def test_realtime_external_sqlite_writer_reaches_the_js_sdk_in_commit_order(
-    tmp_path: Path,
+    tmp_path: Path, watch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process that knows only sqlite3 writes; the unchanged JS SDK hears
-    every committed change in order, through the listRule, and no rollback."""
+    every committed change in order, through the listRule, and no rollback
+    (with inotify watching the WAL, and with the polling thread used elsewhere)."""
+    if watch == "polling":
+        monkeypatch.setattr(pbrt, "_watch_writes", lambda path: None)
     with serving(tmp_path) as (_, api, su):
         api.create_collection(
             {
