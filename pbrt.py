@@ -224,6 +224,8 @@ LOG_WATCH_S = 0.05  # how often other processes' commits are looked for
 LOG_PRUNE_S = 10.0  # how often the log is pruned
 LOG_PRUNE_CHUNK = 2_000  # entries deleted per transaction when pruning
 LOG_READ_BATCH = 256  # entries read at a time for delivery and replay
+REPLAY_BUDGET_S = 2.0  # one client's replay; past it, PB_MISSED and live from there
+REPLAYS_AT_ONCE = 4  # replays running at a time; more wait their turn
 MISSED_EVENT = "PB_MISSED"  # sent to a client whose position the log no longer holds
 RESUME_COOKIE = "pbrt_realtime"  # carries a browser's position to its next stream
 RESUME_WINDOW_S = 10 * 60.0  # a stream's position stays claimable this long
@@ -286,6 +288,8 @@ class Config:
     realtime_log_max_entries: int = LOG_MAX_ENTRIES
     #: Seconds the realtime log keeps an entry (0: no age limit).
     realtime_log_max_age_s: float = LOG_MAX_AGE_S
+    #: Seconds one returning client's replay may take; past it, PB_MISSED.
+    replay_budget_s: float = REPLAY_BUDGET_S
 
 
 # ==========================================================================
@@ -7025,9 +7029,12 @@ class Broker:
         event_budget_s: float = EVENT_BUDGET_S,
         check_budget_s: float = CHECK_BUDGET_S,
         max_clients_per_ip: int = MAX_REALTIME_CLIENTS_PER_IP,
+        replay_budget_s: float = REPLAY_BUDGET_S,
     ) -> None:
         self.store = store
         self.max_clients_per_ip = max_clients_per_ip
+        self.replay_budget_s = replay_budget_s
+        self._replay_turns = asyncio.Semaphore(REPLAYS_AT_ONCE)
         self._per_ip: dict[str, int] = {}
         self.event_budget_s = event_budget_s
         self.check_budget_s = check_budget_s
@@ -7150,20 +7157,20 @@ class Broker:
                 client.id, []
             ).append(subscription)
         if client.subscriptions and client.missed is not None:
-            self._send_missed(client)
+            self._send_missed(client, client.missed)
+            client.missed = None
         if client.subscriptions and client.resuming and not client.closed:
             client.resuming = False
             task = asyncio.ensure_future(self._replay(client))
             self._replays.add(task)
             task.add_done_callback(self._replays.discard)
 
-    def _send_missed(self, client: RealtimeClient) -> None:
-        """Tell a client that events after its position are gone: refetch."""
+    def _send_missed(self, client: RealtimeClient, cursor: str) -> None:
+        """Tell a client that it cannot have the events after `cursor`: refetch."""
         data = {
-            "lastEventId": client.missed,
+            "lastEventId": cursor,
             "message": "The realtime log no longer holds the events after this id; refetch.",
         }
-        client.missed = None
         client.send(
             encode_sse_event(str(self.position), MISSED_EVENT, _json_body(data))
         )
@@ -7356,28 +7363,42 @@ class Broker:
 
         It replays up to the entry live delivery is on (`claimed`), so the
         hand-over has no gap and no duplicate; rules apply with its auth now.
+        A few replays run at a time; one that takes longer than its budget
+        ends with PB_MISSED, and the client is live from there.
         """
+        cursor, spent = str(client.position), 0.0
         try:
-            while not client.closed and client.position is not None:
-                position = client.position
-                if position >= self.claimed:
-                    client.position = None  # live from the next entry on
-                    return
-                through = self.claimed
-                entries = await self.run_read(
-                    functools.partial(
-                        self.store.read_log, position, LOG_READ_BATCH, through
-                    )
-                )
-                for entry in entries:
-                    if client.closed:
+            async with self._replay_turns:
+                while not client.closed and client.position is not None:
+                    position = client.position
+                    if position >= self.claimed:
+                        client.position = None  # live from the next entry on
                         return
-                    await self._deliver(
-                        entry, self._client_candidates(client, entry), live=False
+                    through = self.claimed
+                    entries = await self.run_read(
+                        functools.partial(
+                            self.store.read_log, position, LOG_READ_BATCH, through
+                        )
                     )
-                    client.position = entry.seq
-                if not entries:
-                    client.position = through
+                    for entry in entries:
+                        if client.closed:
+                            return
+                        started = time.monotonic()
+                        await self._deliver(
+                            entry, self._client_candidates(client, entry), live=False
+                        )
+                        client.position = entry.seq
+                        spent += time.monotonic() - started
+                        if spent > self.replay_budget_s:
+                            log.warning(
+                                "realtime client %s: replay past its budget; PB_MISSED",
+                                client.id,
+                            )
+                            client.position = None
+                            self._send_missed(client, cursor)
+                            return
+                    if not entries:
+                        client.position = through
         except Exception:
             log.exception(
                 "realtime client %s: replay failed; disconnecting it", client.id
@@ -9018,6 +9039,7 @@ class App:
             event_budget_s=self.config.event_budget_s,
             check_budget_s=self.config.check_budget_s,
             max_clients_per_ip=self.config.max_realtime_clients_per_ip,
+            replay_budget_s=self.config.replay_budget_s,
         )
         self.broker.message_filter = self.hooks.filter_message
         self.broker.message_filter_active = lambda: bool(

@@ -5572,6 +5572,35 @@ def test_realtime_resume_replays_by_the_rules_of_the_new_auth(tmp_path: Path) ->
             app.publish("PB_MISSED", {"fake": True})
 
 
+def test_realtime_replay_past_its_budget_ends_with_pb_missed(tmp_path: Path) -> None:
+    """A client that asks for the whole log cannot make the server work without
+    end: its replay stops at its budget with PB_MISSED, and it is live after."""
+    with serving(tmp_path, replay_budget_s=0.0) as (app, api, su):
+        api.create_collection(POSTS, su)
+        start = app.store.log_bounds()[1]
+        for n in range(5):
+            app.create("posts", {"title": f"old {n}"})
+
+        async def body() -> list[str]:
+            port = port_of(api)
+            client = await SseClient.connect(
+                port, headers=f"Last-Event-ID: {start}\r\n"
+            )
+            await post_subscriptions(port, client.id, ["posts/*", MARKER])
+            events = [await client.next_event(), await client.next_event()]
+            await asyncio.to_thread(app.create, "posts", {"title": "live"})
+            events.append(await client.next_event())
+            await client.close()
+            return [
+                e["event"]
+                if e["event"] == "PB_MISSED"
+                else json.loads(e["data"])["record"]["title"]
+                for e in events
+            ]
+
+        assert run(body()) == ["old 0", "PB_MISSED", "live"]
+
+
 def test_realtime_browser_cookie_resumes_the_next_stream(tmp_path: Path) -> None:
     """A same-origin browser stream gets an HttpOnly cookie; its next stream
     (an unmodified SDK's new EventSource) resumes where it stood. With two
