@@ -114,7 +114,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 JSON = Any
 Headers = dict[str, str]
@@ -226,6 +226,14 @@ LOG_PRUNE_CHUNK = 2_000  # entries deleted per transaction when pruning
 LOG_READ_BATCH = 256  # entries read at a time for delivery and replay
 REPLAY_BUDGET_S = 2.0  # one client's replay; past it, PB_MISSED and live from there
 REPLAYS_AT_ONCE = 4  # replays running at a time; more wait their turn
+
+# Several worker processes on one address and data dir (`serve --workers N`).
+MAX_WORKERS = 62  # a client id's first character names its worker
+WORKER_HEADER = "X-Pbrt-Worker"  # which worker answered (only with several)
+FORWARDED_IP_HEADER = "x-pbrt-remote-ip"  # the client's address, worker to worker
+WORKER_RESTART_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # after deaths in a row
+BUSY_TIMEOUT_S = 5  # SQLite waits this long for another writer's lock ...
+WRITE_LOCK_ATTEMPTS = 4  # ... this many times before a write gives up
 MISSED_EVENT = "PB_MISSED"  # sent to a client whose position the log no longer holds
 RESUME_COOKIE = "pbrt_realtime"  # carries a browser's position to its next stream
 RESUME_WINDOW_S = 10 * 60.0  # a stream's position stays claimable this long
@@ -290,6 +298,10 @@ class Config:
     realtime_log_max_age_s: float = LOG_MAX_AGE_S
     #: Seconds one returning client's replay may take; past it, PB_MISSED.
     replay_budget_s: float = REPLAY_BUDGET_S
+    #: Worker processes serving this address and dir (`serve --workers`), and
+    #: which of them this one is; an embedded App is one process (see README).
+    workers: int = 1
+    worker: int = 0
 
 
 # ==========================================================================
@@ -3874,22 +3886,34 @@ def resolve_body_modifiers(
 # hashing are passed in. Knows nothing of HTTP.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class LogEntry:
     """One entry of the realtime log: a committed record change or a message.
 
     `data` is the row after a create or update (column values by field
     name) or a custom message's data; `previous` the row before an update or
-    delete. Entries are numbered in commit order by `seq`.
+    delete. Both are decoded from their JSON text when first asked for (an
+    entry nobody subscribes to costs no parsing). Entries are numbered in
+    commit order by `seq`.
     """
 
     seq: int
-    created: float  # Unix time of the commit
+    created: float  # Unix time of the write
     collection: str  # the collection's id; "" for a custom message
     action: str  # "create" | "update" | "delete" | "message"
     record: str  # the record's id, or the message's topic
-    data: JSON
-    previous: JSON
+    data_text: str | None
+    previous_text: str | None
+
+    @functools.cached_property
+    def data(self) -> JSON:
+        """The row after the change, or the message."""
+        return None if self.data_text is None else json.loads(self.data_text)
+
+    @functools.cached_property
+    def previous(self) -> JSON:
+        """The row before an update or delete."""
+        return None if self.previous_text is None else json.loads(self.previous_text)
 
     @property
     def row(self) -> dict[str, JSON]:
@@ -3898,7 +3922,7 @@ class LogEntry:
         return row if isinstance(row, dict) else {}
 
 
-# The time of a commit in Unix seconds, in SQL (unixepoch('subsec') needs 3.42).
+# The time of a write in Unix seconds, in SQL (unixepoch('subsec') needs 3.42).
 _SQL_NOW = "(julianday('now') - 2440587.5) * 86400.0"
 _LOG_ACTIONS = (
     ("create", "INSERT", "NEW"),
@@ -4027,7 +4051,7 @@ class Store:
             connection = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False
             )
-        connection.execute("PRAGMA busy_timeout = 5000")
+        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
         connection.create_function(
             GEO_DISTANCE_FUNCTION, 4, geo_distance_km, deterministic=True
         )
@@ -4075,7 +4099,14 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        self.connection.execute("BEGIN IMMEDIATE")
+        for attempt in range(WRITE_LOCK_ATTEMPTS):  # each waits the busy timeout
+            try:
+                self.connection.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt + 1 == WRITE_LOCK_ATTEMPTS:
+                    raise
+                log.warning("data.db stayed locked %d s; waiting again", BUSY_TIMEOUT_S)
         self._depth = 1
         try:
             yield
@@ -4187,26 +4218,18 @@ class Store:
             f'FROM "{REALTIME_LOG_TABLE}" WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?',
             (after, through if through is not None else 2**62, limit),
         ).fetchall()
-        return [
-            LogEntry(
-                seq,
-                created,
-                collection,
-                action,
-                record,
-                None if data is None else json.loads(data),
-                None if previous is None else json.loads(previous),
-            )
-            for seq, created, collection, action, record, data, previous in rows
-        ]
+        return [LogEntry(*row) for row in rows]
 
-    def log_bounds(self) -> tuple[int, int]:
-        """`(pruned, last)`: the log holds every entry after `pruned` up to `last`."""
+    def last_seq(self) -> int:
+        """The number of the log's last entry ever (0 for none)."""
         row = self.connection.execute(
             "SELECT seq FROM sqlite_sequence WHERE name = ?", (REALTIME_LOG_TABLE,)
         ).fetchone()
-        pruned = self.param("realtimeLogPruned")
-        return int(pruned or 0), int(row[0]) if row else 0
+        return int(row[0]) if row else 0
+
+    def log_bounds(self) -> tuple[int, int]:
+        """`(pruned, last)`: the log holds every entry after `pruned` up to `last`."""
+        return int(self.param("realtimeLogPruned") or 0), self.last_seq()
 
     def prune_log(self, max_entries: int, max_age_s: float) -> int:
         """Delete up to LOG_PRUNE_CHUNK of the oldest entries past either limit
@@ -7251,6 +7274,10 @@ class Broker:
 
     async def _deliver_new_entries(self) -> None:
         assert self._advanced is not None
+        if not self.clients:  # nobody to tell: on to the end of the log
+            self.position = self.claimed = max(self.position, self.store.last_seq())
+            self._advanced.set()
+            return
         while entries := self.store.read_log(self.position, LOG_READ_BATCH):
             self.store.refresh()  # rules at least as new as the entries
             for entry in entries:
@@ -7306,13 +7333,13 @@ class Broker:
         the auth they had, so a user still hears of their own deletion.
         """
         if entry.action == "message":
-            payload = _json_body(entry.data)
+            payload = _json_body(entry.data) if candidates else b""
             for client, subscription, _, _ in candidates:
                 self._send(client, entry.seq, subscription.raw, payload)
             return
         collection = self.store.collection(entry.collection)
-        if collection is None:
-            return
+        if collection is None or not (candidates or (live and collection.is_auth)):
+            return  # nobody to tell, nobody signed in as it to follow
         row, record = logged_record(collection, entry)
         auth_updates = self._auth_updates(collection, entry, record) if live else {}
         if auth_updates and entry.action != "delete":
@@ -8188,6 +8215,10 @@ async def handle_realtime_subscribe(context: RequestContext) -> Response:
     if errors:
         raise BadRequestError(None, errors)
     client = broker.clients.get(client_id)
+    owner = context.app.owner_of(client_id)
+    if client is None and owner is not None:  # its stream is in another worker
+        body = {"clientId": client_id, "subscriptions": subscriptions}
+        return await context.app.hand_on(owner, body, context)
     if client is None or client.closed:
         raise NotFoundError("Missing or invalid client id.")
     if client.remote_ip != context.remote_ip:
@@ -8941,10 +8972,10 @@ def random_text(alphabet: str, length: int) -> str:
     return "".join(text[:length])
 
 
-def _log_to_stderr(quiet: bool) -> None:
+def _log_to_stderr(quiet: bool, prefix: str = "") -> None:
     """Show pbrt's log (request lines too, unless `quiet`) on stderr."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
 
@@ -8982,6 +9013,7 @@ class App:
         self._thread: int | None = None
         self._connections: set[_Connection] = set()
         self._tasks: list[asyncio.Future[None]] = []  # the broker's and the log's
+        self._worker_server: asyncio.Server | None = None  # handed-on requests
         # What hears of other writers' commits: an inotify descriptor, or a thread.
         self._wal_watch: int | None = None
         self._watcher: threading.Thread | None = None
@@ -9021,6 +9053,7 @@ class App:
             limit=MAX_HEAD_BYTES,
             backlog=LISTEN_BACKLOG,
             start_serving=False,
+            reuse_port=self.config.workers > 1 or None,
         )
         try:
             self.store = self.store or self.open_store()
@@ -9029,10 +9062,13 @@ class App:
             raise
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
+        mark = SECRET_ALPHABET[self.config.worker] if self.config.workers > 1 else ""
         self.broker = Broker(
             self.store,
             now=self.now,
-            new_client_id=lambda: random_text(SECRET_ALPHABET, CLIENT_ID_LENGTH),
+            new_client_id=lambda: (
+                mark + random_text(SECRET_ALPHABET, CLIENT_ID_LENGTH - len(mark))
+            ),
             run_read=self._run_read,
             max_clients=self.config.max_realtime_clients,
             max_queue_bytes=self.config.max_client_queue_bytes,
@@ -9063,8 +9099,17 @@ class App:
         self._log_flusher = asyncio.ensure_future(self._flush_logs())
         self._server = server
         await server.start_serving()
+        if self.config.workers > 1:  # listening on both: the supervisor looks here
+            self._worker_server = await asyncio.start_unix_server(
+                functools.partial(self._accept, from_worker=True),
+                self._worker_address(self.config.worker),
+                limit=MAX_HEAD_BYTES,
+            )
         port: int = server.sockets[0].getsockname()[1]
-        log.info("Server started at http://%s:%d", self.config.host, port)
+        if self.config.workers > 1:  # the supervisor says when all of them are
+            log.info("listening at http://%s:%d", self.config.host, port)
+        else:
+            log.info("Server started at http://%s:%d", self.config.host, port)
         return port
 
     async def stop(self) -> None:
@@ -9073,6 +9118,9 @@ class App:
         if self._server is None:
             return
         self._server.close()
+        if self._worker_server is not None:
+            self._worker_server.close()
+            self._worker_server = None
         for connection in list(self._connections):
             if not connection.busy and connection.task is not None:
                 connection.task.cancel()
@@ -9402,6 +9450,8 @@ class App:
             os.replace(restored, database)
             self.store = self.open_store()
             self._settings = None
+            if self.config.workers > 1:  # the others hold the old file: restart all
+                os.kill(os.getppid(), signal.SIGHUP)
             if self.broker is not None:
                 self.broker.store = self.store
                 self.broker.position = self.broker.claimed = self.store.log_bounds()[1]
@@ -9489,12 +9539,15 @@ class App:
         return self._date_cache[1]
 
     async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        from_worker: bool = False,
     ) -> None:
         connection = _Connection(writer, asyncio.current_task())
         self._connections.add(connection)
         try:
-            await self._serve_connection(reader, writer, connection)
+            await self._serve_connection(reader, writer, connection, from_worker)
         except (_Closed, ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # the last guard: a bug must not kill the server
@@ -9510,6 +9563,7 @@ class App:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         connection: _Connection,
+        from_worker: bool = False,
     ) -> None:
         peer = writer.get_extra_info("peername")
         remote_ip = peer[0] if isinstance(peer, tuple) else ""
@@ -9528,6 +9582,10 @@ class App:
                 await self._reject(reader, writer, exc)
                 return
             first = False
+            if from_worker:  # another worker hands on a client's subscriptions
+                remote_ip = request.header(FORWARDED_IP_HEADER)
+                if (request.method, request.path) != ("POST", "/api/realtime"):
+                    return
             response, context = await self._dispatch(
                 request, raw_body, remote_ip, writer
             )
@@ -9681,7 +9739,7 @@ class App:
         )
         try:
             handler, context.params = self.router.match(request.method, request.path)
-            return await handler(context), context
+            response = await handler(context)
         except Exception as exc:
             error = to_api_error(exc)
             context.failure = (error.message, explain_error(exc, error))
@@ -9693,7 +9751,69 @@ class App:
                     error.status,
                     context.failure[1],
                 )
-            return error_response(error), context
+            response = error_response(error)
+        if self.config.workers > 1:
+            worker = (WORKER_HEADER, str(self.config.worker))
+            response = dataclasses.replace(
+                response, headers=(*response.headers, worker)
+            )
+        return response, context
+
+    # --- several workers -----------------------------------------------------------
+    # Worker processes share the address (SO_REUSEPORT: the kernel spreads the
+    # connections) and the data dir (the realtime log carries every event to
+    # each). A client id's first character names the worker holding its
+    # stream; a subscription POST that reaches another worker is handed on
+    # over a local socket, and its answer comes back unchanged.
+
+    def _worker_address(self, worker: int) -> str:
+        """The abstract Unix socket a worker takes handed-on requests on."""
+        where = os.path.realpath(self.config.dir) + f":{self.config.port}"
+        digest = hashlib.sha256(where.encode()).hexdigest()[:16]
+        return f"\0pbrt-{digest}-{worker}"
+
+    def owner_of(self, client_id: str) -> int | None:
+        """The worker that holds stream `client_id`, if another one than this."""
+        if self.config.workers < 2 or not client_id:
+            return None
+        owner = SECRET_ALPHABET.find(client_id[0])
+        if owner < 0 or owner >= self.config.workers or owner == self.config.worker:
+            return None
+        return owner
+
+    async def hand_on(
+        self, owner: int, body: dict[str, JSON], context: RequestContext
+    ) -> Response:
+        """Send a subscription POST to the worker holding the stream; return
+        its answer. A worker that is gone held no client any more: 404."""
+        payload = _json_body(body)
+        lines = [
+            "POST /api/realtime HTTP/1.1",
+            "Host: pbrt",
+            "Content-Type: application/json",
+            f"Content-Length: {len(payload)}",
+            f"{FORWARDED_IP_HEADER}: {context.remote_ip}",
+            "Connection: close",
+        ]
+        if context.auth_token:
+            lines.append(f"Authorization: {context.auth_token}")
+        try:
+            async with asyncio.timeout(CLIENT_TIMEOUT_S):
+                reader, writer = await asyncio.open_unix_connection(
+                    self._worker_address(owner)
+                )
+                try:
+                    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    answer = await reader.read()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            raise NotFoundError("Missing or invalid client id.") from None
+        status = int(head.split(b" ", 2)[1])
+        kind = re.search(rb"(?im)^content-type: *([^\r]+)", head)
+        headers = (("Content-Type", kind.group(1).decode()),) if kind else ()
+        return Response(status, answer, headers)
 
     async def _write_response(
         self,
@@ -10173,6 +10293,108 @@ def serve(**settings: Any) -> None:
     App(**settings).serve()
 
 
+def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -> int:
+    """Run `config.workers` worker processes on one address and data dir.
+
+    The address is bound first (a busy port fails before anything starts;
+    port 0 is resolved and kept). `worker_command(index, port)` is each
+    worker's command line. A worker that dies is logged and started again
+    (sooner or later, as it keeps dying); SIGINT/SIGTERM stops them all, each
+    draining as a single server does; SIGHUP (a restored backup) restarts
+    them all. Returns the exit code.
+    """
+    family, kind, _, _, address = socket.getaddrinfo(
+        config.host, config.port, type=socket.SOCK_STREAM
+    )[0]
+    reserved = socket.socket(family, kind)  # bound, never listening: no connections
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reserved.bind(address)
+        port = int(reserved.getsockname()[1])
+        App(config).open_store().close()  # create or migrate once, before them
+    except BaseException:
+        reserved.close()
+        raise
+    signals: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda number, _: signals.append(number))
+
+    def start(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(worker_command(index, port))
+
+    def stop(workers: list[subprocess.Popen[bytes]]) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + config.shutdown_grace_s + 10
+        for worker in workers:
+            try:
+                worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+    def listening() -> bool:
+        addresses = App(dataclasses.replace(config, port=port))
+        for index, worker in enumerate(workers):
+            if worker.poll() is not None:
+                raise OSError(f"worker {index} exited with {worker.returncode}")
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(addresses._worker_address(index))
+                except OSError:
+                    return False
+        return True
+
+    workers = [start(index) for index in range(config.workers)]
+    started = [time.monotonic()] * config.workers
+    deaths = [0] * config.workers
+    deadline = time.monotonic() + 60
+    try:
+        while not listening():
+            if time.monotonic() > deadline:
+                raise OSError("the workers did not start listening within 60 s")
+            time.sleep(0.05)
+    except BaseException:
+        stop(workers)
+        reserved.close()
+        raise
+    log.info(
+        "Server started at http://%s:%d (%d workers)", config.host, port, config.workers
+    )
+    try:
+        while signal.SIGINT not in signals and signal.SIGTERM not in signals:
+            time.sleep(0.2)
+            if signal.SIGHUP in signals:
+                signals.remove(signal.SIGHUP)
+                log.info("restarting every worker")
+                stop(workers)
+                workers = [start(index) for index in range(config.workers)]
+                continue
+            for index, worker in enumerate(workers):
+                code = worker.poll()
+                if code is None or signals:
+                    continue
+                recent = time.monotonic() - started[index] < 10
+                deaths[index] = deaths[index] + 1 if recent else 1
+                delay = WORKER_RESTART_DELAYS_S[
+                    min(deaths[index], len(WORKER_RESTART_DELAYS_S)) - 1
+                ]
+                log.warning(
+                    "worker %d exited with %s; starting a new one in %g s",
+                    index,
+                    code,
+                    delay,
+                )
+                time.sleep(delay)
+                workers[index], started[index] = start(index), time.monotonic()
+    finally:
+        stop(workers)
+        reserved.close()
+    return 0
+
+
 # ==========================================================================
 # 15. Bench
 # ==========================================================================
@@ -10199,30 +10421,50 @@ class _BenchTarget:
     directory: str | None = None
 
 
+def _process_tree(pid: int) -> list[int]:
+    """A process and its descendants (a supervisor's workers), Linux /proc."""
+    found: list[int] = []
+    pending = [pid]
+    while pending and len(found) < 1000:
+        current = pending.pop()
+        found.append(current)
+        with contextlib.suppress(OSError, ValueError):
+            with open(
+                f"/proc/{current}/task/{current}/children", encoding="ascii"
+            ) as f:
+                pending.extend(int(child) for child in f.read().split())
+    return found
+
+
 def _process_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of a process (Linux /proc), or None."""
+    """User + system CPU seconds of a process and its children (Linux /proc), or None."""
     if pid is None:
         return None
+    total = 0.0
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for member in _process_tree(pid):
+            with open(f"/proc/{member}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+    return total
 
 
 def _process_rss_kib(pid: int | None) -> int | None:
-    """Resident memory of a process in KiB (Linux /proc), or None."""
+    """Resident memory of a process and its children in KiB (Linux /proc), or None."""
     if pid is None:
         return None
+    total = 0
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
+        for member in _process_tree(pid):
+            with open(f"/proc/{member}/status", encoding="ascii") as status:
+                total += next(
+                    int(line.split()[1]) for line in status if line.startswith("VmRSS:")
+                )
+    except (OSError, ValueError, StopIteration):
         return None
-    return None
+    return total
 
 
 def _raise_open_files_limit() -> None:
@@ -11025,6 +11267,16 @@ def _parse_http_address(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _parse_workers(value: str) -> int:
+    """`--workers`: a count from 1 to MAX_WORKERS, or `auto` (one per core)."""
+    count = (os.cpu_count() or 1) if value == "auto" else int(value)
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"between 1 and {MAX_WORKERS}, or auto")
+    if count > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        raise argparse.ArgumentTypeError("needs SO_REUSEPORT, which this OS lacks")
+    return count
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `python pbrt.py`."""
     parser = argparse.ArgumentParser(
@@ -11050,6 +11302,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="log why each 4xx/5xx happened, slow lists and dead subscriptions",
     )
+    serve_parser.add_argument(
+        "--workers",
+        type=_parse_workers,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the address and the data dir; auto: one per core (default 1)",
+    )
+    serve_parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     serve_parser.add_argument(
         "--max-clients-per-ip",
         type=int,
@@ -11139,7 +11399,11 @@ def main(argv: list[str] | None = None) -> int:
     ):
         argv.insert(0, "serve")
     args = build_arg_parser().parse_args(argv)
-    _log_to_stderr(quiet=getattr(args, "quiet", False))
+    worker = getattr(args, "worker", None)
+    _log_to_stderr(
+        quiet=getattr(args, "quiet", False),
+        prefix="" if worker is None else f"[worker {worker}] ",
+    )
     if args.command == "superuser":
         return _superuser_command(args)
     if args.command == "collections":
@@ -11160,17 +11424,27 @@ def main(argv: list[str] | None = None) -> int:
     _raise_open_files_limit()  # so that thousands of SSE clients fit
     _tune_garbage_collector()
     host, port = args.http
+    config = Config(
+        dir=args.dir,
+        host=host,
+        port=port,
+        max_realtime_clients_per_ip=args.max_clients_per_ip,
+        dev=args.dev,
+        workers=args.workers,
+        worker=worker or 0,
+    )
+
+    def worker_command(index: int, bound: int) -> list[str]:
+        flags = [f"--http={host}:{bound}", "--dir", args.dir]
+        flags += ["--max-clients-per-ip", str(args.max_clients_per_ip)]
+        flags += ["--quiet"] * args.quiet + ["--dev"] * args.dev
+        flags += ["--workers", str(args.workers), "--worker", str(index)]
+        return [sys.executable, os.path.abspath(__file__), "serve", *flags]
+
     try:
-        app = App(
-            Config(
-                dir=args.dir,
-                host=host,
-                port=port,
-                max_realtime_clients_per_ip=args.max_clients_per_ip,
-                dev=args.dev,
-            )
-        )
-        app.serve(on_started=_hint_first_superuser)
+        if config.workers > 1 and worker is None:
+            return supervise(config, worker_command)
+        App(config).serve(on_started=None if worker else _hint_first_superuser)
     except (OSError, sqlite3.Error) as exc:
         log.error("cannot start the server: %s", exc)
         return 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import concurrent.futures
 import contextlib
 import doctest
 import json
@@ -5139,8 +5140,8 @@ def test_realtime_hostile_filters_never_slow_writes(tmp_path: Path) -> None:
 class ServerProcess:
     """`python pbrt.py serve` on a data dir in a child process, logging to a file."""
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
-        self.data_dir, self.port = data_dir, port
+    def __init__(self, data_dir: Path, port: int = 0, *args: str) -> None:
+        self.data_dir, self.port, self.args = data_dir, port, args
         self.log = data_dir.parent / f"serve-{id(self)}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -5158,7 +5159,8 @@ class ServerProcess:
                     f"--http=127.0.0.1:{self.port}",
                     "--dir",
                     str(self.data_dir),
-                ],
+                ]
+                + list(self.args),
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
             )
@@ -5175,6 +5177,15 @@ class ServerProcess:
 
     def text(self) -> str:
         return self.log.read_text(encoding="utf-8")
+
+    def children(self) -> list[int]:
+        """The pids of its worker processes (with `--workers`)."""
+        assert self.process is not None
+        pid = self.process.pid
+        with contextlib.suppress(FileNotFoundError):
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+            return [int(child) for child in text.split()]
+        return []
 
     def kill(self) -> None:
         """kill -9: no shutdown, no flush."""
@@ -5815,6 +5826,158 @@ def test_realtime_shutdown_delivers_every_acknowledged_write_first(
     )
     assert after == ["end"]
     assert received == sorted(set(received), key=received.index)  # no duplicate
+
+
+def test_realtime_workers_hand_a_subscription_to_the_worker_holding_the_stream(
+    tmp_path: Path,
+) -> None:
+    """`serve --workers 2`: a subscription POST that another worker receives
+    is handed to the stream's worker and answered as PocketBase does."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    worker_header = pbrt.WORKER_HEADER
+    with ServerProcess(data_dir, 0, "--workers", "2") as server:
+
+        async def body() -> tuple[list[int], list[str], list[RawResponse]]:
+            streams: dict[int, SseClient] = {}
+            for _ in range(100):  # the kernel spreads connections over the workers
+                client = await SseClient.connect(server.port)
+                worker = pbrt.SECRET_ALPHABET.index(client.id[0])
+                if worker in streams:
+                    await client.close()
+                else:
+                    streams[worker] = client
+                if len(streams) == 2:
+                    break
+            assert len(streams) == 2, server.text()[-3000:]
+            answered_by = []
+            for worker, client in sorted(streams.items()):
+                for _ in range(100):  # new connections until the other one answers
+                    response = await post_subscriptions(
+                        server.port, client.id, ["posts/*"]
+                    )
+                    if response.header(worker_header) != str(worker):
+                        break
+                assert response.status == 204, response.body
+                answered_by.append(int(response.header(worker_header) or -1))
+            await asyncio.to_thread(
+                pbrt.Client(server.url).create, "posts", {"title": "hi"}
+            )
+            titles = [
+                json.loads((await client.next_event())["data"])["record"]["title"]
+                for client in streams.values()
+            ]
+            for client in streams.values():
+                await client.close()
+            unknown = []
+            for worker in (0, 1):  # a stream that no worker holds
+                gone = pbrt.SECRET_ALPHABET[worker] + "x" * 39
+                unknown += [
+                    await post_subscriptions(server.port, gone, ["posts/*"])
+                    for _ in range(4)
+                ]
+            return answered_by, titles, unknown
+
+        answered_by, titles, unknown = run(body(), timeout=120)
+        assert server.stop() == 0
+        assert server.children() == []
+    assert answered_by == [1, 0]  # each POST went through the other worker
+    assert titles == ["hi", "hi"]
+    for response in unknown:
+        assert (response.status, response.json()) == (
+            404,
+            {"data": {}, "message": "Missing or invalid client id.", "status": 404},
+        )
+
+
+def test_realtime_workers_write_concurrently_without_locked_errors(
+    tmp_path: Path,
+) -> None:
+    """Six writers against two worker processes: every write succeeds."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    with ServerProcess(data_dir, 0, "--workers", "2") as server:
+
+        def write(offset: int) -> list[str]:
+            client = pbrt.Client(server.url)
+            return [
+                client.create("posts", {"title": f"p{offset + n}"})["id"]
+                for n in range(40)
+            ]
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            written = [id for ids in pool.map(write, range(0, 240, 40)) for id in ids]
+        listed = pbrt.Client(server.url).list("posts", per_page=500)
+    assert len(set(written)) == 240 and listed["totalItems"] == 240
+    assert "locked" not in server.text()
+
+
+def test_realtime_workers_kill_9_one_under_load_loses_no_event(tmp_path: Path) -> None:
+    """A worker killed in a write burst: the supervisor starts a new one, its
+    clients come back through the others and resume; every committed write
+    reaches every client once, in order."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    with ServerProcess(data_dir, 0, "--workers", "2") as server:
+        acknowledged: list[str] = []
+        stop_writing = threading.Event()
+
+        def write() -> None:
+            client = pbrt.Client(server.url)
+            for n in range(100_000):
+                if stop_writing.is_set():
+                    return
+                with contextlib.suppress(OSError, pbrt.ApiError):  # its worker died
+                    acknowledged.append(
+                        client.create("posts", {"title": f"p{n}"})["id"]
+                    )
+
+        async def body() -> list[list[Any]]:
+            ready = [threading.Event() for _ in range(6)]
+            watchers = [
+                asyncio.ensure_future(
+                    collect(
+                        pbrt.Client(server.url),
+                        "posts/*",
+                        lambda got: got[-1]["record"]["title"] == "end",
+                        event,
+                    )
+                )
+                for event in ready
+            ]
+            for event in ready:
+                await asyncio.to_thread(event.wait, 30)
+            writer = threading.Thread(target=write)
+            writer.start()
+            await asyncio.to_thread(wait_until, lambda: len(acknowledged) >= 30)
+            first, second = server.children()
+            os.kill(second, signal.SIGKILL)
+            try:
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: len(set(server.children()) - {first, second}) == 1,
+                )
+            except AssertionError:
+                raise AssertionError(server.text()[-2000:]) from None
+            count = len(acknowledged)
+            await asyncio.to_thread(wait_until, lambda: len(acknowledged) >= count + 30)
+            stop_writing.set()
+            await asyncio.to_thread(writer.join, 60)
+            await asyncio.to_thread(
+                pbrt.Client(server.url).create, "posts", {"title": "end"}
+            )
+            return [await watcher for watcher in watchers]
+
+        results = run(body(), timeout=180)
+        assert "exited with -9; starting a new one" in server.text()
+    with contextlib.closing(sqlite3.connect(data_dir / "data.db")) as database:
+        committed = [
+            row[0]
+            for row in database.execute(
+                "SELECT record FROM _realtime_log WHERE action = 'create' AND collection = "
+                "(SELECT id FROM _collections WHERE name = 'posts') ORDER BY seq"
+            )
+        ]
+    assert set(acknowledged) <= set(committed)
+    for received in results:
+        assert [message["record"]["id"] for message in received] == committed
 
 
 # ==========================================================================
