@@ -214,7 +214,7 @@ SSE_IDLE_TIMEOUT_S = 5 * 60.0  # PocketBase's apis/realtime.go timeouts
 SSE_MAX_LIFETIME_S = 30 * 60.0
 SSE_HEARTBEAT_S = 25.0  # a comment line this often: under common proxy idle limits
 RULE_BATCH_SIZE = 100  # rule checks per batched SQL statement
-FANOUT_SLICE = 500  # subscriptions decided between two turns of the event loop
+FANOUT_SLICE = 2000  # subscriptions decided between two turns of the event loop
 
 # The realtime log: every committed change and custom message, in data.db.
 REALTIME_LOG_TABLE = "_realtime_log"
@@ -6681,7 +6681,7 @@ class RealtimeClient:
         is the log entry it carries, so a dropped stream knows where it stood."""
         if self.closed:
             return
-        self.last_message = time.monotonic()
+        self.last_message = self.last_write = time.monotonic()
         if seq:
             self.unflushed.append((self.written + len(frame), seq))
             if len(self.unflushed) > 64:
@@ -6693,7 +6693,7 @@ class RealtimeClient:
             if sum(map(len, self.pending)) > self.max_queue_bytes:
                 self.close(abort=True)
             return
-        self._write(frame)
+        transport.write(encode_chunk(frame) if self.chunked else frame)
         if transport.get_write_buffer_size() > self.max_queue_bytes:
             log.warning("realtime client %s is too slow; disconnecting it", self.id)
             self.close(abort=True)
@@ -9787,16 +9787,19 @@ class App:
         """Send a subscription POST to the worker holding the stream; return
         its answer. A worker that is gone held no client any more: 404."""
         payload = _json_body(body)
+        token, address = context.auth_token, context.remote_ip
+        if not (token + address).isprintable():  # no header of one's own to slip in
+            raise BadRequestError()
         lines = [
             "POST /api/realtime HTTP/1.1",
             "Host: pbrt",
             "Content-Type: application/json",
             f"Content-Length: {len(payload)}",
-            f"{FORWARDED_IP_HEADER}: {context.remote_ip}",
+            f"{FORWARDED_IP_HEADER}: {address}",
             "Connection: close",
         ]
-        if context.auth_token:
-            lines.append(f"Authorization: {context.auth_token}")
+        if token:
+            lines.append(f"Authorization: {token}")
         try:
             async with asyncio.timeout(CLIENT_TIMEOUT_S):
                 reader, writer = await asyncio.open_unix_connection(
@@ -9808,6 +9811,8 @@ class App:
                     answer = await reader.read()
                 finally:
                     writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             raise NotFoundError("Missing or invalid client id.") from None
         status = int(head.split(b" ", 2)[1])

@@ -5060,27 +5060,26 @@ def test_realtime_head_registers_nothing_and_one_address_cannot_take_every_slot(
         run(attack())
 
 
+OWNED_POSTS = {  # public posts, each with an owner among the users
+    "name": "posts",
+    "type": "base",
+    **PUBLIC_RULES,
+    "fields": [
+        {"name": "title", "type": "text"},
+        {
+            "name": "owner",
+            "type": "relation",
+            "collectionId": "_pb_users_auth_",
+            "maxSelect": 1,
+        },
+    ],
+}
+
+
 def test_realtime_hostile_filters_never_slow_writes(tmp_path: Path) -> None:
     """The attacks: a backtracking LIKE, and 1,000 filters that need SQL joins."""
     with serving(tmp_path) as (app, api, su):
-        api.create_collection(
-            {
-                "name": "posts",
-                "type": "base",
-                "listRule": "",
-                "viewRule": "",
-                "fields": [
-                    {"name": "title", "type": "text"},
-                    {
-                        "name": "owner",
-                        "type": "relation",
-                        "collectionId": "_pb_users_auth_",
-                        "maxSelect": 1,
-                    },
-                ],
-            },
-            su,
-        )
+        api.create_collection(OWNED_POSTS, su)
         api.json("PATCH", "/api/collections/users", {"listRule": ""}, su)
         _, owner = make_user(api, "owner", su)
 
@@ -5707,21 +5706,7 @@ def test_realtime_writes_do_not_wait_for_1000_filtered_subscriptions(
     with serving(tmp_path, **budgets) as (app, api, su):
         api.json("PATCH", "/api/collections/users", {"listRule": ""}, su)
         _, owner = make_user(api, "owner", su, name="ada")
-        api.create_collection(
-            {
-                **POSTS,
-                "fields": [
-                    {"name": "title", "type": "text"},
-                    {
-                        "name": "owner",
-                        "type": "relation",
-                        "collectionId": "_pb_users_auth_",
-                        "maxSelect": 1,
-                    },
-                ],
-            },
-            su,
-        )
+        api.create_collection(OWNED_POSTS, su)
 
         def option(n: int) -> str:
             text = f"owner.name = 'ada' && title != 'x{n}'"
