@@ -5453,19 +5453,6 @@ def test_realtime_kill_9_mid_burst_then_resume_receives_every_committed_write_on
 
 
 SDK_RESUME_SCRIPT = r"""
-// The README's Node.js option: an EventSource that resumes after the last id.
-const { EventSource: NodeEventSource } = require("eventsource");
-let lastEventId = "";
-global.EventSource = class extends NodeEventSource {
-  constructor(url, init) {
-    super(url, { ...init, fetch: (input, options) => fetch(input, { ...options,
-      headers: { ...options.headers, ...(lastEventId && { "Last-Event-ID": lastEventId }) } }) });
-  }
-  dispatchEvent(event) {
-    if (/^\d+$/.test(event.lastEventId || "")) lastEventId = event.lastEventId;
-    return super.dispatchEvent(event);
-  }
-};
 const PocketBase = require("pocketbase/cjs");
 const pb = new PocketBase(process.argv[1]);
 const titles = [];
@@ -5489,8 +5476,9 @@ def test_realtime_unmodified_js_sdk_resumes_after_a_dropped_stream(
     its callback gets all 50, in order, once."""
     with serving(tmp_path) as (app, api, su):
         api.create_collection(POSTS, su)
+        script = readme_example("resume.js") + SDK_RESUME_SCRIPT  # the README's option
         watcher = subprocess.Popen(
-            ["node", "-e", SDK_RESUME_SCRIPT, "--", api.url],
+            ["node", "-e", script, "--", api.url],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
