@@ -7980,4 +7980,4 @@ def test_cli_superuser_hint_comes_from_serve_and_app_hooks_need_a_collection(
     finally:
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
-    assert "No superuser exists yet" in stderr
+    assert "No superuser exists yet" in stderr, (process.returncode, stderr)
