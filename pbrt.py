@@ -26,11 +26,12 @@ Sections, read top to bottom (each uses only names from above it):
      1. constants, limits, Config       9. auth
      2. errors                         10. records (the core HTTP and App share)
      3. wire formats (HTTP, JSON, SSE) 11. realtime broker
-     4. values                         12. HTTP API
-     5. rule language                  13. connection loop
-     6. collections                    14. App, serve(), Client
-     7. rules over records             15. bench
-     8. store                          16. command line
+     4. values                         12. dashboard (the page at /_/, as data)
+     5. rule language                  13. HTTP API
+     6. collections                    14. connection loop
+     7. rules over records             15. App, serve(), Client
+     8. store                          16. bench
+                                       17. command line
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ class Config:
 # 2. Errors
 # ==========================================================================
 # Lower layers raise what they know (a malformed request, a failed validation);
-# only `to_api_error` in section 12 turns them into HTTP statuses.
+# only `to_api_error` in section 13 turns them into HTTP statuses.
 
 
 class PbrtError(Exception):
@@ -7466,7 +7467,1014 @@ def check_topic(store: CollectionLookup, topic: str) -> None:
 
 
 # ==========================================================================
-# 12. HTTP API
+# 12. Dashboard
+# ==========================================================================
+# The page at /_/ as data: HTML, CSS and plain JavaScript with no build step,
+# served under a strict Content-Security-Policy. The page talks to the public
+# API only (what the SDKs call), as a superuser who logs in on it.
+
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data: blob:; form-action 'none'; frame-ancestors 'none'; "
+    "base-uri 'none'"
+)
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pbrt</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/_/dashboard.css">
+<script src="/_/dashboard.js" defer></script>
+</head>
+<body>
+<a class="skip" href="#main">Skip to content</a>
+<header>
+  <p class="brand">pbrt</p>
+  <nav aria-label="Dashboard" hidden>
+    <a href="#/collections">Collections</a>
+    <a href="#/live">Live</a>
+    <a href="#/logs">Logs</a>
+  </nav>
+  <p class="who" hidden><span></span> <button type="button" class="link" id="logout">Log out</button></p>
+</header>
+<main id="main" tabindex="-1"><p>Loading…</p><noscript>The dashboard needs JavaScript.</noscript></main>
+<p id="toast" role="status" aria-live="polite"></p>
+</body>
+</html>
+"""
+
+DASHBOARD_CSS = r"""[hidden] { display: none !important; }
+:root {
+  --ink: #1d2330; --muted: #5b6474; --line: #d9dee7; --paper: #fff; --wash: #f4f6f9;
+  --accent: #1f5fbf; --danger: #b3261e; --ok: #1e7a3c;
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  color: var(--ink); background: var(--wash);
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --ink: #e6e9ef; --muted: #a3abb9; --line: #394150; --paper: #1c212b; --wash: #141820;
+    --accent: #7fb0ff; --danger: #ff8a80; --ok: #7ad69a;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0; }
+a { color: var(--accent); }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+.skip { position: absolute; left: -999px; }
+.skip:focus { left: 8px; top: 8px; background: var(--paper); padding: 4px 8px; }
+header {
+  display: flex; gap: 24px; align-items: center; padding: 8px 24px;
+  background: var(--paper); border-bottom: 1px solid var(--line);
+}
+.brand { font-weight: 700; margin: 0; }
+nav { display: flex; gap: 16px; }
+nav a { text-decoration: none; padding: 4px 2px; }
+nav a[aria-current="page"] { border-bottom: 2px solid var(--accent); font-weight: 600; }
+.who { margin: 0 0 0 auto; color: var(--muted); }
+main { padding: 16px 24px 48px; max-width: 1400px; }
+main:focus { outline: none; }
+h1 { font-size: 1.4rem; margin: 8px 0 16px; }
+h2 { font-size: 1.1rem; margin: 24px 0 8px; }
+.card, fieldset {
+  background: var(--paper); border: 1px solid var(--line); border-radius: 6px;
+  padding: 12px 16px; margin: 0 0 16px;
+}
+legend { font-weight: 600; padding: 0 4px; }
+label { display: block; margin: 0 0 10px; }
+label > span { display: block; font-size: .85rem; color: var(--muted); margin-bottom: 2px; }
+label.inline { display: inline-flex; gap: 6px; align-items: center; margin-right: 16px; }
+input, select, textarea, button {
+  font: inherit; color: inherit; background: var(--paper);
+  border: 1px solid var(--line); border-radius: 4px; padding: 5px 8px;
+}
+input[type="checkbox"] { width: auto; }
+input:not([type="checkbox"]), select, textarea { width: 100%; }
+textarea { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .9rem; }
+button { cursor: pointer; background: var(--wash); }
+button.primary { background: var(--accent); color: var(--paper); border-color: var(--accent); }
+button.danger { color: var(--danger); border-color: var(--danger); }
+button.link { border: 0; background: none; padding: 0; color: var(--accent); text-decoration: underline; }
+button[aria-pressed="true"] { background: var(--accent); color: var(--paper); }
+.bar { display: flex; flex-wrap: wrap; gap: 12px; align-items: end; margin: 0 0 12px; }
+.bar label { margin: 0; flex: 1 1 180px; }
+.bar .wide { flex: 4 1 320px; }
+.error { color: var(--danger); margin: 4px 0 8px; white-space: pre-wrap; }
+.error:empty { display: none; }
+.hint { color: var(--muted); font-size: .85rem; margin: 2px 0 8px; }
+#toast { position: fixed; right: 16px; bottom: 16px; margin: 0; }
+#toast:not(:empty) {
+  background: var(--ink); color: var(--paper); padding: 8px 14px; border-radius: 6px;
+}
+table { border-collapse: collapse; width: 100%; background: var(--paper); }
+th, td {
+  text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line);
+  max-width: 320px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap;
+  vertical-align: top;
+}
+th { font-size: .85rem; color: var(--muted); font-weight: 600; }
+th button { border: 0; background: none; padding: 0; color: inherit; font-weight: 600; }
+.table { overflow-x: auto; border: 1px solid var(--line); border-radius: 6px; }
+tr.selected td { background: var(--wash); }
+.mono, td.id { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .85rem; }
+.field-row {
+  display: grid; gap: 8px 12px; align-items: start;
+  grid-template-columns: minmax(120px, 1fr) minmax(110px, 160px) auto minmax(200px, 3fr) auto;
+}
+.field-row label { margin: 0; }
+.rules { display: grid; gap: 4px 16px; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); }
+.action-create { color: var(--ok); }
+.action-delete { color: var(--danger); }
+pre {
+  background: var(--paper); border: 1px solid var(--line); border-radius: 6px;
+  padding: 12px; overflow: auto; max-height: 420px; font-size: .85rem;
+}
+.pager { display: flex; gap: 12px; align-items: center; margin: 12px 0; }
+dialog { border: 1px solid var(--line); border-radius: 8px; background: var(--paper); color: var(--ink); }
+dialog::backdrop { background: rgb(0 0 0 / .4); }
+.files a { margin-right: 8px; }
+"""
+
+DASHBOARD_JS = r""""use strict";
+// pbrt's dashboard: plain DOM, routes in the URL's hash, and only the public
+// API the SDKs use. Text from the server is set as text, never parsed as HTML.
+
+const SESSION_KEY = "pbrt-dashboard";
+const RULES = ["listRule", "viewRule", "createRule", "updateRule", "deleteRule"];
+const AUTH_RULES = ["authRule", "manageRule"];
+const FIELD_TYPES = [
+  "text", "editor", "number", "bool", "email", "url", "date", "autodate",
+  "select", "json", "file", "relation", "password", "geoPoint",
+];
+const FIELD_KEYS = ["id", "name", "type", "required", "hidden", "system"];
+const PER_PAGE = 30;
+const LIVE_ROWS = 500;
+const IMPERSONATE_S = 3600;
+
+let session = readSession();
+let live = null; // the open live view: {source, rows, paused, held}
+
+// --- helpers ---------------------------------------------------------------
+
+function readSession() {
+  try {
+    return JSON.parse(localStorage.getItem(SESSION_KEY));
+  } catch {
+    return null;
+  }
+}
+
+/** An element with attributes (`on…` listen, `value`/`checked` set) and children. */
+function h(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  element.append(...children.flat(Infinity).filter((c) => c != null && c !== false));
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value == null || value === false) continue;
+    if (name.startsWith("on")) element.addEventListener(name.slice(2), value);
+    else if (name === "value" || name === "checked") element[name] = value;
+    else element.setAttribute(name, value === true ? "" : value);
+  }
+  return element;
+}
+
+/** A labelled control: the label names it, the hint and error describe it. */
+let controlCount = 0;
+function labelled(text, control, hint) {
+  control.id ||= `control-${++controlCount}`;
+  const error = h("p", { class: "error", id: `${control.id}-error`, "aria-live": "polite" });
+  const described = [error.id];
+  let note = null;
+  if (hint) {
+    note = h("p", { class: "hint", id: `${control.id}-hint` }, hint);
+    described.push(note.id);
+  }
+  control.setAttribute("aria-describedby", described.join(" "));
+  const label = h("label", { for: control.id }, h("span", {}, text), control, note, error);
+  label.error = error;
+  return label;
+}
+
+function checkbox(text, name, checked) {
+  return h("label", { class: "inline" },
+    h("input", { type: "checkbox", name, checked: Boolean(checked) }), text);
+}
+
+const encode = encodeURIComponent;
+const count = (n, one, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
+
+function toast(text) {
+  const element = document.getElementById("toast");
+  element.textContent = text;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => (element.textContent = ""), 4000);
+}
+
+/** The server's message and each field's message, one per line. */
+function describe(error) {
+  const lines = [error.message];
+  const walk = (value, path) => {
+    if (value && typeof value.message === "string" && typeof value.code === "string") {
+      lines.push(`${path}: ${value.message}`);
+    } else if (value && typeof value === "object") {
+      for (const [key, inner] of Object.entries(value)) walk(inner, path ? `${path}.${key}` : key);
+    }
+  };
+  walk(error.data, "");
+  return lines.join("\n");
+}
+
+function confirmDialog(question, action) {
+  return new Promise((resolve) => {
+    const close = (answer) => () => {
+      dialog.close();
+      dialog.remove();
+      resolve(answer);
+    };
+    const dialog = h("dialog", { "aria-label": action },
+      h("p", {}, question),
+      h("div", { class: "bar" },
+        h("button", { type: "button", onclick: close(false) }, "Cancel"),
+        h("button", { type: "button", class: "danger", onclick: close(true) }, action)));
+    dialog.addEventListener("cancel", () => resolve(false));
+    document.body.append(dialog);
+    dialog.showModal();
+  });
+}
+
+function download(name, text) {
+  const url = URL.createObjectURL(new Blob([text], { type: "application/json" }));
+  const link = h("a", { href: url, download: name });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+// --- the API ---------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super((body && body.message) || `The server answered ${status}.`);
+    this.status = status;
+    this.data = (body && body.data) || {};
+  }
+}
+
+async function api(method, path, body, token = session && session.token) {
+  const headers = {};
+  if (token) headers.Authorization = token;
+  if (body !== undefined && !(body instanceof FormData)) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(body);
+  }
+  const response = await fetch(path, { method, headers, body });
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (response.status === 401 && session && token === session.token) logOut();
+  if (!response.ok) throw new ApiError(response.status, data);
+  return data;
+}
+
+let collectionsCache = null;
+
+async function collections(fresh = false) {
+  if (fresh || !collectionsCache) {
+    const page = await api("GET", "/api/collections?perPage=1000&sort=name");
+    collectionsCache = page.items;
+  }
+  return collectionsCache;
+}
+
+async function collection(name) {
+  const found = (await collections(true)).find((c) => c.name === name || c.id === name);
+  if (!found) throw new ApiError(404, { message: `No collection named ${name}.` });
+  return found;
+}
+
+// --- routes ----------------------------------------------------------------
+
+const ROUTES = [
+  [/^collections$/, collectionsView],
+  [/^collections\/new$/, () => collectionEditor(null)],
+  [/^collections\/([^/]+)$/, collectionEditor],
+  [/^records\/([^/]+)$/, recordsView],
+  [/^records\/([^/]+)\/([^/]+)$/, recordEditor],
+  [/^live$/, liveView],
+  [/^logs$/, logsView],
+];
+
+function go(path, params) {
+  const query = params && params.toString();
+  const hash = `#/${path}${query ? `?${query}` : ""}`;
+  if (location.hash === hash) route();
+  else location.hash = hash;
+}
+
+async function route() {
+  const [path, query = ""] = location.hash.replace(/^#\/?/, "").split("?");
+  const params = new URLSearchParams(query);
+  stopLive();
+  showSession();
+  if (!session) return loginView();
+  for (const [pattern, view] of ROUTES) {
+    const match = pattern.exec(path);
+    if (!match) continue;
+    for (const link of document.querySelectorAll("nav a")) {
+      const current = path.startsWith(link.getAttribute("href").slice(2).split("/")[0]);
+      link.toggleAttribute("aria-current", false);
+      if (current) link.setAttribute("aria-current", "page");
+    }
+    try {
+      await view(...match.slice(1).map(decodeURIComponent), params);
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      if (!session) return; // logged out by a 401: the login form stays
+      page("Something went wrong", h("p", { class: "error", role: "alert" }, describe(error)));
+    }
+    return;
+  }
+  go("collections");
+}
+
+function page(title, ...children) {
+  document.title = `${title} · pbrt`;
+  const main = document.getElementById("main");
+  main.replaceChildren(h("h1", {}, title), ...children);
+}
+
+function showSession() {
+  document.querySelector("nav").hidden = !session;
+  const who = document.querySelector(".who");
+  who.hidden = !session;
+  who.querySelector("span").textContent = session ? session.record.email : "";
+}
+
+function logOut() {
+  session = null;
+  collectionsCache = null;
+  localStorage.removeItem(SESSION_KEY);
+  go("collections");
+}
+
+// --- log in ----------------------------------------------------------------
+
+function loginView() {
+  const email = h("input", { name: "identity", type: "email", autocomplete: "username", required: true });
+  const password = h("input", { name: "password", type: "password", autocomplete: "current-password", required: true });
+  const failure = h("p", { class: "error", role: "alert" });
+  const form = h("form", { class: "card", onsubmit: async (event) => {
+    event.preventDefault();
+    try {
+      session = await api("POST", "/api/collections/_superusers/auth-with-password",
+        { identity: email.value, password: password.value }, "");
+      localStorage.setItem(SESSION_KEY, JSON.stringify(session));
+      route();
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      failure.textContent = describe(error);
+    }
+  } },
+  labelled("Email", email), labelled("Password", password),
+  h("button", { type: "submit", class: "primary" }, "Log in"), failure);
+  page("Log in as a superuser", form,
+    h("p", { class: "hint" }, "No superuser yet? Run: python pbrt.py superuser upsert EMAIL PASSWORD"));
+  email.focus();
+}
+
+// --- collections -----------------------------------------------------------
+
+async function collectionsView() {
+  const items = await collections(true);
+  const rows = items.map((c) => h("tr", {},
+    h("td", {}, h("a", { href: `#/collections/${encode(c.name)}` }, c.name)),
+    h("td", {}, c.type),
+    h("td", {}, String(c.fields.length)),
+    h("td", { class: "mono" }, RULES.map((rule) => (c[rule] === null ? "—" : c[rule] === "" ? "○" : "●")).join(" ")),
+    h("td", {}, h("a", { href: `#/records/${encode(c.name)}` }, "Records"))));
+  page("Collections",
+    h("div", { class: "bar" }, h("a", { href: "#/collections/new" }, "New collection")),
+    h("div", { class: "table" }, h("table", {},
+      h("caption", { class: "hint" }, "Rules (list view create update delete): — superusers only, ○ everyone, ● a rule"),
+      h("thead", {}, h("tr", {}, ["Name", "Type", "Fields", "Rules", ""].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, rows))),
+    schemaPanel(items));
+}
+
+function exportable(items) {
+  return items.map(({ created, updated, ...rest }) => rest);
+}
+
+function schemaPanel(items) {
+  const text = h("textarea", { rows: 8, name: "schema", spellcheck: "false" });
+  const file = h("input", { type: "file", accept: "application/json,.json", onchange: async () => {
+    if (file.files[0]) text.value = await file.files[0].text();
+  } });
+  const deleteMissing = checkbox("Delete collections that are not in the schema", "deleteMissing", false);
+  const failure = h("p", { class: "error", role: "alert" });
+  const importSchema = async () => {
+    failure.textContent = "";
+    let parsed;
+    try {
+      parsed = JSON.parse(text.value);
+    } catch (error) {
+      failure.textContent = `The schema is not JSON: ${error.message}`;
+      return;
+    }
+    const deleting = deleteMissing.querySelector("input").checked;
+    if (deleting && !(await confirmDialog("Delete every collection (and its records) that the schema does not name?", "Import and delete"))) return;
+    try {
+      await api("PUT", "/api/collections/import", { collections: parsed, deleteMissing: deleting });
+      toast("Schema imported.");
+      collectionsView();
+    } catch (error) {
+      failure.textContent = describe(error);
+    }
+  };
+  return h("section", { class: "card", "aria-labelledby": "schema-title" },
+    h("h2", { id: "schema-title" }, "Import and export the schema"),
+    labelled("Collections as JSON", text, "Export fills this box and downloads pb_schema.json; import sends the box."),
+    h("div", { class: "bar" },
+      h("button", { type: "button", onclick: () => {
+        text.value = JSON.stringify(exportable(items), null, 2);
+        download("pb_schema.json", text.value);
+      } }, "Export"),
+      labelled("Load a file", file),
+      h("button", { type: "button", class: "primary", onclick: importSchema }, "Import")),
+    deleteMissing, failure);
+}
+
+function fieldRow(field, rows) {
+  const options = Object.fromEntries(Object.entries(field).filter(([key]) => !FIELD_KEYS.includes(key)));
+  const name = h("input", { name: "field-name", value: field.name || "", disabled: field.system, required: true });
+  const type = h("select", { name: "field-type", disabled: field.system || Boolean(field.id) },
+    FIELD_TYPES.map((t) => h("option", { value: t }, t)));
+  type.value = field.type || "text";
+  const extra = h("textarea", { name: "field-options", rows: 1, spellcheck: "false" },
+    JSON.stringify(options));
+  const row = h("fieldset", { class: "field-row" },
+    h("legend", {}, field.name || "New field"),
+    labelled("Name", name), labelled("Type", type),
+    h("div", {}, checkbox("Required", "required", field.required), checkbox("Hidden", "hidden", field.hidden)),
+    labelled("Options (JSON)", extra),
+    field.system ? h("span", { class: "hint" }, "system")
+      : h("button", { type: "button", class: "danger", onclick: () => {
+        rows.splice(rows.indexOf(row), 1);
+        row.remove();
+      } }, "Remove"));
+  row.error = extra.parentElement.error;
+  row.value = () => {
+    let parsed;
+    try {
+      parsed = JSON.parse(extra.value || "{}");
+    } catch {
+      parsed = null;
+    }
+    if (!parsed || typeof parsed !== "object" || Array.isArray(parsed)) {
+      row.error.textContent = "The options must be a JSON object.";
+      return null;
+    }
+    const value = { ...parsed, name: name.value, type: type.value,
+      required: row.querySelector("[name=required]").checked,
+      hidden: row.querySelector("[name=hidden]").checked };
+    if (field.id) value.id = field.id;
+    if (field.system) value.system = true;
+    return value;
+  };
+  return row;
+}
+
+async function collectionEditor(name) {
+  const existing = name ? await api("GET", `/api/collections/${encode(name)}`) : null;
+  const current = existing || { name: "", type: "base", fields: [], indexes: [],
+    listRule: null, viewRule: null, createRule: null, updateRule: null, deleteRule: null };
+  const controls = {
+    name: h("input", { name: "name", value: current.name, required: true }),
+    type: h("select", { name: "type", disabled: Boolean(existing) },
+      ["base", "auth", "view"].map((t) => h("option", { value: t }, t))),
+    viewQuery: h("textarea", { name: "viewQuery", rows: 3, spellcheck: "false", value: current.viewQuery || "" }),
+    indexes: h("textarea", { name: "indexes", rows: 3, spellcheck: "false", value: (current.indexes || []).join("\n") }),
+  };
+  controls.type.value = current.type;
+  const labels = Object.fromEntries(Object.entries(controls).map(([key, control]) =>
+    [key, labelled({ name: "Name", type: "Type", viewQuery: "View query (SQL)", indexes: "Indexes (one CREATE INDEX per line)" }[key], control)]));
+  const rows = [];
+  const fieldList = h("div", {});
+  const addField = (field) => {
+    const row = fieldRow(field, rows);
+    rows.push(row);
+    fieldList.append(row);
+    return row;
+  };
+  current.fields.forEach(addField);
+  const rules = {};
+  const ruleBox = h("div", { class: "rules" });
+  const showRules = () => {
+    const names = controls.type.value === "auth" ? [...RULES, ...AUTH_RULES] : RULES;
+    ruleBox.replaceChildren(...names.map((rule) => {
+      if (!rules[rule]) {
+        const value = current[rule];
+        const text = h("textarea", { name: rule, rows: 2, spellcheck: "false", value: value || "", disabled: value === null });
+        const lock = checkbox("Superusers only", `${rule}-locked`, value === null);
+        lock.querySelector("input").addEventListener("change", (event) => {
+          text.disabled = event.target.checked;
+          if (!text.disabled) text.focus();
+        });
+        rules[rule] = { text, lock, label: labelled(rule, text, "Empty: everyone. A rule: who it lets in.") };
+        rules[rule].box = h("div", { class: "rule" }, rules[rule].label, rules[rule].lock);
+      }
+      return rules[rule].box;
+    }));
+    labels.viewQuery.hidden = controls.type.value !== "view";
+  };
+  controls.type.addEventListener("change", showRules);
+  showRules();
+  const failure = h("p", { class: "error", role: "alert" });
+  const clearErrors = () => {
+    for (const element of form.querySelectorAll(".error")) element.textContent = "";
+  };
+  const showErrors = (error) => {
+    const rest = {};
+    for (const [key, entry] of Object.entries(error.data)) {
+      const target = rules[key] ? rules[key].label : labels[key];
+      if (key === "fields" && entry && !entry.message) {
+        for (const [index, inner] of Object.entries(entry)) {
+          if (rows[index]) rows[index].error.textContent = describe({ message: "", data: inner }).trim();
+        }
+      } else if (target) target.error.textContent = entry.message || describe({ message: "", data: entry }).trim();
+      else rest[key] = entry;
+    }
+    failure.textContent = describe({ message: error.message, data: rest });
+  };
+  const save = async (event) => {
+    event.preventDefault();
+    clearErrors();
+    const fields = rows.map((row) => row.value());
+    if (fields.includes(null)) return;
+    const body = { name: controls.name.value, fields,
+      indexes: controls.indexes.value.split("\n").map((line) => line.trim()).filter(Boolean) };
+    if (!existing) body.type = controls.type.value;
+    if (controls.type.value === "view") body.viewQuery = controls.viewQuery.value;
+    for (const [rule, parts] of Object.entries(rules)) {
+      if (parts.box.isConnected) body[rule] = parts.lock.querySelector("input").checked ? null : parts.text.value;
+    }
+    try {
+      const saved = existing
+        ? await api("PATCH", `/api/collections/${encode(existing.id)}`, body)
+        : await api("POST", "/api/collections", body);
+      collectionsCache = null;
+      toast(`Saved ${saved.name}.`);
+      go(`collections/${encode(saved.name)}`);
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      showErrors(error);
+    }
+  };
+  const remove = async () => {
+    if (!(await confirmDialog(`Delete the collection ${existing.name} and all its records?`, "Delete collection"))) return;
+    try {
+      await api("DELETE", `/api/collections/${encode(existing.id)}`);
+      collectionsCache = null;
+      toast(`Deleted ${existing.name}.`);
+      go("collections");
+    } catch (error) {
+      failure.textContent = describe(error);
+    }
+  };
+  const form = h("form", { onsubmit: save, "aria-label": "Collection" },
+    h("fieldset", {}, h("legend", {}, "Collection"), labels.name, labels.type, labels.viewQuery),
+    h("fieldset", {}, h("legend", {}, "Fields"), fieldList,
+      h("button", { type: "button", onclick: () => addField({}).querySelector("input").focus() }, "Add field")),
+    h("fieldset", {}, h("legend", {}, "API rules"), ruleBox),
+    h("fieldset", {}, h("legend", {}, "Indexes"), labels.indexes),
+    failure,
+    h("div", { class: "bar" },
+      h("button", { type: "submit", class: "primary" }, existing ? "Save changes" : "Create collection"),
+      existing && h("a", { href: `#/records/${encode(existing.name)}` }, "Records"),
+      existing && h("button", { type: "button", class: "danger", onclick: remove }, "Delete collection")));
+  page(existing ? `Collection ${existing.name}` : "New collection", form);
+}
+
+// --- records ---------------------------------------------------------------
+
+function shown(field) {
+  return field.type !== "password" && field.name !== "tokenKey";
+}
+
+async function fileToken(target) {
+  const protectedFiles = target.fields.some((f) => f.type === "file" && f.protected);
+  if (!protectedFiles) return "";
+  return (await api("POST", "/api/files/token")).token;
+}
+
+function fileLinks(target, record, field, token) {
+  const names = [].concat(record[field.name] || []);
+  return h("span", { class: "files" }, names.map((file) => h("a", {
+    href: `/api/files/${encode(target.id)}/${encode(record.id)}/${encode(file)}${token ? `?token=${encode(token)}` : ""}`,
+    target: "_blank", rel: "noopener",
+  }, file)));
+}
+
+function cell(all, target, record, field, token) {
+  const value = record[field.name];
+  if (field.type === "relation") {
+    const other = all.find((c) => c.id === field.collectionId);
+    return [].concat(value || []).map((id) => h("a", { class: "mono", href: `#/records/${encode(other ? other.name : field.collectionId)}/${encode(id)}` }, id, " "));
+  }
+  if (field.type === "file") return fileLinks(target, record, field, token);
+  if (value === null || value === undefined) return "";
+  const text = typeof value === "string" ? value : JSON.stringify(value);
+  return text.length > 120 ? `${text.slice(0, 120)}…` : text;
+}
+
+async function recordsView(name, params) {
+  const target = await collection(name);
+  const all = await collections();
+  const filter = params.get("filter") || "";
+  const sort = params.get("sort") || "";
+  const number = Math.max(1, Number(params.get("page")) || 1);
+  const query = new URLSearchParams({ page: number, perPage: PER_PAGE });
+  if (filter) query.set("filter", filter);
+  if (sort) query.set("sort", sort);
+  const failure = h("p", { class: "error", role: "alert" });
+  let result = { items: [], totalItems: 0, totalPages: 0 };
+  try {
+    result = await api("GET", `/api/collections/${encode(target.name)}/records?${query}`);
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    failure.textContent = describe(error);
+  }
+  const token = await fileToken(target);
+  const fields = target.fields.filter(shown);
+  const search = (changes) => {
+    const next = new URLSearchParams({ filter, sort, page: number, ...changes });
+    for (const [key, value] of [...next]) if (!value || (key === "page" && value === "1")) next.delete(key);
+    go(`records/${encode(target.name)}`, next);
+  };
+  const filterInput = h("input", { name: "filter", value: filter, spellcheck: "false", placeholder: 'title ~ "hello" && created > "2026-01-01"' });
+  const sortInput = h("input", { name: "sort", value: sort, spellcheck: "false", placeholder: "-created,title" });
+  const header = fields.map((field) => {
+    const direction = sort === field.name ? "ascending" : sort === `-${field.name}` ? "descending" : null;
+    return h("th", { scope: "col", "aria-sort": direction },
+      h("button", { type: "button", onclick: () => search({ sort: sort === field.name ? `-${field.name}` : field.name, page: "1" }) },
+        field.name, direction === "ascending" ? " ▲" : direction === "descending" ? " ▼" : ""));
+  });
+  const rows = result.items.map((record) => h("tr", {}, fields.map((field) =>
+    field.name === "id"
+      ? h("td", { class: "id" }, h("a", { href: `#/records/${encode(target.name)}/${encode(record.id)}` }, record.id))
+      : h("td", { title: typeof record[field.name] === "string" ? record[field.name] : null }, cell(all, target, record, field, token)))));
+  const pages = Math.max(result.totalPages, 1);
+  page(`Records of ${target.name}`,
+    h("form", { class: "bar", role: "search", onsubmit: (event) => {
+      event.preventDefault();
+      search({ filter: filterInput.value, sort: sortInput.value, page: "1" });
+    } },
+    h("div", { class: "wide" }, labelled("Filter", filterInput)),
+    h("div", {}, labelled("Sort", sortInput)),
+    h("button", { type: "submit", class: "primary" }, "Apply"),
+    target.type !== "view" && h("a", { href: `#/records/${encode(target.name)}/new` }, "New record"),
+    h("a", { href: `#/collections/${encode(target.name)}` }, "Edit collection")),
+    failure,
+    h("div", { class: "table" }, h("table", {}, h("thead", {}, h("tr", {}, header)), h("tbody", {}, rows))),
+    h("nav", { class: "pager", "aria-label": "Pages" },
+      h("button", { type: "button", disabled: number <= 1, onclick: () => search({ page: String(number - 1) }) }, "Previous"),
+      h("span", { id: "page-status" }, `Page ${number} of ${pages} · ${count(result.totalItems, "record")}`),
+      h("button", { type: "button", disabled: number >= pages, onclick: () => search({ page: String(number + 1) }) }, "Next")));
+}
+
+function recordControl(field, value) {
+  const attributes = { name: field.name, disabled: field.type === "autodate" };
+  switch (field.type) {
+    case "bool":
+      return h("input", { ...attributes, type: "checkbox", checked: Boolean(value) });
+    case "number":
+      return h("input", { ...attributes, type: "number", step: "any", value: value ?? "" });
+    case "editor":
+      return h("textarea", { ...attributes, rows: 4, value: value ?? "" });
+    case "json":
+    case "geoPoint":
+      return h("textarea", { ...attributes, rows: 3, spellcheck: "false", value: value === undefined ? "" : JSON.stringify(value) });
+    case "select": {
+      const multiple = (field.maxSelect || 1) > 1;
+      const select = h("select", { ...attributes, multiple },
+        !multiple && h("option", { value: "" }, "—"),
+        (field.values || []).map((option) => h("option", { value: option }, option)));
+      const chosen = [].concat(value || []);
+      for (const option of select.options) option.selected = chosen.includes(option.value);
+      return select;
+    }
+    case "relation":
+      return h("input", { ...attributes, spellcheck: "false", value: [].concat(value || []).join(", ") });
+    case "file":
+      return h("input", { ...attributes, type: "file", multiple: (field.maxSelect || 1) > 1 });
+    case "password":
+      return h("input", { ...attributes, type: "password", autocomplete: "new-password" });
+    default:
+      return h("input", { ...attributes, type: field.type === "email" ? "email" : "text", spellcheck: "false", value: value ?? "" });
+  }
+}
+
+function readControl(field, control) {
+  switch (field.type) {
+    case "bool": return control.checked;
+    case "number": return control.value === "" ? null : Number(control.value);
+    case "json":
+    case "geoPoint": return control.value.trim() === "" ? null : JSON.parse(control.value);
+    case "select": return control.multiple ? [...control.selectedOptions].map((o) => o.value) : control.value;
+    case "relation": {
+      const ids = control.value.split(/[\s,]+/).filter(Boolean);
+      return (field.maxSelect || 1) > 1 ? ids : ids[0] || "";
+    }
+    default: return control.value;
+  }
+}
+
+async function recordEditor(name, id) {
+  const target = await collection(name);
+  const all = await collections();
+  const record = id === "new" ? null : await api("GET", `/api/collections/${encode(target.name)}/records/${encode(id)}`);
+  const token = record ? await fileToken(target) : "";
+  const editable = target.fields.filter((f) => f.name !== "tokenKey" && !(f.name === "id" && record));
+  const controls = new Map();
+  const labels = new Map();
+  const removed = new Map();
+  const parts = editable.map((field) => {
+    const control = recordControl(field, record ? record[field.name] : undefined);
+    controls.set(field.name, control);
+    let note = field.type === "password" && record ? "Leave empty to keep the password." : field.type === "autodate" ? "Set by the server." : null;
+    if (field.type === "relation") {
+      const other = all.find((c) => c.id === field.collectionId);
+      note = `Ids of ${other ? other.name : field.collectionId}, separated by commas.`;
+    }
+    const label = labelled(field.name + (field.required ? " *" : ""), control, note);
+    labels.set(field.name, label);
+    if (field.type === "relation" && record) label.append(h("span", {}, cell(all, target, record, field, token)));
+    if (field.type === "file" && record && [].concat(record[field.name] || []).length) {
+      const boxes = [].concat(record[field.name]).map((file) => checkbox(`Remove ${file}`, `${field.name}-remove`, false));
+      removed.set(field.name, boxes);
+      label.append(fileLinks(target, record, field, token), h("div", {}, boxes));
+    }
+    if (field.type === "password") {
+      const confirm = h("input", { name: "passwordConfirm", type: "password", autocomplete: "new-password" });
+      controls.set("passwordConfirm", confirm);
+      const again = labelled("passwordConfirm", confirm);
+      labels.set("passwordConfirm", again);
+      return [label, again];
+    }
+    return label;
+  });
+  const failure = h("p", { class: "error", role: "alert" });
+  const save = async (event) => {
+    event.preventDefault();
+    for (const element of form.querySelectorAll(".error")) element.textContent = "";
+    const values = {};
+    const uploads = new FormData();
+    let uploading = false;
+    for (const field of editable) {
+      const control = controls.get(field.name);
+      if (field.type === "autodate") continue;
+      if (field.type === "file") {
+        for (const file of control.files) {
+          uploads.append((field.maxSelect || 1) > 1 ? `${field.name}+` : field.name, file);
+          uploading = true;
+        }
+        const gone = (removed.get(field.name) || []).filter((box) => box.querySelector("input").checked);
+        if (gone.length) values[`${field.name}-`] = gone.map((box) => box.textContent.replace(/^Remove /, ""));
+        continue;
+      }
+      if (field.type === "password" && control.value === "" && record) continue;
+      if (field.name === "id" && control.value === "") continue;
+      try {
+        values[field.name] = readControl(field, control);
+      } catch (error) {
+        labels.get(field.name).error.textContent = `Not JSON: ${error.message}`;
+        return;
+      }
+    }
+    if (controls.has("passwordConfirm") && values.password !== undefined) values.passwordConfirm = controls.get("passwordConfirm").value;
+    let body = values;
+    if (uploading) {
+      uploads.append("@jsonPayload", JSON.stringify(values));
+      body = uploads;
+    }
+    const path = `/api/collections/${encode(target.name)}/records`;
+    try {
+      const saved = record ? await api("PATCH", `${path}/${encode(record.id)}`, body) : await api("POST", path, body);
+      toast(`Saved ${saved.id}.`);
+      go(`records/${encode(target.name)}`);
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      const rest = {};
+      for (const [key, entry] of Object.entries(error.data)) {
+        if (labels.has(key)) labels.get(key).error.textContent = entry.message || JSON.stringify(entry);
+        else rest[key] = entry;
+      }
+      failure.textContent = describe({ message: error.message, data: rest });
+    }
+  };
+  const remove = async () => {
+    if (!(await confirmDialog(`Delete the record ${record.id}?`, "Delete record"))) return;
+    try {
+      await api("DELETE", `/api/collections/${encode(target.name)}/records/${encode(record.id)}`);
+      toast(`Deleted ${record.id}.`);
+      go(`records/${encode(target.name)}`);
+    } catch (error) {
+      failure.textContent = describe(error);
+    }
+  };
+  const form = h("form", { onsubmit: save, "aria-label": "Record" },
+    h("fieldset", {}, h("legend", {}, record ? `Record ${record.id}` : "New record"), parts),
+    failure,
+    h("div", { class: "bar" },
+      h("button", { type: "submit", class: "primary" }, record ? "Save record" : "Create record"),
+      h("a", { href: `#/records/${encode(target.name)}` }, "Back to the table"),
+      record && h("button", { type: "button", class: "danger", onclick: remove }, "Delete record")));
+  page(record ? `${target.name} / ${record.id}` : `New record in ${target.name}`, form);
+}
+
+// --- live ------------------------------------------------------------------
+
+/** An EventSource on /api/realtime that subscribes (as `token`) on each connect. */
+function openStream(token, topics, onEvent, onStatus) {
+  const source = new EventSource("/api/realtime");
+  source.addEventListener("PB_CONNECT", async (event) => {
+    const { clientId } = JSON.parse(event.data);
+    try {
+      await api("POST", "/api/realtime", { clientId, subscriptions: topics }, token);
+      onStatus("Live.");
+    } catch (error) {
+      onStatus(describe(error));
+    }
+  });
+  for (const topic of topics) {
+    source.addEventListener(topic, (event) => onEvent(event.lastEventId, JSON.parse(event.data)));
+  }
+  source.addEventListener("PB_MISSED", () => onStatus("Some events were pruned from the log before they could be shown."));
+  source.onerror = () => onStatus(source.readyState === EventSource.CLOSED ? "Closed." : "Reconnecting…");
+  return source;
+}
+
+function stopLive() {
+  if (live) live.source.close();
+  live = null;
+}
+
+async function authRecords(all) {
+  const choices = [];
+  for (const c of all.filter((c) => c.type === "auth" && c.name !== "_superusers")) {
+    const found = await api("GET", `/api/collections/${encode(c.name)}/records?perPage=200&skipTotal=1`);
+    for (const record of found.items) choices.push([`${c.name}/${record.id}`, `${c.name}: ${record.email || record.username || record.id}`]);
+  }
+  return choices;
+}
+
+async function liveView(params) {
+  const all = await collections(true);
+  const only = params.get("collection") || "";
+  const as = params.get("as") || "";
+  const change = (key, value) => {
+    const next = new URLSearchParams(params);
+    if (value) next.set(key, value);
+    else next.delete(key);
+    go("live", next);
+  };
+  const which = h("select", { name: "collection", onchange: () => change("collection", which.value) },
+    h("option", { value: "" }, "Every collection"), all.map((c) => h("option", { value: c.name }, c.name)));
+  which.value = only;
+  const viewer = h("select", { name: "as", onchange: () => change("as", viewer.value) },
+    h("option", { value: "" }, `Superuser ${session.record.email} (every event)`),
+    (await authRecords(all)).map(([value, text]) => h("option", { value }, text)));
+  viewer.value = as;
+  const status = h("p", { role: "status", id: "live-status" }, "Connecting…");
+  const tbody = h("tbody", {});
+  const detail = h("pre", { id: "live-detail", tabindex: "-1", hidden: true });
+  const pause = h("button", { type: "button", "aria-pressed": "false", onclick: () => {
+    live.paused = !live.paused;
+    pause.setAttribute("aria-pressed", String(live.paused));
+    if (!live.paused) live.held.splice(0).forEach(show);
+    status.textContent = live.paused ? "Paused: new events wait." : "Live.";
+  } }, "Pause");
+  const show = ([seq, time, message]) => {
+    const record = message.record || {};
+    const row = h("tr", {},
+      h("td", { class: "mono" }, seq), h("td", { class: "mono" }, time),
+      h("td", {}, record.collectionName || ""), h("td", { class: `action-${message.action}` }, message.action),
+      h("td", { class: "id" }, h("button", { type: "button", class: "link", "aria-controls": "live-detail", onclick: () => {
+        for (const other of tbody.querySelectorAll(".selected")) other.classList.remove("selected");
+        row.classList.add("selected");
+        detail.hidden = false;
+        detail.textContent = JSON.stringify(message, null, 2);
+        detail.focus();
+      } }, record.id || "")));
+    tbody.prepend(row);
+    while (tbody.children.length > LIVE_ROWS) tbody.lastChild.remove();
+  };
+  page("Live events",
+    h("div", { class: "bar" }, labelled("Collection", which), labelled("Deliver as", viewer,
+      "The server applies the collection's rules for this user, as for its own subscription."),
+    pause, h("button", { type: "button", onclick: () => { tbody.replaceChildren(); detail.hidden = true; } }, "Clear")),
+    status,
+    h("div", { class: "table" }, h("table", {},
+      h("thead", {}, h("tr", {}, ["Seq", "Received", "Collection", "Action", "Record"].map((t) => h("th", { scope: "col" }, t)))),
+      tbody)),
+    detail);
+  let token = session.token;
+  if (as) {
+    const [authCollection, recordId] = as.split("/");
+    try {
+      token = (await api("POST", `/api/collections/${encode(authCollection)}/impersonate/${encode(recordId)}`, { duration: IMPERSONATE_S })).token;
+    } catch (error) {
+      status.textContent = describe(error);
+      return;
+    }
+  }
+  const topics = (only ? [only] : all.map((c) => c.name)).map((n) => `${n}/*`);
+  const state = { paused: false, held: [] };
+  const onEvent = (seq, message) => {
+    const entry = [seq, new Date().toISOString().slice(11, 23), message];
+    if (!state.paused) return show(entry);
+    state.held.push(entry);
+    if (state.held.length > LIVE_ROWS) state.held.shift();
+    status.textContent = `Paused: ${count(state.held.length, "new event")} wait.`;
+  };
+  state.source = openStream(token, topics, onEvent, (text) => { if (!state.paused) status.textContent = text; });
+  live = state;
+}
+
+// --- logs ------------------------------------------------------------------
+
+async function logsView(params) {
+  const filter = params.get("filter") || "";
+  const number = Math.max(1, Number(params.get("page")) || 1);
+  const query = new URLSearchParams({ page: number, perPage: 50, sort: "-created" });
+  if (filter) query.set("filter", filter);
+  const failure = h("p", { class: "error", role: "alert" });
+  let result = { items: [], totalPages: 0, totalItems: 0 };
+  try {
+    result = await api("GET", `/api/logs?${query}`);
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    failure.textContent = describe(error);
+  }
+  const detail = h("pre", { id: "log-detail", tabindex: "-1", hidden: true });
+  const filterInput = h("input", { name: "filter", value: filter, spellcheck: "false", placeholder: 'data.status >= 400 && data.method = "POST"' });
+  const search = (changes) => {
+    const next = new URLSearchParams({ filter, page: number, ...changes });
+    for (const [key, value] of [...next]) if (!value || (key === "page" && value === "1")) next.delete(key);
+    go("logs", next);
+  };
+  const rows = result.items.map((entry) => h("tr", {},
+    h("td", { class: "mono" }, entry.created), h("td", {}, String(entry.level)),
+    h("td", {}, String(entry.data.status ?? "")),
+    h("td", {}, h("button", { type: "button", class: "link", "aria-controls": "log-detail", onclick: () => {
+      detail.hidden = false;
+      detail.textContent = JSON.stringify(entry, null, 2);
+      detail.focus();
+    } }, entry.message)),
+    h("td", { class: "mono" }, entry.data.execTime === undefined ? "" : `${Number(entry.data.execTime).toFixed(2)} ms`),
+    h("td", {}, entry.data.auth || "guest")));
+  const pages = Math.max(result.totalPages, 1);
+  page("Request logs",
+    h("form", { class: "bar", role: "search", onsubmit: (event) => {
+      event.preventDefault();
+      search({ filter: filterInput.value, page: "1" });
+    } }, h("div", { class: "wide" }, labelled("Filter", filterInput)),
+    h("button", { type: "submit", class: "primary" }, "Apply"),
+    h("button", { type: "button", onclick: () => route() }, "Refresh")),
+    failure,
+    h("div", { class: "table" }, h("table", {},
+      h("thead", {}, h("tr", {}, ["Time", "Level", "Status", "Request", "Took", "Auth"].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, rows))),
+    h("nav", { class: "pager", "aria-label": "Pages" },
+      h("button", { type: "button", disabled: number <= 1, onclick: () => search({ page: String(number - 1) }) }, "Previous"),
+      h("span", {}, `Page ${number} of ${pages} · ${count(result.totalItems, "entry", "entries")}`),
+      h("button", { type: "button", disabled: number >= pages, onclick: () => search({ page: String(number + 1) }) }, "Next")),
+    detail);
+}
+
+// --- start -----------------------------------------------------------------
+
+document.getElementById("logout").addEventListener("click", logOut);
+window.addEventListener("hashchange", route);
+route();
+"""
+
+#: What `/_/{name}` serves: its Content-Type and bytes ("" is the page).
+DASHBOARD_FILES: dict[str, tuple[str, bytes]] = {
+    "": ("text/html; charset=utf-8", DASHBOARD_HTML.encode()),
+    "dashboard.css": ("text/css; charset=utf-8", DASHBOARD_CSS.encode()),
+    "dashboard.js": ("text/javascript; charset=utf-8", DASHBOARD_JS.encode()),
+}
+
+
+# ==========================================================================
+# 13. HTTP API
 # ==========================================================================
 # A request context in, a `Response` out: thin handlers that parse the
 # request and call the records layer or the broker. `to_api_error` is the
@@ -7671,6 +8679,9 @@ def _collection_or_404(
 
 def _is_superuser(context: RequestContext) -> bool:
     return context.auth is not None and context.auth.is_superuser
+
+
+LOAD_FAILURE = "An error occurred while loading the submitted data."
 
 
 def _require_superuser(context: RequestContext) -> None:
@@ -8024,6 +9035,46 @@ async def handle_auth_refresh(context: RequestContext) -> Response:
     if claims.get("refreshable") is True:
         token = issue_auth_token(collection, auth.record, context.app.now())
     return _auth_response(context, collection, auth.record, token)
+
+
+MAX_IMPERSONATE_S = 10 * 365 * 86_400  # a token for at most ten years
+
+
+async def handle_impersonate(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/impersonate/{id} (superusers): a
+    token of that record that cannot be refreshed, for `duration` seconds
+    (0 or none: the collection's auth token duration)."""
+    _require_superuser(context)
+    collection = _auth_collection_or_404(context)
+    record = _store(context).get_record(collection, context.params["id"])
+    if record is None:
+        raise NotFoundError()
+    duration = context.body.data.get("duration") or 0
+    if isinstance(duration, str) and duration.strip().isdigit():
+        duration = int(duration)
+    if isinstance(duration, bool) or not isinstance(duration, int):
+        raise BadRequestError(LOAD_FAILURE)
+    if not 0 <= duration <= MAX_IMPERSONATE_S:
+        code, message, bound = (
+            ("validation_min_greater_equal_than_required", "Must be no less than 0.", 0)
+            if duration < 0
+            else (
+                "validation_max_less_equal_than_required",
+                f"Must be no greater than {MAX_IMPERSONATE_S}.",
+                MAX_IMPERSONATE_S,
+            )
+        )
+        raise BadRequestError(
+            "An error occurred while validating the submitted data.",
+            {"duration": validation_entry(code, message, {"threshold": bound})},
+        )
+    now = context.app.now()
+    if not duration:
+        duration = int(collection.options.get("authToken", {}).get("duration", 432_000))
+    claims = auth_token_claims(collection.id, str(record["id"]), int(now) + duration)
+    claims["refreshable"] = False
+    token = sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
+    return _auth_response(context, collection, record, token)
 
 
 async def handle_auth_methods(context: RequestContext) -> Response:
@@ -8727,9 +9778,6 @@ async def handle_logs_view(context: RequestContext) -> Response:
 
 # --- settings --------------------------------------------------------------------
 
-LOAD_FAILURE = "An error occurred while loading the submitted data."
-
-
 async def handle_settings_view(context: RequestContext) -> Response:
     """GET /api/settings (superusers)."""
     _require_superuser(context)
@@ -8753,10 +9801,36 @@ async def handle_settings_update(context: RequestContext) -> Response:
     return json_response(public_settings(cast(dict[str, JSON], merged)))
 
 
+# --- the dashboard ---------------------------------------------------------------
+
+
+async def handle_dashboard_redirect(context: RequestContext) -> Response:
+    """GET /_: the dashboard lives at /_/."""
+    return Response(307, b"", (("Location", "/_/"),))
+
+
+async def handle_dashboard(context: RequestContext) -> Response:
+    """GET /_/ and its two files: the page, under DASHBOARD_CSP."""
+    found = DASHBOARD_FILES.get(context.params.get("name", ""))
+    if found is None:
+        raise NotFoundError(FILE_NOT_FOUND_MESSAGE)
+    content_type, body = found
+    headers = (
+        ("Cache-Control", "no-cache"),
+        ("Content-Security-Policy", DASHBOARD_CSP),
+        ("Content-Type", content_type),
+        ("Referrer-Policy", "no-referrer"),
+    )
+    return Response(200, body, headers)
+
+
 def build_router() -> Router:
     """Return the router with every API route."""
     router = Router()
     router.add("GET", "/api/health", handle_health)
+    router.add("GET", "/_", handle_dashboard_redirect)
+    router.add("GET", "/_/", handle_dashboard)
+    router.add("GET", "/_/{name}", handle_dashboard)
     router.add("POST", "/api/files/token", handle_file_token)
     router.add("GET", "/api/files/{collection}/{id}/{filename}", handle_file)
     router.add("POST", "/api/batch", handle_batch)
@@ -8793,6 +9867,9 @@ def build_router() -> Router:
     router.add(
         "POST", "/api/collections/{collection}/auth-refresh", handle_auth_refresh
     )
+    router.add(
+        "POST", "/api/collections/{collection}/impersonate/{id}", handle_impersonate
+    )
     router.add("GET", "/api/collections/{collection}/auth-methods", handle_auth_methods)
     return router
 
@@ -8819,7 +9896,7 @@ def cors_preflight_headers(request: Request) -> list[tuple[str, str]]:
 
 
 # ==========================================================================
-# 13. Connection loop
+# 14. Connection loop
 # ==========================================================================
 # Sockets: reading heads and bodies under limits and timeouts. The loop
 # itself (keep-alive, writing responses and streams) is App's.
@@ -8931,7 +10008,7 @@ async def _discard_input(reader: asyncio.StreamReader) -> None:
 
 
 # ==========================================================================
-# 14. App, serve(), Client
+# 15. App, serve(), Client
 # ==========================================================================
 # The embedding API: App owns the store, the broker, the router, the
 # listening socket and the reading threads; only this section starts or
@@ -10401,7 +11478,7 @@ def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -
 
 
 # ==========================================================================
-# 15. Bench
+# 16. Bench
 # ==========================================================================
 # Load scenarios against a pbrt child process or any PocketBase-compatible
 # server (`--url`): latency, losses, order, CPU and memory.
@@ -11258,7 +12335,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ==========================================================================
-# 16. Command line
+# 17. Command line
 # ==========================================================================
 # `main(argv) -> int`; only this section reads argv and the environment.
 
