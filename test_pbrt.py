@@ -2501,6 +2501,7 @@ def test_auth_superuser_cli_upsert_then_login_sees_hidden_fields(
 
 
 JS_MODULES = HERE / ".ci" / "js" / "node_modules"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # Debian's package
 
 
 def run_node(script: str, *args: str, timeout: float = 60) -> Any:
@@ -2647,6 +2648,57 @@ def test_auth_rule_mfa_and_email_changes_are_enforced_like_pocketbase(
             "POST", login, {"identity": "u2@x.com", "password": "password123"}
         )
         assert status == 401 and "token" not in json.loads(text)
+
+
+def test_auth_impersonate_gives_superusers_a_token_that_cannot_refresh(
+    tmp_path: Path,
+) -> None:
+    """PocketBase's `pb.collection(c).impersonate(id, duration)`, answers as the oracle's."""
+    with serving(tmp_path) as (_, api, su):
+        user = api.json(
+            "POST",
+            "/api/collections/users/records",
+            {"email": "u@x.com", "password": "password123", "passwordConfirm": "password123"},
+            su,
+        )
+        path = f"/api/collections/users/impersonate/{user['id']}"
+        before = time.time()
+        answer = api.json("POST", path, {"duration": 60}, su)
+        assert answer["record"]["id"] == user["id"]
+        claims = pbrt.read_token_claims(answer["token"])
+        assert claims is not None and claims["refreshable"] is False
+        assert before + 59 <= claims["exp"] <= time.time() + 61
+        refreshed = api.json(
+            "POST", "/api/collections/users/auth-refresh", token=answer["token"]
+        )
+        assert refreshed["token"] == answer["token"]  # not refreshable: not renewed
+        default = pbrt.read_token_claims(api.json("POST", path, token=su)["token"])
+        assert default is not None and default["exp"] >= before + 432_000 - 1
+        user_token = api.login("users", "u@x.com", "password123")[0]
+        refusals = {
+            (path, ""): '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}',
+            ("/api/collections/nope/impersonate/x", ""): '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}',
+            (path, user_token): '403 {"data":{},"message":"The authorized record is not allowed to perform this action.","status":403}',
+            ("/api/collections/nope/impersonate/x", su): '404 {"data":{},"message":"Missing or invalid auth collection context.","status":404}',
+            ("/api/collections/users/impersonate/x", su): '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}',
+            ("/api/collections/_superusers/impersonate/x", user_token): '403 {"data":{},"message":"The authorized record is not allowed to perform this action.","status":403}',
+        }
+        for (target, token), expected in refusals.items():
+            assert api.normalized("POST", target, token=token) == expected
+        status, text = api.call("POST", path, {"duration": -5}, su)
+        assert (status, json.loads(text)["data"]) == (
+            400,
+            {
+                "duration": {
+                    "code": "validation_min_greater_equal_than_required",
+                    "message": "Must be no less than 0.",
+                    "params": {"threshold": 0},
+                }
+            },
+        )
+        for duration in ("soon", True, 1.5, [1], 10**12):
+            status, _ = api.call("POST", path, {"duration": duration}, su)
+            assert status == 400, duration
 
 
 def test_auth_failed_logins_are_throttled_and_successful_ones_never(
@@ -5954,7 +6006,289 @@ def test_realtime_workers_kill_9_one_under_load_loses_no_event(tmp_path: Path) -
 
 
 # ==========================================================================
-# 12. HTTP API (through real sockets)
+# 12. Dashboard (in a real browser)
+# ==========================================================================
+
+
+def test_dashboard_is_served_under_a_strict_policy_within_its_budget(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path) as (_, api, _):
+        for path, content_type in (
+            ("/_/", "text/html; charset=utf-8"),
+            ("/_/dashboard.js", "text/javascript; charset=utf-8"),
+            ("/_/dashboard.css", "text/css; charset=utf-8"),
+        ):
+            with urllib.request.urlopen(api.url + path, timeout=30) as response:
+                assert response.headers["Content-Type"] == content_type
+                assert response.headers["Content-Security-Policy"] == pbrt.DASHBOARD_CSP
+                assert response.read() == pbrt.DASHBOARD_FILES[path[3:]][1]
+        assert api.call("GET", "/_/dashboard.map")[0] == 404
+        port = int(api.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stream:
+            stream.sendall(b"GET /_ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            head = b"".join(iter(lambda: stream.recv(65536), b""))
+        assert head.startswith(b"HTTP/1.1 307 ") and b"\r\nLocation: /_/\r\n" in head
+    policy = dict(part.strip().split(" ", 1) for part in pbrt.DASHBOARD_CSP.split(";"))
+    assert policy["default-src"] == "'none'" and "unsafe" not in pbrt.DASHBOARD_CSP
+    assert policy["script-src"] == policy["style-src"] == policy["connect-src"] == "'self'"
+    sources = (pbrt.DASHBOARD_HTML, pbrt.DASHBOARD_CSS, pbrt.DASHBOARD_JS)
+    assert sum(source.count("\n") for source in sources) <= 1200
+    # no other origin, no HTML parsed from data, no code built from strings
+    assert not re.search(r"https?://|innerHTML|outerHTML|insertAdjacentHTML|eval\(|Function\(", pbrt.DASHBOARD_JS)
+    assert re.findall(r'(?:src|href)="([^"#]+)"', pbrt.DASHBOARD_HTML) == [
+        "data:,",
+        "/_/dashboard.css",
+        "/_/dashboard.js",
+    ]
+
+
+DASHBOARD_BROWSER_SCRIPT = r"""const fs = require("fs");
+const path = require("path");
+const puppeteer = require("puppeteer-core");
+const [base, email, password, userId, shots] = process.argv.slice(1);
+const origin = new URL(base).origin;
+const WAIT = { timeout: 30000, polling: 100 }; // not "raf": a tab in the background paints no frames
+const foreign = [];
+const problems = [];
+const screenshots = [];
+const result = { foreign, problems, screenshots };
+
+function watch(page) {
+  page.on("request", (request) => {
+    const url = request.url();
+    if (!/^(data|blob):/.test(url) && new URL(url).origin !== origin) foreign.push(url);
+  });
+  page.on("console", (message) => {
+    if (/Content.Security.Policy|Refused to/i.test(message.text())) problems.push(message.text());
+  });
+  page.on("pageerror", (error) => problems.push(String(error)));
+}
+
+async function shoot(page, name) {
+  result.step = name;
+  const file = path.join(shots, `${String(screenshots.length + 1).padStart(2, "0")}-${name}.png`);
+  await page.screenshot({ path: file, fullPage: true });
+  screenshots.push(file);
+}
+
+const heading = (page, text) =>
+  page.waitForFunction((t) => document.querySelector("h1")?.textContent === t, WAIT, text);
+const errorOf = (page, selector) =>
+  page.waitForFunction((s) => {
+    const ids = document.querySelector(s).getAttribute("aria-describedby").split(" ");
+    const error = ids.find((id) => id.endsWith("-error"));
+    return document.getElementById(error).textContent || null;
+  }, WAIT, selector).then((handle) => handle.jsonValue());
+const liveRows = (page) => page.$$eval("#main tbody tr", (rows) =>
+  rows.map((row) => [...row.cells].map((c) => c.textContent)));
+
+const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
+
+(async () => {
+  const browser = await puppeteer.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    userDataDir: profile,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  try {
+    const page = await browser.newPage();
+    watch(page);
+    await page.setViewport({ width: 1280, height: 860 });
+    await page.goto(`${base}/_/`);
+    await heading(page, "Log in as a superuser");
+    result.csp = await page.evaluate(async () => (await fetch("/_/")).headers.get("content-security-policy"));
+    await page.type("input[name=identity]", email);
+    await page.type("input[name=password]", "wrong password");
+    await page.keyboard.press("Enter");
+    result.loginError = await page.waitForFunction(() => document.querySelector("[role=alert]").textContent || null, WAIT).then((h) => h.jsonValue());
+    await shoot(page, "login");
+    await page.$eval("input[name=password]", (input) => (input.value = ""));
+    await page.type("input[name=password]", password);
+    await page.keyboard.press("Enter");
+    await heading(page, "Collections");
+    await shoot(page, "collections");
+
+    // a collection with a rule: signed-in users see every note but "secret"
+    await page.click("a[href='#/collections/new']");
+    await heading(page, "New collection");
+    await page.type("input[name=name]", "notes");
+    await page.click("xpath/.//button[text()='Add field']");
+    await page.type(".field-row:last-of-type input[name=field-name]", "title");
+    for (const rule of ["listRule", "viewRule"]) {
+      await page.click(`input[name=${rule}-locked]`);
+      await page.type(`textarea[name=${rule}]`, '@request.auth.id != "" && title != "secret"');
+    }
+    await page.click("button[type=submit]");
+    await heading(page, "Collection notes");
+    await shoot(page, "collection-editor");
+
+    // a second tab watches the live view while the first adds a record
+    const watcher = await browser.newPage();
+    watch(watcher);
+    await watcher.setViewport({ width: 1280, height: 860 });
+    await watcher.goto(`${base}/_/#/live`);
+    await watcher.waitForFunction(() => document.querySelector("#live-status")?.textContent === "Live.", WAIT);
+    await page.bringToFront();
+    await page.goto(`${base}/_/#/records/notes/new`);
+    await heading(page, "New record in notes");
+    await page.type("input[name=title]", "hello");
+    await page.click("button[type=submit]");
+    await heading(page, "Records of notes");
+    await page.waitForSelector("#main tbody tr");
+    result.tableIds = await page.$$eval("#main tbody td.id", (cells) => cells.map((c) => c.textContent));
+    await shoot(page, "records");
+    await watcher.bringToFront();
+    await watcher.waitForFunction(() => document.querySelector("#main tbody tr td.action-create"), WAIT);
+    result.liveRows = await liveRows(watcher);
+    await watcher.click("#main tbody tr td.id button");
+    result.liveDetail = JSON.parse(await watcher.$eval("#live-detail", (pre) => pre.textContent));
+    await shoot(watcher, "live");
+
+    // what would this user see: pick them; the server applies the rules
+    await watcher.select("select[name=as]", `users/${userId}`);
+    await watcher.waitForFunction(() => location.hash.includes("as=users"), WAIT);
+    await watcher.waitForFunction(() => document.querySelector("#live-status")?.textContent === "Live.", WAIT);
+    for (const title of ["secret", '<img src="/x" onerror="window.hacked=1">', "public"]) {
+      await page.evaluate(async (title) => {
+        const { token } = JSON.parse(localStorage.getItem("pbrt-dashboard"));
+        await fetch("/api/collections/notes/records", {
+          method: "POST", headers: { Authorization: token, "Content-Type": "application/json" },
+          body: JSON.stringify({ title }),
+        });
+      }, title);
+    }
+    await watcher.waitForFunction(() => document.querySelectorAll("#main tbody tr").length >= 2, WAIT);
+    await watcher.waitForFunction(() => [...document.querySelectorAll("#main tbody tr")].some((r) => r.textContent.includes("create")), WAIT);
+    // "public" is the last write: once it is shown, every earlier event has arrived
+    await watcher.evaluate(() => { for (const b of document.querySelectorAll("#main tbody td.id button")) b.click(); });
+    result.asUserTitles = await watcher.waitForFunction(() => {
+      const rows = [...document.querySelectorAll("#main tbody td.id button")];
+      rows[0].click();
+      const detail = JSON.parse(document.getElementById("live-detail").textContent);
+      return detail.record.title === "public" ? rows.map((b) => { b.click(); return JSON.parse(document.getElementById("live-detail").textContent).record.title; }) : null;
+    }, WAIT).then((h) => h.jsonValue());
+    result.hacked = await watcher.evaluate(() => window.hacked === 1);
+    await shoot(watcher, "live-as-user");
+
+    // a broken rule: the server's message shows next to it
+    await page.bringToFront();
+    await page.goto(`${base}/_/#/collections/notes`);
+    await heading(page, "Collection notes");
+    await page.$eval("textarea[name=listRule]", (t) => (t.value = ""));
+    await page.type("textarea[name=listRule]", "title = ");
+    await page.click("button[type=submit]");
+    result.ruleError = await errorOf(page, "textarea[name=listRule]");
+    await shoot(page, "rule-error");
+
+    // the records table, filtered; then a filter the server refuses
+    await page.goto(`${base}/_/#/records/notes`);
+    await heading(page, "Records of notes");
+    await page.type("input[name=filter]", 'title = "hello"');
+    await page.keyboard.press("Enter");
+    await page.waitForFunction(() => location.hash.includes("filter="), WAIT);
+    await page.waitForFunction(() => document.getElementById("page-status")?.textContent.includes("· 1 record"), WAIT);
+    result.filtered = await page.$$eval("#main tbody tr", (rows) => rows.map((r) => r.textContent));
+    result.xssCell = await page.evaluate(() => document.querySelectorAll("#main img").length);
+    await shoot(page, "records-filtered");
+    await page.$eval("input[name=filter]", (input) => (input.value = ""));
+    await page.type("input[name=filter]", "title ~~ ");
+    await page.keyboard.press("Enter");
+    result.filterError = await page.waitForFunction(() => document.querySelector("#main [role=alert]")?.textContent || null, WAIT).then((h) => h.jsonValue());
+    await shoot(page, "records-filter-error");
+
+    // the request log, once the server has written it
+    for (let attempt = 0; attempt < 100 && !result.logRows; attempt++) {
+      await page.goto(`${base}/_/#/logs?attempt=${attempt}`);
+      await heading(page, "Request logs");
+      result.logRows = (await page.$$("#main tbody tr")).length;
+      if (!result.logRows) await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    await shoot(page, "logs");
+
+    // export the schema; delete the collection after confirming
+    await page.goto(`${base}/_/#/collections`);
+    await heading(page, "Collections");
+    await page.click("xpath/.//button[text()='Export']");
+    result.exported = JSON.parse(await page.$eval("textarea[name=schema]", (t) => t.value)).map((c) => c.name);
+    await page.goto(`${base}/_/#/collections/notes`);
+    await heading(page, "Collection notes");
+    await page.click("xpath/.//button[text()='Delete collection']");
+    await page.waitForSelector("dialog[open]");
+    await shoot(page, "delete-confirm");
+    await page.click("dialog[open] button.danger");
+    await heading(page, "Collections");
+    result.afterDelete = await page.$$eval("#main tbody td:first-child", (cells) => cells.map((c) => c.textContent));
+    result.hackedAnywhere = (await page.evaluate(() => window.hacked === 1)) || result.hacked;
+  } finally {
+    await browser.close();
+    fs.rmSync(profile, { recursive: true, force: true });
+  }
+  console.log(JSON.stringify(result));
+})().catch((error) => {
+  console.error(error);
+  console.log(JSON.stringify({ ...result, failure: String(error.stack || error) }));
+  process.exit(1);
+});
+"""
+
+
+def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
+    """Log in, make a collection with a rule, add a record and see it live, watch
+    as a user, break a rule, filter; every screen is kept as a screenshot."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (bash .ci/run installs chromium)"
+    screenshots = tmp_path / "screenshots"
+    screenshots.mkdir()
+    with serving(tmp_path) as (_, api, su):
+        user = api.json(
+            "POST",
+            "/api/collections/users/records",
+            {"email": "u@x.com", "password": "password123", "passwordConfirm": "password123"},
+            su,
+        )
+        broken = {"name": "probe", "type": "base", "listRule": "title = ", "fields": [{"name": "title", "type": "text"}]}
+        rule_status, rule_text = api.call("POST", "/api/collections", broken, su)
+        filter_status, filter_text = api.call(
+            "GET", "/api/collections/users/records?filter=" + urllib.parse.quote("title ~~ "), token=su
+        )
+        result = run_node(
+            DASHBOARD_BROWSER_SCRIPT,
+            api.url,
+            SU_EMAIL,
+            SU_PASSWORD,
+            user["id"],
+            str(screenshots),
+            timeout=240,
+        )
+        notes_after = api.call("GET", "/api/collections/notes", token=su)[0]
+    print(f"dashboard screenshots: {screenshots}")
+    assert result["foreign"] == [] and result["problems"] == []
+    assert result["csp"] == pbrt.DASHBOARD_CSP
+    assert result["loginError"] == "Failed to authenticate."
+    [record_id] = result["tableIds"]
+    [(seq, _, collection, action, live_id)] = result["liveRows"]
+    assert seq.isdigit() and (collection, action, live_id) == ("notes", "create", record_id)
+    assert result["liveDetail"]["record"]["title"] == "hello"
+    # the user's rule hides "secret": the server filtered it, the page did not
+    assert result["asUserTitles"] == ["public", '<img src="/x" onerror="window.hacked=1">']
+    assert result["hackedAnywhere"] is False and result["xssCell"] == 0
+    assert rule_status == 400
+    assert result["ruleError"] == json.loads(rule_text)["data"]["listRule"]["message"]
+    assert result["filtered"] == [record_id + "hello"]
+    assert filter_status == 400
+    assert result["filterError"] == json.loads(filter_text)["message"]
+    assert result["logRows"] > 0
+    assert "notes" in result["exported"] and "notes" not in result["afterDelete"]
+    assert notes_after == 404
+    assert len(result["screenshots"]) == 11
+    for shot in result["screenshots"]:
+        assert Path(shot).read_bytes().startswith(b"\x89PNG")
+
+
+# ==========================================================================
+# 13. HTTP API (through real sockets)
 # ==========================================================================
 
 
@@ -6698,7 +7032,7 @@ def test_records_failed_writes_leave_no_uploaded_files(tmp_path: Path) -> None:
 
 
 # ==========================================================================
-# 13. Connection loop
+# 14. Connection loop
 # ==========================================================================
 
 
@@ -7103,7 +7437,7 @@ def test_connection_survives_seeded_mutation_fuzz(
 
 
 # ==========================================================================
-# 14. App, serve() and Client
+# 15. App, serve() and Client
 # ==========================================================================
 
 
@@ -7552,7 +7886,7 @@ def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
 
 
 # ==========================================================================
-# 15. Bench
+# 16. Bench
 # ==========================================================================
 
 
@@ -7653,7 +7987,7 @@ def test_bench_scenarios_run_against_a_child_server(
 
 
 # ==========================================================================
-# 16. Command line
+# 17. Command line
 # ==========================================================================
 
 
