@@ -9045,7 +9045,9 @@ async def handle_impersonate(context: RequestContext) -> Response:
     token of that record that cannot be refreshed, for `duration` seconds
     (0 or none: the collection's auth token duration)."""
     _require_superuser(context)
-    collection = _auth_collection_or_404(context)
+    collection = _store(context).collection(context.params["collection"])
+    if collection is None or not collection.is_auth:
+        raise NotFoundError("Missing or invalid auth collection context.")
     record = _store(context).get_record(collection, context.params["id"])
     if record is None:
         raise NotFoundError()
@@ -9777,6 +9779,7 @@ async def handle_logs_view(context: RequestContext) -> Response:
 
 
 # --- settings --------------------------------------------------------------------
+
 
 async def handle_settings_view(context: RequestContext) -> Response:
     """GET /api/settings (superusers)."""

@@ -2658,7 +2658,11 @@ def test_auth_impersonate_gives_superusers_a_token_that_cannot_refresh(
         user = api.json(
             "POST",
             "/api/collections/users/records",
-            {"email": "u@x.com", "password": "password123", "passwordConfirm": "password123"},
+            {
+                "email": "u@x.com",
+                "password": "password123",
+                "passwordConfirm": "password123",
+            },
             su,
         )
         path = f"/api/collections/users/impersonate/{user['id']}"
@@ -2676,12 +2680,30 @@ def test_auth_impersonate_gives_superusers_a_token_that_cannot_refresh(
         assert default is not None and default["exp"] >= before + 432_000 - 1
         user_token = api.login("users", "u@x.com", "password123")[0]
         refusals = {
-            (path, ""): '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}',
-            ("/api/collections/nope/impersonate/x", ""): '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}',
-            (path, user_token): '403 {"data":{},"message":"The authorized record is not allowed to perform this action.","status":403}',
-            ("/api/collections/nope/impersonate/x", su): '404 {"data":{},"message":"Missing or invalid auth collection context.","status":404}',
-            ("/api/collections/users/impersonate/x", su): '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}',
-            ("/api/collections/_superusers/impersonate/x", user_token): '403 {"data":{},"message":"The authorized record is not allowed to perform this action.","status":403}',
+            (
+                path,
+                "",
+            ): '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}',
+            (
+                "/api/collections/nope/impersonate/x",
+                "",
+            ): '401 {"data":{},"message":"The request requires valid record authorization token.","status":401}',
+            (
+                path,
+                user_token,
+            ): '403 {"data":{},"message":"The authorized record is not allowed to perform this action.","status":403}',
+            (
+                "/api/collections/nope/impersonate/x",
+                su,
+            ): '404 {"data":{},"message":"Missing or invalid auth collection context.","status":404}',
+            (
+                "/api/collections/users/impersonate/x",
+                su,
+            ): '404 {"data":{},"message":"The requested resource wasn\'t found.","status":404}',
+            (
+                "/api/collections/_superusers/impersonate/x",
+                user_token,
+            ): '403 {"data":{},"message":"The authorized record is not allowed to perform this action.","status":403}',
         }
         for (target, token), expected in refusals.items():
             assert api.normalized("POST", target, token=token) == expected
@@ -6031,11 +6053,16 @@ def test_dashboard_is_served_under_a_strict_policy_within_its_budget(
         assert head.startswith(b"HTTP/1.1 307 ") and b"\r\nLocation: /_/\r\n" in head
     policy = dict(part.strip().split(" ", 1) for part in pbrt.DASHBOARD_CSP.split(";"))
     assert policy["default-src"] == "'none'" and "unsafe" not in pbrt.DASHBOARD_CSP
-    assert policy["script-src"] == policy["style-src"] == policy["connect-src"] == "'self'"
+    assert (
+        policy["script-src"] == policy["style-src"] == policy["connect-src"] == "'self'"
+    )
     sources = (pbrt.DASHBOARD_HTML, pbrt.DASHBOARD_CSS, pbrt.DASHBOARD_JS)
     assert sum(source.count("\n") for source in sources) <= 1200
     # no other origin, no HTML parsed from data, no code built from strings
-    assert not re.search(r"https?://|innerHTML|outerHTML|insertAdjacentHTML|eval\(|Function\(", pbrt.DASHBOARD_JS)
+    assert not re.search(
+        r"https?://|innerHTML|outerHTML|insertAdjacentHTML|eval\(|Function\(",
+        pbrt.DASHBOARD_JS,
+    )
     assert re.findall(r'(?:src|href)="([^"#]+)"', pbrt.DASHBOARD_HTML) == [
         "data:,",
         "/_/dashboard.css",
@@ -6238,20 +6265,33 @@ const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-
 def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
     """Log in, make a collection with a rule, add a record and see it live, watch
     as a user, break a rule, filter; every screen is kept as a screenshot."""
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (bash .ci/run installs chromium)"
+    assert Path(CHROMIUM).exists(), (
+        f"{CHROMIUM} is missing (bash .ci/run installs chromium)"
+    )
     screenshots = tmp_path / "screenshots"
     screenshots.mkdir()
     with serving(tmp_path) as (_, api, su):
         user = api.json(
             "POST",
             "/api/collections/users/records",
-            {"email": "u@x.com", "password": "password123", "passwordConfirm": "password123"},
+            {
+                "email": "u@x.com",
+                "password": "password123",
+                "passwordConfirm": "password123",
+            },
             su,
         )
-        broken = {"name": "probe", "type": "base", "listRule": "title = ", "fields": [{"name": "title", "type": "text"}]}
+        broken = {
+            "name": "probe",
+            "type": "base",
+            "listRule": "title = ",
+            "fields": [{"name": "title", "type": "text"}],
+        }
         rule_status, rule_text = api.call("POST", "/api/collections", broken, su)
         filter_status, filter_text = api.call(
-            "GET", "/api/collections/users/records?filter=" + urllib.parse.quote("title ~~ "), token=su
+            "GET",
+            "/api/collections/users/records?filter=" + urllib.parse.quote("title ~~ "),
+            token=su,
         )
         result = run_node(
             DASHBOARD_BROWSER_SCRIPT,
@@ -6269,10 +6309,17 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
     assert result["loginError"] == "Failed to authenticate."
     [record_id] = result["tableIds"]
     [(seq, _, collection, action, live_id)] = result["liveRows"]
-    assert seq.isdigit() and (collection, action, live_id) == ("notes", "create", record_id)
+    assert seq.isdigit() and (collection, action, live_id) == (
+        "notes",
+        "create",
+        record_id,
+    )
     assert result["liveDetail"]["record"]["title"] == "hello"
     # the user's rule hides "secret": the server filtered it, the page did not
-    assert result["asUserTitles"] == ["public", '<img src="/x" onerror="window.hacked=1">']
+    assert result["asUserTitles"] == [
+        "public",
+        '<img src="/x" onerror="window.hacked=1">',
+    ]
     assert result["hackedAnywhere"] is False and result["xssCell"] == 0
     assert rule_status == 400
     assert result["ruleError"] == json.loads(rule_text)["data"]["listRule"]["message"]
