@@ -7685,6 +7685,9 @@ function describe(error) {
   return lines.join("\n");
 }
 
+/** Only the field messages of a validation error's `data`. */
+const messages = (data) => describe({ message: "", data }).trim();
+
 function confirmDialog(question, action) {
   return new Promise((resolve) => {
     const close = (answer) => () => {
@@ -7701,6 +7704,44 @@ function confirmDialog(question, action) {
     document.body.append(dialog);
     dialog.showModal();
   });
+}
+
+/** A table head row of column titles. */
+function head(...titles) {
+  return h("thead", {}, h("tr", {}, titles.map((title) => h("th", { scope: "col" }, title))));
+}
+
+/** Previous and next buttons around "Page n of m · what". */
+function pager(number, pages, what, turn) {
+  return h("nav", { class: "pager", "aria-label": "Pages" },
+    h("button", { type: "button", disabled: number <= 1, onclick: () => turn(number - 1) },
+      "Previous"),
+    h("span", { id: "page-status" }, `Page ${number} of ${pages} · ${what}`),
+    h("button", { type: "button", disabled: number >= pages, onclick: () => turn(number + 1) },
+      "Next"));
+}
+
+/** The query of a list view: empty values and page 1 are left out. */
+function listQuery(values) {
+  const query = new URLSearchParams();
+  for (const [key, value] of Object.entries(values)) {
+    if (value && !(key === "page" && String(value) === "1")) query.set(key, value);
+  }
+  return query;
+}
+
+/** A link-styled button that shows `value` as JSON in the `detail` element. */
+function detailButton(text, detail, value, onshow) {
+  return h("button", { type: "button", class: "link", "aria-controls": detail.id, onclick: () => {
+    if (onshow) onshow();
+    detail.hidden = false;
+    detail.textContent = JSON.stringify(value, null, 2);
+    detail.focus();
+  } }, text);
+}
+
+function code(attributes) {
+  return h("textarea", { spellcheck: "false", ...attributes });
 }
 
 function download(name, text) {
@@ -7826,8 +7867,10 @@ function logOut() {
 // --- log in ----------------------------------------------------------------
 
 function loginView() {
-  const email = h("input", { name: "identity", type: "email", autocomplete: "username", required: true });
-  const password = h("input", { name: "password", type: "password", autocomplete: "current-password", required: true });
+  const email = h("input",
+    { name: "identity", type: "email", autocomplete: "username", required: true });
+  const password = h("input",
+    { name: "password", type: "password", autocomplete: "current-password", required: true });
   const failure = h("p", { class: "error", role: "alert" });
   const form = h("form", { class: "card", onsubmit: async (event) => {
     event.preventDefault();
@@ -7844,7 +7887,8 @@ function loginView() {
   labelled("Email", email), labelled("Password", password),
   h("button", { type: "submit", class: "primary" }, "Log in"), failure);
   page("Log in as a superuser", form,
-    h("p", { class: "hint" }, "No superuser yet? Run: python pbrt.py superuser upsert EMAIL PASSWORD"));
+    h("p", { class: "hint" },
+      "No superuser yet? Run: python pbrt.py superuser upsert EMAIL PASSWORD"));
   email.focus();
 }
 
@@ -7856,13 +7900,15 @@ async function collectionsView() {
     h("td", {}, h("a", { href: `#/collections/${encode(c.name)}` }, c.name)),
     h("td", {}, c.type),
     h("td", {}, String(c.fields.length)),
-    h("td", { class: "mono" }, RULES.map((rule) => (c[rule] === null ? "—" : c[rule] === "" ? "○" : "●")).join(" ")),
+    h("td", { class: "mono" },
+      RULES.map((rule) => (c[rule] === null ? "—" : c[rule] === "" ? "○" : "●")).join(" ")),
     h("td", {}, h("a", { href: `#/records/${encode(c.name)}` }, "Records"))));
   page("Collections",
     h("div", { class: "bar" }, h("a", { href: "#/collections/new" }, "New collection")),
     h("div", { class: "table" }, h("table", {},
-      h("caption", { class: "hint" }, "Rules (list view create update delete): — superusers only, ○ everyone, ● a rule"),
-      h("thead", {}, h("tr", {}, ["Name", "Type", "Fields", "Rules", ""].map((t) => h("th", { scope: "col" }, t)))),
+      h("caption", { class: "hint" },
+        "Rules (list view create update delete): — superusers only, ○ everyone, ● a rule"),
+      head("Name", "Type", "Fields", "Rules", ""),
       h("tbody", {}, rows))),
     schemaPanel(items));
 }
@@ -7872,11 +7918,12 @@ function exportable(items) {
 }
 
 function schemaPanel(items) {
-  const text = h("textarea", { rows: 8, name: "schema", spellcheck: "false" });
+  const text = code({ rows: 8, name: "schema" });
   const file = h("input", { type: "file", accept: "application/json,.json", onchange: async () => {
     if (file.files[0]) text.value = await file.files[0].text();
   } });
-  const deleteMissing = checkbox("Delete collections that are not in the schema", "deleteMissing", false);
+  const deleteMissing =
+    checkbox("Delete collections that are not in the schema", "deleteMissing", false);
   const failure = h("p", { class: "error", role: "alert" });
   const importSchema = async () => {
     failure.textContent = "";
@@ -7888,7 +7935,8 @@ function schemaPanel(items) {
       return;
     }
     const deleting = deleteMissing.querySelector("input").checked;
-    if (deleting && !(await confirmDialog("Delete every collection (and its records) that the schema does not name?", "Import and delete"))) return;
+    const question = "Delete every collection (and its records) that the schema does not name?";
+    if (deleting && !(await confirmDialog(question, "Import and delete"))) return;
     try {
       await api("PUT", "/api/collections/import", { collections: parsed, deleteMissing: deleting });
       toast("Schema imported.");
@@ -7899,7 +7947,8 @@ function schemaPanel(items) {
   };
   return h("section", { class: "card", "aria-labelledby": "schema-title" },
     h("h2", { id: "schema-title" }, "Import and export the schema"),
-    labelled("Collections as JSON", text, "Export fills this box and downloads pb_schema.json; import sends the box."),
+    labelled("Collections as JSON", text,
+      "Export fills this box and downloads pb_schema.json; import sends the box."),
     h("div", { class: "bar" },
       h("button", { type: "button", onclick: () => {
         text.value = JSON.stringify(exportable(items), null, 2);
@@ -7911,17 +7960,20 @@ function schemaPanel(items) {
 }
 
 function fieldRow(field, rows) {
-  const options = Object.fromEntries(Object.entries(field).filter(([key]) => !FIELD_KEYS.includes(key)));
-  const name = h("input", { name: "field-name", value: field.name || "", disabled: field.system, required: true });
+  const options =
+    Object.fromEntries(Object.entries(field).filter(([key]) => !FIELD_KEYS.includes(key)));
+  const name = h("input",
+    { name: "field-name", value: field.name || "", disabled: field.system, required: true });
   const type = h("select", { name: "field-type", disabled: field.system || Boolean(field.id) },
     FIELD_TYPES.map((t) => h("option", { value: t }, t)));
   type.value = field.type || "text";
-  const extra = h("textarea", { name: "field-options", rows: 1, spellcheck: "false" },
-    JSON.stringify(options));
+  const extra = code({ name: "field-options", rows: 1, value: JSON.stringify(options) });
   const row = h("fieldset", { class: "field-row" },
     h("legend", {}, field.name || "New field"),
     labelled("Name", name), labelled("Type", type),
-    h("div", {}, checkbox("Required", "required", field.required), checkbox("Hidden", "hidden", field.hidden)),
+    h("div", {},
+      checkbox("Required", "required", field.required),
+      checkbox("Hidden", "hidden", field.hidden)),
     labelled("Options (JSON)", extra),
     field.system ? h("span", { class: "hint" }, "system")
       : h("button", { type: "button", class: "danger", onclick: () => {
@@ -7958,12 +8010,14 @@ async function collectionEditor(name) {
     name: h("input", { name: "name", value: current.name, required: true }),
     type: h("select", { name: "type", disabled: Boolean(existing) },
       ["base", "auth", "view"].map((t) => h("option", { value: t }, t))),
-    viewQuery: h("textarea", { name: "viewQuery", rows: 3, spellcheck: "false", value: current.viewQuery || "" }),
-    indexes: h("textarea", { name: "indexes", rows: 3, spellcheck: "false", value: (current.indexes || []).join("\n") }),
+    viewQuery: code({ name: "viewQuery", rows: 3, value: current.viewQuery || "" }),
+    indexes: code({ name: "indexes", rows: 3, value: (current.indexes || []).join("\n") }),
   };
   controls.type.value = current.type;
+  const titles = { name: "Name", type: "Type", viewQuery: "View query (SQL)",
+    indexes: "Indexes (one CREATE INDEX per line)" };
   const labels = Object.fromEntries(Object.entries(controls).map(([key, control]) =>
-    [key, labelled({ name: "Name", type: "Type", viewQuery: "View query (SQL)", indexes: "Indexes (one CREATE INDEX per line)" }[key], control)]));
+    [key, labelled(titles[key], control)]));
   const rows = [];
   const fieldList = h("div", {});
   const addField = (field) => {
@@ -7980,13 +8034,14 @@ async function collectionEditor(name) {
     ruleBox.replaceChildren(...names.map((rule) => {
       if (!rules[rule]) {
         const value = current[rule];
-        const text = h("textarea", { name: rule, rows: 2, spellcheck: "false", value: value || "", disabled: value === null });
+        const text = code({ name: rule, rows: 2, value: value || "", disabled: value === null });
         const lock = checkbox("Superusers only", `${rule}-locked`, value === null);
         lock.querySelector("input").addEventListener("change", (event) => {
           text.disabled = event.target.checked;
           if (!text.disabled) text.focus();
         });
-        rules[rule] = { text, lock, label: labelled(rule, text, "Empty: everyone. A rule: who it lets in.") };
+        const label = labelled(rule, text, "Empty: everyone. A rule: who it lets in.");
+        rules[rule] = { text, lock, label };
         rules[rule].box = h("div", { class: "rule" }, rules[rule].label, rules[rule].lock);
       }
       return rules[rule].box;
@@ -8005,9 +8060,11 @@ async function collectionEditor(name) {
       const target = rules[key] ? rules[key].label : labels[key];
       if (key === "fields" && entry && !entry.message) {
         for (const [index, inner] of Object.entries(entry)) {
-          if (rows[index]) rows[index].error.textContent = describe({ message: "", data: inner }).trim();
+          if (rows[index]) rows[index].error.textContent = messages(inner);
         }
-      } else if (target) target.error.textContent = entry.message || describe({ message: "", data: entry }).trim();
+      } else if (target) {
+        target.error.textContent = entry.message || messages(entry);
+      }
       else rest[key] = entry;
     }
     failure.textContent = describe({ message: error.message, data: rest });
@@ -8022,7 +8079,8 @@ async function collectionEditor(name) {
     if (!existing) body.type = controls.type.value;
     if (controls.type.value === "view") body.viewQuery = controls.viewQuery.value;
     for (const [rule, parts] of Object.entries(rules)) {
-      if (parts.box.isConnected) body[rule] = parts.lock.querySelector("input").checked ? null : parts.text.value;
+      const locked = parts.lock.querySelector("input").checked;
+      if (parts.box.isConnected) body[rule] = locked ? null : parts.text.value;
     }
     try {
       const saved = existing
@@ -8037,7 +8095,8 @@ async function collectionEditor(name) {
     }
   };
   const remove = async () => {
-    if (!(await confirmDialog(`Delete the collection ${existing.name} and all its records?`, "Delete collection"))) return;
+    const question = `Delete the collection ${existing.name} and all its records?`;
+    if (!(await confirmDialog(question, "Delete collection"))) return;
     try {
       await api("DELETE", `/api/collections/${encode(existing.id)}`);
       collectionsCache = null;
@@ -8050,14 +8109,17 @@ async function collectionEditor(name) {
   const form = h("form", { onsubmit: save, "aria-label": "Collection" },
     h("fieldset", {}, h("legend", {}, "Collection"), labels.name, labels.type, labels.viewQuery),
     h("fieldset", {}, h("legend", {}, "Fields"), fieldList,
-      h("button", { type: "button", onclick: () => addField({}).querySelector("input").focus() }, "Add field")),
+      h("button", { type: "button", onclick: () => addField({}).querySelector("input").focus() },
+        "Add field")),
     h("fieldset", {}, h("legend", {}, "API rules"), ruleBox),
     h("fieldset", {}, h("legend", {}, "Indexes"), labels.indexes),
     failure,
     h("div", { class: "bar" },
-      h("button", { type: "submit", class: "primary" }, existing ? "Save changes" : "Create collection"),
+      h("button", { type: "submit", class: "primary" },
+        existing ? "Save changes" : "Create collection"),
       existing && h("a", { href: `#/records/${encode(existing.name)}` }, "Records"),
-      existing && h("button", { type: "button", class: "danger", onclick: remove }, "Delete collection")));
+      existing &&
+        h("button", { type: "button", class: "danger", onclick: remove }, "Delete collection")));
   page(existing ? `Collection ${existing.name}` : "New collection", form);
 }
 
@@ -8075,17 +8137,19 @@ async function fileToken(target) {
 
 function fileLinks(target, record, field, token) {
   const names = [].concat(record[field.name] || []);
-  return h("span", { class: "files" }, names.map((file) => h("a", {
-    href: `/api/files/${encode(target.id)}/${encode(record.id)}/${encode(file)}${token ? `?token=${encode(token)}` : ""}`,
-    target: "_blank", rel: "noopener",
-  }, file)));
+  const base = `/api/files/${encode(target.id)}/${encode(record.id)}`;
+  const query = token ? `?token=${encode(token)}` : "";
+  return h("span", { class: "files" }, names.map((file) =>
+    h("a", { href: `${base}/${encode(file)}${query}`, target: "_blank", rel: "noopener" }, file)));
 }
 
 function cell(all, target, record, field, token) {
   const value = record[field.name];
   if (field.type === "relation") {
     const other = all.find((c) => c.id === field.collectionId);
-    return [].concat(value || []).map((id) => h("a", { class: "mono", href: `#/records/${encode(other ? other.name : field.collectionId)}/${encode(id)}` }, id, " "));
+    const where = `#/records/${encode(other ? other.name : field.collectionId)}`;
+    return [].concat(value || []).map((id) =>
+      h("a", { class: "mono", href: `${where}/${encode(id)}` }, id, " "));
   }
   if (field.type === "file") return fileLinks(target, record, field, token);
   if (value === null || value === undefined) return "";
@@ -8099,9 +8163,7 @@ async function recordsView(name, params) {
   const filter = params.get("filter") || "";
   const sort = params.get("sort") || "";
   const number = Math.max(1, Number(params.get("page")) || 1);
-  const query = new URLSearchParams({ page: number, perPage: PER_PAGE });
-  if (filter) query.set("filter", filter);
-  if (sort) query.set("sort", sort);
+  const query = listQuery({ page: number, perPage: PER_PAGE, filter, sort });
   const failure = h("p", { class: "error", role: "alert" });
   let result = { items: [], totalItems: 0, totalPages: 0 };
   try {
@@ -8112,40 +8174,44 @@ async function recordsView(name, params) {
   }
   const token = await fileToken(target);
   const fields = target.fields.filter(shown);
-  const search = (changes) => {
-    const next = new URLSearchParams({ filter, sort, page: number, ...changes });
-    for (const [key, value] of [...next]) if (!value || (key === "page" && value === "1")) next.delete(key);
-    go(`records/${encode(target.name)}`, next);
-  };
-  const filterInput = h("input", { name: "filter", value: filter, spellcheck: "false", placeholder: 'title ~ "hello" && created > "2026-01-01"' });
-  const sortInput = h("input", { name: "sort", value: sort, spellcheck: "false", placeholder: "-created,title" });
+  const search = (changes) =>
+    go(`records/${encode(target.name)}`, listQuery({ filter, sort, page: number, ...changes }));
+  const filterInput = h("input", { name: "filter", value: filter, spellcheck: "false",
+    placeholder: 'title ~ "hello" && created > "2026-01-01"' });
+  const sortInput = h("input",
+    { name: "sort", value: sort, spellcheck: "false", placeholder: "-created,title" });
   const header = fields.map((field) => {
-    const direction = sort === field.name ? "ascending" : sort === `-${field.name}` ? "descending" : null;
-    return h("th", { scope: "col", "aria-sort": direction },
-      h("button", { type: "button", onclick: () => search({ sort: sort === field.name ? `-${field.name}` : field.name, page: "1" }) },
-        field.name, direction === "ascending" ? " ▲" : direction === "descending" ? " ▼" : ""));
+    const up = sort === field.name;
+    const down = sort === `-${field.name}`;
+    const toggle = () => search({ sort: up ? `-${field.name}` : field.name, page: 1 });
+    return h("th", { scope: "col", "aria-sort": up ? "ascending" : down ? "descending" : null },
+      h("button", { type: "button", onclick: toggle }, field.name, up ? " ▲" : down ? " ▼" : ""));
   });
-  const rows = result.items.map((record) => h("tr", {}, fields.map((field) =>
-    field.name === "id"
-      ? h("td", { class: "id" }, h("a", { href: `#/records/${encode(target.name)}/${encode(record.id)}` }, record.id))
-      : h("td", { title: typeof record[field.name] === "string" ? record[field.name] : null }, cell(all, target, record, field, token)))));
+  const rows = result.items.map((record) => h("tr", {}, fields.map((field) => {
+    const value = record[field.name];
+    if (field.name !== "id") {
+      const title = typeof value === "string" ? value : null;
+      return h("td", { title }, cell(all, target, record, field, token));
+    }
+    const href = `#/records/${encode(target.name)}/${encode(record.id)}`;
+    return h("td", { class: "id" }, h("a", { href }, record.id));
+  })));
   const pages = Math.max(result.totalPages, 1);
   page(`Records of ${target.name}`,
     h("form", { class: "bar", role: "search", onsubmit: (event) => {
       event.preventDefault();
-      search({ filter: filterInput.value, sort: sortInput.value, page: "1" });
+      search({ filter: filterInput.value, sort: sortInput.value, page: 1 });
     } },
     h("div", { class: "wide" }, labelled("Filter", filterInput)),
     h("div", {}, labelled("Sort", sortInput)),
     h("button", { type: "submit", class: "primary" }, "Apply"),
-    target.type !== "view" && h("a", { href: `#/records/${encode(target.name)}/new` }, "New record"),
+    target.type !== "view" &&
+      h("a", { href: `#/records/${encode(target.name)}/new` }, "New record"),
     h("a", { href: `#/collections/${encode(target.name)}` }, "Edit collection")),
     failure,
-    h("div", { class: "table" }, h("table", {}, h("thead", {}, h("tr", {}, header)), h("tbody", {}, rows))),
-    h("nav", { class: "pager", "aria-label": "Pages" },
-      h("button", { type: "button", disabled: number <= 1, onclick: () => search({ page: String(number - 1) }) }, "Previous"),
-      h("span", { id: "page-status" }, `Page ${number} of ${pages} · ${count(result.totalItems, "record")}`),
-      h("button", { type: "button", disabled: number >= pages, onclick: () => search({ page: String(number + 1) }) }, "Next")));
+    h("div", { class: "table" },
+      h("table", {}, h("thead", {}, h("tr", {}, header)), h("tbody", {}, rows))),
+    pager(number, pages, count(result.totalItems, "record"), (to) => search({ page: to })));
 }
 
 function recordControl(field, value) {
@@ -8159,7 +8225,7 @@ function recordControl(field, value) {
       return h("textarea", { ...attributes, rows: 4, value: value ?? "" });
     case "json":
     case "geoPoint":
-      return h("textarea", { ...attributes, rows: 3, spellcheck: "false", value: value === undefined ? "" : JSON.stringify(value) });
+      return code({ ...attributes, rows: 3, value: JSON.stringify(value) ?? "" });
     case "select": {
       const multiple = (field.maxSelect || 1) > 1;
       const select = h("select", { ...attributes, multiple },
@@ -8170,13 +8236,15 @@ function recordControl(field, value) {
       return select;
     }
     case "relation":
-      return h("input", { ...attributes, spellcheck: "false", value: [].concat(value || []).join(", ") });
+      return h("input",
+        { ...attributes, spellcheck: "false", value: [].concat(value || []).join(", ") });
     case "file":
       return h("input", { ...attributes, type: "file", multiple: (field.maxSelect || 1) > 1 });
     case "password":
       return h("input", { ...attributes, type: "password", autocomplete: "new-password" });
     default:
-      return h("input", { ...attributes, type: field.type === "email" ? "email" : "text", spellcheck: "false", value: value ?? "" });
+      return h("input", { ...attributes, type: field.type === "email" ? "email" : "text",
+        spellcheck: "false", value: value ?? "" });
   }
 }
 
@@ -8186,7 +8254,8 @@ function readControl(field, control) {
     case "number": return control.value === "" ? null : Number(control.value);
     case "json":
     case "geoPoint": return control.value.trim() === "" ? null : JSON.parse(control.value);
-    case "select": return control.multiple ? [...control.selectedOptions].map((o) => o.value) : control.value;
+    case "select":
+      return control.multiple ? [...control.selectedOptions].map((o) => o.value) : control.value;
     case "relation": {
       const ids = control.value.split(/[\s,]+/).filter(Boolean);
       return (field.maxSelect || 1) > 1 ? ids : ids[0] || "";
@@ -8198,30 +8267,39 @@ function readControl(field, control) {
 async function recordEditor(name, id) {
   const target = await collection(name);
   const all = await collections();
-  const record = id === "new" ? null : await api("GET", `/api/collections/${encode(target.name)}/records/${encode(id)}`);
+  const path = `/api/collections/${encode(target.name)}/records`;
+  const record = id === "new" ? null : await api("GET", `${path}/${encode(id)}`);
   const token = record ? await fileToken(target) : "";
-  const editable = target.fields.filter((f) => f.name !== "tokenKey" && !(f.name === "id" && record));
+  const editable =
+    target.fields.filter((f) => f.name !== "tokenKey" && !(f.name === "id" && record));
   const controls = new Map();
   const labels = new Map();
   const removed = new Map();
   const parts = editable.map((field) => {
     const control = recordControl(field, record ? record[field.name] : undefined);
     controls.set(field.name, control);
-    let note = field.type === "password" && record ? "Leave empty to keep the password." : field.type === "autodate" ? "Set by the server." : null;
+    let note = null;
+    if (field.type === "password" && record) note = "Leave empty to keep the password.";
+    if (field.type === "autodate") note = "Set by the server.";
     if (field.type === "relation") {
       const other = all.find((c) => c.id === field.collectionId);
       note = `Ids of ${other ? other.name : field.collectionId}, separated by commas.`;
     }
     const label = labelled(field.name + (field.required ? " *" : ""), control, note);
     labels.set(field.name, label);
-    if (field.type === "relation" && record) label.append(h("span", {}, cell(all, target, record, field, token)));
+    if (field.type === "relation" && record) {
+      label.append(h("span", {}, cell(all, target, record, field, token)));
+    }
     if (field.type === "file" && record && [].concat(record[field.name] || []).length) {
-      const boxes = [].concat(record[field.name]).map((file) => checkbox(`Remove ${file}`, `${field.name}-remove`, false));
+      const files = [].concat(record[field.name]);
+      const boxes = files.map((file) => checkbox(`Remove ${file}`, `${field.name}-remove`, false));
+      boxes.forEach((box, index) => (box.file = files[index]));
       removed.set(field.name, boxes);
       label.append(fileLinks(target, record, field, token), h("div", {}, boxes));
     }
     if (field.type === "password") {
-      const confirm = h("input", { name: "passwordConfirm", type: "password", autocomplete: "new-password" });
+      const confirm = h("input",
+        { name: "passwordConfirm", type: "password", autocomplete: "new-password" });
       controls.set("passwordConfirm", confirm);
       const again = labelled("passwordConfirm", confirm);
       labels.set("passwordConfirm", again);
@@ -8244,8 +8322,9 @@ async function recordEditor(name, id) {
           uploads.append((field.maxSelect || 1) > 1 ? `${field.name}+` : field.name, file);
           uploading = true;
         }
-        const gone = (removed.get(field.name) || []).filter((box) => box.querySelector("input").checked);
-        if (gone.length) values[`${field.name}-`] = gone.map((box) => box.textContent.replace(/^Remove /, ""));
+        const boxes = removed.get(field.name) || [];
+        const gone = boxes.filter((box) => box.querySelector("input").checked);
+        if (gone.length) values[`${field.name}-`] = gone.map((box) => box.file);
         continue;
       }
       if (field.type === "password" && control.value === "" && record) continue;
@@ -8257,22 +8336,26 @@ async function recordEditor(name, id) {
         return;
       }
     }
-    if (controls.has("passwordConfirm") && values.password !== undefined) values.passwordConfirm = controls.get("passwordConfirm").value;
+    if (controls.has("passwordConfirm") && values.password !== undefined) {
+      values.passwordConfirm = controls.get("passwordConfirm").value;
+    }
     let body = values;
     if (uploading) {
       uploads.append("@jsonPayload", JSON.stringify(values));
       body = uploads;
     }
-    const path = `/api/collections/${encode(target.name)}/records`;
     try {
-      const saved = record ? await api("PATCH", `${path}/${encode(record.id)}`, body) : await api("POST", path, body);
+      const saved = record
+        ? await api("PATCH", `${path}/${encode(record.id)}`, body)
+        : await api("POST", path, body);
       toast(`Saved ${saved.id}.`);
       go(`records/${encode(target.name)}`);
     } catch (error) {
       if (!(error instanceof ApiError)) throw error;
       const rest = {};
       for (const [key, entry] of Object.entries(error.data)) {
-        if (labels.has(key)) labels.get(key).error.textContent = entry.message || JSON.stringify(entry);
+        const label = labels.get(key);
+        if (label) label.error.textContent = entry.message || messages(entry);
         else rest[key] = entry;
       }
       failure.textContent = describe({ message: error.message, data: rest });
@@ -8281,7 +8364,7 @@ async function recordEditor(name, id) {
   const remove = async () => {
     if (!(await confirmDialog(`Delete the record ${record.id}?`, "Delete record"))) return;
     try {
-      await api("DELETE", `/api/collections/${encode(target.name)}/records/${encode(record.id)}`);
+      await api("DELETE", `${path}/${encode(record.id)}`);
       toast(`Deleted ${record.id}.`);
       go(`records/${encode(target.name)}`);
     } catch (error) {
@@ -8294,7 +8377,8 @@ async function recordEditor(name, id) {
     h("div", { class: "bar" },
       h("button", { type: "submit", class: "primary" }, record ? "Save record" : "Create record"),
       h("a", { href: `#/records/${encode(target.name)}` }, "Back to the table"),
-      record && h("button", { type: "button", class: "danger", onclick: remove }, "Delete record")));
+      record &&
+        h("button", { type: "button", class: "danger", onclick: remove }, "Delete record")));
   page(record ? `${target.name} / ${record.id}` : `New record in ${target.name}`, form);
 }
 
@@ -8315,8 +8399,10 @@ function openStream(token, topics, onEvent, onStatus) {
   for (const topic of topics) {
     source.addEventListener(topic, (event) => onEvent(event.lastEventId, JSON.parse(event.data)));
   }
-  source.addEventListener("PB_MISSED", () => onStatus("Some events were pruned from the log before they could be shown."));
-  source.onerror = () => onStatus(source.readyState === EventSource.CLOSED ? "Closed." : "Reconnecting…");
+  source.addEventListener("PB_MISSED", () =>
+    onStatus("Some events were pruned from the log before they could be shown."));
+  source.onerror = () =>
+    onStatus(source.readyState === EventSource.CLOSED ? "Closed." : "Reconnecting…");
   return source;
 }
 
@@ -8328,8 +8414,11 @@ function stopLive() {
 async function authRecords(all) {
   const choices = [];
   for (const c of all.filter((c) => c.type === "auth" && c.name !== "_superusers")) {
-    const found = await api("GET", `/api/collections/${encode(c.name)}/records?perPage=200&skipTotal=1`);
-    for (const record of found.items) choices.push([`${c.name}/${record.id}`, `${c.name}: ${record.email || record.username || record.id}`]);
+    const path = `/api/collections/${encode(c.name)}/records?perPage=200&skipTotal=1`;
+    for (const record of (await api("GET", path)).items) {
+      const who = record.email || record.username || record.id;
+      choices.push([`${c.name}/${record.id}`, `${c.name}: ${who}`]);
+    }
   }
   return choices;
 }
@@ -8344,58 +8433,68 @@ async function liveView(params) {
     else next.delete(key);
     go("live", next);
   };
-  const which = h("select", { name: "collection", onchange: () => change("collection", which.value) },
-    h("option", { value: "" }, "Every collection"), all.map((c) => h("option", { value: c.name }, c.name)));
+  const which = h("select",
+    { name: "collection", onchange: () => change("collection", which.value) },
+    h("option", { value: "" }, "Every collection"),
+    all.map((c) => h("option", { value: c.name }, c.name)));
   which.value = only;
   const viewer = h("select", { name: "as", onchange: () => change("as", viewer.value) },
     h("option", { value: "" }, `Superuser ${session.record.email} (every event)`),
     (await authRecords(all)).map(([value, text]) => h("option", { value }, text)));
   viewer.value = as;
+  const state = { paused: false, held: [], source: null };
+  live = state;
   const status = h("p", { role: "status", id: "live-status" }, "Connecting…");
   const tbody = h("tbody", {});
   const detail = h("pre", { id: "live-detail", tabindex: "-1", hidden: true });
-  const pause = h("button", { type: "button", "aria-pressed": "false", onclick: () => {
-    live.paused = !live.paused;
-    pause.setAttribute("aria-pressed", String(live.paused));
-    if (!live.paused) live.held.splice(0).forEach(show);
-    status.textContent = live.paused ? "Paused: new events wait." : "Live.";
-  } }, "Pause");
   const show = ([seq, time, message]) => {
     const record = message.record || {};
+    const select = () => {
+      for (const other of tbody.querySelectorAll(".selected")) other.classList.remove("selected");
+      row.classList.add("selected");
+    };
     const row = h("tr", {},
-      h("td", { class: "mono" }, seq), h("td", { class: "mono" }, time),
-      h("td", {}, record.collectionName || ""), h("td", { class: `action-${message.action}` }, message.action),
-      h("td", { class: "id" }, h("button", { type: "button", class: "link", "aria-controls": "live-detail", onclick: () => {
-        for (const other of tbody.querySelectorAll(".selected")) other.classList.remove("selected");
-        row.classList.add("selected");
-        detail.hidden = false;
-        detail.textContent = JSON.stringify(message, null, 2);
-        detail.focus();
-      } }, record.id || "")));
+      h("td", { class: "mono" }, seq),
+      h("td", { class: "mono" }, time),
+      h("td", {}, record.collectionName || ""),
+      h("td", { class: `action-${message.action}` }, message.action),
+      h("td", { class: "id" }, detailButton(record.id || "", detail, message, select)));
     tbody.prepend(row);
     while (tbody.children.length > LIVE_ROWS) tbody.lastChild.remove();
   };
+  const pause = h("button", { type: "button", "aria-pressed": "false", onclick: () => {
+    state.paused = !state.paused;
+    pause.setAttribute("aria-pressed", String(state.paused));
+    if (!state.paused) state.held.splice(0).forEach(show);
+    status.textContent = state.paused ? "Paused: new events wait." : "Live.";
+  } }, "Pause");
+  const clear = () => {
+    tbody.replaceChildren();
+    detail.hidden = true;
+  };
   page("Live events",
-    h("div", { class: "bar" }, labelled("Collection", which), labelled("Deliver as", viewer,
-      "The server applies the collection's rules for this user, as for its own subscription."),
-    pause, h("button", { type: "button", onclick: () => { tbody.replaceChildren(); detail.hidden = true; } }, "Clear")),
+    h("div", { class: "bar" },
+      labelled("Collection", which),
+      labelled("Deliver as", viewer,
+        "The server applies the collection's rules for this user, as for its own subscription."),
+      pause,
+      h("button", { type: "button", onclick: clear }, "Clear")),
     status,
-    h("div", { class: "table" }, h("table", {},
-      h("thead", {}, h("tr", {}, ["Seq", "Received", "Collection", "Action", "Record"].map((t) => h("th", { scope: "col" }, t)))),
-      tbody)),
+    h("div", { class: "table" },
+      h("table", {}, head("Seq", "Received", "Collection", "Action", "Record"), tbody)),
     detail);
   let token = session.token;
   if (as) {
     const [authCollection, recordId] = as.split("/");
+    const path = `/api/collections/${encode(authCollection)}/impersonate/${encode(recordId)}`;
     try {
-      token = (await api("POST", `/api/collections/${encode(authCollection)}/impersonate/${encode(recordId)}`, { duration: IMPERSONATE_S })).token;
+      token = (await api("POST", path, { duration: IMPERSONATE_S })).token;
     } catch (error) {
       status.textContent = describe(error);
       return;
     }
   }
-  const topics = (only ? [only] : all.map((c) => c.name)).map((n) => `${n}/*`);
-  const state = { paused: false, held: [] };
+  if (live !== state) return; // left the view while waiting
   const onEvent = (seq, message) => {
     const entry = [seq, new Date().toISOString().slice(11, 23), message];
     if (!state.paused) return show(entry);
@@ -8403,8 +8502,11 @@ async function liveView(params) {
     if (state.held.length > LIVE_ROWS) state.held.shift();
     status.textContent = `Paused: ${count(state.held.length, "new event")} wait.`;
   };
-  state.source = openStream(token, topics, onEvent, (text) => { if (!state.paused) status.textContent = text; });
-  live = state;
+  const onStatus = (text) => {
+    if (!state.paused) status.textContent = text;
+  };
+  const topics = (only ? [only] : all.map((c) => c.name)).map((name) => `${name}/*`);
+  state.source = openStream(token, topics, onEvent, onStatus);
 }
 
 // --- logs ------------------------------------------------------------------
@@ -8412,8 +8514,7 @@ async function liveView(params) {
 async function logsView(params) {
   const filter = params.get("filter") || "";
   const number = Math.max(1, Number(params.get("page")) || 1);
-  const query = new URLSearchParams({ page: number, perPage: 50, sort: "-created" });
-  if (filter) query.set("filter", filter);
+  const query = listQuery({ page: number, perPage: 50, sort: "-created", filter });
   const failure = h("p", { class: "error", role: "alert" });
   let result = { items: [], totalPages: 0, totalItems: 0 };
   try {
@@ -8423,38 +8524,30 @@ async function logsView(params) {
     failure.textContent = describe(error);
   }
   const detail = h("pre", { id: "log-detail", tabindex: "-1", hidden: true });
-  const filterInput = h("input", { name: "filter", value: filter, spellcheck: "false", placeholder: 'data.status >= 400 && data.method = "POST"' });
-  const search = (changes) => {
-    const next = new URLSearchParams({ filter, page: number, ...changes });
-    for (const [key, value] of [...next]) if (!value || (key === "page" && value === "1")) next.delete(key);
-    go("logs", next);
-  };
+  const filterInput = h("input", { name: "filter", value: filter, spellcheck: "false",
+    placeholder: 'data.status >= 400 && data.method = "POST"' });
+  const search = (changes) => go("logs", listQuery({ filter, page: number, ...changes }));
+  const took = (ms) => (ms === undefined ? "" : `${Number(ms).toFixed(2)} ms`);
   const rows = result.items.map((entry) => h("tr", {},
-    h("td", { class: "mono" }, entry.created), h("td", {}, String(entry.level)),
+    h("td", { class: "mono" }, entry.created),
+    h("td", {}, String(entry.level)),
     h("td", {}, String(entry.data.status ?? "")),
-    h("td", {}, h("button", { type: "button", class: "link", "aria-controls": "log-detail", onclick: () => {
-      detail.hidden = false;
-      detail.textContent = JSON.stringify(entry, null, 2);
-      detail.focus();
-    } }, entry.message)),
-    h("td", { class: "mono" }, entry.data.execTime === undefined ? "" : `${Number(entry.data.execTime).toFixed(2)} ms`),
+    h("td", {}, detailButton(entry.message, detail, entry)),
+    h("td", { class: "mono" }, took(entry.data.execTime)),
     h("td", {}, entry.data.auth || "guest")));
-  const pages = Math.max(result.totalPages, 1);
   page("Request logs",
     h("form", { class: "bar", role: "search", onsubmit: (event) => {
       event.preventDefault();
-      search({ filter: filterInput.value, page: "1" });
-    } }, h("div", { class: "wide" }, labelled("Filter", filterInput)),
+      search({ filter: filterInput.value, page: 1 });
+    } },
+    h("div", { class: "wide" }, labelled("Filter", filterInput)),
     h("button", { type: "submit", class: "primary" }, "Apply"),
     h("button", { type: "button", onclick: () => route() }, "Refresh")),
     failure,
     h("div", { class: "table" }, h("table", {},
-      h("thead", {}, h("tr", {}, ["Time", "Level", "Status", "Request", "Took", "Auth"].map((t) => h("th", { scope: "col" }, t)))),
-      h("tbody", {}, rows))),
-    h("nav", { class: "pager", "aria-label": "Pages" },
-      h("button", { type: "button", disabled: number <= 1, onclick: () => search({ page: String(number - 1) }) }, "Previous"),
-      h("span", {}, `Page ${number} of ${pages} · ${count(result.totalItems, "entry", "entries")}`),
-      h("button", { type: "button", disabled: number >= pages, onclick: () => search({ page: String(number + 1) }) }, "Next")),
+      head("Time", "Level", "Status", "Request", "Took", "Auth"), h("tbody", {}, rows))),
+    pager(number, Math.max(result.totalPages, 1), count(result.totalItems, "entry", "entries"),
+      (to) => search({ page: to })),
     detail);
 }
 
