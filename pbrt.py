@@ -4,7 +4,8 @@ pbrt answers the HTTP API of PocketBase 0.40 (health, collections, records,
 auth and the Server-Sent Events realtime API) so that the official PocketBase
 SDKs work against it unchanged. It needs Python 3.11+ and nothing else.
 
-Run a server (data in ./pb_data, listening on 127.0.0.1:8090)::
+Run a server (data in ./pb_data, listening on 127.0.0.1:8090, its
+dashboard at http://127.0.0.1:8090/_/)::
 
     python pbrt.py
     python pbrt.py serve --http 0.0.0.0:8090 --dir ./pb_data
@@ -115,7 +116,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.9.0"
+__version__ = "0.10.0"
 
 JSON = Any
 Headers = dict[str, str]
@@ -9924,9 +9925,6 @@ def build_router() -> Router:
     """Return the router with every API route."""
     router = Router()
     router.add("GET", "/api/health", handle_health)
-    router.add("GET", "/_", handle_dashboard_redirect)
-    router.add("GET", "/_/", handle_dashboard)
-    router.add("GET", "/_/{name}", handle_dashboard)
     router.add("POST", "/api/files/token", handle_file_token)
     router.add("GET", "/api/files/{collection}/{id}/{filename}", handle_file)
     router.add("POST", "/api/batch", handle_batch)
@@ -9967,6 +9965,9 @@ def build_router() -> Router:
         "POST", "/api/collections/{collection}/impersonate/{id}", handle_impersonate
     )
     router.add("GET", "/api/collections/{collection}/auth-methods", handle_auth_methods)
+    router.add("GET", "/_", handle_dashboard_redirect)
+    router.add("GET", "/_/", handle_dashboard)
+    router.add("GET", "/_/{name}", handle_dashboard)
     return router
 
 
@@ -10282,7 +10283,8 @@ class App:
         if self.config.workers > 1:  # the supervisor says when all of them are
             log.info("listening at http://%s:%d", self.config.host, port)
         else:
-            log.info("Server started at http://%s:%d", self.config.host, port)
+            url = f"http://{self.config.host}:{port}"
+            log.info("Server started at %s (dashboard: %s/_/)", url, url)
         return port
 
     async def stop(self) -> None:
@@ -11538,8 +11540,9 @@ def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -
         stop(workers)
         reserved.close()
         raise
+    url = f"http://{config.host}:{port}"
     log.info(
-        "Server started at http://%s:%d (%d workers)", config.host, port, config.workers
+        "Server started at %s (%d workers; dashboard: %s/_/)", url, config.workers, url
     )
     try:
         while signal.SIGINT not in signals and signal.SIGTERM not in signals:

@@ -2721,6 +2721,24 @@ def test_auth_impersonate_gives_superusers_a_token_that_cannot_refresh(
         for duration in ("soon", True, 1.5, [1], 10**12):
             status, _ = api.call("POST", path, {"duration": duration}, su)
             assert status == 400, duration
+        sdk = run_node(SDK_IMPERSONATE_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD, user["id"])
+        assert sdk == {"id": user["id"], "valid": True, "superuser": False, "own": user["id"]}
+
+
+SDK_IMPERSONATE_SCRIPT = r"""
+const PocketBase = require("pocketbase/cjs");
+const [url, email, password, id] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url);
+  await pb.collection("_superusers").authWithPassword(email, password);
+  const client = await pb.collection("users").impersonate(id, 60);
+  const own = await client.collection("users").getOne(id);  // the user's viewRule
+  const store = client.authStore;
+  console.log(JSON.stringify(
+    {id: store.record.id, valid: store.isValid, superuser: store.isSuperuser, own: own.id}
+  ));
+})();
+"""
 
 
 def test_auth_failed_logins_are_throttled_and_successful_ones_never(
