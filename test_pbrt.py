@@ -2721,8 +2721,15 @@ def test_auth_impersonate_gives_superusers_a_token_that_cannot_refresh(
         for duration in ("soon", True, 1.5, [1], 10**12):
             status, _ = api.call("POST", path, {"duration": duration}, su)
             assert status == 400, duration
-        sdk = run_node(SDK_IMPERSONATE_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD, user["id"])
-        assert sdk == {"id": user["id"], "valid": True, "superuser": False, "own": user["id"]}
+        sdk = run_node(
+            SDK_IMPERSONATE_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD, user["id"]
+        )
+        assert sdk == {
+            "id": user["id"],
+            "valid": True,
+            "superuser": False,
+            "own": user["id"],
+        }
 
 
 SDK_IMPERSONATE_SCRIPT = r"""
