@@ -7689,21 +7689,21 @@ function describe(error) {
 /** Only the field messages of a validation error's `data`. */
 const messages = (data) => describe({ message: "", data }).trim();
 
+/** Ask before a deletion: resolves true for `action`, false for Cancel or Escape. */
 function confirmDialog(question, action) {
   return new Promise((resolve) => {
-    const close = (answer) => () => {
-      dialog.close();
-      dialog.remove();
-      resolve(answer);
-    };
+    const cancel = h("button", { type: "button", onclick: () => dialog.close("cancel") }, "Cancel");
     const dialog = h("dialog", { "aria-label": action },
       h("p", {}, question),
-      h("div", { class: "bar" },
-        h("button", { type: "button", onclick: close(false) }, "Cancel"),
-        h("button", { type: "button", class: "danger", onclick: close(true) }, action)));
-    dialog.addEventListener("cancel", () => resolve(false));
+      h("div", { class: "bar" }, cancel,
+        h("button", { type: "button", class: "danger", onclick: () => dialog.close(action) }, action)));
+    dialog.addEventListener("close", () => {
+      dialog.remove();
+      resolve(dialog.returnValue === action);
+    });
     document.body.append(dialog);
     dialog.showModal();
+    cancel.focus();
   });
 }
 
@@ -7836,6 +7836,7 @@ async function route() {
     try {
       await view(...match.slice(1).map(decodeURIComponent), params);
     } catch (error) {
+      if (error instanceof URIError) return go("collections");
       if (!(error instanceof ApiError)) throw error;
       if (!session) return; // logged out by a 401: the login form stays
       page("Something went wrong", h("p", { class: "error", role: "alert" }, describe(error)));

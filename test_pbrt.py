@@ -6132,6 +6132,14 @@ const errorOf = (page, selector) =>
     const error = ids.find((id) => id.endsWith("-error"));
     return document.getElementById(error).textContent || null;
   }, WAIT, selector).then((handle) => handle.jsonValue());
+/** Create a note through the API, as the page's superuser (runs in the page). */
+async function create(title) {
+  const { token } = JSON.parse(localStorage.getItem("pbrt-dashboard"));
+  await fetch("/api/collections/notes/records", {
+    method: "POST", headers: { Authorization: token, "Content-Type": "application/json" },
+    body: JSON.stringify({ title }),
+  });
+}
 const liveRows = (page) => page.$$eval("#main tbody tr", (rows) =>
   rows.map((row) => [...row.cells].map((c) => c.textContent)));
 
@@ -6199,18 +6207,23 @@ const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-
     result.liveDetail = JSON.parse(await watcher.$eval("#live-detail", (pre) => pre.textContent));
     await shoot(watcher, "live");
 
+    // paused, a new event waits; resumed, it shows
+    await watcher.click("xpath/.//button[text()='Pause']");
+    await page.evaluate(create, "while paused");
+    await watcher.waitForFunction(() => document.querySelector("#live-status").textContent === "Paused: 1 new event wait.", WAIT);
+    result.rowsWhilePaused = (await liveRows(watcher)).length;
+    await watcher.click("xpath/.//button[text()='Pause']");
+    result.rowsAfterPause = (await liveRows(watcher)).length;
+
     // what would this user see: pick them; the server applies the rules
+    await watcher.select("select[name=collection]", "notes");
+    await watcher.waitForFunction(() => location.hash.includes("collection=notes"), WAIT);
+    await watcher.waitForFunction(() => document.querySelector("#live-status")?.textContent === "Live.", WAIT);
     await watcher.select("select[name=as]", `users/${userId}`);
     await watcher.waitForFunction(() => location.hash.includes("as=users"), WAIT);
     await watcher.waitForFunction(() => document.querySelector("#live-status")?.textContent === "Live.", WAIT);
     for (const title of ["secret", '<img src="/x" onerror="window.hacked=1">', "public"]) {
-      await page.evaluate(async (title) => {
-        const { token } = JSON.parse(localStorage.getItem("pbrt-dashboard"));
-        await fetch("/api/collections/notes/records", {
-          method: "POST", headers: { Authorization: token, "Content-Type": "application/json" },
-          body: JSON.stringify({ title }),
-        });
-      }, title);
+      await page.evaluate(create, title);
     }
     await watcher.waitForFunction(() => document.querySelectorAll("#main tbody tr").length >= 2, WAIT);
     await watcher.waitForFunction(() => [...document.querySelectorAll("#main tbody tr")].some((r) => r.textContent.includes("create")), WAIT);
@@ -6267,6 +6280,14 @@ const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-
     result.exported = JSON.parse(await page.$eval("textarea[name=schema]", (t) => t.value)).map((c) => c.name);
     await page.goto(`${base}/_/#/collections/notes`);
     await heading(page, "Collection notes");
+    await page.click("xpath/.//button[text()='Delete collection']");
+    await page.waitForSelector("dialog[open]");
+    await page.keyboard.press("Escape");
+    await page.waitForFunction(() => !document.querySelector("dialog"), WAIT);
+    result.afterEscape = await page.evaluate(async () => {
+      const { token } = JSON.parse(localStorage.getItem("pbrt-dashboard"));
+      return (await fetch("/api/collections/notes", { headers: { Authorization: token } })).status;
+    });
     await page.click("xpath/.//button[text()='Delete collection']");
     await page.waitForSelector("dialog[open]");
     await shoot(page, "delete-confirm");
@@ -6340,6 +6361,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
         record_id,
     )
     assert result["liveDetail"]["record"]["title"] == "hello"
+    assert (result["rowsWhilePaused"], result["rowsAfterPause"]) == (1, 2)
     # the user's rule hides "secret": the server filtered it, the page did not
     assert result["asUserTitles"] == [
         "public",
@@ -6353,7 +6375,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
     assert result["filterError"] == json.loads(filter_text)["message"]
     assert result["logRows"] > 0
     assert "notes" in result["exported"] and "notes" not in result["afterDelete"]
-    assert notes_after == 404
+    assert result["afterEscape"] == 200 and notes_after == 404  # Escape kept it
     assert len(result["screenshots"]) == 11
     for shot in result["screenshots"]:
         assert Path(shot).read_bytes().startswith(b"\x89PNG")
