@@ -6104,7 +6104,8 @@ const WAIT = { timeout: 30000, polling: 100 }; // not "raf": a tab in the backgr
 const foreign = [];
 const problems = [];
 const screenshots = [];
-const result = { foreign, problems, screenshots };
+const unlabelled = [];
+const result = { foreign, problems, screenshots, unlabelled };
 
 function watch(page) {
   page.on("request", (request) => {
@@ -6117,8 +6118,13 @@ function watch(page) {
   page.on("pageerror", (error) => problems.push(String(error)));
 }
 
+/** Keep a screenshot of the screen, and note any control without a name. */
 async function shoot(page, name) {
   result.step = name;
+  const unnamed = await page.$$eval("input, select, textarea, button", (controls) => controls
+    .filter((c) => !c.labels?.length && !c.getAttribute("aria-label") && !c.textContent.trim())
+    .map((c) => c.outerHTML.slice(0, 80)));
+  unlabelled.push(...unnamed.map((html) => `${name}: ${html}`));
   const file = path.join(shots, `${String(screenshots.length + 1).padStart(2, "0")}-${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
   screenshots.push(file);
@@ -6351,6 +6357,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
         notes_after = api.call("GET", "/api/collections/notes", token=su)[0]
     print(f"dashboard screenshots: {screenshots}")
     assert result["foreign"] == [] and result["problems"] == []
+    assert result["unlabelled"] == []  # every control on every screen has a name
     assert result["csp"] == pbrt.DASHBOARD_CSP
     assert result["loginError"] == "Failed to authenticate."
     [record_id] = result["tableIds"]
