@@ -5536,10 +5536,20 @@ def issue_file_token(collection: Collection, record: Record, now: float) -> str:
     return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
 
 
-def issue_auth_token(collection: Collection, record: Record, now: float) -> str:
-    """Sign a new auth token for a record, valid for the collection's duration."""
-    duration = int(collection.options.get("authToken", {}).get("duration", 432_000))
-    claims = auth_token_claims(collection.id, str(record["id"]), int(now) + duration)
+def issue_auth_token(
+    collection: Collection,
+    record: Record,
+    now: float,
+    *,
+    duration_s: int = 0,
+    refreshable: bool = True,
+) -> str:
+    """Sign a new auth token for a record, valid for `duration_s` seconds (0:
+    the collection's auth token duration); an impersonation's cannot refresh."""
+    default_s = int(collection.options.get("authToken", {}).get("duration", 432_000))
+    expires = int(now) + (duration_s or default_s)
+    claims = auth_token_claims(collection.id, str(record["id"]), expires)
+    claims["refreshable"] = refreshable
     return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
 
 
@@ -8483,7 +8493,7 @@ async function liveView(params) {
       h("button", { type: "button", onclick: clear }, "Clear")),
     status,
     h("div", { class: "table" },
-      h("table", {}, head("Seq", "Received", "Collection", "Action", "Record"), tbody)),
+      h("table", {}, head("Seq", "Received (UTC)", "Collection", "Action", "Record"), tbody)),
     detail);
   let token = session.token;
   if (as) {
@@ -9132,7 +9142,7 @@ async def handle_auth_refresh(context: RequestContext) -> Response:
     return _auth_response(context, collection, auth.record, token)
 
 
-MAX_IMPERSONATE_S = 10 * 365 * 86_400  # a token for at most ten years
+MAX_IMPERSONATE_S = 10 * 365 * 86_400  # an impersonation lasts at most ten years
 
 
 async def handle_impersonate(context: RequestContext) -> Response:
@@ -9148,29 +9158,30 @@ async def handle_impersonate(context: RequestContext) -> Response:
         raise NotFoundError()
     duration = context.body.data.get("duration") or 0
     if isinstance(duration, str) and duration.strip().isdigit():
-        duration = int(duration)
+        duration = int(duration)  # a multipart or urlencoded body
     if isinstance(duration, bool) or not isinstance(duration, int):
         raise BadRequestError(LOAD_FAILURE)
-    if not 0 <= duration <= MAX_IMPERSONATE_S:
-        code, message, bound = (
-            ("validation_min_greater_equal_than_required", "Must be no less than 0.", 0)
-            if duration < 0
-            else (
-                "validation_max_less_equal_than_required",
-                f"Must be no greater than {MAX_IMPERSONATE_S}.",
-                MAX_IMPERSONATE_S,
-            )
+    problem = None
+    if duration < 0:
+        problem = validation_entry(
+            "validation_min_greater_equal_than_required",
+            "Must be no less than 0.",
+            {"threshold": 0},
         )
+    elif duration > MAX_IMPERSONATE_S:
+        problem = validation_entry(
+            "validation_max_less_equal_than_required",
+            f"Must be no greater than {MAX_IMPERSONATE_S}.",
+            {"threshold": MAX_IMPERSONATE_S},
+        )
+    if problem is not None:
         raise BadRequestError(
             "An error occurred while validating the submitted data.",
-            {"duration": validation_entry(code, message, {"threshold": bound})},
+            {"duration": problem},
         )
-    now = context.app.now()
-    if not duration:
-        duration = int(collection.options.get("authToken", {}).get("duration", 432_000))
-    claims = auth_token_claims(collection.id, str(record["id"]), int(now) + duration)
-    claims["refreshable"] = False
-    token = sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
+    token = issue_auth_token(
+        collection, record, context.app.now(), duration_s=duration, refreshable=False
+    )
     return _auth_response(context, collection, record, token)
 
 
