@@ -2650,21 +2650,28 @@ def test_auth_rule_mfa_and_email_changes_are_enforced_like_pocketbase(
         assert status == 401 and "token" not in json.loads(text)
 
 
+def make_user(api: Api, login: str, su: str = "", **fields: Any) -> tuple[str, Any]:
+    """Create users/LOGIN@x.com, password123 (as `su` when given); return (token, record)."""
+    api.json(
+        "POST",
+        "/api/collections/users/records",
+        {
+            "email": f"{login}@x.com",
+            "password": "password123",
+            "passwordConfirm": "password123",
+            **fields,
+        },
+        su,
+    )
+    return api.login("users", f"{login}@x.com", "password123")
+
+
 def test_auth_impersonate_gives_superusers_a_token_that_cannot_refresh(
     tmp_path: Path,
 ) -> None:
     """PocketBase's `pb.collection(c).impersonate(id, duration)`, answers as the oracle's."""
     with serving(tmp_path) as (_, api, su):
-        user = api.json(
-            "POST",
-            "/api/collections/users/records",
-            {
-                "email": "u@x.com",
-                "password": "password123",
-                "passwordConfirm": "password123",
-            },
-            su,
-        )
+        user_token, user = make_user(api, "u", su)
         path = f"/api/collections/users/impersonate/{user['id']}"
         before = time.time()
         answer = api.json("POST", path, {"duration": 60}, su)
@@ -2678,7 +2685,6 @@ def test_auth_impersonate_gives_superusers_a_token_that_cannot_refresh(
         assert refreshed["token"] == answer["token"]  # not refreshable: not renewed
         default = pbrt.read_token_claims(api.json("POST", path, token=su)["token"])
         assert default is not None and default["exp"] >= before + 432_000 - 1
-        user_token = api.login("users", "u@x.com", "password123")[0]
         refusals = {
             (
                 path,
@@ -3150,22 +3156,6 @@ def test_records_rules_null_public_and_expressions_per_operation(
             api.json("GET", "/api/collections/owned/records", token=su)["totalItems"]
             == 1
         )
-
-
-def make_user(api: Api, login: str, su: str = "", **fields: Any) -> tuple[str, Any]:
-    """Create users/LOGIN@x.com, password123 (as `su` when given); return (token, record)."""
-    api.json(
-        "POST",
-        "/api/collections/users/records",
-        {
-            "email": f"{login}@x.com",
-            "password": "password123",
-            "passwordConfirm": "password123",
-            **fields,
-        },
-        su,
-    )
-    return api.login("users", f"{login}@x.com", "password123")
 
 
 def test_records_write_rules_see_modifiers_resolved_like_pocketbase(
@@ -6323,16 +6313,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
     screenshots = tmp_path / "screenshots"
     screenshots.mkdir()
     with serving(tmp_path) as (_, api, su):
-        user = api.json(
-            "POST",
-            "/api/collections/users/records",
-            {
-                "email": "u@x.com",
-                "password": "password123",
-                "passwordConfirm": "password123",
-            },
-            su,
-        )
+        _, user = make_user(api, "u", su)
         broken = {
             "name": "probe",
             "type": "base",
