@@ -10145,6 +10145,19 @@ def _watch_writes(path: str) -> int | None:
     return fd
 
 
+_PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+
+
+def _end_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM (a graceful stop) when its
+    parent dies, even by SIGKILL, so that a worker never outlives its
+    supervisor (Linux, through ctypes). A parent already gone: stop now."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def random_text(alphabet: str, length: int) -> str:
     """`length` characters drawn uniformly from `alphabet` with the OS's
     randomness, in one read of it (`secrets.choice` reads it per character)."""
@@ -12503,6 +12516,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the address and the data dir; auto: one per core (default 1)",
     )
     serve_parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve_parser.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     serve_parser.add_argument(
         "--max-clients-per-ip",
         type=int,
@@ -12632,8 +12646,11 @@ def main(argv: list[str] | None = None) -> int:
         flags += ["--max-clients-per-ip", str(args.max_clients_per_ip)]
         flags += ["--quiet"] * args.quiet + ["--dev"] * args.dev
         flags += ["--workers", str(args.workers), "--worker", str(index)]
+        flags += ["--supervisor", str(os.getpid())]
         return [sys.executable, os.path.abspath(__file__), "serve", *flags]
 
+    if worker is not None and args.supervisor:
+        _end_with_parent(args.supervisor)
     try:
         if config.workers > 1 and worker is None:
             return supervise(config, worker_command)

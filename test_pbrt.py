@@ -5951,6 +5951,24 @@ def test_realtime_workers_hand_a_subscription_to_the_worker_holding_the_stream(
         )
 
 
+def test_realtime_workers_end_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the supervisor: no worker stays behind holding the port and dir."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    with ServerProcess(data_dir, 0, "--workers", "2") as server:
+        wait_until(lambda: len(server.children()) == 2)
+        workers = server.children()
+        server.kill()
+
+    def ended(pid: int) -> bool:  # gone, or a zombie nobody reaped yet
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+    wait_until(lambda: all(ended(pid) for pid in workers))
+
+
 def test_realtime_workers_write_concurrently_without_locked_errors(
     tmp_path: Path,
 ) -> None:
