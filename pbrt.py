@@ -88,7 +88,7 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 __all__ = [
     "ApiError",
@@ -120,6 +120,7 @@ __version__ = "0.10.0"
 
 JSON = Any
 Headers = dict[str, str]
+WriteResult = TypeVar("WriteResult")  # what a write's work returns
 
 log = logging.getLogger("pbrt")
 
@@ -4023,6 +4024,8 @@ class Store:
         self._collections_version: JSON = None  # `_params` collectionsVersion loaded
         self._readers: list[sqlite3.Connection] = []
         self._depth = 0
+        #: The writes of the open shared transaction, waiting for its COMMIT.
+        self._shared: list[Callable[[BaseException | None], None]] | None = None
         #: Called after each commit of this store's and when `refresh` notices
         #: another connection's: the broker delivers what the log got.
         self.listener: Callable[[], None] | None = None
@@ -4086,14 +4089,19 @@ class Store:
             self._local.connection = None
 
     def close(self) -> None:
-        """Close the database; later calls fail."""
+        """Commit what waits, close the database; later calls fail."""
+        self.commit_shared()
         for reader in self._readers:
             reader.close()
         self._writer.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """Run the block in one transaction (nested blocks join the outer one)."""
+        """Run the block in one transaction (nested blocks join the outer one).
+
+        An open shared transaction (see `write`) commits first: a block of its
+        own never mixes with record writes still waiting for their COMMIT.
+        """
         if self._depth:
             self._depth += 1
             try:
@@ -4101,14 +4109,8 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        for attempt in range(WRITE_LOCK_ATTEMPTS):  # each waits the busy timeout
-            try:
-                self.connection.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or attempt + 1 == WRITE_LOCK_ATTEMPTS:
-                    raise
-                log.warning("data.db stayed locked %d s; waiting again", BUSY_TIMEOUT_S)
+        self.commit_shared()
+        self._begin()
         self._depth = 1
         try:
             yield
@@ -4118,15 +4120,91 @@ class Store:
             self._load_collections()
             raise
         self._depth = 0
+        self._commit()
+
+    def _begin(self) -> None:
+        """Take the write lock: BEGIN IMMEDIATE, waiting for other writers."""
+        for attempt in range(WRITE_LOCK_ATTEMPTS):  # each waits the busy timeout
+            try:
+                self.connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt + 1 == WRITE_LOCK_ATTEMPTS:
+                    raise
+                log.warning("data.db stayed locked %d s; waiting again", BUSY_TIMEOUT_S)
+
+    def _commit(self) -> None:
+        """COMMIT (rolling back if that fails, e.g. on a full disk), then tell the listener."""
         try:
             self.connection.execute("COMMIT")
-        except BaseException:  # e.g. a full disk: nothing was written
+        except BaseException:  # nothing was written
             if self.connection.in_transaction:
                 self.connection.execute("ROLLBACK")
             self._load_collections()
             raise
         if self.listener is not None:
             self.listener()
+
+    # --- shared transactions: group commit ----------------------------------
+    # A write reads what it decides from and writes it in one synchronous call,
+    # under the write lock. Writes made before the shared transaction commits
+    # (those of one turn of the event loop) share it, each in a SAVEPOINT of
+    # its own: one failure rolls back only itself, and one COMMIT (one append
+    # to the WAL, the costliest step of a small write) serves them all.
+
+    @property
+    def shared_open(self) -> bool:
+        """Whether a shared transaction waits for `commit_shared`."""
+        return self._shared is not None
+
+    def write(
+        self,
+        work: Callable[[], WriteResult],
+        settle: Callable[[BaseException | None], None],
+    ) -> WriteResult:
+        """Run `work` in a SAVEPOINT of the shared transaction (opened if none
+        is); return its result, or raise its exception with its writes undone.
+
+        `work` must not suspend: nothing else runs between what it reads and
+        what it writes. Its writes are durable only after `commit_shared`,
+        which the caller arranges and which calls `settle` with None, or with
+        the exception that undid them.
+        """
+        if self._depth:
+            raise RuntimeError("a shared write inside a transaction")
+        if self._shared is None:
+            self._begin()
+            self._shared = []
+        self._depth = 1
+        self.connection.execute("SAVEPOINT pbrt_write")
+        try:
+            result = work()
+        except BaseException:
+            self.connection.execute("ROLLBACK TO pbrt_write")
+            self.connection.execute("RELEASE pbrt_write")
+            raise
+        finally:
+            self._depth = 0
+        self.connection.execute("RELEASE pbrt_write")
+        self._shared.append(settle)
+        return result
+
+    def commit_shared(self) -> None:
+        """Commit the shared transaction, if one is open, and settle its writes."""
+        waiting, self._shared = self._shared, None
+        if waiting is None:
+            return
+        try:
+            self._commit()
+        except BaseException as exc:
+            for settle in waiting:
+                settle(exc)
+            if not isinstance(exc, Exception):
+                raise
+            log.error("a shared commit of %d writes failed", len(waiting), exc_info=exc)
+            return
+        for settle in waiting:
+            settle(None)
 
     @contextlib.contextmanager
     def budget(self, seconds: float) -> Iterator[None]:
@@ -6132,6 +6210,38 @@ def _sort_key(resolved: Resolved, params: list[JSON]) -> str:
 Uploads = Mapping[str, list[UploadedFile]]  # uploaded files by submitted key
 Names = list[str]
 Plan = list[tuple[str, bytes | memoryview]]  # (path, content) of files to write
+_INVALID_OLD_PASSWORD = {
+    "oldPassword": validation_entry(
+        "validation_invalid_old_password", "Missing or invalid old password."
+    )
+}
+
+
+def _write_error(action: str, exc: BaseException) -> BaseException:
+    """A write's field errors as PocketBase answers them; other errors as they are."""
+    if isinstance(exc, ValidationError):
+        verb = "create" if action == "create" else "update"
+        return BadRequestError(f"Failed to {verb} record.", exc.errors)
+    return exc
+
+
+@dataclass(slots=True)
+class PreparedWrite:
+    """One record write between its two steps (see Records.prepare), and
+    what its transaction left for the steps after the commit."""
+
+    action: str  # "create" | "update" | "delete" | "upsert" (until written)
+    collection: Collection
+    requester: Requester
+    record_id: str
+    data: dict[str, JSON]
+    password_hash: str | None = None  # the submitted password, hashed
+    checked_password: str | None = None  # the stored hash oldPassword matched
+    uploaded: dict[str, Names] = field(default_factory=dict)  # new names by field
+    written: Names = field(default_factory=list)  # their paths, to undo
+    record: Record | None = None  # as written
+    previous: Record | None = None  # as stored before an update or delete
+    deleted: list[tuple[Collection, Record]] = field(default_factory=list)
 
 
 class Records:
@@ -6277,25 +6387,27 @@ class Records:
         collection: Collection,
         record_id: str,
         rule_name: str,
-        body: dict[str, JSON] | Callable[[Record], dict[str, JSON]] | None = None,
     ) -> Record:
-        """The stored record, or 404 when it is missing or the rule hides it.
-
-        `body` is `@request.body`, or makes it from the stored record (an
-        update's modifiers resolve against it).
-        """
+        """The stored record, or 404 when it is missing or the rule hides it."""
         rule = collection.rules.get(rule_name)
         require_rule(rule, requester.is_superuser)
         record = self.store.get_record(collection, record_id)
         if record is None:
             raise NotFoundError()
-        submitted = body(record) if callable(body) else body
-        info = requester.info(self.now(), submitted)
+        info = requester.info(self.now())
         if not can_access(self.store, collection, record["id"], rule, info):
             raise NotFoundError()
         return record
 
     # --- writing -----------------------------------------------------------------
+    # A write in two steps. What may wait runs first, off the loop: hashing a
+    # submitted password, checking an old one, storing uploads. Then one
+    # synchronous `work` reads the stored record, checks the rule, applies the
+    # modifiers and writes, under the write lock in the shared transaction
+    # (Store.write): nothing suspends between what it reads and what it
+    # writes, so concurrent requests, workers and other processes lose
+    # nothing. What the first step decided from a stored value is checked
+    # again inside. The answer waits for the COMMIT.
 
     async def create(
         self,
@@ -6312,53 +6424,10 @@ class Records:
         `files` are uploads by field (`docs`, `docs+`): stored before the
         insert, removed again if it fails.
         """
-        collection = self.collection(ref)
-        superuser = requester.is_superuser
-        rule = collection.rules.get("createRule")
-        has_rule = require_rule(rule, superuser)
-        self.hooks.run(
-            "before_create",
-            RecordEvent(collection, data, None, requester.auth),
-            collection=collection,
-        )
-        record_id = _to_text(data.get("id")) or self.store.new_id()
-        written: Names = []
-        try:
-            await self._check_password_form(requester, collection, data, None)
-            password_hash = await self._hash_submitted(collection, data)
-            uploaded, written = await self._take_uploads(
-                collection, record_id, files or {}, data
-            )
-            with self.store.transaction():
-                record = self.store.create_record(
-                    collection,
-                    data,
-                    privileged=superuser,
-                    password_hash=password_hash,
-                    uploaded=uploaded,
-                    record_id=record_id,
-                )
-                if has_rule:
-                    body = resolve_body_modifiers(
-                        collection, None, data, superuser=False
-                    )
-                    info = requester.info(self.now(), body)
-                    if not can_access(self.store, collection, record["id"], rule, info):
-                        raise BadRequestError("Failed to create record.")
-        except BaseException as exc:
-            await self.run_blocking(_remove_files, written)  # no orphans
-            if isinstance(exc, ValidationError):
-                raise BadRequestError("Failed to create record.", exc.errors) from None
-            raise
-        self.hooks.run(
-            "after_create",
-            RecordEvent(collection, data, record, requester.auth),
-            collection=collection,
-        )
-        presenter = RecordPresenter(
-            self.store, requester.info(self.now()), expand, fields
-        )
-        return presenter.present_one(collection, record)
+        write = await self.prepare(requester, "create", ref, "", data, files)
+        async with self._undo_on_failure(write):
+            await self.commit(lambda: self.create_now(write))
+        return await self.finish(write, expand, fields)
 
     async def update(
         self,
@@ -6375,85 +6444,241 @@ class Records:
 
         Files the record no longer holds are removed from disk after the write.
         """
+        write = await self.prepare(requester, "update", ref, record_id, data, files)
+        async with self._undo_on_failure(write):
+            await self.commit(lambda: self.update_now(write))
+        return await self.finish(write, expand, fields)
+
+    async def delete(self, requester: Requester, ref: str, record_id: str) -> None:
+        """Delete a record (cascading) if the deleteRule allows."""
+        write = await self.prepare(requester, "delete", ref, record_id, {}, None)
+        await self.commit(lambda: self.delete_now(write))
+        await self.finish(write)
+
+    async def commit(self, work: Callable[[], WriteResult]) -> WriteResult:
+        """Run `work` (it must not suspend) under the write lock, in the
+        transaction shared with this turn's other writes; return its result
+        once that transaction committed."""
+        loop = asyncio.get_running_loop()
+        committed = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if committed.done():  # the request went away meanwhile
+                return
+            if error is None:
+                committed.set_result(None)
+            else:
+                committed.set_exception(error)
+
+        store = self.store
+        if not store.shared_open:
+            loop.call_soon(store.commit_shared)  # after this turn's writes
+        result = store.write(work, settle)
+        await committed
+        return result
+
+    async def prepare(
+        self,
+        requester: Requester,
+        action: str,
+        ref: str,
+        record_id: str,
+        data: dict[str, JSON],
+        files: Uploads | None,
+    ) -> PreparedWrite:
+        """The first step of a write: what may wait, before the transaction.
+
+        `action` is "create", "update", "delete" or "upsert" (an update when
+        the record exists when written, else a create). For an update whose
+        step costs work (an old password, uploads), the record's existence and
+        rule are checked first too, so a hidden record costs nothing and
+        tells nothing; the transaction checks them again.
+        """
         collection = self.collection(ref)
-        superuser = requester.is_superuser
-
-        def body(stored: Record) -> dict[str, JSON]:
-            return resolve_body_modifiers(collection, stored, data, superuser=superuser)
-
-        current = self._record_or_404(
-            requester, collection, record_id, "updateRule", body
-        )
-        self.hooks.run(
-            "before_update",
-            RecordEvent(collection, data, current, requester.auth),
-            collection=collection,
-        )
-        written: Names = []
-        try:
-            await self._check_password_form(requester, collection, data, current)
-            password_hash = await self._hash_submitted(collection, data)
-            uploaded, written = await self._take_uploads(
-                collection, current["id"], files or {}, data
+        if action == "create":
+            require_rule(collection.rules.get("createRule"), requester.is_superuser)
+            self.hooks.run(
+                "before_create",
+                RecordEvent(collection, data, None, requester.auth),
+                collection=collection,
             )
-            if password_hash is not None or written:  # others wrote meanwhile
-                current = self._record_or_404(
-                    requester, collection, record_id, "updateRule", body
-                )
-            record = self.store.update_record(
-                collection,
-                current,
-                data,
-                privileged=superuser,
-                password_hash=password_hash,
-                uploaded=uploaded,
+            record_id = _to_text(data.get("id")) or self.store.new_id()
+        write = PreparedWrite(action, collection, requester, record_id, data)
+        if action == "delete":
+            require_rule(collection.rules.get("deleteRule"), requester.is_superuser)
+            return write
+        if action == "update":
+            require_rule(collection.rules.get("updateRule"), requester.is_superuser)
+        changes_password = (
+            collection.is_auth
+            and "password" in data
+            and not requester.is_superuser
+            and action != "create"
+        )
+        stored = None
+        if changes_password or (files and action == "update"):
+            stored = self.store.get_record(collection, record_id)
+            if stored is None and changes_password and action == "update":
+                raise NotFoundError()
+            if stored is not None:
+                self._check_rule(write, stored, "updateRule")
+        try:
+            await self._check_password_form(requester, collection, data, stored, write)
+            write.password_hash = await self._hash_submitted(collection, data)
+            write.uploaded, write.written = await self._take_uploads(
+                collection, record_id, files or {}, data
             )
         except BaseException as exc:
-            await self.run_blocking(_remove_files, written)
-            if isinstance(exc, ValidationError):
-                raise BadRequestError("Failed to update record.", exc.errors) from None
-            raise
-        dropped = set(self.file_paths(collection, current)) - set(
-            self.file_paths(collection, record)
+            await self.undo(write.written)
+            raise _write_error(action, exc) from None
+        return write
+
+    def create_now(self, write: PreparedWrite) -> Record:
+        """Insert a prepared create and check the createRule on the new row."""
+        collection, requester = write.collection, write.requester
+        rule = collection.rules.get("createRule")
+        record = self.store.create_record(
+            collection,
+            write.data,
+            privileged=requester.is_superuser,
+            password_hash=write.password_hash,
+            uploaded=write.uploaded,
+            record_id=write.record_id,
         )
-        await self.run_blocking(_remove_files, sorted(dropped))
+        if require_rule(rule, requester.is_superuser):
+            body = resolve_body_modifiers(collection, None, write.data, superuser=False)
+            info = requester.info(self.now(), body)
+            if not can_access(self.store, collection, record["id"], rule, info):
+                raise BadRequestError("Failed to create record.")
+        write.record = record
+        return record
+
+    def update_now(self, write: PreparedWrite) -> Record:
+        """Apply a prepared update to the record as stored now, if its rule allows."""
+        collection, requester = write.collection, write.requester
+        current = self.store.get_record(collection, write.record_id)
+        if current is None:
+            raise NotFoundError()
+        self._check_rule(write, current, "updateRule")
+        if write.checked_password not in (None, current.get("password")):
+            raise ValidationError(_INVALID_OLD_PASSWORD)  # changed since it was checked
         self.hooks.run(
-            "after_update",
-            RecordEvent(collection, data, record, requester.auth),
+            "before_update",
+            RecordEvent(collection, write.data, current, requester.auth),
             collection=collection,
         )
-        viewer = requester
-        auth = requester.auth
+        write.previous = current
+        write.record = self.store.update_record(
+            collection,
+            current,
+            write.data,
+            privileged=requester.is_superuser,
+            password_hash=write.password_hash,
+            uploaded=write.uploaded,
+        )
+        return write.record
+
+    def upsert_now(self, write: PreparedWrite) -> Record:
+        """An update if the record exists now, else a create (batch's PUT)."""
+        collection, requester = write.collection, write.requester
+        if self.store.get_record(collection, write.record_id) is None:
+            require_rule(collection.rules.get("createRule"), requester.is_superuser)
+            self.hooks.run(
+                "before_create",
+                RecordEvent(collection, write.data, None, requester.auth),
+                collection=collection,
+            )
+            write.action = "create"
+            return self.create_now(write)
+        require_rule(collection.rules.get("updateRule"), requester.is_superuser)
+        write.action = "update"
+        return self.update_now(write)
+
+    def delete_now(self, write: PreparedWrite) -> None:
+        """Delete the record as stored now (cascading), if its rule allows."""
+        collection = write.collection
+        record = self.store.get_record(collection, write.record_id)
+        if record is None:
+            raise NotFoundError()
+        self._check_rule(write, record, "deleteRule")
+        self.hooks.run(
+            "before_delete",
+            RecordEvent(collection, {}, record, write.requester.auth),
+            collection=collection,
+        )
+        write.previous = record
+        write.deleted = self.store.delete_record(collection, record)
+
+    def _check_rule(self, write: PreparedWrite, stored: Record, rule_name: str) -> None:
+        """404 unless the write's rule passes on the stored record (an update's
+        `@request.body` has its modifiers resolved against it)."""
+        collection, requester = write.collection, write.requester
+        rule = collection.rules.get(rule_name)
+        if not require_rule(rule, requester.is_superuser):
+            return
+        body = (
+            resolve_body_modifiers(collection, stored, write.data, superuser=False)
+            if rule_name == "updateRule"
+            else None
+        )
+        info = requester.info(self.now(), body)
+        if not can_access(self.store, collection, stored["id"], rule, info):
+            raise NotFoundError()
+
+    @contextlib.asynccontextmanager
+    async def _undo_on_failure(self, write: PreparedWrite) -> AsyncGenerator[None, None]:
+        """Remove a failed write's uploads; its field errors become PocketBase's 400."""
+        try:
+            yield
+        except BaseException as exc:
+            await self.undo(write.written)  # no orphans
+            raise _write_error(write.action, exc) from None
+
+    async def finish(
+        self, write: PreparedWrite, expand: str = "", fields: str = ""
+    ) -> dict[str, JSON]:
+        """After the commit: remove files no record holds, run the `after_*`
+        hook, and present the record to its writer ({} for a delete)."""
+        collection, requester, record = write.collection, write.requester, write.record
+        if write.action == "delete":
+            if self.storage:
+                await self._remove(
+                    _remove_trees,
+                    [
+                        os.path.join(self.storage, owner.id, str(item["id"]))
+                        for owner, item in write.deleted
+                    ],
+                )
+        elif write.previous is not None:
+            kept = set(self.file_paths(collection, record or {}))
+            gone = self.file_paths(collection, write.previous)
+            await self.undo(sorted(path for path in gone if path not in kept))
+        self.hooks.run(
+            f"after_{write.action}",
+            RecordEvent(collection, write.data, record or write.previous, requester.auth),
+            collection=collection,
+        )
+        if record is None:
+            return {}
+        viewer, auth, previous = requester, requester.auth, write.previous
         if (
             auth is not None
-            and auth.is_record(collection, current)
-            and record["tokenKey"] != current["tokenKey"]
+            and previous is not None
+            and auth.is_record(collection, previous)
+            and record["tokenKey"] != previous["tokenKey"]
         ):  # a new password: the requester still sees their own record
             viewer = dataclasses.replace(requester, auth=Auth(collection, record))
         presenter = RecordPresenter(self.store, viewer.info(self.now()), expand, fields)
         return presenter.present_one(collection, record)
 
-    async def delete(self, requester: Requester, ref: str, record_id: str) -> None:
-        """Delete a record (cascading) if the deleteRule allows."""
-        collection = self.collection(ref)
-        record = self._record_or_404(requester, collection, record_id, "deleteRule")
-        self.hooks.run(
-            "before_delete",
-            RecordEvent(collection, {}, record, requester.auth),
-            collection=collection,
-        )
-        deleted = self.store.delete_record(collection, record)
-        if self.storage:
-            directories = [
-                os.path.join(self.storage, gone.id, str(item["id"]))
-                for gone, item in deleted
-            ]
-            await self.run_blocking(_remove_trees, directories)
-        self.hooks.run(
-            "after_delete",
-            RecordEvent(collection, {}, record, requester.auth),
-            collection=collection,
-        )
+    async def undo(self, paths: Names) -> None:
+        """Remove stored files (a failed write's uploads, or files no record
+        holds any more) in a worker thread; no hop for none."""
+        await self._remove(_remove_files, paths)
+
+    async def _remove(self, remove: Callable[[Names], None], paths: Names) -> None:
+        if paths:
+            await self.run_blocking(remove, paths)
 
     async def _check_password_form(
         self,
@@ -6461,8 +6686,10 @@ class Records:
         collection: Collection,
         data: dict[str, JSON],
         current: Record | None,
+        write: PreparedWrite,
     ) -> None:
-        """PocketBase's auth form checks: passwordConfirm and, on update, oldPassword."""
+        """PocketBase's auth form checks: passwordConfirm and, on update,
+        oldPassword (the hash it matched is kept for the transaction)."""
         if not collection.is_auth or "password" not in data or requester.is_superuser:
             return
         errors: dict[str, JSON] = {}
@@ -6470,18 +6697,16 @@ class Records:
             errors["passwordConfirm"] = validation_entry(
                 "validation_required", "Cannot be blank."
             )
-        if current is not None:
+        if current is not None or write.action == "update":
             old = _to_text(data.get("oldPassword"))
-            stored = str(current.get("password", ""))
+            stored = str(current.get("password", "")) if current is not None else ""
             if not old:
                 errors["oldPassword"] = validation_entry(
                     "validation_required", "Cannot be blank."
                 )
             elif not await self.run_blocking(verify_password, old, stored):
-                errors["oldPassword"] = validation_entry(
-                    "validation_invalid_old_password",
-                    "Missing or invalid old password.",
-                )
+                errors.update(_INVALID_OLD_PASSWORD)
+            write.checked_password = stored
         if errors:
             raise ValidationError(errors)
 
@@ -6553,7 +6778,8 @@ class Records:
             data[key] = kept + names
         if errors:
             raise ValidationError(errors)
-        await self.run_blocking(_write_files, plan)
+        if plan:
+            await self.run_blocking(_write_files, plan)
         return uploaded, [path for path, _ in plan]
 
     async def _hash_submitted(
@@ -9708,15 +9934,23 @@ _BATCH_RECORDS_RE = re.compile(r"\A/api/collections/([^/]+)/records(?:/([^/]+))?
 INVALID_BATCH = "Invalid batch request data."
 
 
-async def _run_inline(function: Callable[..., Any], *args: Any) -> Any:
-    """A `run_blocking` that runs here: a batch's transaction must not yield."""
-    return function(*args)
-
-
 class _BatchFailure(Exception):
     def __init__(self, index: int, error: ApiError) -> None:
         super().__init__(error.message)
         self.index, self.error = index, error
+
+
+@dataclass(slots=True)
+class _BatchItem:
+    """One request of a batch, parsed."""
+
+    action: str  # "create" | "update" | "delete" | "upsert"
+    collection: str
+    record_id: str
+    body: dict[str, JSON]
+    requester: Requester
+    expand: str
+    fields: str
 
 
 async def handle_batch(context: RequestContext) -> Response:
@@ -9724,7 +9958,10 @@ async def handle_batch(context: RequestContext) -> Response:
     transaction, all or nothing; their events leave after the commit, in order.
 
     Each request is checked against its collection's rules with the caller's
-    auth. Off unless the settings' `batch.enabled` is on, as in PocketBase.
+    auth. Passwords are hashed and uploads stored first; then every request
+    runs in one transaction that never suspends. The first failing request
+    (in the batch's order) fails the batch. Off unless the settings'
+    `batch.enabled` is on, as in PocketBase.
     """
     settings = context.app.settings["batch"]
     if not settings.get("enabled"):
@@ -9749,38 +9986,48 @@ async def handle_batch(context: RequestContext) -> Response:
                 )
             },
         )
-    app, caller = context.app, _requester(context)
-    records = app.records
-    inline = Records(
-        records.store,
-        records.hooks,
-        now=records.now,
-        hash_password=records.hash_password,
-        run_blocking=_run_inline,
-        run_read=_run_inline,
-        request_budget_s=records.request_budget_s,
-        storage=records.storage,
-        random_text=records.random_text,
-    )
+    records, caller = context.app.records, _requester(context)
     uploads: dict[int, dict[str, list[UploadedFile]]] = {}
-    for (
-        key,
-        parts,
-    ) in context.body.files.items():  # `requests.N.FIELD`, as the SDK sends
+    for key, parts in context.body.files.items():  # `requests.N.FIELD`, as the SDK sends
         prefix, position, field_key = (key.split(".", 2) + ["", ""])[:3]
         if prefix == "requests" and position.isdigit() and field_key:
             uploads.setdefault(int(position), {})[field_key] = parts
-    answers: list[JSON] = []
+    items: list[_BatchItem] = []
+    writes: list[PreparedWrite] = []
+    early: _BatchFailure | None = None  # a request that failed before the transaction
+    for index, request in enumerate(requests):
+        try:
+            item = _batch_item(caller, request)
+            writes.append(
+                await records.prepare(
+                    item.requester,
+                    item.action,
+                    item.collection,
+                    item.record_id,
+                    item.body,
+                    uploads.get(index, {}),
+                )
+            )
+            items.append(item)
+        except Exception as exc:
+            early = _BatchFailure(index, to_api_error(exc))
+            break
+
+    def work() -> None:
+        for index, write in enumerate(writes):
+            try:
+                _batch_write(records, write)
+            except Exception as exc:  # one request's failure fails them all
+                raise _BatchFailure(
+                    index, to_api_error(_write_error(write.action, exc))
+                ) from exc
+        if early is not None:  # the requests before it may fail first
+            raise early
+
     try:
-        with records.store.transaction():
-            for index, item in enumerate(requests):
-                try:
-                    answers.append(
-                        await _batch_one(inline, caller, item, uploads.get(index, {}))
-                    )
-                except Exception as exc:  # one request's failure fails them all
-                    raise _BatchFailure(index, to_api_error(exc)) from exc
+        await records.commit(work)
     except _BatchFailure as failure:
+        await records.undo([path for write in writes for path in write.written])
         entry = {
             "code": "batch_request_failed",
             "message": "Batch request failed.",
@@ -9789,16 +10036,19 @@ async def handle_batch(context: RequestContext) -> Response:
         raise BadRequestError(
             "Batch transaction failed.", {"requests": {str(failure.index): entry}}
         ) from failure
+    answers: list[JSON] = []
+    for item, write in zip(items, writes):
+        body = await records.finish(write, item.expand, item.fields)
+        answers.append(
+            {"body": None, "status": 204}
+            if write.action == "delete"
+            else {"body": body, "status": 200}
+        )
     return json_response(answers)
 
 
-async def _batch_one(
-    records: Records,
-    caller: Requester,
-    item: JSON,
-    files: dict[str, list[UploadedFile]],
-) -> JSON:
-    """Run one request of a batch; return PocketBase's `{body, status}`."""
+def _batch_item(caller: Requester, item: JSON) -> _BatchItem:
+    """Parse one request of a batch (BadRequestError if it is none we run)."""
     if not isinstance(item, dict):
         raise BadRequestError()
     method = _to_text(item.get("method")).upper()
@@ -9819,36 +10069,41 @@ async def _batch_one(
         or caller.headers,
         method=method,
     )
-    collection, record_id = urllib.parse.unquote(match.group(1)), match.group(2)
-    expand, fields = query.get("expand", ""), query.get("fields", "")
-    if method == "PUT" and record_id is None:  # upsert by the body's id
-        existing = records.store.collection(collection)
-        found = (
-            records.store.get_record(existing, _to_text(body.get("id")))
-            if existing is not None and body.get("id")
-            else None
-        )
-        method, record_id = ("PATCH", _to_text(body["id"])) if found else ("POST", None)
-    if method == "POST" and record_id is None:
-        record = await records.create(
-            requester, collection, body, files=files, expand=expand, fields=fields
-        )
-    elif method == "PATCH" and record_id is not None:
-        record = await records.update(
-            requester,
-            collection,
-            urllib.parse.unquote(record_id),
-            body,
-            files=files,
-            expand=expand,
-            fields=fields,
-        )
-    elif method == "DELETE" and record_id is not None:
-        await records.delete(requester, collection, urllib.parse.unquote(record_id))
-        return {"body": None, "status": 204}
+    collection = urllib.parse.unquote(match.group(1))
+    record_id = urllib.parse.unquote(match.group(2) or "")
+    actions = {
+        ("POST", False): "create",
+        ("PATCH", True): "update",
+        ("DELETE", True): "delete",
+    }
+    if method == "PUT" and not match.group(2):  # upsert by the body's id
+        action = "upsert" if body.get("id") else "create"
+        record_id = _to_text(body.get("id"))
+    elif (method, bool(match.group(2))) in actions:
+        action = actions[method, bool(match.group(2))]
     else:
         raise BadRequestError()
-    return {"body": record, "status": 200}
+    return _BatchItem(
+        action,
+        collection,
+        record_id,
+        body,
+        requester,
+        query.get("expand", ""),
+        query.get("fields", ""),
+    )
+
+
+def _batch_write(records: Records, write: PreparedWrite) -> None:
+    """The transaction's part of one batch request."""
+    if write.action == "create":
+        records.create_now(write)
+    elif write.action == "update":
+        records.update_now(write)
+    elif write.action == "upsert":
+        records.upsert_now(write)
+    else:
+        records.delete_now(write)
 
 
 # --- request logs ------------------------------------------------------------------
