@@ -235,6 +235,7 @@ MAX_WORKERS = 62  # a client id's first character names its worker
 WORKER_HEADER = "X-Pbrt-Worker"  # which worker answered (only with several)
 FORWARDED_IP_HEADER = "x-pbrt-remote-ip"  # the client's address, worker to worker
 WORKER_RESTART_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # after deaths in a row
+RANDOM_POOL_BYTES = 4096  # OS randomness read at once, for ids and secrets
 BUSY_TIMEOUT_S = 5  # SQLite waits this long for another writer's lock ...
 WRITE_LOCK_ATTEMPTS = 4  # ... this many times before a write gives up
 MISSED_EVENT = "PB_MISSED"  # sent to a client whose position the log no longer holds
@@ -1008,11 +1009,22 @@ _DATE_RE = re.compile(
 def format_datetime(timestamp: float) -> str:
     """Format a Unix time as PocketBase's `YYYY-MM-DD HH:MM:SS.mmmZ` (UTC).
 
-    >>> format_datetime(0.5)
-    '1970-01-01 00:00:00.500Z'
+    >>> format_datetime(0.5), format_datetime(1e9 + 0.9999)
+    ('1970-01-01 00:00:00.500Z', '2001-09-09 01:46:40.999Z')
     """
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    seconds = math.floor(timestamp)
+    microseconds = round((timestamp - seconds) * 1e6)  # as datetime rounds
+    if microseconds == 1_000_000:
+        seconds, microseconds = seconds + 1, 0
+    return f"{_format_second(seconds)}.{microseconds // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _format_second(seconds: int) -> str:
+    """`YYYY-MM-DD HH:MM:SS` of a whole Unix second (the last few are kept:
+    writes that share a second format it once)."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def parse_datetime(value: str) -> datetime.datetime | None:
@@ -3296,7 +3308,7 @@ class RequestInfo:
 
     auth: Auth | None = None  # who asks: an auth record, or None (a guest)
     query: dict[str, str] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
     body: dict[str, JSON] = field(default_factory=dict)
     method: str = "GET"
     context: str = "default"
@@ -3331,6 +3343,40 @@ def snake_case_header(name: str) -> str:
     words = re.split(r"[^A-Za-z0-9]+|_", name)
     parts = [re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", word) for word in words if word]
     return "_".join(parts).lower()
+
+
+def canonical_header_name(name: str) -> str:
+    """Go's canonical header form (`x-api-key` -> `X-Api-Key`)."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+class SnakeCaseHeaders(Mapping[str, str]):
+    """A request's headers as `@request.headers.*` names them (Host left
+    out), converted only when a rule first reads one."""
+
+    __slots__ = ("_raw", "_converted")
+
+    def __init__(self, raw: Mapping[str, str]) -> None:
+        self._raw = raw
+        self._converted: dict[str, str] | None = None
+
+    def _headers(self) -> dict[str, str]:
+        if self._converted is None:
+            self._converted = {
+                snake_case_header(canonical_header_name(name)): value
+                for name, value in self._raw.items()
+                if name != "host"
+            }
+        return self._converted
+
+    def __getitem__(self, key: str) -> str:
+        return self._headers()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return len(self._headers())
 
 
 def _field_affinity(spec: dict[str, JSON]) -> str:
@@ -4024,12 +4070,19 @@ class Store:
         self._collections_version: JSON = None  # `_params` collectionsVersion loaded
         self._readers: list[sqlite3.Connection] = []
         self._depth = 0
+        #: Changes whenever an auth record may have changed (a write of ours,
+        #: another process' seen in the log, a reload of the collections):
+        #: what was verified against auth records before must be checked again.
+        self.auth_version = 0
+        self._auth_checked_seq = 0  # the log was looked through for auth changes up to here
         #: The writes of the open shared transaction, waiting for its COMMIT.
         self._shared: list[Callable[[BaseException | None], None]] | None = None
         #: Called after each commit of this store's and when `refresh` notices
         #: another connection's: the broker delivers what the log got.
         self.listener: Callable[[], None] | None = None
         self._collections: dict[str, Collection] = {}
+        #: Each collection's INSERT and UPDATE, for the definition they were made for.
+        self._statements: dict[str, tuple[Collection, str, str]] = {}
         with self.transaction():
             self.connection.execute(
                 'CREATE TABLE IF NOT EXISTS "_collections" ('
@@ -4046,6 +4099,7 @@ class Store:
                 self._create_default_collections()
             for collection in self._collections.values():
                 self._install_log_triggers(collection)
+        self._auth_checked_seq = self.last_seq()
 
     @staticmethod
     def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
@@ -4409,6 +4463,7 @@ class Store:
         self._data_version = version
         if self._read_collections_version() != self._collections_version:
             self._load_collections()
+        self._notice_auth_changes()
         if self.listener is not None:
             self.listener()
         return True
@@ -4436,6 +4491,24 @@ class Store:
         finally:
             connection.close()
 
+    def _notice_auth_changes(self) -> None:
+        """Bump `auth_version` if the log holds an update or delete of an auth
+        record (by anyone) since it was last looked through, or lost entries."""
+        pruned, last = self.log_bounds()
+        checked, self._auth_checked_seq = self._auth_checked_seq, last
+        if checked < pruned:
+            self.auth_version += 1
+            return
+        auth_ids = [c.id for c in self._collections.values() if c.is_auth]
+        changed = self._writer.execute(
+            f'SELECT 1 FROM "{REALTIME_LOG_TABLE}" WHERE seq > ? AND seq <= ? '
+            "AND action != 'create' AND collection IN (SELECT value FROM json_each(?)) "
+            "LIMIT 1",
+            (checked, last, json.dumps(auth_ids)),
+        ).fetchone()
+        if changed:
+            self.auth_version += 1
+
     def _read_collections_version(self) -> JSON:
         row = self._writer.execute(
             "SELECT value FROM \"_params\" WHERE id = 'collectionsVersion'"
@@ -4443,6 +4516,7 @@ class Store:
         return None if row is None else row[0]
 
     def _load_collections(self) -> None:
+        self.auth_version += 1  # token secrets, auth rules or fields may have changed
         (self._data_version,) = self._writer.execute("PRAGMA data_version").fetchone()
         self._collections_version = self._read_collections_version()
         loaded: dict[str, Collection] = {}
@@ -5043,33 +5117,36 @@ class Store:
             if problem is not None:
                 errors[spec["name"]] = problem
         if not errors:
-            errors.update(self._unique_errors(collection, record, creating))
+            errors.update(self._unique_errors(collection, record))
         if errors:
             raise ValidationError(dict(sorted(errors.items())))
-        columns = [spec for spec in collection.fields]
-        values = tuple(to_column(spec, record[spec["name"]]) for spec in columns)
-        table = quote_identifier(collection.name)
+        if collection.is_auth and not creating:
+            self.auth_version += 1
+        values = tuple(to_column(spec, record[spec["name"]]) for spec in collection.fields)
+        insert, update = self._write_statements(collection)
         with self.transaction():
             try:
                 if creating:
-                    names = ", ".join(
-                        quote_identifier(spec["name"]) for spec in columns
-                    )
-                    marks = ", ".join("?" for _ in columns)
-                    self.connection.execute(
-                        f"INSERT INTO {table} ({names}) VALUES ({marks})", values
-                    )
+                    self.connection.execute(insert, values)
                 else:
-                    assignments = ", ".join(
-                        f"{quote_identifier(spec['name'])} = ?" for spec in columns
-                    )
-                    self.connection.execute(
-                        f"UPDATE {table} SET {assignments} WHERE id = ?",
-                        (*values, current["id"]),  # type: ignore[index]
-                    )
+                    self.connection.execute(update, (*values, current["id"]))  # type: ignore[index]
             except sqlite3.IntegrityError as exc:
                 raise ValidationError(_unique_violation(collection, str(exc))) from None
         return record
+
+    def _write_statements(self, collection: Collection) -> tuple[str, str]:
+        """A collection's INSERT and UPDATE of every column, made once per
+        definition (sqlite3 then reuses their prepared statements)."""
+        made = self._statements.get(collection.id)
+        if made is not None and made[0] is collection:
+            return made[1], made[2]
+        table = quote_identifier(collection.name)
+        names = [quote_identifier(spec["name"]) for spec in collection.fields]
+        insert = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
+        assignments = ", ".join(f"{name} = ?" for name in names)
+        update = f"UPDATE {table} SET {assignments} WHERE id = ?"
+        self._statements[collection.id] = (collection, insert, update)
+        return insert, update
 
     def _check_relation(self, spec: dict[str, JSON], value: JSON) -> JSON | None:
         ids = value if isinstance(value, list) else ([value] if value else [])
@@ -5083,19 +5160,12 @@ class Store:
             )
         return None
 
-    def _unique_errors(
-        self, collection: Collection, record: Record, creating: bool
-    ) -> dict[str, JSON]:
+    def _unique_errors(self, collection: Collection, record: Record) -> dict[str, JSON]:
+        """An auth record's email taken by another (a taken id is the INSERT's
+        IntegrityError: no read needed)."""
         errors: dict[str, JSON] = {}
         table = quote_identifier(collection.name)
         not_unique = validation_entry("validation_not_unique", "Value must be unique.")
-        if (
-            creating
-            and self.connection.execute(
-                f"SELECT 1 FROM {table} WHERE id = ?", (record["id"],)
-            ).fetchone()
-        ):
-            errors["id"] = not_unique
         if collection.is_auth and record.get("email"):
             clash = self.connection.execute(
                 f"SELECT 1 FROM {table} WHERE email = ? AND id != ?",
@@ -5160,10 +5230,12 @@ class Store:
                             "Failed to delete record. Make sure that the record is not part of a required "
                             "relation reference."
                         )
+                    self.auth_version += other.is_auth
                     self.connection.execute(
                         f"UPDATE {quote_identifier(other.name)} SET {column} = ? WHERE id = ?",
                         (to_column(spec, remaining), referencing["id"]),
                     )
+        self.auth_version += collection.is_auth
         self.connection.execute(
             f"DELETE FROM {quote_identifier(collection.name)} WHERE id = ?",
             (record["id"],),
@@ -5414,6 +5486,7 @@ def extract_backup(archive_path: str, directory: str) -> str:
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # RFC 7914's interactive-login parameters
 SCRYPT_SALT_BYTES = 16
 MAX_TOKEN_BYTES = 4096
+VERIFIED_TOKENS_MAX = 10_000  # tokens remembered as valid (VerifiedTokens)
 # Verified against when a login names an unknown identity, so both cases take equal time.
 DUMMY_PASSWORD_HASH = "scrypt$16384$8$1$cGJydC1kdW1teS1zYWx0IQ$sHyEEZebWchQbJuTvUlOp3X9K5hT4M9DT01ZTtEUH4c"
 
@@ -5569,17 +5642,57 @@ class Auth:
         ) == record.get("id")
 
 
+class VerifiedTokens:
+    """Tokens already verified, so that a request's auth costs a dict lookup
+    instead of two JSON decodes, an HMAC and a read of the auth record.
+
+    Entries hold while the store's `auth_version` stays the same (no auth
+    record changed, by this process or another, and no collection) and
+    until the token expires. Only valid tokens enter, at most `max_entries`
+    of them (the oldest go first).
+    """
+
+    def __init__(self, max_entries: int = VERIFIED_TOKENS_MAX) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[tuple[str, str], tuple[Auth, float]] = {}
+        self._checked: tuple[Store | None, int] = (None, -1)  # what they hold for
+
+    def get(self, store: Store, token: str, kind: str, now: float) -> Auth | None:
+        """The cached Auth of a valid, unexpired token, or None."""
+        if self._checked != (store, store.auth_version):
+            self._entries.clear()
+            self._checked = (store, store.auth_version)
+            return None
+        found = self._entries.get((kind, token))
+        return found[0] if found is not None and found[1] > now else None
+
+    def put(self, token: str, kind: str, auth: Auth, expires: float) -> None:
+        """Remember a token just verified against the store."""
+        if len(self._entries) >= self.max_entries:
+            del self._entries[next(iter(self._entries))]
+        self._entries[kind, token] = (auth, expires)
+
+
 def resolve_auth(
-    store: Store, header: str, now: float, kind: str = "auth"
+    store: Store,
+    header: str,
+    now: float,
+    kind: str = "auth",
+    verified: VerifiedTokens | None = None,
 ) -> Auth | None:
     """Return the Auth for an Authorization header value, or None (guest).
 
     As PocketBase: a `Bearer ` prefix is optional; a malformed, expired,
     tampered or foreign token means guest, never an error. `kind` is the
-    token type accepted ("file" for `?token=` on downloads).
+    token type accepted ("file" for `?token=` on downloads). `verified`
+    remembers valid tokens between requests.
     """
-    token = header[7:] if header[:7].lower() == "bearer " else header
-    claims = read_token_claims(token.strip())
+    token = (header[7:] if header[:7].lower() == "bearer " else header).strip()
+    if verified is not None:
+        cached = verified.get(store, token, kind, now)
+        if cached is not None:
+            return cached
+    claims = read_token_claims(token)
     if not claims or claims.get("type") != kind:
         return None
     record_id, collection_ref = claims.get("id"), claims.get("collectionId")
@@ -5595,11 +5708,13 @@ def resolve_auth(
     record = store.get_record(collection, record_id)
     if record is None:
         return None
-    if not token_is_valid(
-        token.strip(), str(record["tokenKey"]) + collection.token_secret, now
-    ):
+    if not token_is_valid(token, str(record["tokenKey"]) + collection.token_secret, now):
         return None
-    return Auth(collection, record)
+    auth = Auth(collection, record)
+    if verified is not None:
+        expires = claims.get("exp")
+        verified.put(token, kind, auth, expires if isinstance(expires, (int, float)) else math.inf)
+    return auth
 
 
 def issue_file_token(collection: Collection, record: Record, now: float) -> str:
@@ -5652,11 +5767,6 @@ def require_rule(rule: str | None, superuser: bool) -> bool:
     if rule is None:
         raise ForbiddenError(ONLY_SUPERUSERS)
     return rule != ""
-
-
-def canonical_header_name(name: str) -> str:
-    """Go's canonical header form (`x-api-key` -> `X-Api-Key`)."""
-    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
 
 def accessible_ids(
@@ -6085,7 +6195,7 @@ class Requester:
     auth: Auth | None = None
     system: bool = False
     query: dict[str, str] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
     method: str = "GET"
 
     @property
@@ -8850,7 +8960,9 @@ class RequestContext:
             store = self.app.store
             token = self.auth_token
             self._auth = (
-                resolve_auth(store, token, self.app.now()) if store and token else None
+                resolve_auth(store, token, self.app.now(), verified=self.app.verified_tokens)
+                if store and token
+                else None
             )
             self._auth_resolved = True
         return self._auth
@@ -9039,11 +9151,7 @@ def _requester(context: RequestContext) -> Requester:
     return Requester(
         auth=context.auth,
         query={key: values[0] for key, values in request.query.items()},
-        headers={
-            snake_case_header(canonical_header_name(name)): value
-            for name, value in request.headers.items()
-            if name != "host"
-        },
+        headers=SnakeCaseHeaders(request.headers),
         method=request.method,
     )
 
@@ -10284,52 +10392,57 @@ class _Closed(Exception):
     """The peer went away or timed out; close without answering."""
 
 
-async def _read_head(
-    reader: asyncio.StreamReader, config: Config, first: bool
-) -> bytes | None:
-    """Read one request head; None when the peer closed between requests."""
-    idle_timeout = config.head_timeout_s if first else config.keepalive_timeout_s
-    try:
-        async with asyncio.timeout(idle_timeout):  # no extra task, unlike wait_for
-            start = await reader.read(1)
-    except (TimeoutError, ConnectionError):
-        return None
-    if not start:
-        return None
-    try:
-        async with asyncio.timeout(config.head_timeout_s):
-            rest = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise ProtocolError("request head too large", 431) from None
-    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-        raise _Closed from None
-    head = start + rest
-    if len(head) > MAX_HEAD_BYTES:
-        raise ProtocolError("request head too large", 431)
-    return head
-
-
-async def _read_body(
+async def _read_request(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    request: Request,
     config: Config,
-) -> bytes:
-    """Read the body framed by Content-Length or chunked encoding."""
-    length = request.body_length
-    if length is not None and length > config.max_body_bytes:
-        raise ProtocolError("request body too large", 413)
-    if request.expects_continue and length != 0:
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    first: bool,
+    may_begin: Callable[[], bool],
+) -> tuple[Request, bytes] | None:
+    """Read one request, head and body, under one timer: the idle timeout
+    until its first byte, then the head's, then the body's. None when the
+    peer closed or stayed silent between requests, or when `may_begin`
+    (asked once the head is in) says no request may begin now."""
+    loop = asyncio.get_running_loop()
+    phase = "idle"
     try:
-        async with asyncio.timeout(config.body_timeout_s):
-            if length is not None:
-                return await reader.readexactly(length) if length else b""
-            return await _read_chunked(reader, config.max_body_bytes)
+        async with asyncio.timeout(
+            config.head_timeout_s if first else config.keepalive_timeout_s
+        ) as timer:
+            try:
+                start = await reader.read(1)
+            except ConnectionError:
+                return None
+            if not start:
+                return None
+            phase = "head"
+            timer.reschedule(loop.time() + config.head_timeout_s)
+            head = start + await reader.readuntil(b"\r\n\r\n")
+            if len(head) > MAX_HEAD_BYTES:
+                raise ProtocolError("request head too large", 431)
+            if not may_begin():
+                return None
+            request = parse_request_head(head)
+            length = request.body_length
+            if length is not None and length > config.max_body_bytes:
+                raise ProtocolError("request body too large", 413)
+            if request.expects_continue and length != 0:
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            phase = "body"
+            timer.reschedule(loop.time() + config.body_timeout_s)
+            if length is None:
+                body = await _read_chunked(reader, config.max_body_bytes)
+            else:
+                body = await reader.readexactly(length) if length else b""
     except asyncio.LimitOverrunError:
+        if phase == "head":
+            raise ProtocolError("request head too large", 431) from None
         raise ProtocolError("chunk line too long") from None
     except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+        if phase == "idle":
+            return None
         raise _Closed from None
+    return request, body
 
 
 async def _read_chunked(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
@@ -10414,16 +10527,41 @@ def _end_with_parent(parent: int) -> None:
 
 
 def random_text(alphabet: str, length: int) -> str:
-    """`length` characters drawn uniformly from `alphabet` with the OS's
-    randomness, in one read of it (`secrets.choice` reads it per character)."""
+    """`length` characters drawn uniformly from `alphabet` (at most 256) with
+    the OS's randomness: bytes that would favour some characters are dropped,
+    the rest mapped in C (`bytes.translate`)."""
+    table, unusable = _random_text_table(alphabet)
+    text = ""
+    while len(text) < length:
+        text += _random_bytes(length * 2).translate(table, unusable).decode("latin-1")
+    return text[:length]
+
+
+@functools.lru_cache(maxsize=8)
+def _random_text_table(alphabet: str) -> tuple[bytes, bytes]:
     size = len(alphabet)
     usable = 256 - 256 % size  # bytes at or past this would favour some characters
-    text: list[str] = []
-    while len(text) < length:
-        text.extend(
-            alphabet[b % size] for b in secrets.token_bytes(length * 2) if b < usable
-        )
-    return "".join(text[:length])
+    table = bytes(ord(alphabet[b % size]) for b in range(usable)) + bytes(256 - usable)
+    return table, bytes(range(usable, 256))
+
+
+_entropy = threading.local()
+
+
+def _random_bytes(count: int) -> bytes:
+    """`count` random bytes, RANDOM_POOL_BYTES made at a time per thread:
+    SHAKE256 stretches a fresh 32-byte key from the OS (reading the OS's
+    randomness costs a system call per read, and is slow on some virtual
+    machines). A forked child never reuses its parent's bytes."""
+    state = _entropy.__dict__
+    left = state.get("left", 0)
+    if left < count or state.get("pid") != os.getpid():
+        key = os.urandom(32)
+        state["pool"] = hashlib.shake_256(key).digest(RANDOM_POOL_BYTES)
+        state["pid"], left = os.getpid(), RANDOM_POOL_BYTES
+    left -= count
+    state["left"] = left
+    return cast(bytes, state["pool"][left : left + count])
 
 
 def _log_to_stderr(quiet: bool, prefix: str = "") -> None:
@@ -10455,6 +10593,7 @@ class App:
         self.login_failures_by_identity = FailureLimiter(
             self.config.login_failures_per_identity, window
         )
+        self.verified_tokens = VerifiedTokens()
         self.store: Store | None = None
         self._records: Records | None = None
         self._settings: dict[str, JSON] | None = None
@@ -10955,8 +11094,13 @@ class App:
             if token is None:
                 requester = SYSTEM
             else:
+                self._notice_other_writers()  # an auth record changed elsewhere?
                 store = self.records.store
-                auth = resolve_auth(store, token, self.now()) if token else None
+                auth = (
+                    resolve_auth(store, token, self.now(), verified=self.verified_tokens)
+                    if token
+                    else None
+                )
                 requester = Requester(auth=auth)
             try:
                 return await operation(requester)
@@ -11025,14 +11169,20 @@ class App:
         first = True
         while True:
             connection.busy = False
-            try:
-                head = await _read_head(reader, self.config, first)
-                if head is None or not self._server or not self._server.is_serving():
-                    return  # stopping: a request not begun is not served (as Go's Shutdown)
-                connection.busy = True
+
+            started = 0.0
+
+            def may_begin() -> bool:  # stopping: a request not begun is not served (as Go's Shutdown)
+                nonlocal started
                 started = time.perf_counter()
-                request = parse_request_head(head)
-                raw_body = await _read_body(reader, writer, request, self.config)
+                connection.busy = bool(self._server and self._server.is_serving())
+                return connection.busy
+
+            try:
+                read = await _read_request(reader, writer, self.config, first, may_begin)
+                if read is None:
+                    return
+                request, raw_body = read
             except ProtocolError as exc:
                 await self._reject(reader, writer, exc)
                 return
