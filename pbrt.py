@@ -2426,7 +2426,10 @@ def _call(call: Call, resolver: FieldResolver) -> Resolved:
         if any(isinstance(arg, Call) for arg in call.args):
             raise RuleError("strftime does not take function calls")
         args = [_operand(arg, resolver) for arg in call.args]
-        if any(not isinstance(arg, Literal) for arg in call.args[2:]):
+        if any(
+            not isinstance(arg, Literal) or not isinstance(arg.value, str)
+            for arg in call.args[2:]
+        ):
             raise RuleError("strftime modifiers must be strings")
         multi = next((arg.multi for arg in args if arg.multi), None)
         guard = next((arg.guard for arg in args if arg.guard), None)
@@ -6320,6 +6323,16 @@ def _sort_key(resolved: Resolved, params: list[JSON]) -> str:
 Uploads = Mapping[str, list[UploadedFile]]  # uploaded files by submitted key
 Names = list[str]
 Plan = list[tuple[str, bytes | memoryview]]  # (path, content) of files to write
+#: What one write of a plain record (no files, no password) costs on the
+#: writer connection when it is alone in its shared transaction, as sqlite3's
+#: trace counts (the INSERT or UPDATE shows three times: itself, its log
+#: trigger, AUTOINCREMENT's sequence): the request's look for other writers,
+#: BEGIN, SAVEPOINT, [the read of an update], the write, RELEASE, COMMIT, and
+#: the broker's look at the log. Tests hold the write path to these; a change
+#: that adds a statement raises them on purpose.
+WRITE_STATEMENT_BUDGET = {"create": 9, "update": 10}
+#: Thread hops such a write makes: none (hashing and files are what hop).
+WRITE_THREAD_HOP_BUDGET = 0
 _INVALID_OLD_PASSWORD = {
     "oldPassword": validation_entry(
         "validation_invalid_old_password", "Missing or invalid old password."
@@ -10974,9 +10987,11 @@ class App:
 
         Record hooks (`before_create`, `after_create`, `before_update`,
         `after_update`, `before_delete`, `after_delete`) get a RecordEvent;
-        a `before_*` hook runs after the body is read and before rules and
-        validation, may change `event.data`, and refuses with an ApiError.
-        `after_*` hooks run after the commit. `realtime_connect` gets the
+        a `before_*` hook may change `event.data` and refuses with an
+        ApiError: `before_create` runs after the body is read, before rules
+        and validation; `before_update` and `before_delete` inside the
+        write's transaction, on the record as stored, once its rule passed
+        (they must not wait on anything). `after_*` hooks run after the commit. `realtime_connect` gets the
         RealtimeClient, `realtime_subscribe` a SubscribeEvent, and
         `realtime_message` gets (client, event name, payload bytes) and returns
         the bytes to send or None to drop the message for that client.
