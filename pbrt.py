@@ -6594,8 +6594,8 @@ class Records:
                 committed.set_exception(error)
 
         store = self.store
-        if not store.shared_open:
-            loop.call_soon(store.commit_shared)  # after this turn's writes
+        if not store.shared_open:  # after this turn's writes and the next's
+            loop.call_soon(loop.call_soon, store.commit_shared)
         result = store.write(work, settle)
         await committed
         return result
@@ -6861,6 +6861,8 @@ class Records:
         Raises ValidationError (size, MIME type) before writing anything.
         """
         uploaded: dict[str, Names] = {}
+        if not files:
+            return uploaded, []
         errors: dict[str, JSON] = {}
         plan: Plan = []
         directory = os.path.join(self.storage, collection.id, record_id)
@@ -10558,20 +10560,20 @@ def _random_text_table(alphabet: str) -> tuple[bytes, bytes]:
     return table, bytes(range(usable, 256))
 
 
-_entropy = threading.local()
+_entropy = threading.local()  # per thread: "pool" of random bytes, "left" unused
+if hasattr(os, "register_at_fork"):  # a forked child never reuses its parent's bytes
+    os.register_at_fork(after_in_child=lambda: _entropy.__dict__.clear())
 
 
 def _random_bytes(count: int) -> bytes:
     """`count` random bytes, RANDOM_POOL_BYTES made at a time per thread:
-    SHAKE256 stretches a fresh 32-byte key from the OS (reading the OS's
-    randomness costs a system call per read, and is slow on some virtual
-    machines). A forked child never reuses its parent's bytes."""
+    SHAKE256 stretches a fresh 32-byte key from the OS (each read of the
+    OS's randomness is a system call, slow on some virtual machines)."""
     state = _entropy.__dict__
     left = state.get("left", 0)
-    if left < count or state.get("pid") != os.getpid():
-        key = os.urandom(32)
-        state["pool"] = hashlib.shake_256(key).digest(RANDOM_POOL_BYTES)
-        state["pid"], left = os.getpid(), RANDOM_POOL_BYTES
+    if left < count:
+        state["pool"] = hashlib.shake_256(os.urandom(32)).digest(RANDOM_POOL_BYTES)
+        left = RANDOM_POOL_BYTES
     left -= count
     state["left"] = left
     return cast(bytes, state["pool"][left : left + count])
