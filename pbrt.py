@@ -116,7 +116,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.10.0"
+__version__ = "0.11.0"
 
 JSON = Any
 Headers = dict[str, str]
