@@ -10392,7 +10392,7 @@ def cors_preflight_headers(request: Request) -> list[tuple[str, str]]:
 class _Connection:
     """One client connection and whether a request is in flight on it."""
 
-    __slots__ = ("busy", "streaming", "task", "writer")
+    __slots__ = ("busy", "deadline", "streaming", "task", "writer")
 
     def __init__(
         self, writer: asyncio.StreamWriter, task: asyncio.Task[None] | None
@@ -10401,62 +10401,114 @@ class _Connection:
         self.task = task
         self.busy = False
         self.streaming = False  # an SSE stream: it ends when the broker closes it
+        self.deadline = math.inf  # loop time by which its read must be done
+
+
+class _ReadDeadlines:
+    """Ends connections whose read runs past its deadline, with one timer for
+    all of them (an `asyncio.timeout` per read costs three timer handles per
+    request). A read sets its connection's deadline; one sweep at the
+    earliest deadline, rounded up to `granularity` seconds, cancels the
+    tasks of the connections past theirs."""
+
+    def __init__(self, connections: set[_Connection], granularity: float) -> None:
+        self.connections, self.granularity = connections, granularity
+        self._sweep_at: asyncio.TimerHandle | None = None
+
+    def set(self, connection: _Connection, seconds: float) -> None:
+        """Give `connection`'s read `seconds` from now (math.inf: no limit)."""
+        connection.deadline = deadline = time.monotonic() + seconds  # the loop's clock
+        if deadline != math.inf:
+            self._sweep_by(deadline)
+
+    def _sweep_by(self, deadline: float) -> None:
+        when = math.ceil(deadline / self.granularity) * self.granularity
+        if self._sweep_at is None or when < self._sweep_at.when():
+            if self._sweep_at is not None:
+                self._sweep_at.cancel()
+            self._sweep_at = asyncio.get_running_loop().call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_at = None
+        now, earliest = time.monotonic(), math.inf
+        for connection in self.connections:
+            if connection.deadline <= now:
+                connection.deadline = math.inf
+                if connection.task is not None:
+                    connection.task.cancel()  # the read ends; the connection closes
+            else:
+                earliest = min(earliest, connection.deadline)
+        if earliest != math.inf:
+            self._sweep_by(earliest)
+
+    def close(self) -> None:
+        """Stop sweeping (the server stops)."""
+        if self._sweep_at is not None:
+            self._sweep_at.cancel()
+            self._sweep_at = None
 
 
 class _Closed(Exception):
     """The peer went away or timed out; close without answering."""
 
 
+def _read_deadline_granularity(config: Config) -> float:
+    """How precisely read deadlines are kept: a quarter of the shortest
+    timeout, between 50 ms and 1 s."""
+    shortest = min(
+        config.head_timeout_s, config.body_timeout_s, config.keepalive_timeout_s
+    )
+    return min(max(shortest / 4, 0.05), 1.0)
+
+
 async def _read_request(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
+    connection: _Connection,
+    deadlines: _ReadDeadlines,
     config: Config,
-    first: bool,
     may_begin: Callable[[], bool],
 ) -> tuple[Request, bytes] | None:
-    """Read one request, head and body, under one timer: the idle timeout
-    until its first byte, then the head's, then the body's. None when the
-    peer closed or stayed silent between requests, or when `may_begin`
-    (asked once the head is in) says no request may begin now."""
-    loop = asyncio.get_running_loop()
-    phase = "idle"
+    """Read one request, head and body, by the connection's deadline: the
+    idle timeout until its first byte (the head timeout on a new
+    connection), then the head's, then the body's. None when the peer
+    closed between requests, or when `may_begin` (asked once the head is
+    in) says no request may begin now."""
     try:
-        async with asyncio.timeout(
-            config.head_timeout_s if first else config.keepalive_timeout_s
-        ) as timer:
-            try:
-                start = await reader.read(1)
-            except ConnectionError:
-                return None
-            if not start:
-                return None
-            phase = "head"
-            timer.reschedule(loop.time() + config.head_timeout_s)
-            head = start + await reader.readuntil(b"\r\n\r\n")
-            if len(head) > MAX_HEAD_BYTES:
-                raise ProtocolError("request head too large", 431)
-            if not may_begin():
-                return None
-            request = parse_request_head(head)
-            length = request.body_length
-            if length is not None and length > config.max_body_bytes:
-                raise ProtocolError("request body too large", 413)
-            if request.expects_continue and length != 0:
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            phase = "body"
-            timer.reschedule(loop.time() + config.body_timeout_s)
-            if length is None:
-                body = await _read_chunked(reader, config.max_body_bytes)
-            else:
-                body = await reader.readexactly(length) if length else b""
+        start = await reader.read(1)
+    except ConnectionError:
+        return None
+    if not start:
+        return None
+    deadlines.set(connection, config.head_timeout_s)
+    try:
+        head = start + await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
-        if phase == "head":
-            raise ProtocolError("request head too large", 431) from None
-        raise ProtocolError("chunk line too long") from None
-    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-        if phase == "idle":
-            return None
+        raise ProtocolError("request head too large", 431) from None
+    except (asyncio.IncompleteReadError, ConnectionError):
         raise _Closed from None
+    if len(head) > MAX_HEAD_BYTES:
+        raise ProtocolError("request head too large", 431)
+    if not may_begin():
+        return None
+    request = parse_request_head(head)
+    length = request.body_length
+    if length is not None and length > config.max_body_bytes:
+        raise ProtocolError("request body too large", 413)
+    if request.expects_continue and length != 0:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if length != 0:
+        deadlines.set(connection, config.body_timeout_s)
+    try:
+        if length is None:
+            body = await _read_chunked(reader, config.max_body_bytes)
+        else:
+            body = await reader.readexactly(length) if length else b""
+    except asyncio.LimitOverrunError:
+        raise ProtocolError("chunk line too long") from None
+    except (asyncio.IncompleteReadError, ConnectionError):
+        raise _Closed from None
+    deadlines.set(connection, math.inf)
     return request, body
 
 
@@ -10620,6 +10672,9 @@ class App:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
         self._connections: set[_Connection] = set()
+        self._read_deadlines = _ReadDeadlines(
+            self._connections, _read_deadline_granularity(self.config)
+        )
         self._tasks: list[asyncio.Future[None]] = []  # the broker's and the log's
         self._worker_server: asyncio.Server | None = None  # handed-on requests
         # What hears of other writers' commits: an inotify descriptor, or a thread.
@@ -10752,6 +10807,7 @@ class App:
         for task in connection_tasks:
             task.cancel()
         await asyncio.gather(*connection_tasks, return_exceptions=True)
+        self._read_deadlines.close()
         await self._server.wait_closed()
         self._server = None
         self._loop = self._thread = None
@@ -11183,7 +11239,7 @@ class App:
     ) -> None:
         peer = writer.get_extra_info("peername")
         remote_ip = peer[0] if isinstance(peer, tuple) else ""
-        first = True
+        first, config = True, self.config
         while True:
             connection.busy = False
 
@@ -11195,8 +11251,12 @@ class App:
                 connection.busy = bool(self._server and self._server.is_serving())
                 return connection.busy
 
+            idle_s = config.head_timeout_s if first else config.keepalive_timeout_s
+            self._read_deadlines.set(connection, idle_s)
             try:
-                read = await _read_request(reader, writer, self.config, first, may_begin)
+                read = await _read_request(
+                    reader, writer, connection, self._read_deadlines, config, may_begin
+                )
                 if read is None:
                     return
                 request, raw_body = read
