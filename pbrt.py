@@ -53,6 +53,7 @@ import hashlib
 import hmac
 import http
 import http.cookies
+import ipaddress
 import itertools
 import json
 import logging
@@ -209,9 +210,13 @@ MAX_SUBSCRIPTIONS = 1000  # PocketBase's limits on POST /api/realtime
 MAX_SUBSCRIPTION_LENGTH = 2500
 MAX_CLIENT_ID_LENGTH = 255
 MAX_REALTIME_CLIENTS = 20_000
-# One address may not take every slot; behind a reverse proxy all clients share
-# its address, so raise this (0: no cap) there.
+# One public address may not take every slot. By default loopback and private
+# addresses (a reverse proxy, this machine, one's own network) are not capped
+# per address: behind a proxy every client has the proxy's address.
 MAX_REALTIME_CLIENTS_PER_IP = 1_000
+CAPACITY_WARNING_S = 60.0  # a refused stream is logged once a minute per address
+# Headers a reverse proxy adds with the address of the client it forwards for.
+FORWARDING_HEADERS = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
 MAX_CLIENT_QUEUE_BYTES = 4 * 1024 * 1024  # a client further behind than this is dropped
 SSE_IDLE_TIMEOUT_S = 5 * 60.0  # PocketBase's apis/realtime.go timeouts
 SSE_MAX_LIFETIME_S = 30 * 60.0
@@ -278,8 +283,10 @@ class Config:
     sse_max_lifetime_s: float = SSE_MAX_LIFETIME_S
     #: Most SSE clients connected at once; more get 429.
     max_realtime_clients: int = MAX_REALTIME_CLIENTS
-    #: Most SSE clients from one IP address (0: no cap); more get 429.
-    max_realtime_clients_per_ip: int = MAX_REALTIME_CLIENTS_PER_IP
+    #: Most SSE clients from one IP address (0: no cap); more get 429. None:
+    #: MAX_REALTIME_CLIENTS_PER_IP for each public address, no cap for
+    #: loopback and private ones (see `stream_cap_per_address`).
+    max_realtime_clients_per_ip: int | None = None
     #: Bytes a realtime client may fall behind before it is disconnected.
     max_client_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES
     #: Failed logins from one IP within the window before it gets 429 (0: off).
@@ -7393,6 +7400,54 @@ class ClosedStreams:
             del self._waiting[browser]
 
 
+@functools.lru_cache(maxsize=4096)
+def is_local_address(address: str) -> bool:
+    """Whether an IP address is not public: loopback, private, link-local,
+    shared (carrier NAT inside). Anything unparsable counts as local.
+
+    >>> [is_local_address(a) for a in ("127.0.0.1", "10.1.2.3", "::1", "8.8.8.8")]
+    [True, True, True, False]
+    """
+    try:
+        return not ipaddress.ip_address(address).is_global
+    except ValueError:
+        return True
+
+
+def stream_cap_per_address(configured: int | None, address: str) -> int:
+    """How many realtime streams `address` may hold (0: no cap).
+
+    A configured number applies to every address. The default (None) caps
+    each public address at MAX_REALTIME_CLIENTS_PER_IP and leaves loopback
+    and private addresses (a reverse proxy, this machine, one's own network:
+    behind a proxy every client has its address) to the server-wide cap.
+    """
+    if configured is not None:
+        return configured
+    return 0 if is_local_address(address) else MAX_REALTIME_CLIENTS_PER_IP
+
+
+class Throttle:
+    """Whether something about a key is due again: at most once per
+    `window_s` per key (for log lines that clients can cause), with at most
+    `max_keys` keys remembered, the oldest forgotten first."""
+
+    def __init__(self, window_s: float, max_keys: int = 10_000) -> None:
+        self.window_s, self.max_keys = window_s, max_keys
+        self._last: dict[str, float] = {}
+
+    def due(self, key: str, now: float) -> bool:
+        """Whether `key` is due now (and, if so, not again for the window)."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.window_s:
+            return False
+        self._last.pop(key, None)
+        self._last[key] = now  # re-inserted: dict order is least recent first
+        if len(self._last) > self.max_keys:
+            del self._last[next(iter(self._last))]
+        return True
+
+
 class Broker:
     """Realtime clients and the delivery of the realtime log to them.
 
@@ -7414,11 +7469,12 @@ class Broker:
         max_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES,
         event_budget_s: float = EVENT_BUDGET_S,
         check_budget_s: float = CHECK_BUDGET_S,
-        max_clients_per_ip: int = MAX_REALTIME_CLIENTS_PER_IP,
+        max_clients_per_ip: int | None = None,
         replay_budget_s: float = REPLAY_BUDGET_S,
     ) -> None:
         self.store = store
         self.max_clients_per_ip = max_clients_per_ip
+        self._refusals = Throttle(CAPACITY_WARNING_S)
         self.replay_budget_s = replay_budget_s
         self._replay_turns = asyncio.Semaphore(REPLAYS_AT_ONCE)
         self._per_ip: dict[str, int] = {}
@@ -7465,11 +7521,23 @@ class Broker:
         longer holds them, or the cursor names no position (None). `browser`
         is the one its cookie named (see ClosedStreams).
         """
-        if len(self.clients) >= self.max_clients or (
-            self.max_clients_per_ip
-            and self._per_ip.get(remote_ip, 0) >= self.max_clients_per_ip
-        ):
-            raise TooManyRequestsError("Too many realtime clients.")
+        cap = stream_cap_per_address(self.max_clients_per_ip, remote_ip)
+        if len(self.clients) >= self.max_clients:
+            self._refuse(
+                "",
+                f"Too many realtime clients (the limit is {self.max_clients}).",
+                f"the server holds {self.max_clients} realtime streams, its limit "
+                "(Config.max_realtime_clients)",
+            )
+        if cap and self._per_ip.get(remote_ip, 0) >= cap:
+            self._refuse(
+                remote_ip,
+                "Too many realtime clients from this address "
+                f"(the limit is {cap} per address).",
+                f"{remote_ip} holds {cap} realtime streams, the limit per address "
+                "(Config.max_realtime_clients_per_ip; serve --max-clients-per-ip N, "
+                "0 for none; behind a proxy, set trustedProxy)",
+            )
         client = RealtimeClient(
             self.new_client_id(),
             remote_ip,
@@ -7487,6 +7555,12 @@ class Broker:
         self.clients[client.id] = client
         self._per_ip[remote_ip] = self._per_ip.get(remote_ip, 0) + 1
         return client
+
+    def _refuse(self, key: str, message: str, why: str) -> None:
+        """Refuse a stream with 429 and `message`; log `why` once a minute per key."""
+        if self._refusals.due(key, time.monotonic()):
+            log.warning("refused a realtime stream: %s", why)
+        raise TooManyRequestsError(message)
 
     def claim_position(self, client_id: str) -> tuple[int | None, str]:
         """For a new stream whose cookie names stream `client_id`: where it
@@ -10661,6 +10735,7 @@ class App:
             self.config.login_failures_per_identity, window
         )
         self.verified_tokens = VerifiedTokens()
+        self._proxy_hint_given = False  # see _hint_at_proxy
         self.store: Store | None = None
         self._records: Records | None = None
         self._settings: dict[str, JSON] | None = None
@@ -11097,7 +11172,26 @@ class App:
                 addresses = [part.strip() for part in value.split(",") if part.strip()]
                 if addresses:
                     return addresses[0] if proxy["useLeftmostIP"] else addresses[-1]
+        if not proxy["headers"] and not self._proxy_hint_given:
+            self._hint_at_proxy(request, peer_ip)
         return peer_ip
+
+    def _hint_at_proxy(self, request: Request, peer_ip: str) -> None:
+        """Say once what to set when a local peer forwards for others (a
+        reverse proxy) while `trustedProxy` names no header."""
+        seen = [name for name in FORWARDING_HEADERS if request.header(name.lower())]
+        if seen and is_local_address(peer_ip):
+            self._proxy_hint_given = True
+            log.warning(
+                "requests from %s carry %s, as a reverse proxy's do, but the settings' "
+                "trustedProxy.headers is empty: every client is seen as %s (in the "
+                "logs, the rules and the realtime caps). Set trustedProxy.headers "
+                'to ["%s"] if that proxy is yours.',
+                peer_ip,
+                ", ".join(seen),
+                peer_ip,
+                seen[0],
+            )
 
     async def restore_backup(self, archive: str) -> None:
         """Replace the data dir's database with a backup's (validated first);
@@ -13002,9 +13096,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument(
         "--max-clients-per-ip",
         type=int,
-        default=MAX_REALTIME_CLIENTS_PER_IP,
+        default=None,
         metavar="N",
-        help=f"most SSE clients from one address, 0 for no cap (default {MAX_REALTIME_CLIENTS_PER_IP}; raise it behind a proxy)",
+        help=f"most SSE clients from any one address, 0 for no cap (default: {MAX_REALTIME_CLIENTS_PER_IP} "
+        "from each public address, no cap from loopback and private ones)",
     )
     _add_common_arguments(serve_parser)
     superuser_parser = commands.add_parser(
@@ -13125,7 +13220,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def worker_command(index: int, bound: int) -> list[str]:
         flags = [f"--http={host}:{bound}", "--dir", args.dir]
-        flags += ["--max-clients-per-ip", str(args.max_clients_per_ip)]
+        if args.max_clients_per_ip is not None:
+            flags += ["--max-clients-per-ip", str(args.max_clients_per_ip)]
         flags += ["--quiet"] * args.quiet + ["--dev"] * args.dev
         flags += ["--workers", str(args.workers), "--worker", str(index)]
         flags += ["--supervisor", str(os.getpid())]

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -5366,6 +5367,109 @@ def test_realtime_head_registers_nothing_and_one_address_cannot_take_every_slot(
                 await client.close()
 
         run(attack())
+
+
+async def open_streams(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`count` SSE streams from 127.0.0.1, each past its PB_CONNECT head."""
+    streams = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /api/realtime HTTP/1.1\r\nHost: x\r\n\r\n")
+        streams.append((reader, writer))
+    for reader, _ in streams:
+        status_line = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0]
+        assert status_line == b"HTTP/1.1 200 OK", status_line
+    return streams
+
+
+def close_streams(streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
+    for _, writer in streams:
+        writer.close()
+
+
+def raise_open_files_limit(wanted: int) -> None:
+    """This test process holds thousands of sockets: a soft limit of 1,024 is too few."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+def test_realtime_stream_cap_refuses_with_its_reason_and_logs_it_once(
+    tmp_path: Path,
+) -> None:
+    """1,000 streams from one address against `--max-clients-per-ip 1000`:
+    the 1,001st and 1,002nd get 429 naming the limit, and the server's log
+    says why once (not per refusal)."""
+    raise_open_files_limit(4096)
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    with ServerProcess(data_dir, 0, "--max-clients-per-ip", "1000") as server:
+
+        async def body() -> list[tuple[int, str]]:
+            streams = await open_streams(server.port, 1000)
+            try:
+                api = Api(server.url)
+                return [
+                    await asyncio.to_thread(api.call, "GET", "/api/realtime")
+                    for _ in range(2)
+                ]
+            finally:
+                close_streams(streams)
+
+        refused = run(body(), timeout=120)
+        log_text = server.text()
+    message = "Too many realtime clients from this address (the limit is 1000 per address)."
+    assert refused == [(429, json.dumps({"data": {}, "message": message, "status": 429}, separators=(",", ":")))] * 2
+    assert log_text.count("refused a realtime stream") == 1
+    assert "127.0.0.1 holds 1000 realtime streams" in log_text
+    assert "--max-clients-per-ip" in log_text
+
+
+def test_realtime_default_serve_holds_more_than_1000_streams_from_loopback(
+    tmp_path: Path,
+) -> None:
+    """A default `serve` caps public addresses, not loopback (a proxy, this
+    machine): 1,001 streams from 127.0.0.1 all connect, and nothing is refused."""
+    raise_open_files_limit(4096)
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    with ServerProcess(data_dir) as server:
+
+        async def body() -> None:
+            close_streams(await open_streams(server.port, 1001))
+
+        run(body(), timeout=120)
+        assert "refused" not in server.text()
+
+
+def test_realtime_stream_cap_per_address_by_default_and_when_set() -> None:
+    cap = pbrt.stream_cap_per_address
+    assert [cap(None, a) for a in ("8.8.8.8", "2001:4860::8888")] == [1000, 1000]
+    assert [cap(None, a) for a in ("127.0.0.1", "10.0.0.7", "192.168.1.2", "::1", "fd00::1", "")] == [0] * 6
+    assert [cap(5, a) for a in ("8.8.8.8", "127.0.0.1")] == [5, 5]
+    assert cap(0, "8.8.8.8") == 0
+
+
+def test_connection_forwarded_requests_without_trusted_proxy_are_explained_once(
+    tmp_path: Path,
+) -> None:
+    """A local peer sending X-Forwarded-For (a reverse proxy) while
+    trustedProxy is unset: one warning saying what to set, naming the headers."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    with ServerProcess(data_dir) as server:
+        api = Api(server.url)
+        for forwarded in ("203.0.113.7", "198.51.100.1"):
+            request = urllib.request.Request(
+                server.url + "/api/health",
+                headers={"X-Forwarded-For": forwarded, "X-Real-IP": forwarded},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.status == 200
+        assert api.call("GET", "/api/health")[0] == 200
+        log_text = server.text()
+    assert log_text.count("trustedProxy.headers is empty") == 1
+    assert "carry X-Forwarded-For, X-Real-IP" in log_text
+    assert 'Set trustedProxy.headers to ["X-Forwarded-For"]' in log_text
 
 
 OWNED_POSTS = {  # public posts, each with an owner among the users
