@@ -12387,15 +12387,18 @@ class _SseProbe(asyncio.Protocol):
         self,
         client: Client,
         topic: str,
-        on_subscribed: Callable[[], None],
+        on_settled: Callable[[str], None],
         remaining: int,
     ) -> None:
-        self.client, self.topic, self.on_subscribed = client, topic, on_subscribed
+        self.client, self.topic, self.on_settled = client, topic, on_settled
         self.buffer = b""
         self.received: list[tuple[int, float]] = []
         self.remaining = remaining
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.subscribed = asyncio.Event()
+        #: Set once it subscribed, or was refused (any status but 200).
+        self.settled = asyncio.Event()
+        self.outcome = ""  # "subscribed", "refused" or "failed", once settled
+        self.answered = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -12407,6 +12410,13 @@ class _SseProbe(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         arrived = time.time()
+        if not self.answered:
+            self.answered = True
+            if not data.startswith(b"HTTP/1.1 200 "):  # refused: 429, say
+                self._settle("refused")
+                if self.transport is not None:
+                    self.transport.close()
+                return
         self.buffer += data
         *blocks, self.buffer = self.buffer.split(b"\n\n")
         for block in blocks:
@@ -12425,11 +12435,23 @@ class _SseProbe(asyncio.Protocol):
 
     async def _subscribe(self, client_id: str) -> None:
         body = {"clientId": client_id, "subscriptions": [self.topic]}
-        await asyncio.to_thread(self.client.request, "POST", "/api/realtime", body)
-        self.subscribed.set()
-        self.on_subscribed()
+        try:
+            await asyncio.to_thread(self.client.request, "POST", "/api/realtime", body)
+        except (OSError, ApiError):
+            self._settle("refused")
+            return
+        self._settle("subscribed")
+
+    def _settle(self, outcome: str) -> None:
+        if not self.settled.is_set():
+            self.settled.set()
+            self.outcome = outcome
+            self.on_settled(outcome)
+        if outcome != "subscribed" and not self.done.done():
+            self.done.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._settle("failed")  # before it settled: the connection failed
         if not self.done.done():
             self.done.set_result(None)
 
@@ -12442,10 +12464,12 @@ def _bench_listener(
     results: Any,
     timeout_s: float,
     hold_s: float | None = None,
+    part: int = 0,
 ) -> None:
-    """A load-generator process: subscribe SSE clients, then hold them until each
+    """A load-generator process (the `part`th): subscribe SSE clients, then hold them until each
     got `expected` events (at most `hold_s`, or `timeout_s`); report what arrived
-    and when. Every wait is bounded by `timeout_s`."""
+    and when. Each client puts on `ready` whether it "subscribed", was
+    "refused" or "failed". Every wait is bounded by `timeout_s`."""
     _raise_open_files_limit()
     started_cpu = sum(os.times()[:2])
     parts = urllib.parse.urlsplit(url)
@@ -12453,29 +12477,44 @@ def _bench_listener(
     async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(16))
-        probes = []
+        probes: list[_SseProbe | None] = []  # None: no connection
         for (token, topic), count in zip(specs, expected):
-            _, probe = await loop.create_connection(
-                functools.partial(
-                    _SseProbe, Client(url, token), topic, lambda: ready.put(1), count
-                ),
-                parts.hostname or "127.0.0.1",
-                parts.port or 80,
-            )
+            try:
+                _, probe = await loop.create_connection(
+                    functools.partial(
+                        _SseProbe, Client(url, token), topic, ready.put, count
+                    ),
+                    parts.hostname or "127.0.0.1",
+                    parts.port or 80,
+                )
+            except OSError:  # refused or reset: the server took no more
+                ready.put("failed")
+                probes.append(None)
+                continue
             probes.append(probe)
+        connected = [probe for probe in probes if probe is not None]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(probe.subscribed.wait() for probe in probes)),
+                asyncio.gather(*(probe.settled.wait() for probe in connected)),
                 timeout_s,
             )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(probe.done for probe in probes)), hold_s or timeout_s
+                asyncio.gather(*(probe.done for probe in connected)),
+                hold_s or timeout_s,
             )
-        for probe in probes:
+        for probe in connected:
             if probe.transport is not None:
                 probe.transport.close()
-        return {"received": [probe.received for probe in probes]}
+        return {  # per client: what it received, None for one the server did not hold
+            "part": part,
+            "received": [
+                probe.received
+                if probe is not None and probe.outcome == "subscribed"
+                else None
+                for probe in probes
+            ]
+        }
 
     outcome = asyncio.run(main())
     outcome["cpu_s"] = sum(os.times()[:2]) - started_cpu
@@ -12491,6 +12530,73 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 def _spread(items: list[Any], processes: int) -> list[list[Any]]:
     return [items[index::processes] for index in range(processes)]
+
+
+@dataclass(slots=True)
+class _Held:
+    """Who got in: SSE clients subscribed, refused (429, say) and failed
+    (no connection). Every scenario reports it beside its figures."""
+
+    clients: int
+    subscribed: int = 0
+    refused: int = 0
+    failed: int = 0
+
+    @property
+    def settled(self) -> int:
+        return self.subscribed + self.refused + self.failed
+
+    def report(self) -> dict[str, JSON]:
+        """The counts, and whether every client was held."""
+        return {
+            "clients": self.clients,
+            "connected": self.subscribed,
+            "refused": self.refused,
+            "failed": self.failed,
+            "all_held": self.subscribed == self.clients,
+        }
+
+
+def _start_listeners(
+    target: _BenchTarget,
+    specs: list[tuple[str, str]],
+    expected: list[int],
+    args: argparse.Namespace,
+    progress: Callable[[str], None],
+    hold_s: float | None = None,
+) -> tuple[list[multiprocessing.process.BaseProcess], Any, _Held]:
+    """Start the listener processes for `specs` (token, topic) and wait until
+    every client subscribed, was refused or failed (at most `--timeout`);
+    return the processes, the queue of their outcomes, and who got in."""
+    context = multiprocessing.get_context("fork")
+    ready, outcomes = context.Queue(), context.Queue()
+    processes = [
+        context.Process(
+            target=_bench_listener,
+            args=(target.url, part, wanted, ready, outcomes, args.timeout, hold_s, index),
+        )
+        for index, (part, wanted) in enumerate(
+            zip(_spread(specs, args.processes), _spread(expected, args.processes))
+        )
+        if part
+    ]
+    for process in processes:
+        process.start()
+    held = _Held(len(specs))
+    deadline = time.monotonic() + args.timeout
+    while held.settled < held.clients and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            outcome = ready.get(timeout=1)
+            setattr(held, outcome, getattr(held, outcome) + 1)
+            if held.settled % 1000 == 0:
+                progress(f"subscribed {held.subscribed}/{held.clients}")
+    if held.subscribed < held.clients:
+        progress(
+            f"WARNING: the server held {held.subscribed} of {held.clients} clients "
+            f"({held.refused} refused, {held.failed} failed); the figures below "
+            "are for those it held, and compare with no server that held all"
+        )
+    return processes, outcomes, held
 
 
 def _bench_fanout(
@@ -12516,35 +12622,11 @@ def _bench_fanout(
         else:
             specs.append(("", "bench_fanout/*"))
             expected.append(list(range(args.events)))
-    context = multiprocessing.get_context("fork")
-    ready, results = context.Queue(), context.Queue()
-    processes = [
-        context.Process(
-            target=_bench_listener,
-            args=(
-                target.url,
-                spec_part,
-                [len(wanted) for wanted in expected_part],
-                ready,
-                results,
-                args.timeout,
-            ),
-        )
-        for spec_part, expected_part in zip(
-            _spread(specs, args.processes), _spread(expected, args.processes)
-        )
-    ]
-    for process in processes:
-        process.start()
-    connected = 0
-    deadline = time.monotonic() + args.timeout
-    while connected < args.clients and time.monotonic() < deadline:
-        with contextlib.suppress(queue.Empty):
-            connected += ready.get(timeout=1)
-            if connected % 500 == 0:
-                progress(f"subscribed {connected}/{args.clients}")
+    processes, results, held = _start_listeners(
+        target, specs, [len(wanted) for wanted in expected], args, progress
+    )
     progress(
-        f"subscribed {connected}/{args.clients}; sending {args.events} events at {args.rate}/s"
+        f"subscribed {held.subscribed}/{args.clients}; sending {args.events} events at {args.rate}/s"
     )
     cpu_before = _process_cpu_s(target.pid)
     interval = 1.0 / args.rate
@@ -12561,14 +12643,22 @@ def _bench_fanout(
     cpu_after = _process_cpu_s(target.pid)
     for process in processes:
         process.join(timeout=30)
+    outcomes.sort(key=lambda outcome: outcome["part"])
     received = [client for outcome in outcomes for client in outcome["received"]]
-    expected_flat = [
-        wanted for part in _spread(expected, args.processes) for wanted in part
+    expected_flat = [  # the clients of each process, in its order
+        wanted
+        for part, specs_part in zip(
+            _spread(expected, args.processes), _spread(specs, args.processes)
+        )
+        if specs_part
+        for wanted in part
     ]
     per_event: dict[int, float] = {}
     latencies: list[float] = []
     losses = order_violations = 0
     for got, wanted in zip(received, expected_flat):
+        if got is None:  # not held: counted as refused or failed, not as losses
+            continue
         sequence = [seq for seq, _ in got]
         losses += len(set(wanted) - set(sequence))
         order_violations += sum(1 for a, b in zip(sequence, sequence[1:]) if b <= a)
@@ -12583,8 +12673,7 @@ def _bench_fanout(
     return {
         "scenario": "fanout",
         "rule": args.rule,
-        "clients": args.clients,
-        "subscribed": connected,
+        **held.report(),
         "events": args.events,
         "rate": args.rate,
         "deliveries": deliveries,
@@ -12709,30 +12798,11 @@ def _bench_connect(
     _bench_collection(target, "bench_fanout", "")
     rss_before = _process_rss_kib(target.pid)
     specs = [("", "bench_fanout/*")] * args.clients
-    context = multiprocessing.get_context("fork")
-    ready, results = context.Queue(), context.Queue()
-    hold = [
-        -1
-    ] * args.clients  # never satisfied: the clients stay connected for --hold seconds
-    processes = [
-        context.Process(
-            target=_bench_listener,
-            args=(target.url, part, expected, ready, results, args.timeout, args.hold),
-        )
-        for part, expected in zip(
-            _spread(specs, args.processes), _spread(hold, args.processes)
-        )
-    ]
+    hold = [-1] * args.clients  # never satisfied: they stay for --hold seconds
     started = time.monotonic()
-    for process in processes:
-        process.start()
-    connected = 0
-    deadline = started + args.timeout
-    while connected < args.clients and time.monotonic() < deadline:
-        with contextlib.suppress(queue.Empty):
-            connected += ready.get(timeout=1)
-            if connected % 1000 == 0:
-                progress(f"subscribed {connected}/{args.clients}")
+    processes, results, held = _start_listeners(
+        target, specs, hold, args, progress, args.hold
+    )
     elapsed = time.monotonic() - started
     cpu_before = _process_cpu_s(target.pid)
     time.sleep(args.settle)  # every client idle: what does holding them cost?
@@ -12743,15 +12813,13 @@ def _bench_connect(
         process.join(timeout=30)
     return {
         "scenario": "connect",
-        "clients": args.clients,
-        "subscribed": connected,
-        "failures": args.clients - connected,
-        "seconds_to_all_subscribed": elapsed,
+        **held.report(),
+        "seconds_to_all_settled": elapsed,
         "server_rss_kib": rss,
         "server_rss_kib_before": rss_before,
         "server_kib_per_client": None
         if rss is None or rss_before is None
-        else (rss - rss_before) / max(1, connected),
+        else (rss - rss_before) / max(1, held.subscribed),
         "server_idle_cpu_percent": None
         if cpu_before is None or cpu_after is None or args.settle <= 0
         else 100 * (cpu_after - cpu_before) / args.settle,
@@ -12803,25 +12871,11 @@ def _bench_writes(
     }
     for subscribers in (0, args.clients):
         _bench_collection(target, "bench_fanout", "")
-        context = multiprocessing.get_context("fork")
-        ready, outcomes = context.Queue(), context.Queue()
         specs = [("", "bench_fanout/*")] * subscribers
         never = [-1] * subscribers  # never satisfied: they listen until terminated
-        processes = [
-            context.Process(
-                target=_bench_listener,
-                args=(target.url, part, expected, ready, outcomes, args.seconds + 30),
-            )
-            for part, expected in zip(
-                _spread(specs, args.processes), _spread(never, args.processes)
-            )
-            if part
-        ]
-        for process in processes:
-            process.start()
-        connected = 0
-        while connected < subscribers:
-            connected += ready.get(timeout=args.timeout)
+        processes, _, held = _start_listeners(target, specs, never, args, progress)
+        if subscribers:
+            results["subscribers_held"] = held.report()
         progress(
             f"{subscribers} subscribers; writing for {args.seconds}s over {args.connections} connections"
         )
@@ -12907,16 +12961,36 @@ def _bench_churn(
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-    """`python pbrt.py bench SCENARIO`: run one load scenario and report it."""
+    """`python pbrt.py bench SCENARIO`: run one load scenario and report it
+    (with `--versus URL`: against a pbrt child, then that server, with ratios)."""
     _raise_open_files_limit()
 
     def progress(message: str) -> None:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
-    if args.url:
-        admin = Client(args.url)
+    if args.url and args.versus:
+        raise SystemExit("bench: --url and --versus exclude each other")
+    result = _bench_run(args, args.url, progress)
+    if args.versus:
+        other = _bench_run(args, args.versus, progress)
+        result = {"scenario": args.scenario, "pbrt": result, "versus": other}
+        result.update(_bench_ratios(result["pbrt"], other))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>34}: {value}")
+    return 0
+
+
+def _bench_run(
+    args: argparse.Namespace, url: str | None, progress: Callable[[str], None]
+) -> dict[str, JSON]:
+    """One scenario against the server at `url`, or a pbrt child process."""
+    if url:
+        admin = Client(url)
         admin.auth_with_password(SUPERUSERS, args.su_email, args.su_pass)
-        target = _BenchTarget(args.url.rstrip("/"), args.pid, admin)
+        target = _BenchTarget(url.rstrip("/"), args.pid, admin)
     else:
         target = _start_bench_server()
     started_cpu = sum(os.times()[:2])
@@ -12930,16 +13004,45 @@ def _bench_command(args: argparse.Namespace) -> int:
         }
         result = scenario[args.scenario](target, args, progress)
     finally:
-        if not args.url:
+        if not url:
             _stop_bench_server(target)
     result["parent_cpu_s"] = sum(os.times()[:2]) - started_cpu
-    result["server"] = args.url or "pbrt (child process)"
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>34}: {value}")
-    return 0
+    result["server"] = url or "pbrt (child process)"
+    return result
+
+
+# Counts and settings: the same on both sides by construction, no ratio.
+_BENCH_NOT_RATIOS = {"clients", "connected", "refused", "failed", "events", "rate"}
+
+
+def _bench_ratios(ours: dict[str, JSON], theirs: dict[str, JSON]) -> dict[str, JSON]:
+    """pbrt / the other server for every figure both report, or why not:
+    figures measured over different numbers of held clients do not compare."""
+    held = [
+        side["connected"] if "connected" in side else side.get("subscribers_held")
+        for side in (ours, theirs)
+    ]
+    if held[0] != held[1]:
+        return {
+            "ratios": None,
+            "ratios_withheld": "the two servers held different numbers of clients "
+            f"(pbrt: {held[0]}, the other: {held[1]}); their figures do not compare",
+        }
+
+    def ratios(a: JSON, b: JSON) -> JSON:
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = {
+                key: ratios(a[key], b[key])
+                for key in a
+                if key in b and key not in _BENCH_NOT_RATIOS
+            }
+            return {key: value for key, value in found.items() if value is not None}
+        numbers = all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)
+        )
+        return a / b if numbers and b else None
+
+    return {"ratios": ratios(ours, theirs)}
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12948,11 +13051,18 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--url", help="measure this server instead of starting a pbrt child process"
     )
     parser.add_argument(
-        "--su-email", default=BENCH_SU_EMAIL, help="superuser of the server at --url"
+        "--versus",
+        metavar="URL",
+        help="measure a pbrt child process, then this server, and report their ratios",
+    )
+    parser.add_argument(
+        "--su-email",
+        default=BENCH_SU_EMAIL,
+        help="superuser of the server at --url or --versus",
     )
     parser.add_argument("--su-pass", default=BENCH_SU_PASSWORD, help="its password")
     parser.add_argument(
-        "--pid", type=int, help="pid of the server at --url, for its CPU and RSS"
+        "--pid", type=int, help="pid of the server at --url or --versus, for its CPU and RSS"
     )
     parser.add_argument(
         "--clients", type=int, default=1000, help="SSE subscribers (default 1000)"

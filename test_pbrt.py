@@ -8319,7 +8319,7 @@ def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
         (
             "fanout",
             ["--clients", "30", "--events", "6", "--rate", "30"],
-            {"deliveries": 180, "losses": 0, "order_violations": 0},
+            {"deliveries": 180, "losses": 0, "order_violations": 0, "all_held": True},
         ),
         (
             "fanout",
@@ -8345,7 +8345,7 @@ def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
         (
             "connect",
             ["--clients", "40", "--hold", "0.5", "--settle", "0"],
-            {"subscribed": 40, "failures": 0},
+            {"connected": 40, "refused": 0, "failed": 0, "all_held": True},
         ),
         (
             "churn",
@@ -8407,6 +8407,39 @@ def test_bench_scenarios_run_against_a_child_server(
         assert [phase["losses"] for phase in phases] == [0, 0, 0]
         assert phases[1]["logins"] > 0 and phases[2]["lists"] > 0
         assert all(phase["health_ms"]["p99"] > 0 for phase in phases)
+
+
+def test_bench_counts_who_got_in_and_withholds_ratios_that_do_not_compare(
+    tmp_path: Path,
+) -> None:
+    """Against a server that holds 10 streams from an address, `bench connect
+    --clients 15 --versus` reports 10 connected and 5 refused there (15 for its
+    own pbrt, whose cap is off), warns, and gives no ratios."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    with ServerProcess(data_dir, 0, "--max-clients-per-ip", "10") as server:
+        assert server.process is not None
+        result = subprocess.run(
+            [sys.executable, str(HERE / "pbrt.py"), "bench", "connect"]
+            + ["--clients", "15", "--hold", "0.3", "--settle", "0", "--processes", "1"]
+            + ["--versus", server.url, "--su-email", SU_EMAIL, "--su-pass", SU_PASSWORD]
+            + ["--pid", str(server.process.pid), "--timeout", "60", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    held = {
+        side: {key: report[side][key] for key in ("connected", "refused", "all_held")}
+        for side in ("pbrt", "versus")
+    }
+    assert held == {
+        "pbrt": {"connected": 15, "refused": 0, "all_held": True},
+        "versus": {"connected": 10, "refused": 5, "all_held": False},
+    }
+    assert report["ratios"] is None
+    assert "held different numbers of clients (pbrt: 15" in report["ratios_withheld"]
+    assert "WARNING: the server held 10 of 15 clients (5 refused" in result.stderr
 
 
 # ==========================================================================
