@@ -214,6 +214,7 @@ MAX_REALTIME_CLIENTS = 20_000
 # addresses (a reverse proxy, this machine, one's own network) are not capped
 # per address: behind a proxy every client has the proxy's address.
 MAX_REALTIME_CLIENTS_PER_IP = 1_000
+FILES_BESIDE_CLIENTS = 100  # files a server keeps open besides its connections
 CAPACITY_WARNING_S = 60.0  # a refused stream is logged once a minute per address
 # Headers a reverse proxy adds with the address of the client it forwards for.
 FORWARDING_HEADERS = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
@@ -12249,14 +12250,17 @@ def _process_rss_kib(pid: int | None) -> int | None:
     return total
 
 
-def _raise_open_files_limit() -> None:
-    """Raise this process' soft limit on open files to its hard limit."""
+def _raise_open_files_limit() -> int | None:
+    """Raise this process' soft limit on open files to its hard limit; return
+    the limit now in force (None where it cannot be read)."""
     with contextlib.suppress(ImportError, ValueError, OSError):
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    return None
 
 
 def _start_bench_server() -> _BenchTarget:
@@ -13315,9 +13319,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench_command(args)
-    _raise_open_files_limit()  # so that thousands of SSE clients fit
+    open_files = _raise_open_files_limit()  # so that thousands of SSE clients fit
     _tune_garbage_collector()
     host, port = args.http
+    if open_files is not None and open_files < MAX_REALTIME_CLIENTS + FILES_BESIDE_CLIENTS:
+        log.warning(
+            "this process may open %d files, so it holds about %d connections, "
+            "fewer than the %d realtime clients it would accept: raise the limit "
+            "(ulimit -n, or LimitNOFILE= in a systemd unit)",
+            open_files,
+            max(open_files - FILES_BESIDE_CLIENTS, 0),
+            MAX_REALTIME_CLIENTS,
+        )
     config = Config(
         dir=args.dir,
         host=host,
