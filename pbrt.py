@@ -53,6 +53,7 @@ import hashlib
 import hmac
 import http
 import http.cookies
+import inspect
 import ipaddress
 import itertools
 import json
@@ -4244,6 +4245,10 @@ class Store:
         self.connection.execute("SAVEPOINT pbrt_write")
         try:
             result = work()
+            if inspect.isawaitable(result):  # it would run after the commit, if ever
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise TypeError("a shared write's work must not be async")
         except BaseException:
             self.connection.execute("ROLLBACK TO pbrt_write")
             self.connection.execute("RELEASE pbrt_write")

@@ -4139,6 +4139,78 @@ def test_records_concurrent_batch_and_auth_updates_lose_nothing(
         assert mine["points"] == 100
 
 
+def test_records_a_write_that_could_suspend_is_refused_and_undone(
+    tmp_path: Path,
+) -> None:
+    """A write's work runs whole inside its transaction: async work is a
+    TypeError, and what it did is rolled back."""
+    store = make_store(str(tmp_path / "data.db"))
+    users = store.collection("users")
+    assert users is not None
+
+    async def suspending() -> None:
+        await asyncio.sleep(0)
+
+    def work() -> Any:
+        store.create_record(users, {"email": "a@example.com", "password": "12345678"}, privileged=True)
+        return suspending()
+
+    with pytest.raises(TypeError, match="must not be async"):
+        store.write(work, lambda error: None)
+    store.commit_shared()
+    assert store.find_records(users) == []
+    store.close()
+
+
+AUTH_FOLLOWERS = {
+    "name": "notes",
+    "type": "base",
+    "listRule": "@request.auth.role = 'editor'",
+    "viewRule": "@request.auth.role = 'editor'",
+    "fields": [{"name": "text", "type": "text"}],
+}
+
+
+def test_auth_remembered_tokens_follow_the_auth_record_in_any_process(
+    tmp_path: Path,
+) -> None:
+    """A token verified once is remembered, yet a change to its auth record by
+    another process (plain sqlite3) is seen by the next request: a new role
+    changes what the rules let it see, a new tokenKey makes it a guest."""
+    data_dir = data_dir_with(tmp_path, [AUTH_FOLLOWERS])
+    database = str(data_dir / "data.db")
+    with ServerProcess(data_dir) as server:
+        su = Api(server.url).login("_superusers", SU_EMAIL, SU_PASSWORD)[0]
+        client = pbrt.Client(server.url, su)
+        users = client.request("GET", "/api/collections/users")
+        users["fields"].append({"name": "role", "type": "text"})
+        client.request("PATCH", "/api/collections/users", {"fields": users["fields"]})
+        client.create("notes", {"text": "hello"})
+        password = {"password": "password123", "passwordConfirm": "password123"}
+        user = client.create("users", {"email": "u@example.com", "role": "editor", **password})
+        token, _ = Api(server.url).login("users", "u@example.com", "password123")
+        reader = pbrt.Client(server.url, token)
+
+        def visible() -> int:
+            return int(reader.list("notes")["totalItems"])
+
+        def external(sql: str) -> None:
+            with contextlib.closing(sqlite3.connect(database, timeout=30)) as other:
+                with other:
+                    other.execute(sql, (user["id"],))
+
+        assert [visible(), visible()] == [1, 1]  # the second from the remembered token
+        external("UPDATE users SET role = 'viewer' WHERE id = ?")
+        assert visible() == 0
+        external("UPDATE users SET role = 'editor' WHERE id = ?")
+        assert visible() == 1
+        external("UPDATE users SET tokenKey = 'changed elsewhere' WHERE id = ?")
+        with pytest.raises(pbrt.ApiError) as refused:
+            reader.request("POST", "/api/collections/users/auth-refresh", {})
+        assert refused.value.status == 401
+        assert visible() == 0
+
+
 def write_costs(app: pbrt.App, write: Callable[[], Any], count: int = 5) -> tuple[float, float]:
     """Statements on the writer connection and thread hops per call of
     `write` (one request at a time, each alone in its transaction)."""
