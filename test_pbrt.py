@@ -8565,7 +8565,11 @@ def start_cli_server(cwd: Path, *args: str) -> tuple[subprocess.Popen[str], int]
     assert process.stderr is not None
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        line = process.stderr.readline()
+        # Byte by byte from the pipe itself: whatever follows the line stays
+        # there for `communicate` (a buffered readline could swallow it).
+        line = ""
+        while not line.endswith("\n") and (byte := os.read(process.stderr.fileno(), 1)):
+            line += byte.decode("latin-1")
         match = re.search(r"Server started at http://[^:]+:(\d+)", line)
         if match:
             return process, int(match.group(1))
