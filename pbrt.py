@@ -239,6 +239,7 @@ REPLAYS_AT_ONCE = 4  # replays running at a time; more wait their turn
 
 # Several worker processes on one address and data dir (`serve --workers N`).
 MAX_WORKERS = 62  # a client id's first character names its worker
+CLIENT_TIMEOUT_S = 30.0  # a request of pbrt's own (Client, worker to worker)
 WORKER_HEADER = "X-Pbrt-Worker"  # which worker answered (only with several)
 FORWARDED_IP_HEADER = "x-pbrt-remote-ip"  # the client's address, worker to worker
 WORKER_RESTART_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # after deaths in a row
@@ -9028,6 +9029,7 @@ class RequestContext:
     raw_body: bytes
     remote_ip: str
     writer: asyncio.StreamWriter | None = None
+    server: Server | None = None  # the runtime serving it
     params: dict[str, str] = field(default_factory=dict)
     _body: Body | None = None
     _auth: Auth | None = None
@@ -9803,10 +9805,11 @@ async def handle_realtime_subscribe(context: RequestContext) -> Response:
     if errors:
         raise BadRequestError(None, errors)
     client = broker.clients.get(client_id)
-    owner = context.app.owner_of(client_id)
-    if client is None and owner is not None:  # its stream is in another worker
+    server = context.server
+    owner = server.owner_of(client_id) if server is not None else None
+    if client is None and server is not None and owner is not None:
         body = {"clientId": client_id, "subscriptions": subscriptions}
-        return await context.app.hand_on(owner, body, context)
+        return await server.hand_on(owner, body, context)  # its stream is in another worker
     if client is None or client.closed:
         raise NotFoundError("Missing or invalid client id.")
     if client.remote_ip != context.remote_ip:
@@ -10465,8 +10468,9 @@ def cors_preflight_headers(request: Request) -> list[tuple[str, str]]:
 # ==========================================================================
 # 14. Connection loop
 # ==========================================================================
-# Sockets: reading heads and bodies under limits and timeouts. The loop
-# itself (keep-alive, writing responses and streams) is App's.
+# Sockets and background tasks: reading requests under limits and deadlines,
+# the Server that accepts, dispatches, writes responses and streams, and
+# runs every periodic task while an App serves.
 
 
 class _Connection:
@@ -10631,14 +10635,6 @@ async def _discard_input(reader: asyncio.StreamReader) -> None:
                 remaining -= len(data)
 
 
-# ==========================================================================
-# 15. App, serve(), Client
-# ==========================================================================
-# The embedding API: App owns the store, the broker, the router, the
-# listening socket and the reading threads; only this section starts or
-# stops things. Client is a small PocketBase client for scripts.
-
-
 _IN_MODIFY = 0x2  # <sys/inotify.h>
 
 
@@ -10711,6 +10707,661 @@ def _random_bytes(count: int) -> bytes:
     return cast(bytes, state["pool"][left : left + count])
 
 
+def worker_address(config: Config, worker: int) -> str:
+    """The abstract Unix socket on which worker `worker` of the server on
+    `config`'s dir and port takes handed-on requests."""
+    where = os.path.realpath(config.dir) + f":{config.port}"
+    digest = hashlib.sha256(where.encode()).hexdigest()[:16]
+    return f"\0pbrt-{digest}-{worker}"
+
+
+class Server:
+    """An App's runtime while it serves: every socket and every background task.
+
+    It binds the address, accepts connections, reads requests, dispatches them
+    to the App's router, writes responses and streams, and runs the broker,
+    heartbeats, realtime-log pruning, request-log flushing, the watch for
+    other writers and, with several workers, the hand-on socket. `start`
+    and `stop` are the only places that start or stop any of it.
+    """
+
+    def __init__(self, app: App) -> None:
+        self.app, self.config = app, app.config
+        self.broker: Broker | None = None
+        self.logs: RequestLogs | None = None  # the request logs (auxiliary.db)
+        self.read_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: int | None = None  # the loop's thread
+        self._listener: asyncio.Server | None = None
+        self._worker_listener: asyncio.Server | None = None  # handed-on requests
+        self._connections: set[_Connection] = set()
+        self._read_deadlines = _ReadDeadlines(
+            self._connections, _read_deadline_granularity(self.config)
+        )
+        self._tasks: list[asyncio.Future[None]] = []  # in start order
+        # What hears of other writers' commits: an inotify descriptor, or a thread.
+        self._wal_watch: int | None = None
+        self._watcher: threading.Thread | None = None
+        self._watching = threading.Event()  # set: the thread stops
+        self._unsent_bytes = 0  # response bytes not yet handed to a socket
+        self._date_cache: tuple[int, str] = (0, "")
+        self._proxy_hint_given = False  # see _hint_at_proxy
+
+    def _periodic_tasks(self) -> list[tuple[str, float, Callable[[], Any]]]:
+        """What runs every so often while serving: (name, period in seconds,
+        one turn), started in this order and stopped together."""
+        tasks = [
+            ("realtime log pruning", LOG_PRUNE_S, self._prune_realtime_log),
+            ("request log flushing", LOG_FLUSH_S, self._flush_request_logs),
+        ]
+        if self.config.sse_heartbeat_s > 0:
+            half = self.config.sse_heartbeat_s / 2
+            tasks.insert(0, ("heartbeats", half, self._send_heartbeats))
+        return tasks
+
+    async def start(self) -> int:
+        """Bind, open the App's store, start listening; return the bound port.
+
+        The address is bound first: a port in use fails with OSError before
+        anything is created in the data dir.
+        """
+        listener = await asyncio.start_server(
+            self._accept,
+            self.config.host,
+            self.config.port,
+            limit=MAX_HEAD_BYTES,
+            backlog=LISTEN_BACKLOG,
+            start_serving=False,
+            reuse_port=self.config.workers > 1 or None,
+        )
+        try:
+            store = self.app.store = self.app.store or self.app.open_store()
+        except BaseException:
+            listener.close()
+            raise
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+        mark = SECRET_ALPHABET[self.config.worker] if self.config.workers > 1 else ""
+        self.broker = Broker(
+            store,
+            now=self.app.now,
+            new_client_id=lambda: (
+                mark + random_text(SECRET_ALPHABET, CLIENT_ID_LENGTH - len(mark))
+            ),
+            run_read=self.run_read,
+            max_clients=self.config.max_realtime_clients,
+            max_queue_bytes=self.config.max_client_queue_bytes,
+            event_budget_s=self.config.event_budget_s,
+            check_budget_s=self.config.check_budget_s,
+            max_clients_per_ip=self.config.max_realtime_clients_per_ip,
+            replay_budget_s=self.config.replay_budget_s,
+        )
+        self.broker.message_filter = self.app.hooks.filter_message
+        self.broker.message_filter_active = lambda: bool(
+            self.app.hooks.registered("realtime_message")
+        )
+        store.listener = self.broker.wake
+        self.read_pool = concurrent.futures.ThreadPoolExecutor(
+            READ_THREADS, thread_name_prefix="pbrt-read"
+        )
+        self.logs = RequestLogs(
+            os.path.join(self.config.dir, LOGS_FILE),
+            now=self.app.now,
+            new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
+        )
+        self._watch_other_writers()
+        self._tasks = [asyncio.ensure_future(self.broker.run())] + [
+            asyncio.ensure_future(self._every(name, period_s, turn))
+            for name, period_s, turn in self._periodic_tasks()
+        ]
+        self._listener = listener
+        await listener.start_serving()
+        if self.config.workers > 1:  # listening on both: the supervisor looks here
+            self._worker_listener = await asyncio.start_unix_server(
+                functools.partial(self._accept, from_worker=True),
+                worker_address(self.config, self.config.worker),
+                limit=MAX_HEAD_BYTES,
+            )
+        port: int = listener.sockets[0].getsockname()[1]
+        if self.config.workers > 1:  # the supervisor says when all of them are
+            log.info("listening at http://%s:%d", self.config.host, port)
+        else:
+            url = f"http://{self.config.host}:{port}"
+            log.info("Server started at %s (dashboard: %s/_/)", url, url)
+        return port
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish, deliver every
+        committed event to the open streams, end them, stop the background
+        tasks, write the last request logs."""
+        if self._listener is None:
+            return
+        self._listener.close()
+        if self._worker_listener is not None:
+            self._worker_listener.close()
+            self._worker_listener = None
+        for connection in list(self._connections):
+            if not connection.busy and connection.task is not None:
+                connection.task.cancel()
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+
+        async def settled(streams: bool) -> None:
+            while time.monotonic() < deadline and any(
+                c.busy and (streams or not c.streaming) for c in self._connections
+            ):
+                await asyncio.sleep(0.01)
+
+        await settled(streams=False)  # requests in flight: their writes commit
+        if self.broker is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                    await self.broker.caught_up()
+            self.broker.close_all()
+        await settled(streams=True)  # streams write what they hold, then end
+        connection_tasks = [c.task for c in self._connections if c.task is not None]
+        for task in connection_tasks:
+            task.cancel()
+        await asyncio.gather(*connection_tasks, return_exceptions=True)
+        self._read_deadlines.close()
+        await self._listener.wait_closed()
+        self._listener = None
+        self.loop = self.thread = None
+        self.broker = None
+        for background in self._tasks:
+            background.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._wal_watch is not None:
+            asyncio.get_running_loop().remove_reader(self._wal_watch)
+            os.close(self._wal_watch)
+            self._wal_watch = None
+        if self._watcher is not None:
+            self._watching.set()
+            await asyncio.to_thread(self._watcher.join)
+            self._watcher = None
+        if self.read_pool is not None:
+            self.read_pool.shutdown()  # waits for reads in flight
+            self.read_pool = None
+        if self.logs is not None:
+            logs, self.logs = self.logs, None
+            await asyncio.to_thread(logs.flush, self._request_logs_max_days())
+            logs.close()
+
+    async def _every(self, name: str, period_s: float, turn: Callable[[], Any]) -> None:
+        """Run `turn` every `period_s` until cancelled; a failed turn is logged."""
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                result = turn()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("%s failed", name)
+
+    def _send_heartbeats(self) -> None:
+        """A comment line to each stream silent for half a heartbeat."""
+        if self.broker is not None:
+            self.broker.send_heartbeats(
+                time.monotonic() - self.config.sse_heartbeat_s / 2
+            )
+
+    async def _prune_realtime_log(self) -> None:
+        """Keep the realtime log within its limits, a short transaction at a time."""
+        config, store = self.config, self.app.store
+        limits = (config.realtime_log_max_entries, config.realtime_log_max_age_s)
+        while store is not None and store.prune_log(*limits) >= LOG_PRUNE_CHUNK:
+            await asyncio.sleep(0)  # writes go on between chunks
+
+    async def _flush_request_logs(self) -> None:
+        """Write the queued request logs, in a worker thread."""
+        if self.logs is not None and self.logs.pending:
+            await asyncio.to_thread(self.logs.flush, self._request_logs_max_days())
+
+    def _request_logs_max_days(self) -> float:
+        return float(self.app.settings["logs"].get("maxDays", 5))
+
+    async def run_read(self, function: Callable[[], Any]) -> Any:
+        """Run a read in the pool of reading threads (here, for a store that
+        only this thread can read)."""
+        store, pool = self.app.store, self.read_pool
+        if store is None or pool is None or not store.can_read_in_threads:
+            return function()
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, store.read, function
+        )
+
+    def client_ip(self, request: Request, peer_ip: str) -> str:
+        """The client's address: the peer's, or, behind a proxy named in
+        `trustedProxy.headers`, the one that proxy reports (PocketBase's rule)."""
+        proxy = self.app.settings["trustedProxy"]
+        for name in proxy["headers"]:
+            value = request.header(name.lower())
+            if value:
+                addresses = [part.strip() for part in value.split(",") if part.strip()]
+                if addresses:
+                    return addresses[0] if proxy["useLeftmostIP"] else addresses[-1]
+        if not proxy["headers"] and not self._proxy_hint_given:
+            self._hint_at_proxy(request, peer_ip)
+        return peer_ip
+
+    def _hint_at_proxy(self, request: Request, peer_ip: str) -> None:
+        """Say once what to set when a local peer forwards for others (a
+        reverse proxy) while `trustedProxy` names no header."""
+        seen = [name for name in FORWARDING_HEADERS if request.header(name.lower())]
+        if seen and is_local_address(peer_ip):
+            self._proxy_hint_given = True
+            log.warning(
+                "requests from %s carry %s, as a reverse proxy's do, but the settings' "
+                "trustedProxy.headers is empty: every client is seen as %s (in the "
+                "logs, the rules and the realtime caps). Set trustedProxy.headers "
+                'to ["%s"] if that proxy is yours.',
+                peer_ip,
+                ", ".join(seen),
+                peer_ip,
+                seen[0],
+            )
+
+    async def restore_backup(self, archive: str) -> None:
+        """Replace the data dir's database with a backup's (validated first);
+        realtime clients are disconnected and the store reopened."""
+        store = self.app.store
+        assert store is not None
+        directory = tempfile.mkdtemp(prefix=".restore-", dir=self.config.dir)
+        try:
+            restored = await asyncio.to_thread(extract_backup, archive, directory)
+            if self.broker is not None:
+                self.broker.close_all()
+            store.close()
+            database = os.path.join(self.config.dir, DATABASE_FILE)
+            for leftover in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(database + leftover)
+            os.replace(restored, database)
+            self.app.store = self.app.open_store()
+            self.app.forget_settings()
+            if self.config.workers > 1:  # the others hold the old file: restart all
+                os.kill(os.getppid(), signal.SIGHUP)
+            if self.broker is not None:
+                self.broker.store = self.app.store
+                self.broker.position = self.broker.claimed = self.app.store.log_bounds()[1]
+                self.app.store.listener = self.broker.wake
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    # --- connections -----------------------------------------------------------
+
+    def _http_date(self) -> str:
+        """Return the Date header value, formatted at most once per second."""
+        now = int(time.time())
+        if self._date_cache[0] != now:
+            self._date_cache = (now, email.utils.formatdate(now, usegmt=True))
+        return self._date_cache[1]
+
+    async def _accept(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        from_worker: bool = False,
+    ) -> None:
+        connection = _Connection(writer, asyncio.current_task())
+        self._connections.add(connection)
+        try:
+            await self._serve_connection(reader, writer, connection, from_worker)
+        except (_Closed, ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:  # the last guard: a bug must not kill the server
+            log.exception("connection handler failed")
+        finally:
+            self._connections.discard(connection)
+            writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _serve_connection(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        connection: _Connection,
+        from_worker: bool = False,
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        remote_ip = peer[0] if isinstance(peer, tuple) else ""
+        first, config = True, self.config
+        while True:
+            connection.busy = False
+
+            started = 0.0
+
+            def may_begin() -> bool:  # stopping: a request not begun is not served (as Go's Shutdown)
+                nonlocal started
+                started = time.perf_counter()
+                connection.busy = bool(self._listener and self._listener.is_serving())
+                return connection.busy
+
+            idle_s = config.head_timeout_s if first else config.keepalive_timeout_s
+            self._read_deadlines.set(connection, idle_s)
+            try:
+                read = await _read_request(
+                    reader, writer, connection, self._read_deadlines, config, may_begin
+                )
+                if read is None:
+                    return
+                request, raw_body = read
+            except ProtocolError as exc:
+                await self._reject(reader, writer, exc)
+                return
+            first = False
+            if from_worker:  # another worker hands on a client's subscriptions
+                remote_ip = request.header(FORWARDED_IP_HEADER)
+                if (request.method, request.path) != ("POST", "/api/realtime"):
+                    return
+            response, context = await self._dispatch(
+                request, raw_body, remote_ip, writer
+            )
+            keep_alive = (
+                request.keep_alive
+                and response.stream is None
+                and self._listener is not None
+                and self._listener.is_serving()
+            )
+            if response.stream is None:
+                await self._write_response(writer, request, response, keep_alive)
+            else:
+                connection.streaming = True
+                await self._write_stream(reader, writer, request, response)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            log.info(
+                "%s %s %d %.2fms",
+                request.method,
+                request.target,
+                response.status,
+                elapsed_ms,
+            )
+            self._log_request(request, response, context, remote_ip, elapsed_ms)
+            if not keep_alive:
+                return
+
+    def _log_request(
+        self,
+        request: Request,
+        response: Response,
+        context: RequestContext | None,
+        peer_ip: str,
+        elapsed_ms: float,
+    ) -> None:
+        """Queue the request-log entry PocketBase would write for this request."""
+        settings = self.app.settings["logs"]
+        if self.logs is None or not settings.get("maxDays"):
+            return  # `logs.maxDays: 0` turns request logs off, as in PocketBase
+        log_ip = bool(settings.get("logIP", True))
+        auth = context._auth if context is not None and context._auth_resolved else None
+        data: dict[str, JSON] = {
+            "auth": auth.collection.name if auth else "",
+            "execTime": round(elapsed_ms, 6),
+            "method": request.method,
+            "referer": request.header("referer"),
+            "remoteIP": peer_ip if log_ip else "",
+            "status": response.status,
+            "type": "request",
+            "url": request.target,
+            "userAgent": request.header("user-agent"),
+            "userIP": (context.remote_ip if context else peer_ip) if log_ip else "",
+        }
+        if context is not None and context.failure is not None:
+            data["error"], data["details"] = context.failure
+        level = 8 if response.status >= 400 else 0
+        self.logs.add(level, f"{request.method} {request.target}", data)
+
+    def _watch_other_writers(self) -> None:
+        """Hear of other processes' commits within LOG_WATCH_S, at no cost while
+        nothing changes: on Linux, inotify on the WAL file wakes the loop (then
+        it rests LOG_WATCH_S); elsewhere a thread looks at PRAGMA data_version."""
+        store, loop = self.app.store, self.loop
+        assert store is not None and loop is not None
+        if not store.can_read_in_threads:
+            return  # nobody else can write an in-memory database
+        self._wal_watch = _watch_writes(store.path + "-wal")
+        if self._wal_watch is not None:
+            loop.add_reader(self._wal_watch, self._on_wal_written)
+            return
+        self._watching = threading.Event()
+        self._watcher = threading.Thread(
+            target=store.watch_commits,
+            args=(
+                self._watching,
+                lambda: loop.call_soon_threadsafe(self.app.notice_other_writers),
+            ),
+            name="pbrt-watch",
+            daemon=True,
+        )
+        self._watcher.start()
+
+    def _on_wal_written(self) -> None:
+        """The WAL was written (a commit, ours or another's): look, then rest."""
+        fd, loop = self._wal_watch, self.loop
+        assert fd is not None and loop is not None
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 4096):
+                pass
+        loop.remove_reader(fd)
+        self.app.notice_other_writers()
+        loop.call_later(LOG_WATCH_S, self._rest_over)
+
+    def _rest_over(self) -> None:
+        if self._wal_watch is not None and self.loop is not None:
+            self.loop.add_reader(self._wal_watch, self._on_wal_written)
+
+    async def _dispatch(
+        self,
+        request: Request,
+        raw_body: bytes,
+        remote_ip: str,
+        writer: asyncio.StreamWriter | None = None,
+    ) -> tuple[Response, RequestContext | None]:
+        """Route one request; every exception becomes an error envelope."""
+        if request.method == "OPTIONS":
+            return Response(204, headers=tuple(cors_preflight_headers(request))), None
+        self.app.notice_other_writers()
+        context = RequestContext(
+            self.app, request, raw_body, self.client_ip(request, remote_ip), writer, self
+        )
+        try:
+            handler, context.params = self.app.router.match(request.method, request.path)
+            response = await handler(context)
+        except Exception as exc:
+            error = to_api_error(exc)
+            context.failure = (error.message, explain_error(exc, error))
+            if self.config.dev:
+                log.warning(
+                    "%s %s -> %d: %s",
+                    request.method,
+                    request.target,
+                    error.status,
+                    context.failure[1],
+                )
+            response = error_response(error)
+        if self.config.workers > 1:
+            worker = (WORKER_HEADER, str(self.config.worker))
+            response = dataclasses.replace(
+                response, headers=(*response.headers, worker)
+            )
+        return response, context
+
+    # --- several workers -----------------------------------------------------------
+    # Worker processes share the address (SO_REUSEPORT: the kernel spreads the
+    # connections) and the data dir (the realtime log carries every event to
+    # each). A client id's first character names the worker holding its
+    # stream; a subscription POST that reaches another worker is handed on
+    # over a local socket, and its answer comes back unchanged.
+
+    def owner_of(self, client_id: str) -> int | None:
+        """The worker that holds stream `client_id`, if another one than this."""
+        if self.config.workers < 2 or not client_id:
+            return None
+        owner = SECRET_ALPHABET.find(client_id[0])
+        if owner < 0 or owner >= self.config.workers or owner == self.config.worker:
+            return None
+        return owner
+
+    async def hand_on(
+        self, owner: int, body: dict[str, JSON], context: RequestContext
+    ) -> Response:
+        """Send a subscription POST to the worker holding the stream; return
+        its answer. A worker that is gone held no client any more: 404."""
+        payload = _json_body(body)
+        token, address = context.auth_token, context.remote_ip
+        if not (token + address).isprintable():  # no header of one's own to slip in
+            raise BadRequestError()
+        lines = [
+            "POST /api/realtime HTTP/1.1",
+            "Host: pbrt",
+            "Content-Type: application/json",
+            f"Content-Length: {len(payload)}",
+            f"{FORWARDED_IP_HEADER}: {address}",
+            "Connection: close",
+        ]
+        if token:
+            lines.append(f"Authorization: {token}")
+        try:
+            async with asyncio.timeout(CLIENT_TIMEOUT_S):
+                reader, writer = await asyncio.open_unix_connection(
+                    worker_address(self.config, owner)
+                )
+                try:
+                    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    answer = await reader.read()
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            raise NotFoundError("Missing or invalid client id.") from None
+        status = int(head.split(b" ", 2)[1])
+        kind = re.search(rb"(?im)^content-type: *([^\r]+)", head)
+        headers = (("Content-Type", kind.group(1).decode()),) if kind else ()
+        return Response(status, answer, headers)
+
+    async def _write_response(
+        self,
+        writer: asyncio.StreamWriter,
+        request: Request,
+        response: Response,
+        keep_alive: bool,
+    ) -> None:
+        head = encode_response_head(
+            response.status,
+            finish_headers(response.headers, request),
+            date=self._http_date(),
+            version=request.version,
+            content_length=len(response.body),
+            close=not keep_alive,
+        )
+        body = memoryview(response.body if request.method != "HEAD" else b"")
+        if len(body) <= SEND_SLICE_BYTES:
+            writer.write(head + body)
+            if not writer.transport.get_write_buffer_size():
+                return  # all in the socket already: the common case
+            body = body[len(body) :]
+            head = b""
+        # In slices, each sent before the next: a client that does not read holds
+        # one response (never a second copy in the socket's buffer), is dropped
+        # after `send_timeout_s`, and at once while the responses that stalled
+        # clients hold pass `max_unsent_bytes` in all.
+        self._unsent_bytes += len(body)
+        try:
+            async with asyncio.timeout(self.config.send_timeout_s):
+                writer.write(head)
+                for start in range(0, max(len(body), 1), SEND_SLICE_BYTES):
+                    writer.write(body[start : start + SEND_SLICE_BYTES])
+                    stalled = writer.transport.get_write_buffer_size() > 0
+                    if stalled and self._unsent_bytes > self.config.max_unsent_bytes:
+                        log.warning(
+                            "dropping a connection that does not read its responses"
+                        )
+                        raise TimeoutError
+                    await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()
+            raise _Closed from None
+        finally:
+            self._unsent_bytes -= len(body)
+
+    async def _write_stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: Request,
+        response: Response,
+    ) -> None:
+        """Send a streamed (SSE) response: one chunk per frame, until the stream
+        ends or the client goes away."""
+        assert response.stream is not None
+        stream = response.stream
+        chunked = request.version == "HTTP/1.1"
+        head = encode_response_head(
+            response.status,
+            finish_headers(response.headers, request),
+            date=self._http_date(),
+            version=request.version,
+            close=not chunked,
+        )
+
+        async def pump() -> None:
+            pending = head  # sent together with the first frames, in one write
+            async for frames in stream:
+                body = (
+                    b"".join(map(encode_chunk, frames)) if chunked else b"".join(frames)
+                )
+                writer.write(pending + body)
+                pending = b""
+                await writer.drain()
+            writer.write(pending + (encode_chunk(b"") if chunked else b""))
+            await writer.drain()
+
+        pumping = asyncio.create_task(pump())
+        watching = asyncio.create_task(_wait_for_eof(reader))
+        try:
+            await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pumping, watching):
+                task.cancel()
+            await asyncio.gather(pumping, watching, return_exceptions=True)
+            await stream.aclose()
+
+    async def _reject(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        exc: ProtocolError,
+    ) -> None:
+        """Answer a protocol error with its status, then close."""
+        error = to_api_error(exc)
+        body = _json_body(error.payload())
+        writer.write(
+            encode_response_head(
+                error.status,
+                finish_headers((("Content-Type", "application/json"),), None),
+                date=self._http_date(),
+                content_length=len(body),
+                close=True,
+            )
+            + body
+        )
+        await writer.drain()
+        log.info("rejected request: %s -> %d", exc, error.status)
+        if exc.status_hint == 413:
+            await _discard_input(reader)
+
+
+# ==========================================================================
+# 15. App, serve(), Client
+# ==========================================================================
+# The embedding API: App owns the config, the store, the records layer, the
+# hooks and the router, and runs a Server to serve them. Client is a small
+# PocketBase client for scripts.
+
+
 def _log_to_stderr(quiet: bool, prefix: str = "") -> None:
     """Show pbrt's log (request lines too, unless `quiet`) on stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -10741,29 +11392,11 @@ class App:
             self.config.login_failures_per_identity, window
         )
         self.verified_tokens = VerifiedTokens()
-        self._proxy_hint_given = False  # see _hint_at_proxy
         self.store: Store | None = None
         self._records: Records | None = None
         self._settings: dict[str, JSON] | None = None
-        self.logs: RequestLogs | None = None
-        self._log_flusher: asyncio.Task[None] | None = None
-        self._read_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self.broker: Broker | None = None
-        self._server: asyncio.Server | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: int | None = None
-        self._connections: set[_Connection] = set()
-        self._read_deadlines = _ReadDeadlines(
-            self._connections, _read_deadline_granularity(self.config)
-        )
-        self._tasks: list[asyncio.Future[None]] = []  # the broker's and the log's
-        self._worker_server: asyncio.Server | None = None  # handed-on requests
-        # What hears of other writers' commits: an inotify descriptor, or a thread.
-        self._wal_watch: int | None = None
-        self._watcher: threading.Thread | None = None
-        self._watching = threading.Event()  # set: the thread stops
-        self._unsent_bytes = 0  # response bytes not yet handed to a socket
-        self._date_cache: tuple[int, str] = (0, "")
+        #: The runtime while this App serves (between `start` and `stop`).
+        self.server: Server | None = None
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -10785,143 +11418,38 @@ class App:
         )
 
     async def start(self) -> int:
-        """Bind, open the store, start listening; return the bound port.
+        """Bind, open the store, start serving; return the bound port.
 
         The address is bound first: a port in use fails with OSError before
         anything is created in the data dir.
         """
-        server = await asyncio.start_server(
-            self._accept,
-            self.config.host,
-            self.config.port,
-            limit=MAX_HEAD_BYTES,
-            backlog=LISTEN_BACKLOG,
-            start_serving=False,
-            reuse_port=self.config.workers > 1 or None,
-        )
-        try:
-            self.store = self.store or self.open_store()
-        except BaseException:
-            server.close()
-            raise
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
-        mark = SECRET_ALPHABET[self.config.worker] if self.config.workers > 1 else ""
-        self.broker = Broker(
-            self.store,
-            now=self.now,
-            new_client_id=lambda: (
-                mark + random_text(SECRET_ALPHABET, CLIENT_ID_LENGTH - len(mark))
-            ),
-            run_read=self._run_read,
-            max_clients=self.config.max_realtime_clients,
-            max_queue_bytes=self.config.max_client_queue_bytes,
-            event_budget_s=self.config.event_budget_s,
-            check_budget_s=self.config.check_budget_s,
-            max_clients_per_ip=self.config.max_realtime_clients_per_ip,
-            replay_budget_s=self.config.replay_budget_s,
-        )
-        self.broker.message_filter = self.hooks.filter_message
-        self.broker.message_filter_active = lambda: bool(
-            self.hooks.registered("realtime_message")
-        )
-        self.store.listener = self.broker.wake
-        self._read_pool = concurrent.futures.ThreadPoolExecutor(
-            READ_THREADS, thread_name_prefix="pbrt-read"
-        )
-        self._watch_other_writers()
-        self._tasks = [
-            asyncio.ensure_future(self.broker.run()),
-            asyncio.ensure_future(self._send_heartbeats()),
-            asyncio.ensure_future(self._prune_realtime_log()),
-        ]
-        self.logs = RequestLogs(
-            os.path.join(self.config.dir, LOGS_FILE),
-            now=self.now,
-            new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
-        )
-        self._log_flusher = asyncio.ensure_future(self._flush_logs())
-        self._server = server
-        await server.start_serving()
-        if self.config.workers > 1:  # listening on both: the supervisor looks here
-            self._worker_server = await asyncio.start_unix_server(
-                functools.partial(self._accept, from_worker=True),
-                self._worker_address(self.config.worker),
-                limit=MAX_HEAD_BYTES,
-            )
-        port: int = server.sockets[0].getsockname()[1]
-        if self.config.workers > 1:  # the supervisor says when all of them are
-            log.info("listening at http://%s:%d", self.config.host, port)
-        else:
-            url = f"http://{self.config.host}:{port}"
-            log.info("Server started at %s (dashboard: %s/_/)", url, url)
+        if self.server is not None:
+            raise RuntimeError("this App is serving already")
+        server = Server(self)
+        port = await server.start()
+        self.server = server
         return port
 
     async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish, deliver every
-        committed event to the open streams, end them, close the store."""
-        if self._server is None:
+        """Stop serving (requests in flight finish, every committed event
+        reaches the open streams), then close the store."""
+        if self.server is None:
             return
-        self._server.close()
-        if self._worker_server is not None:
-            self._worker_server.close()
-            self._worker_server = None
-        for connection in list(self._connections):
-            if not connection.busy and connection.task is not None:
-                connection.task.cancel()
-        deadline = time.monotonic() + self.config.shutdown_grace_s
-
-        async def settled(streams: bool) -> None:
-            while time.monotonic() < deadline and any(
-                c.busy and (streams or not c.streaming) for c in self._connections
-            ):
-                await asyncio.sleep(0.01)
-
-        await settled(streams=False)  # requests in flight: their writes commit
-        if self.broker is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
-                    await self.broker.caught_up()
-            self.broker.close_all()
-        await settled(streams=True)  # streams write what they hold, then end
-        connection_tasks = [c.task for c in self._connections if c.task is not None]
-        for task in connection_tasks:
-            task.cancel()
-        await asyncio.gather(*connection_tasks, return_exceptions=True)
-        self._read_deadlines.close()
-        await self._server.wait_closed()
-        self._server = None
-        self._loop = self._thread = None
-        self.broker = None
-        for background in self._tasks:
-            background.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self._wal_watch is not None:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self._wal_watch)
-            os.close(self._wal_watch)
-            self._wal_watch = None
-        if self._watcher is not None:
-            self._watching.set()
-            await asyncio.to_thread(self._watcher.join)
-            self._watcher = None
-        if self._read_pool is not None:
-            self._read_pool.shutdown()  # waits for reads in flight
-            self._read_pool = None
-        if self._log_flusher is not None:
-            self._log_flusher.cancel()
-            await asyncio.gather(self._log_flusher, return_exceptions=True)
-            self._log_flusher = None
-        if self.logs is not None:
-            logs, self.logs = self.logs, None
-            await asyncio.to_thread(
-                logs.flush, float(self.settings["logs"].get("maxDays", 5))
-            )
-            logs.close()
+        await self.server.stop()
+        self.server = None
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    @property
+    def broker(self) -> Broker | None:
+        """The realtime broker while serving, else None."""
+        return self.server.broker if self.server is not None else None
+
+    @property
+    def logs(self) -> RequestLogs | None:
+        """The request logs while serving, else None."""
+        return self.server.logs if self.server is not None else None
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -11149,7 +11677,7 @@ class App:
 
     def close(self) -> None:
         """Close the store of an App used without a server."""
-        if self._server is None and self.store is not None:
+        if self.server is None and self.store is not None:
             self.store.close()
             self.store = None
 
@@ -11168,63 +11696,25 @@ class App:
         self.records.store.save_param("settings", settings)
         self._settings = settings
 
-    def client_ip(self, request: Request, peer_ip: str) -> str:
-        """The client's address: the peer's, or, behind a proxy named in
-        `trustedProxy.headers`, the one that proxy reports (PocketBase's rule)."""
-        proxy = self.settings["trustedProxy"]
-        for name in proxy["headers"]:
-            value = request.header(name.lower())
-            if value:
-                addresses = [part.strip() for part in value.split(",") if part.strip()]
-                if addresses:
-                    return addresses[0] if proxy["useLeftmostIP"] else addresses[-1]
-        if not proxy["headers"] and not self._proxy_hint_given:
-            self._hint_at_proxy(request, peer_ip)
-        return peer_ip
+    def forget_settings(self) -> None:
+        """Read the settings again when next asked (another process may have
+        changed them, or a backup was restored)."""
+        self._settings = None
 
-    def _hint_at_proxy(self, request: Request, peer_ip: str) -> None:
-        """Say once what to set when a local peer forwards for others (a
-        reverse proxy) while `trustedProxy` names no header."""
-        seen = [name for name in FORWARDING_HEADERS if request.header(name.lower())]
-        if seen and is_local_address(peer_ip):
-            self._proxy_hint_given = True
-            log.warning(
-                "requests from %s carry %s, as a reverse proxy's do, but the settings' "
-                "trustedProxy.headers is empty: every client is seen as %s (in the "
-                "logs, the rules and the realtime caps). Set trustedProxy.headers "
-                'to ["%s"] if that proxy is yours.',
-                peer_ip,
-                ", ".join(seen),
-                peer_ip,
-                seen[0],
-            )
+    def notice_other_writers(self) -> None:
+        """See what other processes committed: collections, settings, auth
+        records, log entries (the broker delivers those)."""
+        try:
+            if self.store is not None and self.store.refresh():
+                self.forget_settings()
+        except sqlite3.Error:  # e.g. locked past the busy timeout: the next look
+            log.exception("looking for other writers' changes failed")
 
     async def restore_backup(self, archive: str) -> None:
-        """Replace the data dir's database with a backup's (validated first);
-        realtime clients are disconnected and the store reopened."""
-        store = self.store
-        assert store is not None
-        directory = tempfile.mkdtemp(prefix=".restore-", dir=self.config.dir)
-        try:
-            restored = await asyncio.to_thread(extract_backup, archive, directory)
-            if self.broker is not None:
-                self.broker.close_all()
-            store.close()
-            database = os.path.join(self.config.dir, DATABASE_FILE)
-            for leftover in ("-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(database + leftover)
-            os.replace(restored, database)
-            self.store = self.open_store()
-            self._settings = None
-            if self.config.workers > 1:  # the others hold the old file: restart all
-                os.kill(os.getppid(), signal.SIGHUP)
-            if self.broker is not None:
-                self.broker.store = self.store
-                self.broker.position = self.broker.claimed = self.store.log_bounds()[1]
-                self.store.listener = self.broker.wake
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
+        """Replace the data dir's database with a backup's (see Server.restore_backup)."""
+        if self.server is None:
+            raise RuntimeError("restoring a backup needs a serving App")
+        await self.server.restore_backup(archive)
 
     @property
     def records(self) -> Records:
@@ -11238,7 +11728,7 @@ class App:
                 now=self.now,
                 hash_password=self.store.hash_password,
                 run_blocking=asyncio.to_thread,
-                run_read=self._run_read,
+                run_read=self._read,
                 request_budget_s=self.config.request_budget_s,
                 log_slow=self.config.dev,
                 storage=os.path.join(self.config.dir, STORAGE_DIR),
@@ -11246,14 +11736,11 @@ class App:
             )
         return self._records
 
-    async def _run_read(self, function: Callable[[], Any]) -> Any:
-        """Run a read in the pool of reading threads (or here, without a server)."""
-        store, pool = self.store, self._read_pool
-        if store is None or pool is None or not store.can_read_in_threads:
+    async def _read(self, function: Callable[[], Any]) -> Any:
+        """A read off the loop while serving (here, without a server)."""
+        if self.server is None:
             return function()
-        return await asyncio.get_running_loop().run_in_executor(
-            pool, store.read, function
-        )
+        return await self.server.run_read(function)
 
     def _run(
         self,
@@ -11267,7 +11754,7 @@ class App:
             if token is None:
                 requester = SYSTEM
             else:
-                self._notice_other_writers()  # an auth record changed elsewhere?
+                self.notice_other_writers()  # an auth record changed elsewhere?
                 store = self.records.store
                 auth = (
                     resolve_auth(store, token, self.now(), verified=self.verified_tokens)
@@ -11280,10 +11767,11 @@ class App:
             except PbrtError as exc:
                 raise to_api_error(exc) from None
 
-        loop = self._loop
-        if loop is None:
+        server = self.server
+        loop = server.loop if server is not None else None
+        if server is None or loop is None:
             return asyncio.run(call())
-        if self._thread == threading.get_ident():
+        if server.thread == threading.get_ident():
             raise RuntimeError(
                 "App's record methods block: call them from another thread, "
                 "or await app.records on the loop"
@@ -11292,8 +11780,9 @@ class App:
 
     def _on_loop(self, function: Callable[[], Any]) -> Any:
         """Run `function` on the server's loop thread (or here, if no server runs)."""
-        loop = self._loop
-        if loop is None or self._thread == threading.get_ident():
+        server = self.server
+        loop = server.loop if server is not None else None
+        if server is None or loop is None or server.thread == threading.get_ident():
             return function()
 
         async def call() -> Any:
@@ -11301,423 +11790,11 @@ class App:
 
         return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=60)
 
-    # --- connections -----------------------------------------------------------
-
-    def _http_date(self) -> str:
-        """Return the Date header value, formatted at most once per second."""
-        now = int(time.time())
-        if self._date_cache[0] != now:
-            self._date_cache = (now, email.utils.formatdate(now, usegmt=True))
-        return self._date_cache[1]
-
-    async def _accept(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        from_worker: bool = False,
-    ) -> None:
-        connection = _Connection(writer, asyncio.current_task())
-        self._connections.add(connection)
-        try:
-            await self._serve_connection(reader, writer, connection, from_worker)
-        except (_Closed, ConnectionError, asyncio.CancelledError):
-            pass
-        except Exception:  # the last guard: a bug must not kill the server
-            log.exception("connection handler failed")
-        finally:
-            self._connections.discard(connection)
-            writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await writer.wait_closed()
-
-    async def _serve_connection(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        connection: _Connection,
-        from_worker: bool = False,
-    ) -> None:
-        peer = writer.get_extra_info("peername")
-        remote_ip = peer[0] if isinstance(peer, tuple) else ""
-        first, config = True, self.config
-        while True:
-            connection.busy = False
-
-            started = 0.0
-
-            def may_begin() -> bool:  # stopping: a request not begun is not served (as Go's Shutdown)
-                nonlocal started
-                started = time.perf_counter()
-                connection.busy = bool(self._server and self._server.is_serving())
-                return connection.busy
-
-            idle_s = config.head_timeout_s if first else config.keepalive_timeout_s
-            self._read_deadlines.set(connection, idle_s)
-            try:
-                read = await _read_request(
-                    reader, writer, connection, self._read_deadlines, config, may_begin
-                )
-                if read is None:
-                    return
-                request, raw_body = read
-            except ProtocolError as exc:
-                await self._reject(reader, writer, exc)
-                return
-            first = False
-            if from_worker:  # another worker hands on a client's subscriptions
-                remote_ip = request.header(FORWARDED_IP_HEADER)
-                if (request.method, request.path) != ("POST", "/api/realtime"):
-                    return
-            response, context = await self._dispatch(
-                request, raw_body, remote_ip, writer
-            )
-            keep_alive = (
-                request.keep_alive
-                and response.stream is None
-                and self._server is not None
-                and self._server.is_serving()
-            )
-            if response.stream is None:
-                await self._write_response(writer, request, response, keep_alive)
-            else:
-                connection.streaming = True
-                await self._write_stream(reader, writer, request, response)
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            log.info(
-                "%s %s %d %.2fms",
-                request.method,
-                request.target,
-                response.status,
-                elapsed_ms,
-            )
-            self._log_request(request, response, context, remote_ip, elapsed_ms)
-            if not keep_alive:
-                return
-
-    def _log_request(
-        self,
-        request: Request,
-        response: Response,
-        context: RequestContext | None,
-        peer_ip: str,
-        elapsed_ms: float,
-    ) -> None:
-        """Queue the request-log entry PocketBase would write for this request."""
-        settings = self.settings["logs"]
-        if self.logs is None or not settings.get("maxDays"):
-            return  # `logs.maxDays: 0` turns request logs off, as in PocketBase
-        log_ip = bool(settings.get("logIP", True))
-        auth = context._auth if context is not None and context._auth_resolved else None
-        data: dict[str, JSON] = {
-            "auth": auth.collection.name if auth else "",
-            "execTime": round(elapsed_ms, 6),
-            "method": request.method,
-            "referer": request.header("referer"),
-            "remoteIP": peer_ip if log_ip else "",
-            "status": response.status,
-            "type": "request",
-            "url": request.target,
-            "userAgent": request.header("user-agent"),
-            "userIP": (context.remote_ip if context else peer_ip) if log_ip else "",
-        }
-        if context is not None and context.failure is not None:
-            data["error"], data["details"] = context.failure
-        level = 8 if response.status >= 400 else 0
-        self.logs.add(level, f"{request.method} {request.target}", data)
-
-    def _watch_other_writers(self) -> None:
-        """Hear of other processes' commits within LOG_WATCH_S, at no cost while
-        nothing changes: on Linux, inotify on the WAL file wakes the loop (then
-        it rests LOG_WATCH_S); elsewhere a thread looks at PRAGMA data_version."""
-        store, loop = self.store, self._loop
-        assert store is not None and loop is not None
-        if not store.can_read_in_threads:
-            return  # nobody else can write an in-memory database
-        self._wal_watch = _watch_writes(store.path + "-wal")
-        if self._wal_watch is not None:
-            loop.add_reader(self._wal_watch, self._on_wal_written)
-            return
-        self._watching = threading.Event()
-        self._watcher = threading.Thread(
-            target=store.watch_commits,
-            args=(
-                self._watching,
-                lambda: loop.call_soon_threadsafe(self._notice_other_writers),
-            ),
-            name="pbrt-watch",
-            daemon=True,
-        )
-        self._watcher.start()
-
-    def _on_wal_written(self) -> None:
-        """The WAL was written (a commit, ours or another's): look, then rest."""
-        fd, loop = self._wal_watch, self._loop
-        assert fd is not None and loop is not None
-        with contextlib.suppress(BlockingIOError):
-            while os.read(fd, 4096):
-                pass
-        loop.remove_reader(fd)
-        self._notice_other_writers()
-        loop.call_later(LOG_WATCH_S, self._rest_over)
-
-    def _rest_over(self) -> None:
-        if self._wal_watch is not None and self._loop is not None:
-            self._loop.add_reader(self._wal_watch, self._on_wal_written)
-
-    def _notice_other_writers(self) -> None:
-        """See what other processes committed: collections, settings, log entries."""
-        try:
-            if self.store is not None and self.store.refresh():
-                self._settings = None
-        except sqlite3.Error:  # e.g. locked past the busy timeout: the next look
-            log.exception("looking for other writers' changes failed")
-
-    async def _send_heartbeats(self) -> None:
-        """Every half heartbeat, a comment line to each stream silent for as long."""
-        interval = self.config.sse_heartbeat_s / 2
-        if interval <= 0:
-            return
-        while True:
-            await asyncio.sleep(interval)
-            if self.broker is not None:
-                self.broker.send_heartbeats(time.monotonic() - interval)
-
-    async def _prune_realtime_log(self) -> None:
-        """Keep the realtime log within its limits, a short transaction at a time."""
-        config = self.config
-        while True:
-            await asyncio.sleep(LOG_PRUNE_S)
-            store = self.store
-            limits = (config.realtime_log_max_entries, config.realtime_log_max_age_s)
-            try:
-                while store is not None and store.prune_log(*limits) >= LOG_PRUNE_CHUNK:
-                    await asyncio.sleep(0)  # writes go on between chunks
-            except sqlite3.Error:
-                log.exception("pruning the realtime log failed")
-
-    async def _flush_logs(self) -> None:
-        """Write queued request logs every LOG_FLUSH_S, in a worker thread."""
-        logs = self.logs
-        assert logs is not None
-        while True:
-            await asyncio.sleep(LOG_FLUSH_S)
-            if logs.pending:
-                max_days = float(self.settings["logs"].get("maxDays", 5))
-                await asyncio.to_thread(logs.flush, max_days)
-
-    async def _dispatch(
-        self,
-        request: Request,
-        raw_body: bytes,
-        remote_ip: str,
-        writer: asyncio.StreamWriter | None = None,
-    ) -> tuple[Response, RequestContext | None]:
-        """Route one request; every exception becomes an error envelope."""
-        if request.method == "OPTIONS":
-            return Response(204, headers=tuple(cors_preflight_headers(request))), None
-        self._notice_other_writers()
-        context = RequestContext(
-            self, request, raw_body, self.client_ip(request, remote_ip), writer
-        )
-        try:
-            handler, context.params = self.router.match(request.method, request.path)
-            response = await handler(context)
-        except Exception as exc:
-            error = to_api_error(exc)
-            context.failure = (error.message, explain_error(exc, error))
-            if self.config.dev:
-                log.warning(
-                    "%s %s -> %d: %s",
-                    request.method,
-                    request.target,
-                    error.status,
-                    context.failure[1],
-                )
-            response = error_response(error)
-        if self.config.workers > 1:
-            worker = (WORKER_HEADER, str(self.config.worker))
-            response = dataclasses.replace(
-                response, headers=(*response.headers, worker)
-            )
-        return response, context
-
-    # --- several workers -----------------------------------------------------------
-    # Worker processes share the address (SO_REUSEPORT: the kernel spreads the
-    # connections) and the data dir (the realtime log carries every event to
-    # each). A client id's first character names the worker holding its
-    # stream; a subscription POST that reaches another worker is handed on
-    # over a local socket, and its answer comes back unchanged.
-
-    def _worker_address(self, worker: int) -> str:
-        """The abstract Unix socket a worker takes handed-on requests on."""
-        where = os.path.realpath(self.config.dir) + f":{self.config.port}"
-        digest = hashlib.sha256(where.encode()).hexdigest()[:16]
-        return f"\0pbrt-{digest}-{worker}"
-
-    def owner_of(self, client_id: str) -> int | None:
-        """The worker that holds stream `client_id`, if another one than this."""
-        if self.config.workers < 2 or not client_id:
-            return None
-        owner = SECRET_ALPHABET.find(client_id[0])
-        if owner < 0 or owner >= self.config.workers or owner == self.config.worker:
-            return None
-        return owner
-
-    async def hand_on(
-        self, owner: int, body: dict[str, JSON], context: RequestContext
-    ) -> Response:
-        """Send a subscription POST to the worker holding the stream; return
-        its answer. A worker that is gone held no client any more: 404."""
-        payload = _json_body(body)
-        token, address = context.auth_token, context.remote_ip
-        if not (token + address).isprintable():  # no header of one's own to slip in
-            raise BadRequestError()
-        lines = [
-            "POST /api/realtime HTTP/1.1",
-            "Host: pbrt",
-            "Content-Type: application/json",
-            f"Content-Length: {len(payload)}",
-            f"{FORWARDED_IP_HEADER}: {address}",
-            "Connection: close",
-        ]
-        if token:
-            lines.append(f"Authorization: {token}")
-        try:
-            async with asyncio.timeout(CLIENT_TIMEOUT_S):
-                reader, writer = await asyncio.open_unix_connection(
-                    self._worker_address(owner)
-                )
-                try:
-                    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    answer = await reader.read()
-                finally:
-                    writer.close()
-                    with contextlib.suppress(OSError):
-                        await writer.wait_closed()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            raise NotFoundError("Missing or invalid client id.") from None
-        status = int(head.split(b" ", 2)[1])
-        kind = re.search(rb"(?im)^content-type: *([^\r]+)", head)
-        headers = (("Content-Type", kind.group(1).decode()),) if kind else ()
-        return Response(status, answer, headers)
-
-    async def _write_response(
-        self,
-        writer: asyncio.StreamWriter,
-        request: Request,
-        response: Response,
-        keep_alive: bool,
-    ) -> None:
-        head = encode_response_head(
-            response.status,
-            finish_headers(response.headers, request),
-            date=self._http_date(),
-            version=request.version,
-            content_length=len(response.body),
-            close=not keep_alive,
-        )
-        body = memoryview(response.body if request.method != "HEAD" else b"")
-        if len(body) <= SEND_SLICE_BYTES:
-            writer.write(head + body)
-            if not writer.transport.get_write_buffer_size():
-                return  # all in the socket already: the common case
-            body = body[len(body) :]
-            head = b""
-        # In slices, each sent before the next: a client that does not read holds
-        # one response (never a second copy in the socket's buffer), is dropped
-        # after `send_timeout_s`, and at once while the responses that stalled
-        # clients hold pass `max_unsent_bytes` in all.
-        self._unsent_bytes += len(body)
-        try:
-            async with asyncio.timeout(self.config.send_timeout_s):
-                writer.write(head)
-                for start in range(0, max(len(body), 1), SEND_SLICE_BYTES):
-                    writer.write(body[start : start + SEND_SLICE_BYTES])
-                    stalled = writer.transport.get_write_buffer_size() > 0
-                    if stalled and self._unsent_bytes > self.config.max_unsent_bytes:
-                        log.warning(
-                            "dropping a connection that does not read its responses"
-                        )
-                        raise TimeoutError
-                    await writer.drain()
-        except TimeoutError:
-            writer.transport.abort()
-            raise _Closed from None
-        finally:
-            self._unsent_bytes -= len(body)
-
-    async def _write_stream(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        request: Request,
-        response: Response,
-    ) -> None:
-        """Send a streamed (SSE) response: one chunk per frame, until the stream
-        ends or the client goes away."""
-        assert response.stream is not None
-        stream = response.stream
-        chunked = request.version == "HTTP/1.1"
-        head = encode_response_head(
-            response.status,
-            finish_headers(response.headers, request),
-            date=self._http_date(),
-            version=request.version,
-            close=not chunked,
-        )
-
-        async def pump() -> None:
-            pending = head  # sent together with the first frames, in one write
-            async for frames in stream:
-                body = (
-                    b"".join(map(encode_chunk, frames)) if chunked else b"".join(frames)
-                )
-                writer.write(pending + body)
-                pending = b""
-                await writer.drain()
-            writer.write(pending + (encode_chunk(b"") if chunked else b""))
-            await writer.drain()
-
-        pumping = asyncio.create_task(pump())
-        watching = asyncio.create_task(_wait_for_eof(reader))
-        try:
-            await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pumping, watching):
-                task.cancel()
-            await asyncio.gather(pumping, watching, return_exceptions=True)
-            await stream.aclose()
-
-    async def _reject(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        exc: ProtocolError,
-    ) -> None:
-        """Answer a protocol error with its status, then close."""
-        error = to_api_error(exc)
-        body = _json_body(error.payload())
-        writer.write(
-            encode_response_head(
-                error.status,
-                finish_headers((("Content-Type", "application/json"),), None),
-                date=self._http_date(),
-                content_length=len(body),
-                close=True,
-            )
-            + body
-        )
-        await writer.drain()
-        log.info("rejected request: %s -> %d", exc, error.status)
-        if exc.status_hint == 413:
-            await _discard_input(reader)
 
 
 # --- a client for scripts ----------------------------------------------------------
 
 RECONNECT_DELAYS_S = (0.2, 0.3, 0.5, 1.0, 1.2, 1.5, 2.0)  # the JS SDK's backoff
-CLIENT_TIMEOUT_S = 30.0
 CLIENT_MAX_ATTEMPTS = 10  # failed connections in a row before subscribe() raises
 
 
@@ -12123,13 +12200,13 @@ def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -
                 worker.wait()
 
     def listening() -> bool:
-        addresses = App(dataclasses.replace(config, port=port))
+        bound = dataclasses.replace(config, port=port)
         for index, worker in enumerate(workers):
             if worker.poll() is not None:
                 raise OSError(f"worker {index} exited with {worker.returncode}")
             with socket.socket(socket.AF_UNIX) as probe:
                 try:
-                    probe.connect(addresses._worker_address(index))
+                    probe.connect(worker_address(bound, index))
                 except OSError:
                     return False
         return True

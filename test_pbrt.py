@@ -5046,7 +5046,7 @@ async def on_server_loop(app: pbrt.App, function: Callable[[], Any]) -> Any:
         except BaseException as exc:  # handed back to the awaiting test
             future.set_exception(exc)
 
-    app._loop.call_soon_threadsafe(call)
+    app.server.loop.call_soon_threadsafe(call)
     return await asyncio.wrap_future(future)
 
 
@@ -5382,7 +5382,7 @@ def test_realtime_official_js_sdk_subscribe_and_unsubscribe(tmp_path: Path) -> N
         def publish_once_subscribed(event: pbrt.SubscribeEvent) -> None:
             if "news/today" in event.subscriptions and not published:
                 published.append(True)  # published once the subscription is stored:
-                app._loop.call_soon(
+                app.server.loop.call_soon(
                     app.broker.publish, "news/today", {"headline": "hi"}
                 )
 
@@ -7759,7 +7759,7 @@ def test_connection_clients_that_never_read_cannot_pile_up_responses(
             started = time.perf_counter()
             assert api.call("GET", "/api/health")[0] == 200
             assert time.perf_counter() - started < HEALTH_BOUND_S
-            assert app._unsent_bytes <= 2 * (2 * 1024 * 1024)
+            assert app.server._unsent_bytes <= 2 * (2 * 1024 * 1024)
         finally:
             pbrt.log.removeHandler(waiter)
             for attacker in sockets:
@@ -8344,7 +8344,7 @@ def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
             await asyncio.to_thread(app.create, "posts", {"title": "before"})
             titles.append((await asyncio.wait_for(first, 10))["record"]["title"])
             for realtime_client in list(app.broker.clients.values()):
-                app._loop.call_soon_threadsafe(
+                app.server.loop.call_soon_threadsafe(
                     realtime_client.close, True
                 )  # drop the connection
             second = asyncio.ensure_future(anext(stream))
