@@ -123,6 +123,7 @@ __version__ = "0.11.0"
 JSON = Any
 Headers = dict[str, str]
 WriteResult = TypeVar("WriteResult")  # what a write's work returns
+Result = TypeVar("Result")  # what an operation run for a script returns
 
 log = logging.getLogger("pbrt")
 
@@ -240,6 +241,10 @@ REPLAYS_AT_ONCE = 4  # replays running at a time; more wait their turn
 # Several worker processes on one address and data dir (`serve --workers N`).
 MAX_WORKERS = 62  # a client id's first character names its worker
 CLIENT_TIMEOUT_S = 30.0  # a request of pbrt's own (Client, worker to worker)
+SCRIPT_CALL_TIMEOUT_S = 60.0  # an App method called from a script's thread
+AUTH_TOKEN_DURATION_S = 432_000  # PocketBase's default: 5 days
+SUPERUSER_TOKEN_DURATION_S = 86_400  # PocketBase's for _superusers: 1 day
+FILE_TOKEN_DURATION_S = 180  # PocketBase's protected-file tokens: 3 minutes
 WORKER_HEADER = "X-Pbrt-Worker"  # which worker answered (only with several)
 FORWARDED_IP_HEADER = "x-pbrt-remote-ip"  # the client's address, worker to worker
 WORKER_RESTART_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # after deaths in a row
@@ -795,14 +800,14 @@ JSON_PAYLOAD_FIELD = (
 
 def _parse_header_params(value: str) -> tuple[str, dict[str, str]]:
     """Split `type/sub; a=1; b="x"` into the lower-case main value and params."""
-    main, _, rest = value.partition(";")
+    value_part, _, rest = value.partition(";")
     params = {}
     for match in _PARAM_RE.finditer(";" + rest):
         raw = match.group(2).strip()
         if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
             raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
         params[match.group(1).lower()] = raw
-    return main.strip().lower(), params
+    return value_part.strip().lower(), params
 
 
 def parse_body(content_type: str, body: bytes) -> Body:
@@ -2758,7 +2763,7 @@ def _timestamp_fields(system: bool = False) -> list[dict[str, JSON]]:
     ]
 
 
-def default_auth_options(token_duration_s: int = 432_000) -> dict[str, JSON]:
+def default_auth_options(token_duration_s: int = AUTH_TOKEN_DURATION_S) -> dict[str, JSON]:
     """Return the options of a new auth collection, in PocketBase's key order.
 
     pbrt sends no email; the template options exist so that exports import
@@ -2786,7 +2791,7 @@ def default_auth_options(token_duration_s: int = 432_000) -> dict[str, JSON]:
         "passwordResetToken": {"duration": 1800},
         "emailChangeToken": {"duration": 1800},
         "verificationToken": {"duration": 86400},
-        "fileToken": {"duration": 180},
+        "fileToken": {"duration": FILE_TOKEN_DURATION_S},
         "verificationTemplate": dict(template),
         "resetPasswordTemplate": dict(template),
         "confirmEmailChangeTemplate": dict(template),
@@ -3035,7 +3040,7 @@ def build_collection(
         auth_token = (
             dict(options["authToken"]) if isinstance(options["authToken"], dict) else {}
         )
-        auth_token.setdefault("duration", 432_000)
+        auth_token.setdefault("duration", AUTH_TOKEN_DURATION_S)
         auth_token["secret"] = (
             existing.token_secret if existing else ""
         ) or new_secret()
@@ -4570,7 +4575,10 @@ class Store:
         )
         options = dict(
             superusers.options,
-            authToken={**superusers.options["authToken"], "duration": 86_400},
+            authToken={
+                **superusers.options["authToken"],
+                "duration": SUPERUSER_TOKEN_DURATION_S,
+            },
         )
         self._write_collection(
             dataclasses.replace(superusers, system=True, options=options), None
@@ -5736,7 +5744,9 @@ def resolve_auth(
 
 def issue_file_token(collection: Collection, record: Record, now: float) -> str:
     """Sign a short-lived file token (PocketBase's `type: "file"`, for downloads)."""
-    duration = int(collection.options.get("fileToken", {}).get("duration", 180))
+    duration = int(
+        collection.options.get("fileToken", {}).get("duration", FILE_TOKEN_DURATION_S)
+    )
     claims = {
         "collectionId": collection.id,
         "exp": int(now) + duration,
@@ -5756,7 +5766,9 @@ def issue_auth_token(
 ) -> str:
     """Sign a new auth token for a record, valid for `duration_s` seconds (0:
     the collection's auth token duration); an impersonation's cannot refresh."""
-    default_s = int(collection.options.get("authToken", {}).get("duration", 432_000))
+    default_s = int(
+        collection.options.get("authToken", {}).get("duration", AUTH_TOKEN_DURATION_S)
+    )
     expires = int(now) + (duration_s or default_s)
     claims = auth_token_claims(collection.id, str(record["id"]), expires)
     claims["refreshable"] = refreshable
@@ -6201,7 +6213,7 @@ class Hooks:
 # writes whose commits the broker turns into events. HTTP handlers and App call
 # it alike. Password hashing waits in a thread (`run_blocking`), reads run on a
 # read-only connection in a worker thread (`run_read`); writes run on the event
-# loop, one at a time, in commit order.
+# loop, each whole inside the shared transaction (Store.write), in commit order.
 
 
 @dataclass(frozen=True, slots=True)
@@ -10130,7 +10142,8 @@ async def handle_backup_restore(context: RequestContext) -> Response:
     PocketBase restarts after a restore."""
     _require_superuser(context)
     path = _backup_path(context)
-    await context.app.restore_backup(path)
+    assert context.server is not None  # a request is served by a Server
+    await context.server.restore_backup(path)
     return Response(204)
 
 
@@ -11371,7 +11384,8 @@ def _log_to_stderr(quiet: bool, prefix: str = "") -> None:
 
 
 class App:
-    """A pbrt server: its store, routes and listening socket.
+    """A pbrt app: its config, store, records layer, hooks and routes, served
+    by a Server while it runs; the methods scripts call.
 
     `App(dir=..., port=...)` takes a Config or its fields as keywords. Use
     `await app.start()` / `await app.stop()` inside a running event loop,
@@ -11527,8 +11541,8 @@ class App:
             thread.join()
 
     # --- records and messages from scripts -------------------------------------
-    # Each call goes through the same handler as the HTTP API (validation,
-    # rules, hooks, realtime events). With `token=None` it has superuser power;
+    # Each call goes to the records layer that the HTTP API calls (validation,
+    # rules, hooks, realtime events). With `token=None` the system acts;
     # a token (or "" for a guest) applies that requester's rules instead.
     # While the server runs on another thread, calls are handed to its loop.
 
@@ -11558,12 +11572,8 @@ class App:
         Without `token` the system acts (every rule passes, hidden fields are
         shown); with one, that auth record does (`""` is a guest).
         """
-        return cast(
-            dict[str, JSON],
-            self._run(
-                lambda requester: self.records.create(requester, collection, data),
-                token,
-            ),
+        return self._run(
+            lambda requester: self.records.create(requester, collection, data), token
         )
 
     def update(
@@ -11575,14 +11585,9 @@ class App:
         token: str | None = None,
     ) -> dict[str, JSON]:
         """Apply changes (with `+`/`-` modifiers) to a record and broadcast it; return it."""
-        return cast(
-            dict[str, JSON],
-            self._run(
-                lambda requester: self.records.update(
-                    requester, collection, record_id, data
-                ),
-                token,
-            ),
+        return self._run(
+            lambda requester: self.records.update(requester, collection, record_id, data),
+            token,
         )
 
     def delete(
@@ -11598,12 +11603,8 @@ class App:
         self, collection: str, record_id: str, *, token: str | None = None
     ) -> dict[str, JSON]:
         """Return one record; raise NotFoundError if missing or hidden by the viewRule."""
-        return cast(
-            dict[str, JSON],
-            self._run(
-                lambda requester: self.records.view(requester, collection, record_id),
-                token,
-            ),
+        return self._run(
+            lambda requester: self.records.view(requester, collection, record_id), token
         )
 
     def list(
@@ -11623,11 +11624,8 @@ class App:
             "page": str(page),
             "perPage": str(per_page),
         }
-        return cast(
-            dict[str, JSON],
-            self._run(
-                lambda requester: self.records.list(requester, collection, query), token
-            ),
+        return self._run(
+            lambda requester: self.records.list(requester, collection, query), token
         )
 
     def publish(self, topic: str, data: JSON) -> int:
@@ -11710,11 +11708,6 @@ class App:
         except sqlite3.Error:  # e.g. locked past the busy timeout: the next look
             log.exception("looking for other writers' changes failed")
 
-    async def restore_backup(self, archive: str) -> None:
-        """Replace the data dir's database with a backup's (see Server.restore_backup)."""
-        if self.server is None:
-            raise RuntimeError("restoring a backup needs a serving App")
-        await self.server.restore_backup(archive)
 
     @property
     def records(self) -> Records:
@@ -11744,9 +11737,9 @@ class App:
 
     def _run(
         self,
-        operation: Callable[[Requester], Awaitable[Any]],
+        operation: Callable[[Requester], Awaitable[Result]],
         token: str | None,
-    ) -> Any:
+    ) -> Result:
         """Await a records-layer operation on the server's loop (or, without a
         server, on a loop of its own); PocketBase errors come out as ApiError."""
 
@@ -11776,7 +11769,9 @@ class App:
                 "App's record methods block: call them from another thread, "
                 "or await app.records on the loop"
             )
-        return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=60)
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(
+            timeout=SCRIPT_CALL_TIMEOUT_S
+        )
 
     def _on_loop(self, function: Callable[[], Any]) -> Any:
         """Run `function` on the server's loop thread (or here, if no server runs)."""
@@ -11788,7 +11783,9 @@ class App:
         async def call() -> Any:
             return function()
 
-        return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=60)
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(
+            timeout=SCRIPT_CALL_TIMEOUT_S
+        )
 
 
 
@@ -12560,7 +12557,7 @@ def _bench_listener(
     started_cpu = sum(os.times()[:2])
     parts = urllib.parse.urlsplit(url)
 
-    async def main() -> dict[str, Any]:
+    async def listen() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(16))
         probes: list[_SseProbe | None] = []  # None: no connection
@@ -12602,7 +12599,7 @@ def _bench_listener(
             ]
         }
 
-    outcome = asyncio.run(main())
+    outcome = asyncio.run(listen())
     outcome["cpu_s"] = sum(os.times()[:2]) - started_cpu
     results.put(outcome)
 
