@@ -4055,6 +4055,115 @@ def logged_record(
     return row, record
 
 
+class RealtimeLog:
+    """The realtime log in `data.db`: every committed row change of a
+    collection, appended by SQLite triggers whoever writes, and custom
+    messages. Append-only, numbered in commit order (AUTOINCREMENT: a number
+    is never reused, even after pruning); `_params` keeps how far it was
+    pruned. It works through its store's connection and transactions.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def create(self) -> None:
+        self.store.connection.execute(
+            f'CREATE TABLE IF NOT EXISTS "{REALTIME_LOG_TABLE}" ('
+            "seq INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, "
+            "collection TEXT NOT NULL, action TEXT NOT NULL, record TEXT NOT NULL, "
+            "data JSON, previous JSON)"
+        )
+        # Any change of a collection's definition, by any writer, bumps this:
+        # other processes reload the collections before their next request.
+        for statement in ("INSERT", "UPDATE", "DELETE"):
+            self.store.connection.execute(
+                f'CREATE TRIGGER IF NOT EXISTS "_pbrt_collections_{statement.lower()}" '
+                f'AFTER {statement} ON "_collections" BEGIN '
+                "INSERT INTO \"_params\" (id, value) VALUES ('collectionsVersion', 1) "
+                "ON CONFLICT(id) DO UPDATE SET value = value + 1; END"
+            )
+
+    def install_triggers(self, collection: Collection) -> None:
+        """(Re)create a collection's log triggers where they differ from its fields."""
+        existing = dict(
+            self.store.connection.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?",
+                (collection.name,),
+            ).fetchall()
+        )
+        for action, _, _ in _LOG_ACTIONS:
+            name = f"_pbrt_log_{collection.name}_{action}"
+            wanted = log_trigger_sql(collection, action)
+            if existing.get(name) != wanted:
+                self.store.connection.execute(
+                    f"DROP TRIGGER IF EXISTS {quote_identifier(name)}"
+                )
+                self.store.connection.execute(wanted)
+
+    def append_message(self, topic: str, data: JSON) -> int:
+        """Append a custom-topic message (in its own transaction, or the one open); return its seq."""
+        with self.store.transaction():
+            cursor = self.store.connection.execute(
+                f'INSERT INTO "{REALTIME_LOG_TABLE}" (created, collection, action, record, data) '
+                f"VALUES ({_SQL_NOW}, '', 'message', ?, ?)",
+                (topic, _encode_json_text(data)),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def read(
+        self, after: int, limit: int, through: int | None = None
+    ) -> list[LogEntry]:
+        """The committed entries after `seq` `after` (up to `through`), oldest first."""
+        rows = self.store.connection.execute(
+            "SELECT seq, created, collection, action, record, data, previous "
+            f'FROM "{REALTIME_LOG_TABLE}" WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?',
+            (after, through if through is not None else 2**62, limit),
+        ).fetchall()
+        return [LogEntry(*row) for row in rows]
+
+    def last_seq(self) -> int:
+        """The number of the log's last entry ever (0 for none)."""
+        row = self.store.connection.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = ?", (REALTIME_LOG_TABLE,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def bounds(self) -> tuple[int, int]:
+        """`(pruned, last)`: the log holds every entry after `pruned` up to `last`."""
+        return int(self.store.param("realtimeLogPruned") or 0), self.last_seq()
+
+    def prune(self, max_entries: int, max_age_s: float) -> int:
+        """Delete up to LOG_PRUNE_CHUNK of the oldest entries past either limit
+        (0: none) in one short transaction; return how many went."""
+        pruned, last = self.bounds()
+        count_cut = last - max_entries if max_entries else 0
+        age_cut = self.store.now() - max_age_s if max_age_s else -math.inf
+        with self.store.transaction():
+            (cut,) = self.store.connection.execute(
+                f'SELECT max(seq) FROM (SELECT seq, created FROM "{REALTIME_LOG_TABLE}" '
+                "ORDER BY seq LIMIT ?) WHERE seq <= ? OR created < ?",
+                (LOG_PRUNE_CHUNK, count_cut, age_cut),
+            ).fetchone()
+            if cut is None:
+                return 0
+            deleted = self.store.connection.execute(
+                f'DELETE FROM "{REALTIME_LOG_TABLE}" WHERE seq <= ?', (cut,)
+            ).rowcount
+            self.store.save_param("realtimeLogPruned", max(pruned, int(cut)))
+        return int(deleted)
+
+    def changed(self, after: int, through: int, collection_ids: list[str]) -> bool:
+        """Whether an entry after `after` up to `through` updates or deletes a
+        record of one of these collections."""
+        found = self.store.connection.execute(
+            f'SELECT 1 FROM "{REALTIME_LOG_TABLE}" WHERE seq > ? AND seq <= ? '
+            "AND action != 'create' AND collection IN (SELECT value FROM json_each(?)) "
+            "LIMIT 1",
+            (after, through, json.dumps(collection_ids)),
+        ).fetchone()
+        return found is not None
+
+
 class Store:
     """The sqlite3 database of one data dir (`<dir>/data.db`).
 
@@ -4099,6 +4208,7 @@ class Store:
         #: another connection's: the broker delivers what the log got.
         self.listener: Callable[[], None] | None = None
         self._collections: dict[str, Collection] = {}
+        self.realtime_log = RealtimeLog(self)
         #: Each collection's INSERT and UPDATE, for the definition they were made for.
         self._statements: dict[str, tuple[Collection, str, str]] = {}
         with self.transaction():
@@ -4111,13 +4221,13 @@ class Store:
                 'CREATE TABLE IF NOT EXISTS "_params" '
                 "(id TEXT PRIMARY KEY NOT NULL, value JSON NOT NULL)"
             )
-            self._create_log()
+            self.realtime_log.create()
             self._load_collections()
             if not self._collections:
                 self._create_default_collections()
             for collection in self._collections.values():
-                self._install_log_triggers(collection)
-        self._auth_checked_seq = self.last_seq()
+                self.realtime_log.install_triggers(collection)
+        self._auth_checked_seq = self.realtime_log.last_seq()
 
     @staticmethod
     def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
@@ -4317,96 +4427,6 @@ class Store:
         """The current time in PocketBase's stored date format."""
         return format_datetime(self.now())
 
-    # --- the realtime log ----------------------------------------------------
-    # Append-only, numbered in commit order (AUTOINCREMENT: a number is never
-    # reused, even after pruning). `_params` keeps how far it was pruned.
-
-    def _create_log(self) -> None:
-        self.connection.execute(
-            f'CREATE TABLE IF NOT EXISTS "{REALTIME_LOG_TABLE}" ('
-            "seq INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, "
-            "collection TEXT NOT NULL, action TEXT NOT NULL, record TEXT NOT NULL, "
-            "data JSON, previous JSON)"
-        )
-        # Any change of a collection's definition, by any writer, bumps this:
-        # other processes reload the collections before their next request.
-        for statement in ("INSERT", "UPDATE", "DELETE"):
-            self.connection.execute(
-                f'CREATE TRIGGER IF NOT EXISTS "_pbrt_collections_{statement.lower()}" '
-                f'AFTER {statement} ON "_collections" BEGIN '
-                "INSERT INTO \"_params\" (id, value) VALUES ('collectionsVersion', 1) "
-                "ON CONFLICT(id) DO UPDATE SET value = value + 1; END"
-            )
-
-    def _install_log_triggers(self, collection: Collection) -> None:
-        """(Re)create a collection's log triggers where they differ from its fields."""
-        existing = dict(
-            self.connection.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?",
-                (collection.name,),
-            ).fetchall()
-        )
-        for action, _, _ in _LOG_ACTIONS:
-            name = f"_pbrt_log_{collection.name}_{action}"
-            wanted = log_trigger_sql(collection, action)
-            if existing.get(name) != wanted:
-                self.connection.execute(
-                    f"DROP TRIGGER IF EXISTS {quote_identifier(name)}"
-                )
-                self.connection.execute(wanted)
-
-    def append_message(self, topic: str, data: JSON) -> int:
-        """Log a custom-topic message (in its own transaction, or the one open); return its seq."""
-        with self.transaction():
-            cursor = self.connection.execute(
-                f'INSERT INTO "{REALTIME_LOG_TABLE}" (created, collection, action, record, data) '
-                f"VALUES ({_SQL_NOW}, '', 'message', ?, ?)",
-                (topic, _encode_json_text(data)),
-            )
-        return int(cursor.lastrowid or 0)
-
-    def read_log(
-        self, after: int, limit: int, through: int | None = None
-    ) -> list[LogEntry]:
-        """The committed entries after `seq` `after` (up to `through`), oldest first."""
-        rows = self.connection.execute(
-            "SELECT seq, created, collection, action, record, data, previous "
-            f'FROM "{REALTIME_LOG_TABLE}" WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?',
-            (after, through if through is not None else 2**62, limit),
-        ).fetchall()
-        return [LogEntry(*row) for row in rows]
-
-    def last_seq(self) -> int:
-        """The number of the log's last entry ever (0 for none)."""
-        row = self.connection.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = ?", (REALTIME_LOG_TABLE,)
-        ).fetchone()
-        return int(row[0]) if row else 0
-
-    def log_bounds(self) -> tuple[int, int]:
-        """`(pruned, last)`: the log holds every entry after `pruned` up to `last`."""
-        return int(self.param("realtimeLogPruned") or 0), self.last_seq()
-
-    def prune_log(self, max_entries: int, max_age_s: float) -> int:
-        """Delete up to LOG_PRUNE_CHUNK of the oldest entries past either limit
-        (0: none) in one short transaction; return how many went."""
-        pruned, last = self.log_bounds()
-        count_cut = last - max_entries if max_entries else 0
-        age_cut = self.now() - max_age_s if max_age_s else -math.inf
-        with self.transaction():
-            (cut,) = self.connection.execute(
-                f'SELECT max(seq) FROM (SELECT seq, created FROM "{REALTIME_LOG_TABLE}" '
-                "ORDER BY seq LIMIT ?) WHERE seq <= ? OR created < ?",
-                (LOG_PRUNE_CHUNK, count_cut, age_cut),
-            ).fetchone()
-            if cut is None:
-                return 0
-            deleted = self.connection.execute(
-                f'DELETE FROM "{REALTIME_LOG_TABLE}" WHERE seq <= ?', (cut,)
-            ).rowcount
-            self.save_param("realtimeLogPruned", max(pruned, int(cut)))
-        return int(deleted)
-
     def row_matches(
         self,
         collection: Collection,
@@ -4516,19 +4536,10 @@ class Store:
     def _notice_auth_changes(self) -> None:
         """Bump `auth_version` if the log holds an update or delete of an auth
         record (by anyone) since it was last looked through, or lost entries."""
-        pruned, last = self.log_bounds()
+        pruned, last = self.realtime_log.bounds()
         checked, self._auth_checked_seq = self._auth_checked_seq, last
-        if checked < pruned:
-            self.auth_version += 1
-            return
         auth_ids = [c.id for c in self._collections.values() if c.is_auth]
-        changed = self._writer.execute(
-            f'SELECT 1 FROM "{REALTIME_LOG_TABLE}" WHERE seq > ? AND seq <= ? '
-            "AND action != 'create' AND collection IN (SELECT value FROM json_each(?)) "
-            "LIMIT 1",
-            (checked, last, json.dumps(auth_ids)),
-        ).fetchone()
-        if changed:
+        if checked < pruned or self.realtime_log.changed(checked, last, auth_ids):
             self.auth_version += 1
 
     def _read_collections_version(self) -> JSON:
@@ -4704,7 +4715,7 @@ class Store:
                 (collection.name, json.dumps(stored), collection.id),
             )
         self._migrate_table(collection, existing)
-        self._install_log_triggers(collection)
+        self.realtime_log.install_triggers(collection)
         self._collections = {**self._collections, collection.id: collection}
 
     def _migrate_table(
@@ -7508,7 +7519,7 @@ class Broker:
         self._by_topic: dict[str, dict[str, list[Subscription]]] = {}
         #: Every entry up to here was delivered to live clients (or came before
         #: this server started: only clients that resume get those).
-        self.position = store.log_bounds()[1]
+        self.position = store.realtime_log.bounds()[1]
         #: The entry being delivered now (its subscribers were chosen).
         self.claimed = self.position
         #: Where closed streams stood, for the cookie of a browser's next one.
@@ -7566,7 +7577,7 @@ class Broker:
         client.browser = browser or client.id
         self.closed_streams.opened(client.browser)
         if cursor:
-            pruned, last = self.store.log_bounds()
+            pruned, last = self.store.realtime_log.bounds()
             if position is not None and pruned <= position <= last:
                 client.position, client.resuming = position, True
             else:  # older than the log holds, from another database, or unknown
@@ -7682,7 +7693,7 @@ class Broker:
         record events only) or starts with `PB_` (the server's own events).
         """
         check_topic(self.store, topic)
-        self.store.append_message(topic, data)
+        self.store.realtime_log.append_message(topic, data)
         return sum(
             len(subscriptions)
             for client_id, subscriptions in self._by_topic.get(topic, {}).items()
@@ -7731,10 +7742,10 @@ class Broker:
     async def _deliver_new_entries(self) -> None:
         assert self._advanced is not None
         if not self.clients:  # nobody to tell: on to the end of the log
-            self.position = self.claimed = max(self.position, self.store.last_seq())
+            self.position = self.claimed = max(self.position, self.store.realtime_log.last_seq())
             self._advanced.set()
             return
-        while entries := self.store.read_log(self.position, LOG_READ_BATCH):
+        while entries := self.store.realtime_log.read(self.position, LOG_READ_BATCH):
             self.store.refresh()  # rules at least as new as the entries
             for entry in entries:
                 self.claimed = entry.seq
@@ -7747,7 +7758,7 @@ class Broker:
 
     async def caught_up(self) -> None:
         """Return once every entry committed so far was delivered."""
-        target = self.store.log_bounds()[1]
+        target = self.store.realtime_log.bounds()[1]
         while self.position < target and self._advanced is not None:
             self._advanced.clear()
             self.wake()
@@ -7860,7 +7871,7 @@ class Broker:
                     through = self.claimed
                     entries = await self.run_read(
                         functools.partial(
-                            self.store.read_log, position, LOG_READ_BATCH, through
+                            self.store.realtime_log.read, position, LOG_READ_BATCH, through
                         )
                     )
                     for entry in entries:
@@ -10922,7 +10933,7 @@ class Server:
         """Keep the realtime log within its limits, a short transaction at a time."""
         config, store = self.config, self.app.store
         limits = (config.realtime_log_max_entries, config.realtime_log_max_age_s)
-        while store is not None and store.prune_log(*limits) >= LOG_PRUNE_CHUNK:
+        while store is not None and store.realtime_log.prune(*limits) >= LOG_PRUNE_CHUNK:
             await asyncio.sleep(0)  # writes go on between chunks
 
     async def _flush_request_logs(self) -> None:
@@ -10996,7 +11007,7 @@ class Server:
                 os.kill(os.getppid(), signal.SIGHUP)
             if self.broker is not None:
                 self.broker.store = self.app.store
-                self.broker.position = self.broker.claimed = self.app.store.log_bounds()[1]
+                self.broker.position = self.broker.claimed = self.app.store.realtime_log.bounds()[1]
                 self.app.store.listener = self.broker.wake
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -11558,10 +11569,7 @@ class App:
         self, collections: list[dict[str, JSON]], *, delete_missing: bool = False
     ) -> None:
         """Create or update collections from PocketBase's JSON (as `PUT /api/collections/import`)."""
-        body: dict[str, JSON] = {
-            "collections": collections,
-            "deleteMissing": delete_missing,
-        }
+        body = {"collections": collections, "deleteMissing": delete_missing}
         self._on_loop(lambda: import_collections(self.records.store, body))
 
     def create(
@@ -11618,12 +11626,7 @@ class App:
         token: str | None = None,
     ) -> dict[str, JSON]:
         """Return one page of records: PocketBase's `{items, page, perPage, totalItems, totalPages}`."""
-        query = {
-            "filter": filter,
-            "sort": sort,
-            "page": str(page),
-            "perPage": str(per_page),
-        }
+        query = {"filter": filter, "sort": sort, "page": f"{page}", "perPage": f"{per_page}"}
         return self._run(
             lambda requester: self.records.list(requester, collection, query), token
         )
@@ -11639,7 +11642,7 @@ class App:
         def send() -> int:
             if self.broker is None:  # the log takes it to whoever serves this dir
                 check_topic(self.records.store, topic)
-                self.records.store.append_message(topic, data)
+                self.records.store.realtime_log.append_message(topic, data)
                 return 0
             return self.broker.publish(topic, data)
 

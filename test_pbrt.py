@@ -2031,7 +2031,7 @@ def test_store_realtime_log_records_every_writer_in_commit_order(
             ],
         }
     )
-    start = store.log_bounds()[1]
+    start = store.realtime_log.bounds()[1]
     created = store.create_record(
         notes, {"title": "mine", "score": 0.1 + 0.2, "tags": ["a"]}, privileged=True
     )
@@ -2055,7 +2055,7 @@ def test_store_realtime_log_records_every_writer_in_commit_order(
     notes = store.collection("notes")
     current = store.get_record(notes, created["id"])
     store.update_record(notes, current, {"extra": "new field"}, privileged=True)
-    entries = store.read_log(start, 100)
+    entries = store.realtime_log.read(start, 100)
     assert [(e.action, e.record) for e in entries] == [
         ("create", created["id"]),
         ("create", "shell0000000001"),
@@ -2079,17 +2079,17 @@ def test_store_realtime_log_prunes_within_its_limits_and_never_reuses_ids(
 ) -> None:
     store = make_store(str(tmp_path / "data.db"))
     for n in range(30):
-        store.append_message("news", {"n": n})
-    assert store.prune_log(10, 0) == 20
-    assert store.log_bounds() == (20, 30)
-    assert [e.data["n"] for e in store.read_log(0, 100)] == list(range(20, 30))
-    assert store.prune_log(10, 0) == 0
-    store.append_message("news", {"n": 30})
-    assert store.prune_log(0, 0) == 0  # no limits: nothing goes
+        store.realtime_log.append_message("news", {"n": n})
+    assert store.realtime_log.prune(10, 0) == 20
+    assert store.realtime_log.bounds() == (20, 30)
+    assert [e.data["n"] for e in store.realtime_log.read(0, 100)] == list(range(20, 30))
+    assert store.realtime_log.prune(10, 0) == 0
+    store.realtime_log.append_message("news", {"n": 30})
+    assert store.realtime_log.prune(0, 0) == 0  # no limits: nothing goes
     store.now = lambda: time.time() + 7200
-    assert store.prune_log(0, 3600) == 11  # all older than an hour
-    assert store.log_bounds() == (31, 31)
-    assert store.append_message("news", {}) == 32  # a number is never given twice
+    assert store.realtime_log.prune(0, 3600) == 11  # all older than an hour
+    assert store.realtime_log.bounds() == (31, 31)
+    assert store.realtime_log.append_message("news", {}) == 32  # a number is never given twice
     store.close()
 
 
@@ -6012,7 +6012,7 @@ def test_realtime_resume_replays_by_the_rules_of_the_new_auth(tmp_path: Path) ->
         api.create_collection(owned, su)
         alice_token, alice = make_user(api, "alice", su)
         _, bob = make_user(api, "bob", su)
-        start = app.store.log_bounds()[1]
+        start = app.store.realtime_log.bounds()[1]
         for owner, title in [(alice, "a1"), (bob, "b1"), (alice, "a2")]:
             api.json(
                 "POST",
@@ -6045,7 +6045,7 @@ def test_realtime_resume_replays_by_the_rules_of_the_new_auth(tmp_path: Path) ->
         assert as_guest == []
         for n in range(10):
             app.publish("news", {"n": n})
-        run(on_server_loop(app, lambda: app.store.prune_log(5, 0)))
+        run(on_server_loop(app, lambda: app.store.realtime_log.prune(5, 0)))
         for cursor in (str(start), "99999999", "not-a-client", "-1", "9" * 30):
             (missed,) = run(replayed(cursor))
             assert missed["event"] == "PB_MISSED"
@@ -6059,7 +6059,7 @@ def test_realtime_replay_past_its_budget_ends_with_pb_missed(tmp_path: Path) -> 
     end: its replay stops at its budget with PB_MISSED, and it is live after."""
     with serving(tmp_path, replay_budget_s=0.0) as (app, api, su):
         api.create_collection(POSTS, su)
-        start = app.store.log_bounds()[1]
+        start = app.store.realtime_log.bounds()[1]
         for n in range(5):
             app.create("posts", {"title": f"old {n}"})
 
@@ -8102,7 +8102,7 @@ def test_app_works_without_a_server_and_applies_rules_for_tokens(
     assert app.publish("news", {"x": 1}) == 0
     with pytest.raises(ValueError):
         app.publish("PB_CONNECT", {})  # the server's own events cannot be faked
-    last = app.records.store.read_log(0, 1000)[-1]
+    last = app.records.store.realtime_log.read(0, 1000)[-1]
     assert (last.action, last.record, last.data) == ("message", "news", {"x": 1})
     app.close()
 
