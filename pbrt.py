@@ -346,6 +346,25 @@ class ProtocolError(PbrtError):
         self.status_hint = status_hint
 
 
+class RuleError(PbrtError, ValueError):
+    """A rule or filter that cannot be parsed or resolved.
+
+    `str()` shows the source with a caret under `pos`.
+    """
+
+    def __init__(self, msg: str, source: str = "", pos: int = 0) -> None:
+        self.msg, self.source, self.pos = msg, source, pos
+        self.lineno = source.count("\n", 0, pos) + 1
+        self.colno = pos - source.rfind("\n", 0, pos)
+        super().__init__(msg)
+
+    def __str__(self) -> str:
+        if not self.source:
+            return self.msg
+        line = self.source.splitlines()[self.lineno - 1] if self.source.strip() else ""
+        return f"{self.msg} (line {self.lineno}, column {self.colno})\n{line}\n{' ' * (self.colno - 1)}^"
+
+
 class BodyError(PbrtError):
     """A request body that cannot be decoded for its content type."""
 
@@ -459,6 +478,12 @@ _BAD_FIELD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?")
 
 
+
+def first_values(query: Mapping[str, list[str]]) -> dict[str, str]:
+    """The first value of each query parameter."""
+    return {key: values[0] for key, values in query.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One parsed request head.
@@ -485,6 +510,11 @@ class Request:
         """Return the first value of query parameter `name`, or `default`."""
         values = self.query.get(name)
         return values[0] if values else default
+
+    @property
+    def query_values(self) -> dict[str, str]:
+        """The first value of each query parameter (what PocketBase reads)."""
+        return first_values(self.query)
 
     @property
     def keep_alive(self) -> bool:
@@ -1455,6 +1485,80 @@ def _apply_modifier(
     return current
 
 
+# --- list queries ----------------------------------------------------------------
+
+
+def _go_bool(text: str) -> bool:
+    """Parse a boolean as Go's strconv.ParseBool; BadRequestError otherwise."""
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise BadRequestError()
+
+
+def _int_query(query: Mapping[str, str], name: str, default: int) -> int:
+    text = query.get(name, "")
+    if text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise BadRequestError() from None
+
+
+def parse_paging(query: Mapping[str, str]) -> tuple[int, int, bool]:
+    """A list query's `page`, `perPage` and `skipTotal` as PocketBase reads
+    them: page at least 1, perPage DEFAULT_PER_PAGE when not positive and at
+    most MAX_PER_PAGE. Raises BadRequestError for a number or boolean that
+    is not one.
+
+    >>> parse_paging({"page": "0", "perPage": "5000", "skipTotal": "t"})
+    (1, 1000, True)
+    """
+    page = max(_int_query(query, "page", 1), 1)
+    per_page = _int_query(query, "perPage", DEFAULT_PER_PAGE)
+    per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
+    skip_total = _go_bool(query["skipTotal"]) if query.get("skipTotal") else False
+    return page, per_page, skip_total
+
+
+def parse_sort(sort: str) -> list[tuple[str, str]]:
+    """A `sort` parameter (`-created,+title,@random`) as (name, "ASC" or
+    "DESC") items. Raises RuleError for more than MAX_SORT_FIELDS items, an
+    empty one, one with a space, or one over 255 bytes.
+
+    >>> parse_sort("-created, +title,name")
+    [('created', 'DESC'), ('title', 'ASC'), ('name', 'ASC')]
+    """
+    items = sort.split(",")
+    if len(items) > MAX_SORT_FIELDS:
+        raise RuleError(f"more than {MAX_SORT_FIELDS} sort fields")
+    parsed = []
+    for raw in items:
+        item = raw.strip()
+        if not item or len(item.encode()) > 255 or " " in item:
+            raise RuleError(f"invalid sort item {raw!r}")
+        direction = "DESC" if item.startswith("-") else "ASC"
+        parsed.append((item[1:] if item[0] in "+-" else item, direction))
+    return parsed
+
+
+def list_envelope(
+    items: list[JSON], page: int, per_page: int, total: int | None
+) -> dict[str, JSON]:
+    """PocketBase's page of a list (`totalItems` and `totalPages` -1 when
+    the total was skipped)."""
+    pages = -1 if total is None else (total + per_page - 1) // per_page
+    return {
+        "items": items,
+        "page": page,
+        "perPage": per_page,
+        "totalItems": -1 if total is None else total,
+        "totalPages": pages,
+    }
+
+
 # ==========================================================================
 # 5. Rule language
 # ==========================================================================
@@ -1541,25 +1645,6 @@ class Or:
 
 
 Expression = Compare | And | Or
-
-
-class RuleError(PbrtError, ValueError):
-    """A rule or filter that cannot be parsed or resolved.
-
-    `str()` shows the source with a caret under `pos`.
-    """
-
-    def __init__(self, msg: str, source: str = "", pos: int = 0) -> None:
-        self.msg, self.source, self.pos = msg, source, pos
-        self.lineno = source.count("\n", 0, pos) + 1
-        self.colno = pos - source.rfind("\n", 0, pos)
-        super().__init__(msg)
-
-    def __str__(self) -> str:
-        if not self.source:
-            return self.msg
-        line = self.source.splitlines()[self.lineno - 1] if self.source.strip() else ""
-        return f"{self.msg} (line {self.lineno}, column {self.colno})\n{line}\n{' ' * (self.colno - 1)}^"
 
 
 _IDENT_RE = re.compile(r"[A-Za-z@_#][A-Za-z0-9_.:]*")
@@ -5416,18 +5501,13 @@ class RequestLogs:
 
     def page(self, query: Mapping[str, str]) -> dict[str, JSON]:
         """One page of entries, as `GET /api/logs` with these query parameters."""
-        page = max(_int_query(query, "page", 1), 1)
-        per_page = _int_query(query, "perPage", DEFAULT_PER_PAGE)
-        per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
+        page, per_page, _ = parse_paging(query)
         where, params = self._where(query.get("filter", ""))
         order: list[str] = []
         order_params: list[JSON] = []
-        items = [
-            part.strip() for part in query.get("sort", "").split(",") if part.strip()
-        ]
-        for item in items[:MAX_SORT_FIELDS]:
-            direction = "DESC" if item.startswith("-") else "ASC"
-            node = LogResolver().resolve(item.lstrip("+-")).node
+        sort = query.get("sort", "")
+        for name, direction in parse_sort(sort) if sort else ():
+            node = LogResolver().resolve(name).node
             order.append(f"{render_sql(node, order_params)} {direction}")
         with self.lock:
             rows = self.connection.execute(
@@ -5438,7 +5518,7 @@ class RequestLogs:
             (total,) = self.connection.execute(
                 f'SELECT COUNT(*) FROM "_logs" t WHERE {where}', params
             ).fetchone()
-        return _list_envelope([self._entry(row) for row in rows], page, per_page, total)
+        return list_envelope([self._entry(row) for row in rows], page, per_page, total)
 
     def entry(self, entry_id: str) -> dict[str, JSON] | None:
         """One entry, or None."""
@@ -6263,38 +6343,6 @@ class Requester:
 SYSTEM = Requester(system=True)
 
 
-def _go_bool(text: str) -> bool:
-    """Parse a boolean as Go's strconv.ParseBool; BadRequestError otherwise."""
-    if text in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if text in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    raise BadRequestError()
-
-
-def _int_query(query: Mapping[str, str], name: str, default: int) -> int:
-    text = query.get(name, "")
-    if text == "":
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise BadRequestError() from None
-
-
-def _list_envelope(
-    items: list[JSON], page: int, per_page: int, total: int | None
-) -> dict[str, JSON]:
-    pages = -1 if total is None else (total + per_page - 1) // per_page
-    return {
-        "items": items,
-        "page": page,
-        "perPage": per_page,
-        "totalItems": -1 if total is None else total,
-        "totalPages": pages,
-    }
-
-
 def compile_sort(
     store: CollectionLookup, collection: Collection, info: RequestInfo, sort: str
 ) -> tuple[str, tuple[JSON, ...]]:
@@ -6304,17 +6352,9 @@ def compile_sort(
     modifiers included; hidden fields for superusers only); a path through
     relations becomes a correlated sub-query. Raises RuleError.
     """
-    items = sort.split(",")
-    if len(items) > MAX_SORT_FIELDS:
-        raise RuleError(f"more than {MAX_SORT_FIELDS} sort fields")
     terms: list[str] = []
     params: list[JSON] = []
-    for raw in items:
-        item = raw.strip()
-        if not item or len(item.encode()) > 255 or " " in item:
-            raise RuleError(f"invalid sort item {raw!r}")
-        direction = "DESC" if item.startswith("-") else "ASC"
-        name = item[1:] if item[0] in "+-" else item
+    for name, direction in parse_sort(sort):
         if name == "@random":
             terms.append("RANDOM()")
             continue
@@ -6458,10 +6498,7 @@ class Records:
                 for prefix in ("@collection.", "@request."):
                     if prefix in text:
                         raise ForbiddenError(f"Only superusers can filter by {prefix}")
-        page = max(_int_query(query, "page", 1), 1)
-        per_page = _int_query(query, "perPage", DEFAULT_PER_PAGE)
-        per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
-        skip_total = _go_bool(query["skipTotal"]) if query.get("skipTotal") else False
+        page, per_page, skip_total = parse_paging(query)
         if len(filter_text.encode()) > MAX_FILTER_BYTES:
             raise BadRequestError()
         if filter_text and not filter_text.strip():
@@ -6477,9 +6514,7 @@ class Records:
             rules = [(str(collection.rules["listRule"]), False)] if has_rule else []
             if filter_text:
                 rules.append((filter_text, True))
-            sort_paths = tuple(
-                item.strip().lstrip("+-") for item in sort.split(",") if "." in item
-            )
+            sort_paths = tuple(name for name, _ in parse_sort(sort) if "." in name) if sort else ()
             compiled = (
                 compile_rules(store, collection, info, rules, sort_paths)
                 if rules or sort_paths
@@ -6514,7 +6549,7 @@ class Records:
                     where or "1",
                     order or "rowid",
                 )
-            return _list_envelope(items, page, per_page, total)
+            return list_envelope(items, page, per_page, total)
 
         return cast(dict[str, JSON], await self.run_read(read))
 
@@ -9256,21 +9291,12 @@ def _require_superuser(context: RequestContext) -> None:
         )
 
 
-def _paging(request: Request) -> tuple[int, int, bool]:
-    query = {key: values[0] for key, values in request.query.items()}
-    page = max(_int_query(query, "page", 1), 1)
-    per_page = _int_query(query, "perPage", DEFAULT_PER_PAGE)
-    per_page = DEFAULT_PER_PAGE if per_page <= 0 else min(per_page, MAX_PER_PAGE)
-    skip_total = _go_bool(query["skipTotal"]) if query.get("skipTotal") else False
-    return page, per_page, skip_total
-
-
 def _requester(context: RequestContext) -> Requester:
     """Who sent an HTTP request, with its query and headers for `@request.*`."""
     request = context.request
     return Requester(
         auth=context.auth,
-        query={key: values[0] for key, values in request.query.items()},
+        query=request.query_values,
         headers=SnakeCaseHeaders(request.headers),
         method=request.method,
     )
@@ -9356,7 +9382,7 @@ INVALID_FORMATTING = "Failed to load the submitted data due to invalid formattin
 async def handle_collection_list(context: RequestContext) -> Response:
     """GET /api/collections (superusers only)."""
     _require_superuser(context)
-    page, per_page, skip_total = _paging(context.request)
+    page, per_page, skip_total = parse_paging(context.request.query_values)
     collections = _store(context).collections()
     name_filter = context.request.query_value("filter").strip()
     if name_filter:
@@ -9370,7 +9396,7 @@ async def handle_collection_list(context: RequestContext) -> Response:
         pick_fields(c.to_json(), fields) if fields else c.to_json() for c in chosen
     ]
     return json_response(
-        _list_envelope(items, page, per_page, None if skip_total else len(collections))
+        list_envelope(items, page, per_page, None if skip_total else len(collections))
     )
 
 
@@ -10287,7 +10313,7 @@ def _batch_item(caller: Requester, item: JSON) -> _BatchItem:
     body = item.get("body") or {}
     if match is None or not isinstance(body, dict):
         raise BadRequestError()
-    query = {key: values[0] for key, values in query_lists.items()}
+    query = first_values(query_lists)
     headers = item.get("headers")
     requester = dataclasses.replace(
         caller,
@@ -10349,7 +10375,7 @@ def _logs(context: RequestContext) -> RequestLogs:
 async def handle_logs_list(context: RequestContext) -> Response:
     """GET /api/logs (superusers): PocketBase's paged list, with filter and sort."""
     logs = _logs(context)
-    query = {key: values[0] for key, values in context.request.query.items()}
+    query = context.request.query_values
     return json_response(await _records(context).run_blocking(logs.page, query))
 
 
