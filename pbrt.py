@@ -125,7 +125,7 @@ Headers = dict[str, str]
 WriteResult = TypeVar("WriteResult")  # what a write's work returns
 Result = TypeVar("Result")  # what an operation run for a script returns
 
-log = logging.getLogger("pbrt")
+logger = logging.getLogger("pbrt")  # the server log (stderr); not the realtime log, not the request logs
 
 # ==========================================================================
 # 1. Constants, limits and Config
@@ -140,8 +140,8 @@ DATABASE_FILE = "data.db"
 BACKUPS_DIR = "backups"  # inside the data dir, as PocketBase's pb_data/backups
 STORAGE_DIR = "storage"  # uploaded files: storage/<collectionId>/<recordId>/<name>
 DEFAULT_FILE_MAX_BYTES = 5 * 1024 * 1024  # PocketBase's limit when a file field says 0
-LOGS_FILE = "auxiliary.db"  # request logs, apart from the data (PocketBase's name)
-LOG_FLUSH_S = 1.0  # request logs are written in batches this often
+REQUEST_LOGS_FILE = "auxiliary.db"  # request logs, apart from the data (PocketBase's name)
+REQUEST_LOGS_FLUSH_S = 1.0  # request logs are written in batches this often
 MAX_PENDING_LOGS = 10_000  # entries waiting for a flush; the oldest go beyond
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; over it -> 431
@@ -231,10 +231,10 @@ FANOUT_SLICE = 2000  # subscriptions decided between two turns of the event loop
 REALTIME_LOG_TABLE = "_realtime_log"
 LOG_MAX_ENTRIES = 100_000  # entries kept for clients that resume
 LOG_MAX_AGE_S = 24 * 3600.0
-LOG_WATCH_S = 0.05  # how often other processes' commits are looked for
-LOG_PRUNE_S = 10.0  # how often the log is pruned
-LOG_PRUNE_CHUNK = 2_000  # entries deleted per transaction when pruning
-LOG_READ_BATCH = 256  # entries read at a time for delivery and replay
+OTHER_WRITERS_WATCH_S = 0.05  # how often other processes' commits are looked for
+REALTIME_LOG_PRUNE_S = 10.0  # how often the realtime log is pruned
+REALTIME_LOG_PRUNE_CHUNK = 2_000  # entries deleted per transaction when pruning
+REALTIME_LOG_READ_BATCH = 256  # entries read at a time for delivery and replay
 REPLAY_BUDGET_S = 2.0  # one client's replay; past it, PB_MISSED and live from there
 REPLAYS_AT_ONCE = 4  # replays running at a time; more wait their turn
 
@@ -4039,7 +4039,7 @@ def resolve_body_modifiers(
 
 
 @dataclass(frozen=True)
-class LogEntry:
+class RealtimeLogEntry:
     """One entry of the realtime log: a committed record change or a message.
 
     `data` is the row after a create or update (column values by field
@@ -4126,7 +4126,7 @@ def logged_row_table(collection: Collection) -> str:
 
 
 def logged_record(
-    collection: Collection, entry: LogEntry
+    collection: Collection, entry: RealtimeLogEntry
 ) -> tuple[dict[str, JSON], Record]:
     """A logged row as columns (fields added since get their zero value) and as a record."""
     logged = entry.row
@@ -4197,14 +4197,14 @@ class RealtimeLog:
 
     def read(
         self, after: int, limit: int, through: int | None = None
-    ) -> list[LogEntry]:
+    ) -> list[RealtimeLogEntry]:
         """The committed entries after `seq` `after` (up to `through`), oldest first."""
         rows = self.store.connection.execute(
             "SELECT seq, created, collection, action, record, data, previous "
             f'FROM "{REALTIME_LOG_TABLE}" WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?',
             (after, through if through is not None else 2**62, limit),
         ).fetchall()
-        return [LogEntry(*row) for row in rows]
+        return [RealtimeLogEntry(*row) for row in rows]
 
     def last_seq(self) -> int:
         """The number of the log's last entry ever (0 for none)."""
@@ -4218,7 +4218,7 @@ class RealtimeLog:
         return int(self.store.param("realtimeLogPruned") or 0), self.last_seq()
 
     def prune(self, max_entries: int, max_age_s: float) -> int:
-        """Delete up to LOG_PRUNE_CHUNK of the oldest entries past either limit
+        """Delete up to REALTIME_LOG_PRUNE_CHUNK of the oldest entries past either limit
         (0: none) in one short transaction; return how many went."""
         pruned, last = self.bounds()
         count_cut = last - max_entries if max_entries else 0
@@ -4227,7 +4227,7 @@ class RealtimeLog:
             (cut,) = self.store.connection.execute(
                 f'SELECT max(seq) FROM (SELECT seq, created FROM "{REALTIME_LOG_TABLE}" '
                 "ORDER BY seq LIMIT ?) WHERE seq <= ? OR created < ?",
-                (LOG_PRUNE_CHUNK, count_cut, age_cut),
+                (REALTIME_LOG_PRUNE_CHUNK, count_cut, age_cut),
             ).fetchone()
             if cut is None:
                 return 0
@@ -4398,7 +4398,7 @@ class Store:
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or attempt + 1 == WRITE_LOCK_ATTEMPTS:
                     raise
-                log.warning("data.db stayed locked %d s; waiting again", BUSY_TIMEOUT_S)
+                logger.warning("data.db stayed locked %d s; waiting again", BUSY_TIMEOUT_S)
 
     def _commit(self) -> None:
         """COMMIT (rolling back if that fails, e.g. on a full disk), then tell the listener."""
@@ -4472,7 +4472,7 @@ class Store:
                 settle(exc)
             if not isinstance(exc, Exception):
                 raise
-            log.error("a shared commit of %d writes failed", len(waiting), exc_info=exc)
+            logger.error("a shared commit of %d writes failed", len(waiting), exc_info=exc)
             return
         for settle in waiting:
             settle(None)
@@ -4602,7 +4602,7 @@ class Store:
         `stopping` is set; for a thread of its own.
 
         It looks at `PRAGMA data_version` on a connection of its own every
-        LOG_WATCH_S: a few microseconds, and no event-loop wakeup while
+        OTHER_WRITERS_WATCH_S: a few microseconds, and no event-loop wakeup while
         nothing changes.
         """
         if not self.can_read_in_threads:
@@ -4610,7 +4610,7 @@ class Store:
         connection = self._connect(self.path, read_only=True)
         try:
             (seen,) = connection.execute("PRAGMA data_version").fetchone()
-            while not stopping.wait(LOG_WATCH_S):
+            while not stopping.wait(OTHER_WRITERS_WATCH_S):
                 (version,) = connection.execute("PRAGMA data_version").fetchone()
                 if version != seen:
                     seen = version
@@ -5380,7 +5380,7 @@ def _unique_violation(collection: Collection, message: str) -> dict[str, JSON]:
 # --- request logs ------------------------------------------------------------------
 
 
-class LogResolver:
+class RequestLogResolver:
     """Identifiers of a log filter or sort: `id`, `created`, `level`,
     `message`, and `data.*` (any key of the entry's data)."""
 
@@ -5485,7 +5485,7 @@ class RequestLogs:
         if not filter_text.strip() or len(filter_text.encode()) > MAX_FILTER_BYTES:
             raise RuleError("empty or too long filter")
         return render_sql(
-            lower_rule(parse_rule(filter_text), LogResolver()), params
+            lower_rule(parse_rule(filter_text), RequestLogResolver()), params
         ), params
 
     @staticmethod
@@ -5507,7 +5507,7 @@ class RequestLogs:
         order_params: list[JSON] = []
         sort = query.get("sort", "")
         for name, direction in parse_sort(sort) if sort else ():
-            node = LogResolver().resolve(name).node
+            node = RequestLogResolver().resolve(name).node
             order.append(f"{render_sql(node, order_params)} {direction}")
         with self.lock:
             rows = self.connection.execute(
@@ -6410,6 +6410,29 @@ Plan = list[tuple[str, bytes | memoryview]]  # (path, content) of files to write
 WRITE_STATEMENT_BUDGET = {"create": 9, "update": 10}
 #: Thread hops such a write makes: none (hashing and files are what hop).
 WRITE_THREAD_HOP_BUDGET = 0
+def _write_files(plan: Plan) -> None:
+    """Write each (path, content), creating directories; any failure removes all."""
+    try:
+        for path, content in plan:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "xb") as file:  # never over another file
+                file.write(content)
+    except BaseException:
+        _remove_files([path for path, _ in plan])
+        raise
+
+
+def _remove_files(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _remove_trees(directories: list[str]) -> None:
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 _INVALID_OLD_PASSWORD = {
     "oldPassword": validation_entry(
         "validation_invalid_old_password", "Missing or invalid old password."
@@ -6542,7 +6565,7 @@ class Records:
                 )
             elapsed = time.monotonic() - started
             if self.log_slow and elapsed > SLOW_LIST_S:
-                log.warning(
+                logger.warning(
                     "slow list of %s (%.0f ms): WHERE %s ORDER BY %s",
                     collection.name,
                     elapsed * 1000,
@@ -7130,7 +7153,7 @@ class RealtimeClient:
             return
         transport.write(encode_chunk(frame) if self.chunked else frame)
         if transport.get_write_buffer_size() > self.max_queue_bytes:
-            log.warning("realtime client %s is too slow; disconnecting it", self.id)
+            logger.warning("realtime client %s is too slow; disconnecting it", self.id)
             self.close(abort=True)
 
     def _write(self, frame: bytes) -> None:
@@ -7244,7 +7267,7 @@ class _FanOut:
         self,
         broker: Broker,
         collection: Collection,
-        entry: LogEntry,
+        entry: RealtimeLogEntry,
         row: dict[str, JSON],
         record: Record,
     ) -> None:
@@ -7624,7 +7647,7 @@ class Broker:
     def _refuse(self, key: str, message: str, why: str) -> None:
         """Refuse a stream with 429 and `message`; log `why` once a minute per key."""
         if self._refusals.due(key, time.monotonic()):
-            log.warning("refused a realtime stream: %s", why)
+            logger.warning("refused a realtime stream: %s", why)
         raise TooManyRequestsError(message)
 
     def claim_position(self, client_id: str) -> tuple[int | None, str]:
@@ -7708,7 +7731,7 @@ class Broker:
 
     def drop_subscriptions(self, client: RealtimeClient, raws: set[str]) -> None:
         """Unsubscribe what could not be checked within the budget (logged)."""
-        log.warning(
+        logger.warning(
             "realtime client %s: %d subscription(s) dropped, their checks ran past the budget (first: %.200r)",
             client.id,
             len(raws),
@@ -7743,7 +7766,7 @@ class Broker:
             try:
                 filtered = self.message_filter(client, event, payload)
             except Exception:
-                log.exception(
+                logger.exception(
                     "realtime message hook failed; message dropped for client %s",
                     client.id,
                 )
@@ -7770,8 +7793,8 @@ class Broker:
             try:
                 await self._deliver_new_entries()
             except sqlite3.Error:  # e.g. locked for longer than the busy timeout
-                log.exception("reading the realtime log failed; trying again")
-                await asyncio.sleep(LOG_WATCH_S)
+                logger.exception("reading the realtime log failed; trying again")
+                await asyncio.sleep(OTHER_WRITERS_WATCH_S)
                 self._wakeup.set()
 
     async def _deliver_new_entries(self) -> None:
@@ -7780,14 +7803,14 @@ class Broker:
             self.position = self.claimed = max(self.position, self.store.realtime_log.last_seq())
             self._advanced.set()
             return
-        while entries := self.store.realtime_log.read(self.position, LOG_READ_BATCH):
+        while entries := self.store.realtime_log.read(self.position, REALTIME_LOG_READ_BATCH):
             self.store.refresh()  # rules at least as new as the entries
             for entry in entries:
                 self.claimed = entry.seq
                 try:
                     await self._deliver(entry, self._candidates(entry), live=True)
                 except Exception:  # one bad entry must not stop delivery
-                    log.exception("realtime log entry %d not delivered", entry.seq)
+                    logger.exception("realtime log entry %d not delivered", entry.seq)
                 self.position = entry.seq
                 self._advanced.set()
 
@@ -7799,7 +7822,7 @@ class Broker:
             self.wake()
             await self._advanced.wait()
 
-    def _candidates(self, entry: LogEntry) -> list[Candidate]:
+    def _candidates(self, entry: RealtimeLogEntry) -> list[Candidate]:
         """The live subscriptions an entry goes to, with the auth to decide on."""
         if entry.action == "message":
             return [
@@ -7826,7 +7849,7 @@ class Broker:
         return _round_robin(candidates)
 
     async def _deliver(
-        self, entry: LogEntry, candidates: list[Candidate], *, live: bool
+        self, entry: RealtimeLogEntry, candidates: list[Candidate], *, live: bool
     ) -> None:
         """Decide and send one entry to these candidates, in one piece.
 
@@ -7865,7 +7888,7 @@ class Broker:
                 self._send(client, entry.seq, event, payload)
 
     def _auth_updates(
-        self, collection: Collection, entry: LogEntry, record: Record
+        self, collection: Collection, entry: RealtimeLogEntry, record: Record
     ) -> dict[str, Auth | None]:
         """Clients authenticated as this record follow it (PocketBase's realtime auth sync)."""
         if not collection.is_auth:
@@ -7906,7 +7929,7 @@ class Broker:
                     through = self.claimed
                     entries = await self.run_read(
                         functools.partial(
-                            self.store.realtime_log.read, position, LOG_READ_BATCH, through
+                            self.store.realtime_log.read, position, REALTIME_LOG_READ_BATCH, through
                         )
                     )
                     for entry in entries:
@@ -7919,7 +7942,7 @@ class Broker:
                         client.position = entry.seq
                         spent += time.monotonic() - started
                         if spent > self.replay_budget_s:
-                            log.warning(
+                            logger.warning(
                                 "realtime client %s: replay past its budget; PB_MISSED",
                                 client.id,
                             )
@@ -7929,13 +7952,13 @@ class Broker:
                     if not entries:
                         client.position = through
         except Exception:
-            log.exception(
+            logger.exception(
                 "realtime client %s: replay failed; disconnecting it", client.id
             )
             client.close(abort=True)
 
     def _client_candidates(
-        self, client: RealtimeClient, entry: LogEntry
+        self, client: RealtimeClient, entry: RealtimeLogEntry
     ) -> list[Candidate]:
         """One client's subscriptions an entry goes to."""
         subscriptions = client.subscriptions.values()
@@ -9153,11 +9176,11 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, Refused):
         return BadRequestError(str(exc))
     if isinstance(exc, BudgetExceeded):
-        log.warning("request stopped: %s", exc)
+        logger.warning("request stopped: %s", exc)
         return BadRequestError(BUDGET_EXCEEDED_MESSAGE)
     if isinstance(exc, ProtocolError):
         return ApiError(status=exc.status_hint)
-    log.error("unexpected error", exc_info=exc)
+    logger.error("unexpected error", exc_info=exc)
     return InternalServerError()
 
 
@@ -9226,29 +9249,6 @@ class Router:
             if handler is not None:
                 return handler, match.groupdict()
         raise NotFoundError(None if path_known else FILE_NOT_FOUND_MESSAGE)
-
-
-def _write_files(plan: Plan) -> None:
-    """Write each (path, content), creating directories; any failure removes all."""
-    try:
-        for path, content in plan:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "xb") as file:  # never over another file
-                file.write(content)
-    except BaseException:
-        _remove_files([path for path, _ in plan])
-        raise
-
-
-def _remove_files(paths: list[str]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
-
-def _remove_trees(directories: list[str]) -> None:
-    for directory in directories:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- handlers ------------------------------------------------------------------
@@ -9878,7 +9878,7 @@ async def handle_realtime_subscribe(context: RequestContext) -> Response:
         for text in event.subscriptions:
             problem = _subscription_problem(_store(context), parse_subscription(text))
             if problem:
-                log.warning("realtime client %s: %s", client.id, problem)
+                logger.warning("realtime client %s: %s", client.id, problem)
     client.auth = auth
     broker.set_subscriptions(client, event.subscriptions)
     return Response(204)
@@ -10367,7 +10367,7 @@ def _batch_write(records: Records, write: PreparedWrite) -> None:
 
 def _logs(context: RequestContext) -> RequestLogs:
     _require_superuser(context)
-    logs = context.app.logs
+    logs = context.app.request_logs
     assert logs is not None
     return logs
 
@@ -10778,7 +10778,7 @@ class Server:
     def __init__(self, app: App) -> None:
         self.app, self.config = app, app.config
         self.broker: Broker | None = None
-        self.logs: RequestLogs | None = None  # the request logs (auxiliary.db)
+        self.request_logs: RequestLogs | None = None  # the request logs (auxiliary.db)
         self.read_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: int | None = None  # the loop's thread
@@ -10801,8 +10801,8 @@ class Server:
         """What runs every so often while serving: (name, period in seconds,
         one turn), started in this order and stopped together."""
         tasks = [
-            ("realtime log pruning", LOG_PRUNE_S, self._prune_realtime_log),
-            ("request log flushing", LOG_FLUSH_S, self._flush_request_logs),
+            ("realtime log pruning", REALTIME_LOG_PRUNE_S, self._prune_realtime_log),
+            ("request log flushing", REQUEST_LOGS_FLUSH_S, self._flush_request_logs),
         ]
         if self.config.sse_heartbeat_s > 0:
             half = self.config.sse_heartbeat_s / 2
@@ -10854,8 +10854,8 @@ class Server:
         self.read_pool = concurrent.futures.ThreadPoolExecutor(
             READ_THREADS, thread_name_prefix="pbrt-read"
         )
-        self.logs = RequestLogs(
-            os.path.join(self.config.dir, LOGS_FILE),
+        self.request_logs = RequestLogs(
+            os.path.join(self.config.dir, REQUEST_LOGS_FILE),
             now=self.app.now,
             new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
         )
@@ -10874,10 +10874,10 @@ class Server:
             )
         port: int = listener.sockets[0].getsockname()[1]
         if self.config.workers > 1:  # the supervisor says when all of them are
-            log.info("listening at http://%s:%d", self.config.host, port)
+            logger.info("listening at http://%s:%d", self.config.host, port)
         else:
             url = f"http://{self.config.host}:{port}"
-            log.info("Server started at %s (dashboard: %s/_/)", url, url)
+            logger.info("Server started at %s (dashboard: %s/_/)", url, url)
         return port
 
     async def stop(self) -> None:
@@ -10932,8 +10932,8 @@ class Server:
         if self.read_pool is not None:
             self.read_pool.shutdown()  # waits for reads in flight
             self.read_pool = None
-        if self.logs is not None:
-            logs, self.logs = self.logs, None
+        if self.request_logs is not None:
+            logs, self.request_logs = self.request_logs, None
             await asyncio.to_thread(logs.flush, self._request_logs_max_days())
             logs.close()
 
@@ -10946,7 +10946,7 @@ class Server:
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                log.exception("%s failed", name)
+                logger.exception("%s failed", name)
 
     def _send_heartbeats(self) -> None:
         """A comment line to each stream silent for half a heartbeat."""
@@ -10959,13 +10959,13 @@ class Server:
         """Keep the realtime log within its limits, a short transaction at a time."""
         config, store = self.config, self.app.store
         limits = (config.realtime_log_max_entries, config.realtime_log_max_age_s)
-        while store is not None and store.realtime_log.prune(*limits) >= LOG_PRUNE_CHUNK:
+        while store is not None and store.realtime_log.prune(*limits) >= REALTIME_LOG_PRUNE_CHUNK:
             await asyncio.sleep(0)  # writes go on between chunks
 
     async def _flush_request_logs(self) -> None:
         """Write the queued request logs, in a worker thread."""
-        if self.logs is not None and self.logs.pending:
-            await asyncio.to_thread(self.logs.flush, self._request_logs_max_days())
+        if self.request_logs is not None and self.request_logs.pending:
+            await asyncio.to_thread(self.request_logs.flush, self._request_logs_max_days())
 
     def _request_logs_max_days(self) -> float:
         return float(self.app.settings["logs"].get("maxDays", 5))
@@ -11000,7 +11000,7 @@ class Server:
         seen = [name for name in FORWARDING_HEADERS if request.header(name.lower())]
         if seen and is_local_address(peer_ip):
             self._proxy_hint_given = True
-            log.warning(
+            logger.warning(
                 "requests from %s carry %s, as a reverse proxy's do, but the settings' "
                 "trustedProxy.headers is empty: every client is seen as %s (in the "
                 "logs, the rules and the realtime caps). Set trustedProxy.headers "
@@ -11060,7 +11060,7 @@ class Server:
         except (_Closed, ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # the last guard: a bug must not kill the server
-            log.exception("connection handler failed")
+            logger.exception("connection handler failed")
         finally:
             self._connections.discard(connection)
             writer.close()
@@ -11120,7 +11120,7 @@ class Server:
                 connection.streaming = True
                 await self._write_stream(reader, writer, request, response)
             elapsed_ms = (time.perf_counter() - started) * 1000
-            log.info(
+            logger.info(
                 "%s %s %d %.2fms",
                 request.method,
                 request.target,
@@ -11141,7 +11141,7 @@ class Server:
     ) -> None:
         """Queue the request-log entry PocketBase would write for this request."""
         settings = self.app.settings["logs"]
-        if self.logs is None or not settings.get("maxDays"):
+        if self.request_logs is None or not settings.get("maxDays"):
             return  # `logs.maxDays: 0` turns request logs off, as in PocketBase
         log_ip = bool(settings.get("logIP", True))
         auth = context._auth if context is not None and context._auth_resolved else None
@@ -11160,12 +11160,12 @@ class Server:
         if context is not None and context.failure is not None:
             data["error"], data["details"] = context.failure
         level = 8 if response.status >= 400 else 0
-        self.logs.add(level, f"{request.method} {request.target}", data)
+        self.request_logs.add(level, f"{request.method} {request.target}", data)
 
     def _watch_other_writers(self) -> None:
-        """Hear of other processes' commits within LOG_WATCH_S, at no cost while
+        """Hear of other processes' commits within OTHER_WRITERS_WATCH_S, at no cost while
         nothing changes: on Linux, inotify on the WAL file wakes the loop (then
-        it rests LOG_WATCH_S); elsewhere a thread looks at PRAGMA data_version."""
+        it rests OTHER_WRITERS_WATCH_S); elsewhere a thread looks at PRAGMA data_version."""
         store, loop = self.app.store, self.loop
         assert store is not None and loop is not None
         if not store.can_read_in_threads:
@@ -11195,7 +11195,7 @@ class Server:
                 pass
         loop.remove_reader(fd)
         self.app.notice_other_writers()
-        loop.call_later(LOG_WATCH_S, self._rest_over)
+        loop.call_later(OTHER_WRITERS_WATCH_S, self._rest_over)
 
     def _rest_over(self) -> None:
         if self._wal_watch is not None and self.loop is not None:
@@ -11222,7 +11222,7 @@ class Server:
             error = to_api_error(exc)
             context.failure = (error.message, explain_error(exc, error))
             if self.config.dev:
-                log.warning(
+                logger.warning(
                     "%s %s -> %d: %s",
                     request.method,
                     request.target,
@@ -11326,7 +11326,7 @@ class Server:
                     writer.write(body[start : start + SEND_SLICE_BYTES])
                     stalled = writer.transport.get_write_buffer_size() > 0
                     if stalled and self._unsent_bytes > self.config.max_unsent_bytes:
-                        log.warning(
+                        logger.warning(
                             "dropping a connection that does not read its responses"
                         )
                         raise TimeoutError
@@ -11399,7 +11399,7 @@ class Server:
             + body
         )
         await writer.drain()
-        log.info("rejected request: %s -> %d", exc, error.status)
+        logger.info("rejected request: %s -> %d", exc, error.status)
         if exc.status_hint == 413:
             await _discard_input(reader)
 
@@ -11416,8 +11416,8 @@ def _log_to_stderr(quiet: bool, prefix: str = "") -> None:
     """Show pbrt's log (request lines too, unless `quiet`) on stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 class App:
@@ -11498,9 +11498,9 @@ class App:
         return self.server.broker if self.server is not None else None
 
     @property
-    def logs(self) -> RequestLogs | None:
+    def request_logs(self) -> RequestLogs | None:
         """The request logs while serving, else None."""
-        return self.server.logs if self.server is not None else None
+        return self.server.request_logs if self.server is not None else None
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -11535,7 +11535,7 @@ class App:
     def serve(self, on_started: Callable[[App], None] | None = None) -> None:
         """Run the server until SIGINT/SIGTERM (what `python pbrt.py serve` does),
         logging its URL and requests to stderr if nothing else shows pbrt's log."""
-        if not log.handlers and not logging.getLogger().handlers:
+        if not logger.handlers and not logging.getLogger().handlers:
             _log_to_stderr(quiet=False)
         asyncio.run(self.serve_forever(on_started=on_started))
 
@@ -11735,7 +11735,7 @@ class App:
             if self.store is not None and self.store.refresh():
                 self.forget_settings()
         except sqlite3.Error:  # e.g. locked past the busy timeout: the next look
-            log.exception("looking for other writers' changes failed")
+            logger.exception("looking for other writers' changes failed")
 
 
     @property
@@ -12138,7 +12138,7 @@ class _SharedStream:
                         for listener in listeners:
                             listener.queue.put_nowait(failure)
                     return
-                log.debug("realtime connection lost (%s); reconnecting", exc)
+                logger.debug("realtime connection lost (%s); reconnecting", exc)
             await asyncio.sleep(
                 RECONNECT_DELAYS_S[min(self.attempt, len(RECONNECT_DELAYS_S) - 1)]
             )
@@ -12251,7 +12251,7 @@ def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -
         reserved.close()
         raise
     url = f"http://{config.host}:{port}"
-    log.info(
+    logger.info(
         "Server started at %s (%d workers; dashboard: %s/_/)", url, config.workers, url
     )
     try:
@@ -12259,7 +12259,7 @@ def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -
             time.sleep(0.2)
             if signal.SIGHUP in signals:
                 signals.remove(signal.SIGHUP)
-                log.info("restarting every worker")
+                logger.info("restarting every worker")
                 stop(workers)
                 workers = [start(index) for index in range(config.workers)]
                 continue
@@ -12272,7 +12272,7 @@ def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -
                 delay = WORKER_RESTART_DELAYS_S[
                     min(deaths[index], len(WORKER_RESTART_DELAYS_S)) - 1
                 ]
-                log.warning(
+                logger.warning(
                     "worker %d exited with %s; starting a new one in %g s",
                     index,
                     code,
@@ -13431,7 +13431,7 @@ def main(argv: list[str] | None = None) -> int:
     _tune_garbage_collector()
     host, port = args.http
     if open_files is not None and open_files < MAX_REALTIME_CLIENTS + FILES_BESIDE_CLIENTS:
-        log.warning(
+        logger.warning(
             "this process may open %d files, so it holds about %d connections, "
             "fewer than the %d realtime clients it would accept: raise the limit "
             "(ulimit -n, or LimitNOFILE= in a systemd unit)",
@@ -13465,7 +13465,7 @@ def main(argv: list[str] | None = None) -> int:
             return supervise(config, worker_command)
         App(config).serve(on_started=None if worker else _hint_first_superuser)
     except (OSError, sqlite3.Error) as exc:
-        log.error("cannot start the server: %s", exc)
+        logger.error("cannot start the server: %s", exc)
         return 1
     except KeyboardInterrupt:
         pass
@@ -13533,7 +13533,7 @@ def _hint_first_superuser(app: App) -> None:
         and superusers is not None
         and not store.count_records(superusers)
     ):
-        log.warning(
+        logger.warning(
             "No superuser exists yet. Create one with: python pbrt.py superuser upsert EMAIL PASS --dir %s",
             app.config.dir,
         )

@@ -7312,7 +7312,7 @@ def test_routes_request_logs_with_the_official_js_sdk(tmp_path: Path) -> None:
             api.call("GET", f"/api/collections/users/records?filter={query}")[0] == 400
         )
         assert api.call("GET", "/api/logs")[0] == 401  # superusers only
-        logs = app.logs
+        logs = app.request_logs
         assert logs is not None
         wait_until(lambda: logs.page({"filter": "data.status = 400"})["totalItems"] > 0)
         result = run_node(SDK_LOGS_SCRIPT, api.url, SU_EMAIL, SU_PASSWORD)
@@ -7745,7 +7745,7 @@ def test_connection_clients_that_never_read_cannot_pile_up_responses(
         for _ in range(300):  # one list is ~1.5 MB
             api.json("POST", "/api/collections/big/records", {"body": "x" * 5000}, su)
         waiter = LogWaiter("does not read its responses", 15)
-        pbrt.log.addHandler(waiter)
+        pbrt.logger.addHandler(waiter)
         sockets = []
         try:
             request = b"GET /api/collections/big/records?perPage=1000 HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -7761,7 +7761,7 @@ def test_connection_clients_that_never_read_cannot_pile_up_responses(
             assert time.perf_counter() - started < HEALTH_BOUND_S
             assert app.server._unsent_bytes <= 2 * (2 * 1024 * 1024)
         finally:
-            pbrt.log.removeHandler(waiter)
+            pbrt.logger.removeHandler(waiter)
             for attacker in sockets:
                 attacker.close()
 
