@@ -8128,10 +8128,7 @@ DASHBOARD_JS = r""""use strict";
 const SESSION_KEY = "pbrt-dashboard";
 const RULES = ["listRule", "viewRule", "createRule", "updateRule", "deleteRule"];
 const AUTH_RULES = ["authRule", "manageRule"];
-const FIELD_TYPES = [
-  "text", "editor", "number", "bool", "email", "url", "date", "autodate",
-  "select", "json", "file", "relation", "password", "geoPoint",
-];
+const FIELD_TYPES = __FIELD_TYPES__;  // the server's own table, FIELD_TYPE_OPTIONS
 const FIELD_KEYS = ["id", "name", "type", "required", "hidden", "system"];
 const PER_PAGE = 30;
 const LIVE_ROWS = 500;
@@ -8749,7 +8746,6 @@ function recordControl(field, value) {
     case "editor":
       return h("textarea", { ...attributes, rows: 4, value: value ?? "" });
     case "json":
-    case "geoPoint":
       return code({ ...attributes, rows: 3, value: JSON.stringify(value) ?? "" });
     case "select": {
       const multiple = (field.maxSelect || 1) > 1;
@@ -8777,8 +8773,7 @@ function readControl(field, control) {
   switch (field.type) {
     case "bool": return control.checked;
     case "number": return control.value === "" ? null : Number(control.value);
-    case "json":
-    case "geoPoint": return control.value.trim() === "" ? null : JSON.parse(control.value);
+    case "json": return control.value.trim() === "" ? null : JSON.parse(control.value);
     case "select":
       return control.multiple ? [...control.selectedOptions].map((o) => o.value) : control.value;
     case "relation": {
@@ -9087,7 +9082,12 @@ route();
 DASHBOARD_FILES: dict[str, tuple[str, bytes]] = {
     "": ("text/html; charset=utf-8", DASHBOARD_HTML.encode()),
     "dashboard.css": ("text/css; charset=utf-8", DASHBOARD_CSS.encode()),
-    "dashboard.js": ("text/javascript; charset=utf-8", DASHBOARD_JS.encode()),
+    "dashboard.js": (
+        "text/javascript; charset=utf-8",
+        DASHBOARD_JS.replace(
+            "__FIELD_TYPES__", json.dumps(list(FIELD_TYPE_OPTIONS))
+        ).encode(),
+    ),
 }
 
 

@@ -6460,6 +6460,14 @@ def test_realtime_workers_kill_9_one_under_load_loses_no_event(tmp_path: Path) -
 # ==========================================================================
 
 
+def test_dashboard_offers_the_field_types_the_server_takes() -> None:
+    script = pbrt.DASHBOARD_FILES["dashboard.js"][1].decode()
+    offered = re.search(r"const FIELD_TYPES = (\[[^\]]*\]);", script)
+    assert offered is not None
+    assert json.loads(offered.group(1)) == list(pbrt.FIELD_TYPE_OPTIONS)
+    assert "geoPoint" not in script
+
+
 def test_dashboard_is_served_under_a_strict_policy_within_its_budget(
     tmp_path: Path,
 ) -> None:
