@@ -7081,23 +7081,27 @@ def parse_subscription(raw: str) -> Subscription:
 
 
 class FrameSink(Protocol):
-    """Where a live client's frames go: its socket's asyncio transport, whose
-    buffer is the client's queue."""
+    """Where a live client's SSE frames go. The server frames them for the
+    wire (an HTTP/1.1 chunk each, or as they are) onto the socket, whose
+    buffer is the client's queue; tests can keep them in a list."""
 
-    def write(self, data: bytes) -> None: ...
+    def send(self, frame: bytes) -> None:
+        """Send one frame now."""
 
-    def get_write_buffer_size(self) -> int: ...
+    def unsent_bytes(self) -> int:
+        """Bytes sent but not yet handed to the OS."""
 
-    def abort(self) -> None: ...
+    def abort(self) -> None:
+        """Drop the connection at once."""
 
 
 class RealtimeClient:
     """One SSE connection: its id, auth, subscriptions and log position.
 
     Until its stream is live, frames wait in a small list; afterwards they
-    are written straight to the socket's transport, whose buffer is the
-    client's bounded queue: a client more than `max_queue_bytes` behind is
-    disconnected (the SDK reconnects) instead of slowing anyone down.
+    go straight to its sink, whose unsent bytes are the client's bounded
+    queue: a client more than `max_queue_bytes` behind is disconnected (the
+    SDK reconnects) instead of slowing anyone down.
 
     `position` is None while the client follows the broker's live delivery;
     a client that came back with a position waits there (its first
@@ -7118,8 +7122,7 @@ class RealtimeClient:
         self.names: dict[str, bytes] = {}  # subscription -> its encoded `event:` field
         self.max_queue_bytes = max_queue_bytes
         self.pending: list[bytes] = []
-        self.transport: FrameSink | None = None
-        self.chunked = True
+        self.sink: FrameSink | None = None
         self.closed = False
         self.ended = asyncio.Event()
         self.last_write = self.last_message = time.monotonic()
@@ -7127,7 +7130,7 @@ class RealtimeClient:
         self.resuming = False  # a position arrived with the stream (its replay is due)
         # The cursor it came back with, when the log no longer holds that far back.
         self.missed: str | None = None
-        # Log frames the transport may still hold: (bytes written after them, seq).
+        # Log frames the sink may still hold: (bytes written after them, seq).
         self.written = 0
         self.unflushed: collections.deque[tuple[int, int]] = collections.deque()
         self.live_position = live_position  # the broker's, while this client is live
@@ -7145,20 +7148,20 @@ class RealtimeClient:
             if len(self.unflushed) > 64:
                 self._forget_flushed()
         self.written += len(frame)
-        transport = self.transport
-        if transport is None:
+        sink = self.sink
+        if sink is None:
             self.pending.append(frame)
             if sum(map(len, self.pending)) > self.max_queue_bytes:
                 self.close(abort=True)
             return
-        transport.write(encode_chunk(frame) if self.chunked else frame)
-        if transport.get_write_buffer_size() > self.max_queue_bytes:
+        sink.send(frame)
+        if sink.unsent_bytes() > self.max_queue_bytes:
             logger.warning("realtime client %s is too slow; disconnecting it", self.id)
             self.close(abort=True)
 
     def _write(self, frame: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(encode_chunk(frame) if self.chunked else frame)
+        assert self.sink is not None
+        self.sink.send(frame)
         self.last_write = time.monotonic()
 
     def send_event(self, seq: int, event: str, payload: bytes) -> None:
@@ -7168,22 +7171,22 @@ class RealtimeClient:
 
     def heartbeat(self) -> None:
         """Write an SSE comment: traffic for proxies, not a message (idle time runs on)."""
-        if not self.closed and self.transport is not None:
+        if not self.closed and self.sink is not None:
             self._write(SSE_HEARTBEAT)
 
-    def go_live(self, transport: FrameSink, chunked: bool) -> None:
-        """Start writing to `transport` (the socket's), first what was queued."""
-        self.transport, self.chunked = transport, chunked
+    def go_live(self, sink: FrameSink) -> None:
+        """Start sending to `sink`, first what was queued."""
+        self.sink = sink
         pending, self.pending = self.pending, []
         for frame in pending:
             self._write(frame)
 
     def _forget_flushed(self) -> None:
-        """Drop the frames the transport has handed to the OS (while live:
-        before that, and once closed, what is unflushed stays so)."""
-        if self.transport is None:
+        """Drop the frames the sink has handed to the OS (while live: before
+        that, and once closed, what is unflushed stays so)."""
+        if self.sink is None:
             return
-        flushed = self.written - self.transport.get_write_buffer_size()
+        flushed = self.written - self.sink.unsent_bytes()
         while self.unflushed and self.unflushed[0][0] <= flushed:
             self.unflushed.popleft()
 
@@ -7203,9 +7206,9 @@ class RealtimeClient:
             self.stood_at = position
         self.closed = True
         self.ended.set()
-        if abort and self.transport is not None:
-            self.transport.abort()
-        self.transport = None
+        if abort and self.sink is not None:
+            self.sink.abort()
+        self.sink = None
 
     def request_info(
         self, subscription: Subscription, auth: Auth | None, now: float
@@ -9109,7 +9112,7 @@ class RequestContext:
     request: Request
     raw_body: bytes
     remote_ip: str
-    writer: asyncio.StreamWriter | None = None
+    sink: FrameSink | None = None  # where a stream it answers with sends its frames
     server: Server | None = None  # the runtime serving it
     params: dict[str, str] = field(default_factory=dict)
     _body: Body | None = None
@@ -9711,8 +9714,6 @@ async def handle_realtime_connect(context: RequestContext) -> Response:
     except BaseException:
         broker.disconnect(client)
         raise
-    chunked = context.request.version == "HTTP/1.1"
-    transport = context.writer.transport if context.writer is not None else None
     headers: tuple[tuple[str, str], ...] = SSE_HEADERS
     if context.request.header("sec-fetch-site") == "same-origin":
         # A browser page of this origin: its EventSource cannot send
@@ -9722,7 +9723,7 @@ async def handle_realtime_connect(context: RequestContext) -> Response:
     return Response(
         200,
         headers=headers,
-        stream=_realtime_stream(broker, client, app.config, transport, chunked),
+        stream=_realtime_stream(broker, client, app.config, context.sink),
     )
 
 
@@ -9754,12 +9755,12 @@ async def _realtime_stream(
     broker: Broker,
     client: RealtimeClient,
     config: Config,
-    transport: asyncio.WriteTransport | None,
-    chunked: bool,
+    sink: FrameSink | None,
 ) -> AsyncGenerator[list[bytes], None]:
-    """Send PB_CONNECT, hand the socket to the broker, end on close or timeout.
+    """Send PB_CONNECT, hand the stream's sink to the broker, end on close or
+    timeout.
 
-    Events do not pass through here: the broker writes them to the transport
+    Events do not pass through here: the broker sends them to the sink
     directly, in log order (heartbeats too, which are no message: the idle
     limit runs on). This keeps the lifetimes.
     """
@@ -9769,9 +9770,9 @@ async def _realtime_stream(
                 client.id, "PB_CONNECT", _json_body({"clientId": client.id})
             )
         ]
-        if transport is None:
+        if sink is None:
             return
-        client.go_live(transport, chunked)
+        client.go_live(sink)
         end = time.monotonic() + config.sse_max_lifetime_s
         while not client.closed:
             now = time.monotonic()
@@ -10582,6 +10583,25 @@ class _ReadDeadlines:
             self._sweep_at = None
 
 
+class _StreamSink:
+    """A stream's frames onto its socket: one HTTP/1.1 chunk each, or as
+    they are for HTTP/1.0 (whose stream ends with the connection)."""
+
+    __slots__ = ("chunked", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport, chunked: bool) -> None:
+        self.transport, self.chunked = transport, chunked
+
+    def send(self, frame: bytes) -> None:
+        self.transport.write(encode_chunk(frame) if self.chunked else frame)
+
+    def unsent_bytes(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+
 class _Closed(Exception):
     """The peer went away or timed out; close without answering."""
 
@@ -11105,9 +11125,8 @@ class Server:
                 remote_ip = request.header(FORWARDED_IP_HEADER)
                 if (request.method, request.path) != ("POST", "/api/realtime"):
                     return
-            response, context = await self._dispatch(
-                request, raw_body, remote_ip, writer
-            )
+            sink = _StreamSink(writer.transport, request.version == "HTTP/1.1")
+            response, context = await self._dispatch(request, raw_body, remote_ip, sink)
             keep_alive = (
                 request.keep_alive
                 and response.stream is None
@@ -11206,15 +11225,14 @@ class Server:
         request: Request,
         raw_body: bytes,
         remote_ip: str,
-        writer: asyncio.StreamWriter | None = None,
+        sink: FrameSink | None = None,
     ) -> tuple[Response, RequestContext | None]:
         """Route one request; every exception becomes an error envelope."""
         if request.method == "OPTIONS":
             return Response(204, headers=tuple(cors_preflight_headers(request))), None
         self.app.notice_other_writers()
-        context = RequestContext(
-            self.app, request, raw_body, self.client_ip(request, remote_ip), writer, self
-        )
+        client_ip = self.client_ip(request, remote_ip)
+        context = RequestContext(self.app, request, raw_body, client_ip, sink, self)
         try:
             handler, context.params = self.app.router.match(request.method, request.path)
             response = await handler(context)

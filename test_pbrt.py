@@ -4289,6 +4289,42 @@ def test_records_write_path_stays_within_its_statement_and_hop_budgets(
 # ==========================================================================
 
 
+class ListSink:
+    """A stream's sink that keeps its frames: the broker's side, no socket."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.unsent = 0
+        self.aborted = False
+
+    def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def unsent_bytes(self) -> int:
+        return self.unsent
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_realtime_client_sends_through_its_sink_and_drops_when_far_behind() -> None:
+    client = pbrt.RealtimeClient("c1", "127.0.0.1", 100, live_position=lambda: 8)
+    client.send(b"queued before the stream is live")
+    sink = ListSink()
+    client.go_live(sink)
+    client.send_event(7, "posts/*", b"{}")
+    client.heartbeat()
+    assert sink.frames == [
+        b"queued before the stream is live",
+        b"id:7\n" + pbrt.encode_sse_name("posts/*") + b"{}\n\n",
+        pbrt.SSE_HEARTBEAT,
+    ]
+    sink.unsent = 101  # the client stopped reading
+    client.send_event(8, "posts/*", b"{}")
+    assert client.closed and sink.aborted
+    assert client.stood_at == 6  # entry 7 may still sit unsent: it resumes before it
+
+
 @pytest.mark.parametrize(
     ("raw", "topic", "query", "headers"),
     [
