@@ -27,11 +27,12 @@ Sections, read top to bottom (each uses only names from above it):
      1. constants, limits, Config       9. auth
      2. errors                         10. records (the core HTTP and App share)
      3. wire formats (HTTP, JSON, SSE) 11. realtime broker
-     4. values                         12. dashboard (the page at /_/, as data)
+     4. values, list queries           12. dashboard (the page at /_/, as data)
      5. rule language                  13. HTTP API
-     6. collections                    14. connection loop
-     7. rules over records             15. App, serve(), Client
-     8. store                          16. bench
+     6. collections                    14. connection loop: Server (sockets,
+     7. rules over records                 background tasks)
+     8. store, realtime log            15. App (the facade), serve(), Client
+                                       16. bench
                                        17. command line
 """
 
