@@ -386,10 +386,20 @@ class ValidationError(PbrtError):
     object, or to a dict of such objects keyed by list index.
     """
 
-    def __init__(self, errors: dict[str, JSON], message: str | None = None) -> None:
+    def __init__(
+        self,
+        errors: dict[str, JSON],
+        message: str | None = None,
+        explanation: list[str] | None = None,
+    ) -> None:
         super().__init__(message or "Validation failed.")
         self.errors = errors
         self.message = message
+        #: Lines for the developer (the CLI, `--dev`), never sent to a client.
+        self.explanation = explanation or []
+
+    def __str__(self) -> str:
+        return "\n".join([super().__str__(), *self.explanation])
 
 
 def validation_entry(
@@ -3222,6 +3232,76 @@ def _merge_fields(
     return result + missing
 
 
+def resolve_relation_targets(
+    data: dict[str, JSON], ids_by_name: Mapping[str, str]
+) -> dict[str, JSON]:
+    """A collection's JSON whose relations name their target collection by
+    name (any case) as well as by id: each name becomes that collection's
+    id, as PocketBase stores and exports it. An id always wins over a name."""
+    fields = data.get("fields")
+    if not isinstance(fields, list):
+        return data
+    ids = set(ids_by_name.values())
+    resolved: list[JSON] = []
+    for spec in fields:
+        target = spec.get("collectionId") if isinstance(spec, dict) else None
+        if (
+            isinstance(spec, dict)
+            and spec.get("type") == "relation"
+            and isinstance(target, str)
+            and target not in ids
+            and target.lower() in ids_by_name
+        ):
+            spec = {**spec, "collectionId": ids_by_name[target.lower()]}
+        resolved.append(spec)
+    return {**data, "fields": resolved}
+
+
+def explain_collection_errors(
+    collection: Collection, data: dict[str, JSON], errors: dict[str, JSON]
+) -> list[str]:
+    """A collection's validation errors for the developer: each field by name
+    (`messages.room`) and by its position as written, not by its index
+    among the stored fields (which counts the `id` field pbrt adds)."""
+    written = [
+        spec.get("name") if isinstance(spec, dict) else None
+        for spec in data.get("fields") or []
+    ]
+    lines: list[str] = []
+    for key, value in errors.items():
+        if key != "fields" or not isinstance(value, dict) or "code" in value:
+            lines += [f"{collection.name}: {line}" for line in _error_lines({key: value})]
+            continue
+        for index, problems in value.items():
+            spec = collection.fields[int(index)]
+            name = spec["name"]
+            where = (
+                f"field {written.index(name) + 1} in the file"
+                if name in written
+                else "a field pbrt adds"
+            )
+            for line in _error_lines(problems):
+                lines.append(f"{collection.name}.{name} ({where}): {line}")
+            if isinstance(problems, dict) and "collectionId" in problems:
+                lines.append(
+                    f"  {spec.get('collectionId')!r} is neither the id nor the name of "
+                    "a collection (a collection may set its own id with `id`)"
+                )
+    return lines
+
+
+def _error_lines(data: JSON, path: str = "") -> list[str]:
+    """PocketBase's nested `data` of field errors as `path: message` lines."""
+    if not isinstance(data, dict):
+        return []
+    if isinstance(data.get("message"), str) and "code" in data:
+        return [f"{path or '(body)'}: {data['message']} ({data['code']})"]
+    lines: list[str] = []
+    for key, value in data.items():
+        lines += _error_lines(value, f"{path}.{key}" if path else str(key))
+    return lines
+
+
 def _import_failure(data: dict[str, JSON], errors: dict[str, JSON]) -> JSON:
     """PocketBase's import error: the collection's own errors as indented JSON text."""
 
@@ -4736,12 +4816,18 @@ class Store:
         existing: Collection | None = None,
         *,
         known_ids: frozenset[str] = frozenset(),
+        ids_by_name: Mapping[str, str] | None = None,
     ) -> Collection:
         """Create or update a collection from its JSON; migrate its table.
 
-        Raises ValidationError with PocketBase's field errors, or ValueError
-        for data of the wrong shape.
+        A relation may name its target by id or by name (`ids_by_name`, the
+        stored collections' by default). Raises ValidationError with
+        PocketBase's field errors (and an explanation by field name), or
+        ValueError for data of the wrong shape.
         """
+        if ids_by_name is None:
+            ids_by_name = self.collection_ids_by_name([data])
+        data = resolve_relation_targets(data, ids_by_name)
         collection = build_collection(
             data, existing, now=self.now_text(), new_secret=self.new_secret
         )
@@ -4769,10 +4855,26 @@ class Store:
                 "validation_invalid_id", "The model id is invalid or already exists."
             )
         if errors:
-            raise ValidationError(errors)
+            explanation = explain_collection_errors(collection, data, errors)
+            raise ValidationError(errors, explanation=explanation)
         with self.transaction():
             self._write_collection(collection, existing)
         return collection
+
+    def collection_ids_by_name(self, items: list[dict[str, JSON]]) -> dict[str, str]:
+        """Collection ids by lower-case name: the stored collections', then
+        these (about to be saved; one without an id gets PocketBase's default)."""
+        found = {c.name.lower(): c.id for c in self._collections.values()}
+        for item in items:
+            name = item.get("name")
+            if isinstance(name, str) and name:
+                stored = found.get(name.lower())
+                found[name.lower()] = str(
+                    item.get("id")
+                    or stored
+                    or collection_id(str(item.get("type") or "base"), name)
+                )
+        return found
 
     def _write_collection(
         self, collection: Collection, existing: Collection | None
@@ -4902,6 +5004,8 @@ class Store:
         ValidationError naming the first collection that fails.
         """
         known_ids = frozenset(str(item["id"]) for item in items if item.get("id"))
+        ids_by_name = self.collection_ids_by_name(items)
+        known_ids |= frozenset(ids_by_name.values())
         imported: set[str] = set()
         with self.transaction():
             for item in items:
@@ -4928,10 +5032,13 @@ class Store:
                     ]
                     data["fields"] = kept + data["fields"]
                 try:
-                    saved = self.save_collection(data, existing, known_ids=known_ids)
+                    saved = self.save_collection(
+                        data, existing, known_ids=known_ids, ids_by_name=ids_by_name
+                    )
                 except ValidationError as exc:
                     raise ValidationError(
-                        {"collections": _import_failure(data, exc.errors)}
+                        {"collections": _import_failure(data, exc.errors)},
+                        explanation=exc.explanation,
                     ) from None
                 imported.add(saved.id)
             if delete_missing:
@@ -9199,16 +9306,6 @@ def explain_error(exc: BaseException, error: ApiError) -> str:
     return "\n    ".join(reasons)
 
 
-def _error_lines(data: JSON, path: str = "") -> list[str]:
-    """PocketBase's nested `data` of field errors as `path: message` lines."""
-    if not isinstance(data, dict):
-        return []
-    if isinstance(data.get("message"), str) and "code" in data:
-        return [f"{path or '(body)'}: {data['message']} ({data['code']})"]
-    lines: list[str] = []
-    for key, value in data.items():
-        lines += _error_lines(value, f"{path}.{key}" if path else str(key))
-    return lines
 
 
 class Router:
@@ -9497,7 +9594,7 @@ def import_collections(store: Store, data: dict[str, JSON]) -> None:
             collections, delete_missing=bool(data.get("deleteMissing"))
         )
     except ValidationError as exc:
-        raise BadRequestError("Failed to import collections.", exc.errors) from None
+        raise BadRequestError("Failed to import collections.", exc.errors) from exc
     except (ValueError, TypeError, KeyError) as exc:
         raise BadRequestError(INVALID_FORMATTING) from exc
 
@@ -13534,10 +13631,12 @@ def _collections_command(args: argparse.Namespace) -> int:
         return 0
     except ApiError as exc:
         print(f"Import failed: {exc.message}", file=sys.stderr)
-        for line in _error_lines(exc.data):
+        cause = exc.__cause__
+        explained = cause.explanation if isinstance(cause, ValidationError) else []
+        for line in explained or _error_lines(exc.data):
             print(f"  {line}", file=sys.stderr)
-        if exc.__cause__ is not None:
-            print(f"  cause: {exc.__cause__}", file=sys.stderr)
+        if cause is not None and not isinstance(cause, ValidationError):
+            print(f"  cause: {cause}", file=sys.stderr)
         return 1
     finally:
         store.close()

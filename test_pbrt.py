@@ -8721,6 +8721,45 @@ def stderr_lines(process: subprocess.Popen[str]) -> Callable[[str], list[str]]:
     return wait_for
 
 
+CHAT_SCHEMA = [
+    {"name": "rooms", "type": "base", "fields": [{"name": "title", "type": "text"}]},
+    {
+        "name": "messages",
+        "type": "base",
+        "fields": [
+            {"name": "text", "type": "text"},
+            {"name": "room", "type": "relation", "collectionId": "rooms", "maxSelect": 1},
+            {"name": "reply", "type": "relation", "collectionId": "Messages", "maxSelect": 1},
+            {"name": "author", "type": "relation", "collectionId": "users", "maxSelect": 1},
+        ],
+    },
+]
+
+
+def test_cli_schema_files_name_relation_targets_and_failures_by_name(
+    tmp_path: Path,
+) -> None:
+    """Relations may name their target collection (PocketBase's import wants
+    its id); the export gives ids. A target that does not exist is reported
+    as `messages.room`, at its position in the file."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(CHAT_SCHEMA))
+    data = tmp_path / "pb_data"
+    imported = run_cli("collections", "import", str(schema), "--dir", str(data))
+    assert imported.returncode == 0, imported.stderr
+    exported = json.loads(run_cli("collections", "export", "--dir", str(data)).stdout)
+    ids = {c["name"]: c["id"] for c in exported}
+    (messages,) = [c for c in exported if c["name"] == "messages"]
+    targets = {f["name"]: f["collectionId"] for f in messages["fields"] if f["type"] == "relation"}
+    assert targets == {"room": ids["rooms"], "reply": ids["messages"], "author": ids["users"]}
+    broken = [{**CHAT_SCHEMA[1], "fields": [CHAT_SCHEMA[1]["fields"][0], {**CHAT_SCHEMA[1]["fields"][1], "collectionId": "roomz"}]}]
+    schema.write_text(json.dumps(broken))
+    failed = run_cli("collections", "import", str(schema), "--dir", str(tmp_path / "other"))
+    assert failed.returncode == 1
+    assert "messages.room (field 2 in the file): collectionId: The relation collection doesn't exist." in failed.stderr
+    assert "'roomz' is neither the id nor the name of a collection" in failed.stderr
+
+
 def test_cli_collections_export_and_import_with_or_without_a_server(
     tmp_path: Path,
 ) -> None:
