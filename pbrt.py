@@ -47,6 +47,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import decimal
 import email.utils
 import functools
 import gc
@@ -377,6 +378,15 @@ class Refused(PbrtError):
 
 class BudgetExceeded(PbrtError):
     """Work that ran past its time budget was stopped (nothing was changed)."""
+
+
+class RuleDenied(PbrtError):
+    """Why a rule refused a requester, for `--dev`: the cause of the 404 or
+    400 a client gets (which stays PocketBase's answer)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
 
 
 class ValidationError(PbrtError):
@@ -1661,6 +1671,7 @@ Expression = Compare | And | Or
 _IDENT_RE = re.compile(r"[A-Za-z@_#][A-Za-z0-9_.:]*")
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 _STRING_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", "'": "'", '"': '"'}
+_STRING_QUOTES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\", "'": "\\'"}
 
 
 def tokenize_rule(source: str) -> list[tuple[str, Any, int]]:
@@ -1779,6 +1790,30 @@ def parse_rule(source: str) -> Expression:
     if parser.comparisons > MAX_RULE_COMPARISONS:
         raise RuleError(f"more than {MAX_RULE_COMPARISONS} comparisons", source)
     return expression
+
+
+def format_rule(node: Expression | Operand) -> str:
+    """An AST as rule text again: `parse_rule(format_rule(e)) == e`.
+
+    >>> format_rule(parse_rule("a=1 || b ?= 'x' && c:each != d.e"))
+    "a = 1 || (b ?= 'x' && c:each != d.e)"
+    """
+    if isinstance(node, Literal):
+        if not isinstance(node.value, str):  # positional: the tokenizer reads no exponent
+            return format(decimal.Decimal(repr(node.value)), "f").removesuffix(".0")
+        escaped = "".join(_STRING_QUOTES.get(char, char) for char in node.value)
+        return f"'{escaped}'"
+    if isinstance(node, Identifier):
+        return node.name
+    if isinstance(node, Call):
+        return f"{node.name}({', '.join(map(format_rule, node.args))})"
+    if isinstance(node, Compare):
+        return f"{format_rule(node.left)} {node.op} {format_rule(node.right)}"
+    joiner = " && " if isinstance(node, And) else " || "
+    return joiner.join(
+        f"({format_rule(item)})" if isinstance(item, (And, Or)) else format_rule(item)
+        for item in node.items
+    )
 
 
 def _without_redundant_groups(
@@ -5916,29 +5951,43 @@ def resolve_auth(
         cached = verified.get(store, token, kind, now)
         if cached is not None:
             return cached
+    auth, _ = check_token(store, token, now, kind)
+    if auth is not None and verified is not None:
+        expires = (read_token_claims(token) or {}).get("exp")
+        verified.put(
+            token, kind, auth, expires if isinstance(expires, (int, float)) else math.inf
+        )
+    return auth
+
+
+def check_token(
+    store: Store, token: str, now: float, kind: str = "auth"
+) -> tuple[Auth | None, str]:
+    """The Auth a token stands for, or None and why it stands for a guest
+    (for `--dev`; the reason names no secret)."""
     claims = read_token_claims(token)
-    if not claims or claims.get("type") != kind:
-        return None
+    if not claims:
+        return None, "the token is not a JWT signed with HS256"
+    if claims.get("type") != kind:
+        return None, f"the token's type is {claims.get('type')!r}, not {kind!r}"
     record_id, collection_ref = claims.get("id"), claims.get("collectionId")
-    if (
-        not isinstance(record_id, str)
-        or not isinstance(collection_ref, str)
-        or not record_id
-    ):
-        return None
+    if not isinstance(record_id, str) or not isinstance(collection_ref, str):
+        return None, "the token names no record"
     collection = store.collection(collection_ref) if collection_ref else None
     if collection is None or not collection.is_auth:
-        return None
-    record = store.get_record(collection, record_id)
+        return None, f"the token's collection {collection_ref!r} is no auth collection"
+    record = store.get_record(collection, record_id) if record_id else None
     if record is None:
-        return None
+        return None, f"{collection.name} has no record {record_id!r}"
+    expires = claims.get("exp")
+    if isinstance(expires, (int, float)) and expires <= now:
+        return None, f"the token expired {format_datetime(float(expires))}"
     if not token_is_valid(token, str(record["tokenKey"]) + collection.token_secret, now):
-        return None
-    auth = Auth(collection, record)
-    if verified is not None:
-        expires = claims.get("exp")
-        verified.put(token, kind, auth, expires if isinstance(expires, (int, float)) else math.inf)
-    return auth
+        return None, (
+            f"the token's signature does not match {collection.name} {record_id!r} "
+            "(tampered, or signed before its password or tokenKey changed)"
+        )
+    return Auth(collection, record), ""
 
 
 def issue_file_token(collection: Collection, record: Record, now: float) -> str:
@@ -6027,6 +6076,100 @@ def can_access(
 ) -> bool:
     """Whether `info`'s requester passes `rule` on one stored record."""
     return record_id in accessible_ids(store, collection, [record_id], rule, info)
+
+
+# Secrets a `--dev` explanation never shows, whoever asks.
+_SECRET_FIELDS = frozenset({"password", "tokenKey", "passwordConfirm", "oldPassword"})
+
+
+def explain_denial(
+    store: Store,
+    collection: Collection,
+    record_id: str,
+    label: str,
+    rule: str | None,
+    info: RequestInfo,
+) -> list[str]:
+    """Why a rule refuses `info`'s requester on a stored record, for `--dev`
+    and `rules check`: the rule, then each false part down to single
+    comparisons, with the values compared where they can be read (the
+    record's own fields, `@request.auth.*`, `@request.body.*`; never a
+    password, a token key or a hash), and a hint for known mistakes."""
+    lines = [f"{collection.name}.{label} refused record {record_id!r}: {rule!r}"]
+    if rule is None:
+        return [*lines, "  null: superusers only"]
+    try:
+        expression = parse_rule(str(rule))
+    except RuleError as exc:
+        return [*lines, f"  the rule does not parse: {exc.msg}"]
+    record = store.get_record(collection, record_id) or {}
+
+    def holds(node: Expression) -> bool:
+        return can_access(store, collection, record_id, format_rule(node), info)
+
+    def false_parts(node: Expression) -> list[Compare]:
+        if isinstance(node, Compare):
+            return [node]
+        if isinstance(node, And):
+            first = next((item for item in node.items if not holds(item)), None)
+            return false_parts(first) if first is not None else []
+        return [part for item in node.items for part in false_parts(item)]
+
+    for compare in false_parts(expression) if not holds(expression) else []:
+        seen = [
+            f"{format_rule(side)} is {_seen_value(side, collection, record, info)}"
+            for side in (compare.left, compare.right)
+            if not isinstance(side, Literal)
+        ]
+        lines.append(f"  false: {format_rule(compare)}" + (f" ({'; '.join(seen)})" if seen else ""))
+        hint = _rule_hint(compare, collection)
+        if hint:
+            lines.append(f"  hint: {hint}")
+    return lines
+
+
+def _seen_value(
+    side: Operand, collection: Collection, record: Record, info: RequestInfo
+) -> str:
+    """The value an operand had, as far as it can be read without a query."""
+    if not isinstance(side, Identifier):
+        return "computed in SQL"
+    name = side.name
+    for prefix, source in (
+        ("@request.auth.", info.auth.record if info.auth else {}),
+        ("@request.body.", info.body),
+        ("", record),
+    ):
+        if not name.startswith(prefix) or (prefix == "" and name.startswith("@")):
+            continue
+        field_name = name[len(prefix) :]
+        if field_name in _SECRET_FIELDS:
+            return "(a secret, not shown)"
+        if prefix == "@request.auth." and info.auth is None:
+            return "empty (a guest)"
+        if field_name == "collectionName" and prefix == "@request.auth." and info.auth:
+            return repr(info.auth.collection.name)
+        if field_name in source:
+            return json.dumps(source[field_name], ensure_ascii=False)
+        return "not a plain field here (a relation path, a modifier or a join)"
+    return "not read outside SQL"
+
+
+def _rule_hint(compare: Compare, collection: Collection) -> str:
+    """Advice for a comparison that is a known mistake, or ""."""
+    for side in (compare.left, compare.right):
+        if not isinstance(side, Identifier):
+            continue
+        if side.name.startswith("@request.data."):
+            return "@request.data is @request.body since PocketBase 0.23"
+        spec = collection.field(side.name)
+        if spec is not None and spec["type"] == "relation" and is_multiple(spec):
+            return (
+                f"{side.name} holds several ids: `{side.name} {compare.op} …` compares "
+                f"the whole list; to ask whether it holds an id, write "
+                f"`{side.name}.id ?= …` (or `{side.name} ~ …`)"
+            )
+    return ""
 
 
 # --- record JSON, expand and fields ----------------------------------------
@@ -6593,12 +6736,12 @@ class Records:
         run_blocking: Callable[..., Awaitable[Any]],
         run_read: Callable[[Callable[[], Any]], Awaitable[Any]],
         request_budget_s: float = REQUEST_BUDGET_S,
-        log_slow: bool = False,
+        dev: bool = False,
         storage: str = "",
         random_text: Callable[[int], str] = lambda length: "x" * length,
     ) -> None:
         self.store, self.hooks, self.now = store, hooks, now
-        self.log_slow = log_slow
+        self.dev = dev  # explain refusals, log slow lists
         self.storage, self.random_text = storage, random_text
         self.hash_password = hash_password
         self.run_blocking, self.run_read = run_blocking, run_read
@@ -6672,7 +6815,7 @@ class Records:
                     collection, records
                 )
             elapsed = time.monotonic() - started
-            if self.log_slow and elapsed > SLOW_LIST_S:
+            if self.dev and elapsed > SLOW_LIST_S:
                 logger.warning(
                     "slow list of %s (%.0f ms): WHERE %s ORDER BY %s",
                     collection.name,
@@ -6722,8 +6865,18 @@ class Records:
             raise NotFoundError()
         info = requester.info(self.now())
         if not can_access(self.store, collection, record["id"], rule, info):
-            raise NotFoundError()
+            raise NotFoundError() from self._denied(collection, record_id, rule_name, info)
         return record
+
+    def _denied(
+        self, collection: Collection, record_id: str, rule_name: str, info: RequestInfo
+    ) -> RuleDenied | None:
+        """With `dev`, why a rule refused (the cause of the answer), else None."""
+        if not self.dev:
+            return None
+        rule = collection.rules.get(rule_name)
+        lines = explain_denial(self.store, collection, record_id, rule_name, rule, info)
+        return RuleDenied(lines)
 
     # --- writing -----------------------------------------------------------------
     # A write in two steps. What may wait runs first, off the loop: hashing a
@@ -6856,7 +7009,9 @@ class Records:
             )
         except BaseException as exc:
             await self.undo(write.written)
-            raise _write_error(action, exc) from None
+            if isinstance(exc, ValidationError):
+                raise _write_error(action, exc) from None
+            raise
         return write
 
     def create_now(self, write: PreparedWrite) -> Record:
@@ -6875,7 +7030,9 @@ class Records:
             body = resolve_body_modifiers(collection, None, write.data, superuser=False)
             info = requester.info(self.now(), body)
             if not can_access(self.store, collection, record["id"], rule, info):
-                raise BadRequestError("Failed to create record.")
+                raise BadRequestError("Failed to create record.") from self._denied(
+                    collection, record["id"], "createRule", info
+                )
         write.record = record
         return record
 
@@ -6949,7 +7106,9 @@ class Records:
         )
         info = requester.info(self.now(), body)
         if not can_access(self.store, collection, stored["id"], rule, info):
-            raise NotFoundError()
+            raise NotFoundError() from self._denied(
+                collection, stored["id"], rule_name, info
+            )
 
     @contextlib.asynccontextmanager
     async def _undo_on_failure(self, write: PreparedWrite) -> AsyncGenerator[None, None]:
@@ -6958,7 +7117,9 @@ class Records:
             yield
         except BaseException as exc:
             await self.undo(write.written)  # no orphans
-            raise _write_error(write.action, exc) from None
+            if isinstance(exc, ValidationError):
+                raise _write_error(write.action, exc) from None
+            raise
 
     async def finish(
         self, write: PreparedWrite, expand: str = "", fields: str = ""
@@ -8515,13 +8676,15 @@ function loginView() {
     } catch (error) {
       if (!(error instanceof ApiError)) throw error;
       failure.textContent = describe(error);
+      if (error.status === 400) {  // no such superuser, or a wrong password
+        failure.append(h("br"),
+          "No superuser yet? Run: python pbrt.py superuser upsert EMAIL PASSWORD");
+      }
     }
   } },
   labelled("Email", email), labelled("Password", password),
   h("button", { type: "submit", class: "primary" }, "Log in"), failure);
-  page("Log in as a superuser", form,
-    h("p", { class: "hint" },
-      "No superuser yet? Run: python pbrt.py superuser upsert EMAIL PASSWORD"));
+  page("Log in as a superuser", form);
   email.focus();
 }
 
@@ -9254,6 +9417,14 @@ class RequestContext:
                 else None
             )
             self._auth_resolved = True
+            if self._auth is None and token and store and self.app.config.dev:
+                _, why = check_token(store, token, self.app.now())
+                logger.warning(
+                    "%s %s: the Authorization header counts as a guest: %s",
+                    self.request.method,
+                    self.request.target,
+                    why,
+                )
         return self._auth
 
     @auth.setter
@@ -9301,7 +9472,7 @@ def explain_error(exc: BaseException, error: ApiError) -> str:
     reasons += _error_lines(error.data)
     cause: BaseException | None = exc if exc is not error else exc.__cause__
     while cause is not None:
-        reasons.append(f"{type(cause).__name__}: {cause}")
+        reasons.append(f"{type(cause).__name__}: {cause}".replace("\n", "\n    "))
         cause = cause.__cause__
     return "\n    ".join(reasons)
 
@@ -11005,6 +11176,11 @@ class Server:
         if self._listener is None:
             return
         self._listener.close()
+        busy = sum(c.busy and not c.streaming for c in self._connections)
+        streams = len(self.broker.clients) if self.broker is not None else 0
+        logger.info(
+            "Stopping: %d request(s) in flight, %d realtime stream(s) open", busy, streams
+        )
         if self._worker_listener is not None:
             self._worker_listener.close()
             self._worker_listener = None
@@ -11054,6 +11230,7 @@ class Server:
             logs, self.request_logs = self.request_logs, None
             await asyncio.to_thread(logs.flush, self._request_logs_max_days())
             logs.close()
+        logger.info("Server stopped")
 
     async def _every(self, name: str, period_s: float, turn: Callable[[], Any]) -> None:
         """Run `turn` every `period_s` until cancelled; a failed turn is logged."""
@@ -11868,7 +12045,7 @@ class App:
                 run_blocking=asyncio.to_thread,
                 run_read=self._read,
                 request_budget_s=self.config.request_budget_s,
-                log_slow=self.config.dev,
+                dev=self.config.dev,
                 storage=os.path.join(self.config.dir, STORAGE_DIR),
                 random_text=lambda length: random_text(RECORD_ID_ALPHABET, length),
             )
@@ -13477,6 +13654,25 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     for action_parser in (export_parser, import_parser):
         _add_common_arguments(action_parser)
+    rules_parser = commands.add_parser(
+        "rules", help="check what a rule decides for a requester, and why"
+    )
+    rules_commands = rules_parser.add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    check_parser = rules_commands.add_parser(
+        "check",
+        help="evaluate a rule (its name, as viewRule, or its text) on a record as a requester",
+    )
+    check_parser.add_argument("collection")
+    check_parser.add_argument("rule", help="listRule ... deleteRule, or a rule's text")
+    check_parser.add_argument(
+        "--as", dest="requester", default="guest", metavar="EMAIL|guest",
+        help="the auth record asking, by email (any auth collection), or guest",
+    )
+    check_parser.add_argument("--record", default="", help="the record's id (default: the first)")
+    check_parser.add_argument("--body", default="{}", help="@request.body as JSON")
+    _add_common_arguments(check_parser)
     backup_parser = commands.add_parser(
         "backup",
         help="write a consistent backup of the data (a zip, as PocketBase's) while it is used",
@@ -13530,6 +13726,8 @@ def main(argv: list[str] | None = None) -> int:
         return _superuser_command(args)
     if args.command == "collections":
         return _collections_command(args)
+    if args.command == "rules":
+        return _rules_check_command(args)
     if args.command == "backup":
         database = os.path.join(args.dir, DATABASE_FILE)
         if not os.path.exists(database):
@@ -13638,6 +13836,67 @@ def _collections_command(args: argparse.Namespace) -> int:
         if cause is not None and not isinstance(cause, ValidationError):
             print(f"  cause: {cause}", file=sys.stderr)
         return 1
+    finally:
+        store.close()
+
+
+def _rules_check_command(args: argparse.Namespace) -> int:
+    """`rules check COLLECTION RULE`: the verdict of a rule for a requester on
+    a record, with the explanation `serve --dev` gives; exit 0 when it
+    passes, 1 when it refuses, 2 when it cannot be asked."""
+    if not os.path.exists(os.path.join(args.dir, DATABASE_FILE)):
+        print(f"No {DATABASE_FILE} in {args.dir!r}.", file=sys.stderr)
+        return 2
+    store = App(Config(dir=args.dir)).open_store()
+    try:
+        collection = store.collection(args.collection)
+        if collection is None:
+            print(f"No collection {args.collection!r}.", file=sys.stderr)
+            return 2
+        names = (*RULE_NAMES, *(AUTH_RULE_NAMES if collection.is_auth else ()))
+        label, rule = (
+            (args.rule, collection.rules.get(args.rule, collection.options.get(args.rule)))
+            if args.rule in names
+            else ("rule", args.rule)
+        )
+        auth = None
+        if args.requester != "guest":
+            auth = next(
+                (
+                    Auth(c, found[0])
+                    for c in store.collections()
+                    if c.is_auth
+                    and (found := store.find_records(
+                        c, where="t.email = ?", params=(args.requester,), limit=1
+                    ))
+                ),
+                None,
+            )
+            if auth is None:
+                print(f"No auth record with email {args.requester!r}.", file=sys.stderr)
+                return 2
+        records = (
+            [store.get_record(collection, args.record)]
+            if args.record
+            else store.find_records(collection, limit=1)
+        )
+        record = records[0] if records else None
+        if record is None:
+            print(f"No record to check in {collection.name}.", file=sys.stderr)
+            return 2
+        body = parse_json(args.body)
+        info = RequestInfo(auth=auth, body=body if isinstance(body, dict) else {}, now=time.time())
+        who = f"{auth.collection.name} {args.requester}" if auth else "a guest"
+        if can_access(store, collection, record["id"], rule, info):
+            print(f"passes: {collection.name}.{label} lets {who} at record {record['id']!r}")
+            return 0
+        print(f"refused for {who}:")
+        for line in explain_denial(store, collection, record["id"], label, rule, info):
+            print(f"  {line}")
+        return 1
+    except (RuleError, BodyError) as exc:
+        print(f"Cannot check: {exc}", file=sys.stderr)
+        return 2
     finally:
         store.close()
 

@@ -1531,6 +1531,16 @@ def random_expression(rng: random.Random, depth: int = 0) -> str:
 DIFFERENTIAL_CASES = 6_000
 
 
+def test_rules_format_rule_writes_what_parses_back_the_same() -> None:
+    rng = random.Random(29)
+    for _ in range(500):
+        try:
+            expression = pbrt.parse_rule(random_expression(rng))
+        except pbrt.RuleError:
+            continue
+        assert pbrt.parse_rule(pbrt.format_rule(expression)) == expression
+
+
 def test_rules_sql_and_in_memory_back_ends_agree_on_random_expressions() -> None:
     rng = random.Random(5_2026)
     store = make_store(":memory:")
@@ -6797,7 +6807,10 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
     assert result["foreign"] == [] and result["problems"] == []
     assert result["unlabelled"] == []  # every control on every screen has a name
     assert result["csp"] == pbrt.DASHBOARD_CSP
-    assert result["loginError"] == "Failed to authenticate."
+    assert result["loginError"] == (  # the hint shows only once a login failed
+        "Failed to authenticate."
+        "No superuser yet? Run: python pbrt.py superuser upsert EMAIL PASSWORD"
+    )
     [record_id] = result["tableIds"]
     [(seq, _, collection, action, live_id)] = result["liveRows"]
     assert seq.isdigit() and (collection, action, live_id) == (
@@ -8643,6 +8656,8 @@ def test_cli_serves_in_an_empty_folder_and_exits_0_on_sigint(tmp_path: Path) -> 
             _, stderr = process.communicate(timeout=10)
             assert time.monotonic() - started < 1.0
             assert process.returncode == 0
+            assert "Stopping: 0 request(s) in flight, 1 realtime stream(s) open" in stderr
+            assert stderr.rstrip().endswith("Server stopped")
             while chunk := stream.recv(65536):
                 received += chunk
         assert received.endswith(b"\r\n0\r\n\r\n")  # the open stream was ended, not cut
@@ -8862,6 +8877,87 @@ def test_cli_readme_sdk_example_runs_against_the_readme_schema(tmp_path: Path) -
         )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Hello ada@example.com"
+
+
+ROOMS = {
+    "name": "rooms",
+    "type": "base",
+    "listRule": "",
+    "viewRule": "members ?= @request.auth.id",
+    "createRule": '@request.auth.id != "" && owner = @request.auth.id',
+    "fields": [
+        {"name": "title", "type": "text"},
+        {"name": "owner", "type": "relation", "collectionId": "users", "maxSelect": 1},
+        {"name": "members", "type": "relation", "collectionId": "users", "maxSelect": 9},
+    ],
+}
+
+
+def test_cli_serve_dev_explains_rule_refusals_and_guest_tokens(tmp_path: Path) -> None:
+    """`serve --dev`: a createRule refusal names the false comparison and the
+    values it compared; a viewRule 404 names its rule, with a hint for `?=`
+    on a multi-relation; an expired token is said to count as a guest. No
+    password, token, token key or hash is ever printed; the answers stay
+    PocketBase's."""
+    data_dir = data_dir_with(tmp_path, [ROOMS])
+    with ServerProcess(data_dir, 0, "--dev") as server:
+        su = Api(server.url).login("_superusers", SU_EMAIL, SU_PASSWORD)[0]
+        admin = pbrt.Client(server.url, su)
+        password = {"password": "dev-secret-123", "passwordConfirm": "dev-secret-123"}
+        alice = admin.create("users", {"email": "alice@example.com", **password})
+        bob = admin.create("users", {"email": "bob@example.com", **password})
+        token, _ = Api(server.url).login("users", "alice@example.com", "dev-secret-123")
+        api = Api(server.url)
+        status, body = api.call(
+            "POST", "/api/collections/rooms/records", {"title": "x", "owner": bob["id"]}, token
+        )
+        assert (status, json.loads(body)["message"]) == (400, "Failed to create record.")
+        room = admin.create("rooms", {"title": "mine", "members": [alice["id"]]})
+        assert api.call("GET", f"/api/collections/rooms/records/{room['id']}", None, token)[0] == 404
+        store = pbrt.App(dir=str(data_dir)).open_store()
+        users = store.collection("users")
+        assert users is not None
+        record = store.get_record(users, alice["id"])
+        assert record is not None
+        expired = pbrt.issue_auth_token(users, record, time.time() - 10**6)
+        secrets = [token, expired, str(record["tokenKey"]), str(record["password"]), "dev-secret-123"]
+        store.close()
+        assert api.call("GET", "/api/collections/rooms/records", None, expired)[0] == 200
+        wait_until(lambda: "counts as a guest" in server.text())
+        log_text = server.text()
+    assert f"rooms.createRule refused record" in log_text
+    assert (
+        f'false: owner = @request.auth.id (owner is "{bob["id"]}"; '
+        f'@request.auth.id is "{alice["id"]}")'
+    ) in log_text
+    assert "rooms.viewRule refused record " + repr(room["id"]) in log_text
+    assert "hint: members holds several ids" in log_text
+    assert "the Authorization header counts as a guest: the token expired" in log_text
+    for secret in secrets:
+        assert secret not in log_text
+
+
+def test_cli_rules_check_gives_the_verdict_and_the_hint(tmp_path: Path) -> None:
+    """`rules check`: a rule that passes says so (exit 0); `members ?= id` on
+    a multi-relation is refused (exit 1) with what it compared and the hint."""
+    data_dir = data_dir_with(tmp_path, [ROOMS])
+    store = pbrt.App(dir=str(data_dir)).open_store()
+    users, rooms = store.collection("users"), store.collection("rooms")
+    assert users is not None and rooms is not None
+    user = store.create_record(users, {"email": "m@example.com", "password": "12345678"}, privileged=True)
+    room = store.create_record(rooms, {"title": "r", "members": [user["id"]]}, privileged=True)
+    store.close()
+    common = ["--as", "m@example.com", "--record", room["id"], "--dir", str(data_dir)]
+    works = run_cli("rules", "check", "rooms", "members.id ?= @request.auth.id", *common)
+    assert works.returncode == 0, works.stderr
+    assert works.stdout.startswith(f"passes: rooms.rule lets users m@example.com at record '{room['id']}'")
+    refused = run_cli("rules", "check", "rooms", "viewRule", *common)
+    assert refused.returncode == 1, refused.stderr
+    assert f"false: members ?= @request.auth.id (members is [\"{user['id']}\"]" in refused.stdout
+    assert "hint: members holds several ids" in refused.stdout
+    guest = run_cli("rules", "check", "rooms", "viewRule", "--dir", str(data_dir))
+    assert guest.returncode == 1 and "@request.auth.id is empty (a guest)" in guest.stdout
+    assert run_cli("rules", "check", "nosuch", "viewRule", "--dir", str(data_dir)).returncode == 2
 
 
 def test_cli_serve_dev_says_why_requests_failed(tmp_path: Path) -> None:
