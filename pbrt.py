@@ -7660,6 +7660,8 @@ class _FanOut:
                 dropped.setdefault(client.id, (client, set()))[1].add(subscription.raw)
                 continue
             if key is not None and not self.verdicts[key]:
+                if broker.explain_withheld:
+                    self._explain_withheld(client, subscription, key, auth)
                 continue
             personal = bool(subscription.expand) or collection.is_auth
             auth_key = (
@@ -7688,6 +7690,51 @@ class _FanOut:
         for client, raws in dropped.values():
             broker.drop_subscriptions(client, raws)
         return deliveries
+
+
+    def _explain_withheld(
+        self,
+        client: RealtimeClient,
+        subscription: Subscription,
+        key: tuple[JSON, ...],
+        auth: Auth | None,
+    ) -> None:
+        """Log (once a minute per subscription) which rule or filter kept this
+        change from a subscription; for `serve --dev`."""
+        if not self.broker.withheld.due(f"{client.id} {subscription.raw}", time.monotonic()):
+            return
+        rule_name = str(key[0])
+        rule = self.collection.rules.get(rule_name)
+        superuser = auth is not None and auth.is_superuser
+        refused_by = f"the filter {subscription.filter!r}"
+        if rule and not superuser:
+            info = client.request_info(subscription, auth, self.now)
+            try:
+                alone = compile_rules(
+                    self.broker.store,
+                    self.collection,
+                    info,
+                    [(str(rule), False)],
+                    table=logged_row_table(self.collection),
+                )
+                rule_passes = rule_matches(alone, self.row)
+            except RuleError:
+                rule_passes = False
+            if rule_passes is False:
+                refused_by = f"{self.collection.name}.{rule_name} {rule!r}"
+            elif rule_passes is None:
+                refused_by = f"{self.collection.name}.{rule_name} {rule!r} or the filter"
+        who = f"{auth.collection.name} {auth.record.get('id')}" if auth else "a guest"
+        logger.warning(
+            "realtime: %s (client %s, %s) was not sent the %s of %s %r: %s was false",
+            subscription.raw,
+            client.id,
+            who,
+            self.entry.action,
+            self.collection.name,
+            self.entry.record,
+            refused_by,
+        )
 
 
 class ClosedStreams:
@@ -7835,6 +7882,10 @@ class Broker:
         self.store = store
         self.max_clients_per_ip = max_clients_per_ip
         self._refusals = Throttle(CAPACITY_WARNING_S)
+        #: With `serve --dev`: say why a rule or filter kept an event from a
+        #: subscription, once a minute per subscription.
+        self.explain_withheld = False
+        self.withheld = Throttle(CAPACITY_WARNING_S)
         self.replay_budget_s = replay_budget_s
         self._replay_turns = asyncio.Semaphore(REPLAYS_AT_ONCE)
         self._per_ip: dict[str, int] = {}
@@ -11136,6 +11187,7 @@ class Server:
             replay_budget_s=self.config.replay_budget_s,
         )
         self.broker.message_filter = self.app.hooks.filter_message
+        self.broker.explain_withheld = self.config.dev
         self.broker.message_filter_active = lambda: bool(
             self.app.hooks.registered("realtime_message")
         )

@@ -8924,6 +8924,25 @@ def test_cli_serve_dev_explains_rule_refusals_and_guest_tokens(tmp_path: Path) -
         store.close()
         assert api.call("GET", "/api/collections/rooms/records", None, expired)[0] == 200
         wait_until(lambda: "counts as a guest" in server.text())
+
+        async def withheld() -> None:  # an event a subscription's filter keeps out
+            subscribed = asyncio.Event()
+            topic = 'rooms/*?options={"query":{"filter":"title = \'wanted\'"}}'
+            stream = pbrt.Client(server.url).subscribe(topic, on_subscribed=subscribed.set)
+            first = asyncio.ensure_future(anext(stream))
+            try:
+                await asyncio.wait_for(subscribed.wait(), 30)
+                await asyncio.to_thread(admin.create, "rooms", {"title": "other"})
+                await asyncio.to_thread(
+                    wait_until, lambda: "was not sent the create" in server.text()
+                )
+            finally:
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await first
+                await stream.aclose()
+
+        run(withheld())
         log_text = server.text()
     assert f"rooms.createRule refused record" in log_text
     assert (
@@ -8933,6 +8952,8 @@ def test_cli_serve_dev_explains_rule_refusals_and_guest_tokens(tmp_path: Path) -
     assert "rooms.viewRule refused record " + repr(room["id"]) in log_text
     assert "hint: members holds several ids" in log_text
     assert "the Authorization header counts as a guest: the token expired" in log_text
+    assert "(client " in log_text and ", a guest) was not sent the create of rooms" in log_text
+    assert "the filter \"title = 'wanted'\" was false" in log_text
     for secret in secrets:
         assert secret not in log_text
 
