@@ -97,8 +97,10 @@ from typing import Any, Protocol, TypeVar, cast
 __all__ = [
     "ApiError",
     "App",
+    "AsyncClient",
     "BadRequestError",
     "Client",
+    "ClientSubscription",
     "Config",
     "ForbiddenError",
     "InternalServerError",
@@ -12170,12 +12172,14 @@ CLIENT_MAX_ATTEMPTS = 10  # failed connections in a row before subscribe() raise
 
 
 class Client:
-    """A small PocketBase client for scripts: auth, record CRUD and realtime.
+    """A small synchronous PocketBase client for scripts: auth, record CRUD
+    and realtime. Works against pbrt and the real PocketBase.
 
-    Works against pbrt and the real PocketBase. REST calls are synchronous
-    (urllib); `subscribe` is an async iterator over one SSE connection that
-    reconnects and resubscribes as the JS SDK does. Errors raise ApiError
-    with the server's status, message and data.
+    REST calls block (urllib). `subscribe` returns a ClientSubscription: give
+    it a callback, called on a background thread, or iterate it. All of a
+    Client's subscriptions share one SSE connection that reconnects and
+    resubscribes as the JS SDK does. Errors raise ApiError with the server's
+    status, message and data. AsyncClient has the same methods, awaitable.
     """
 
     def __init__(self, url: str, token: str = "") -> None:
@@ -12183,6 +12187,8 @@ class Client:
         self.token = token
         self.record: dict[str, JSON] | None = None
         self._realtime: _SharedStream | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # for `subscribe`
+        self._thread: threading.Thread | None = None
 
     def request(self, method: str, path: str, body: JSON = None) -> JSON:
         """Send one request; return the decoded JSON (None for 204)."""
@@ -12259,105 +12265,268 @@ class Client:
             raise ApiError("The server did not answer with a JSON object.", status=502)
         return answer
 
-    async def subscribe(
+    def subscribe(
         self,
         topic: str,
+        callback: Callable[[JSON], None] | None = None,
         options: dict[str, JSON] | None = None,
-        *,
-        filter: str | None = None,
-        expand: str | None = None,
-        fields: str | None = None,
-        query: dict[str, JSON] | None = None,
-        headers: dict[str, str] | None = None,
-        on_subscribed: Callable[[], None] | None = None,
-        max_attempts: int | None = CLIENT_MAX_ATTEMPTS,
-    ) -> AsyncGenerator[JSON, None]:
-        """Yield the decoded data of every message on `topic` (`posts/*`, `posts/ID`, custom).
-
-        All subscriptions of one Client share one SSE connection, as in the
-        SDKs: each change of the set is one POST with the whole set.
-        `filter`, `expand`, `fields`, `query` and `headers` are the JS SDK's
-        subscription options; `options` may give them as one dict, in the
-        SDK's form (`{"filter": ...}`) or PocketBase's (`{"query": {...},
-        "headers": {...}}`). On a lost connection it reconnects (200 ms
-        growing to 2 s) and resubscribes; `on_subscribed` is called each time
-        the server has accepted the subscription. Against pbrt it resumes
-        after the last event received, so nothing is missed; where the
-        server's log no longer holds that far back, the `PB_MISSED` topic
-        (subscribe to it too) yields `{"lastEventId", "message"}`: refetch. After `max_attempts`
-        connections in a row fail (None: never give up) it raises
-        ConnectionError with the last cause. Leave the `async for` to stop.
+        **settings: Any,
+    ) -> ClientSubscription:
+        """Subscribe to `topic`: `callback` gets each message's data on a
+        background thread; without one, iterate the returned subscription
+        (each `next` blocks for the next message). `close()` it, or use it in
+        a `with` block, to stop. The options and keywords are AsyncClient.subscribe's.
         """
-        subscription = _subscription_string(
-            topic, options, filter, expand, fields, query, headers
-        )
-        shared = self._realtime
-        if shared is None or shared.loop is not asyncio.get_running_loop():
-            shared = self._realtime = _SharedStream(self)
-        queue: asyncio.Queue[JSON | BaseException] = asyncio.Queue()
-        listener = _Listener(queue, on_subscribed)
-        await shared.add(subscription, listener, max_attempts)
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            await shared.remove(subscription, listener)
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(
+                target=_run_loop, args=(self._loop,), name="pbrt-client", daemon=True
+            )
+            self._thread.start()
+        messages = _stream_messages(self, topic, options, **settings)
+        return ClientSubscription(self._loop, messages, callback)
 
-    async def _events(
-        self, on_connect: Callable[[str], Awaitable[None]], last_event_id: str = ""
-    ) -> AsyncGenerator[tuple[str, str, JSON], None]:
-        """One SSE connection, resuming after `last_event_id` if given: yield
-        (event id, event name, data); PB_CONNECT goes to `on_connect`."""
-        parts = urllib.parse.urlsplit(self.url)
-        secure = parts.scheme == "https"
-        host = parts.hostname or "127.0.0.1"
-        port = parts.port or (443 if secure else 80)
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=ssl.create_default_context() if secure else None
-        )
+    def close(self) -> None:
+        """End this Client's subscriptions and the thread that delivers them."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+
+        async def end_all() -> None:
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(end_all(), loop).result(CLIENT_TIMEOUT_S)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(CLIENT_TIMEOUT_S)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Run a client's event loop on this thread until stopped, then close it."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+class ClientSubscription:
+    """A subscription of a synchronous Client: iterate it for each message's
+    data, or let it call its callback; `close()` ends it."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        messages: AsyncGenerator[JSON, None],
+        callback: Callable[[JSON], None] | None,
+    ) -> None:
+        self._received: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._callback = callback
+        self._task = asyncio.run_coroutine_threadsafe(self._pump(messages), loop)
+
+    async def _pump(self, messages: AsyncGenerator[JSON, None]) -> None:
         try:
-            target = (parts.path or "") + "/api/realtime"
-            resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
-            writer.write(
-                f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                f"Accept: text/event-stream\r\n{resume}\r\n".encode()
-            )
-            head = await asyncio.wait_for(
-                reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT_S
-            )
-            status = int(head.split(b" ", 2)[1])
-            if status != 200:
-                raise ApiError(status=status)
-            decoder = (
-                _ChunkDecoder()
-                if b"transfer-encoding: chunked" in head.lower()
-                else None
-            )
-            buffer = b""
-            while data := await reader.read(65536):
-                buffer += decoder.feed(data) if decoder else data
-                if decoder is not None and decoder.finished:
-                    break
-                while b"\n\n" in buffer:
-                    block, buffer = buffer.split(b"\n\n", 1)
-                    fields = dict(
-                        line.split(":", 1)
-                        for line in block.decode().split("\n")
-                        if ":" in line
-                    )
-                    if fields.get("event") == "PB_CONNECT":
-                        await on_connect(fields.get("id", ""))
-                    elif "event" in fields:
-                        data = json.loads(fields.get("data", "null"))
-                        yield fields.get("id", ""), fields["event"], data
-            raise EOFError("the server ended the stream")
+            async for message in messages:
+                if self._callback is not None:
+                    self._callback(message)
+                else:
+                    self._received.put(("message", message))
+        except Exception as exc:  # handed to the reader
+            self._received.put(("error", exc))
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            await messages.aclose()
+            self._received.put(("end", None))
+
+    def __iter__(self) -> Iterator[JSON]:
+        while True:
+            kind, item = self._received.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Unsubscribe; the last subscription out closes the connection."""
+        self._task.cancel()
+
+    def __enter__(self) -> ClientSubscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Client's methods as coroutines, for asyncio programs: `await
+    client.create(...)`, `async for message in client.subscribe(...)`."""
+
+    def __init__(self, url: str, token: str = "") -> None:
+        self.rest = Client(url, token)  # does the requests, in worker threads
+
+    @property
+    def url(self) -> str:
+        """The server's base URL."""
+        return self.rest.url
+
+    @property
+    def token(self) -> str:
+        """The auth token sent with each request ("" for a guest)."""
+        return self.rest.token
+
+    async def request(self, method: str, path: str, body: JSON = None) -> JSON:
+        """Send one request; return the decoded JSON (None for 204)."""
+        return await asyncio.to_thread(self.rest.request, method, path, body)
+
+    async def auth_with_password(
+        self, collection: str, identity: str, password: str
+    ) -> dict[str, JSON]:
+        """Log in; later requests carry the token. Returns `{"record", "token"}`."""
+        return await asyncio.to_thread(
+            self.rest.auth_with_password, collection, identity, password
+        )
+
+    async def create(self, collection: str, data: dict[str, JSON]) -> dict[str, JSON]:
+        """Create a record; return it."""
+        return await asyncio.to_thread(self.rest.create, collection, data)
+
+    async def update(
+        self, collection: str, record_id: str, data: dict[str, JSON]
+    ) -> dict[str, JSON]:
+        """Update a record; return it."""
+        return await asyncio.to_thread(self.rest.update, collection, record_id, data)
+
+    async def delete(self, collection: str, record_id: str) -> None:
+        """Delete a record."""
+        await asyncio.to_thread(self.rest.delete, collection, record_id)
+
+    async def get(self, collection: str, record_id: str) -> dict[str, JSON]:
+        """Return one record."""
+        return await asyncio.to_thread(self.rest.get, collection, record_id)
+
+    async def list(self, collection: str, **query: Any) -> dict[str, JSON]:
+        """Return one page of records (Client.list's keywords)."""
+        return await asyncio.to_thread(functools.partial(self.rest.list, collection, **query))
+
+    async def subscribe(
+        self, topic: str, options: dict[str, JSON] | None = None, **settings: Any
+    ) -> AsyncGenerator[JSON, None]:
+        """Yield the decoded data of every message on `topic` (`posts/*`,
+        `posts/ID`, custom); see `_stream_messages` for the options."""
+        messages = _stream_messages(self.rest, topic, options, **settings)
+        try:
+            async for message in messages:
+                yield message
+        finally:
+            await messages.aclose()
+
+
+async def _stream_messages(
+    rest: Client,
+    topic: str,
+    options: dict[str, JSON] | None = None,
+    *,
+    filter: str | None = None,
+    expand: str | None = None,
+    fields: str | None = None,
+    query: dict[str, JSON] | None = None,
+    headers: dict[str, str] | None = None,
+    on_subscribed: Callable[[], None] | None = None,
+    max_attempts: int | None = CLIENT_MAX_ATTEMPTS,
+) -> AsyncGenerator[JSON, None]:
+    """The messages of one subscription of `rest`'s (what both clients'
+    `subscribe` yield).
+
+    All subscriptions of one client share one SSE connection, as in the
+    SDKs: each change of the set is one POST with the whole set. `filter`,
+    `expand`, `fields`, `query` and `headers` are the JS SDK's subscription
+    options; `options` may give them as one dict, in the SDK's form
+    (`{"filter": ...}`) or PocketBase's (`{"query": {...}, "headers":
+    {...}}`). On a lost connection it reconnects (200 ms growing to 2 s) and
+    resubscribes; `on_subscribed` is called each time the server has
+    accepted the subscription. Against pbrt it resumes after the last event
+    received, so nothing is missed; where the server's log no longer holds
+    that far back, the `PB_MISSED` topic (subscribe to it too) yields
+    `{"lastEventId", "message"}`: refetch. After `max_attempts` connections
+    in a row fail (None: never give up) it raises ConnectionError with the
+    last cause.
+    """
+    subscription = _subscription_string(
+        topic, options, filter, expand, fields, query, headers
+    )
+    shared = rest._realtime
+    if shared is None or shared.loop is not asyncio.get_running_loop():
+        shared = rest._realtime = _SharedStream(rest)
+    received: asyncio.Queue[JSON | BaseException] = asyncio.Queue()
+    listener = _Listener(received, on_subscribed)
+    await shared.add(subscription, listener, max_attempts)
+    try:
+        while True:
+            item = await received.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        await shared.remove(subscription, listener)
+
+
+async def _sse_events(
+    url: str, on_connect: Callable[[str], Awaitable[None]], last_event_id: str = ""
+) -> AsyncGenerator[tuple[str, str, JSON], None]:
+    """One SSE connection to `url`'s realtime API, resuming after
+    `last_event_id` if given: yield (event id, event name, data); PB_CONNECT
+    goes to `on_connect`."""
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "https"
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if secure else 80)
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=ssl.create_default_context() if secure else None
+    )
+    try:
+        target = (parts.path or "") + "/api/realtime"
+        resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"Accept: text/event-stream\r\n{resume}\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT_S)
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            raise ApiError(status=status)
+        decoder = (
+            _ChunkDecoder() if b"transfer-encoding: chunked" in head.lower() else None
+        )
+        buffer = b""
+        while data := await reader.read(65536):
+            buffer += decoder.feed(data) if decoder else data
+            if decoder is not None and decoder.finished:
+                break
+            while b"\n\n" in buffer:
+                block, buffer = buffer.split(b"\n\n", 1)
+                fields = dict(
+                    line.split(":", 1) for line in block.decode().split("\n") if ":" in line
+                )
+                if fields.get("event") == "PB_CONNECT":
+                    await on_connect(fields.get("id", ""))
+                elif "event" in fields:
+                    data = json.loads(fields.get("data", "null"))
+                    yield fields.get("id", ""), fields["event"], data
+        raise EOFError("the server ended the stream")
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
 
 
 def _subscription_string(
@@ -12457,8 +12626,8 @@ class _SharedStream:
         received) until no subscription is left."""
         while self.listeners:
             try:
-                async for event_id, event, data in self.client._events(
-                    self._on_connect, self.last_event_id
+                async for event_id, event, data in _sse_events(
+                    self.client.url, self._on_connect, self.last_event_id
                 ):
                     if event_id.isdigit():
                         self.last_event_id = event_id
@@ -13384,7 +13553,7 @@ def _bench_churn(
     async def one() -> None:
         nonlocal errors, cycles
         subscribed = asyncio.Event()
-        stream = Client(target.url).subscribe(
+        stream = AsyncClient(target.url).subscribe(
             "bench_fanout/*", on_subscribed=subscribed.set
         )
         first = asyncio.ensure_future(anext(stream))

@@ -13,6 +13,7 @@ import doctest
 import json
 import logging
 import os
+import queue
 import random
 import re
 import signal
@@ -5760,13 +5761,13 @@ POSTS = {
 
 
 async def collect(
-    client: pbrt.Client,
+    client: pbrt.AsyncClient,
     topic: str,
     until: Callable[[list[Any]], bool],
     subscribed: threading.Event | None = None,
     timeout: float = 60,
 ) -> list[Any]:
-    """Messages of `topic` through `pbrt.Client.subscribe` until `until(messages)`."""
+    """Messages of `topic` through `pbrt.AsyncClient.subscribe` until `until(messages)`."""
     messages: list[Any] = []
     async with asyncio.timeout(timeout):
         async for message in client.subscribe(
@@ -5888,7 +5889,7 @@ def test_realtime_two_servers_on_one_dir_share_events_and_rules(tmp_path: Path) 
             watchers = [
                 asyncio.ensure_future(
                     collect(
-                        pbrt.Client(server.url),
+                        pbrt.AsyncClient(server.url),
                         "posts/*",
                         lambda got: got[-1]["record"]["title"] == "last",
                         ready[index],
@@ -5951,7 +5952,7 @@ def test_realtime_kill_9_mid_burst_then_resume_receives_every_committed_write_on
         async def body() -> list[Any]:
             watcher = asyncio.ensure_future(
                 collect(
-                    pbrt.Client(server.url),
+                    pbrt.AsyncClient(server.url),
                     "posts/*",
                     lambda got: got[-1]["record"]["title"] == "end",
                     subscribed,
@@ -6455,7 +6456,7 @@ def test_realtime_workers_kill_9_one_under_load_loses_no_event(tmp_path: Path) -
             watchers = [
                 asyncio.ensure_future(
                     collect(
-                        pbrt.Client(server.url),
+                        pbrt.AsyncClient(server.url),
                         "posts/*",
                         lambda got: got[-1]["record"]["title"] == "end",
                         event,
@@ -8075,7 +8076,8 @@ def test_app_readme_example_write_and_watch_in_the_js_sdk(tmp_path: Path) -> Non
         reap(writer)
 
 
-def test_app_readme_example_subscribe_from_python(tmp_path: Path) -> None:
+@pytest.mark.parametrize("example", ["subscribe", "subscribe-async"])
+def test_app_readme_example_subscribe_from_python(tmp_path: Path, example: str) -> None:
     app = pbrt.App(dir=str(tmp_path / "pb_data"), port=0)
     app.import_collections(
         [
@@ -8088,7 +8090,7 @@ def test_app_readme_example_subscribe_from_python(tmp_path: Path) -> None:
         ]
     )
     script = tmp_path / "subscribe.py"
-    script.write_text(readme_example("subscribe"), encoding="utf-8")
+    script.write_text(readme_example(example), encoding="utf-8")
     subscribed = threading.Event()
     app.on("realtime_subscribe")(lambda event: subscribed.set())
     with app.run_in_thread() as url:
@@ -8323,7 +8325,7 @@ def test_client_subscribe_takes_the_sdk_options_and_gives_up_on_a_dead_server(
             },
             su,
         )
-        client = pbrt.Client(api.url)
+        client = pbrt.AsyncClient(api.url)
 
         async def body() -> list[list[Any]]:
             subscribed = asyncio.Semaphore(0)
@@ -8361,7 +8363,7 @@ def test_client_subscribe_takes_the_sdk_options_and_gives_up_on_a_dead_server(
     assert first_seen[1][0]["n"] == 3 and first_seen[2][0]["n"] == 4
 
     async def give_up(dead: str) -> None:
-        async for _ in pbrt.Client(dead).subscribe("posts/*", max_attempts=2):
+        async for _ in pbrt.AsyncClient(dead).subscribe("posts/*", max_attempts=2):
             pass
 
     with socket.socket() as taken:  # bound, never listening: refused, and nobody else's
@@ -8369,6 +8371,68 @@ def test_client_subscribe_takes_the_sdk_options_and_gives_up_on_a_dead_server(
         dead = f"http://127.0.0.1:{taken.getsockname()[1]}"
         with pytest.raises(ConnectionError, match="failed 2 times in a row"):
             run(give_up(dead))
+
+
+CLIENT_NOTES = {
+    "name": "notes",
+    "type": "base",
+    **PUBLIC_RULES,
+    "fields": [{"name": "text", "type": "text"}],
+}
+
+
+def drop_streams(app: pbrt.App) -> None:
+    """Abort every realtime connection from the server's side."""
+    assert app.server is not None and app.server.loop is not None and app.broker
+    for realtime_client in list(app.broker.clients.values()):
+        app.server.loop.call_soon_threadsafe(realtime_client.close, True)
+
+
+def test_client_and_async_client_run_the_same_scenario(tmp_path: Path) -> None:
+    """Create, list with a filter, subscribe with one, and resume after a
+    dropped stream (a write made meanwhile arrives once): the blocking
+    Client and the AsyncClient alike."""
+    with serving(tmp_path) as (app, api, su):
+        api.create_collection(CLIENT_NOTES, su)
+
+        client = pbrt.Client(api.url)
+        received: queue.Queue[Any] = queue.Queue()
+        subscribed = threading.Semaphore(0)
+        with client.subscribe(
+            "notes/*", received.put, filter="text ~ 'keep'", on_subscribed=subscribed.release
+        ):
+            assert subscribed.acquire(timeout=10)
+            client.create("notes", {"text": "drop"})
+            client.create("notes", {"text": "keep 1"})
+            first = received.get(timeout=10)
+            drop_streams(app)
+            client.create("notes", {"text": "keep 2"})
+            second = received.get(timeout=10)
+        listed = client.list("notes", filter="text ~ 'keep'", sort="text")
+        client.close()
+        sync = ([first["record"]["text"], second["record"]["text"]], listed["totalItems"])
+
+        async def scenario() -> tuple[list[str], int]:
+            client = pbrt.AsyncClient(api.url)
+            subscribed = asyncio.Semaphore(0)
+            stream = client.subscribe(
+                "notes/*", filter="text ~ 'again'", on_subscribed=subscribed.release
+            )
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.wait_for(subscribed.acquire(), 10)
+            await client.create("notes", {"text": "drop"})
+            await client.create("notes", {"text": "again 1"})
+            texts = [(await asyncio.wait_for(first, 10))["record"]["text"]]
+            await asyncio.to_thread(drop_streams, app)
+            await client.create("notes", {"text": "again 2"})
+            texts.append((await asyncio.wait_for(anext(stream), 10))["record"]["text"])
+            await stream.aclose()
+            listed = await client.list("notes", filter="text ~ 'again'")
+            return texts, int(listed["totalItems"])
+
+        asynchronous = run(scenario())
+    assert sync == (["keep 1", "keep 2"], 2)
+    assert asynchronous == (["again 1", "again 2"], 2)
 
 
 def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
@@ -8394,7 +8458,7 @@ def test_client_reconnects_and_resubscribes(tmp_path: Path) -> None:
         assert client.list("posts")["totalItems"] == 0
 
         async def body() -> list[str]:
-            stream = client.subscribe("posts/*")
+            stream = pbrt.AsyncClient(url).subscribe("posts/*")
             titles: list[str] = []
             first = asyncio.ensure_future(anext(stream))
             assert await asyncio.to_thread(subscribed.acquire, True, 10)
@@ -8928,7 +8992,7 @@ def test_cli_serve_dev_explains_rule_refusals_and_guest_tokens(tmp_path: Path) -
         async def withheld() -> None:  # an event a subscription's filter keeps out
             subscribed = asyncio.Event()
             topic = 'rooms/*?options={"query":{"filter":"title = \'wanted\'"}}'
-            stream = pbrt.Client(server.url).subscribe(topic, on_subscribed=subscribed.set)
+            stream = pbrt.AsyncClient(server.url).subscribe(topic, on_subscribed=subscribed.set)
             first = asyncio.ensure_future(anext(stream))
             try:
                 await asyncio.wait_for(subscribed.wait(), 30)
