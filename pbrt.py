@@ -6313,13 +6313,19 @@ class RecordPresenter:
     """
 
     def __init__(
-        self, store: Store, info: RequestInfo, expand: str = "", fields: str = ""
+        self,
+        store: Store,
+        info: RequestInfo,
+        expand: str = "",
+        fields: str = "",
+        explain: bool = False,
     ) -> None:
         self.store = store
         self.info = info
         self.superuser = info.is_superuser
         self.expand = parse_expand(expand) if expand else []
         self.fields = parse_fields(fields)
+        self.explain = explain  # log the expand paths left out (`serve --dev`)
 
     def show_email(self, collection: Collection, record: Record) -> bool:
         """Whether this requester may see an auth record's email."""
@@ -6339,7 +6345,14 @@ class RecordPresenter:
         self, collection: Collection, records: list[Record]
     ) -> list[dict[str, JSON]]:
         """Return the JSON of each record, with expand and fields applied."""
-        items, _ = self._present(collection, records, self.expand, depth=0)
+        items, failed = self._present(collection, records, self.expand, depth=0)
+        if failed and self.explain:
+            logger.warning(
+                "expand of %s: %s left out, as PocketBase leaves it (no relation field "
+                "of that name, or none of these records holds one)",
+                collection.name,
+                ", ".join(sorted(failed)),
+            )
         return (
             [pick_fields(item, self.fields) for item in items] if self.fields else items
         )
@@ -6813,7 +6826,7 @@ class Records:
                     if skip_total
                     else store.count_records(collection, where=where, params=params)
                 )
-                items = RecordPresenter(store, *presenter_args).present(
+                items = RecordPresenter(store, *presenter_args, self.dev).present(
                     collection, records
                 )
             elapsed = time.monotonic() - started
@@ -6847,7 +6860,7 @@ class Records:
                 record = self._record_or_404(
                     requester, collection, record_id, "viewRule"
                 )
-                presenter = RecordPresenter(self.store, info, expand, fields)
+                presenter = RecordPresenter(self.store, info, expand, fields, self.dev)
                 return presenter.present_one(collection, record)
 
         return cast(dict[str, JSON], await self.run_read(read))
@@ -7157,7 +7170,8 @@ class Records:
             and record["tokenKey"] != previous["tokenKey"]
         ):  # a new password: the requester still sees their own record
             viewer = dataclasses.replace(requester, auth=Auth(collection, record))
-        presenter = RecordPresenter(self.store, viewer.info(self.now()), expand, fields)
+        viewer_info = viewer.info(self.now())
+        presenter = RecordPresenter(self.store, viewer_info, expand, fields, self.dev)
         return presenter.present_one(collection, record)
 
     async def undo(self, paths: Names) -> None:

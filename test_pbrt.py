@@ -9007,6 +9007,8 @@ def test_cli_serve_dev_explains_rule_refusals_and_guest_tokens(tmp_path: Path) -
                 await stream.aclose()
 
         run(withheld())
+        assert api.call("GET", "/api/collections/rooms/records?expand=nosuch")[0] == 200
+        wait_until(lambda: "expand of rooms: nosuch left out" in server.text())
         log_text = server.text()
     assert f"rooms.createRule refused record" in log_text
     assert (
