@@ -6157,6 +6157,61 @@ def _seen_value(
     return "not read outside SQL"
 
 
+def check_rule(
+    store: Store,
+    collection: Collection,
+    rule_or_name: str | None,
+    requester_email: str = "",
+    record_id: str = "",
+    body: dict[str, JSON] | None = None,
+) -> tuple[bool, list[str]]:
+    """A rule's verdict for a requester (an auth record's email, "" for a
+    guest) on a record (its id, "" for the first), with `explain_denial`'s
+    lines when it refuses; what `rules check` and the dashboard show.
+    `rule_or_name` is a rule's name (`viewRule`) or its text. Raises
+    NotFoundError for an unknown requester or record, RuleError for a rule
+    that does not parse."""
+    names = (*RULE_NAMES, *(AUTH_RULE_NAMES if collection.is_auth else ()))
+    if rule_or_name in names:
+        label = str(rule_or_name)
+        rule = collection.rules.get(label, collection.options.get(label))
+    else:
+        label, rule = "rule", rule_or_name
+    if rule:
+        parse_rule(rule)  # a rule that does not parse says so, not "refused"
+    auth = None
+    if requester_email:
+        auth = next(
+            (
+                Auth(other, found[0])
+                for other in store.collections()
+                if other.is_auth
+                and (
+                    found := store.find_records(
+                        other, where="t.email = ?", params=(requester_email,), limit=1
+                    )
+                )
+            ),
+            None,
+        )
+        if auth is None:
+            raise NotFoundError(f"No auth record has the email {requester_email!r}.")
+    records = (
+        [store.get_record(collection, record_id)]
+        if record_id
+        else store.find_records(collection, limit=1)
+    )
+    record = records[0] if records else None
+    if record is None:
+        raise NotFoundError(f"No record {record_id!r} in {collection.name}.")
+    info = RequestInfo(auth=auth, body=body or {}, now=store.now())
+    who = f"{auth.collection.name} {requester_email}" if auth else "a guest"
+    if can_access(store, collection, record["id"], rule, info):
+        return True, [f"passes: {collection.name}.{label} lets {who} at record {record['id']!r}"]
+    lines = explain_denial(store, collection, record["id"], label, rule, info)
+    return False, [f"refused for {who}:", *(f"  {line}" for line in lines)]
+
+
 def _rule_hint(compare: Compare, collection: Collection) -> str:
     """Advice for a comparison that is a known mistake, or ""."""
     for side in (compare.left, compare.right):
@@ -8450,6 +8505,7 @@ tr.selected td { background: var(--wash); }
 .rules { display: grid; gap: 4px 16px; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); }
 .action-create { color: var(--ok); }
 .action-delete { color: var(--danger); }
+details pre { white-space: pre-wrap; }
 pre {
   background: var(--paper); border: 1px solid var(--line); border-radius: 6px;
   padding: 12px; overflow: auto; max-height: 420px; font-size: .85rem;
@@ -8514,6 +8570,28 @@ function labelled(text, control, hint) {
   const label = h("label", { for: control.id }, h("span", {}, text), control, note, error);
   label.error = error;
   return label;
+}
+
+/** Try a rule as written, for a requester on a record: the server says why. */
+function ruleCheck(collection, rule, text, locked) {
+  const requester = h("input", { type: "email", name: `${rule}-as`, placeholder: "a guest" });
+  const record = h("input", { name: `${rule}-record`, placeholder: "the first record",
+    spellcheck: "false" });
+  const verdict = h("pre", { class: "mono", "aria-live": "polite" });
+  const check = h("button", { type: "button", onclick: async () => {
+    try {
+      const answer = await api("POST", "/api/pbrt/rules/check", {
+        collection: collection.name, rule: locked.checked ? null : text.value,
+        as: requester.value.trim(), record: record.value.trim() });
+      verdict.textContent = answer.explanation.join("\n");
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      verdict.textContent = describe(error);
+    }
+  } }, "Check");
+  return h("details", {}, h("summary", {}, `Check ${rule} as written`),
+    labelled("As (an auth record's email; empty: a guest)", requester),
+    labelled("On record (its id; empty: the first)", record), check, verdict);
 }
 
 function checkbox(text, name, checked) {
@@ -8905,7 +8983,8 @@ async function collectionEditor(name) {
         });
         const label = labelled(rule, text, "Empty: everyone. A rule: who it lets in.");
         rules[rule] = { text, lock, label };
-        rules[rule].box = h("div", { class: "rule" }, rules[rule].label, rules[rule].lock);
+        rules[rule].box = h("div", { class: "rule" }, rules[rule].label, rules[rule].lock,
+          existing && ruleCheck(existing, rule, text, lock.querySelector("input")));
       }
       return rules[rule].box;
     }));
@@ -10758,6 +10837,32 @@ async def handle_settings_update(context: RequestContext) -> Response:
     return json_response(public_settings(cast(dict[str, JSON], merged)))
 
 
+# --- pbrt's own API ---------------------------------------------------------------
+
+
+async def handle_rules_check(context: RequestContext) -> Response:
+    """POST /api/pbrt/rules/check (superusers; pbrt's, not PocketBase's): a
+    rule's verdict for a requester on a record, and why (`check_rule`)."""
+    _require_superuser(context)
+    data = context.body.data
+    collection = _store(context).collection(_to_text(data.get("collection")))
+    if collection is None:
+        raise NotFoundError("Missing collection context.")
+    rule = data.get("rule")
+    body = data.get("body")
+    passes, lines = await context.app.records.run_read(
+        lambda: check_rule(
+            _store(context),
+            collection,
+            rule if isinstance(rule, str) else None,
+            _to_text(data.get("as")),
+            _to_text(data.get("record")),
+            body if isinstance(body, dict) else {},
+        )
+    )
+    return json_response({"passes": passes, "explanation": lines})
+
+
 # --- the dashboard ---------------------------------------------------------------
 
 
@@ -10825,6 +10930,7 @@ def build_router() -> Router:
         "POST", "/api/collections/{collection}/impersonate/{id}", handle_impersonate
     )
     router.add("GET", "/api/collections/{collection}/auth-methods", handle_auth_methods)
+    router.add("POST", "/api/pbrt/rules/check", handle_rules_check)
     router.add("GET", "/_", handle_dashboard_redirect)
     router.add("GET", "/_/", handle_dashboard)
     router.add("GET", "/_/{name}", handle_dashboard)
@@ -14088,49 +14194,20 @@ def _rules_check_command(args: argparse.Namespace) -> int:
         if collection is None:
             print(f"No collection {args.collection!r}.", file=sys.stderr)
             return 2
-        names = (*RULE_NAMES, *(AUTH_RULE_NAMES if collection.is_auth else ()))
-        label, rule = (
-            (args.rule, collection.rules.get(args.rule, collection.options.get(args.rule)))
-            if args.rule in names
-            else ("rule", args.rule)
-        )
-        auth = None
-        if args.requester != "guest":
-            auth = next(
-                (
-                    Auth(c, found[0])
-                    for c in store.collections()
-                    if c.is_auth
-                    and (found := store.find_records(
-                        c, where="t.email = ?", params=(args.requester,), limit=1
-                    ))
-                ),
-                None,
-            )
-            if auth is None:
-                print(f"No auth record with email {args.requester!r}.", file=sys.stderr)
-                return 2
-        records = (
-            [store.get_record(collection, args.record)]
-            if args.record
-            else store.find_records(collection, limit=1)
-        )
-        record = records[0] if records else None
-        if record is None:
-            print(f"No record to check in {collection.name}.", file=sys.stderr)
-            return 2
         body = parse_json(args.body)
-        info = RequestInfo(auth=auth, body=body if isinstance(body, dict) else {}, now=time.time())
-        who = f"{auth.collection.name} {args.requester}" if auth else "a guest"
-        if can_access(store, collection, record["id"], rule, info):
-            print(f"passes: {collection.name}.{label} lets {who} at record {record['id']!r}")
-            return 0
-        print(f"refused for {who}:")
-        for line in explain_denial(store, collection, record["id"], label, rule, info):
-            print(f"  {line}")
-        return 1
-    except (RuleError, BodyError) as exc:
-        print(f"Cannot check: {exc}", file=sys.stderr)
+        requester = "" if args.requester == "guest" else args.requester
+        passes, lines = check_rule(
+            store,
+            collection,
+            args.rule,
+            requester,
+            args.record,
+            body if isinstance(body, dict) else {},
+        )
+        print("\n".join(lines))
+        return 0 if passes else 1
+    except (RuleError, BodyError, ApiError) as exc:
+        print(f"Cannot check: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
         return 2
     finally:
         store.close()

@@ -6712,6 +6712,13 @@ const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-
     result.ruleError = await errorOf(page, "textarea[name=listRule]");
     await shoot(page, "rule-error");
 
+    // a rule checked as written, for a guest on the first record: why it refuses
+    const checkBox = "xpath/.//details[summary[text()='Check viewRule as written']]";
+    await page.click(`${checkBox}/summary`);
+    await page.click(`${checkBox}//button[text()='Check']`);
+    result.ruleCheck = await page.waitForFunction(() => [...document.querySelectorAll("details pre")].map((p) => p.textContent).find(Boolean) || null, WAIT).then((h) => h.jsonValue());
+    await shoot(page, "rule-check");
+
     // the records table, filtered; then a filter the server refuses
     await page.goto(`${base}/_/#/records/notes`);
     await heading(page, "Records of notes");
@@ -6829,13 +6836,15 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
     assert result["hackedAnywhere"] is False and result["xssCell"] == 0
     assert rule_status == 400
     assert result["ruleError"] == json.loads(rule_text)["data"]["listRule"]["message"]
+    assert result["ruleCheck"].startswith("refused for a guest:\n  notes.rule refused record")
+    assert "\n    false: @request.auth.id != '' (@request.auth.id is empty (a guest))" in result["ruleCheck"]
     assert result["filtered"] == [record_id + "hello"]
     assert filter_status == 400
     assert result["filterError"] == json.loads(filter_text)["message"]
     assert result["logRows"] > 0
     assert "notes" in result["exported"] and "notes" not in result["afterDelete"]
     assert result["afterEscape"] == 200 and notes_after == 404  # Escape kept it
-    assert len(result["screenshots"]) == 11
+    assert len(result["screenshots"]) == 12
     for shot in result["screenshots"]:
         assert Path(shot).read_bytes().startswith(b"\x89PNG")
 
@@ -9045,6 +9054,25 @@ def test_cli_rules_check_gives_the_verdict_and_the_hint(tmp_path: Path) -> None:
     guest = run_cli("rules", "check", "rooms", "viewRule", "--dir", str(data_dir))
     assert guest.returncode == 1 and "@request.auth.id is empty (a guest)" in guest.stdout
     assert run_cli("rules", "check", "nosuch", "viewRule", "--dir", str(data_dir)).returncode == 2
+
+
+def test_routes_rules_check_answers_superusers_only(tmp_path: Path) -> None:
+    """POST /api/pbrt/rules/check (the dashboard's): the verdict and why, for
+    superusers; 403 for others, 404 for an unknown collection or requester."""
+    with serving(tmp_path) as (app, api, su):
+        api.create_collection(ROOMS, su)
+        token, user = make_user(api, "member", su)
+        room = api.json("POST", "/api/collections/rooms/records", {"members": [user["id"]]}, su)
+        ask = {"collection": "rooms", "rule": "members.id ?= @request.auth.id"}
+        ask |= {"as": "member@x.com", "record": room["id"]}
+        answer = api.json("POST", "/api/pbrt/rules/check", ask, su)
+        assert answer["passes"] is True and answer["explanation"][0].startswith("passes:")
+        refused = api.json("POST", "/api/pbrt/rules/check", {**ask, "rule": "viewRule"}, su)
+        assert refused["passes"] is False
+        assert any("hint: members holds several ids" in line for line in refused["explanation"])
+        assert api.call("POST", "/api/pbrt/rules/check", ask, token)[0] == 403
+        assert api.call("POST", "/api/pbrt/rules/check", {**ask, "collection": "nosuch"}, su)[0] == 404
+        assert api.call("POST", "/api/pbrt/rules/check", {**ask, "as": "no@x.com"}, su)[0] == 404
 
 
 def test_cli_serve_dev_says_why_requests_failed(tmp_path: Path) -> None:
