@@ -6220,11 +6220,18 @@ def _rule_hint(compare: Compare, collection: Collection) -> str:
         if side.name.startswith("@request.data."):
             return "@request.data is @request.body since PocketBase 0.23"
         spec = collection.field(side.name)
-        if spec is not None and spec["type"] == "relation" and is_multiple(spec):
+        if spec is None or not is_multiple(spec):
+            continue
+        if spec["type"] == "relation":
             return (
                 f"{side.name} holds several ids: `{side.name} {compare.op} …` compares "
                 f"the whole list; to ask whether it holds an id, write "
                 f"`{side.name}.id ?= …` (or `{side.name} ~ …`)"
+            )
+        if not compare.op.startswith("?"):
+            return (
+                f"{side.name} holds several values: `{side.name} {compare.op} …` must "
+                f"hold for all of them; `{side.name} ?{compare.op} …` asks for any one"
             )
     return ""
 
