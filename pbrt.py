@@ -4568,9 +4568,15 @@ class Store:
                 if inspect.iscoroutine(result):
                     result.close()
                 raise TypeError("a shared write's work must not be async")
-        except BaseException:
-            self.connection.execute("ROLLBACK TO pbrt_write")
-            self.connection.execute("RELEASE pbrt_write")
+        except BaseException as exc:
+            if self.connection.in_transaction:
+                self.connection.execute("ROLLBACK TO pbrt_write")
+                self.connection.execute("RELEASE pbrt_write")
+            else:  # SQLite undid the whole transaction (a full disk, say)
+                waiting, self._shared = self._shared or [], None
+                for earlier in waiting:
+                    earlier(exc)
+                self._load_collections()
             raise
         finally:
             self._depth = 0

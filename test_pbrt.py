@@ -4173,6 +4173,31 @@ def test_records_a_write_that_could_suspend_is_refused_and_undone(
     store.close()
 
 
+def test_records_a_shared_transaction_lost_whole_fails_every_write_in_it(
+    tmp_path: Path,
+) -> None:
+    """When SQLite undoes the whole shared transaction (a full disk, say),
+    every write waiting in it hears of it; none is reported committed."""
+    store = make_store(str(tmp_path / "data.db"))
+    users = store.collection("users")
+    assert users is not None
+    settled: list[BaseException | None] = []
+    store.write(
+        lambda: store.create_record(users, {"email": "a@example.com", "password": "12345678"}, privileged=True),
+        settled.append,
+    )
+
+    def lost() -> None:
+        store.connection.execute("ROLLBACK")  # as SQLite does on SQLITE_FULL
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(sqlite3.OperationalError):
+        store.write(lost, settled.append)
+    assert [type(error) for error in settled] == [sqlite3.OperationalError]
+    assert not store.shared_open and store.find_records(users) == []
+    store.close()
+
+
 AUTH_FOLLOWERS = {
     "name": "notes",
     "type": "base",
