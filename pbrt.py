@@ -293,6 +293,9 @@ class Config:
     sse_idle_timeout_s: float = SSE_IDLE_TIMEOUT_S
     #: Seconds an SSE stream may last at most (the SDK reconnects).
     sse_max_lifetime_s: float = SSE_MAX_LIFETIME_S
+    #: Files of fields that are not protected need the record's viewRule too
+    #: (pbrt before 0.11; PocketBase serves them to whoever has the URL).
+    strict_file_access: bool = False
     #: Most SSE clients connected at once; more get 429.
     max_realtime_clients: int = MAX_REALTIME_CLIENTS
     #: Most SSE clients from one IP address (0: no cap); more get 429. None:
@@ -10359,8 +10362,11 @@ _RANGE_RE = re.compile(r"\Abytes=(\d*)-(\d*)\Z")
 async def handle_file(context: RequestContext) -> Response:
     """GET /api/files/{collection}/{recordId}/{filename}: a stored upload.
 
-    The record's viewRule applies (to the auth of `?token=`, a file token,
-    or else of the request), protected fields need a token; `download=1`,
+    As in PocketBase, a file of a field that is not protected is served to
+    whoever has its URL (its name carries a random suffix; an `<img>` sends
+    no Authorization). A protected field needs a file token (`?token=`) whose
+    auth the record's viewRule lets in; `Config.strict_file_access` applies
+    the viewRule to every file, to the request's own auth. `download=1`,
     `Range`, `If-None-Match` and `If-Modified-Since` work. Uploaded HTML or
     SVG is never shown inline; `thumb` is ignored (the original is served).
     """
@@ -10382,17 +10388,18 @@ async def handle_file(context: RequestContext) -> Response:
     )
     if record is None or spec is None:
         raise NotFoundError()
-    token = request.query_value("token")
-    auth = (
-        resolve_auth(records.store, token, context.app.now(), kind="file")
-        if token
-        else (None if spec.get("protected") else context.auth)
-    )
-    info = dataclasses.replace(_requester(context), auth=auth).info(context.app.now())
-    if (spec.get("protected") and auth is None) or not can_access(
-        records.store, collection, record["id"], collection.rules.get("viewRule"), info
-    ):
-        raise NotFoundError()
+    if spec.get("protected") or context.app.config.strict_file_access:
+        token = request.query_value("token")
+        auth = (
+            resolve_auth(records.store, token, context.app.now(), kind="file")
+            if token
+            else (None if spec.get("protected") else context.auth)
+        )
+        info = dataclasses.replace(_requester(context), auth=auth).info(context.app.now())
+        if (spec.get("protected") and auth is None) or not can_access(
+            records.store, collection, record["id"], collection.rules.get("viewRule"), info
+        ):
+            raise NotFoundError()
     path = os.path.join(
         context.app.config.dir, STORAGE_DIR, collection.id, record["id"], name
     )
@@ -13963,6 +13970,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     serve_parser.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     serve_parser.add_argument(
+        "--strict-file-access",
+        action="store_true",
+        help="files of fields that are not protected need the record's viewRule too "
+        "(PocketBase serves them to whoever has the URL)",
+    )
+    serve_parser.add_argument(
         "--max-clients-per-ip",
         type=int,
         default=None,
@@ -14112,6 +14125,7 @@ def main(argv: list[str] | None = None) -> int:
         host=host,
         port=port,
         max_realtime_clients_per_ip=args.max_clients_per_ip,
+        strict_file_access=args.strict_file_access,
         dev=args.dev,
         workers=args.workers,
         worker=worker or 0,
@@ -14122,6 +14136,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_clients_per_ip is not None:
             flags += ["--max-clients-per-ip", str(args.max_clients_per_ip)]
         flags += ["--quiet"] * args.quiet + ["--dev"] * args.dev
+        flags += ["--strict-file-access"] * args.strict_file_access
         flags += ["--workers", str(args.workers), "--worker", str(index)]
         flags += ["--supervisor", str(os.getpid())]
         return [sys.executable, os.path.abspath(__file__), "serve", *flags]

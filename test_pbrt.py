@@ -7597,6 +7597,67 @@ def test_routes_files_with_the_official_js_sdk(tmp_path: Path) -> None:
     assert result["tooBig"] == "validation_file_size_limit"
 
 
+AVATARS = {
+    "name": "people",
+    "type": "base",
+    **PUBLIC_RULES,
+    "viewRule": "@request.auth.id != ''",
+    "fields": [
+        {"name": "avatar", "type": "file", "maxSelect": 1},
+        {"name": "private", "type": "file", "maxSelect": 1, "protected": True},
+    ],
+}
+
+
+def upload_person(api: Api, su: str) -> dict[str, Any]:
+    boundary = "b0undary"
+    parts = [
+        ("avatar", "me.png", "image/png", "PNG!"),
+        ("private", "notes.txt", "text/plain", "secret notes"),
+    ]
+    body = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+        f"Content-Type: {kind}\r\n\r\n{content}\r\n"
+        for name, filename, kind, content in parts
+    ) + f"--{boundary}--\r\n"
+    status, text = api.call(
+        "POST",
+        "/api/collections/people/records",
+        body.encode(),
+        su,
+        content_type=f"multipart/form-data; boundary={boundary}",
+    )
+    assert status == 200, text
+    return cast_dict(json.loads(text))
+
+
+def cast_dict(value: Any) -> dict[str, Any]:
+    assert isinstance(value, dict)
+    return value
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_records_files_are_served_as_pocketbase_serves_them(
+    tmp_path: Path, strict: bool
+) -> None:
+    """A file of a field that is not protected goes to whoever has its URL
+    (an `<img>` sends no Authorization), whatever the viewRule; a protected
+    one needs a file token that the viewRule lets in. `strict_file_access`
+    applies the viewRule to every file."""
+    with serving(tmp_path, strict_file_access=strict) as (_, api, su):
+        api.create_collection(AVATARS, su)
+        person = upload_person(api, su)
+        base = f"/api/files/people/{person['id']}"
+        guest_avatar = api.call("GET", f"{base}/{person['avatar']}")
+        guest_private = api.call("GET", f"{base}/{person['private']}")
+        user_token, _ = make_user(api, "viewer", su)
+        file_token = pbrt.Client(api.url, user_token).request("POST", "/api/files/token")["token"]
+        with_token = api.call("GET", f"{base}/{person['private']}?token={file_token}")
+    assert guest_avatar == ((404, guest_avatar[1]) if strict else (200, "PNG!"))
+    assert guest_private[0] == 404
+    assert with_token == (200, "secret notes")
+
+
 def test_records_failed_writes_leave_no_uploaded_files(tmp_path: Path) -> None:
     """The attack: fill the disk with uploads attached to writes that fail."""
     with serving(tmp_path) as (_, api, su):
