@@ -73,6 +73,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat as stat_module
 import subprocess
 import sys
 import tempfile
@@ -293,6 +294,12 @@ class Config:
     sse_idle_timeout_s: float = SSE_IDLE_TIMEOUT_S
     #: Seconds an SSE stream may last at most (the SDK reconnects).
     sse_max_lifetime_s: float = SSE_MAX_LIFETIME_S
+    #: The app's own files (its frontend), served for paths no route takes
+    #: ("": none). `serve` uses `pb_public` beside pbrt.py, as PocketBase does.
+    public_dir: str = ""
+    #: A GET for a path with no file and no extension serves public_dir's
+    #: index.html (a single-page app's own routes).
+    index_fallback: bool = True
     #: Files of fields that are not protected need the record's viewRule too
     #: (pbrt before 0.11; PocketBase serves them to whoever has the URL).
     strict_file_access: bool = False
@@ -680,6 +687,16 @@ class Response:
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     stream: AsyncGenerator[list[bytes], None] | None = None
+    file: FileSlice | None = None  # sent from disk instead of `body`
+
+
+@dataclass(frozen=True, slots=True)
+class FileSlice:
+    """Bytes of a file a response sends straight from disk (never whole in memory)."""
+
+    path: str
+    start: int
+    length: int
 
 
 def finish_headers(
@@ -9653,6 +9670,8 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+        #: Takes a GET or HEAD for a path no route knows (the public files).
+        self.fallback: Handler | None = None
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         """Register `handler` for `method` on a path like `/api/x/{id}`."""
@@ -9682,6 +9701,8 @@ class Router:
             handler = handlers.get(lookup)
             if handler is not None:
                 return handler, match.groupdict()
+        if not path_known and lookup == "GET" and self.fallback is not None:
+            return self.fallback, {}
         raise NotFoundError(None if path_known else FILE_NOT_FOUND_MESSAGE)
 
 
@@ -10403,23 +10424,36 @@ async def handle_file(context: RequestContext) -> Response:
     path = os.path.join(
         context.app.config.dir, STORAGE_DIR, collection.id, record["id"], name
     )
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        raise NotFoundError() from None
     kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
     inline = kind.startswith(_INLINE_TYPES) and kind not in _ACTIVE_TYPES
     if _go_bool_or(request.query_value("download"), False):
         inline = False
+    disposition = f'{"inline" if inline else "attachment"}; filename="{name}"'
+    headers = (*FILE_HEADERS, ("Content-Disposition", disposition))
+    return await file_response(request, path, kind, headers)
+
+
+async def file_response(
+    request: Request,
+    path: str,
+    kind: str,
+    headers: Iterable[tuple[str, str]],
+    missing: str | None = None,
+) -> Response:
+    """A file from disk as a response: 404 (`missing`) if it is not a regular file;
+    `ETag` / `If-None-Match`, `Last-Modified` / `If-Modified-Since` (304) and
+    one `Range` (206, or 416 past the end). The bytes are sent from disk."""
+    try:
+        stat = await asyncio.to_thread(os.stat, path)
+    except OSError:
+        raise NotFoundError(missing) from None
+    if not stat_module.S_ISREG(stat.st_mode):
+        raise NotFoundError(missing)
     content_type = kind + ("; charset=utf-8" if kind.startswith("text/") else "")
     etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
-    headers = [
+    answer = [
         ("Accept-Ranges", "bytes"),
-        *FILE_HEADERS,
-        (
-            "Content-Disposition",
-            f'{"inline" if inline else "attachment"}; filename="{name}"',
-        ),
+        *headers,
         ("Content-Type", content_type),
         ("ETag", etag),
         ("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True)),
@@ -10428,7 +10462,7 @@ async def handle_file(context: RequestContext) -> Response:
         not request.header("if-none-match")
         and _not_modified_since(request.header("if-modified-since"), stat.st_mtime)
     ):
-        return Response(304, headers=tuple(headers))
+        return Response(304, headers=tuple(answer))
     start, end, status = 0, stat.st_size - 1, 200
     wanted = _RANGE_RE.match(request.header("range").replace(" ", ""))
     if wanted is not None and (wanted.group(1) or wanted.group(2)):
@@ -10438,18 +10472,12 @@ async def handle_file(context: RequestContext) -> Response:
         else:
             start = max(0, stat.st_size - int(last))
         if start > end or start >= stat.st_size:
-            headers.append(("Content-Range", f"bytes */{stat.st_size}"))
-            return Response(416, headers=tuple(headers))
-        headers.append(("Content-Range", f"bytes {start}-{end}/{stat.st_size}"))
+            answer.append(("Content-Range", f"bytes */{stat.st_size}"))
+            return Response(416, headers=tuple(answer))
+        answer.append(("Content-Range", f"bytes {start}-{end}/{stat.st_size}"))
         status = 206
-
-    def read() -> bytes:
-        with open(path, "rb") as file:
-            file.seek(start)
-            return file.read(end - start + 1)
-
     return Response(
-        status, headers=tuple(headers), body=await records.run_blocking(read)
+        status, headers=tuple(answer), file=FileSlice(path, start, end - start + 1)
     )
 
 
@@ -10883,6 +10911,54 @@ async def handle_rules_check(context: RequestContext) -> Response:
     return json_response({"passes": passes, "explanation": lines})
 
 
+# --- the app's public files ---------------------------------------------------------
+
+
+def public_file_path(root: str, url_path: str, index_fallback: bool) -> str | None:
+    """The file under `root` that a GET of `url_path` (percent-decoded)
+    serves, or None. Nothing outside `root`, ever: a NUL, a backslash, a `.`
+    or `..` segment or a hidden one (`.env`, `.git`) is refused, and the
+    path with symlinks resolved must stay under `root`'s. A directory serves
+    its index.html; with `index_fallback`, a path with no file and no
+    extension serves `root`'s index.html."""
+    if "\0" in url_path or "\\" in url_path:
+        return None
+    parts = [part for part in url_path.split("/") if part]
+    if any(part.startswith(".") for part in parts):
+        return None
+    base = os.path.realpath(root)
+
+    def inside(path: str) -> str | None:
+        resolved = os.path.realpath(path)
+        if resolved != base and not resolved.startswith(base + os.sep):
+            return None
+        return resolved if os.path.isfile(resolved) else None
+
+    wanted = os.path.join(base, *parts)
+    found = inside(wanted)
+    if found is None and os.path.isdir(wanted):
+        found = inside(os.path.join(wanted, "index.html"))
+    if found is None and index_fallback and "." not in (parts[-1] if parts else ""):
+        found = inside(os.path.join(base, "index.html"))
+    return found
+
+
+async def handle_public_file(context: RequestContext) -> Response:
+    """GET for a path no route takes: a file of `Config.public_dir` (the
+    app's frontend), else PocketBase's "File not found." 404."""
+    request, config = context.request, context.app.config
+    if not config.public_dir or request.path.startswith(("/api/", "/_/")):
+        raise NotFoundError(FILE_NOT_FOUND_MESSAGE)
+    found = await asyncio.to_thread(
+        public_file_path, config.public_dir, request.path, config.index_fallback
+    )
+    if found is None:
+        raise NotFoundError(FILE_NOT_FOUND_MESSAGE)
+    kind = mimetypes.guess_type(found)[0] or "application/octet-stream"
+    headers = (("Cache-Control", "no-cache"),)
+    return await file_response(request, found, kind, headers, FILE_NOT_FOUND_MESSAGE)
+
+
 # --- the dashboard ---------------------------------------------------------------
 
 
@@ -10954,6 +11030,7 @@ def build_router() -> Router:
     router.add("GET", "/_", handle_dashboard_redirect)
     router.add("GET", "/_/", handle_dashboard)
     router.add("GET", "/_/{name}", handle_dashboard)
+    router.fallback = handle_public_file
     return router
 
 
@@ -11786,14 +11863,18 @@ class Server:
         response: Response,
         keep_alive: bool,
     ) -> None:
+        file = response.file
         head = encode_response_head(
             response.status,
             finish_headers(response.headers, request),
             date=self._http_date(),
             version=request.version,
-            content_length=len(response.body),
+            content_length=file.length if file is not None else len(response.body),
             close=not keep_alive,
         )
+        if file is not None:
+            await self._send_file(writer, head, file, request.method == "HEAD")
+            return
         body = memoryview(response.body if request.method != "HEAD" else b"")
         if len(body) <= SEND_SLICE_BYTES:
             writer.write(head + body)
@@ -11823,6 +11904,29 @@ class Server:
             raise _Closed from None
         finally:
             self._unsent_bytes -= len(body)
+
+    async def _send_file(
+        self,
+        writer: asyncio.StreamWriter,
+        head: bytes,
+        file: FileSlice,
+        head_only: bool,
+    ) -> None:
+        """The head, then the file's bytes from disk (the OS's sendfile where
+        it can), within `send_timeout_s`."""
+        writer.write(head)
+        if head_only or not file.length:
+            return
+        try:
+            async with asyncio.timeout(self.config.send_timeout_s):
+                await writer.drain()
+                with open(file.path, "rb") as source:
+                    await asyncio.get_running_loop().sendfile(
+                        writer.transport, source, file.start, file.length
+                    )
+        except (TimeoutError, OSError):
+            writer.transport.abort()
+            raise _Closed from None
 
     async def _write_stream(
         self,
@@ -13970,6 +14074,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     serve_parser.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     serve_parser.add_argument(
+        "--publicDir",
+        dest="public_dir",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "pb_public"),
+        metavar="DIR",
+        help="the app's own files, served for paths no route takes (default: pb_public beside pbrt.py)",
+    )
+    serve_parser.add_argument(
+        "--indexFallback",
+        dest="index_fallback",
+        type=_go_bool_flag,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="serve DIR/index.html for a path with no file and no extension (default true)",
+    )
+    serve_parser.add_argument(
         "--strict-file-access",
         action="store_true",
         help="files of fields that are not protected need the record's viewRule too "
@@ -14054,6 +14175,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _go_bool_flag(text: str) -> bool:
+    """A command-line boolean as Go's flag package reads one (`--x=false`)."""
+    try:
+        return _go_bool(text)
+    except BadRequestError:
+        raise argparse.ArgumentTypeError(f"not a boolean: {text!r}") from None
+
+
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dir",
@@ -14126,6 +14255,8 @@ def main(argv: list[str] | None = None) -> int:
         port=port,
         max_realtime_clients_per_ip=args.max_clients_per_ip,
         strict_file_access=args.strict_file_access,
+        public_dir=args.public_dir,
+        index_fallback=args.index_fallback,
         dev=args.dev,
         workers=args.workers,
         worker=worker or 0,
@@ -14137,6 +14268,7 @@ def main(argv: list[str] | None = None) -> int:
             flags += ["--max-clients-per-ip", str(args.max_clients_per_ip)]
         flags += ["--quiet"] * args.quiet + ["--dev"] * args.dev
         flags += ["--strict-file-access"] * args.strict_file_access
+        flags += [f"--publicDir={args.public_dir}", f"--indexFallback={args.index_fallback}"]
         flags += ["--workers", str(args.workers), "--worker", str(index)]
         flags += ["--supervisor", str(os.getpid())]
         return [sys.executable, os.path.abspath(__file__), "serve", *flags]

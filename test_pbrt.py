@@ -7679,6 +7679,77 @@ def test_records_failed_writes_leave_no_uploaded_files(tmp_path: Path) -> None:
         assert not storage.exists() or not any(p.is_file() for p in storage.rglob("*"))
 
 
+TRAVERSALS = [
+    "/../outside.txt",
+    "/..%2foutside.txt",
+    "/%2e%2e/outside.txt",
+    "/%2E%2E/outside.txt",
+    "/%2e%2e%2foutside.txt",
+    "/.%2e/outside.txt",
+    "/%2e./outside.txt",
+    "/sub/../../outside.txt",
+    "/sub/%2e%2e/%2e%2e/outside.txt",
+    "/..\\outside.txt",
+    "/%5c..%5coutside.txt",
+    "/sub%5c..%5c..%5coutside.txt",
+    "/outside.txt%00.html",
+    "/%00",
+    "/out/passwd",
+    "/out/../outside.txt",
+    "/.env",
+    "/sub/.env",
+    "/%2eenv",
+    "/./.env",
+    "//../outside.txt",
+    "/sub/./../../outside.txt",
+    "/..;/outside.txt",
+    "/.git/config",
+]
+
+
+def test_public_files_are_served_and_nothing_outside_their_dir(tmp_path: Path) -> None:
+    """pb_public: files with their types, a directory's index.html, the
+    single-page fallback, ETag and Range; API paths keep their 404; and every
+    spelling of a way out (24 of them, a symlink out too) is 404."""
+    public = tmp_path / "public"
+    (public / "sub").mkdir(parents=True)
+    (public / "index.html").write_text("<h1>app</h1>")
+    (public / "app.js").write_text("console.log(1)")
+    (public / "sub" / "index.html").write_text("sub page")
+    (public / ".env").write_text("SECRET=1")
+    (tmp_path / "outside.txt").write_text("outside")
+    (public / "out").symlink_to("/etc")
+    (public / "leak.txt").symlink_to(tmp_path / "outside.txt")
+    with serving(tmp_path, public_dir=str(public)) as (_, api, _su):
+        port = port_of(api)
+
+        def get(path: str, **headers: str) -> RawResponse:
+            raw = run(exchange(port, http_request("GET", path, headers=headers)))
+            return parse_responses(raw)[0]
+
+        index = get("/")
+        script = get("/app.js")
+        assert (index.status, index.body, index.header("Content-Type")) == (
+            200, b"<h1>app</h1>", "text/html; charset=utf-8"
+        )
+        assert script.header("Content-Type") in (
+            "text/javascript; charset=utf-8", "application/javascript"
+        )
+        assert get("/sub/").body == b"sub page"
+        assert get("/rooms/42").body == b"<h1>app</h1>"  # the app's own route
+        assert get("/nosuch.css").status == 404
+        assert get("/api/nosuch").status == 404 and b"File not found." in get("/api/nosuch").body
+        assert get("/api/health").status == 200
+        assert get("/app.js", **{"If-None-Match": script.header("ETag")}).status == 304
+        ranged = get("/app.js", Range="bytes=0-6")
+        assert (ranged.status, ranged.body) == (206, b"console")
+        for path in TRAVERSALS + ["/leak.txt"]:
+            answer = get(path)  # refused, or the app's page (a path with no extension)
+            assert answer.status in (400, 404) or answer.body == b"<h1>app</h1>", path
+            assert b"outside" not in answer.body and b"root:" not in answer.body, path
+            assert b"SECRET" not in answer.body, path
+
+
 # ==========================================================================
 # 14. Connection loop
 # ==========================================================================
