@@ -12519,8 +12519,11 @@ class Client:
         """Subscribe to `topic`: `callback` gets each message's data on a
         background thread; without one, iterate the returned subscription
         (each `next` blocks for the next message). `close()` it, or use it in
-        a `with` block, to stop. The options and keywords are AsyncClient.subscribe's.
+        a `with` block, to stop. The options and keywords are AsyncClient.subscribe's;
+        the callback comes second, as in the JS SDK.
         """
+        if callback is not None and not callable(callback):
+            raise TypeError("the callback comes second: subscribe(topic, callback, options)")
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(
@@ -12658,9 +12661,26 @@ class AsyncClient:
         """Return one record."""
         return await asyncio.to_thread(self.rest.get, collection, record_id)
 
-    async def list(self, collection: str, **query: Any) -> dict[str, JSON]:
-        """Return one page of records (Client.list's keywords)."""
-        return await asyncio.to_thread(functools.partial(self.rest.list, collection, **query))
+    async def list(
+        self,
+        collection: str,
+        *,
+        filter: str = "",
+        sort: str = "",
+        page: int = 1,
+        per_page: int = DEFAULT_PER_PAGE,
+    ) -> dict[str, JSON]:
+        """Return one page of records."""
+        return await asyncio.to_thread(
+            functools.partial(
+                self.rest.list,
+                collection,
+                filter=filter,
+                sort=sort,
+                page=page,
+                per_page=per_page,
+            )
+        )
 
     async def subscribe(
         self, topic: str, options: dict[str, JSON] | None = None, **settings: Any

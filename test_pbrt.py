@@ -8562,6 +8562,8 @@ def test_client_and_async_client_run_the_same_scenario(tmp_path: Path) -> None:
         api.create_collection(CLIENT_NOTES, su)
 
         client = pbrt.Client(api.url)
+        with pytest.raises(TypeError, match="the callback comes second"):
+            client.subscribe("notes/*", {"filter": "text ~ 'keep'"})  # type: ignore[arg-type]
         received: queue.Queue[Any] = queue.Queue()
         subscribed = threading.Semaphore(0)
         with client.subscribe(
