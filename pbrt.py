@@ -55,6 +55,7 @@ import hashlib
 import hmac
 import http
 import http.cookies
+import importlib.util
 import inspect
 import ipaddress
 import itertools
@@ -80,6 +81,7 @@ import tempfile
 import zipfile
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -237,6 +239,7 @@ REALTIME_LOG_TABLE = "_realtime_log"
 LOG_MAX_ENTRIES = 100_000  # entries kept for clients that resume
 LOG_MAX_AGE_S = 24 * 3600.0
 OTHER_WRITERS_WATCH_S = 0.05  # how often other processes' commits are looked for
+HOOK_FILES_WATCH_S = 1.0  # how often --dev looks for changed hook files
 REALTIME_LOG_PRUNE_S = 10.0  # how often the realtime log is pruned
 REALTIME_LOG_PRUNE_CHUNK = 2_000  # entries deleted per transaction when pruning
 REALTIME_LOG_READ_BATCH = 256  # entries read at a time for delivery and replay
@@ -260,6 +263,8 @@ MISSED_EVENT = "PB_MISSED"  # sent to a client whose position the log no longer 
 RESUME_COOKIE = "pbrt_realtime"  # carries a browser's position to its next stream
 RESUME_WINDOW_S = 10 * 60.0  # a stream's position stays claimable this long
 MAX_RESUME_POSITIONS = 20_000  # positions of closed streams kept for their cookies
+RESUME_SAVE_S = 1.0  # how often where cookie streams stand is written down
+RESUME_TABLE = "_pbrt_resume"  # those positions, in data.db
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +305,10 @@ class Config:
     #: A GET for a path with no file and no extension serves public_dir's
     #: index.html (a single-page app's own routes).
     index_fallback: bool = True
+    #: The app's hook files: every `*.pb.py` in it is imported in name order
+    #: and its `setup(app)` called before the server starts ("": none).
+    #: `serve` uses `pb_hooks` beside pbrt.py, as PocketBase does.
+    hooks_dir: str = ""
     #: Files of fields that are not protected need the record's viewRule too
     #: (pbrt before 0.11; PocketBase serves them to whoever has the URL).
     strict_file_access: bool = False
@@ -386,6 +395,10 @@ class BodyError(PbrtError):
 class Refused(PbrtError):
     """A change the stored data forbids (a record still required by a relation,
     a referenced collection); its text is PocketBase's sentence for it."""
+
+
+class HookFileError(PbrtError):
+    """A hook file failed to load; the message names the file and the line."""
 
 
 class BudgetExceeded(PbrtError):
@@ -6610,26 +6623,46 @@ class Hooks:
     """Callbacks by name, run in registration order; see App.on for the names.
 
     An exception in a hook becomes the error of the request that ran it.
+    Each callback keeps its origin: "" for the embedder's, a hook file's
+    path for that file's (which a reload replaces).
     """
 
     def __init__(self) -> None:
-        self._callbacks: dict[str, list[tuple[str | None, Callable[..., Any]]]] = {
+        self._callbacks: dict[str, list[tuple[str | None, Callable[..., Any], str]]] = {
             name: [] for name in HOOK_NAMES
         }
 
     def add(
-        self, name: str, callback: Callable[..., Any], collection: str | None = None
+        self,
+        name: str,
+        callback: Callable[..., Any],
+        collection: str | None = None,
+        origin: str = "",
     ) -> None:
         """Register `callback` for hook `name`, optionally for one collection only."""
         if name not in self._callbacks:
             raise ValueError(
                 f"unknown hook {name!r}; choose from {', '.join(HOOK_NAMES)}"
             )
-        self._callbacks[name].append((collection, callback))
+        self._callbacks[name].append((collection, callback, origin))
+
+    def remove(self, origin_prefix: str) -> dict[str, list[tuple[str | None, Callable[..., Any], str]]]:
+        """Take out the callbacks whose origin starts with `origin_prefix`
+        (never the embedder's); return them for `restore`."""
+        taken: dict[str, list[tuple[str | None, Callable[..., Any], str]]] = {}
+        for name, callbacks in self._callbacks.items():
+            taken[name] = [c for c in callbacks if origin_prefix and c[2].startswith(origin_prefix)]
+            callbacks[:] = [c for c in callbacks if c not in taken[name]]
+        return taken
+
+    def restore(self, taken: dict[str, list[tuple[str | None, Callable[..., Any], str]]]) -> None:
+        """Put back what `remove` took (a reload that failed)."""
+        for name, callbacks in taken.items():
+            self._callbacks[name].extend(callbacks)
 
     def run(self, name: str, *args: Any, collection: Collection | None = None) -> None:
         """Call every callback of `name` that applies to `collection`."""
-        for wanted, callback in self._callbacks[name]:
+        for wanted, callback, _ in self._callbacks[name]:
             if (
                 wanted is None
                 or collection is None
@@ -6645,7 +6678,7 @@ class Hooks:
         self, client: RealtimeClient, event: str, payload: bytes
     ) -> bytes | None:
         """Pass a realtime message through the message hooks; None drops it."""
-        for _, callback in self._callbacks["realtime_message"]:
+        for _, callback, _ in self._callbacks["realtime_message"]:
             result = callback(client, event, payload)
             if result is None:
                 return None
@@ -7507,7 +7540,8 @@ class RealtimeClient:
         self.written = 0
         self.unflushed: collections.deque[tuple[int, int]] = collections.deque()
         self.live_position = live_position  # the broker's, while this client is live
-        self.browser = client_id  # the browser its cookie names (ClosedStreams)
+        self.browser = client_id  # the browser its cookie names (ResumePositions)
+        self.keeps_cookie = False  # a browser's stream of this origin, with the cookie
         self.stood_at = 0  # where the stream stood when it closed (see `close`)
 
     def send(self, frame: bytes, seq: int = 0) -> None:
@@ -7563,20 +7597,22 @@ class RealtimeClient:
         while self.unflushed and self.unflushed[0][0] <= flushed:
             self.unflushed.popleft()
 
+    def stands_at(self) -> int:
+        """Where the stream stands: every log entry up to here was handed to
+        the OS, or needed nothing from this client."""
+        self._forget_flushed()
+        position = self.position if self.position is not None else self.live_position()
+        if self.unflushed:
+            position = min(position, self.unflushed[0][1] - 1)
+        return position
+
     def close(self, abort: bool = False) -> None:
         """End the stream; with `abort`, drop the socket at once.
 
-        First notes in `stood_at` where the stream stood: every log entry up
-        to it was handed to the OS, or needed nothing from this client.
+        First notes in `stood_at` where the stream stood (`stands_at`).
         """
         if not self.closed:
-            self._forget_flushed()
-            position = (
-                self.position if self.position is not None else self.live_position()
-            )
-            if self.unflushed:
-                position = min(position, self.unflushed[0][1] - 1)
-            self.stood_at = position
+            self.stood_at = self.stands_at()
         self.closed = True
         self.ended.set()
         if abort and self.sink is not None:
@@ -7841,8 +7877,9 @@ class _FanOut:
         )
 
 
-class ClosedStreams:
-    """Where closed streams stood, for the cookie of a browser's next stream.
+class ResumePositions:
+    """Where streams stood, for the cookie of a browser's next stream; kept
+    in `data.db` so that a page resumes across a restart, even a kill -9.
 
     A browser's streams (its tabs) share one cookie, which names the last
     stream it opened; a stream belongs to the browser of the stream its
@@ -7850,65 +7887,126 @@ class ClosedStreams:
     and none open takes that position: exact. With several (tabs), it starts
     from the oldest and leaves them: at least once, never a gap. With none,
     the client is told it missed events.
+
+    Closes are kept here and written once a second (`save`, which also
+    writes where each open cookie stream stands: after a kill -9 those are
+    its closes, at most a second behind, so events come again rather than
+    never), before any claim, and at shutdown. Closed positions last
+    `window_s` (at most `limit` of them).
     """
 
     def __init__(
-        self, window_s: float = RESUME_WINDOW_S, limit: int = MAX_RESUME_POSITIONS
+        self,
+        store: Store,
+        window_s: float = RESUME_WINDOW_S,
+        limit: int = MAX_RESUME_POSITIONS,
     ) -> None:
-        self.window_s, self.limit = window_s, limit
-        # client id -> (position, monotonic time it closed, browser); oldest first
-        self._closed: collections.OrderedDict[str, tuple[int, float, str]] = (
-            collections.OrderedDict()
-        )
-        self._waiting: dict[str, dict[str, int]] = {}  # browser -> {client: position}
-        self._open: dict[str, int] = {}  # browser -> streams open now
+        self.store, self.window_s, self.limit = store, window_s, limit
+        # client id -> (browser, position or None: forget it, still open?)
+        self._pending: dict[str, tuple[str, int | None, bool]] = {}
+        self._open: dict[str, int] = {}  # browser -> this server's streams open now
+        self._saved: dict[str, int] = {}  # open cookie stream -> position last written
+        with store.transaction():
+            store.connection.execute(
+                f'CREATE TABLE IF NOT EXISTS "{RESUME_TABLE}" (client TEXT PRIMARY KEY '
+                "NOT NULL, browser TEXT NOT NULL, position INTEGER NOT NULL, "
+                "at REAL NOT NULL, open INTEGER NOT NULL)"
+            )
+            for column in ("browser", "at"):
+                store.connection.execute(
+                    f'CREATE INDEX IF NOT EXISTS "{RESUME_TABLE}_{column}" '
+                    f'ON "{RESUME_TABLE}" ({column})'
+                )
+
+    def start(self, mark: str) -> None:
+        """A server starts: the streams that its predecessor (whose client ids
+        start with `mark`; "": any) left open are closed where they stood."""
+        with self.store.transaction():
+            self.store.connection.execute(
+                f'UPDATE "{RESUME_TABLE}" SET open = 0, at = ? '
+                "WHERE open = 1 AND substr(client, 1, length(?)) = ?",
+                (self.store.now(), mark, mark),
+            )
 
     def browser_of(self, client_id: str) -> str | None:
-        """The browser of a closed stream still remembered, else None."""
-        found = self._closed.get(client_id)
-        return found[2] if found else None
+        """The browser of a stream still remembered, else None."""
+        pending = self._pending.get(client_id)
+        if pending is not None:
+            return pending[0]
+        row = self.store.connection.execute(
+            f'SELECT browser FROM "{RESUME_TABLE}" WHERE client = ?', (client_id,)
+        ).fetchone()
+        return row[0] if row else None
 
     def opened(self, browser: str) -> None:
         self._open[browser] = self._open.get(browser, 0) + 1
 
-    def closed(
-        self, client_id: str, browser: str, position: int | None, now: float
-    ) -> None:
+    def closed(self, client_id: str, browser: str, position: int | None) -> None:
         """A stream ended; `position` None: it has nothing to resume from."""
         left = self._open.pop(browser, 1) - 1
         if left:
             self._open[browser] = left
-        if position is not None:
-            self._closed[client_id] = (position, now, browser)
-            self._waiting.setdefault(browser, {})[client_id] = position
-        self._expire(now)
+        self._saved.pop(client_id, None)
+        self._pending[client_id] = (browser, position, False)
 
-    def claim(self, browser: str, now: float) -> int | None:
-        """Where the browser's new stream resumes (see the class), or None."""
-        self._expire(now)
-        waiting = self._waiting.get(browser)
+    def standing(self, client_id: str, browser: str, position: int) -> None:
+        """Where an open cookie stream stands now (written by the next `save`)."""
+        if self._saved.get(client_id) != position:
+            self._saved[client_id] = position
+            self._pending[client_id] = (browser, position, True)
+
+    def claim(self, browser: str, is_open: Callable[[str], bool]) -> int | None:
+        """Where the browser's new stream resumes (see the class), or None;
+        `is_open` tells this server's open streams."""
+        self.save()
+        rows = self.store.connection.execute(
+            f'SELECT client, position, open FROM "{RESUME_TABLE}" '
+            "WHERE browser = ? AND (open = 1 OR at >= ?)",
+            (browser, self.store.now() - self.window_s),
+        ).fetchall()
+        waiting = {client: position for client, position, open_ in rows if not open_}
+        open_elsewhere = any(open_ and not is_open(client) for client, _, open_ in rows)
         if not waiting:
             return None
-        if len(waiting) == 1 and not self._open.get(browser):
+        if len(waiting) == 1 and not self._open.get(browser) and not open_elsewhere:
             ((owner, position),) = waiting.items()
-            self._forget(owner)
-            return position
-        return min(waiting.values())
+            with self.store.transaction():
+                self.store.connection.execute(
+                    f'DELETE FROM "{RESUME_TABLE}" WHERE client = ?', (owner,)
+                )
+            return int(position)
+        return int(min(waiting.values()))
 
-    def _expire(self, now: float) -> None:
-        """Forget the oldest positions past the window or the count."""
-        while self._closed and (
-            len(self._closed) > self.limit
-            or next(iter(self._closed.values()))[1] < now - self.window_s
-        ):
-            self._forget(next(iter(self._closed)))
-
-    def _forget(self, client_id: str) -> None:
-        _, _, browser = self._closed.pop(client_id)
-        waiting = self._waiting[browser]
-        del waiting[client_id]
-        if not waiting:
-            del self._waiting[browser]
+    def save(self) -> None:
+        """Write what changed since the last save; forget closed positions
+        past the window or the count."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        now = self.store.now()
+        connection = self.store.connection
+        with self.store.transaction():
+            connection.executemany(
+                f'DELETE FROM "{RESUME_TABLE}" WHERE client = ?',
+                [(client,) for client, (_, position, _) in pending.items() if position is None],
+            )
+            connection.executemany(
+                f'INSERT INTO "{RESUME_TABLE}" (client, browser, position, at, open) '
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (client) DO UPDATE SET "
+                "browser = excluded.browser, position = excluded.position, "
+                "at = excluded.at, open = excluded.open",
+                [
+                    (client, browser, position, now, open_)
+                    for client, (browser, position, open_) in pending.items()
+                    if position is not None
+                ],
+            )
+            connection.execute(
+                f'DELETE FROM "{RESUME_TABLE}" WHERE open = 0 AND (at < ? OR client IN '
+                f'(SELECT client FROM "{RESUME_TABLE}" WHERE open = 0 '
+                "ORDER BY at DESC LIMIT -1 OFFSET ?))",
+                (now - self.window_s, self.limit),
+            )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -8007,8 +8105,8 @@ class Broker:
         self.position = store.realtime_log.bounds()[1]
         #: The entry being delivered now (its subscribers were chosen).
         self.claimed = self.position
-        #: Where closed streams stood, for the cookie of a browser's next one.
-        self.closed_streams = ClosedStreams()
+        #: Where streams stood, for the cookie of a browser's next one.
+        self.resume_positions = ResumePositions(store)
         self._wakeup: asyncio.Event | None = None
         self._advanced: asyncio.Event | None = None
         self._replays: set[asyncio.Task[None]] = set()
@@ -8034,7 +8132,7 @@ class Broker:
         A client that gave a `cursor` resumes after log entry `position`
         once it subscribes, or is told it missed events: when the log no
         longer holds them, or the cursor names no position (None). `browser`
-        is the one its cookie named (see ClosedStreams).
+        is the one its cookie named (see ResumePositions).
         """
         cap = stream_cap_per_address(self.max_clients_per_ip, remote_ip)
         if len(self.clients) >= self.max_clients:
@@ -8060,7 +8158,7 @@ class Broker:
             lambda: self.position,
         )
         client.browser = browser or client.id
-        self.closed_streams.opened(client.browser)
+        self.resume_positions.opened(client.browser)
         if cursor:
             pruned, last = self.store.realtime_log.bounds()
             if position is not None and pruned <= position <= last:
@@ -8084,9 +8182,9 @@ class Broker:
         browser = (
             open_stream.browser
             if open_stream is not None
-            else self.closed_streams.browser_of(client_id) or client_id
+            else self.resume_positions.browser_of(client_id) or client_id
         )
-        return self.closed_streams.claim(browser, time.monotonic()), browser
+        return self.resume_positions.claim(browser, self.clients.__contains__), browser
 
     def disconnect(self, client: RealtimeClient) -> None:
         """Forget a client and its subscriptions; keep where its stream stood."""
@@ -8096,12 +8194,19 @@ class Broker:
             left = self._per_ip.pop(client.remote_ip, 1) - 1
             if left:
                 self._per_ip[client.remote_ip] = left
-            self.closed_streams.closed(
+            self.resume_positions.closed(
                 client.id,
                 client.browser,
                 client.stood_at if client.missed is None else None,
-                time.monotonic(),
             )
+
+    def save_resume_positions(self) -> None:
+        """Write where the open cookie streams stand and where closed ones
+        stood (see ResumePositions)."""
+        for client in self.clients.values():
+            if client.keeps_cookie and client.missed is None and not client.closed:
+                self.resume_positions.standing(client.id, client.browser, client.stands_at())
+        self.resume_positions.save()
 
     def send_heartbeats(self, silent_since: float) -> None:
         """A comment line to every stream that wrote nothing since then (monotonic)."""
@@ -9661,33 +9766,86 @@ def explain_error(exc: BaseException, error: ApiError) -> str:
 class Router:
     """Maps a method and a path to a handler and its path parameters.
 
-    A path no route knows answers PocketBase's static-file 404 ("File not
-    found."); a known path with another method answers the default 404.
-    HEAD is served by the GET handler.
+    The built-in routes come first, then the app's own (`add_custom`), then
+    the public files (`fallback`). A path no route knows answers
+    PocketBase's static-file 404 ("File not found."); a known path with
+    another method answers the default 404. HEAD is served by the GET handler.
     """
 
     _PARAM_RE = re.compile(r"\{(\w+)\}")
 
     def __init__(self) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+        #: The app's own routes: (path regex, method, handler, origin).
+        self._custom: list[tuple[re.Pattern[str], str, Handler, str]] = []
         #: Takes a GET or HEAD for a path no route knows (the public files).
         self.fallback: Handler | None = None
 
-    def add(self, method: str, pattern: str, handler: Handler) -> None:
-        """Register `handler` for `method` on a path like `/api/x/{id}`."""
-        pieces = self._PARAM_RE.split(pattern)  # literal, name, literal, name, ...
-        regex = re.compile(
+    @classmethod
+    def _compile(cls, pattern: str) -> re.Pattern[str]:
+        pieces = cls._PARAM_RE.split(pattern)  # literal, name, literal, name, ...
+        return re.compile(
             "".join(
                 re.escape(piece) if index % 2 == 0 else f"(?P<{piece}>[^/]+)"
                 for index, piece in enumerate(pieces)
             )
             + r"\Z"
         )
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        """Register a built-in `handler` for `method` on a path like `/api/x/{id}`."""
+        regex = self._compile(pattern)
         for existing, handlers in self._routes:
             if existing.pattern == regex.pattern:
                 handlers[method] = handler
                 return
         self._routes.append((regex, {method: handler}))
+
+    def add_custom(
+        self, method: str, pattern: str, handler: Handler, origin: str = ""
+    ) -> None:
+        """Register one of the app's own routes; ValueError for a bad pattern,
+        one that could take a request of a built-in route (or of PocketBase's
+        API), or one registered already. `origin` names the hook file."""
+        method = method.upper()
+        if method not in ROUTE_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(ROUTE_METHODS)}")
+        if not pattern.startswith("/") or "//" in pattern or any(
+            piece in (".", "..") for piece in pattern.split("/")
+        ):
+            raise ValueError(f"a route's path starts with / and has no empty or dot segment: {pattern!r}")
+        try:
+            regex = self._compile(pattern)
+        except re.error as exc:  # a {name} used twice
+            raise ValueError(f"invalid route path {pattern!r}: {exc}") from None
+        if pattern == "/_" or pattern.startswith("/_/"):
+            raise ValueError(f"{pattern}: /_/ is the dashboard's")
+        sample = self._PARAM_RE.sub("x", pattern)
+        taken = [(r, m) for r, handlers in self._routes for m in handlers]
+        taken += [(self._compile(p), m) for m, p in RESERVED_ROUTES]
+        taken += [(r, m) for r, m, _, _ in self._custom]
+        for existing, existing_method in taken:
+            if existing_method != method:
+                continue
+            if existing.match(sample) or regex.match(_route_sample(existing)):
+                raise ValueError(
+                    f"{method} {pattern} would take requests of the route "
+                    f"{existing_method} {_route_text(existing)}"
+                )
+        self._custom.append((regex, method, handler, origin))
+
+    def remove_custom(self, origin_prefix: str) -> list[tuple[re.Pattern[str], str, Handler, str]]:
+        """Take out the app's routes whose origin starts with `origin_prefix`
+        (not the embedder's, whose origin is ""); return them."""
+        kept, taken = [], []
+        for route in self._custom:
+            (taken if origin_prefix and route[3].startswith(origin_prefix) else kept).append(route)
+        self._custom = kept
+        return taken
+
+    def restore_custom(self, routes: list[tuple[re.Pattern[str], str, Handler, str]]) -> None:
+        """Put back routes `remove_custom` took (a reload that failed)."""
+        self._custom = [*self._custom, *routes]
 
     def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
         """Return the handler and path parameters; raise NotFoundError if none."""
@@ -9701,9 +9859,57 @@ class Router:
             handler = handlers.get(lookup)
             if handler is not None:
                 return handler, match.groupdict()
+        for regex, route_method, handler, _ in self._custom:
+            match = regex.match(path)
+            if match is None:
+                continue
+            path_known = True
+            if route_method == lookup:
+                return handler, match.groupdict()
         if not path_known and lookup == "GET" and self.fallback is not None:
             return self.fallback, {}
         raise NotFoundError(None if path_known else FILE_NOT_FOUND_MESSAGE)
+
+
+ROUTE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+#: PocketBase's routes pbrt does not answer (yet): no app route may take them.
+RESERVED_ROUTES = tuple(
+    (method, "/api/collections/{collection}/" + tail)
+    for method, tail in (
+        ("POST", "request-otp"),
+        ("POST", "auth-with-otp"),
+        ("POST", "auth-with-oauth2"),
+        ("POST", "request-verification"),
+        ("POST", "confirm-verification"),
+        ("POST", "request-password-reset"),
+        ("POST", "confirm-password-reset"),
+        ("POST", "request-email-change"),
+        ("POST", "confirm-email-change"),
+        ("GET", "records/{id}/external-auths"),
+        ("DELETE", "records/{id}/external-auths/{provider}"),
+        ("DELETE", "truncate"),
+    )
+) + (
+    ("GET", "/api/oauth2-redirect"),
+    ("POST", "/api/oauth2-redirect"),
+    ("GET", "/api/collections/meta/scaffolds"),
+    ("POST", "/api/settings/test/s3"),
+    ("POST", "/api/settings/test/email"),
+    ("POST", "/api/settings/apple/generate-client-secret"),
+    ("GET", "/api/crons"),
+    ("POST", "/api/crons/{id}"),
+)
+
+
+def _route_sample(regex: re.Pattern[str]) -> str:
+    """A path a route's regex matches (each parameter as `x`)."""
+    return re.sub(r"\(\?P<\w+>\[\^/\]\+\)", "x", regex.pattern[:-2]).replace("\\", "")
+
+
+def _route_text(regex: re.Pattern[str]) -> str:
+    """A route's path as it was written (`/api/x/{id}`)."""
+    return re.sub(r"\(\?P<(\w+)>\[\^/\]\+\)", r"{\1}", regex.pattern[:-2]).replace("\\", "")
 
 
 # --- handlers ------------------------------------------------------------------
@@ -10172,6 +10378,7 @@ async def handle_realtime_connect(context: RequestContext) -> Response:
         # Last-Event-ID to a new stream, but it sends this cookie.
         cookie = f"{RESUME_COOKIE}={client.id}; Path=/api/realtime; HttpOnly; SameSite=Strict"
         headers = (*SSE_HEADERS, ("Set-Cookie", cookie))
+        client.keeps_cookie = True
     return Response(
         200,
         headers=headers,
@@ -10959,6 +11166,98 @@ async def handle_public_file(context: RequestContext) -> Response:
     return await file_response(request, found, kind, headers, FILE_NOT_FOUND_MESSAGE)
 
 
+# --- the app's own routes ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RouteEvent:
+    """What an app route's handler gets (`e`): the request, its path
+    parameters, its auth, and the App to act through."""
+
+    app: App
+    request: Request
+    params: dict[str, str]
+    remote_ip: str
+    _context: RequestContext
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query string, each name's first value."""
+        return self.request.query_values
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The request's headers, names in lower case."""
+        return dict(self.request.headers)
+
+    @property
+    def body(self) -> dict[str, JSON]:
+        """The body as JSON or form fields (an empty dict without one); a
+        body that cannot be read answers 400 before the handler goes on."""
+        return dict(self._context.body.data)
+
+    @property
+    def files(self) -> dict[str, list[UploadedFile]]:
+        """The files of a multipart body, by field name."""
+        return self._context.body.files
+
+    @property
+    def auth(self) -> dict[str, JSON] | None:
+        """The signed-in record as its owner sees it (with its email), or None."""
+        auth = self._context.auth
+        if auth is None:
+            return None
+        return record_json(auth.collection, auth.record, superuser=True, show_email=True)
+
+    @property
+    def auth_collection(self) -> str:
+        """The collection of the signed-in record ("" for a guest)."""
+        auth = self._context.auth
+        return auth.collection.name if auth is not None else ""
+
+    @property
+    def token(self) -> str:
+        """The request's auth token: pass it as `token=` to App's record
+        methods to act with this requester's rules."""
+        return self._context.auth_token if self._context.auth is not None else ""
+
+
+RouteAuth = bool | str | tuple[str, ...] | list[str] | None
+
+
+def app_route_handler(callback: Callable[[RouteEvent], Any], auth: RouteAuth) -> Handler:
+    """Wrap an app's route callback (sync: run in a thread; async: on the
+    loop) as a Handler: `auth` checked first, as PocketBase's requireAuth
+    (True: any signed-in record; a collection name or several: those),
+    then the result made a response (a JSON value, a Response, or None: 204)."""
+    allowed: tuple[str, ...] = (
+        () if auth is None or auth is True or auth is False
+        else (auth,) if isinstance(auth, str) else tuple(auth)
+    )
+    is_async = inspect.iscoroutinefunction(callback)
+
+    async def handler(context: RequestContext) -> Response:
+        if auth:
+            if context.auth is None:
+                raise UnauthorizedError(MISSING_AUTH_TOKEN)
+            if allowed and context.auth.collection.name not in allowed:
+                raise ForbiddenError("The authorized record is not allowed to perform this action.")
+        if context.request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            context.body  # a body that cannot be read is the client's 400
+        event = RouteEvent(context.app, context.request, context.params, context.remote_ip, context)
+        if is_async:
+            result = await callback(event)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(None, callback, event)
+        if isinstance(result, Response):
+            return result
+        if result is None:
+            return Response(204)
+        return json_response(result)
+
+    return handler
+
+
 # --- the dashboard ---------------------------------------------------------------
 
 
@@ -11362,10 +11661,14 @@ class Server:
         tasks = [
             ("realtime log pruning", REALTIME_LOG_PRUNE_S, self._prune_realtime_log),
             ("request log flushing", REQUEST_LOGS_FLUSH_S, self._flush_request_logs),
+            ("resume positions", RESUME_SAVE_S, self._save_resume_positions),
         ]
         if self.config.sse_heartbeat_s > 0:
             half = self.config.sse_heartbeat_s / 2
             tasks.insert(0, ("heartbeats", half, self._send_heartbeats))
+        if self.config.dev and self.config.hooks_dir:
+            reload = self.app.reload_changed_hook_files
+            tasks.append(("hook file reloads", HOOK_FILES_WATCH_S, reload))
         return tasks
 
     async def start(self) -> int:
@@ -11405,6 +11708,7 @@ class Server:
             max_clients_per_ip=self.config.max_realtime_clients_per_ip,
             replay_budget_s=self.config.replay_budget_s,
         )
+        self.broker.resume_positions.start(mark)
         self.broker.message_filter = self.app.hooks.filter_message
         self.broker.explain_withheld = self.config.dev
         self.broker.message_filter_active = lambda: bool(
@@ -11477,6 +11781,7 @@ class Server:
         for task in connection_tasks:
             task.cancel()
         await asyncio.gather(*connection_tasks, return_exceptions=True)
+        self._save_resume_positions()  # where each stream ended, for its next one
         self._read_deadlines.close()
         await self._listener.wait_closed()
         self._listener = None
@@ -11513,6 +11818,10 @@ class Server:
                     await result
             except Exception:
                 logger.exception("%s failed", name)
+
+    def _save_resume_positions(self) -> None:
+        if self.broker is not None:
+            self.broker.save_resume_positions()
 
     def _send_heartbeats(self) -> None:
         """A comment line to each stream silent for half a heartbeat."""
@@ -12039,6 +12348,9 @@ class App:
         self._settings: dict[str, JSON] | None = None
         #: The runtime while this App serves (between `start` and `stop`).
         self.server: Server | None = None
+        self._origin = ""  # the hook file registering routes and hooks now
+        #: The hook files as last loaded (None: never).
+        self._hook_files: tuple[tuple[str, int, int], ...] | None = None
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -12067,6 +12379,8 @@ class App:
         """
         if self.server is not None:
             raise RuntimeError("this App is serving already")
+        if self.config.hooks_dir and self._hook_files is None:
+            self.load_hook_files()
         server = Server(self)
         port = await server.start()
         self.server = server
@@ -12288,10 +12602,91 @@ class App:
             raise ValueError(f"unknown collection {collection!r}: create it first")
 
         def register(callback: Callable[..., Any]) -> Callable[..., Any]:
-            self.hooks.add(hook, callback, collection)
+            self.hooks.add(hook, callback, collection, self._origin)
             return callback
 
         return register
+
+    def route(
+        self, method: str, path: str, *, auth: RouteAuth = None
+    ) -> Callable[[Callable[[RouteEvent], Any]], Callable[[RouteEvent], Any]]:
+        """Decorator adding a route of the app's own: `path` like
+        `/api/rooms/{id}/stats`; the handler gets a RouteEvent and returns a
+        JSON value, a Response, or None (204). A plain function runs in a
+        thread (it may call App's record methods); an `async def` runs on
+        the loop. `auth=True` lets in signed-in records only, a collection
+        name (or several) records of those only: `auth="_superusers"`.
+        Raise an ApiError (BadRequestError, ...) to answer with it.
+
+        Routes come after the built-in ones and before the public files; one
+        that could take a built-in route's requests raises ValueError.
+        """
+
+        def register(callback: Callable[[RouteEvent], Any]) -> Callable[[RouteEvent], Any]:
+            self.router.add_custom(
+                method, path, app_route_handler(callback, auth), self._origin
+            )
+            return callback
+
+        return register
+
+    # --- hook files ------------------------------------------------------------
+
+    def _hook_file_paths(self) -> list[str]:
+        directory = self.config.hooks_dir
+        if not directory or not os.path.isdir(directory):
+            return []
+        return sorted(
+            os.path.join(directory, name)
+            for name in os.listdir(directory)
+            if name.endswith(HOOK_FILE_SUFFIX) and not name.startswith(".")
+        )
+
+    def _hook_files_state(self) -> tuple[tuple[str, int, int], ...]:
+        """Each hook file's path, mtime and size (what a reload compares)."""
+        state = []
+        for path in self._hook_file_paths():
+            with contextlib.suppress(OSError):
+                info = os.stat(path)
+                state.append((path, info.st_mtime_ns, info.st_size))
+        return tuple(state)
+
+    def load_hook_files(self) -> int:
+        """Import every hook file of `Config.hooks_dir` in name order and call
+        its `setup(app)`; return how many. All or nothing: on HookFileError
+        (which names the file and line) what the files registered before is
+        back as it was."""
+        prefix = os.path.join(os.path.abspath(self.config.hooks_dir), "")
+        state = self._hook_files_state()
+        old_routes, old_hooks = self.router.remove_custom(prefix), self.hooks.remove(prefix)
+        try:
+            for path, _, _ in state:
+                self._origin = os.path.abspath(path)
+                try:
+                    _run_hook_file(self, self._origin)
+                finally:
+                    self._origin = ""
+        except BaseException:
+            self.router.remove_custom(prefix)
+            self.hooks.remove(prefix)
+            self.router.restore_custom(old_routes)
+            self.hooks.restore(old_hooks)
+            raise
+        self._hook_files = state
+        return len(state)
+
+    def reload_changed_hook_files(self) -> None:
+        """Load the hook files again if one changed, was added or removed
+        (`--dev`); a file that fails leaves the last good ones serving."""
+        if self._hook_files_state() == self._hook_files:
+            return
+        try:
+            count = self.load_hook_files()
+        except HookFileError as exc:
+            self._hook_files = self._hook_files_state()  # until it changes again
+            logger.error("hook files not reloaded: %s", exc)
+            return
+        logger.info("reloaded %d hook file(s) from %s", count, self.config.hooks_dir)
 
     def close(self) -> None:
         """Close the store of an App used without a server."""
@@ -12407,6 +12802,39 @@ class App:
             timeout=SCRIPT_CALL_TIMEOUT_S
         )
 
+
+
+HOOK_FILE_SUFFIX = ".pb.py"
+
+
+def _run_hook_file(app: App, path: str) -> None:
+    """Import one hook file and call its `setup(app)`; HookFileError (with
+    the file, the line and the message) for anything that fails."""
+    stem = os.path.basename(path)[: -len(HOOK_FILE_SUFFIX)]
+    name = "pb_hooks." + re.sub(r"\W", "_", stem)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise HookFileError(f"{path}: cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look for it there
+    try:
+        spec.loader.exec_module(module)
+        setup = getattr(module, "setup", None)
+        if not callable(setup):
+            raise HookFileError(f"{path}: defines no setup(app) function")
+        setup(app)
+    except HookFileError:
+        sys.modules.pop(name, None)
+        raise
+    except SyntaxError as exc:
+        sys.modules.pop(name, None)
+        raise HookFileError(f"{path}, line {exc.lineno}: {exc.msg}") from exc
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
+        where = f", line {frames[-1].lineno}" if frames else ""
+        message = f"{type(exc).__name__}: {exc}"
+        raise HookFileError(f"{path}{where}: {message}") from exc
 
 
 # --- a client for scripts ----------------------------------------------------------
@@ -14101,6 +14529,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="the app's own files, served for paths no route takes (default: pb_public beside pbrt.py)",
     )
     serve_parser.add_argument(
+        "--hooksDir",
+        dest="hooks_dir",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "pb_hooks"),
+        metavar="DIR",
+        help="the app's hook files: each *.pb.py in it has a setup(app) "
+        "(default: pb_hooks beside pbrt.py)",
+    )
+    serve_parser.add_argument(
         "--indexFallback",
         dest="index_fallback",
         type=_go_bool_flag,
@@ -14277,6 +14713,7 @@ def main(argv: list[str] | None = None) -> int:
         strict_file_access=args.strict_file_access,
         public_dir=args.public_dir,
         index_fallback=args.index_fallback,
+        hooks_dir=args.hooks_dir,
         dev=args.dev,
         workers=args.workers,
         worker=worker or 0,
@@ -14289,6 +14726,7 @@ def main(argv: list[str] | None = None) -> int:
         flags += ["--quiet"] * args.quiet + ["--dev"] * args.dev
         flags += ["--strict-file-access"] * args.strict_file_access
         flags += [f"--publicDir={args.public_dir}", f"--indexFallback={args.index_fallback}"]
+        flags += [f"--hooksDir={args.hooks_dir}"]
         flags += ["--workers", str(args.workers), "--worker", str(index)]
         flags += ["--supervisor", str(os.getpid())]
         return [sys.executable, os.path.abspath(__file__), "serve", *flags]
@@ -14299,7 +14737,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.workers > 1 and worker is None:
             return supervise(config, worker_command)
         App(config).serve(on_started=None if worker else _hint_first_superuser)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, HookFileError) as exc:
         logger.error("cannot start the server: %s", exc)
         return 1
     except KeyboardInterrupt:
@@ -14445,4 +14883,6 @@ def _superuser_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    # Hook files `import pbrt`: that is this module, not a second copy of it.
+    sys.modules.setdefault("pbrt", sys.modules[__name__])
     sys.exit(main())

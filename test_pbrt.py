@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -7753,6 +7754,245 @@ def test_public_files_are_served_and_nothing_outside_their_dir(tmp_path: Path) -
 # ==========================================================================
 # 14. Connection loop
 # ==========================================================================
+
+
+# --- the app's own routes and hook files ---------------------------------------------
+
+ROOMS_HOOK_FILE = '''
+import pbrt
+
+
+def setup(app):
+    @app.route("GET", "/api/rooms/{id}/stats", auth=True)
+    def stats(e):
+        found = app.list("messages", filter=f"room = '{e.params['id']}'", token=e.token)
+        return {"room": e.params["id"], "count": found["totalItems"], "by": e.auth["email"]}
+
+    @app.route("POST", "/api/rooms/{id}/clear", auth="_superusers")
+    async def clear(e):
+        return None
+
+    @app.on("before_create", "messages")
+    def no_shouting(event):
+        if event.data.get("text", "").isupper():
+            raise pbrt.BadRequestError("No shouting.")
+'''
+
+ROOM_MESSAGES = {
+    "name": "messages",
+    "type": "base",
+    "listRule": "@request.auth.id != ''",
+    "viewRule": "@request.auth.id != ''",
+    "createRule": "@request.auth.id != ''",
+    "fields": [{"name": "room", "type": "text"}, {"name": "text", "type": "text"}],
+}
+
+
+def hooks_dir_with(tmp_path: Path, **files: str) -> Path:
+    """A hooks dir holding `files` (name without `.pb.py` -> source)."""
+    hooks = tmp_path / "pb_hooks"
+    hooks.mkdir(exist_ok=True)
+    for name, source in files.items():
+        (hooks / f"{name}.pb.py").write_text(textwrap.dedent(source))
+    return hooks
+
+
+def test_hook_files_add_routes_with_auth_and_hooks_that_refuse(tmp_path: Path) -> None:
+    """`serve --hooksDir`: a route with a path parameter and `auth=` (guest
+    401, user 200 acting by the user's rules, wrong collection 403), a
+    `before_create` hook refusing a record, errors in PocketBase's envelope."""
+    hooks = hooks_dir_with(tmp_path, rooms=ROOMS_HOOK_FILE)
+    data_dir = data_dir_with(tmp_path, [ROOM_MESSAGES])
+    with ServerProcess(data_dir, 0, f"--hooksDir={hooks}") as server:
+        api = Api(server.url)
+        su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
+        token, _ = make_user(api, "ann", su)
+        for text in ("hi", "there"):
+            api.json("POST", "/api/collections/messages/records", {"room": "r1", "text": text}, token)
+        guest = api.call("GET", "/api/rooms/r1/stats")
+        user = api.call("GET", "/api/rooms/r1/stats", token=token)
+        head = fetch_raw(server.port, "HEAD", "/api/rooms/r1/stats", {"Authorization": token})
+        not_superuser = api.call("POST", "/api/rooms/r1/clear", token=token)
+        superuser = api.call("POST", "/api/rooms/r1/clear", token=su)
+        other_method = api.call("DELETE", "/api/rooms/r1/stats", token=token)
+        shouting = api.call("POST", "/api/collections/messages/records", {"room": "r1", "text": "HEY"}, token)
+        listed = api.json("GET", "/api/collections/messages/records", token=token)["totalItems"]
+    assert guest == (401, envelope(401, "The request requires valid record authorization token."))
+    assert (user[0], json.loads(user[1])) == (200, {"room": "r1", "count": 2, "by": "ann@x.com"})
+    assert head.status == 200 and head.body == b""
+    assert not_superuser == (
+        403, envelope(403, "The authorized record is not allowed to perform this action.")
+    )
+    assert superuser == (204, "")
+    assert other_method[0] == 404
+    assert shouting == (400, envelope(400, "No shouting."))
+    assert listed == 2
+
+
+def envelope(status: int, message: str, data: dict[str, Any] | None = None) -> str:
+    """PocketBase's error body, as sent."""
+    return json.dumps({"data": data or {}, "message": message, "status": status}, separators=(",", ":"))
+
+
+def fetch_raw(
+    port: int, method: str, path: str, headers: dict[str, str] | None = None
+) -> RawResponse:
+    """One request on its own connection; the response as sent."""
+    raw = run(exchange(port, http_request(method, path, headers=headers)))
+    return parse_responses(raw, head_only=method == "HEAD")[0]
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "message"),
+    [
+        ("def setup(app):\n    x = (\n", 2, "'(' was never closed"),
+        ("import pbrt\n\ndef setup(app):\n    raise RuntimeError('no db')\n", 4, "RuntimeError: no db"),
+        ("def setup(app):\n    pass\n\nundefined_name\n", 4, "NameError: name 'undefined_name' is not defined"),
+        ("x = 1\n", None, "defines no setup(app) function"),
+        (
+            "def setup(app):\n    @app.route('GET', '/api/collections/{c}/records')\n    def mine(e):\n        return 1\n",
+            2,
+            "GET /api/collections/{c}/records would take requests of the route "
+            "GET /api/collections/{collection}/records",
+        ),
+        ("def setup(app):\n    app.on('before_craete')(print)\n", 2, "unknown hook 'before_craete'"),
+    ],
+    ids=["syntax", "setup-raises", "import-raises", "no-setup", "shadows", "unknown-hook"],
+)
+def test_hook_files_that_fail_stop_startup_with_their_file_and_line(
+    tmp_path: Path, source: str, line: int | None, message: str
+) -> None:
+    """A broken hook file: the server does not start (exit 1, nothing
+    served), and says which file, which line and why."""
+    hooks = hooks_dir_with(tmp_path, a_good=ROOMS_HOOK_FILE, b_broken=source)
+    data_dir = data_dir_with(tmp_path, [ROOM_MESSAGES])
+    result = run_cli("serve", "--http=127.0.0.1:0", "--dir", str(data_dir), f"--hooksDir={hooks}")
+    broken = hooks / "b_broken.pb.py"
+    where = f"{broken}, line {line}: " if line else f"{broken}: "
+    assert result.returncode == 1
+    assert f"cannot start the server: {where}" in result.stderr, result.stderr
+    assert message in result.stderr
+    assert "Server started" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_hook_files_routes_are_served_by_every_worker(tmp_path: Path) -> None:
+    """`serve --workers 2`: each worker loads the hook files and serves their routes."""
+    hooks = hooks_dir_with(
+        tmp_path,
+        hello='''
+        import os
+
+        def setup(app):
+            @app.route("GET", "/hello/{name}")
+            def hello(e):
+                return {"hello": e.params["name"], "pid": os.getpid()}
+        ''',
+    )
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    with ServerProcess(data_dir, 0, "--workers", "2", f"--hooksDir={hooks}") as server:
+        answered: dict[str, Any] = {}
+        for _ in range(200):  # new connections: the kernel spreads them over the workers
+            response = fetch_raw(server.port, "GET", "/hello/bo")
+            assert response.status == 200, response.body
+            answered[response.header(pbrt.WORKER_HEADER)] = response.json()
+            if len(answered) == 2:
+                break
+        workers = sorted(server.children())
+    assert sorted(answered) == ["0", "1"]
+    assert sorted(answer["pid"] for answer in answered.values()) == workers
+    assert {answer["hello"] for answer in answered.values()} == {"bo"}
+
+
+def test_hook_files_reload_in_dev_mode_and_a_broken_edit_keeps_the_last_good(
+    tmp_path: Path,
+) -> None:
+    hook = '''
+    def setup(app):
+        @app.route("GET", "/api/version")
+        def version(e):
+            return {"version": VERSION}
+
+    VERSION = 1
+    '''
+    hooks = hooks_dir_with(tmp_path, version=hook)
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    path = hooks / "version.pb.py"
+
+    def version() -> Any:
+        response = fetch_raw(server.port, "GET", "/api/version")
+        return response.json().get("version") if response.status == 200 else response.status
+
+    with ServerProcess(data_dir, 0, "--dev", f"--hooksDir={hooks}") as server:
+        assert version() == 1
+        path.write_text(textwrap.dedent(hook).replace("VERSION = 1", "VERSION = 2"))
+        wait_until(lambda: version() == 2)
+        path.write_text("def setup(app):\n    oops(\n")
+        wait_until(lambda: "hook files not reloaded" in server.text())
+        still = version()
+        path.unlink()
+        wait_until(lambda: version() == 404)
+    assert still == 2
+    assert f"{path}, line 2:" in server.text()
+
+
+def test_app_routes_answer_json_responses_and_errors_and_refuse_shadowing(
+    tmp_path: Path,
+) -> None:
+    """Embedded: `app.route` with sync and async handlers, a Response, an
+    ApiError, an unexpected exception (500, its traceback in the log only),
+    a body that cannot be read; CORS as for built-in routes; an app route
+    is taken before a public file of the same path; shadowing refused."""
+    public = tmp_path / "public"
+    public.mkdir()
+    (public / "about").write_text("the file")
+    with serving(tmp_path, public_dir=str(public)) as (app, api, su):
+
+        @app.route("POST", "/api/echo/{what}")
+        def echo(e: pbrt.RouteEvent) -> Any:
+            if e.body.get("refuse"):
+                raise pbrt.BadRequestError("Refused.", {"refuse": {"code": "no", "message": "No."}})
+            return {"what": e.params["what"], "body": e.body, "ip": e.remote_ip, "auth": e.auth_collection}
+
+        @app.route("GET", "/about")
+        async def about(e: pbrt.RouteEvent) -> pbrt.Response:
+            return pbrt.Response(201, b"route", (("Content-Type", "text/plain"),))
+
+        @app.route("GET", "/api/boom")
+        def boom(e: pbrt.RouteEvent) -> Any:
+            raise KeyError("secret detail")
+
+        echoed = api.call("POST", "/api/echo/x?y=1", {"a": [1, 2]}, su)
+        refused = api.call("POST", "/api/echo/x", {"refuse": True})
+        unreadable = api.call("POST", "/api/echo/x", b"{", content_type="application/json")
+        about_page = fetch_raw(port_of(api), "GET", "/about", {"Origin": "http://app.test"})
+        boomed = api.call("GET", "/api/boom")
+        refusals = []
+        for method, path in [
+            ("GET", "/api/collections/{c}/records/{id}"),
+            ("GET", "/api/health"),
+            ("POST", "/api/collections/{x}/request-otp"),
+            ("GET", "/api/{anything}"),  # would take GET /api/health
+            ("GET", "/_/mine"),
+            ("POST", "/api/echo/{other}"),  # registered above
+            ("GET", "/api/../x"),
+            ("BREW", "/coffee"),
+        ]:
+            with pytest.raises(ValueError) as refused_route:
+                app.route(method, path)(echo)
+            refusals.append(str(refused_route.value))
+        app.route("POST", "/api/health")(echo)  # another method of a built-in path
+    assert json.loads(echoed[1]) == {"what": "x", "body": {"a": [1, 2]}, "ip": "127.0.0.1", "auth": "_superusers"}
+    assert refused == (400, envelope(400, "Refused.", {"refuse": {"code": "no", "message": "No."}}))
+    assert unreadable[0] == 400
+    assert (about_page.status, about_page.body) == (201, b"route")
+    assert about_page.header("Access-Control-Allow-Origin") == "*"
+    assert boomed == (500, envelope(500, "Something went wrong while processing your request."))
+    assert "secret detail" not in boomed[1]
+    assert "would take requests of the route GET /api/collections/{collection}/records/{id}" in refusals[0]
+    assert "/_/ is the dashboard's" in refusals[4]
+    assert "unknown method 'BREW'" in refusals[7]
+    assert len(refusals) == 8
 
 
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
