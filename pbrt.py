@@ -11783,6 +11783,10 @@ class Server:
         await asyncio.gather(*connection_tasks, return_exceptions=True)
         self._save_resume_positions()  # where each stream ended, for its next one
         self._read_deadlines.close()
+        if self._wal_watch is not None:
+            asyncio.get_running_loop().remove_reader(self._wal_watch)
+            os.close(self._wal_watch)
+            self._wal_watch = None
         await self._listener.wait_closed()
         self._listener = None
         self.loop = self.thread = None
@@ -11791,10 +11795,6 @@ class Server:
             background.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._wal_watch is not None:
-            asyncio.get_running_loop().remove_reader(self._wal_watch)
-            os.close(self._wal_watch)
-            self._wal_watch = None
         if self._watcher is not None:
             self._watching.set()
             await asyncio.to_thread(self._watcher.join)

@@ -16,6 +16,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -6218,6 +6219,74 @@ def test_realtime_browser_cookie_resumes_the_next_stream(tmp_path: Path) -> None
     assert from_oldest == ["while away"]
 
 
+@pytest.mark.parametrize("how", ["sigterm", "kill-9"])
+def test_realtime_browser_cookie_resumes_across_a_server_restart(
+    tmp_path: Path, how: str
+) -> None:
+    """The cookie's positions live in data.db: a browser whose stream was
+    open when its server stopped (cleanly, or by kill -9) resumes from
+    where it stood on the next server, with the writes made while it was down."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    browser = "Sec-Fetch-Site: same-origin\r\n"
+    server = ServerProcess(data_dir, 0).start()
+    try:
+
+        async def before() -> tuple[str, list[str]]:
+            client = await SseClient.connect(server.port, headers=browser)
+            found = re.search(rb"Set-Cookie: (pbrt_realtime=\w+);", client.head)
+            assert found is not None
+            await post_subscriptions(server.port, client.id, ["posts/*"])
+            await asyncio.to_thread(pbrt.Client(server.url).create, "posts", {"title": "seen"})
+            seen = [json.loads((await client.next_event())["data"])["record"]["title"]]
+            if how == "kill-9":  # where the open stream stands is written once a second
+                seq = await asyncio.to_thread(last_log_seq, data_dir)
+                await asyncio.to_thread(
+                    wait_until, lambda: resume_position(data_dir, client.id) == seq
+                )
+                server.kill()
+            else:
+                await asyncio.to_thread(server.stop, signal.SIGTERM)
+            await client.close()
+            return found.group(1).decode(), seen
+
+        cookie, seen = run(before())
+        offline = pbrt.App(dir=str(data_dir))  # written while no server runs
+        for n in range(2):
+            offline.create("posts", {"title": f"while down {n}"})
+        offline.close()
+        server.start()
+
+        async def after() -> list[dict[str, str]]:
+            client = await SseClient.connect(server.port, headers=browser + f"Cookie: {cookie}\r\n")
+            await post_subscriptions(server.port, client.id, ["posts/*"])
+            await asyncio.to_thread(pbrt.Client(server.url).create, "posts", {"title": "live"})
+            events = [await client.next_event() for _ in range(3)]
+            await client.close()
+            return events
+
+        events = run(after())
+    finally:
+        server.stop(signal.SIGTERM)
+    assert seen == ["seen"]
+    assert [json.loads(e["data"])["record"]["title"] for e in events] == [
+        "while down 0", "while down 1", "live"
+    ]
+
+
+def last_log_seq(data_dir: Path) -> int:
+    with contextlib.closing(sqlite3.connect(data_dir / "data.db")) as connection:
+        return int(connection.execute("SELECT max(seq) FROM _realtime_log").fetchone()[0])
+
+
+def resume_position(data_dir: Path, client_id: str) -> int | None:
+    """Where data.db says stream `client_id` stands (None: not written yet)."""
+    with contextlib.closing(sqlite3.connect(data_dir / "data.db")) as connection:
+        row = connection.execute(
+            f"SELECT position FROM {pbrt.RESUME_TABLE} WHERE client = ?", (client_id,)
+        ).fetchone()
+    return row[0] if row else None
+
+
 def test_realtime_heartbeats_are_comments_that_do_not_count_as_messages(
     tmp_path: Path,
 ) -> None:
@@ -7995,6 +8064,311 @@ def test_app_routes_answer_json_responses_and_errors_and_refuse_shadowing(
     assert len(refusals) == 8
 
 
+def tiny_png(width: int = 2, height: int = 2) -> bytes:
+    """A valid PNG image (grey pixels)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    pixels = b"".join(b"\x00" + b"\x80" * width for _ in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(pixels)) + chunk(b"IEND", b"")
+    )
+
+
+APP_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>chat</title>
+<script src="/pocketbase.umd.js"></script>
+<img id="avatar" alt="">
+<script>
+window.pb = new PocketBase(location.origin);
+window.texts = [];
+window.start = async (email, password) => {
+  const { record } = await pb.collection("users").authWithPassword(email, password);
+  const img = document.getElementById("avatar");
+  const width = new Promise((resolve) => {
+    img.onload = () => resolve(img.naturalWidth);
+    img.onerror = () => resolve(-1);
+  });
+  img.src = pb.files.getURL(record, record.avatar);
+  const stats = await pb.send("/api/rooms/r1/stats", {});
+  await pb.collection("messages").subscribe("*", (e) => texts.push(e.record.text));
+  return { width: await width, stats, avatarUrl: img.src };
+};
+</script>
+"""
+
+BROWSER_APP_SCRIPT = r"""
+const puppeteer = require("puppeteer-core");
+const fs = require("fs");
+const path = require("path");
+const readline = require("readline");
+const [base, email, password] = process.argv.slice(1);
+const WAIT = { timeout: 30000 };
+const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+/** Tell the test where we are; go on when it answers. */
+async function step(name, data = {}) {
+  console.log(JSON.stringify({ step: name, ...data }));
+  const { value } = await lines.next();
+  if (value !== "go") throw new Error(`the test stopped at ${name}: ${value}`);
+}
+const until = (page, count) =>
+  page.waitForFunction((n) => window.texts.length >= n, WAIT, count);
+const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
+
+(async () => {
+  const browser = await puppeteer.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    userDataDir: profile,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const result = { errors: [] };
+  try {
+    const page = await browser.newPage();
+    page.on("pageerror", (error) => result.errors.push(String(error)));
+    await page.goto(`${base}/`);
+    Object.assign(result, await page.evaluate((e, p) => window.start(e, p), email, password));
+    await step("subscribed");
+    await until(page, 1);
+    await page.evaluate(() => pb.send("/api/test/drop-streams", { method: "POST" }));
+    await step("dropped");
+    await until(page, 3);
+    await step("sigterm");
+    await until(page, 4);
+    await step("kill-9");
+    await until(page, 5);
+    result.texts = await page.evaluate(() => window.texts);
+    result.cookiePath = await page.evaluate(() => document.cookie);
+  } finally {
+    await browser.close();
+    fs.rmSync(profile, { recursive: true, force: true });
+  }
+  console.log(JSON.stringify(result));
+  process.exit(0);
+})().catch((error) => {
+  console.error(error);
+  console.log(JSON.stringify({ failure: String(error.stack || error) }));
+  process.exit(1);
+});
+"""
+
+
+def test_app_page_in_headless_chromium_resumes_through_drops_and_restarts(
+    tmp_path: Path,
+) -> None:
+    """A page of pbrt's origin (from --publicDir, with the SDK's browser
+    build beside it) signs in, shows the user's avatar in an <img> (no
+    Authorization header: the file's URL is enough), calls an app route from
+    a hook file, subscribes; then receives every event written while its
+    stream was dropped, while the server was stopped (SIGTERM) and after a
+    kill -9: each once, in order, through the same-origin cookie."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (bash .ci/run installs chromium)"
+    public = tmp_path / "pb_public"
+    public.mkdir()
+    (public / "index.html").write_text(APP_PAGE)
+    shutil.copy(JS_MODULES / "pocketbase" / "dist" / "pocketbase.umd.js", public)
+    hooks = hooks_dir_with(tmp_path, rooms=ROOMS_HOOK_FILE, testing=DROP_STREAMS_HOOK_FILE)
+    data_dir = data_dir_with(tmp_path, [ROOM_MESSAGES])
+    server = ServerProcess(data_dir, 0, f"--publicDir={public}", f"--hooksDir={hooks}").start()
+    node = subprocess.Popen(
+        ["node", "-e", BROWSER_APP_SCRIPT, "--", server.url, "ann@x.com", "password123"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NODE_PATH": str(JS_MODULES)},
+    )
+    assert node.stdin is not None and node.stdout is not None
+    outcome: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [outcome.put(line) for line in node.stdout], daemon=True).start()
+
+    def next_line() -> dict[str, Any]:
+        line = outcome.get(timeout=90)
+        return cast_dict(json.loads(line))
+
+    def go() -> None:
+        node.stdin.write("go\n")
+        node.stdin.flush()
+
+    def write(text: str) -> None:
+        api.json("POST", "/api/collections/messages/records", {"room": "r1", "text": text}, token)
+
+    def while_down(text: str) -> None:
+        offline = pbrt.App(dir=str(data_dir))
+        offline.create("messages", {"room": "r1", "text": text})
+        offline.close()
+
+    try:
+        api = Api(server.url)
+        su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
+        token, user = make_user(api, "ann", su)
+        upload_avatar(api, user["id"], token)
+        assert next_line() == {"step": "subscribed"}, node.stderr
+        write("one")
+        go()
+        assert next_line()["step"] == "dropped"
+        write("two")
+        write("three")
+        go()
+        assert next_line()["step"] == "sigterm"
+        assert server.stop(signal.SIGTERM) == 0
+        while_down("four")
+        server.start()
+        go()
+        assert next_line()["step"] == "kill-9"
+        seq = last_log_seq(data_dir)
+        wait_until(lambda: max_resume_position(data_dir) >= seq)
+        server.kill()
+        while_down("five")
+        server.start()
+        go()
+        result = next_line()
+        assert node.wait(timeout=60) == 0, node.stderr.read() if node.stderr else ""
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+        if server.process is not None and server.process.poll() is None:
+            server.stop(signal.SIGTERM)
+    assert result["width"] == 2  # the avatar loaded in an <img>
+    assert result["avatarUrl"].startswith(f"{server.url}/api/files/_pb_users_auth_/")
+    assert result["stats"] == {"room": "r1", "count": 0, "by": "ann@x.com"}
+    assert result["texts"] == ["one", "two", "three", "four", "five"]
+    assert result["cookiePath"] == ""  # HttpOnly: no script reads it
+    assert result["errors"] == []
+
+
+DROP_STREAMS_HOOK_FILE = '''
+def setup(app):
+    @app.route("POST", "/api/test/drop-streams", auth=True)
+    async def drop(e):
+        for client in list(e.app.broker.clients.values()):
+            client.close(abort=True)
+'''
+
+
+def upload_avatar(api: Api, user_id: str, token: str) -> None:
+    boundary = "b0undary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="avatar"; filename="me.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode() + tiny_png() + f"\r\n--{boundary}--\r\n".encode()
+    status, text = api.call(
+        "PATCH",
+        f"/api/collections/users/records/{user_id}",
+        body,
+        token,
+        content_type=f"multipart/form-data; boundary={boundary}",
+    )
+    assert status == 200, text
+
+
+def max_resume_position(data_dir: Path) -> int:
+    with contextlib.closing(sqlite3.connect(data_dir / "data.db")) as connection:
+        row = connection.execute(f"SELECT max(position) FROM {pbrt.RESUME_TABLE}").fetchone()
+    return int(row[0] or 0)
+
+
+def readme_files(folder: str) -> dict[str, str]:
+    """The README's code blocks whose fence names a file under `folder`
+    (```json chat/schema.json), by their path inside it."""
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(rf"```\w+ {re.escape(folder)}/(\S+)\n(.*?)```", text, re.DOTALL)
+    return dict(blocks)
+
+
+README_CHAT_SCRIPT = r"""
+const puppeteer = require("puppeteer-core");
+const fs = require("fs");
+const path = require("path");
+const [base] = process.argv.slice(1);
+const WAIT = { timeout: 30000, polling: 50 };  // background tabs get no animation frames
+const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
+const items = (page) => page.$$eval("#messages li", (lis) => lis.map((li) => li.textContent));
+
+(async () => {
+  const browser = await puppeteer.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    userDataDir: profile,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const result = { errors: [] };
+  try {
+    const [ann, bo] = [await browser.newPage(), await browser.newPage()];
+    for (const page of [ann, bo]) {
+      page.on("pageerror", (error) => result.errors.push(String(error)));
+      await page.goto(`${base}/`);
+      await page.waitForFunction(() => document.getElementById("stats").textContent, WAIT);
+    }
+    result.stats = await bo.$eval("#stats", (p) => p.textContent);
+    await ann.bringToFront();  // input goes to the page in front
+    await ann.type("input[name=author]", "Ann");
+    await ann.type("input[name=text]", "  hello Bo  ");
+    await ann.click("button");
+    await bo.waitForFunction(() => document.querySelectorAll("#messages li").length === 2, WAIT);
+    result.bo = await items(bo);
+    await ann.waitForFunction(() => document.querySelectorAll("#messages li").length === 2, WAIT);
+    result.ann = await items(ann);
+  } finally {
+    await browser.close();
+    fs.rmSync(profile, { recursive: true, force: true });
+  }
+  console.log(JSON.stringify(result));
+})().catch((error) => {
+  console.error(error);
+  process.exit(1);
+});
+"""
+
+
+def test_readme_build_an_app_chat_runs_as_shown(tmp_path: Path) -> None:
+    """README's chat: its files and commands as written (pbrt.py copied in,
+    the SDK's browser build beside the page); two windows talk through it,
+    the hook tidies and refuses, the route counts."""
+    files = readme_files("chat")
+    assert sorted(files) == ["pb_hooks/chat.pb.py", "pb_public/index.html", "schema.json"]
+    chat = tmp_path / "chat"
+    for name, text in files.items():
+        (chat / name).parent.mkdir(parents=True, exist_ok=True)
+        (chat / name).write_text(text, encoding="utf-8")
+    shutil.copy(HERE / "pbrt.py", chat)
+    shutil.copy(JS_MODULES / "pocketbase" / "dist" / "pocketbase.umd.js", chat / "pb_public")
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    commands = "python pbrt.py collections import schema.json\npython pbrt.py serve\n"
+    assert commands in text
+    imported = subprocess.run(
+        [sys.executable, "pbrt.py", "collections", "import", "schema.json"],
+        cwd=chat, capture_output=True, text=True, timeout=30,
+    )
+    assert imported.returncode == 0, imported.stderr
+    process, port = start_cli_server(chat, "serve", "--http=127.0.0.1:0", script=chat / "pbrt.py")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        api = Api(url)
+        first = api.call("POST", "/api/collections/messages/records", {"author": "Bo", "text": "hi"})
+        empty = api.call("POST", "/api/collections/messages/records", {"author": "Bo", "text": "  "})
+        result = run_node(README_CHAT_SCRIPT, url, timeout=90)
+        stats = api.json("GET", "/api/chat/stats")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert first[0] == 200
+    assert empty == (400, envelope(400, "Say something."))
+    assert result["stats"] == "1 messages so far"
+    assert result["bo"] == result["ann"] == ["Bo: hi", "Ann: hello Bo"]
+    assert result["errors"] == []
+    assert stats == {"messages": 2}
+
+
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_app(tmp_path) as (app, port):
@@ -9083,10 +9457,12 @@ def test_cli_rejects_bad_address() -> None:
     assert "HOST:PORT" in result.stderr
 
 
-def start_cli_server(cwd: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
+def start_cli_server(
+    cwd: Path, *args: str, script: Path = HERE / "pbrt.py"
+) -> tuple[subprocess.Popen[str], int]:
     """Start `python pbrt.py ARGS` and return it with the port it logged."""
     process = subprocess.Popen(
-        [sys.executable, "-X", "dev", "-W", "error", str(HERE / "pbrt.py"), *args],
+        [sys.executable, "-X", "dev", "-W", "error", str(script), *args],
         cwd=cwd,
         stderr=subprocess.PIPE,
         text=True,
