@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import builtins
 import collections
 import concurrent.futures
 import contextlib
@@ -106,6 +107,7 @@ __all__ = [
     "ClientSubscription",
     "Config",
     "ForbiddenError",
+    "HookFileError",
     "InternalServerError",
     "NotFoundError",
     "PbrtError",
@@ -116,6 +118,7 @@ __all__ = [
     "Request",
     "Requester",
     "Response",
+    "RouteEvent",
     "RuleError",
     "SubscribeEvent",
     "TooManyRequestsError",
@@ -125,7 +128,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"
 
 JSON = Any
 Headers = dict[str, str]
@@ -6619,6 +6622,10 @@ class SubscribeEvent:
     subscriptions: list[str]
 
 
+#: A registered hook: (its collection or None, the callback, its origin).
+HookEntry = tuple[str | None, Callable[..., Any], str]
+
+
 class Hooks:
     """Callbacks by name, run in registration order; see App.on for the names.
 
@@ -6628,7 +6635,7 @@ class Hooks:
     """
 
     def __init__(self) -> None:
-        self._callbacks: dict[str, list[tuple[str | None, Callable[..., Any], str]]] = {
+        self._callbacks: dict[str, list[HookEntry]] = {
             name: [] for name in HOOK_NAMES
         }
 
@@ -6646,16 +6653,20 @@ class Hooks:
             )
         self._callbacks[name].append((collection, callback, origin))
 
-    def remove(self, origin_prefix: str) -> dict[str, list[tuple[str | None, Callable[..., Any], str]]]:
+    def remove(self, origin_prefix: str) -> dict[str, list[HookEntry]]:
         """Take out the callbacks whose origin starts with `origin_prefix`
         (never the embedder's); return them for `restore`."""
-        taken: dict[str, list[tuple[str | None, Callable[..., Any], str]]] = {}
+        taken: dict[str, list[HookEntry]] = {}
         for name, callbacks in self._callbacks.items():
-            taken[name] = [c for c in callbacks if origin_prefix and c[2].startswith(origin_prefix)]
-            callbacks[:] = [c for c in callbacks if c not in taken[name]]
+            kept: list[HookEntry] = []
+            taken[name] = []
+            for entry in callbacks:
+                from_there = origin_prefix and entry[2].startswith(origin_prefix)
+                (taken[name] if from_there else kept).append(entry)
+            callbacks[:] = kept
         return taken
 
-    def restore(self, taken: dict[str, list[tuple[str | None, Callable[..., Any], str]]]) -> None:
+    def restore(self, taken: dict[str, list[HookEntry]]) -> None:
         """Put back what `remove` took (a reload that failed)."""
         for name, callbacks in taken.items():
             self._callbacks[name].extend(callbacks)
@@ -9763,6 +9774,10 @@ def explain_error(exc: BaseException, error: ApiError) -> str:
 
 
 
+#: One of the app's own routes: (path regex, method, handler, origin).
+CustomRoute = tuple[re.Pattern[str], str, Handler, str]
+
+
 class Router:
     """Maps a method and a path to a handler and its path parameters.
 
@@ -9776,8 +9791,7 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
-        #: The app's own routes: (path regex, method, handler, origin).
-        self._custom: list[tuple[re.Pattern[str], str, Handler, str]] = []
+        self._custom: list[CustomRoute] = []
         #: Takes a GET or HEAD for a path no route knows (the public files).
         self.fallback: Handler | None = None
 
@@ -9834,16 +9848,17 @@ class Router:
                 )
         self._custom.append((regex, method, handler, origin))
 
-    def remove_custom(self, origin_prefix: str) -> list[tuple[re.Pattern[str], str, Handler, str]]:
+    def remove_custom(self, origin_prefix: str) -> list[CustomRoute]:
         """Take out the app's routes whose origin starts with `origin_prefix`
         (not the embedder's, whose origin is ""); return them."""
-        kept, taken = [], []
+        kept: list[CustomRoute] = []
+        taken: list[CustomRoute] = []
         for route in self._custom:
             (taken if origin_prefix and route[3].startswith(origin_prefix) else kept).append(route)
         self._custom = kept
         return taken
 
-    def restore_custom(self, routes: list[tuple[re.Pattern[str], str, Handler, str]]) -> None:
+    def restore_custom(self, routes: list[CustomRoute]) -> None:
         """Put back routes `remove_custom` took (a reload that failed)."""
         self._custom = [*self._custom, *routes]
 
@@ -11207,7 +11222,9 @@ class RouteEvent:
         auth = self._context.auth
         if auth is None:
             return None
-        return record_json(auth.collection, auth.record, superuser=True, show_email=True)
+        return record_json(
+            auth.collection, auth.record, superuser=auth.is_superuser, show_email=True
+        )
 
     @property
     def auth_collection(self) -> str:
@@ -11237,10 +11254,11 @@ def app_route_handler(callback: Callable[[RouteEvent], Any], auth: RouteAuth) ->
     is_async = inspect.iscoroutinefunction(callback)
 
     async def handler(context: RequestContext) -> Response:
+        requester = context.auth  # resolved here, on the loop (it may read the store)
         if auth:
-            if context.auth is None:
+            if requester is None:
                 raise UnauthorizedError(MISSING_AUTH_TOKEN)
-            if allowed and context.auth.collection.name not in allowed:
+            if allowed and requester.collection.name not in allowed:
                 raise ForbiddenError("The authorized record is not allowed to perform this action.")
         if context.request.method in ("POST", "PUT", "PATCH", "DELETE"):
             context.body  # a body that cannot be read is the client's 400
@@ -11724,10 +11742,10 @@ class Server:
             new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
         )
         self._watch_other_writers()
-        self._tasks = [asyncio.ensure_future(self.broker.run())] + [
+        self._tasks = [asyncio.ensure_future(self.broker.run()), *[
             asyncio.ensure_future(self._every(name, period_s, turn))
             for name, period_s, turn in self._periodic_tasks()
-        ]
+        ]]
         self._listener = listener
         await listener.start_serving()
         if self.config.workers > 1:  # listening on both: the supervisor looks here
@@ -12632,7 +12650,7 @@ class App:
 
     # --- hook files ------------------------------------------------------------
 
-    def _hook_file_paths(self) -> list[str]:
+    def _hook_file_paths(self) -> builtins.list[str]:
         directory = self.config.hooks_dir
         if not directory or not os.path.isdir(directory):
             return []
@@ -12758,7 +12776,7 @@ class App:
         """Await a records-layer operation on the server's loop (or, without a
         server, on a loop of its own); PocketBase errors come out as ApiError."""
 
-        async def call() -> Any:
+        async def call() -> Result:
             if token is None:
                 requester = SYSTEM
             else:
@@ -13888,7 +13906,7 @@ def _start_listeners(
     return the processes, the queue of their outcomes, and who got in."""
     context = multiprocessing.get_context("fork")
     ready, outcomes = context.Queue(), context.Queue()
-    processes = [
+    processes: list[multiprocessing.process.BaseProcess] = [
         context.Process(
             target=_bench_listener,
             args=(target.url, part, wanted, ready, outcomes, args.timeout, hold_s, index),
@@ -14202,9 +14220,10 @@ def _bench_writes(
 
         async def writers(counts: list[int] = counts) -> None:
             until = time.monotonic() + args.seconds
-            body = lambda n: _json_body(
-                {"seq": n, "sent": time.time(), "published": True}
-            )  # noqa: E731
+
+            def body(n: int) -> bytes:
+                return _json_body({"seq": n, "sent": time.time(), "published": True})
+
             await asyncio.gather(
                 *(
                     _bench_post_loop(

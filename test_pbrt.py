@@ -4962,7 +4962,7 @@ def test_realtime_rules_decide_who_receives_what(tmp_path: Path) -> None:
         ]
     )
     alice_update = {
-        name: next(l for l in lines if l.startswith("members/* update"))
+        name: next(line for line in lines if line.startswith("members/* update"))
         for name, lines in received.items()
     }
     assert (
@@ -8021,7 +8021,13 @@ def test_app_routes_answer_json_responses_and_errors_and_refuse_shadowing(
         def echo(e: pbrt.RouteEvent) -> Any:
             if e.body.get("refuse"):
                 raise pbrt.BadRequestError("Refused.", {"refuse": {"code": "no", "message": "No."}})
-            return {"what": e.params["what"], "body": e.body, "ip": e.remote_ip, "auth": e.auth_collection}
+            return {
+                "what": e.params["what"],
+                "body": e.body,
+                "ip": e.remote_ip,
+                "auth": e.auth_collection,
+                "agent": e.headers.get("user-agent", "")[:6],
+            }
 
         @app.route("GET", "/about")
         async def about(e: pbrt.RouteEvent) -> pbrt.Response:
@@ -8051,7 +8057,13 @@ def test_app_routes_answer_json_responses_and_errors_and_refuse_shadowing(
                 app.route(method, path)(echo)
             refusals.append(str(refused_route.value))
         app.route("POST", "/api/health")(echo)  # another method of a built-in path
-    assert json.loads(echoed[1]) == {"what": "x", "body": {"a": [1, 2]}, "ip": "127.0.0.1", "auth": "_superusers"}
+    assert json.loads(echoed[1]) == {
+        "what": "x",
+        "body": {"a": [1, 2]},
+        "ip": "127.0.0.1",
+        "auth": "_superusers",
+        "agent": "Python",
+    }
     assert refused == (400, envelope(400, "Refused.", {"refuse": {"code": "no", "message": "No."}}))
     assert unreadable[0] == 400
     assert (about_page.status, about_page.body) == (201, b"route")
@@ -9794,7 +9806,7 @@ def test_cli_serve_dev_explains_rule_refusals_and_guest_tokens(tmp_path: Path) -
         assert api.call("GET", "/api/collections/rooms/records?expand=nosuch")[0] == 200
         wait_until(lambda: "expand of rooms: nosuch left out" in server.text())
         log_text = server.text()
-    assert f"rooms.createRule refused record" in log_text
+    assert "rooms.createRule refused record" in log_text
     assert (
         f'false: owner = @request.auth.id (owner is "{bob["id"]}"; '
         f'@request.auth.id is "{alice["id"]}")'
