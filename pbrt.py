@@ -45,7 +45,9 @@ import builtins
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import decimal
@@ -94,6 +96,7 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
@@ -398,6 +401,11 @@ class BodyError(PbrtError):
 class Refused(PbrtError):
     """A change the stored data forbids (a record still required by a relation,
     a referenced collection); its text is PocketBase's sentence for it."""
+
+
+class ForeignDataDir(PbrtError):
+    """A data dir another server made (PocketBase's); the message says how
+    to bring it to pbrt. Nothing in it was changed."""
 
 
 class HookFileError(PbrtError):
@@ -2752,7 +2760,9 @@ def _escape_like_wildcards(text: str) -> str:
 # Collection definitions: fields with their options, rules, indexes, and
 # their validation. Pure: no database.
 
-RESERVED_TABLES = frozenset({"_collections", "_params", "_migrations"})
+RESERVED_TABLES = frozenset(
+    {"_collections", "_params", "_migrations", "_realtime_log", "_pbrt_resume"}
+)
 NAME_RE = re.compile(r"\A\w+\Z", re.ASCII)  # \Z: "$" would admit a trailing newline
 MAX_NAME_LENGTH = 255
 MAX_ID_LENGTH = 100  # PocketBase's collection id: 1-100 word characters
@@ -2932,17 +2942,88 @@ def _timestamp_fields(system: bool = False) -> list[dict[str, JSON]]:
     ]
 
 
-def default_auth_options(token_duration_s: int = AUTH_TOKEN_DURATION_S) -> dict[str, JSON]:
-    """Return the options of a new auth collection, in PocketBase's key order.
+def _mail_template(subject: str, *paragraphs: str) -> dict[str, JSON]:
+    """A mail template as PocketBase's defaults are: paragraphs, then thanks."""
+    thanks = "<p>\n  Thanks,<br/>\n  {APP_NAME} team\n</p>"
+    return {"subject": subject, "body": "\n".join([*paragraphs, thanks])}
 
-    pbrt sends no email; the template options exist so that exports import
-    into PocketBase unchanged. `authToken.secret` is added by the store.
-    """
-    template = {"subject": "", "body": ""}
+
+def _button(action: str, label: str) -> str:
+    return (
+        f'<p>\n  <a class="btn" href="{{APP_URL}}/_/#/auth/{action}/{{TOKEN}}" '
+        f'target="_blank" rel="noopener">{label}</a>\n</p>'
+    )
+
+
+#: PocketBase's default mail templates of a new auth collection.
+DEFAULT_MAIL_TEMPLATES: dict[str, dict[str, JSON]] = {
+    "authAlert": _mail_template(
+        "Login from a new location",
+        "<p>Hello,</p>",
+        "<p>We noticed a login to your {APP_NAME} account from a new location:</p>",
+        "<p><em>{ALERT_INFO}</em></p>",
+        "<p><strong>If this wasn't you, you should immediately change your {APP_NAME} "
+        "account password to revoke access from all other locations.</strong></p>",
+        "<p>If this was you, you may disregard this email.</p>",
+    ),
+    "otp": _mail_template(
+        "OTP for {APP_NAME}",
+        "<p>Hello,</p>",
+        "<p>Your one-time password is: <strong>{OTP}</strong></p>",
+        "<p><i>If you didn't ask for the one-time password, you can ignore this email.</i></p>",
+    ),
+    "verificationTemplate": _mail_template(
+        "Verify your {APP_NAME} email",
+        "<p>Hello,</p>",
+        "<p>Thank you for joining us at {APP_NAME}.</p>",
+        "<p>Click on the button below to verify your email address.</p>",
+        _button("confirm-verification", "Verify"),
+        "<p><i>If you didn't recently register, please ignore this email.</i></p>",
+    ),
+    "resetPasswordTemplate": _mail_template(
+        "Reset your {APP_NAME} password",
+        "<p>Hello,</p>",
+        "<p>Click on the button below to reset your password.</p>",
+        _button("confirm-password-reset", "Reset password"),
+        "<p><i>If you didn't ask to reset your password, please ignore this email.</i></p>",
+    ),
+    "confirmEmailChangeTemplate": _mail_template(
+        "Confirm your {APP_NAME} new email address",
+        "<p>Hello,</p>",
+        "<p>Click on the button below to confirm your new email address.</p>",
+        _button("confirm-email-change", "Confirm new email"),
+        "<p><i>If you didn't ask to change your email address, please ignore this email.</i></p>",
+    ),
+}
+
+#: The token kinds of an auth collection, each with its own secret.
+TOKEN_OPTIONS = (
+    "authToken",
+    "passwordResetToken",
+    "emailChangeToken",
+    "verificationToken",
+    "fileToken",
+)
+
+
+#: Which option's secret signs each token type (PocketBase's claim `type`).
+TOKEN_SECRET_OF = {
+    "auth": "authToken",
+    "file": "fileToken",
+    "passwordReset": "passwordResetToken",
+    "emailChange": "emailChangeToken",
+    "verification": "verificationToken",
+}
+
+
+def default_auth_options(token_duration_s: int = AUTH_TOKEN_DURATION_S) -> dict[str, JSON]:
+    """Return the options of a new auth collection, in PocketBase's key order,
+    with PocketBase's mail templates. The store adds each token's secret."""
+    templates = copy.deepcopy(DEFAULT_MAIL_TEMPLATES)
     return {
         "authRule": "",
         "manageRule": None,
-        "authAlert": {"enabled": True, "emailTemplate": dict(template)},
+        "authAlert": {"enabled": True, "emailTemplate": templates["authAlert"]},
         "oauth2": {
             "providers": [],
             "mappedFields": {"id": "", "name": "", "username": "", "avatarURL": ""},
@@ -2954,16 +3035,16 @@ def default_auth_options(token_duration_s: int = AUTH_TOKEN_DURATION_S) -> dict[
             "enabled": False,
             "duration": 180,
             "length": 8,
-            "emailTemplate": dict(template),
+            "emailTemplate": templates["otp"],
         },
         "authToken": {"duration": token_duration_s},
         "passwordResetToken": {"duration": 1800},
         "emailChangeToken": {"duration": 1800},
         "verificationToken": {"duration": 86400},
         "fileToken": {"duration": FILE_TOKEN_DURATION_S},
-        "verificationTemplate": dict(template),
-        "resetPasswordTemplate": dict(template),
-        "confirmEmailChangeTemplate": dict(template),
+        "verificationTemplate": templates["verificationTemplate"],
+        "resetPasswordTemplate": templates["resetPasswordTemplate"],
+        "confirmEmailChangeTemplate": templates["confirmEmailChangeTemplate"],
     }
 
 
@@ -3000,8 +3081,13 @@ class Collection:
 
     @property
     def token_secret(self) -> str:
-        """The collection's token signing secret (auth collections only)."""
-        return str(self.options.get("authToken", {}).get("secret", ""))
+        """The collection's auth token signing secret (auth collections only)."""
+        return self.secret("authToken")
+
+    def secret(self, kind: str) -> str:
+        """The signing secret of a token kind (TOKEN_OPTIONS), or ""."""
+        token = self.options.get(kind)
+        return str(token.get("secret", "")) if isinstance(token, dict) else ""
 
     def to_json(self) -> dict[str, JSON]:
         """Return the public JSON, keys in PocketBase's order, secrets removed."""
@@ -3018,7 +3104,7 @@ class Collection:
         )
         if self.is_auth:
             for key, value in self.options.items():
-                if key == "authToken":
+                if key in TOKEN_OPTIONS and isinstance(value, dict):
                     value = {k: v for k, v in value.items() if k != "secret"}
                 data[key] = value
         return data
@@ -3206,14 +3292,11 @@ def build_collection(
         for key, default in defaults.items():
             value = data.get(key, options.get(key, default))
             options[key] = value
-        auth_token = (
-            dict(options["authToken"]) if isinstance(options["authToken"], dict) else {}
-        )
-        auth_token.setdefault("duration", AUTH_TOKEN_DURATION_S)
-        auth_token["secret"] = (
-            existing.token_secret if existing else ""
-        ) or new_secret()
-        options["authToken"] = auth_token
+        for kind in TOKEN_OPTIONS:
+            token = dict(options[kind]) if isinstance(options[kind], dict) else {}
+            token.setdefault("duration", defaults[kind]["duration"])
+            token["secret"] = (existing.secret(kind) if existing else "") or new_secret()
+            options[kind] = token
     indexes = data.get("indexes", list(existing.indexes) if existing else [])
     if not isinstance(indexes, list):
         raise ValueError("indexes must be a list")
@@ -4192,6 +4275,166 @@ def resolve_body_modifiers(
 # hashing are passed in. Knows nothing of HTTP.
 
 
+# --- the catalog, in PocketBase's layout ----------------------------------------
+# `_collections`, `_params` and `_migrations` are PocketBase 0.40's tables, so
+# a pbrt dir is a PocketBase dir plus pbrt's realtime log (its table and
+# triggers) and resume positions; `export-pocketbase` takes those out.
+
+CATALOG_TABLES = (
+    'CREATE TABLE IF NOT EXISTS "_collections" ('
+    "`id` TEXT PRIMARY KEY DEFAULT ('r'||lower(hex(randomblob(7)))) NOT NULL, "
+    "`system` BOOLEAN DEFAULT FALSE NOT NULL, `type` TEXT DEFAULT \"base\" NOT NULL, "
+    "`name` TEXT UNIQUE NOT NULL, `fields` JSON DEFAULT \"[]\" NOT NULL, "
+    "`indexes` JSON DEFAULT \"[]\" NOT NULL, `listRule` TEXT DEFAULT NULL, "
+    "`viewRule` TEXT DEFAULT NULL, `createRule` TEXT DEFAULT NULL, "
+    "`updateRule` TEXT DEFAULT NULL, `deleteRule` TEXT DEFAULT NULL, "
+    "`options` JSON DEFAULT \"{}\" NOT NULL, "
+    "`created` TEXT DEFAULT (strftime('%Y-%m-%d %H:%M:%fZ')) NOT NULL, "
+    "`updated` TEXT DEFAULT (strftime('%Y-%m-%d %H:%M:%fZ')) NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS idx__collections_type on `_collections` (`type`)",
+    'CREATE TABLE IF NOT EXISTS "_params" ('
+    "`id` TEXT PRIMARY KEY DEFAULT ('r'||lower(hex(randomblob(7)))) NOT NULL, "
+    "`value` JSON DEFAULT NULL, "
+    "`created` TEXT DEFAULT (strftime('%Y-%m-%d %H:%M:%fZ')) NOT NULL, "
+    "`updated` TEXT DEFAULT (strftime('%Y-%m-%d %H:%M:%fZ')) NOT NULL)",
+    'CREATE TABLE IF NOT EXISTS "_migrations" '
+    "(file VARCHAR(255) PRIMARY KEY NOT NULL, applied INTEGER NOT NULL)",
+)
+
+#: PocketBase 0.40's built-in migrations: a dir holding them all is up to
+#: date for it (the data dir of `aux_init` included).
+POCKETBASE_MIGRATIONS = (
+    "1640988000_aux_init.go",
+    "1640988000_init.go",
+    "1717233556_v0.23_migrate.go",
+    "1717233557_v0.23_migrate2.go",
+    "1717233558_v0.23_migrate3.go",
+    "1717233559_v0.23_migrate4.go",
+    "1763020353_update_default_auth_alert_templates.go",
+    "1778828400_normalize_indexes.go",
+)
+
+_OWNER_RULE = (
+    "@request.auth.id != '' && recordRef = @request.auth.id "
+    "&& collectionRef = @request.auth.collectionId"
+)
+
+
+def system_collection_definitions() -> list[dict[str, JSON]]:
+    """PocketBase's system collections of a new dir (its ids, fields, rules
+    and indexes): the MFA, OTP, OAuth2 and login-origin records."""
+
+    def text(name: str, required: bool = True, hidden: bool = False) -> dict[str, JSON]:
+        return {"name": name, "type": "text", "required": required, "system": True, "hidden": hidden}
+
+    refs = [text("collectionRef"), text("recordRef")]
+    definitions = [
+        ("pbc_2279338944", "_mfas", [*refs, text("method")], None,
+         ["CREATE INDEX `idx_mfas_collectionRef_recordRef` ON `_mfas` (collectionRef,recordRef)"]),
+        ("pbc_1638494021", "_otps", [
+            *refs,
+            {"name": "password", "type": "password", "required": True, "system": True,
+             "hidden": True, "cost": 8},
+            text("sentTo", required=False, hidden=True),
+        ], None,
+         ["CREATE INDEX `idx_otps_collectionRef_recordRef` ON `_otps` (collectionRef, recordRef)"]),
+        ("pbc_2281828961", "_externalAuths", [*refs, text("provider"), text("providerId")],
+         _OWNER_RULE, [
+             "CREATE UNIQUE INDEX `idx_externalAuths_record_provider` ON `_externalAuths` "
+             "(collectionRef, recordRef, provider)",
+             "CREATE UNIQUE INDEX `idx_externalAuths_collection_provider` ON `_externalAuths` "
+             "(collectionRef, provider, providerId)",
+         ]),
+        ("pbc_4275539003", "_authOrigins", [*refs, text("fingerprint")], _OWNER_RULE,
+         ["CREATE UNIQUE INDEX `idx_authOrigins_unique_pairs` ON `_authOrigins` "
+          "(collectionRef, recordRef, fingerprint)"]),
+    ]
+    return [
+        {
+            "id": identifier,
+            "name": name,
+            "type": "base",
+            "system": True,
+            "listRule": _OWNER_RULE,
+            "viewRule": _OWNER_RULE,
+            "deleteRule": delete_rule,
+            "fields": [*fields, *_timestamp_fields(system=True)],
+            "indexes": indexes,
+        }
+        for identifier, name, fields, delete_rule, indexes in definitions
+    ]
+
+
+def collection_row(collection: Collection) -> tuple[JSON, ...]:
+    """A collection as a `_collections` row (CATALOG_COLUMNS' order)."""
+    return (
+        collection.id,
+        collection.system,
+        collection.type,
+        collection.name,
+        json.dumps(list(collection.fields)),
+        json.dumps(list(collection.indexes)),
+        *(collection.rules.get(name) for name in RULE_NAMES),
+        json.dumps(collection.options if collection.is_auth else {}),
+        collection.created,
+        collection.updated,
+    )
+
+
+CATALOG_COLUMNS = (
+    "id", "system", "type", "name", "fields", "indexes", *RULE_NAMES, "options",
+    "created", "updated",
+)
+
+
+def collection_from_row(row: Sequence[Any]) -> Collection:
+    """The Collection of a `_collections` row (CATALOG_COLUMNS' order)."""
+    values = dict(zip(CATALOG_COLUMNS, row, strict=True))
+    options = json.loads(values["options"] or "{}")
+    return Collection(
+        id=values["id"],
+        name=values["name"],
+        type=values["type"],
+        fields=tuple(json.loads(values["fields"])),
+        rules={name: values[name] for name in RULE_NAMES},
+        indexes=tuple(json.loads(values["indexes"])),
+        system=bool(values["system"]),
+        created=values["created"],
+        updated=values["updated"],
+        options=options if values["type"] == "auth" else {},
+    )
+
+
+def complete_auth_options(
+    options: dict[str, JSON], new_secret: Callable[[], str]
+) -> dict[str, JSON]:
+    """Auth options with every token secret and mail template PocketBase
+    needs (pbrt before 0.12 kept one secret and empty templates)."""
+    completed = copy.deepcopy(options)
+    defaults = default_auth_options()
+    for key, default in defaults.items():
+        completed.setdefault(key, copy.deepcopy(default))
+    for kind in TOKEN_OPTIONS:
+        token = completed[kind] if isinstance(completed[kind], dict) else {}
+        token.setdefault("duration", defaults[kind]["duration"])
+        token["secret"] = token.get("secret") or new_secret()
+        completed[kind] = token
+
+    def filled(template: JSON, default: dict[str, JSON]) -> JSON:
+        if isinstance(template, dict) and template.get("subject") and template.get("body"):
+            return template
+        return copy.deepcopy(default)
+
+    for key in ("verificationTemplate", "resetPasswordTemplate", "confirmEmailChangeTemplate"):
+        completed[key] = filled(completed[key], DEFAULT_MAIL_TEMPLATES[key])
+    for key, name in (("authAlert", "authAlert"), ("otp", "otp")):
+        if isinstance(completed[key], dict):
+            completed[key]["emailTemplate"] = filled(
+                completed[key].get("emailTemplate"), DEFAULT_MAIL_TEMPLATES[name]
+            )
+    return completed
+
+
 @dataclass(frozen=True)
 class RealtimeLogEntry:
     """One entry of the realtime log: a committed record change or a message.
@@ -4420,7 +4663,11 @@ class Store:
         new_id: Callable[[], str],
         new_secret: Callable[[], str],
         hash_password: Callable[[str], str],
+        adopt: bool = False,
     ) -> None:
+        """Open (creating or upgrading) the database at `path`. A PocketBase
+        data dir raises ForeignDataDir unless `adopt` (import-pocketbase's
+        copy of one), which adds pbrt's realtime log to it."""
         self.path = path
         self.now = now
         self.new_id = new_id
@@ -4450,15 +4697,22 @@ class Store:
         self.realtime_log = RealtimeLog(self)
         #: Each collection's INSERT and UPDATE, for the definition they were made for.
         self._statements: dict[str, tuple[Collection, str, str]] = {}
-        with self.transaction():
-            self.connection.execute(
-                'CREATE TABLE IF NOT EXISTS "_collections" ('
-                "id TEXT PRIMARY KEY NOT NULL, name TEXT UNIQUE NOT NULL COLLATE NOCASE, "
-                "position INTEGER NOT NULL, data JSON NOT NULL)"
+        layout = self._layout()
+        if layout == "pocketbase" and not adopt:
+            self._writer.close()
+            raise ForeignDataDir(
+                f"{os.path.dirname(path) or '.'} is a PocketBase data dir: pbrt does not "
+                "serve it in place (nothing was changed). Copy it into a new pbrt dir with: "
+                f"python pbrt.py import-pocketbase {os.path.dirname(path) or '.'} --dir NEW_DIR"
             )
-            self.connection.execute(
-                'CREATE TABLE IF NOT EXISTS "_params" '
-                "(id TEXT PRIMARY KEY NOT NULL, value JSON NOT NULL)"
+        if layout == "pbrt-0.11":
+            self._upgrade_catalog()
+        with self.transaction():
+            for statement in CATALOG_TABLES:
+                self.connection.execute(statement)
+            self.connection.executemany(
+                'INSERT OR IGNORE INTO "_migrations" (file, applied) VALUES (?, ?)',
+                [(name, int(self.now() * 1e6)) for name in POCKETBASE_MIGRATIONS],
             )
             self.realtime_log.create()
             self._load_collections()
@@ -4467,6 +4721,70 @@ class Store:
             for collection in self._collections.values():
                 self.realtime_log.install_triggers(collection)
         self._auth_checked_seq = self.realtime_log.last_seq()
+
+    def _layout(self) -> str:
+        """Whose catalog data.db holds: "new" (none yet), "pbrt" (with the
+        realtime log), "pocketbase" (PocketBase's tables without pbrt's log),
+        or "pbrt-0.11" (pbrt's catalog before 0.12: one JSON column)."""
+        tables = {
+            name
+            for (name,) in self._writer.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            )
+        }
+        if "_collections" not in tables:
+            return "new"
+        columns = {row[1] for row in self._writer.execute('PRAGMA table_info("_collections")')}
+        if "data" in columns:
+            return "pbrt-0.11"
+        return "pbrt" if REALTIME_LOG_TABLE in tables else "pocketbase"
+
+    def _upgrade_catalog(self) -> None:
+        """Move a catalog of pbrt 0.11 or before into PocketBase's layout,
+        once, after copying data.db aside (`data.db.before-0.12`)."""
+        aside = self.path + ".before-0.12"
+        if not os.path.exists(aside):
+            with contextlib.closing(sqlite3.connect(aside)) as copy_to:
+                self._writer.backup(copy_to)
+        logger.info("upgrading %s to PocketBase's catalog layout (a copy: %s)", self.path, aside)
+        with self.transaction():
+            connection = self.connection
+            rows = [
+                json.loads(data)
+                for (data,) in connection.execute(
+                    'SELECT data FROM "_collections" ORDER BY position'
+                )
+            ]
+            params = connection.execute('SELECT id, value FROM "_params"').fetchall()
+            for statement in ("insert", "update", "delete"):
+                connection.execute(f'DROP TRIGGER IF EXISTS "_pbrt_collections_{statement}"')
+            connection.execute('DROP TABLE "_collections"')
+            connection.execute('DROP TABLE "_params"')
+            for statement in CATALOG_TABLES:
+                connection.execute(statement)
+            for stored in rows:
+                options = stored["options"]
+                if stored["type"] == "auth":
+                    options = complete_auth_options(options, self.new_secret)
+                collection = Collection(
+                    id=stored["id"],
+                    name=stored["name"],
+                    type=stored["type"],
+                    fields=tuple(stored["fields"]),
+                    rules=stored["rules"],
+                    indexes=tuple(stored["indexes"]),
+                    system=stored["system"],
+                    created=stored["created"],
+                    updated=stored["updated"],
+                    options=options,
+                )
+                self._insert_collection_row(collection)
+            for key, value in params:
+                decoded = json.loads(value) if isinstance(value, str) else value
+                self.save_param(key, decoded)
+            self._collections = {}
+            self._load_collections()
+            self._create_system_collections()
 
     @staticmethod
     def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
@@ -4727,17 +5045,19 @@ class Store:
         row = self.connection.execute(
             'SELECT value FROM "_params" WHERE id = ?', (key,)
         ).fetchone()
-        if row is None or not isinstance(row[0], str):
+        if row is None or not isinstance(row[0], (str, bytes)):
             return None if row is None else row[0]  # JSON's affinity made '5' 5
         return json.loads(row[0])
 
     def save_param(self, key: str, value: JSON) -> None:
-        """Store a parameter (in its own transaction, or the one open)."""
+        """Store a parameter (in its own transaction, or the one open), as
+        PocketBase does: its JSON as a BLOB."""
         with self.transaction():
             self.connection.execute(
                 'INSERT INTO "_params" (id, value) VALUES (?, ?) '
-                "ON CONFLICT(id) DO UPDATE SET value = excluded.value",
-                (key, json.dumps(value)),
+                "ON CONFLICT(id) DO UPDATE SET value = excluded.value, "
+                "updated = strftime('%Y-%m-%d %H:%M:%fZ')",
+                (key, json.dumps(value).encode()),
             )
 
     def refresh(self) -> bool:
@@ -4797,27 +5117,29 @@ class Store:
         self.auth_version += 1  # token secrets, auth rules or fields may have changed
         (self._data_version,) = self._writer.execute("PRAGMA data_version").fetchone()
         self._collections_version = self._read_collections_version()
+        columns = ", ".join(f"`{name}`" for name in CATALOG_COLUMNS)
         loaded: dict[str, Collection] = {}
-        for (data,) in self.connection.execute(
-            'SELECT data FROM "_collections" ORDER BY position'
+        for row in self.connection.execute(
+            f'SELECT {columns} FROM "_collections" '
+            "WHERE type IN ('base', 'auth') ORDER BY rowid"
         ):
-            stored = json.loads(data)
-            loaded[stored["id"]] = Collection(
-                id=stored["id"],
-                name=stored["name"],
-                type=stored["type"],
-                fields=tuple(stored["fields"]),
-                rules=stored["rules"],
-                indexes=tuple(stored["indexes"]),
-                system=stored["system"],
-                created=stored["created"],
-                updated=stored["updated"],
-                options=stored["options"],
-            )
+            collection = collection_from_row(row)
+            loaded[collection.id] = collection
         self._collections = loaded
 
+    def _create_system_collections(self) -> None:
+        """Create PocketBase's system collections that are missing."""
+        for definition in system_collection_definitions():
+            if self.collection(str(definition["name"])) is None:
+                collection = build_collection(
+                    definition, None, now=self.now_text(), new_secret=self.new_secret
+                )
+                self._write_collection(dataclasses.replace(collection, system=True), None)
+
     def _create_default_collections(self) -> None:
-        """Create what a fresh PocketBase has: `_superusers` and `users`."""
+        """Create what a fresh PocketBase has: its system collections,
+        `_superusers` and `users`."""
+        self._create_system_collections()
         now = self.now_text()
         superusers = build_collection(
             {
@@ -4958,32 +5280,25 @@ class Store:
     def _write_collection(
         self, collection: Collection, existing: Collection | None
     ) -> None:
-        stored = {
-            "id": collection.id,
-            "name": collection.name,
-            "type": collection.type,
-            "fields": list(collection.fields),
-            "rules": collection.rules,
-            "indexes": list(collection.indexes),
-            "system": collection.system,
-            "created": collection.created,
-            "updated": collection.updated,
-            "options": collection.options,
-        }
         if existing is None:
-            position = len(self._collections)
-            self.connection.execute(
-                'INSERT INTO "_collections" (id, name, position, data) VALUES (?, ?, ?, ?)',
-                (collection.id, collection.name, position, json.dumps(stored)),
-            )
+            self._insert_collection_row(collection)
         else:
+            assignments = ", ".join(f"`{name}` = ?" for name in CATALOG_COLUMNS[1:])
             self.connection.execute(
-                'UPDATE "_collections" SET name = ?, data = ? WHERE id = ?',
-                (collection.name, json.dumps(stored), collection.id),
+                f'UPDATE "_collections" SET {assignments} WHERE id = ?',
+                (*collection_row(collection)[1:], collection.id),
             )
         self._migrate_table(collection, existing)
         self.realtime_log.install_triggers(collection)
         self._collections = {**self._collections, collection.id: collection}
+
+    def _insert_collection_row(self, collection: Collection) -> None:
+        columns = ", ".join(f"`{name}`" for name in CATALOG_COLUMNS)
+        marks = ", ".join("?" for _ in CATALOG_COLUMNS)
+        self.connection.execute(
+            f'INSERT INTO "_collections" ({columns}) VALUES ({marks})',
+            collection_row(collection),
+        )
 
     def _migrate_table(
         self, collection: Collection, existing: Collection | None
@@ -5807,7 +6122,11 @@ def hash_password(password: str, salt: bytes) -> str:
 
 
 def verify_password(password: str, encoded: str) -> bool:
-    """Check a password against `hash_password` output in constant time."""
+    """Check a password against its hash (scrypt, or PocketBase's bcrypt)
+    in constant time; blocks for tens of milliseconds."""
+    if encoded.startswith(BCRYPT_PREFIXES):
+        computed = libcrypt().crypt(password, encoded)
+        return computed is not None and hmac.compare_digest(computed, encoded)
     try:
         scheme, n, r, p, salt, expected = encoded.split("$")
         if scheme != "scrypt":
@@ -5823,6 +6142,100 @@ def verify_password(password: str, encoded: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(digest, _b64decode(expected))
+
+
+# --- bcrypt, through the system's libcrypt ----------------------------------------
+# PocketBase stores bcrypt hashes (`$2a$10$…`). libxcrypt (glibc systems) and
+# musl compute them; ctypes calls release the GIL, so a check costs a reading
+# thread about 60 ms of its own, as in PocketBase. Where no libcrypt does
+# bcrypt (macOS, Windows), new passwords get scrypt and bcrypt hashes cannot
+# be checked: those users sign in again after a password reset.
+
+BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+BCRYPT_COST = 10  # PocketBase's, for a password field whose `cost` is 0
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_CRYPT_DATA_BYTES = 65_536  # more than any libcrypt's `struct crypt_data`
+
+
+def _bcrypt_base64(data: bytes) -> str:
+    """bcrypt's base64 (its own alphabet, no padding).
+
+    >>> _bcrypt_base64(bytes(16))
+    '......................'
+    """
+    bits = int.from_bytes(data, "big") << (-len(data) * 8 % 6)
+    count = -(-len(data) * 8 // 6)
+    return "".join(
+        _BCRYPT_ALPHABET[(bits >> (6 * (count - 1 - index))) & 63] for index in range(count)
+    )
+
+
+class _LibCrypt:
+    """crypt_r of the system's libcrypt, when it does bcrypt (checked once
+    against a known hash); `available` is False otherwise."""
+
+    # OpenBSD's own test vector: a libcrypt that computes it does bcrypt.
+    KNOWN = ("U*U", "$2a$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW")
+
+    def __init__(self) -> None:
+        self._crypt_r: Any = None
+        for name in (ctypes.util.find_library("crypt"), "libcrypt.so.1", None):
+            try:
+                library = ctypes.CDLL(name)
+                function = library.crypt_r
+            except (OSError, AttributeError):
+                continue
+            function.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+            function.restype = ctypes.c_char_p
+            self._crypt_r = function
+            break
+        self.available = self._crypt_r is not None and self.crypt(*self.KNOWN) == self.KNOWN[1]
+
+    def crypt(self, password: str, setting: str) -> str | None:
+        """crypt_r(password, setting), or None where it fails."""
+        if self._crypt_r is None or "\0" in password:
+            return None
+        data = ctypes.create_string_buffer(_CRYPT_DATA_BYTES)
+        result = self._crypt_r(password.encode(), setting.encode(), data)
+        if not result or result.startswith(b"*"):
+            return None
+        return str(result.decode("ascii", "replace"))
+
+
+_libcrypt: _LibCrypt | None = None
+
+
+def libcrypt() -> _LibCrypt:
+    """The system's libcrypt (looked for once)."""
+    global _libcrypt
+    if _libcrypt is None:
+        _libcrypt = _LibCrypt()
+    return _libcrypt
+
+
+def hash_password_bcrypt(password: str, salt: bytes, cost: int = BCRYPT_COST) -> str | None:
+    """A `$2a$` bcrypt hash as PocketBase writes them, or None where the
+    system cannot make one (or the password is longer than bcrypt's 72 bytes)."""
+    if len(password.encode()) > 72 or not libcrypt().available:
+        return None
+    return libcrypt().crypt(password, f"$2a${cost:02d}${_bcrypt_base64(salt[:16])}")
+
+
+def new_password_hash(password: str) -> str:
+    """The hash a new password gets: bcrypt where the system can (a dir
+    PocketBase can serve again), else scrypt."""
+    return hash_password_bcrypt(
+        password, secrets.token_bytes(16)
+    ) or hash_password(password, secrets.token_bytes(SCRYPT_SALT_BYTES))
+
+
+def dummy_password_hash() -> str:
+    """A hash to check against when no record matched: of the scheme new
+    passwords get, so that both take the same time."""
+    return DUMMY_BCRYPT_HASH if libcrypt().available else DUMMY_PASSWORD_HASH
+
+
+DUMMY_BCRYPT_HASH = "$2a$10$aEHwbAzibUzrcQzxWUvyGO8uSto6BaPwMqr0WsOnOvRTI0O5EwBQ6"
 
 
 def _b64encode(data: bytes) -> str:
@@ -6026,7 +6439,8 @@ def check_token(
     expires = claims.get("exp")
     if isinstance(expires, (int, float)) and expires <= now:
         return None, f"the token expired {format_datetime(float(expires))}"
-    if not token_is_valid(token, str(record["tokenKey"]) + collection.token_secret, now):
+    secret = collection.secret(TOKEN_SECRET_OF[kind]) or collection.token_secret
+    if not token_is_valid(token, str(record["tokenKey"]) + secret, now):
         return None, (
             f"the token's signature does not match {collection.name} {record_id!r} "
             "(tampered, or signed before its password or tokenKey changed)"
@@ -6045,7 +6459,8 @@ def issue_file_token(collection: Collection, record: Record, now: float) -> str:
         "id": str(record["id"]),
         "type": "file",
     }
-    return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
+    secret = collection.secret("fileToken") or collection.token_secret
+    return sign_token(claims, str(record["tokenKey"]) + secret)
 
 
 def issue_auth_token(
@@ -10259,7 +10674,7 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
         if found:
             record = found[0]
             break
-    encoded = str(record["password"]) if record else DUMMY_PASSWORD_HASH
+    encoded = str(record["password"]) if record else dummy_password_hash()
     verified = await _records(context).run_blocking(verify_password, password, encoded)
     if not verified or record is None:
         for limiter, key in zip(limiters, keys):
@@ -12384,9 +12799,7 @@ class App:
             now=self.now,
             new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
             new_secret=lambda: random_text(SECRET_ALPHABET, SECRET_LENGTH),
-            hash_password=lambda password: hash_password(
-                password, secrets.token_bytes(SCRYPT_SALT_BYTES)
-            ),
+            hash_password=new_password_hash,
         )
 
     async def start(self) -> int:

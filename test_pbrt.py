@@ -1925,13 +1925,12 @@ def test_store_fresh_dir_has_pocketbase_default_collections(tmp_path: Path) -> N
         listing = api.json(
             "GET", "/api/collections?fields=id,name,type,system", token=su
         )
-        assert listing["items"] == [
-            {
-                "id": "pbc_3142635823",
-                "name": "_superusers",
-                "type": "auth",
-                "system": True,
-            },
+        assert listing["items"] == [  # as PocketBase 0.40's, in its order
+            {"id": "pbc_2279338944", "name": "_mfas", "type": "base", "system": True},
+            {"id": "pbc_1638494021", "name": "_otps", "type": "base", "system": True},
+            {"id": "pbc_2281828961", "name": "_externalAuths", "type": "base", "system": True},
+            {"id": "pbc_4275539003", "name": "_authOrigins", "type": "base", "system": True},
+            {"id": "pbc_3142635823", "name": "_superusers", "type": "auth", "system": True},
             {"id": "_pb_users_auth_", "name": "users", "type": "auth", "system": False},
         ]
         users = api.json("GET", "/api/collections/users", token=su)
@@ -2653,7 +2652,7 @@ def test_auth_rule_mfa_and_email_changes_are_enforced_like_pocketbase(
     database = sqlite3.connect(tmp_path / "pb_data" / "data.db")
     with database:
         database.execute(
-            "UPDATE _collections SET data = json_set(data, '$.options.mfa.enabled', json('true'))"
+            "UPDATE _collections SET options = json_set(options, '$.mfa.enabled', json('true'))"
             " WHERE name = 'members'"
         )
     database.close()
