@@ -6095,6 +6095,267 @@ def extract_backup(archive_path: str, directory: str) -> str:
     return target
 
 
+# --- PocketBase data dirs, both ways ------------------------------------------------
+# pbrt's catalog is PocketBase's, so a PocketBase dir becomes a pbrt dir by
+# adding the realtime log (its table and triggers), and the way back takes
+# them out. Both read a consistent snapshot of the source (SQLite's backup
+# API, read-only: the source may be serving) into NEW.partial, renamed to NEW
+# when whole; the source is never written.
+
+PB_IMPORT_PARAM = "pocketbaseImport"  # provenance, and what an import set aside
+PBRT_PARAMS = ("collectionsVersion", "realtimeLogPruned", PB_IMPORT_PARAM)
+
+
+class DataDirRefused(PbrtError):
+    """An import or export that cannot be done as asked; nothing was written."""
+
+
+def _snapshot(source_dir: str, target_dir: str) -> None:
+    """Copy data.db and auxiliary.db (consistently, read-only) and storage/."""
+    os.makedirs(target_dir)
+    for name in (DATABASE_FILE, REQUEST_LOGS_FILE):
+        path = os.path.join(source_dir, name)
+        if not os.path.exists(path):
+            continue
+        source = Store._connect(path, read_only=True)
+        target = sqlite3.connect(os.path.join(target_dir, name))
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+    storage = os.path.join(source_dir, STORAGE_DIR)
+    if os.path.isdir(storage):
+        shutil.copytree(storage, os.path.join(target_dir, STORAGE_DIR), symlinks=True)
+
+
+@contextlib.contextmanager
+def _partial_dir(source_dir: str, target_dir: str) -> Iterator[str]:
+    """NEW.partial holding a snapshot of the source; renamed to NEW when the
+    block succeeds, removed when it fails."""
+    if not os.path.exists(os.path.join(source_dir, DATABASE_FILE)):
+        raise DataDirRefused(f"No {DATABASE_FILE} in {source_dir!r}.")
+    if os.path.exists(target_dir):
+        raise DataDirRefused(f"{target_dir!r} exists: name a new directory.")
+    partial = target_dir.rstrip(os.sep) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # a failed run's leftovers
+    try:
+        _snapshot(source_dir, partial)
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, target_dir)
+
+
+def import_pocketbase(
+    source_dir: str, target_dir: str, *, now: float, new_secret: Callable[[], str]
+) -> list[str]:
+    """Make `target_dir` a pbrt dir holding PocketBase's `source_dir`; return
+    the report (what could not come, what behaves differently). Raises
+    DataDirRefused for what would lose data (a field type pbrt does not
+    know, files in S3); nothing is written then."""
+    report: list[str] = []
+    with _partial_dir(source_dir, target_dir) as partial:
+        database = os.path.join(partial, DATABASE_FILE)
+        with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as raw:
+            tables = {n for (n,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if REALTIME_LOG_TABLE in tables:
+                raise DataDirRefused(f"{source_dir!r} is a pbrt data dir already.")
+            if "_collections" not in tables or "fields" not in {
+                row[1] for row in raw.execute('PRAGMA table_info("_collections")')
+            }:
+                raise DataDirRefused(f"{source_dir!r} holds no PocketBase 0.23+ data dir.")
+            report += _set_aside_foreign_parts(raw, now)
+        store = Store(
+            database,
+            now=lambda: now,
+            new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
+            new_secret=new_secret,
+            hash_password=new_password_hash,
+            adopt=True,
+        )
+        try:
+            report += _warn_about_differences(store, source_dir)
+        finally:
+            store.close()
+    return report
+
+
+def _set_aside_foreign_parts(raw: sqlite3.Connection, now: float) -> list[str]:
+    """In an import's snapshot: refuse unknown field types and S3 files; set
+    view collections and encrypted settings aside; return what it did."""
+    report: list[str] = []
+    unknown = []
+    views = []
+    for identifier, name, kind, fields, row in raw.execute(
+        'SELECT id, name, type, fields, json_object(\'id\', id, \'name\', name, \'type\', type, '
+        "'system', system, 'fields', json(fields), 'indexes', json(indexes), 'listRule', listRule, "
+        "'viewRule', viewRule, 'createRule', createRule, 'updateRule', updateRule, "
+        "'deleteRule', deleteRule, 'options', json(options), 'created', created, 'updated', updated) "
+        'FROM "_collections" ORDER BY rowid'
+    ).fetchall():
+        if kind == "view":
+            views.append((identifier, name, json.loads(row)))
+            continue
+        unknown += [
+            f"{name}.{spec.get('name')} ({spec.get('type')})"
+            for spec in json.loads(fields)
+            if spec.get("type") not in FIELD_TYPE_OPTIONS
+        ]
+    if unknown:
+        raise DataDirRefused(
+            "pbrt does not know these field types, and would lose their data: "
+            + ", ".join(unknown)
+        )
+    settings_row = raw.execute("SELECT value FROM \"_params\" WHERE id = 'settings'").fetchone()
+    settings: JSON = None
+    if settings_row is not None:
+        try:
+            settings = json.loads(settings_row[0])
+        except (ValueError, TypeError):
+            report.append(
+                "the settings are encrypted (--encryptionEnv): they were left out, "
+                "pbrt starts from the default settings"
+            )
+            raw.execute("DELETE FROM \"_params\" WHERE id = 'settings'")
+    if isinstance(settings, dict) and (settings.get("s3") or {}).get("enabled"):
+        raise DataDirRefused(
+            "the files are in S3 storage (settings s3.enabled), which pbrt does not "
+            "read: copy them into pb_data/storage and turn s3 off in PocketBase first"
+        )
+    for identifier, name, definition in views:
+        raw.execute(f"DROP VIEW IF EXISTS {quote_identifier(name)}")
+        raw.execute('DELETE FROM "_collections" WHERE id = ?', (identifier,))
+        report.append(
+            f"the view collection {name!r} was set aside (pbrt has no views); "
+            "export-pocketbase puts it back"
+        )
+    raw.execute(
+        'INSERT INTO "_params" (id, value) VALUES (?, ?)',
+        (
+            PB_IMPORT_PARAM,
+            json.dumps(
+                {"importedAt": format_datetime(now), "views": [d for _, _, d in views]}
+            ).encode(),
+        ),
+    )
+    return report
+
+
+def _warn_about_differences(store: Store, source_dir: str) -> list[str]:
+    """What an imported dir does differently in pbrt."""
+    report = []
+    linked = store.connection.execute(
+        'SELECT count(DISTINCT collectionRef || recordRef) FROM "_externalAuths"'
+    ).fetchone()[0]
+    if linked:
+        report.append(
+            f"{linked} record(s) signed in with OAuth2, which pbrt does not offer yet: "
+            "they sign in with a password (after a reset) instead"
+        )
+    for collection in store.collections():
+        options = collection.options
+        for feature in ("otp", "mfa"):
+            if collection.is_auth and (options.get(feature) or {}).get("enabled"):
+                report.append(f"{collection.name} has {feature.upper()} on, which pbrt does not offer yet")
+        for rule_name in RULE_NAMES:
+            rule = collection.rules.get(rule_name)
+            if rule:
+                try:
+                    compile_rules(store, collection, RequestInfo(), [(rule, False)])
+                except RuleError as exc:
+                    report.append(f"{collection.name}.{rule_name} does not compile in pbrt: {exc.msg}")
+    app_dir = os.path.dirname(os.path.abspath(source_dir))
+    for folder, pattern in (("pb_hooks", ".pb.js"), ("pb_migrations", ".js")):
+        path = os.path.join(app_dir, folder)
+        if os.path.isdir(path) and any(n.endswith(pattern) for n in os.listdir(path)):
+            report.append(
+                f"{path} holds JavaScript, which pbrt does not run "
+                + ("(write hooks as pb_hooks/*.pb.py)" if folder == "pb_hooks"
+                   else "(the schema it made is in the copy; new ones are not applied)")
+            )
+    return report
+
+
+def export_pocketbase(source_dir: str, target_dir: str) -> list[str]:
+    """Make `target_dir` a PocketBase 0.40 dir holding pbrt's `source_dir`:
+    no realtime log or triggers, set-aside views back, a `.attrs` beside
+    every stored file; return the report (whose passwords PocketBase cannot
+    check)."""
+    report: list[str] = []
+    with _partial_dir(source_dir, target_dir) as partial:
+        database = os.path.join(partial, DATABASE_FILE)
+        with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as raw:
+            if "_collections" not in {
+                n for (n,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            } or "data" in {row[1] for row in raw.execute('PRAGMA table_info("_collections")')}:
+                raise DataDirRefused(
+                    f"{source_dir!r} is not a pbrt 0.12+ data dir (serve it once to upgrade it)."
+                )
+            raw.execute("BEGIN IMMEDIATE")
+            for (name,) in raw.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '\\_pbrt\\_%' ESCAPE '\\'"
+            ).fetchall():
+                raw.execute(f'DROP TRIGGER "{name}"')
+            for table in (REALTIME_LOG_TABLE, RESUME_TABLE):
+                raw.execute(f'DROP TABLE IF EXISTS "{table}"')
+            with contextlib.suppress(sqlite3.OperationalError):  # no AUTOINCREMENT table left
+                raw.execute("DELETE FROM sqlite_sequence WHERE name = ?", (REALTIME_LOG_TABLE,))
+            provenance = raw.execute(
+                'SELECT value FROM "_params" WHERE id = ?', (PB_IMPORT_PARAM,)
+            ).fetchone()
+            for view in json.loads(provenance[0]).get("views", []) if provenance else []:
+                report.append(f"the view collection {view['name']!r} is back")
+                raw.execute(
+                    f"CREATE VIEW {quote_identifier(view['name'])} AS SELECT * FROM "
+                    f"({view['options']['viewQuery']})"
+                )
+                columns = ", ".join(f"`{name}`" for name in CATALOG_COLUMNS)
+                raw.execute(
+                    f'INSERT INTO "_collections" ({columns}) VALUES '
+                    f"({', '.join('?' for _ in CATALOG_COLUMNS)})",
+                    tuple(
+                        json.dumps(view[name]) if name in ("fields", "indexes", "options")
+                        else view[name]
+                        for name in CATALOG_COLUMNS
+                    ),
+                )
+            raw.executemany('DELETE FROM "_params" WHERE id = ?', [(k,) for k in PBRT_PARAMS])
+            for (name, options) in raw.execute(
+                "SELECT name, options FROM \"_collections\" WHERE type = 'auth'"
+            ).fetchall():
+                table = quote_identifier(name)
+                scrypt = [
+                    email for (email,) in raw.execute(
+                        f"SELECT email FROM {table} WHERE password NOT LIKE '$2%' ORDER BY email"
+                    )
+                ]
+                if scrypt:
+                    report.append(
+                        f"{len(scrypt)} {name} record(s) have a password PocketBase cannot "
+                        f"check (set a new one there): {', '.join(scrypt[:20])}"
+                        + (" …" if len(scrypt) > 20 else "")
+                    )
+            raw.execute("COMMIT")
+        _write_missing_attrs(os.path.join(partial, STORAGE_DIR))
+    return report
+
+
+def _write_missing_attrs(storage: str) -> None:
+    """A `.attrs` sidecar beside every stored file that lacks one."""
+    for directory, _, names in os.walk(storage):
+        present = set(names)
+        for name in names:
+            if name.endswith(ATTRS_SUFFIX) or name + ATTRS_SUFFIX in present:
+                continue
+            path = os.path.join(directory, name)
+            with open(path, "rb") as file:
+                md5 = hashlib.file_digest(file, "md5").digest()
+            with open(path + ATTRS_SUFFIX, "wb") as file:
+                file.write(file_attrs(name, name, md5))
+
+
 # ==========================================================================
 # 9. Auth
 # ==========================================================================
@@ -7223,6 +7484,27 @@ Plan = list[tuple[str, bytes | memoryview]]  # (path, content) of files to write
 WRITE_STATEMENT_BUDGET = {"create": 9, "update": 10}
 #: Thread hops such a write makes: none (hashing and files are what hop).
 WRITE_THREAD_HOP_BUDGET = 0
+ATTRS_SUFFIX = ".attrs"  # PocketBase's sidecar of a stored file (its type, name, md5)
+
+
+def file_attrs(original: str, stored: str, md5: bytes) -> bytes:
+    """The `.attrs` sidecar PocketBase's storage keeps beside a file: the
+    type it is served with, the name it was uploaded with, its MD5 digest."""
+    kind = mimetypes.guess_type(stored)[0] or "application/octet-stream"
+    if kind.startswith("text/"):
+        kind += "; charset=utf-8"
+    attrs = {
+        "user.cache_control": "",
+        "user.content_disposition": "",
+        "user.content_encoding": "",
+        "user.content_language": "",
+        "user.content_type": kind,
+        "user.metadata": {"original-filename": original},
+        "md5": base64.b64encode(md5).decode(),
+    }
+    return json.dumps(attrs, separators=(",", ":")).encode()
+
+
 def _write_files(plan: Plan) -> None:
     """Write each (path, content), creating directories; any failure removes all."""
     try:
@@ -7236,9 +7518,11 @@ def _write_files(plan: Plan) -> None:
 
 
 def _remove_files(paths: list[str]) -> None:
+    """Remove stored files and their `.attrs` sidecars."""
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        for each in (path, path + ATTRS_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(each)
 
 
 def _remove_trees(directories: list[str]) -> None:
@@ -7824,7 +8108,10 @@ class Records:
                         f'"{stored}" mime type must be one of: {", ".join(types)}.',
                     )
                 names.append(stored)
-                plan.append((os.path.join(directory, stored), part.content))
+                path = os.path.join(directory, stored)
+                plan.append((path, part.content))
+                md5 = hashlib.md5(part.content).digest()
+                plan.append((path + ATTRS_SUFFIX, file_attrs(part.filename, stored, md5)))
             uploaded[name] = uploaded.get(name, []) + names
             kept = [] if modifier else _relation_ids(data.get(name))
             data[key] = kept + names
@@ -15049,6 +15336,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     check_parser.add_argument("--record", default="", help="the record's id (default: the first)")
     check_parser.add_argument("--body", default="{}", help="@request.body as JSON")
     _add_common_arguments(check_parser)
+    import_pb_parser = commands.add_parser(
+        "import-pocketbase",
+        help="copy a PocketBase data dir (it may be running) into a new pbrt dir",
+    )
+    import_pb_parser.add_argument("source", metavar="PB_DATA")
+    export_pb_parser = commands.add_parser(
+        "export-pocketbase",
+        help="copy a pbrt data dir into a new dir that PocketBase 0.40 serves",
+    )
+    export_pb_parser.add_argument("target", metavar="NEW_PB_DATA")
+    for action_parser in (import_pb_parser, export_pb_parser):
+        _add_common_arguments(action_parser)
     backup_parser = commands.add_parser(
         "backup",
         help="write a consistent backup of the data (a zip, as PocketBase's) while it is used",
@@ -15106,12 +15405,19 @@ def main(argv: list[str] | None = None) -> int:
         quiet=getattr(args, "quiet", False),
         prefix="" if worker is None else f"[worker {worker}] ",
     )
-    if args.command == "superuser":
-        return _superuser_command(args)
-    if args.command == "collections":
-        return _collections_command(args)
-    if args.command == "rules":
-        return _rules_check_command(args)
+    commands = {
+        "superuser": _superuser_command,
+        "collections": _collections_command,
+        "rules": _rules_check_command,
+        "import-pocketbase": _import_pocketbase_command,
+        "export-pocketbase": _export_pocketbase_command,
+    }
+    if args.command in commands:
+        try:
+            return commands[args.command](args)
+        except (ForeignDataDir, DataDirRefused) as exc:
+            print(exc, file=sys.stderr)
+            return 1
     if args.command == "backup":
         database = os.path.join(args.dir, DATABASE_FILE)
         if not os.path.exists(database):
@@ -15169,11 +15475,36 @@ def main(argv: list[str] | None = None) -> int:
         if config.workers > 1 and worker is None:
             return supervise(config, worker_command)
         App(config).serve(on_started=None if worker else _hint_first_superuser)
-    except (OSError, sqlite3.Error, HookFileError) as exc:
+    except (OSError, sqlite3.Error, HookFileError, ForeignDataDir) as exc:
         logger.error("cannot start the server: %s", exc)
         return 1
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _import_pocketbase_command(args: argparse.Namespace) -> int:
+    """`import-pocketbase PB_DATA --dir NEW`: a new pbrt dir from PocketBase's."""
+    report = import_pocketbase(
+        args.source,
+        args.dir,
+        now=time.time(),
+        new_secret=lambda: random_text(SECRET_ALPHABET, SECRET_LENGTH),
+    )
+    print(f"Imported {args.source} into {args.dir} (the source is unchanged).")
+    for line in report:
+        print(f"  note: {line}")
+    print(f"Serve it with: python pbrt.py serve --dir {args.dir}")
+    return 0
+
+
+def _export_pocketbase_command(args: argparse.Namespace) -> int:
+    """`export-pocketbase --dir D NEW`: a new PocketBase dir from pbrt's."""
+    report = export_pocketbase(args.dir, args.target)
+    print(f"Exported {args.dir} into {args.target} for PocketBase 0.40 (the source is unchanged).")
+    for line in report:
+        print(f"  note: {line}")
+    print(f"Serve it with: pocketbase serve --dir {args.target}")
     return 0
 
 
