@@ -6048,32 +6048,46 @@ class RequestLogs:
 BACKUP_NAME_RE = re.compile(r"\A[a-z0-9_-]{1,150}\.zip\Z")  # PocketBase's rule
 
 
-def write_backup(database: str, target: str) -> None:
-    """Zip a consistent copy of `database` to `target` (`data.db` inside, as
-    PocketBase's backups). SQLite's online backup reads one snapshot while
-    writers go on; `target` appears whole or not at all."""
+def write_backup(data_dir: str, target: str) -> None:
+    """Zip a consistent copy of a data dir to `target` as PocketBase's backups
+    hold it: `data.db` and `auxiliary.db` (SQLite's online backup reads one
+    snapshot while writers go on) and `storage/`. `target` appears whole or
+    not at all."""
     directory = os.path.dirname(os.path.abspath(target))
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".backup-") as scratch:
-        copy = os.path.join(scratch, DATABASE_FILE)
-        source = Store._connect(database, read_only=True)
-        destination = sqlite3.connect(copy)
-        try:
-            source.backup(destination)
-        finally:
-            destination.close()
-            source.close()
         partial = os.path.join(scratch, "backup.zip")
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
-            archive.write(copy, DATABASE_FILE)
+            for name in (DATABASE_FILE, REQUEST_LOGS_FILE):
+                database = os.path.join(data_dir, name)
+                if not os.path.exists(database):
+                    continue
+                copy = os.path.join(scratch, name)
+                source = Store._connect(database, read_only=True)
+                destination = sqlite3.connect(copy)
+                try:
+                    source.backup(destination)
+                finally:
+                    destination.close()
+                    source.close()
+                archive.write(copy, name)
+            storage = os.path.join(data_dir, STORAGE_DIR)
+            for folder, _, names in os.walk(storage):
+                for name in sorted(names):
+                    path = os.path.join(folder, name)
+                    with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                        archive.write(path, os.path.relpath(path, data_dir).replace(os.sep, "/"))
         os.replace(partial, target)
 
 
 def extract_backup(archive_path: str, directory: str) -> str:
-    """Unpack a backup's `data.db` into `directory`; return its path.
+    """Unpack a backup (`data.db`, and `storage/` if it holds one) into
+    `directory` and open it as a pbrt store there (which upgrades an older
+    pbrt's); return the database's path.
 
-    Raises Refused if the archive holds no `data.db` or it fails
-    `PRAGMA integrity_check`.
+    Raises Refused if the archive is no zip, holds no `data.db`, a damaged
+    one, a PocketBase one (import-pocketbase is the way), or a path that
+    leads out of the data dir.
     """
     target = os.path.join(directory, DATABASE_FILE)
     try:
@@ -6081,17 +6095,45 @@ def extract_backup(archive_path: str, directory: str) -> str:
     except zipfile.BadZipFile:
         raise Refused("The backup is not a zip archive.") from None
     with archive:
-        if DATABASE_FILE not in archive.namelist():
+        names = archive.namelist()
+        if DATABASE_FILE not in names:
             raise Refused(f"The backup holds no {DATABASE_FILE}.")
+        for name in names:
+            parts = name.split("/")
+            if name == DATABASE_FILE or name.endswith("/"):
+                continue
+            if parts[0] != STORAGE_DIR or any(part in ("", ".", "..") for part in parts) or "\\" in name:
+                continue  # auxiliary.db (request logs stay), anything else is ignored
+            destination = os.path.join(directory, *parts)
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            with archive.open(name) as packed, open(destination, "wb") as out:
+                shutil.copyfileobj(packed, out)
         with archive.open(DATABASE_FILE) as packed, open(target, "wb") as out:
             shutil.copyfileobj(packed, out)
     check = sqlite3.connect(target)
     try:
         (verdict,) = check.execute("PRAGMA integrity_check").fetchone()
+    except sqlite3.DatabaseError as exc:
+        verdict = str(exc)
     finally:
         check.close()
     if verdict != "ok":
         raise Refused(f"The backup's {DATABASE_FILE} is damaged: {verdict}.")
+    try:
+        Store(
+            target,
+            now=time.time,
+            new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
+            new_secret=lambda: random_text(SECRET_ALPHABET, SECRET_LENGTH),
+            hash_password=new_password_hash,
+        ).close()
+    except ForeignDataDir:
+        raise Refused(
+            "This is a PocketBase backup: pbrt does not restore it in place. Unzip it "
+            "and bring it over with: python pbrt.py import-pocketbase UNZIPPED_DIR --dir NEW_DIR"
+        ) from None
+    except sqlite3.Error as exc:
+        raise Refused(f"The backup's {DATABASE_FILE} cannot be opened: {exc}.") from None
     return target
 
 
@@ -11477,9 +11519,8 @@ async def handle_backup_create(context: RequestContext) -> Response:
         raise BadRequestError(
             "An error occurred while validating the submitted data.", {"name": problem}
         )
-    database = os.path.join(context.app.config.dir, DATABASE_FILE)
     target = os.path.join(_backups_dir(context), name)
-    await _records(context).run_blocking(write_backup, database, target)
+    await _records(context).run_blocking(write_backup, context.app.config.dir, target)
     return Response(204)
 
 
@@ -12617,12 +12658,9 @@ class Server:
             if self.broker is not None:
                 self.broker.close_all()
             store.close()
-            database = os.path.join(self.config.dir, DATABASE_FILE)
-            for leftover in ("-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(database + leftover)
-            os.replace(restored, database)
-            self.app.store = self.app.open_store()
+            self.app.store = await asyncio.to_thread(
+                self._swap_in, restored, os.path.join(directory, STORAGE_DIR)
+            )
             self.app.forget_settings()
             if self.config.workers > 1:  # the others hold the old file: restart all
                 os.kill(os.getppid(), signal.SIGHUP)
@@ -12632,6 +12670,39 @@ class Server:
                 self.app.store.listener = self.broker.wake
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+    def _swap_in(self, database: str, storage: str) -> Store:
+        """Put a restored database (and its storage, if the backup had one) in
+        place and open it. The old ones stay beside (`*.before-restore`) until
+        the new store is open; if it does not open, they are put back."""
+        data_dir = self.config.dir
+        current = os.path.join(data_dir, DATABASE_FILE)
+        aside = current + ".before-restore"
+        for leftover in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(current + leftover)
+        os.replace(current, aside)
+        os.replace(database, current)
+        files = os.path.join(data_dir, STORAGE_DIR)
+        files_aside = files + ".before-restore"
+        moved_files = os.path.isdir(storage)
+        if moved_files:
+            shutil.rmtree(files_aside, ignore_errors=True)
+            if os.path.isdir(files):
+                os.replace(files, files_aside)
+            os.replace(storage, files)
+        try:
+            store = self.app.open_store()
+        except BaseException:
+            os.replace(aside, current)
+            if moved_files and os.path.isdir(files_aside):
+                shutil.rmtree(files, ignore_errors=True)
+                os.replace(files_aside, files)
+            self.app.store = self.app.open_store()
+            raise
+        os.remove(aside)
+        shutil.rmtree(files_aside, ignore_errors=True)
+        return store
 
     # --- connections -----------------------------------------------------------
 
@@ -15426,7 +15497,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        write_backup(database, args.file)
+        write_backup(args.dir, args.file)
         print(f"Backed up {database} to {args.file}")
         return 0
     if args.command == "bench":

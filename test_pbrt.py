@@ -7634,7 +7634,9 @@ def test_routes_files_with_the_official_js_sdk(tmp_path: Path) -> None:
             / "storage"
             / api.json("GET", "/api/collections/docs", token=su)["id"]
         )
-        on_disk = sorted(p.name for p in (storage / record["id"]).iterdir())
+        names = sorted(p.name for p in (storage / record["id"]).iterdir())
+        on_disk = [name for name in names if not name.endswith(".attrs")]
+        sidecars = [name for name in names if name.endswith(".attrs")]
         fields = api.json("GET", "/api/collections/docs", token=su)["fields"]
         remaining = [f for f in fields if f["name"] != "secret"]
         api.json("PATCH", "/api/collections/docs", {"fields": remaining}, su)
@@ -7663,6 +7665,7 @@ def test_routes_files_with_the_official_js_sdk(tmp_path: Path) -> None:
     assert on_disk == sorted(
         [updated["doc"], *updated["docs"], updated["secret"]]
     )  # the removed one is gone
+    assert sidecars == [f"{name}.attrs" for name in on_disk]  # PocketBase's, theirs too
     assert result["tooBig"] == "validation_file_size_limit"
 
 
