@@ -93,6 +93,7 @@ from collections.abc import (
     AsyncGenerator,
     Awaitable,
     Callable,
+    Coroutine,
     Iterable,
     Iterator,
     Mapping,
@@ -4523,10 +4524,11 @@ def logged_row_table(collection: Collection) -> str:
 
 
 def logged_record(
-    collection: Collection, entry: RealtimeLogEntry
+    collection: Collection, entry: RealtimeLogEntry, before: bool = False
 ) -> tuple[dict[str, JSON], Record]:
-    """A logged row as columns (fields added since get their zero value) and as a record."""
-    logged = entry.row
+    """A logged row (after the change, or `before` it) as columns (fields
+    added since get their zero value) and as a record."""
+    logged = cast(dict[str, JSON], entry.previous or {}) if before else entry.row
     row: dict[str, JSON] = {}
     record: Record = {}
     for spec in collection.fields:
@@ -4826,6 +4828,23 @@ class Store:
             return function()
         finally:
             self._local.connection = None
+
+    @contextlib.contextmanager
+    def consistent_read(self) -> Iterator[None]:
+        """Reads inside see one committed state (a read transaction on this
+        thread's read-only connection; on the writer's thread, nothing can
+        commit in between anyway)."""
+        connection = self.connection
+        if connection is self._writer:
+            yield
+            return
+        if connection.in_transaction:
+            connection.commit()  # a snapshot from before: not this one
+        connection.execute("BEGIN")
+        try:
+            yield
+        finally:
+            connection.execute("COMMIT")
 
     def close(self) -> None:
         """Commit what waits, close the database; later calls fail."""
@@ -8188,7 +8207,13 @@ class Records:
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
-    """A subscription string and its parsed `?options={"query":…,"headers":…}`."""
+    """A subscription string and its parsed `?options={"query":…,"headers":…}`.
+
+    pbrt's own options (PocketBase ignores them): `snapshot` (the rows it
+    matches first, then every change after them: a live query), with `sort`
+    and `perPage`; `leave` (an update that makes a row stop matching sends
+    its ids).
+    """
 
     raw: str
     topic: str
@@ -8197,6 +8222,10 @@ class Subscription:
     filter: str = ""
     expand: str = ""
     fields: str = ""
+    sort: str = ""
+    snapshot: bool = False
+    leave: bool = False
+    per_page: int = MAX_PER_PAGE
 
 
 def parse_subscription(raw: str) -> Subscription:
@@ -8234,6 +8263,14 @@ def parse_subscription(raw: str) -> Subscription:
                     )
                 )
     options_query = dict(query)
+
+    def flag(name: str) -> bool:
+        return options_query.get(name, "").lower() in ("true", "1", "t")
+
+    try:
+        per_page = parse_paging(options_query)[1] if "perPage" in options_query else MAX_PER_PAGE
+    except BadRequestError:
+        per_page = MAX_PER_PAGE
     return Subscription(
         raw,
         topic,
@@ -8242,6 +8279,10 @@ def parse_subscription(raw: str) -> Subscription:
         options_query.get("filter", ""),
         options_query.get("expand", ""),
         options_query.get("fields", ""),
+        options_query.get("sort", ""),
+        flag("snapshot"),
+        flag("leave"),
+        per_page,
     )
 
 
@@ -8301,6 +8342,9 @@ class RealtimeClient:
         self.live_position = live_position  # the broker's, while this client is live
         self.browser = client_id  # the browser its cookie names (ResumePositions)
         self.keeps_cookie = False  # a browser's stream of this origin, with the cookie
+        #: Subscriptions that get no log entries now (None: their snapshot is
+        #: being read) or none up to this seq (their snapshot holds those).
+        self.held: dict[str, int | None] = {}
         self.stood_at = 0  # where the stream stood when it closed (see `close`)
 
     def send(self, frame: bytes, seq: int = 0) -> None:
@@ -8331,9 +8375,24 @@ class RealtimeClient:
         self.last_write = time.monotonic()
 
     def send_event(self, seq: int, event: str, payload: bytes) -> None:
-        """Send one log entry's event (its name is encoded once per subscription)."""
+        """Send one log entry's event (its name is encoded once per
+        subscription); seq 0: an event with no id (a snapshot's, which moves
+        no client's Last-Event-ID)."""
         name = self.names.get(event) or encode_sse_name(event)
+        if not seq:
+            self.send(b"%s%s\n\n" % (name, payload))
+            return
         self.send(b"id:%d\n%s%s\n\n" % (seq, name, payload), seq)
+
+    def admits(self, subscription: str, seq: int) -> bool:
+        """Whether log entry `seq` goes to this subscription (see `held`)."""
+        held = self.held.get(subscription, 0)
+        if held is None:
+            return False
+        if seq > held:
+            self.held.pop(subscription, None)
+            return True
+        return False
 
     def heartbeat(self) -> None:
         """Write an SSE comment: traffic for proxies, not a message (idle time runs on)."""
@@ -8449,6 +8508,14 @@ class _FanOut:
         self.spent: dict[str, float] = {}  # seconds of checks per client
         self.verdicts: dict[tuple[JSON, ...], bool | None] = {}
         self.pending: dict[tuple[JSON, ...], CompiledRule] = {}
+        # Subscriptions with `leave` on an update: the same checks on the row
+        # before it (keys end with "before"), to tell who stopped seeing it.
+        self.before = (
+            logged_record(collection, entry, before=True)[0]
+            if entry.action == "update" and entry.previous is not None
+            else None
+        )
+        self.pending_before: dict[tuple[JSON, ...], CompiledRule] = {}
         self.planned: list[
             tuple[RealtimeClient, Subscription, tuple[JSON, ...] | None, Auth | None]
         ] = []
@@ -8471,21 +8538,23 @@ class _FanOut:
                     subscription.query,
                     subscription.headers,
                 )
-                if key not in self.verdicts:
+                wanted: list[tuple[JSON, ...]] = [key]
+                if subscription.leave and self.before is not None:
+                    wanted.append((*key, "before"))
+                for each in wanted:
+                    if each in self.verdicts:
+                        continue
                     if self.spent.get(client.id, 0.0) > broker.check_budget_s:
-                        self.verdicts[key] = None  # this client's checks used its share
-                    else:
-                        started = time.monotonic()
-                        info = client.request_info(subscription, auth, self.now)
-                        self.verdicts[key] = self._verdict(
-                            info,
-                            "" if superuser else str(rule),
-                            subscription.filter,
-                            key,
-                        )
-                        self.spent[client.id] = (
-                            self.spent.get(client.id, 0.0) + time.monotonic() - started
-                        )
+                        self.verdicts[each] = None  # this client's checks used its share
+                        continue
+                    started = time.monotonic()
+                    info = client.request_info(subscription, auth, self.now)
+                    self.verdicts[each] = self._verdict(
+                        info, "" if superuser else str(rule), subscription.filter, each
+                    )
+                    self.spent[client.id] = (
+                        self.spent.get(client.id, 0.0) + time.monotonic() - started
+                    )
             self.planned.append((client, subscription, key, auth))
 
     def _verdict(
@@ -8511,9 +8580,10 @@ class _FanOut:
             )
         except RuleError:
             return False
-        verdict = rule_matches(compiled, self.row)
+        before = key[-1] == "before"
+        verdict = rule_matches(compiled, (self.before or {}) if before else self.row)
         if verdict is None:
-            self.pending[key] = compiled
+            (self.pending_before if before else self.pending)[key] = compiled
         return verdict
 
     def check_in_sql(self) -> None:
@@ -8523,17 +8593,20 @@ class _FanOut:
         so the costly checks are found; what is still unanswered at the
         deadline stays None.
         """
-        items = list(self.pending.items())
-        for start in range(0, len(items), RULE_BATCH_SIZE):
-            batch = items[start : start + RULE_BATCH_SIZE]
-            try:
-                self._check_batch(batch)
-            except BudgetExceeded:
-                for item in batch:
-                    with contextlib.suppress(BudgetExceeded):
-                        self._check_batch([item])
+        for pending, row in ((self.pending, self.row), (self.pending_before, self.before)):
+            items = list(pending.items())
+            for start in range(0, len(items), RULE_BATCH_SIZE):
+                batch = items[start : start + RULE_BATCH_SIZE]
+                try:
+                    self._check_batch(batch, row or {})
+                except BudgetExceeded:
+                    for item in batch:
+                        with contextlib.suppress(BudgetExceeded):
+                            self._check_batch([item], row or {})
 
-    def _check_batch(self, batch: list[tuple[tuple[JSON, ...], CompiledRule]]) -> None:
+    def _check_batch(
+        self, batch: list[tuple[tuple[JSON, ...], CompiledRule]], row: dict[str, JSON]
+    ) -> None:
         remaining = min(self.broker.check_budget_s, self.deadline - time.monotonic())
         if remaining <= 0:
             raise BudgetExceeded("the event's checks ran out of time")
@@ -8541,7 +8614,7 @@ class _FanOut:
         with store.budget(remaining):
             found = store.row_matches(
                 self.collection,
-                self.row,
+                row,
                 [(compiled.sql, compiled.params) for _, compiled in batch],
             )
         for (key, _), verdict in zip(batch, found):
@@ -8554,12 +8627,21 @@ class _FanOut:
         payloads: dict[tuple[JSON, ...], bytes] = {}
         deliveries: list[tuple[RealtimeClient, str, bytes]] = []
         dropped: dict[str, tuple[RealtimeClient, set[str]]] = {}
+        leave: bytes | None = None
         for client, subscription, key, auth in self.planned:
             if key is not None and self.verdicts[key] is None:
                 dropped.setdefault(client.id, (client, set()))[1].add(subscription.raw)
                 continue
             if key is not None and not self.verdicts[key]:
-                if broker.explain_withheld:
+                if subscription.leave and self.verdicts.get((*key, "before")):
+                    if leave is None:  # ids only: what it may no longer see stays unsaid
+                        leave = _json_body({"action": "leave", "record": {
+                            "id": self.entry.record,
+                            "collectionId": collection.id,
+                            "collectionName": collection.name,
+                        }})
+                    deliveries.append((client, subscription.raw, leave))
+                elif broker.explain_withheld:
                     self._explain_withheld(client, subscription, key, auth)
                 continue
             personal = bool(subscription.expand) or collection.is_auth
@@ -8987,10 +9069,14 @@ class Broker:
                 by_client.pop(client.id, None)
                 if not by_client:
                     del self._by_topic[subscription.topic]
+        previous = client.subscriptions
         client.subscriptions = {
-            text: parse_subscription(text) for text in dict.fromkeys(raw) if text
+            text: previous.get(text) or parse_subscription(text)
+            for text in dict.fromkeys(raw)
+            if text
         }
         client.names = {text: encode_sse_name(text) for text in client.subscriptions}
+        client.held = {k: v for k, v in client.held.items() if k in client.subscriptions}
         for subscription in client.subscriptions.values():
             self._by_topic.setdefault(subscription.topic, {}).setdefault(
                 client.id, []
@@ -9000,9 +9086,17 @@ class Broker:
             client.missed = None
         if client.subscriptions and client.resuming and not client.closed:
             client.resuming = False
-            task = asyncio.ensure_future(self._replay(client))
-            self._replays.add(task)
-            task.add_done_callback(self._replays.discard)
+            self._start(self._replay(client))
+        for text, subscription in client.subscriptions.items():
+            if subscription.snapshot and text not in previous and not client.closed:
+                client.held[text] = None  # its snapshot comes first
+                self._start(self._snapshot(client, subscription))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a replay or a snapshot beside live delivery (kept until done)."""
+        task = asyncio.ensure_future(work)
+        self._replays.add(task)
+        task.add_done_callback(self._replays.discard)
 
     def _send_missed(self, client: RealtimeClient, cursor: str) -> None:
         """Tell a client that it cannot have the events after `cursor`: refetch."""
@@ -9124,6 +9218,7 @@ class Broker:
                 if (client := self.clients[client_id]).position is None
                 and not client.closed
                 for subscription in subscriptions
+                if not client.held or client.admits(subscription.raw, entry.seq)
             ]
         collection = self.store.collection(entry.collection)
         if collection is None:
@@ -9136,11 +9231,17 @@ class Broker:
                     candidates.extend(
                         (client, subscription, rule_name, client.auth)
                         for subscription in subscriptions
+                        if not client.held or client.admits(subscription.raw, entry.seq)
                     )
         return _round_robin(candidates)
 
     async def _deliver(
-        self, entry: RealtimeLogEntry, candidates: list[Candidate], *, live: bool
+        self,
+        entry: RealtimeLogEntry,
+        candidates: list[Candidate],
+        *,
+        live: bool,
+        ids: bool = True,
     ) -> None:
         """Decide and send one entry to these candidates, in one piece.
 
@@ -9168,7 +9269,7 @@ class Broker:
             if start:
                 await asyncio.sleep(0)  # others' requests go on between slices
             fan_out.decide(candidates[start : start + FANOUT_SLICE])
-        if fan_out.pending:
+        if fan_out.pending or fan_out.pending_before:
             await self.run_read(fan_out.check_in_sql)
         deliveries = fan_out.deliveries()
         for client_id, auth in auth_updates.items():
@@ -9176,7 +9277,7 @@ class Broker:
                 following.auth = auth
         for client, event, payload in deliveries:
             if not client.closed:
-                self._send(client, entry.seq, event, payload)
+                self._send(client, entry.seq if ids else 0, event, payload)
 
     def _auth_updates(
         self, collection: Collection, entry: RealtimeLogEntry, record: Record
@@ -9248,11 +9349,88 @@ class Broker:
             )
             client.close(abort=True)
 
+    async def _snapshot(self, client: RealtimeClient, subscription: Subscription) -> None:
+        """Send a live query's rows as of one log position P, then the
+        `snapshot_end` marker, then the changes after P that live delivery
+        passed while the rows were read (decided and sent as a replay's,
+        with no ids), then make the subscription live: nothing missed,
+        nothing twice. Snapshots take turns with replays."""
+        raw = subscription.raw
+        try:
+            async with self._replay_turns:
+                if client.closed:
+                    return
+                info = client.request_info(subscription, client.auth, self.now())
+                position, items, total = await self.run_read(
+                    functools.partial(
+                        read_snapshot, self.store, subscription, info, self.replay_budget_s
+                    )
+                )
+                for item in items:
+                    if client.closed:
+                        return
+                    self._send(client, 0, raw, _json_body({"action": "snapshot", "record": item}))
+                    await self._drained(client)
+                end = {
+                    "action": "snapshot_end",
+                    "position": position,
+                    "total": total,
+                    "truncated": total is None or total > len(items),
+                }
+                self._send(client, 0, raw, _json_body(end))
+                while not client.closed:
+                    if position >= self.claimed:
+                        client.held[raw] = position  # live from the entry after P
+                        return
+                    through = self.claimed
+                    entries = await self.run_read(
+                        functools.partial(
+                            self.store.realtime_log.read, position, REALTIME_LOG_READ_BATCH, through
+                        )
+                    )
+                    for entry in entries:
+                        if client.closed:
+                            return
+                        candidates = self._subscription_candidates(client, subscription, entry)
+                        await self._deliver(entry, candidates, live=False, ids=False)
+                        position = entry.seq
+                    if not entries:
+                        position = through
+        except Exception:
+            logger.exception("realtime client %s: snapshot failed; disconnecting it", client.id)
+            client.close(abort=True)
+
+    async def _drained(self, client: RealtimeClient) -> None:
+        """Wait while a client's socket holds more than half its queue (a
+        snapshot is sent as fast as the client reads it, never faster)."""
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while (
+            client.sink is not None
+            and not client.closed
+            and client.sink.unsent_bytes() > self.max_queue_bytes // 2
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.01)
+
+    def _subscription_candidates(
+        self, client: RealtimeClient, subscription: Subscription, entry: RealtimeLogEntry
+    ) -> list[Candidate]:
+        """The candidate an entry is for one subscription, held or not."""
+        collection = self.store.collection(entry.collection)
+        if entry.action == "message" or collection is None:
+            return []
+        rule_name = dict(_record_topics(collection, entry.record)).get(subscription.topic)
+        return [] if rule_name is None else [(client, subscription, rule_name, client.auth)]
+
     def _client_candidates(
         self, client: RealtimeClient, entry: RealtimeLogEntry
     ) -> list[Candidate]:
         """One client's subscriptions an entry goes to."""
-        subscriptions = client.subscriptions.values()
+        subscriptions = [
+            s
+            for s in client.subscriptions.values()
+            if not client.held or client.admits(s.raw, entry.seq)
+        ]
         if entry.action == "message":
             return [
                 (client, s, "", client.auth)
@@ -9268,6 +9446,65 @@ class Broker:
             for s in subscriptions
             if s.topic in rules
         ]
+
+
+def read_snapshot(
+    store: Store, subscription: Subscription, info: RequestInfo, budget_s: float
+) -> tuple[int, list[dict[str, JSON]], int | None]:
+    """A live query's rows, in one read transaction with the log position
+    they stand at: (position, records as the subscriber sees them, how many
+    match in all). The rows are those the topic's rule (listRule, or
+    viewRule for one record) and the filter let this subscriber see, in the
+    subscription's sort, at most its perPage. Past `budget_s`, or for a
+    filter or sort that cannot be compiled, no rows and a total of None.
+    For a reading thread."""
+    name, _, record_id = subscription.topic.partition("/")
+    record_id = "" if record_id == "*" else record_id
+    rule_name = "viewRule" if record_id else "listRule"
+    with store.consistent_read():
+        position = store.realtime_log.last_seq()
+        collection = store.collection(name)
+        if collection is None:
+            return position, [], 0
+        rule = collection.rules.get(rule_name)
+        filter_text, sort = subscription.filter, subscription.sort
+        if not info.is_superuser and (
+            rule is None
+            or any(p in text for text in (filter_text, sort) for p in ("@request.", "@collection."))
+        ):
+            return position, [], 0
+        rules = [(str(rule), False)] if rule and not info.is_superuser else []
+        if filter_text:
+            rules.append((filter_text, True))
+        try:
+            order, order_params = compile_sort(store, collection, info, sort) if sort else ("", ())
+            sort_paths = tuple(n for n, _ in parse_sort(sort) if "." in n) if sort else ()
+            compiled = (
+                compile_rules(store, collection, info, rules, sort_paths)
+                if rules or sort_paths
+                else None
+            )
+            where, params = (compiled.sql, compiled.params) if compiled else ("", ())
+            if record_id:
+                where = f"({where or '1'}) AND t.id = ?"
+                params = (*params, record_id)
+            with store.budget(budget_s):
+                records = store.find_records(
+                    collection,
+                    where=where,
+                    params=params,
+                    order=order,
+                    order_params=order_params,
+                    limit=subscription.per_page,
+                )
+                total = store.count_records(collection, where=where, params=params)
+                items = RecordPresenter(
+                    store, info, subscription.expand, subscription.fields
+                ).present(collection, records)
+        except (RuleError, BudgetExceeded) as exc:
+            logger.warning("snapshot of %r not read: %s", subscription.raw[:200], exc)
+            return position, [], None
+    return position, items, total
 
 
 def check_topic(store: CollectionLookup, topic: str) -> None:
