@@ -13991,6 +13991,20 @@ class Client:
         messages = _stream_messages(self, topic, options, **settings)
         return ClientSubscription(self._loop, messages, callback)
 
+    def live(
+        self,
+        collection: str,
+        *,
+        filter: str = "",
+        sort: str = "",
+        on_change: Callable[[LiveQuery], None] | None = None,
+    ) -> LiveQuery:
+        """The records of `collection` that this client may list and that
+        `filter` matches, kept current: a live query (pbrt's `snapshot` and
+        `leave` subscription options). `on_change(live)` is called on the
+        background thread after each change; `close()` it to stop."""
+        return LiveQuery(self, collection, filter, sort, on_change)
+
     def close(self) -> None:
         """End this Client's subscriptions and the thread that delivers them."""
         loop, self._loop = self._loop, None
@@ -14023,6 +14037,82 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+class LiveQuery:
+    """A collection's matching records kept current from a live query's
+    messages (see README, "Live queries"): `records` in the snapshot's sort,
+    updates in place, creates at the end. Each (re)connection's snapshot
+    replaces the rows; `ready` is set once the first one is whole."""
+
+    def __init__(
+        self,
+        client: Client,
+        collection: str,
+        filter: str,
+        sort: str,
+        on_change: Callable[[LiveQuery], None] | None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[str, dict[str, JSON]] = {}
+        self._incoming: dict[str, dict[str, JSON]] | None = None  # a snapshot coming in
+        self._on_change = on_change
+        self.ready = threading.Event()
+        self.total: int | None = None  # how many matched at the snapshot
+        self.truncated = False  # the snapshot held only its first perPage rows
+        query: dict[str, JSON] = {"snapshot": True, "leave": True}
+        if sort:
+            query["sort"] = sort
+        self._subscription = client.subscribe(
+            f"{collection}/*", self._on_message, filter=filter or None, query=query
+        )
+
+    @property
+    def records(self) -> list[dict[str, JSON]]:
+        """The current records (a copy)."""
+        with self._lock:
+            return list(self._rows.values())
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the first snapshot arrived whole (False on timeout)."""
+        return self.ready.wait(timeout)
+
+    def _on_message(self, message: JSON) -> None:
+        if not isinstance(message, dict) or not isinstance(message.get("record", {}), dict):
+            return
+        action = message.get("action")
+        record = cast(dict[str, JSON], message.get("record") or {})
+        with self._lock:
+            if action == "snapshot":
+                if self._incoming is None:
+                    self._incoming = {}
+                self._incoming[str(record.get("id"))] = record
+            elif action == "snapshot_end":
+                self._rows, self._incoming = self._incoming or {}, None
+                total = message.get("total")
+                self.total = total if isinstance(total, int) else None
+                self.truncated = bool(message.get("truncated"))
+            elif action in ("create", "update"):
+                self._rows[str(record.get("id"))] = record
+            elif action in ("delete", "leave"):
+                self._rows.pop(str(record.get("id")), None)
+            else:
+                return
+        if action == "snapshot":
+            return
+        self.ready.set()
+        if self._on_change is not None:
+            self._on_change(self)
+
+    def close(self) -> None:
+        """Stop following the query."""
+        self._subscription.close()
+
+    def __enter__(self) -> LiveQuery:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class ClientSubscription:

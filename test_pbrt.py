@@ -6523,6 +6523,88 @@ def test_live_snapshots_with_the_js_sdk_equal_a_fresh_list_under_writes(
     assert all(count >= 1 for count in result["snapshots"])
 
 
+def test_live_query_in_pbrt_client_and_leave_on_resume(tmp_path: Path) -> None:
+    """`pbrt.Client.live` keeps a filter's records current from the wire
+    messages; a client that resumes with `Last-Event-ID` gets the `leave`
+    of a change it missed."""
+    with serving(tmp_path) as (app, api, su):
+        api.create_collection(ROOM_CHAT, su)
+        first = app.create("chat", {"room": "r1", "text": "a"})
+        app.create("chat", {"room": "r2", "text": "b"})
+
+        def matching() -> list[str]:
+            return sorted(r["text"] for r in app.list("chat", filter='room = "r1"')["items"])
+
+        with pbrt.Client(api.url).live("chat", filter='room = "r1"', sort="text") as live:
+            assert live.wait_ready(30)
+            snapshot = [r["text"] for r in live.records]
+            second = app.create("chat", {"room": "r1", "text": "c"})
+            app.update("chat", first["id"], {"room": "r2"})
+            app.update("chat", second["id"], {"text": "c2"})
+            app.create("chat", {"room": "r1", "text": "d"})
+            wait_until(lambda: sorted(r["text"] for r in live.records) == matching())
+            final = sorted(r["text"] for r in live.records)
+
+        async def resumed() -> list[dict[str, Any]]:
+            port = port_of(api)
+            topic = live_topic("chat/*", filter='room = "r1"', leave=True)
+            client = await SseClient.connect(port)
+            await post_subscriptions(port, client.id, [topic, MARKER])
+            made = await asyncio.to_thread(app.create, "chat", {"room": "r1", "text": "e"})
+            created = await client.next_event()
+            await client.close()
+            await asyncio.to_thread(app.update, "chat", made["id"], {"room": "r2"})
+            again = await SseClient.connect(port, headers=f"Last-Event-ID: {created['id']}\r\n")
+            await post_subscriptions(port, again.id, [topic, MARKER])
+            await publish_marker(app)
+            events = [json.loads(e["data"]) for e in await again.events_until_marker()]
+            await again.close()
+            return events
+
+        replayed = run(resumed())
+    assert snapshot == ["a"]
+    assert final == ["c2", "d"]
+    assert [(e["action"], sorted(e["record"])) for e in replayed] == [
+        ("leave", ["collectionId", "collectionName", "id"])
+    ]
+
+
+def test_live_snapshot_of_100000_rows_is_bounded_and_others_go_on(tmp_path: Path) -> None:
+    """A snapshot of 100,000 matching rows sends at most perPage (at most
+    1,000) and says it was cut, read in a thread within a budget; a plain
+    subscriber keeps getting each write meanwhile."""
+    data_dir = data_dir_with(tmp_path, [ROOM_CHAT])
+    with contextlib.closing(sqlite3.connect(data_dir / "data.db")) as db, db:
+        db.executemany(
+            "INSERT INTO chat (id, room, text) VALUES (?, 'r1', ?)",
+            ((f"row{n:011d}", f"t{n}") for n in range(100_000)),
+        )
+    with serving(tmp_path, with_superuser=False) as (app, api, _):
+
+        async def body() -> tuple[list[dict[str, Any]], list[str]]:
+            port = port_of(api)
+            plain = await SseClient.connect(port)
+            await post_subscriptions(port, plain.id, [live_topic("chat/*", filter='room = "live"')])
+            big = await SseClient.connect(port)
+            await post_subscriptions(port, big.id, [live_topic("chat/*", snapshot=True, perPage=5000)])
+            texts = []
+            for n in range(5):  # while the big snapshot is read and sent
+                await asyncio.to_thread(app.create, "chat", {"room": "live", "text": f"w{n}"})
+                texts.append(json.loads((await plain.next_event(30))["data"])["record"]["text"])
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["action"] != "snapshot_end":
+                events.append(json.loads((await big.next_event(60))["data"]))
+            for client in (plain, big):
+                await client.close()
+            return events, texts
+
+        events, texts = run(body(), timeout=120)
+    *rows, end = events
+    assert texts == [f"w{n}" for n in range(5)]
+    assert len(rows) == 1000 and all(e["action"] == "snapshot" for e in rows)
+    assert end["total"] >= 100_000 and end["truncated"] is True
+
+
 def test_realtime_heartbeats_are_comments_that_do_not_count_as_messages(
     tmp_path: Path,
 ) -> None:
