@@ -240,6 +240,7 @@ SSE_MAX_LIFETIME_S = 30 * 60.0
 SSE_HEARTBEAT_S = 25.0  # a comment line this often: under common proxy idle limits
 RULE_BATCH_SIZE = 100  # rule checks per batched SQL statement
 FANOUT_SLICE = 2000  # subscriptions decided between two turns of the event loop
+SNAPSHOT_SLICE = 100  # a snapshot's messages sent between two turns of the event loop
 
 # The realtime log: every committed change and custom message, in data.db.
 REALTIME_LOG_TABLE = "_realtime_log"
@@ -9366,11 +9367,13 @@ class Broker:
                         read_snapshot, self.store, subscription, info, self.replay_budget_s
                     )
                 )
-                for item in items:
+                for index, payload in enumerate(items):
                     if client.closed:
                         return
-                    self._send(client, 0, raw, _json_body({"action": "snapshot", "record": item}))
-                    await self._drained(client)
+                    self._send(client, 0, raw, payload)
+                    if index % SNAPSHOT_SLICE == SNAPSHOT_SLICE - 1:
+                        await asyncio.sleep(0)  # live deliveries go on between slices
+                        await self._drained(client)
                 end = {
                     "action": "snapshot_end",
                     "position": position,
@@ -9450,10 +9453,10 @@ class Broker:
 
 def read_snapshot(
     store: Store, subscription: Subscription, info: RequestInfo, budget_s: float
-) -> tuple[int, list[dict[str, JSON]], int | None]:
+) -> tuple[int, list[bytes], int | None]:
     """A live query's rows, in one read transaction with the log position
-    they stand at: (position, records as the subscriber sees them, how many
-    match in all). The rows are those the topic's rule (listRule, or
+    they stand at: (position, the `snapshot` message of each record as the
+    subscriber sees it, encoded, how many match in all). The rows are those the topic's rule (listRule, or
     viewRule for one record) and the filter let this subscriber see, in the
     subscription's sort, at most its perPage. Past `budget_s`, or for a
     filter or sort that cannot be compiled, no rows and a total of None.
@@ -9504,7 +9507,7 @@ def read_snapshot(
         except (RuleError, BudgetExceeded) as exc:
             logger.warning("snapshot of %r not read: %s", subscription.raw[:200], exc)
             return position, [], None
-    return position, items, total
+    return position, [_json_body({"action": "snapshot", "record": i}) for i in items], total
 
 
 def check_topic(store: CollectionLookup, topic: str) -> None:
@@ -14618,7 +14621,7 @@ def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -
 # Load scenarios against a pbrt child process or any PocketBase-compatible
 # server (`--url`): latency, losses, order, CPU and memory.
 
-BENCH_SCENARIOS = ("connect", "fanout", "writes", "churn", "logins")
+BENCH_SCENARIOS = ("connect", "fanout", "writes", "churn", "logins", "snapshot")
 BENCH_RULES = {
     "public": "",
     "field": "published = true",
@@ -15229,6 +15232,63 @@ def _bench_logins(
     return results
 
 
+SNAPSHOT_BENCH_ROWS = 100_000
+
+
+def _bench_snapshot(
+    target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]
+) -> dict[str, JSON]:
+    """A fan-out twice, side by side: quiet, then while clients take live
+    query snapshots of 100,000 matching rows one after another; the others'
+    delivery p99 in each, and how many snapshots were taken. A pbrt child
+    process only (the rows are written into its data dir)."""
+    if target.directory is None:
+        raise SystemExit("bench snapshot measures a pbrt child process (no --url/--versus)")
+    _bench_collection(target, "bench_snapshot", "")
+    progress(f"seeding {SNAPSHOT_BENCH_ROWS} rows")
+    with contextlib.closing(
+        sqlite3.connect(os.path.join(target.directory, DATABASE_FILE), timeout=60)
+    ) as database, database:
+        database.executemany(
+            "INSERT INTO bench_snapshot (id, seq, body) VALUES (?, ?, ?)",
+            ((f"snap{n:011d}", n, "x" * 100) for n in range(SNAPSHOT_BENCH_ROWS)),
+        )
+    results: dict[str, JSON] = {"scenario": "snapshot", "clients": args.clients}
+    for phase in ("quiet", "snapshots"):
+        taken = [0]
+
+        @contextlib.contextmanager
+        def snapshots(taken: list[int] = taken, on: bool = phase == "snapshots") -> Iterator[None]:
+            stop = threading.Event()
+
+            def loop() -> None:
+                topic = 'bench_snapshot/*?options={"query":{"snapshot":true}}'
+                while on and not stop.is_set():
+                    with Client(target.url) as client:
+                        for message in client.subscribe(topic):
+                            if isinstance(message, dict) and message.get("action") == "snapshot_end":
+                                taken[0] += 1
+                                break
+
+            thread = threading.Thread(target=loop, daemon=True)
+            thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                thread.join(CLIENT_TIMEOUT_S)
+
+        progress(f"phase {phase}")
+        fanout = _bench_fanout(target, args, progress, snapshots)
+        results[phase] = {
+            "delivery_ms": fanout["delivery_ms"],
+            "last_subscriber_ms": fanout["last_subscriber_ms"],
+            "losses": fanout["losses"],
+            "snapshots_taken": taken[0],
+        }
+    return results
+
+
 def _bench_connect(
     target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]
 ) -> dict[str, JSON]:
@@ -15440,6 +15500,7 @@ def _bench_run(
             "writes": _bench_writes,
             "churn": _bench_churn,
             "logins": _bench_logins,
+            "snapshot": _bench_snapshot,
         }
         result = scenario[args.scenario](target, args, progress)
     finally:

@@ -6605,6 +6605,44 @@ def test_live_snapshot_of_100000_rows_is_bounded_and_others_go_on(tmp_path: Path
     assert end["total"] >= 100_000 and end["truncated"] is True
 
 
+def test_live_snapshot_and_leave_with_two_workers(tmp_path: Path) -> None:
+    """`serve --workers 2`: a live query on either worker, whichever worker
+    takes its subscription POST, gets its snapshot and the leave."""
+    data_dir = data_dir_with(tmp_path, [ROOM_CHAT])
+    with ServerProcess(data_dir, 0, "--workers", "2") as server:
+        writer = pbrt.Client(server.url)
+        kept = writer.create("chat", {"room": "r1", "text": "old"})
+
+        async def body() -> dict[int, list[dict[str, Any]]]:
+            streams: dict[int, SseClient] = {}
+            for _ in range(100):  # the kernel spreads connections over the workers
+                client = await SseClient.connect(server.port)
+                worker = pbrt.SECRET_ALPHABET.index(client.id[0])
+                if worker in streams:
+                    await client.close()
+                else:
+                    streams[worker] = client
+                if len(streams) == 2:
+                    break
+            topic = live_topic("chat/*", filter='room = "r1"', snapshot=True, leave=True)
+            for client in streams.values():
+                response = await post_subscriptions(server.port, client.id, [topic])
+                assert response.status == 204, response.body
+            seen: dict[int, list[dict[str, Any]]] = {}
+            for worker, client in streams.items():
+                seen[worker] = [json.loads((await client.next_event(30))["data"]) for _ in range(2)]
+            await asyncio.to_thread(writer.update, "chat", kept["id"], {"room": "r2"})
+            for worker, client in streams.items():
+                seen[worker].append(json.loads((await client.next_event(30))["data"]))
+                await client.close()
+            return seen
+
+        seen = run(body(), timeout=120)
+    for events in seen.values():
+        assert [e["action"] for e in events] == ["snapshot", "snapshot_end", "leave"]
+        assert events[0]["record"]["text"] == "old" and events[2]["record"]["id"] == kept["id"]
+
+
 def test_realtime_heartbeats_are_comments_that_do_not_count_as_messages(
     tmp_path: Path,
 ) -> None:
