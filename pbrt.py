@@ -8523,7 +8523,7 @@ class _FanOut:
 
     def decide(self, candidates: list[Candidate]) -> None:
         """Check rules and filters in memory for these candidates."""
-        collection, broker = self.collection, self.broker
+        collection = self.collection
         for client, subscription, rule_name, auth in candidates:
             superuser = auth is not None and auth.is_superuser
             rule = collection.rules.get(rule_name)
@@ -8539,24 +8539,32 @@ class _FanOut:
                     subscription.query,
                     subscription.headers,
                 )
-                wanted: list[tuple[JSON, ...]] = [key]
+                if key not in self.verdicts:
+                    self._check(client, subscription, auth, "" if superuser else str(rule), key)
                 if subscription.leave and self.before is not None:
-                    wanted.append((*key, "before"))
-                for each in wanted:
-                    if each in self.verdicts:
-                        continue
-                    if self.spent.get(client.id, 0.0) > broker.check_budget_s:
-                        self.verdicts[each] = None  # this client's checks used its share
-                        continue
-                    started = time.monotonic()
-                    info = client.request_info(subscription, auth, self.now)
-                    self.verdicts[each] = self._verdict(
-                        info, "" if superuser else str(rule), subscription.filter, each
-                    )
-                    self.spent[client.id] = (
-                        self.spent.get(client.id, 0.0) + time.monotonic() - started
-                    )
+                    before = (*key, "before")
+                    if before not in self.verdicts:
+                        self._check(
+                            client, subscription, auth, "" if superuser else str(rule), before
+                        )
             self.planned.append((client, subscription, key, auth))
+
+    def _check(
+        self,
+        client: RealtimeClient,
+        subscription: Subscription,
+        auth: Auth | None,
+        rule: str,
+        key: tuple[JSON, ...],
+    ) -> None:
+        """Decide one check (the verdict under `key`) within the client's share."""
+        if self.spent.get(client.id, 0.0) > self.broker.check_budget_s:
+            self.verdicts[key] = None  # this client's checks used its share
+            return
+        started = time.monotonic()
+        info = client.request_info(subscription, auth, self.now)
+        self.verdicts[key] = self._verdict(info, rule, subscription.filter, key)
+        self.spent[client.id] = self.spent.get(client.id, 0.0) + time.monotonic() - started
 
     def _verdict(
         self, info: RequestInfo, rule: str, filter_text: str, key: tuple[JSON, ...]
