@@ -51,11 +51,14 @@ import ctypes.util
 import dataclasses
 import datetime
 import decimal
+import email.message
 import email.utils
 import functools
 import gc
 import hashlib
 import hmac
+import html
+import html.parser
 import http
 import http.cookies
 import importlib.util
@@ -74,6 +77,7 @@ import re
 import secrets
 import shutil
 import signal
+import smtplib
 import socket
 import sqlite3
 import ssl
@@ -6790,6 +6794,26 @@ def issue_file_token(collection: Collection, record: Record, now: float) -> str:
     return sign_token(claims, str(record["tokenKey"]) + secret)
 
 
+def issue_record_token(
+    collection: Collection, record: Record, kind: str, now: float, **claims: JSON
+) -> str:
+    """A mailed token (`verification`, `passwordReset`, `emailChange`) as
+    PocketBase signs it: the record's id and email (and `claims`), its kind's
+    duration, `tokenKey` plus its kind's secret."""
+    option = TOKEN_SECRET_OF[kind]
+    settings = collection.options.get(option)
+    duration = int(settings.get("duration", 1800)) if isinstance(settings, dict) else 1800
+    body: dict[str, JSON] = {
+        "collectionId": collection.id,
+        "email": _to_text(record.get("email")),
+        "exp": int(now) + duration,
+        "id": str(record["id"]),
+        "type": kind,
+        **claims,
+    }
+    return sign_token(body, str(record.get("tokenKey", "")) + collection.secret(option))
+
+
 def issue_auth_token(
     collection: Collection,
     record: Record,
@@ -6807,6 +6831,301 @@ def issue_auth_token(
     claims = auth_token_claims(collection.id, str(record["id"]), expires)
     claims["refreshable"] = refreshable
     return sign_token(claims, str(record["tokenKey"]) + collection.token_secret)
+
+
+# --- mail -------------------------------------------------------------------------
+# PocketBase's mails: a collection's template with its placeholders, in
+# PocketBase's layout, sent by SMTP (the `smtp` settings) or, when SMTP is
+# off, by a `sendmail` binary. Sending happens in a thread of its own,
+# after the request was answered; a failed send is logged and tried again.
+
+MAIL_LAYOUT = """
+<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Strict//EN" "http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">
+<html xmlns="http://www.w3.org/1999/xhtml">
+<head>
+    <meta http-equiv="Content-Type" content="text/html; charset=UTF-8" />
+    <meta name="viewport" content="width=device-width,initial-scale=1" />
+    <style>
+        body, html {
+            padding: 0;
+            margin: 0;
+            border: 0;
+            color: #16161a;
+            background: #fff;
+            font-size: 14px;
+            line-height: 20px;
+            font-weight: normal;
+            font-family: Source Sans Pro, sans-serif, emoji;
+        }
+        body {
+            padding: 20px 30px;
+        }
+        strong {
+            font-weight: bold;
+        }
+        em, i {
+            font-style: italic;
+        }
+        p {
+            display: block;
+            margin: 10px 0;
+            font-family: inherit;
+        }
+        small {
+            font-size: 12px;
+            line-height: 16px;
+        }
+        hr {
+            display: block;
+            height: 1px;
+            border: 0;
+            width: 100%;
+            background: #e1e6ea;
+            margin: 10px 0;
+        }
+        a {
+            color: inherit;
+        }
+        .hidden {
+            display: none !important;
+        }
+        .btn {
+            display: inline-block;
+            vertical-align: top;
+            border: 0;
+            cursor: pointer;
+            color: #fff !important;
+            background: #16161a !important;
+            text-decoration: none !important;
+            line-height: 40px;
+            width: auto;
+            min-width: 150px;
+            text-align: center;
+            padding: 0 20px;
+            margin: 5px 0;
+            font-family: Source Sans Pro, sans-serif, emoji;
+            font-size: 14px;
+            font-weight: bold;
+            border-radius: 6px;
+            box-sizing: border-box;
+        }
+    </style>
+</head>
+<body>
+    {CONTENT}
+</body>
+</html>
+"""
+
+MAIL_ATTEMPTS = 3  # tries per mail; between them MAIL_RETRY_S grows
+MAIL_RETRY_S = 2.0
+MAIL_TIMEOUT_S = 20.0  # one SMTP conversation or sendmail run
+MAX_MAILS_WAITING = 1_000  # more are dropped (logged): the mail server is gone
+SENDMAIL_PATHS = ("/usr/sbin/sendmail", "/usr/bin/sendmail")
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """One mail, ready to send."""
+
+    to: str
+    subject: str
+    html: str
+    sender_name: str
+    sender_address: str
+
+
+def render_mail(
+    settings: Mapping[str, JSON],
+    collection: Collection,
+    template: Mapping[str, JSON],
+    record: Record,
+    to: str,
+    placeholders: Mapping[str, str],
+) -> Mail:
+    """A template of `collection` made a mail as PocketBase makes it:
+    `{APP_NAME}` and `{APP_URL}` as set, `placeholders` ({TOKEN}, {OTP}, …)
+    as given, `{RECORD:field}` for each field that is not hidden (HTML-escaped,
+    but dates, numbers and booleans), the body in PocketBase's layout."""
+    meta = cast(dict[str, JSON], settings.get("meta") or {})
+    values = {"{APP_NAME}": _to_text(meta.get("appName")), "{APP_URL}": _to_text(meta.get("appURL"))}
+    values.update(placeholders)
+    for spec in collection.fields:
+        if spec.get("hidden"):
+            continue
+        value = record.get(spec["name"])
+        text = json.dumps(value) if isinstance(value, bool) else _to_text(value)
+        if isinstance(value, (list, dict)):
+            text = json.dumps(value, separators=(",", ":"))
+        if spec["type"] not in ("autodate", "date", "bool", "number"):
+            text = html.escape(text)
+        values["{RECORD:" + spec["name"] + "}"] = text
+
+    def fill(text: str) -> str:
+        for placeholder, value in values.items():
+            text = text.replace(placeholder, value)
+        return text
+
+    return Mail(
+        to=to,
+        subject=fill(_to_text(template.get("subject"))),
+        html=MAIL_LAYOUT.replace("{CONTENT}", fill(_to_text(template.get("body")))),
+        sender_name=_to_text(meta.get("senderName")),
+        sender_address=_to_text(meta.get("senderAddress")),
+    )
+
+
+class _HtmlText(html.parser.HTMLParser):
+    """The plain-text part of a mail, from its HTML (as PocketBase's)."""
+
+    SKIPPED = {"style", "script", "head", "title", "img", "button", "form", "select", "textarea"}
+    INLINE = {"a", "span", "small", "strike", "strong", "sub", "sup", "em", "b", "u", "i"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+        self.link: str | None = None
+        self.link_text: list[str] = []
+        self.since_newline = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.SKIPPED:
+            self.skipping += 1
+        elif tag == "br":
+            self.parts.append("\r\n")
+            self.since_newline = False
+        elif tag == "a":
+            self.link, self.link_text = dict(attrs).get("href") or "", []
+        elif tag not in self.INLINE and self.since_newline:
+            self.parts.append("\r\n")
+            self.since_newline = False
+        if tag == "li":
+            self.parts.append("- ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIPPED:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag == "a" and self.link is not None:
+            self.parts.append(f"[{''.join(self.link_text).strip()}]({self.link})")
+            self.link = None
+            self.since_newline = True
+
+    def handle_data(self, data: str) -> None:
+        if self.skipping:
+            return
+        text = re.sub(r"\s+", " ", data)
+        if not text.strip() and not self.since_newline:
+            return
+        (self.link_text if self.link is not None else self.parts).append(text)
+        self.since_newline = True
+
+
+def html_to_text(markup: str) -> str:
+    """The plain text of a mail's HTML: links as `[text](href)`, lines by block."""
+    parser = _HtmlText()
+    parser.feed(markup)
+    parser.close()
+    return "".join(parser.parts).strip()
+
+
+def mail_message(mail: Mail, now: float) -> email.message.EmailMessage:
+    """The MIME message of a mail: its text and its HTML, as alternatives."""
+    message = email.message.EmailMessage()
+    message["From"] = email.utils.formataddr((mail.sender_name, mail.sender_address))
+    message["To"] = mail.to
+    message["Subject"] = mail.subject
+    message["Date"] = email.utils.formatdate(now)
+    domain = mail.sender_address.rpartition("@")[2] or "localhost"
+    message["Message-ID"] = f"<{random_text(SECRET_ALPHABET, 15)}@{domain}>"
+    message.set_content(html_to_text(mail.html))
+    message.add_alternative(mail.html, subtype="html")
+    return message
+
+
+def send_mail(settings: Mapping[str, JSON], mail: Mail, now: float) -> None:
+    """Send one mail now, as the settings say (blocks; raises OSError or
+    smtplib.SMTPException when it cannot)."""
+    message = mail_message(mail, now)
+    smtp = cast(dict[str, JSON], settings.get("smtp") or {})
+    if smtp.get("enabled"):
+        host, port = _to_text(smtp.get("host")), int(cast(int, smtp.get("port") or 587))
+        local_name = _to_text(smtp.get("localName")) or "localhost"
+        context = ssl.create_default_context()
+        client: smtplib.SMTP = (
+            smtplib.SMTP_SSL(host, port, local_name, timeout=MAIL_TIMEOUT_S, context=context)
+            if smtp.get("tls")
+            else smtplib.SMTP(host, port, local_name, timeout=MAIL_TIMEOUT_S)
+        )
+        with client:
+            client.ehlo()
+            if not smtp.get("tls") and client.has_extn("starttls"):
+                client.starttls(context=context)
+                client.ehlo()
+            username, password = _to_text(smtp.get("username")), _to_text(smtp.get("password"))
+            if username or password:
+                if _to_text(smtp.get("authMethod")).upper() == "LOGIN":
+                    client.login(username, password, initial_response_ok=False)
+                else:
+                    client.login(username, password)
+            client.send_message(message)
+        return
+    binary = next(
+        (path for path in SENDMAIL_PATHS if os.access(path, os.X_OK)), None
+    ) or shutil.which("sendmail")
+    if binary is None:
+        raise OSError("failed to locate a sendmail executable path")
+    subprocess.run(
+        [binary, "-i", "-t"],
+        input=message.as_bytes(),
+        check=True,
+        timeout=MAIL_TIMEOUT_S,
+        capture_output=True,
+    )
+
+
+class Mailer:
+    """Sends mails in a thread of its own, each tried MAIL_ATTEMPTS times;
+    `send` never waits. With `dev`, every mail is logged whole."""
+
+    def __init__(self, settings: Callable[[], Mapping[str, JSON]], dev: bool = False) -> None:
+        self.settings, self.dev = settings, dev
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pbrt-mail")
+        self._waiting = 0
+        self._lock = threading.Lock()
+
+    def send(self, mail: Mail) -> None:
+        """Queue a mail (dropped, and logged, past MAX_MAILS_WAITING)."""
+        with self._lock:
+            if self._waiting >= MAX_MAILS_WAITING:
+                logger.error("mail to %s dropped: %d mails wait already", mail.to, self._waiting)
+                return
+            self._waiting += 1
+        settings = dict(self.settings())
+        if self.dev:
+            logger.info("mail to %s: %s\n%s", mail.to, mail.subject, html_to_text(mail.html))
+        self._pool.submit(self._deliver, settings, mail)
+
+    def _deliver(self, settings: dict[str, JSON], mail: Mail) -> None:
+        try:
+            for attempt in range(1, MAIL_ATTEMPTS + 1):
+                try:
+                    send_mail(settings, mail, time.time())
+                    return
+                except (OSError, smtplib.SMTPException, subprocess.SubprocessError) as exc:
+                    logger.warning(
+                        "mail to %s not sent (attempt %d of %d): %s",
+                        mail.to, attempt, MAIL_ATTEMPTS, exc,
+                    )
+                    if attempt < MAIL_ATTEMPTS:
+                        time.sleep(MAIL_RETRY_S * attempt)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def close(self) -> None:
+        """Stop taking mails; those queued are still tried (not waited for)."""
+        self._pool.shutdown(wait=False)
 
 
 # ==========================================================================
@@ -8906,6 +9225,10 @@ class Throttle:
             del self._last[next(iter(self._last))]
         return True
 
+    def forget(self, key: str) -> None:
+        """Make `key` due again at once."""
+        self._last.pop(key, None)
+
 
 class Broker:
     """Realtime clients and the delivery of the realtime log to them.
@@ -10891,12 +11214,6 @@ RESERVED_ROUTES = tuple(
         ("POST", "request-otp"),
         ("POST", "auth-with-otp"),
         ("POST", "auth-with-oauth2"),
-        ("POST", "request-verification"),
-        ("POST", "confirm-verification"),
-        ("POST", "request-password-reset"),
-        ("POST", "confirm-password-reset"),
-        ("POST", "request-email-change"),
-        ("POST", "confirm-email-change"),
         ("GET", "records/{id}/external-auths"),
         ("DELETE", "records/{id}/external-auths/{provider}"),
         ("DELETE", "truncate"),
@@ -10905,8 +11222,6 @@ RESERVED_ROUTES = tuple(
     ("GET", "/api/oauth2-redirect"),
     ("POST", "/api/oauth2-redirect"),
     ("GET", "/api/collections/meta/scaffolds"),
-    ("POST", "/api/settings/test/s3"),
-    ("POST", "/api/settings/test/email"),
     ("POST", "/api/settings/apple/generate-client-secret"),
     ("GET", "/api/crons"),
     ("POST", "/api/crons/{id}"),
@@ -12128,6 +12443,390 @@ async def handle_rules_check(context: RequestContext) -> Response:
     return json_response({"passes": passes, "explanation": lines})
 
 
+# --- mail flows: verification, password reset, email change ---------------------------
+# As PocketBase 0.40: the request answers at once whether the address is
+# known or not (the mail goes out afterwards, from its own thread), a
+# record is mailed at most once per MAIL_RESEND_S, and the tokens are
+# PocketBase's, each kind signed with its own secret.
+
+INVALID_TOKEN = validation_entry("validation_invalid_token", "Invalid or expired token.")
+TOKEN_COLLECTION_MISMATCH = validation_entry(
+    "validation_token_collection_mismatch",
+    "The provided token is for different auth collection.",
+)
+FORM_INVALID = "An error occurred while validating the submitted data."
+MAIL_RESEND_S = 120.0  # a record is mailed the same kind of link at most this often
+MAIL_REQUESTS_PER_IP = 30  # mail-sending requests per address per window
+MAIL_REQUESTS_WINDOW_S = 600.0
+
+
+def _flow_input(context: RequestContext, *names: str) -> dict[str, str]:
+    """The named string fields of a flow's body ("" when absent); a body
+    that cannot be read, or a field that is not a string: PocketBase's 400."""
+    try:
+        data = context.body.data
+    except BodyError:
+        raise BadRequestError(LOAD_FAILURE) from None
+    values = {}
+    for name in names:
+        value = data.get(name, "")
+        if not isinstance(value, str):
+            raise BadRequestError(LOAD_FAILURE)
+        values[name] = value
+    return values
+
+
+def _email_problem(value: str) -> JSON | None:
+    if not value:
+        return validation_entry("validation_required", "Cannot be blank.")
+    if len(value) > 255:
+        return validation_entry(
+            "validation_length_out_of_range",
+            "The length must be between 1 and 255.",
+            {"max": 255, "min": 1},
+        )
+    if not _EMAIL_RE.match(value):
+        return validation_entry("validation_is_email", "Must be a valid email address.")
+    return None
+
+
+def _mail_budget(context: RequestContext) -> None:
+    """429 past MAIL_REQUESTS_PER_IP mail-sending requests from one address."""
+    limiter, now = context.app.mail_requests, context.app.now()
+    if limiter.blocked(context.remote_ip, now):
+        raise TooManyRequestsError()
+    limiter.fail(context.remote_ip, now)
+
+
+def _record_by_email(store: Store, collection: Collection, address: str) -> Record | None:
+    found = store.find_records(collection, where="t.email = ?", params=(address,), limit=1)
+    return found[0] if found else None
+
+
+def _flow_token(
+    store: Store, collection: Collection, token: str, kind: str, now: float
+) -> tuple[Record | None, dict[str, JSON], JSON | None]:
+    """(record, claims, None) for a valid token of `kind` for `collection`,
+    else (None, claims, the token's validation error)."""
+    claims = read_token_claims(token) or {}
+    owner = store.collection(_to_text(claims.get("collectionId")))
+    record = (
+        store.get_record(owner, _to_text(claims.get("id")))
+        if owner is not None and owner.is_auth and claims.get("type") == kind
+        else None
+    )
+    if owner is None or record is None:
+        return None, claims, INVALID_TOKEN
+    secret = owner.secret(TOKEN_SECRET_OF[kind])
+    if not token_is_valid(token, str(record["tokenKey"]) + secret, now):
+        return None, claims, INVALID_TOKEN
+    if owner.id != collection.id:
+        return None, claims, TOKEN_COLLECTION_MISMATCH
+    return record, claims, None
+
+
+def _send_flow_mail(
+    context: RequestContext,
+    collection: Collection,
+    record: Record,
+    template: str,
+    to: str,
+    token: str,
+) -> None:
+    options = collection.options.get(template)
+    mail = render_mail(
+        context.app.settings, collection, cast(dict[str, JSON], options or {}), record,
+        to, {"{TOKEN}": token},
+    )
+    context.app.mailer.send(mail)
+
+
+async def handle_request_verification(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/request-verification."""
+    collection = _auth_collection_or_404(context)
+    if collection.name == SUPERUSERS:
+        raise BadRequestError("All superusers are verified by default.")
+    address = _flow_input(context, "email")["email"]
+    if problem := _email_problem(address):
+        raise BadRequestError(FORM_INVALID, {"email": problem})
+    _mail_budget(context)
+    store, now = _store(context), context.app.now()
+    record = await _records(context).run_read(lambda: _record_by_email(store, collection, address))
+    key = f"verification {collection.id} {record['id']}" if record else ""
+    if record and not record.get("verified") and context.app.mail_resends.due(key, now):
+        token = issue_record_token(collection, record, "verification", now)
+        _send_flow_mail(context, collection, record, "verificationTemplate", address, token)
+    return Response(204)
+
+
+async def handle_confirm_verification(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/confirm-verification."""
+    collection = _auth_collection_or_404(context)
+    if collection.name == SUPERUSERS:
+        raise BadRequestError("All superusers are verified by default.")
+    token = _flow_input(context, "token")["token"]
+    if not token:
+        raise BadRequestError(FORM_INVALID, {"token": validation_entry("validation_required", "Cannot be blank.")})
+    claims = read_token_claims(token) or {}
+    if not _to_text(claims.get("email")):
+        raise BadRequestError(FORM_INVALID, {"token": validation_entry(
+            "validation_invalid_token_claims", "Missing email token claim.")})
+    record, claims, problem = _flow_token(_store(context), collection, token, "verification", context.app.now())
+    if problem is not None or record is None:
+        raise BadRequestError(FORM_INVALID, {"token": problem})
+    if claims.get("email") != record.get("email"):
+        raise BadRequestError(FORM_INVALID, {"token": validation_entry(
+            "validation_token_email_mismatch",
+            "The record email doesn't match with the requested token claims.")})
+    if not record.get("verified"):
+        change: dict[str, JSON] = {"verified": True}
+        if not (collection.options.get("passwordAuth") or {}).get("enabled", True):
+            change["tokenKey"] = random_text(SECRET_ALPHABET, SECRET_LENGTH)
+        await _records(context).update(SYSTEM, collection.id, str(record["id"]), change)
+    context.app.mail_resends.forget(f"verification {collection.id} {record['id']}")
+    return Response(204)
+
+
+async def handle_request_password_reset(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/request-password-reset."""
+    collection = _auth_collection_or_404(context)
+    if not (collection.options.get("passwordAuth") or {}).get("enabled", True):
+        raise BadRequestError("The collection is not configured to allow password authentication.")
+    address = _flow_input(context, "email")["email"]
+    if problem := _email_problem(address):
+        raise BadRequestError(FORM_INVALID, {"email": problem})
+    _mail_budget(context)
+    store, now = _store(context), context.app.now()
+    record = await _records(context).run_read(lambda: _record_by_email(store, collection, address))
+    key = f"passwordReset {collection.id} {record['id']}" if record else ""
+    if record and context.app.mail_resends.due(key, now):
+        token = issue_record_token(collection, record, "passwordReset", now)
+        _send_flow_mail(context, collection, record, "resetPasswordTemplate", address, token)
+    return Response(204)
+
+
+async def handle_confirm_password_reset(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/confirm-password-reset: the new
+    password (a new tokenKey: every older token dies), the record's login
+    origins and one-time passwords gone."""
+    collection = _auth_collection_or_404(context)
+    values = _flow_input(context, "token", "password", "passwordConfirm")
+    errors: dict[str, JSON] = {}
+    spec = collection.field("password") or {}
+    least = int(cast(int, spec.get("min") or 1))
+    password = values["password"]
+    if not password:
+        errors["password"] = validation_entry("validation_required", "Cannot be blank.")
+    elif not least <= len(password) <= 255:
+        errors["password"] = validation_entry(
+            "validation_length_out_of_range",
+            f"The length must be between {least} and 255.",
+            {"max": 255, "min": least},
+        )
+    if not values["passwordConfirm"]:
+        errors["passwordConfirm"] = validation_entry("validation_required", "Cannot be blank.")
+    elif values["passwordConfirm"] != password:
+        errors["passwordConfirm"] = validation_entry("validation_values_mismatch", "Values don't match.")
+    record: Record | None = None
+    claims: dict[str, JSON] = {}
+    if not values["token"]:
+        errors["token"] = validation_entry("validation_required", "Cannot be blank.")
+    else:
+        record, claims, problem = _flow_token(
+            _store(context), collection, values["token"], "passwordReset", context.app.now()
+        )
+        if problem is not None:
+            errors["token"] = problem
+    if errors or record is None:
+        raise BadRequestError(FORM_INVALID, dict(sorted(errors.items())))
+    if len(password.encode()) > 71:  # bcrypt reads 72 bytes (PocketBase's field refuses)
+        raise BadRequestError("Failed to set new password.", {"password": validation_entry(
+            "validation_invalid_value", "Invalid value.")})
+    records = _records(context)
+    await _delete_auth_leftovers(records, collection, record, origins=True)
+    change: dict[str, JSON] = {"password": password, "passwordConfirm": password}
+    if not record.get("verified") and claims.get("email") == record.get("email"):
+        change["verified"] = True
+    await records.update(SYSTEM, collection.id, str(record["id"]), change)
+    context.app.mail_resends.forget(f"passwordReset {collection.id} {record['id']}")
+    return Response(204)
+
+
+async def _delete_auth_leftovers(
+    records: Records, collection: Collection, record: Record, *, origins: bool
+) -> None:
+    """Delete a record's one-time passwords (and login origins): what a new
+    password or email makes stale."""
+    for name in ("_authOrigins", "_otps") if origins else ("_otps",):
+        system = records.store.collection(name)
+        if system is None:
+            continue
+        found: list[Record] = await records.run_read(
+            functools.partial(
+                records.store.find_records,
+                system,
+                where="t.collectionRef = ? AND t.recordRef = ?",
+                params=(collection.id, record["id"]),
+            )
+        )
+        for row in found:
+            with contextlib.suppress(NotFoundError):
+                await records.delete(SYSTEM, system.id, str(row["id"]))
+
+
+async def handle_request_email_change(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/request-email-change (the record itself)."""
+    collection = _auth_collection_or_404(context)
+    auth = context.auth
+    if auth is None:
+        raise UnauthorizedError(MISSING_AUTH_TOKEN)
+    if auth.collection.id != collection.id:
+        raise ForbiddenError(
+            f"The request requires auth record from {auth.collection.name} collection."
+        )
+    if collection.name == SUPERUSERS:
+        raise BadRequestError("All superusers can change their emails directly.")
+    address = _flow_input(context, "newEmail")["newEmail"]
+    problem = _email_problem(address)
+    if problem is None and address == auth.record.get("email"):
+        problem = validation_entry("validation_not_in_invalid", "Must not be in list.")
+    store = _store(context)
+    if problem is None and await _records(context).run_read(
+        lambda: _record_by_email(store, collection, address)
+    ):
+        problem = validation_entry("validation_invalid_new_email", "Invalid new email address.")
+    if problem is not None:
+        raise BadRequestError(FORM_INVALID, {"newEmail": problem})
+    _mail_budget(context)
+    token = issue_record_token(
+        collection, auth.record, "emailChange", context.app.now(), newEmail=address
+    )
+    _send_flow_mail(context, collection, auth.record, "confirmEmailChangeTemplate", address, token)
+    return Response(204)
+
+
+async def handle_confirm_email_change(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/confirm-email-change: the new
+    email, verified, with the record's password (a new tokenKey)."""
+    collection = _auth_collection_or_404(context)
+    if collection.name == SUPERUSERS:
+        raise BadRequestError("All superusers can change their emails directly.")
+    values = _flow_input(context, "token", "password")
+    errors: dict[str, JSON] = {}
+    record: Record | None = None
+    claims: dict[str, JSON] = {}
+    token, password = values["token"], values["password"]
+    store = _store(context)
+    if not token:
+        errors["token"] = validation_entry("validation_required", "Cannot be blank.")
+    elif not _to_text((read_token_claims(token) or {}).get("newEmail")):
+        errors["token"] = validation_entry(
+            "validation_invalid_token_payload", "Invalid token payload - newEmail must be set."
+        )
+    else:
+        record, claims, problem = _flow_token(store, collection, token, "emailChange", context.app.now())
+        if problem is not None:
+            errors["token"] = problem
+        elif await _records(context).run_read(
+            lambda: _record_by_email(store, collection, _to_text(claims.get("newEmail")))
+        ):
+            errors["token"] = validation_entry(
+                "validation_invalid_token_email", "The new email address is invalid."
+            )
+            record = None
+    if not password:
+        errors["password"] = validation_entry("validation_required", "Cannot be blank.")
+    elif len(password) > 100:
+        errors["password"] = validation_entry(
+            "validation_length_out_of_range",
+            "The length must be between 1 and 100.",
+            {"max": 100, "min": 1},
+        )
+    elif record is None or not await _records(context).run_blocking(
+        verify_password, password, str(record.get("password", ""))
+    ):
+        errors["password"] = validation_entry(
+            "validation_invalid_password", "Missing or invalid auth record password."
+        )
+    if errors or record is None:
+        raise BadRequestError(FORM_INVALID, dict(sorted(errors.items())))
+    records = _records(context)
+    await _delete_auth_leftovers(records, collection, record, origins=False)
+    await records.update(SYSTEM, collection.id, str(record["id"]), {
+        "email": _to_text(claims.get("newEmail")),
+        "verified": True,
+        "tokenKey": random_text(SECRET_ALPHABET, SECRET_LENGTH),
+    })
+    return Response(204)
+
+
+async def handle_test_email(context: RequestContext) -> Response:
+    """POST /api/settings/test/email (superusers): a template of a
+    collection, sent to an address, for a made-up record."""
+    _require_superuser(context)
+    values = _flow_input(context, "email", "template", "collection")
+    templates = {
+        "verification": "verificationTemplate",
+        "password-reset": "resetPasswordTemplate",
+        "email-change": "confirmEmailChangeTemplate",
+        "otp": "otp",
+        "login-alert": "authAlert",
+    }
+    errors: dict[str, JSON] = {}
+    collection = _store(context).collection(values["collection"] or SUPERUSERS)
+    if collection is None or not collection.is_auth:
+        errors["collection"] = validation_entry(
+            "validation_invalid_auth_collection", "Must be a valid auth collection id or name."
+        )
+    if problem := _email_problem(values["email"]):
+        errors["email"] = problem
+    if not values["template"]:
+        errors["template"] = validation_entry("validation_required", "Cannot be blank.")
+    elif values["template"] not in templates:
+        errors["template"] = validation_entry("validation_in_invalid", "Must be a valid value.")
+    if errors or collection is None:
+        raise BadRequestError("Failed to send the test email.", dict(sorted(errors.items())))
+    record: Record = {
+        spec["name"]: f"__pb_test_{spec['name']}__" for spec in collection.fields
+    }
+    record.update(id="__pb_test_id__", email=values["email"])
+    option = collection.options.get(templates[values["template"]]) or {}
+    template = option.get("emailTemplate", option) if isinstance(option, dict) else {}
+    now = context.app.now()
+    placeholders = {
+        "{TOKEN}": issue_record_token(collection, {**record, "tokenKey": ""}, "verification", now),
+        "{OTP}": "123456",
+        "{OTP_ID}": "_PB_TEST_OTP_ID_",
+        "{ALERT_INFO}": f"{format_datetime(now)} - TEST_IP TEST_USER_AGENT",
+    }
+    mail = render_mail(
+        context.app.settings, collection, cast(dict[str, JSON], template), record,
+        values["email"], placeholders,
+    )
+    try:
+        await _records(context).run_blocking(send_mail, context.app.settings, mail, now)
+    except (OSError, smtplib.SMTPException, subprocess.SubprocessError) as exc:
+        raise BadRequestError(f"Failed to send the test email. Raw error: \n{exc}.") from exc
+    return Response(204)
+
+
+async def handle_test_s3(context: RequestContext) -> Response:
+    """POST /api/settings/test/s3 (superusers): pbrt keeps files on disk,
+    so S3 is never enabled (PocketBase's answer when it is not)."""
+    _require_superuser(context)
+    filesystem = _flow_input(context, "filesystem")["filesystem"]
+    if not filesystem or filesystem not in ("storage", "backups"):
+        problem = (
+            validation_entry("validation_in_invalid", "Must be a valid value.")
+            if filesystem
+            else validation_entry("validation_required", "Cannot be blank.")
+        )
+        raise BadRequestError("Failed to test the S3 filesystem.", {"filesystem": problem})
+    raise BadRequestError(
+        "Failed to test the S3 filesystem. Raw error: \nS3 storage filesystem is not enabled."
+    )
+
+
 # --- the app's public files ---------------------------------------------------------
 
 
@@ -12338,6 +13037,17 @@ def build_router() -> Router:
         "POST", "/api/collections/{collection}/impersonate/{id}", handle_impersonate
     )
     router.add("GET", "/api/collections/{collection}/auth-methods", handle_auth_methods)
+    for action, handler in (
+        ("request-verification", handle_request_verification),
+        ("confirm-verification", handle_confirm_verification),
+        ("request-password-reset", handle_request_password_reset),
+        ("confirm-password-reset", handle_confirm_password_reset),
+        ("request-email-change", handle_request_email_change),
+        ("confirm-email-change", handle_confirm_email_change),
+    ):
+        router.add("POST", f"/api/collections/{{collection}}/{action}", handler)
+    router.add("POST", "/api/settings/test/email", handle_test_email)
+    router.add("POST", "/api/settings/test/s3", handle_test_s3)
     router.add("POST", "/api/pbrt/rules/check", handle_rules_check)
     router.add("GET", "/_", handle_dashboard_redirect)
     router.add("GET", "/_/", handle_dashboard)
@@ -13386,6 +14096,10 @@ class App:
             self.config.login_failures_per_identity, window
         )
         self.verified_tokens = VerifiedTokens()
+        #: Mail-sending requests per address, and which record was mailed lately.
+        self.mail_requests = FailureLimiter(MAIL_REQUESTS_PER_IP, MAIL_REQUESTS_WINDOW_S)
+        self.mail_resends = Throttle(MAIL_RESEND_S)
+        self._mailer: Mailer | None = None
         self.store: Store | None = None
         self._records: Records | None = None
         self._settings: dict[str, JSON] | None = None
@@ -13434,9 +14148,19 @@ class App:
             return
         await self.server.stop()
         self.server = None
+        if self._mailer is not None:
+            self._mailer.close()
+            self._mailer = None
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    @property
+    def mailer(self) -> Mailer:
+        """What sends this App's mails (started on first use)."""
+        if self._mailer is None:
+            self._mailer = Mailer(lambda: self.settings, dev=self.config.dev)
+        return self._mailer
 
     @property
     def broker(self) -> Broker | None:
