@@ -7085,33 +7085,35 @@ def send_mail(settings: Mapping[str, JSON], mail: Mail, now: float) -> None:
 
 
 class Mailer:
-    """Sends mails in a thread of its own, each tried MAIL_ATTEMPTS times;
-    `send` never waits. With `dev`, every mail is logged whole."""
+    """Sends mails from a thread of its own, each tried MAIL_ATTEMPTS times;
+    `send` never waits. With `dev`, every mail is logged whole. The thread
+    does not hold the process at exit (mails still queued then are lost,
+    as a server's would be)."""
 
     def __init__(self, settings: Callable[[], Mapping[str, JSON]], dev: bool = False) -> None:
         self.settings, self.dev = settings, dev
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pbrt-mail")
-        self._waiting = 0
-        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[dict[str, JSON], Mail] | None] = queue.Queue(
+            MAX_MAILS_WAITING
+        )
+        self._thread = threading.Thread(target=self._run, name="pbrt-mail", daemon=True)
+        self._thread.start()
 
     def send(self, mail: Mail) -> None:
         """Queue a mail (dropped, and logged, past MAX_MAILS_WAITING)."""
-        with self._lock:
-            if self._waiting >= MAX_MAILS_WAITING:
-                logger.error("mail to %s dropped: %d mails wait already", mail.to, self._waiting)
-                return
-            self._waiting += 1
-        settings = dict(self.settings())
         if self.dev:
             logger.info("mail to %s: %s\n%s", mail.to, mail.subject, html_to_text(mail.html))
-        self._pool.submit(self._deliver, settings, mail)
-
-    def _deliver(self, settings: dict[str, JSON], mail: Mail) -> None:
         try:
+            self._queue.put_nowait((dict(self.settings()), mail))
+        except queue.Full:
+            logger.error("mail to %s dropped: %d mails wait already", mail.to, MAX_MAILS_WAITING)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            settings, mail = item
             for attempt in range(1, MAIL_ATTEMPTS + 1):
                 try:
                     send_mail(settings, mail, time.time())
-                    return
+                    break
                 except (OSError, smtplib.SMTPException, subprocess.SubprocessError) as exc:
                     logger.warning(
                         "mail to %s not sent (attempt %d of %d): %s",
@@ -7119,13 +7121,11 @@ class Mailer:
                     )
                     if attempt < MAIL_ATTEMPTS:
                         time.sleep(MAIL_RETRY_S * attempt)
-        finally:
-            with self._lock:
-                self._waiting -= 1
 
     def close(self) -> None:
-        """Stop taking mails; those queued are still tried (not waited for)."""
-        self._pool.shutdown(wait=False)
+        """Stop after the mails queued so far (not waited for)."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
 
 
 # ==========================================================================

@@ -9098,6 +9098,228 @@ def test_auth_bcrypt_hashes_verify_and_new_passwords_get_them(tmp_path: Path) ->
         assert token
 
 
+# --- mail and its flows ------------------------------------------------------------------
+
+
+class SmtpSink:
+    """A local SMTP server (asyncio, in a thread of its own) that keeps every
+    message it is given; `hang` makes it accept connections and say nothing."""
+
+    def __init__(self, hang: bool = False) -> None:
+        self.messages: list[Any] = []
+        self.hang = hang
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.port = 0
+
+    def __enter__(self) -> SmtpSink:
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._sessions: set[asyncio.Task[Any]] = set()
+        server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        for task in self._sessions:
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import email
+
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        try:
+            if self.hang:
+                await asyncio.sleep(3600)
+            writer.write(b"220 sink\r\n")
+            data: list[bytes] | None = None
+            while line := await reader.readline():
+                if data is not None:
+                    if line.rstrip(b"\r\n") == b".":
+                        self.messages.append(email.message_from_bytes(b"".join(data)))
+                        data = None
+                        writer.write(b"250 kept\r\n")
+                    else:
+                        data.append(line[1:] if line.startswith(b"..") else line)
+                    continue
+                command = line.decode().strip().upper()
+                if command.startswith("EHLO"):
+                    writer.write(b"250-sink\r\n250 8BITMIME\r\n")
+                elif command == "DATA":
+                    data = []
+                    writer.write(b"354 go on\r\n")
+                elif command == "QUIT":
+                    writer.write(b"221 bye\r\n")
+                    await writer.drain()
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def wait_for(self, count: int) -> list[Any]:
+        wait_until(lambda: len(self.messages) >= count)
+        return self.messages[:count]
+
+
+def mail_link(message: Any, action: str) -> str:
+    """The token in a mail's link to the dashboard page `action`."""
+    html_part = next(p for p in message.walk() if p.get_content_type() == "text/html")
+    found = re.search(rf"/_/#/auth/{action}/([\w.-]+)", html_part.get_payload(decode=True).decode())
+    assert found is not None
+    return found.group(1)
+
+
+def with_smtp(app: pbrt.App, sink: SmtpSink) -> None:
+    app.save_settings(
+        {**app.settings, "smtp": {**app.settings["smtp"], "enabled": True, "host": "127.0.0.1", "port": sink.port}}
+    )
+
+
+MAIL_FLOWS_SCRIPT = r"""
+const PocketBase = require("pocketbase/cjs");
+const [url, step, ...rest] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url);
+  const out = {};
+  if (step === "request") {
+    const [email] = rest;
+    out.verification = await pb.collection("users").requestVerification(email);
+    out.reset = await pb.collection("users").requestPasswordReset(email);
+  } else if (step === "confirm") {
+    const [verifyToken, resetToken] = rest;
+    out.verified = await pb.collection("users").confirmVerification(verifyToken);
+    out.reset = await pb.collection("users").confirmPasswordReset(resetToken, "new-password-1", "new-password-1");
+  } else if (step === "change") {
+    const [email, password, newEmail] = rest;
+    await pb.collection("users").authWithPassword(email, password);
+    out.requested = await pb.collection("users").requestEmailChange(newEmail);
+  } else if (step === "confirm-change") {
+    const [token, password] = rest;
+    out.confirmed = await pb.collection("users").confirmEmailChange(token, password);
+  }
+  console.log(JSON.stringify(out));
+})().catch((error) => { console.log(JSON.stringify({ failure: error.status, data: error.response })); process.exit(0); });
+"""
+
+
+def test_mail_flows_end_to_end_with_the_js_sdk(tmp_path: Path) -> None:
+    """Through the official SDK, with mail caught by a local SMTP sink:
+    verification, a password reset that kills the old token, an email
+    change after which only the new email signs in."""
+    with SmtpSink() as sink, serving(tmp_path) as (app, api, su):
+        with_smtp(app, sink)
+        old_token, user = make_user(api, "zoe", su)
+        asked = run_node(MAIL_FLOWS_SCRIPT, api.url, "request", "zoe@x.com")
+        by_subject = {m["Subject"]: m for m in sink.wait_for(2)}
+        verify_mail, reset_mail = by_subject["Verify your Acme email"], by_subject["Reset your Acme password"]
+        tokens = mail_link(verify_mail, "confirm-verification"), mail_link(reset_mail, "confirm-password-reset")
+        confirmed = run_node(MAIL_FLOWS_SCRIPT, api.url, "confirm", *tokens)
+        after = api.call("POST", "/api/collections/users/auth-refresh", token=old_token)
+        reused = api.call("POST", "/api/collections/users/confirm-password-reset", {
+            "token": tokens[1], "password": "x" * 10, "passwordConfirm": "x" * 10})
+        verified = app.get("users", user["id"])["verified"]
+        logged_in = api.login("users", "zoe@x.com", "new-password-1")[0]
+        changed = run_node(MAIL_FLOWS_SCRIPT, api.url, "change", "zoe@x.com", "new-password-1", "zed@x.com")
+        (change_mail,) = sink.wait_for(3)[2:]
+        change_token = mail_link(change_mail, "confirm-email-change")
+        done = run_node(MAIL_FLOWS_SCRIPT, api.url, "confirm-change", change_token, "new-password-1")
+        old_email = api.call("POST", "/api/collections/users/auth-with-password",
+                             {"identity": "zoe@x.com", "password": "new-password-1"})
+        new_email = api.login("users", "zed@x.com", "new-password-1")[1]
+    assert asked == {"verification": True, "reset": True}
+    assert verify_mail["To"] == "zoe@x.com" and verify_mail["Subject"] == "Verify your Acme email"
+    assert reset_mail["From"] == "Support <support@example.com>"
+    assert confirmed == {"verified": True, "reset": True}
+    assert after[0] == 401 and verified is True and logged_in
+    assert reused == (400, envelope(400, "An error occurred while validating the submitted data.",
+                                    {"token": {"code": "validation_invalid_token", "message": "Invalid or expired token."}}))
+    assert changed == {"requested": True} and change_mail["To"] == "zed@x.com"
+    assert done == {"confirmed": True}
+    assert old_email[0] == 400
+    assert new_email["email"] == "zed@x.com" and new_email["verified"] is True
+
+
+FLOW_ANSWERS = [  # recorded from PocketBase 0.40.6
+    ("request-verification", {"email": 123}, 400, "An error occurred while loading the submitted data.", {}),
+    ("request-password-reset", {}, 400, "An error occurred while validating the submitted data.",
+     {"email": {"code": "validation_required", "message": "Cannot be blank."}}),
+    ("request-verification", {"email": "nope"}, 400, "An error occurred while validating the submitted data.",
+     {"email": {"code": "validation_is_email", "message": "Must be a valid email address."}}),
+    ("confirm-password-reset", {"token": "x", "password": "123", "passwordConfirm": "1234"}, 400,
+     "An error occurred while validating the submitted data.", {
+         "password": {"code": "validation_length_out_of_range", "message": "The length must be between 8 and 255.",
+                      "params": {"max": 255, "min": 8}},
+         "passwordConfirm": {"code": "validation_values_mismatch", "message": "Values don't match."},
+         "token": {"code": "validation_invalid_token", "message": "Invalid or expired token."}}),
+    ("confirm-verification", {"token": "abc"}, 400, "An error occurred while validating the submitted data.",
+     {"token": {"code": "validation_invalid_token_claims", "message": "Missing email token claim."}}),
+    ("confirm-email-change", {"token": "abc", "password": ""}, 400,
+     "An error occurred while validating the submitted data.", {
+         "password": {"code": "validation_required", "message": "Cannot be blank."},
+         "token": {"code": "validation_invalid_token_payload", "message": "Invalid token payload - newEmail must be set."}}),
+    ("request-email-change", {"newEmail": "a@x.com"}, 401, "The request requires valid record authorization token.", {}),
+    ("request-verification", {"email": "ghost@x.com"}, 204, "", None),
+    ("request-password-reset", {"email": "ghost@x.com"}, 204, "", None),
+]
+
+
+@pytest.mark.parametrize(("action", "body", "status", "message", "data"), FLOW_ANSWERS)
+def test_mail_flows_answer_as_pocketbase(
+    tmp_path: Path, action: str, body: Any, status: int, message: str, data: Any
+) -> None:
+    with serving(tmp_path) as (_, api, su):
+        answer = api.call("POST", f"/api/collections/users/{action}", body)
+        superusers = api.call("POST", "/api/collections/_superusers/request-verification", {"email": "a@x.com"})
+        s3 = api.call("POST", "/api/settings/test/s3", {"filesystem": "storage"}, su)
+    assert answer == (status, envelope(status, message, data) if status != 204 else "")
+    assert superusers == (400, envelope(400, "All superusers are verified by default."))
+    assert s3 == (400, envelope(400, "Failed to test the S3 filesystem. Raw error: \nS3 storage filesystem is not enabled."))
+
+
+def test_mail_abuse_unknown_emails_get_nothing_and_a_hung_server_delays_no_request(
+    tmp_path: Path,
+) -> None:
+    """1,000 reset requests for unknown emails answer as for a known one and
+    send nothing; the per-address budget then answers 429; with a mail
+    server that never answers, requests still answer at once."""
+    with SmtpSink(hang=True) as hung, serving(tmp_path) as (app, api, su):
+        with_smtp(app, hung)
+        app.mail_requests = pbrt.FailureLimiter(2_000, 600)  # this test is one address
+        make_user(api, "kim", su)
+        answers = {
+            api.call("POST", "/api/collections/users/request-password-reset", {"email": f"nobody{n}@x.com"})
+            for n in range(1000)
+        }
+        started = time.monotonic()
+        known = api.call("POST", "/api/collections/users/request-password-reset", {"email": "kim@x.com"})
+        known_s = time.monotonic() - started
+        app.mail_requests = pbrt.FailureLimiter(3, 600)
+        limited = [
+            api.call("POST", "/api/collections/users/request-verification", {"email": "kim@x.com"})[0]
+            for _ in range(4)
+        ]
+    assert answers == {(204, "")} and known == (204, "")
+    assert known_s < 5  # the hung mail server is not waited for (it would be 20 s)
+    assert hung.messages == []
+    assert limited == [204, 204, 204, 429]
+
+
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_app(tmp_path) as (app, port):
