@@ -334,7 +334,8 @@ class Config:
     max_client_queue_bytes: int = MAX_CLIENT_QUEUE_BYTES
     #: Failed logins from one IP within the window before it gets 429 (0: off).
     login_failures_per_ip: int = LOGIN_FAILURES_PER_IP
-    #: Failed logins for one identity within the window before it gets 429 (0: off).
+    #: Failed logins for one identity from one address within the window
+    #: before that pair gets 429 (0: off); the owner elsewhere is not locked out.
     login_failures_per_identity: int = LOGIN_FAILURES_PER_IDENTITY
     #: The window of the two limits above, in seconds.
     login_failure_window_s: float = LOGIN_FAILURE_WINDOW_S
@@ -515,9 +516,19 @@ class NotFoundError(ApiError):
 
 
 class TooManyRequestsError(ApiError):
-    """429 Too Many Requests."""
+    """429 Too Many Requests; `retry_after_s` (when known) is sent as `Retry-After`."""
 
     status = 429
+
+    def __init__(
+        self,
+        message: str | None = None,
+        data: dict[str, JSON] | None = None,
+        *,
+        retry_after_s: float = 0.0,
+    ) -> None:
+        super().__init__(message, data)
+        self.retry_after_s = retry_after_s
 
 
 class InternalServerError(ApiError):
@@ -6659,6 +6670,12 @@ class FailureLimiter:
             del self._failures[key]
         return len(failures) >= self.limit
 
+    def retry_after(self, key: str, now: float) -> float:
+        """Seconds until `key` is no longer blocked (0: it is not)."""
+        if not self.blocked(key, now):
+            return 0.0
+        return self._failures[key][0] + self.window_s - now
+
     def fail(self, key: str, now: float) -> None:
         """Count one failure of `key`."""
         if not self.limit:
@@ -11052,8 +11069,12 @@ def json_response(value: JSON, status: int = 200) -> Response:
 
 
 def error_response(error: ApiError) -> Response:
-    """Return the JSON envelope of `error`."""
-    return json_response(error.payload(), error.status)
+    """Return the JSON envelope of `error` (with `Retry-After` when it says when)."""
+    response = json_response(error.payload(), error.status)
+    if isinstance(error, TooManyRequestsError) and error.retry_after_s > 0:
+        wait = ("Retry-After", str(math.ceil(error.retry_after_s)))
+        response = dataclasses.replace(response, headers=(*response.headers, wait))
+    return response
 
 
 def to_api_error(exc: BaseException) -> ApiError:
@@ -11546,10 +11567,13 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
             "An error occurred while validating the submitted data.", errors
         )
     app, now = context.app, time.monotonic()
-    keys = (context.remote_ip, f"{collection.id}:{identity.lower()}")
+    # Failures count per address, and per identity from that address: an
+    # attacker elsewhere never locks the owner out.
+    keys = (context.remote_ip, f"{context.remote_ip} {collection.id}:{identity.lower()}")
     limiters = (app.login_failures_by_ip, app.login_failures_by_identity)
-    if any(limiter.blocked(key, now) for limiter, key in zip(limiters, keys)):
-        raise TooManyRequestsError()
+    wait = max(limiter.retry_after(key, now) for limiter, key in zip(limiters, keys))
+    if wait > 0:
+        raise TooManyRequestsError(retry_after_s=wait)
     store = _store(context)
     identity_fields = collection.options.get("passwordAuth", {}).get(
         "identityFields"
@@ -12493,8 +12517,8 @@ def _email_problem(value: str) -> JSON | None:
 def _mail_budget(context: RequestContext) -> None:
     """429 past MAIL_REQUESTS_PER_IP mail-sending requests from one address."""
     limiter, now = context.app.mail_requests, context.app.now()
-    if limiter.blocked(context.remote_ip, now):
-        raise TooManyRequestsError()
+    if wait := limiter.retry_after(context.remote_ip, now):
+        raise TooManyRequestsError(retry_after_s=wait)
     limiter.fail(context.remote_ip, now)
 
 
@@ -14470,9 +14494,14 @@ class App:
         return self._settings
 
     def save_settings(self, settings: dict[str, JSON]) -> None:
-        """Store new (validated) settings; they apply from the next request."""
-        self.records.store.save_param("settings", settings)
-        self._settings = settings
+        """Store new (validated) settings; they apply from the next request.
+        Safe from any thread (handed to the server's loop while it runs)."""
+
+        def save() -> None:
+            self.records.store.save_param("settings", settings)
+            self._settings = settings
+
+        self._on_loop(save)
 
     def forget_settings(self) -> None:
         """Read the settings again when next asked (another process may have

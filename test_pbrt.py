@@ -2804,6 +2804,21 @@ def test_auth_failed_logins_are_throttled_and_successful_ones_never(
         third = {"identity": "third@x.com", "password": "password123"}
         assert api.normalized("POST", login, third) == throttled  # 5 from this address
 
+        async def from_address(host: str) -> RawResponse:
+            body = json.dumps(right).encode()
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port_of(api), local_addr=(host, 0)
+            )
+            writer.write(http_request("POST", login, body, {"Content-Type": "application/json"}))
+            raw = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            return parse_responses(raw)[0]
+
+        here, elsewhere = run(from_address("127.0.0.1")), run(from_address("127.0.0.2"))
+    assert here.status == 429 and 0 < int(here.header("Retry-After") or 0) <= 60
+    assert elsewhere.status == 200  # the owner, from another address, is never locked out
+
 
 # ==========================================================================
 # 10. Records (through real sockets)
