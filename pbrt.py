@@ -3263,6 +3263,21 @@ _INDEX_RE = re.compile(
 )
 
 
+def _merged(base: dict[str, JSON], change: dict[str, JSON]) -> dict[str, JSON]:
+    """`base` with `change` laid over it, objects merged key by key.
+
+    >>> _merged({"a": 1, "t": {"s": "x", "b": "y"}}, {"t": {"s": "z"}})
+    {'a': 1, 't': {'s': 'z', 'b': 'y'}}
+    """
+    merged = dict(base)
+    for key, value in change.items():
+        old = merged.get(key)
+        merged[key] = (
+            _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        )
+    return merged
+
+
 def build_collection(
     data: dict[str, JSON],
     existing: Collection | None,
@@ -3307,7 +3322,10 @@ def build_collection(
     if collection_type == "auth":
         defaults = default_auth_options()
         for key, default in defaults.items():
-            value = data.get(key, options.get(key, default))
+            current = options.get(key, default)
+            value = data.get(key, current)
+            if isinstance(value, dict) and isinstance(current, dict):
+                value = _merged(current, value)  # PATCH {"otp": {"enabled": true}} keeps the rest
             options[key] = value
         for kind in TOKEN_OPTIONS:
             token = dict(options[kind]) if isinstance(options[kind], dict) else {}

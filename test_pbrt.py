@@ -1920,6 +1920,16 @@ def serving(tmp_path: Path, with_superuser: bool = True, **settings: Any) -> Any
         yield app, api, token
 
 
+def test_collections_patch_merges_nested_auth_options(tmp_path: Path) -> None:
+    """PATCH `{"otp": {"enabled": true}}` changes that key only: the OTP's
+    duration, length and mail template stay (PocketBase's merge)."""
+    with serving(tmp_path) as (_, api, su):
+        before = api.json("GET", "/api/collections/users", token=su)["otp"]
+        after = api.json("PATCH", "/api/collections/users", {"otp": {"enabled": True}}, su)["otp"]
+    assert after == {**before, "enabled": True}
+    assert after["emailTemplate"]["subject"] == "OTP for {APP_NAME}"
+
+
 def test_store_fresh_dir_has_pocketbase_default_collections(tmp_path: Path) -> None:
     with serving(tmp_path) as (_, api, su):
         listing = api.json(
