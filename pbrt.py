@@ -2778,7 +2778,7 @@ def _escape_like_wildcards(text: str) -> str:
 # their validation. Pure: no database.
 
 RESERVED_TABLES = frozenset(
-    {"_collections", "_params", "_migrations", "_realtime_log", "_pbrt_resume"}
+    {"_collections", "_params", "_migrations", REALTIME_LOG_TABLE, RESUME_TABLE}
 )
 NAME_RE = re.compile(r"\A\w+\Z", re.ASCII)  # \Z: "$" would admit a trailing newline
 MAX_NAME_LENGTH = 255
