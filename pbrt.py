@@ -5719,7 +5719,13 @@ class Store:
             if spec["type"] == "password":
                 if modifier:
                     continue
-                password = _to_text(raw)
+                if collection.is_auth and name == "password":
+                    password = _to_text(raw)
+                    continue
+                value = _to_text(raw)  # another password field: kept hashed
+                if value:
+                    pre_hashed = privileged and value.startswith((*BCRYPT_PREFIXES, "scrypt$"))
+                    record[name] = value if pre_hashed else self.hash_password(value)
                 continue
             if collection.is_auth and name == "tokenKey" and not privileged:
                 continue
@@ -11250,8 +11256,6 @@ ROUTE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 RESERVED_ROUTES = tuple(
     (method, "/api/collections/{collection}/" + tail)
     for method, tail in (
-        ("POST", "request-otp"),
-        ("POST", "auth-with-otp"),
         ("POST", "auth-with-oauth2"),
         ("GET", "records/{id}/external-auths"),
         ("DELETE", "records/{id}/external-auths/{provider}"),
@@ -12869,6 +12873,120 @@ async def handle_test_s3(context: RequestContext) -> Response:
     )
 
 
+# --- one-time passwords ---------------------------------------------------------------
+
+OTP_NOT_ALLOWED = "The collection is not configured to allow OTP authentication."
+OTP_INVALID = "Invalid or expired OTP."
+OTP_ATTEMPTS = 5  # tries per record and address within OTP_ATTEMPTS_WINDOW_S
+OTP_ATTEMPTS_WINDOW_S = 180.0
+MAX_OTPS_PER_RECORD = 9  # unexpired ones; past it the newest is answered again
+
+
+def _otp_options(collection: Collection) -> dict[str, JSON]:
+    otp = collection.options.get("otp")
+    if not isinstance(otp, dict) or not otp.get("enabled"):
+        raise ForbiddenError(OTP_NOT_ALLOWED)
+    return otp
+
+
+def _created_at(record: Record) -> float:
+    moment = parse_datetime(_to_text(record.get("created")))
+    return moment.timestamp() if moment is not None else 0.0
+
+
+async def handle_request_otp(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/request-otp: a one-time password
+    by mail; an `otpId` whether or not the address is known."""
+    collection = _auth_collection_or_404(context)
+    otp = _otp_options(collection)
+    address = _flow_input(context, "email")["email"]
+    if problem := _email_problem(address):
+        raise BadRequestError(FORM_INVALID, {"email": problem})
+    _mail_budget(context)
+    records, store, now = _records(context), _store(context), context.app.now()
+    record = await records.run_read(lambda: _record_by_email(store, collection, address))
+    otps = store.collection("_otps")
+    if record is None or otps is None:
+        return json_response({"otpId": random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH)})
+    duration = int(cast(int, otp.get("duration") or 180))
+    recent: list[Record] = await records.run_read(
+        functools.partial(
+            store.find_records,
+            otps,
+            where="t.collectionRef = ? AND t.recordRef = ? AND t.created >= ?",
+            params=(collection.id, record["id"], format_datetime(now - duration)),
+            order="t.created DESC",
+        )
+    )
+    if len(recent) > MAX_OTPS_PER_RECORD:  # a flood: no new one, no new mail
+        return json_response({"otpId": recent[0]["id"]})
+    code = "".join(secrets.choice("1234567890") for _ in range(int(cast(int, otp.get("length") or 8))))
+    hashed = await records.run_blocking(new_password_hash, code)  # off the loop
+    made = await records.create(SYSTEM, otps.id, {
+        "collectionRef": collection.id, "recordRef": record["id"], "password": hashed, "sentTo": address,
+    })
+    template = cast(dict[str, JSON], otp.get("emailTemplate") or {})
+    context.app.mailer.send(render_mail(
+        context.app.settings, collection, template, record, address,
+        {"{OTP}": code, "{OTP_ID}": str(made["id"])},
+    ))
+    return json_response({"otpId": made["id"]})
+
+
+async def handle_auth_with_otp(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/auth-with-otp: the OTP is used up
+    (whatever follows), a few tries per record and address."""
+    collection = _auth_collection_or_404(context)
+    otp = _otp_options(collection)
+    values = _flow_input(context, "otpId", "password")
+    errors: dict[str, JSON] = {}
+    for name, most in (("otpId", 255), ("password", 71)):
+        if not values[name]:
+            errors[name] = validation_entry("validation_required", "Cannot be blank.")
+        elif len(values[name]) > most:
+            errors[name] = validation_entry(
+                "validation_length_out_of_range",
+                f"The length must be between 1 and {most}.",
+                {"max": most, "min": 1},
+            )
+    if errors:
+        raise BadRequestError(FORM_INVALID, errors)
+    records, store, now = _records(context), _store(context), context.app.now()
+    otps = store.collection("_otps")
+    found = store.get_record(otps, values["otpId"]) if otps is not None else None
+    record = (
+        store.get_record(collection, str(found["recordRef"]))
+        if found is not None and found.get("collectionRef") == collection.id
+        else None
+    )
+    duration = int(cast(int, otp.get("duration") or 180))
+    if otps is None or found is None or record is None or _created_at(found) + duration < now:
+        raise BadRequestError(OTP_INVALID)
+    attempts, key = context.app.otp_attempts, f"{record['id']} {context.remote_ip}"
+    if attempts.blocked(key, time.monotonic()):
+        raise TooManyRequestsError("Too many attempts, please try again later with a new OTP.")
+    attempts.fail(key, time.monotonic())
+    if not await records.run_blocking(verify_password, values["password"], str(found["password"])):
+        raise BadRequestError(OTP_INVALID)
+    with contextlib.suppress(NotFoundError):
+        await records.delete(SYSTEM, otps.id, str(found["id"]))
+    if not record.get("verified") and found.get("sentTo") == record.get("email"):
+        change: dict[str, JSON] = {"verified": True}
+        if not _mfa_required(collection):
+            change["tokenKey"] = random_text(SECRET_ALPHABET, SECRET_LENGTH)
+        record = await records.update(SYSTEM, collection.id, str(record["id"]), change)
+        record = store.get_record(collection, str(record["id"])) or record
+    if not _may_authenticate(context, collection, record):
+        raise ForbiddenError(AUTH_RULE_REFUSED)
+    if _mfa_required(collection):
+        raise UnauthorizedError(
+            "Multi-factor authentication is required, and this server has no second factor."
+        )
+    return _auth_response(
+        context, collection, record, issue_auth_token(collection, record, context.app.now())
+    )
+
+
 # --- the app's public files ---------------------------------------------------------
 
 
@@ -13086,6 +13204,8 @@ def build_router() -> Router:
         ("confirm-password-reset", handle_confirm_password_reset),
         ("request-email-change", handle_request_email_change),
         ("confirm-email-change", handle_confirm_email_change),
+        ("request-otp", handle_request_otp),
+        ("auth-with-otp", handle_auth_with_otp),
     ):
         router.add("POST", f"/api/collections/{{collection}}/{action}", handler)
     router.add("POST", "/api/settings/test/email", handle_test_email)
@@ -14141,6 +14261,7 @@ class App:
         #: Mail-sending requests per address, and which record was mailed lately.
         self.mail_requests = FailureLimiter(MAIL_REQUESTS_PER_IP, MAIL_REQUESTS_WINDOW_S)
         self.mail_resends = Throttle(MAIL_RESEND_S)
+        self.otp_attempts = FailureLimiter(OTP_ATTEMPTS, OTP_ATTEMPTS_WINDOW_S)
         self._mailer: Mailer | None = None
         self.store: Store | None = None
         self._records: Records | None = None

@@ -9345,6 +9345,60 @@ def test_mail_abuse_unknown_emails_get_nothing_and_a_hung_server_delays_no_reque
     assert limited == [204, 204, 204, 429]
 
 
+OTP_SCRIPT = r"""
+const PocketBase = require("pocketbase/cjs");
+const [url, step, ...rest] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url);
+  if (step === "request") {
+    const result = await pb.collection("users").requestOTP(rest[0]);
+    console.log(JSON.stringify(result));
+  } else {
+    const auth = await pb.collection("users").authWithOTP(rest[0], rest[1]);
+    console.log(JSON.stringify({ email: auth.record.email, valid: pb.authStore.isValid }));
+  }
+})().catch((error) => { console.log(JSON.stringify({ failure: error.status, message: error.message })); });
+"""
+
+
+def test_otp_login_with_the_js_sdk_and_guessing_stops(tmp_path: Path) -> None:
+    """requestOTP mails a code (an otpId comes back for an unknown address
+    too, and no mail); authWithOTP signs in once with it; guesses stop
+    after five tries per record and address, even with the right code."""
+    with SmtpSink() as sink, serving(tmp_path) as (_, api, su):
+        api.json("PATCH", "/api/settings", {"smtp": {"enabled": True, "host": "127.0.0.1", "port": sink.port}}, su)
+        off = api.call("POST", "/api/collections/users/request-otp", {"email": "amy@x.com"})
+        api.json("PATCH", "/api/collections/users", {"otp": {"enabled": True}}, su)
+        make_user(api, "amy", su)
+        unknown = run_node(OTP_SCRIPT, api.url, "request", "nobody@x.com")
+        asked = run_node(OTP_SCRIPT, api.url, "request", "amy@x.com")
+        (mail,) = sink.wait_for(1)
+        text = next(p for p in mail.walk() if p.get_content_type() == "text/plain")
+        code = re.search(r"password is: (\d{8})", text.get_payload(decode=True).decode())
+        assert code is not None
+        signed_in = run_node(OTP_SCRIPT, api.url, "auth", asked["otpId"], code.group(1))
+        used_up = run_node(OTP_SCRIPT, api.url, "auth", asked["otpId"], code.group(1))
+        again = run_node(OTP_SCRIPT, api.url, "request", "amy@x.com")
+        (_, second) = sink.wait_for(2)
+        right = re.search(r"password is: (\d{8})", next(
+            p for p in second.walk() if p.get_content_type() == "text/plain"
+        ).get_payload(decode=True).decode())
+        assert right is not None
+        guesses = [
+            api.call("POST", "/api/collections/users/auth-with-otp", {"otpId": again["otpId"], "password": "00000000"})[0]
+            for _ in range(4)  # the sign-in above was the first of five tries
+        ]
+        blocked = api.call("POST", "/api/collections/users/auth-with-otp",
+                           {"otpId": again["otpId"], "password": right.group(1)})
+    assert off == (403, envelope(403, "The collection is not configured to allow OTP authentication."))
+    assert re.fullmatch(r"[a-z0-9]{15}", unknown["otpId"]) and len(sink.messages) == 2
+    assert mail["To"] == "amy@x.com" and mail["Subject"] == "OTP for Acme"
+    assert signed_in == {"email": "amy@x.com", "valid": True}
+    assert used_up == {"failure": 400, "message": "Invalid or expired OTP."}
+    assert guesses == [400] * 4
+    assert blocked == (429, envelope(429, "Too many attempts, please try again later with a new OTP."))
+
+
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_app(tmp_path) as (app, port):
