@@ -503,6 +503,17 @@ class UnauthorizedError(ApiError):
     status = 401
 
 
+class MfaRequired(UnauthorizedError):
+    """A first factor passed; the answer is PocketBase's 401 `{"mfaId": …}`."""
+
+    def __init__(self, mfa_id: str) -> None:
+        super().__init__()
+        self.mfa_id = mfa_id
+
+    def payload(self) -> dict[str, JSON]:
+        return {"mfaId": self.mfa_id}
+
+
 class ForbiddenError(ApiError):
     """403 Forbidden."""
 
@@ -11565,9 +11576,53 @@ def _may_authenticate(
 
 
 def _mfa_required(collection: Collection) -> bool:
-    """MFA is on: pbrt has only password auth, so it can never be completed."""
+    """Whether the collection's MFA is on."""
     mfa = collection.options.get("mfa")
     return isinstance(mfa, dict) and bool(mfa.get("enabled"))
+
+
+async def _second_factor(
+    context: RequestContext, collection: Collection, record: Record, method: str
+) -> None:
+    """PocketBase's MFA after a first factor (`password` or `otp`) passed:
+    when it applies to this record (its `rule`, empty for everyone), a
+    request without `mfaId` gets 401 `{"mfaId": …}`; one with it must come
+    within `mfa.duration`, for this record, by another method."""
+    mfa = cast(dict[str, JSON], collection.options.get("mfa") or {})
+    if not mfa.get("enabled"):
+        return
+    rule = _to_text(mfa.get("rule"))
+    info = _requester(context).info(context.app.now())
+    if rule and not can_access(_store(context), collection, record["id"], rule, info):
+        return
+    records, store = _records(context), _store(context)
+    mfas = store.collection("_mfas")
+    if mfas is None:
+        raise InternalServerError()
+    mfa_id = context.request.query_value("mfaId")
+    if not mfa_id:
+        with contextlib.suppress(BodyError):
+            mfa_id = _to_text(context.body.data.get("mfaId"))
+    if not mfa_id:
+        made = await records.create(SYSTEM, mfas.id, {
+            "collectionRef": collection.id, "recordRef": record["id"], "method": method,
+        })
+        raise MfaRequired(str(made["id"]))
+    session = store.get_record(mfas, mfa_id)
+    duration = int(cast(int, mfa.get("duration") or 600))
+    if session is not None and _created_at(session) + duration < context.app.now():
+        with contextlib.suppress(NotFoundError):
+            await records.delete(SYSTEM, mfas.id, mfa_id)
+        session = None
+    if session is None:
+        raise BadRequestError("Invalid or expired MFA session.")
+    if session.get("collectionRef") != collection.id or session.get("recordRef") != record["id"]:
+        raise BadRequestError("Invalid MFA session.")
+    if session.get("method") == method:
+        raise BadRequestError("A different authentication method is required.")
+    with contextlib.suppress(NotFoundError):
+        await records.delete(SYSTEM, mfas.id, mfa_id)
+
 
 
 async def handle_auth_with_password(context: RequestContext) -> Response:
@@ -11624,10 +11679,7 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
         raise BadRequestError("Failed to authenticate.")
     if not _may_authenticate(context, collection, record):
         raise ForbiddenError(AUTH_RULE_REFUSED)
-    if _mfa_required(collection):
-        raise UnauthorizedError(
-            "Multi-factor authentication is required, and this server has no second factor."
-        )
+    await _second_factor(context, collection, record, "password")
     return _auth_response(
         context,
         collection,
@@ -12978,10 +13030,7 @@ async def handle_auth_with_otp(context: RequestContext) -> Response:
         record = store.get_record(collection, str(record["id"])) or record
     if not _may_authenticate(context, collection, record):
         raise ForbiddenError(AUTH_RULE_REFUSED)
-    if _mfa_required(collection):
-        raise UnauthorizedError(
-            "Multi-factor authentication is required, and this server has no second factor."
-        )
+    await _second_factor(context, collection, record, "otp")
     return _auth_response(
         context, collection, record, issue_auth_token(collection, record, context.app.now())
     )

@@ -9399,6 +9399,54 @@ def test_otp_login_with_the_js_sdk_and_guessing_stops(tmp_path: Path) -> None:
     assert blocked == (429, envelope(429, "Too many attempts, please try again later with a new OTP."))
 
 
+MFA_SCRIPT = r"""
+const PocketBase = require("pocketbase/cjs");
+const [url, step, ...rest] = process.argv.slice(1);
+(async () => {
+  const pb = new PocketBase(url);
+  if (step === "first") {
+    try { await pb.collection("users").authWithPassword(rest[0], "password123"); console.log(JSON.stringify({ passed: true })); }
+    catch (error) {
+      const { otpId } = await pb.collection("users").requestOTP(rest[0]);
+      console.log(JSON.stringify({ status: error.status, mfaId: error.response.mfaId, otpId }));
+    }
+  } else {
+    const [otpId, code, mfaId] = rest;
+    const auth = await pb.collection("users").authWithOTP(otpId, code, { mfaId });
+    console.log(JSON.stringify({ email: auth.record.email, valid: pb.authStore.isValid }));
+  }
+})().catch((error) => { console.log(JSON.stringify({ failure: error.status, message: error.message })); });
+"""
+
+
+def test_mfa_password_then_otp_with_the_js_sdk(tmp_path: Path) -> None:
+    """MFA on: a password alone answers 401 `{mfaId}`; the OTP as second
+    factor with that mfaId signs in; the same method twice, or a used
+    mfaId, is refused as PocketBase refuses it; `mfa.rule` picks who."""
+    with SmtpSink() as sink, serving(tmp_path) as (app, api, su):
+        api.json("PATCH", "/api/settings", {"smtp": {"enabled": True, "host": "127.0.0.1", "port": sink.port}}, su)
+        api.json("PATCH", "/api/collections/users", {"otp": {"enabled": True}, "mfa": {"enabled": True, "rule": "name != 'free'"}}, su)
+        for email, name in (("mia@x.com", "mia"), ("fox@x.com", "free")):
+            app.create("users", {"email": email, "name": name, "password": "password123", "passwordConfirm": "password123"})
+        first = run_node(MFA_SCRIPT, api.url, "first", "mia@x.com")
+        twice = api.call("POST", "/api/collections/users/auth-with-password",
+                         {"identity": "mia@x.com", "password": "password123", "mfaId": first["mfaId"]})
+        (mail,) = sink.wait_for(1)
+        code = re.search(r"password is: (\d{8})", next(
+            p for p in mail.walk() if p.get_content_type() == "text/plain"
+        ).get_payload(decode=True).decode())
+        assert code is not None
+        second = run_node(MFA_SCRIPT, api.url, "second", first["otpId"], code.group(1), first["mfaId"])
+        reused = api.call("POST", "/api/collections/users/auth-with-password",
+                          {"identity": "mia@x.com", "password": "password123", "mfaId": first["mfaId"]})
+        free = run_node(MFA_SCRIPT, api.url, "first", "fox@x.com")
+    assert first["status"] == 401 and re.fullmatch(r"[a-z0-9]{15}", first["mfaId"])
+    assert twice == (400, envelope(400, "A different authentication method is required."))
+    assert second == {"email": "mia@x.com", "valid": True}
+    assert reused == (400, envelope(400, "Invalid or expired MFA session."))
+    assert free == {"passed": True}
+
+
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_app(tmp_path) as (app, port):
