@@ -57,7 +57,6 @@ import functools
 import gc
 import hashlib
 import hmac
-import html
 import html.parser
 import http
 import http.cookies
@@ -6987,6 +6986,18 @@ class Mail:
     sender_address: str
 
 
+def escape_html(text: str) -> str:
+    """Text for HTML as PocketBase escapes it (Go's html.EscapeString).
+
+    >>> escape_html("<i>Tom's & Jerry</i>")
+    '&lt;i&gt;Tom&#39;s &amp; Jerry&lt;/i&gt;'
+    """
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        .replace("'", "&#39;").replace('"', "&#34;")
+    )
+
+
 def render_mail(
     settings: Mapping[str, JSON],
     collection: Collection,
@@ -7010,7 +7021,7 @@ def render_mail(
         if isinstance(value, (list, dict)):
             text = json.dumps(value, separators=(",", ":"))
         if spec["type"] not in ("autodate", "date", "bool", "number"):
-            text = html.escape(text)
+            text = escape_html(text)
         values["{RECORD:" + spec["name"] + "}"] = text
 
     def fill(text: str) -> str:
@@ -11625,6 +11636,76 @@ async def _second_factor(
 
 
 
+MAX_AUTH_ORIGINS = 5  # a record's login origins; a new one past them drops the oldest
+
+
+async def _note_login_origin(
+    context: RequestContext, collection: Collection, record: Record
+) -> None:
+    """PocketBase's login origins and alert, after a sign-in by password or
+    OTP passed (MFA included), when the collection's `authAlert` is on: the
+    origin (an MD5 of address and user agent) is saved again, or added (at
+    most MAX_AUTH_ORIGINS, the oldest go); a new one that is not the first
+    mails the "Login from a new location" alert (without delaying this
+    answer, unlike PocketBase, which waits for the mail)."""
+    alert = collection.options.get("authAlert")
+    origins = _store(context).collection("_authOrigins")
+    if not isinstance(alert, dict) or not alert.get("enabled") or origins is None:
+        return
+    agent = context.request.header("user-agent")
+    if len(agent) > 200:
+        agent = agent[:200] + "..."
+    fingerprint = hashlib.md5((context.remote_ip + agent).encode()).hexdigest()
+    records, store = _records(context), _store(context)
+    known: list[Record] = await records.run_read(
+        functools.partial(
+            store.find_records,
+            origins,
+            where="t.collectionRef = ? AND t.recordRef = ?",
+            params=(collection.id, record["id"]),
+            order="t.created DESC",
+        )
+    )
+    same = next((o for o in known if o.get("fingerprint") == fingerprint), None)
+    try:
+        if same is not None:
+            await records.update(SYSTEM, origins.id, str(same["id"]), {"fingerprint": fingerprint})
+        else:
+            await _add_login_origin(context, collection, record, known, fingerprint, agent)
+    except ApiError as exc:  # a sign-in beside this one saved it: never fail the login
+        logger.info("login origin of %s %s not saved: %s", collection.name, record["id"], exc)
+
+
+async def _add_login_origin(
+    context: RequestContext,
+    collection: Collection,
+    record: Record,
+    known: list[Record],
+    fingerprint: str,
+    agent: str,
+) -> None:
+    """A new login origin (the oldest go past MAX_AUTH_ORIGINS); the alert
+    mail when it is not the record's first."""
+    records = _records(context)
+    origins = records.store.collection("_authOrigins")
+    alert = collection.options.get("authAlert")
+    assert origins is not None and isinstance(alert, dict)
+    if known and record.get("email"):
+        now = context.app.now()
+        info = escape_html(f"{format_datetime(now)} - {context.remote_ip} {agent}")
+        template = cast(dict[str, JSON], alert.get("emailTemplate") or {})
+        context.app.mailer.send(render_mail(
+            context.app.settings, collection, template, record, _to_text(record["email"]),
+            {"{ALERT_INFO}": info},
+        ))
+    for old in known[MAX_AUTH_ORIGINS - 1 :][::-1]:
+        with contextlib.suppress(NotFoundError):
+            await records.delete(SYSTEM, origins.id, str(old["id"]))
+    await records.create(SYSTEM, origins.id, {
+        "collectionRef": collection.id, "recordRef": record["id"], "fingerprint": fingerprint,
+    })
+
+
 async def handle_auth_with_password(context: RequestContext) -> Response:
     """POST /api/collections/{collection}/auth-with-password."""
     collection = _auth_collection_or_404(context)
@@ -11680,6 +11761,7 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
     if not _may_authenticate(context, collection, record):
         raise ForbiddenError(AUTH_RULE_REFUSED)
     await _second_factor(context, collection, record, "password")
+    await _note_login_origin(context, collection, record)
     return _auth_response(
         context,
         collection,
@@ -11751,22 +11833,29 @@ async def handle_impersonate(context: RequestContext) -> Response:
 
 
 async def handle_auth_methods(context: RequestContext) -> Response:
-    """GET /api/collections/{collection}/auth-methods: password auth only."""
+    """GET /api/collections/{collection}/auth-methods: what the collection
+    offers (no OAuth2 provider yet), as PocketBase lists it; `fields` applies."""
     collection = _auth_collection_or_404(context)
     password_auth = collection.options.get("passwordAuth", {})
     enabled = bool(password_auth.get("enabled", True))
-    identity_fields = list(password_auth.get("identityFields") or ["email"])
-    return json_response(
-        {
-            "password": {"identityFields": identity_fields, "enabled": enabled},
-            "oauth2": {"providers": [], "enabled": False},
-            "mfa": {"enabled": False, "duration": 0},
-            "otp": {"enabled": False, "duration": 0},
-            "authProviders": [],
-            "usernamePassword": enabled and "username" in identity_fields,
-            "emailPassword": enabled and "email" in identity_fields,
-        }
-    )
+    identity_fields = list(password_auth.get("identityFields") or ["email"]) if enabled else []
+
+    def method(name: str) -> dict[str, JSON]:
+        option = collection.options.get(name)
+        on = isinstance(option, dict) and bool(option.get("enabled"))
+        return {"enabled": on, "duration": int(cast(dict[str, Any], option).get("duration") or 0) if on else 0}
+
+    methods: JSON = {
+        "password": {"identityFields": identity_fields, "enabled": enabled},
+        "oauth2": {"providers": [], "enabled": False},
+        "mfa": method("mfa"),
+        "otp": method("otp"),
+        "authProviders": [],
+        "usernamePassword": enabled and "username" in identity_fields,
+        "emailPassword": enabled and "email" in identity_fields,
+    }
+    tree = parse_fields(context.request.query_value("fields"))
+    return json_response(pick_fields(methods, tree) if tree else methods)
 
 
 # --- realtime ------------------------------------------------------------------
@@ -13031,6 +13120,7 @@ async def handle_auth_with_otp(context: RequestContext) -> Response:
     if not _may_authenticate(context, collection, record):
         raise ForbiddenError(AUTH_RULE_REFUSED)
     await _second_factor(context, collection, record, "otp")
+    await _note_login_origin(context, collection, record)
     return _auth_response(
         context, collection, record, issue_auth_token(collection, record, context.app.now())
     )

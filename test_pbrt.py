@@ -9197,9 +9197,14 @@ class SmtpSink:
         finally:
             writer.close()
 
-    def wait_for(self, count: int) -> list[Any]:
-        wait_until(lambda: len(self.messages) >= count)
-        return self.messages[:count]
+    def wait_for(self, count: int, subject: str = "") -> list[Any]:
+        """The first `count` messages (with this subject, when given)."""
+
+        def kept() -> list[Any]:
+            return [m for m in self.messages if not subject or m["Subject"] == subject]
+
+        wait_until(lambda: len(kept()) >= count)
+        return kept()[:count]
 
 
 def mail_link(message: Any, action: str) -> str:
@@ -9251,8 +9256,8 @@ def test_mail_flows_end_to_end_with_the_js_sdk(tmp_path: Path) -> None:
         with_smtp(app, sink)
         old_token, user = make_user(api, "zoe", su)
         asked = run_node(MAIL_FLOWS_SCRIPT, api.url, "request", "zoe@x.com")
-        by_subject = {m["Subject"]: m for m in sink.wait_for(2)}
-        verify_mail, reset_mail = by_subject["Verify your Acme email"], by_subject["Reset your Acme password"]
+        (verify_mail,) = sink.wait_for(1, "Verify your Acme email")
+        (reset_mail,) = sink.wait_for(1, "Reset your Acme password")
         tokens = mail_link(verify_mail, "confirm-verification"), mail_link(reset_mail, "confirm-password-reset")
         confirmed = run_node(MAIL_FLOWS_SCRIPT, api.url, "confirm", *tokens)
         after = api.call("POST", "/api/collections/users/auth-refresh", token=old_token)
@@ -9261,7 +9266,7 @@ def test_mail_flows_end_to_end_with_the_js_sdk(tmp_path: Path) -> None:
         verified = app.get("users", user["id"])["verified"]
         logged_in = api.login("users", "zoe@x.com", "new-password-1")[0]
         changed = run_node(MAIL_FLOWS_SCRIPT, api.url, "change", "zoe@x.com", "new-password-1", "zed@x.com")
-        (change_mail,) = sink.wait_for(3)[2:]
+        (change_mail,) = sink.wait_for(1, "Confirm your Acme new email address")
         change_token = mail_link(change_mail, "confirm-email-change")
         done = run_node(MAIL_FLOWS_SCRIPT, api.url, "confirm-change", change_token, "new-password-1")
         old_email = api.call("POST", "/api/collections/users/auth-with-password",
@@ -9372,14 +9377,14 @@ def test_otp_login_with_the_js_sdk_and_guessing_stops(tmp_path: Path) -> None:
         make_user(api, "amy", su)
         unknown = run_node(OTP_SCRIPT, api.url, "request", "nobody@x.com")
         asked = run_node(OTP_SCRIPT, api.url, "request", "amy@x.com")
-        (mail,) = sink.wait_for(1)
+        (mail,) = sink.wait_for(1, "OTP for Acme")
         text = next(p for p in mail.walk() if p.get_content_type() == "text/plain")
         code = re.search(r"password is: (\d{8})", text.get_payload(decode=True).decode())
         assert code is not None
         signed_in = run_node(OTP_SCRIPT, api.url, "auth", asked["otpId"], code.group(1))
         used_up = run_node(OTP_SCRIPT, api.url, "auth", asked["otpId"], code.group(1))
         again = run_node(OTP_SCRIPT, api.url, "request", "amy@x.com")
-        (_, second) = sink.wait_for(2)
+        (_, second) = sink.wait_for(2, "OTP for Acme")
         right = re.search(r"password is: (\d{8})", next(
             p for p in second.walk() if p.get_content_type() == "text/plain"
         ).get_payload(decode=True).decode())
@@ -9391,7 +9396,8 @@ def test_otp_login_with_the_js_sdk_and_guessing_stops(tmp_path: Path) -> None:
         blocked = api.call("POST", "/api/collections/users/auth-with-otp",
                            {"otpId": again["otpId"], "password": right.group(1)})
     assert off == (403, envelope(403, "The collection is not configured to allow OTP authentication."))
-    assert re.fullmatch(r"[a-z0-9]{15}", unknown["otpId"]) and len(sink.messages) == 2
+    otp_mails = [m for m in sink.messages if m["Subject"] == "OTP for Acme"]
+    assert re.fullmatch(r"[a-z0-9]{15}", unknown["otpId"]) and len(otp_mails) == 2
     assert mail["To"] == "amy@x.com" and mail["Subject"] == "OTP for Acme"
     assert signed_in == {"email": "amy@x.com", "valid": True}
     assert used_up == {"failure": 400, "message": "Invalid or expired OTP."}
@@ -9431,7 +9437,7 @@ def test_mfa_password_then_otp_with_the_js_sdk(tmp_path: Path) -> None:
         first = run_node(MFA_SCRIPT, api.url, "first", "mia@x.com")
         twice = api.call("POST", "/api/collections/users/auth-with-password",
                          {"identity": "mia@x.com", "password": "password123", "mfaId": first["mfaId"]})
-        (mail,) = sink.wait_for(1)
+        (mail,) = sink.wait_for(1, "OTP for Acme")
         code = re.search(r"password is: (\d{8})", next(
             p for p in mail.walk() if p.get_content_type() == "text/plain"
         ).get_payload(decode=True).decode())
@@ -9445,6 +9451,35 @@ def test_mfa_password_then_otp_with_the_js_sdk(tmp_path: Path) -> None:
     assert second == {"email": "mia@x.com", "valid": True}
     assert reused == (400, envelope(400, "Invalid or expired MFA session."))
     assert free == {"passed": True}
+
+
+def test_login_alert_from_a_new_origin_and_origins_kept_bounded(tmp_path: Path) -> None:
+    """The first sign-in records its origin quietly; the same origin again
+    sends nothing; a new one mails "Login from a new location" with the
+    address and user agent escaped; a record keeps at most five origins."""
+    with SmtpSink() as sink, serving(tmp_path) as (app, api, su):
+        api.json("PATCH", "/api/settings", {"smtp": {"enabled": True, "host": "127.0.0.1", "port": sink.port}}, su)
+        app.create("users", {"email": "lee@x.com", "password": "password123", "passwordConfirm": "password123"})
+        login = json.dumps({"identity": "lee@x.com", "password": "password123"}).encode()
+
+        def sign_in(agent: str) -> int:
+            headers = {"Content-Type": "application/json", "User-Agent": agent}
+            raw = run(exchange(port_of(api), http_request(
+                "POST", "/api/collections/users/auth-with-password", login, headers)))
+            return parse_responses(raw)[0].status
+
+        statuses = [sign_in("first"), sign_in("first"), sign_in('Evil <b>"x"</b>')]
+        (alert,) = sink.wait_for(1, "Login from a new location")
+        for n in range(5):
+            sign_in(f"agent {n}")
+        sink.wait_for(6, "Login from a new location")
+        lee = app.list("users", filter="email = 'lee@x.com'")["items"][0]["id"]
+        origins = app.list("_authOrigins", filter=f"recordRef = '{lee}'", per_page=50)["items"]
+    html_part = next(p for p in alert.walk() if p.get_content_type() == "text/html")
+    body = html_part.get_payload(decode=True).decode()
+    assert statuses == [200, 200, 200]
+    assert "127.0.0.1 Evil &lt;b&gt;&#34;x&#34;&lt;/b&gt;</em>" in body  # as PocketBase escapes it
+    assert len(origins) == 5
 
 
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
