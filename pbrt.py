@@ -3263,7 +3263,42 @@ def validate_collection(
                     "MFA requires at least 2 auth methods to be enabled.",
                 )
             }
+    if collection.is_auth:
+        for option, bounds in (
+            ("otp", {"duration": (10, 86_400), "length": (4, None)}),
+            ("mfa", {"duration": (10, 86_400)}),
+        ):
+            value = collection.options.get(option)
+            if not isinstance(value, dict) or not value.get("enabled"):
+                continue
+            problems = {
+                key: problem
+                for key, (least, most) in bounds.items()
+                if (problem := _bounded_number(value.get(key), least, most)) is not None
+            }
+            if problems:
+                merged = cast(dict[str, JSON], errors.get(option) or {})
+                errors[option] = {**merged, **problems}
     return errors
+
+
+def _bounded_number(value: JSON, least: int, most: int | None) -> JSON | None:
+    """PocketBase's error for an option number out of its bounds, or None."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value:
+        return validation_entry("validation_required", "Cannot be blank.")
+    if value < least:
+        return validation_entry(
+            "validation_min_greater_equal_than_required",
+            f"Must be no less than {least}.",
+            {"threshold": least},
+        )
+    if most is not None and value > most:
+        return validation_entry(
+            "validation_max_less_equal_than_required",
+            f"Must be no greater than {most}.",
+            {"threshold": most},
+        )
+    return None
 
 
 _INDEX_RE = re.compile(
@@ -11637,6 +11672,29 @@ async def _second_factor(
 
 
 MAX_AUTH_ORIGINS = 5  # a record's login origins; a new one past them drops the oldest
+AUTH_ROWS_PRUNE_S = 60.0  # how often expired OTPs and MFA sessions are deleted
+
+
+def prune_expired_auth_rows(store: Store, now: float) -> int:
+    """Delete the one-time passwords and MFA sessions past their
+    collection's duration (their realtime `delete`s follow, as any write's);
+    return how many went."""
+    deleted = 0
+    with store.transaction():
+        for table, option, default in (("_otps", "otp", 180), ("_mfas", "mfa", 600)):
+            if store.collection(table) is None:
+                continue
+            for collection in store.collections():
+                if not collection.is_auth:
+                    continue
+                settings = collection.options.get(option)
+                duration = settings.get("duration") if isinstance(settings, dict) else None
+                cut = format_datetime(now - float(cast(float, duration or default)))
+                deleted += store.connection.execute(
+                    f'DELETE FROM "{table}" WHERE collectionRef = ? AND created < ?',
+                    (collection.id, cut),
+                ).rowcount
+    return deleted
 
 
 async def _note_login_origin(
@@ -13686,6 +13744,7 @@ class Server:
             ("realtime log pruning", REALTIME_LOG_PRUNE_S, self._prune_realtime_log),
             ("request log flushing", REQUEST_LOGS_FLUSH_S, self._flush_request_logs),
             ("resume positions", RESUME_SAVE_S, self._save_resume_positions),
+            ("expired OTPs and MFA sessions", AUTH_ROWS_PRUNE_S, self._prune_expired_auth_rows),
         ]
         if self.config.sse_heartbeat_s > 0:
             half = self.config.sse_heartbeat_s / 2
@@ -13831,6 +13890,11 @@ class Server:
             await asyncio.to_thread(logs.flush, self._request_logs_max_days())
             logs.close()
         logger.info("Server stopped")
+
+    def _prune_expired_auth_rows(self) -> None:
+        store = self.app.store
+        if store is not None:
+            prune_expired_auth_rows(store, self.app.now())
 
     async def _every(self, name: str, period_s: float, turn: Callable[[], Any]) -> None:
         """Run `turn` every `period_s` until cancelled; a failed turn is logged."""

@@ -9482,6 +9482,30 @@ def test_login_alert_from_a_new_origin_and_origins_kept_bounded(tmp_path: Path) 
     assert len(origins) == 5
 
 
+def test_auth_options_are_validated_and_expired_otps_and_mfa_sessions_go(tmp_path: Path) -> None:
+    """Enabled OTP and MFA options are checked as PocketBase checks them;
+    one-time passwords and MFA sessions past their duration are deleted."""
+    with serving(tmp_path) as (app, api, su):
+        refused = api.call("PATCH", "/api/collections/users", {"otp": {"enabled": True, "length": 3, "duration": 5}}, su)
+        users = app.collection("users")["id"]
+        old = pbrt.format_datetime(time.time() - 3600)
+        fresh = app.create("_otps", {"collectionRef": users, "recordRef": "r", "password": "12345678"})
+        stale = app.create("_mfas", {"collectionRef": users, "recordRef": "r", "method": "password"})
+        with contextlib.closing(sqlite3.connect(tmp_path / "pb_data" / "data.db")) as db, db:
+            db.execute("UPDATE _mfas SET created = ? WHERE id = ?", (old, stale["id"]))
+        store = pbrt.App(dir=str(tmp_path / "pb_data")).open_store()
+        try:
+            gone = pbrt.prune_expired_auth_rows(store, time.time())
+        finally:
+            store.close()
+        left = [r["id"] for r in app.list("_otps")["items"] + app.list("_mfas")["items"]]
+    assert refused == (400, envelope(400, "Failed to update collection.", {"otp": {
+        "duration": {"code": "validation_min_greater_equal_than_required", "message": "Must be no less than 10.", "params": {"threshold": 10}},
+        "length": {"code": "validation_min_greater_equal_than_required", "message": "Must be no less than 4.", "params": {"threshold": 4}},
+    }}))
+    assert gone == 1 and left == [fresh["id"]]
+
+
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_app(tmp_path) as (app, port):
