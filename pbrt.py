@@ -10315,6 +10315,67 @@ const ROUTES = [
   [/^logs$/, logsView],
 ];
 
+// The pages the mails link to: anyone with the link, no session.
+const PUBLIC_ROUTES = [
+  [/^auth\/confirm-verification\/([^/]+)$/, (token) => confirmView(token, "verification")],
+  [/^auth\/confirm-password-reset\/([^/]+)$/, (token) => confirmView(token, "password-reset")],
+  [/^auth\/confirm-email-change\/([^/]+)$/, (token) => confirmView(token, "email-change")],
+];
+
+/** The claims of a token, unverified (what the page shows and where it sends). */
+function tokenClaims(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(decodeURIComponent(escape(atob(part))));
+  } catch {
+    return {};
+  }
+}
+
+function confirmView(token, kind) {
+  const claims = tokenClaims(token);
+  const titles = {
+    "verification": "Verify your email",
+    "password-reset": "Choose a new password",
+    "email-change": "Confirm your new email",
+  };
+  const done = {
+    "verification": "Your email is verified.",
+    "password-reset": "Your password was changed: sign in with it.",
+    "email-change": "Your email was changed: sign in with the new one.",
+  };
+  const failure = h("p", { class: "error", role: "alert" });
+  const fields = [];
+  const password = h("input", { id: "confirm-password", name: "password", type: "password",
+    autocomplete: kind === "email-change" ? "current-password" : "new-password", required: true });
+  const again = h("input", { id: "confirm-again", name: "passwordConfirm", type: "password",
+    autocomplete: "new-password", required: true });
+  if (kind === "password-reset") fields.push(labelled("New password", password), labelled("New password again", again));
+  if (kind === "email-change") fields.push(labelled("Your password", password));
+  const note = kind === "email-change" && claims.newEmail ? h("p", {}, `New email: ${claims.newEmail}`) : "";
+  const form = h("form", { class: "card", onsubmit: async (event) => {
+    event.preventDefault();
+    failure.textContent = "";
+    if (!claims.collectionId) {
+      failure.textContent = "Invalid or expired token.";
+      return;
+    }
+    const body = { token };
+    if (kind !== "verification") body.password = password.value;
+    if (kind === "password-reset") body.passwordConfirm = again.value;
+    const action = { "verification": "confirm-verification", "password-reset": "confirm-password-reset",
+      "email-change": "confirm-email-change" }[kind];
+    try {
+      await api("POST", `/api/collections/${encodeURIComponent(claims.collectionId)}/${action}`, body, "");
+      page(titles[kind], h("p", { role: "status" }, done[kind]));
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      failure.textContent = describe(error);
+    }
+  } }, note, ...fields, h("button", { type: "submit" }, "Confirm"), failure);
+  page(titles[kind], form);
+}
+
 function go(path, params) {
   const query = params && params.toString();
   const hash = `#/${path}${query ? `?${query}` : ""}`;
@@ -10327,6 +10388,10 @@ async function route() {
   const params = new URLSearchParams(query);
   stopLive();
   showSession();
+  for (const [pattern, view] of PUBLIC_ROUTES) {
+    const match = pattern.exec(path);
+    if (match) return view(...match.slice(1).map(decodeURIComponent));
+  }
   if (!session) return loginView();
   for (const [pattern, view] of ROUTES) {
     const match = pattern.exec(path);

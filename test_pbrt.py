@@ -9506,6 +9506,83 @@ def test_auth_options_are_validated_and_expired_otps_and_mfa_sessions_go(tmp_pat
     assert gone == 1 and left == [fresh["id"]]
 
 
+CONFIRM_PAGES_SCRIPT = r"""
+const puppeteer = require("puppeteer-core");
+const fs = require("fs");
+const path = require("path");
+const [verifyLink, resetLink] = process.argv.slice(1);
+const WAIT = { timeout: 30000, polling: 50 };
+const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
+const status = (page) => page.waitForFunction(
+  () => document.querySelector("#main [role=status], #main [role=alert]:not(:empty)")?.textContent || null, WAIT,
+).then((handle) => handle.jsonValue());
+
+(async () => {
+  const browser = await puppeteer.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    userDataDir: profile,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const result = {};
+  try {
+    const page = await browser.newPage();
+    await page.goto(verifyLink);
+    await page.waitForSelector("form button[type=submit]");
+    result.verifyTitle = await page.$eval("h1", (e) => e.textContent);
+    await page.click("form button[type=submit]");
+    result.verified = await status(page);
+    await page.goto(resetLink);
+    await page.waitForSelector("input[name=password]");
+    await page.type("input[name=password]", "short");
+    await page.type("input[name=passwordConfirm]", "short");
+    await page.click("form button[type=submit]");
+    result.refused = await status(page);
+    for (const name of ["password", "passwordConfirm"]) {
+      await page.$eval(`input[name=${name}]`, (input) => (input.value = ""));
+      await page.type(`input[name=${name}]`, "a-new-password-1");
+    }
+    await page.click("form button[type=submit]");
+    await page.waitForFunction(() => document.querySelector("#main [role=status]"), WAIT);
+    result.reset = await page.$eval("#main [role=status]", (e) => e.textContent);
+  } finally {
+    await browser.close();
+    fs.rmSync(profile, { recursive: true, force: true });
+  }
+  console.log(JSON.stringify(result));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_dashboard_pages_of_the_mails_links_in_headless_chromium(tmp_path: Path) -> None:
+    """The mails link to the dashboard's public pages (as PocketBase's):
+    with `appURL` pointing at the server, a browser confirms the
+    verification and sets a new password there, no session needed."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (bash .ci/run installs chromium)"
+    with SmtpSink() as sink, serving(tmp_path) as (app, api, su):
+        api.json("PATCH", "/api/settings", {
+            "meta": {"appURL": api.url},
+            "smtp": {"enabled": True, "host": "127.0.0.1", "port": sink.port},
+        }, su)
+        _, user = make_user(api, "pia", su)
+        for action in ("request-verification", "request-password-reset"):
+            api.call("POST", f"/api/collections/users/{action}", {"email": "pia@x.com"})
+        links = []
+        for subject, action in (("Verify your Acme email", "confirm-verification"),
+                                ("Reset your Acme password", "confirm-password-reset")):
+            (mail,) = sink.wait_for(1, subject)
+            links.append(f"{api.url}/_/#/auth/{action}/{mail_link(mail, action)}")
+        result = run_node(CONFIRM_PAGES_SCRIPT, *links, timeout=90)
+        verified = app.get("users", user["id"])["verified"]
+        signed_in = api.login("users", "pia@x.com", "a-new-password-1")[0]
+    assert result["verifyTitle"] == "Verify your email"
+    assert result["verified"] == "Your email is verified." and verified is True
+    assert "The length must be between 8 and 255." in result["refused"]
+    assert result["reset"] == "Your password was changed: sign in with it."
+    assert signed_in
+
+
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_app(tmp_path) as (app, port):
