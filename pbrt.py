@@ -9981,6 +9981,7 @@ DASHBOARD_HTML = r"""<!doctype html>
     <a href="#/collections">Collections</a>
     <a href="#/live">Live</a>
     <a href="#/logs">Logs</a>
+    <a href="#/mail">Mail</a>
   </nav>
   <p class="who" hidden><span></span> <button type="button" class="link" id="logout">Log out</button></p>
 </header>
@@ -10313,6 +10314,7 @@ const ROUTES = [
   [/^records\/([^/]+)\/([^/]+)$/, recordEditor],
   [/^live$/, liveView],
   [/^logs$/, logsView],
+  [/^mail$/, mailView],
 ];
 
 // The pages the mails link to: anyone with the link, no session.
@@ -11120,6 +11122,73 @@ async function logsView(params) {
     pager(number, Math.max(result.totalPages, 1), count(result.totalItems, "entry", "entries"),
       (to) => search({ page: to })),
     detail);
+}
+
+// --- mail settings ---------------------------------------------------------
+
+async function mailView() {
+  const settings = await api("GET", "/api/settings");
+  const { meta, smtp } = settings;
+  const input = (name, value, attributes = {}) =>
+    h("input", { name, value: value ?? "", ...attributes });
+  const controls = {
+    senderName: input("senderName", meta.senderName, { required: true }),
+    senderAddress: input("senderAddress", meta.senderAddress, { type: "email", required: true }),
+    appURL: input("appURL", meta.appURL, { type: "url" }),
+    enabled: h("input", { name: "smtp-enabled", type: "checkbox", checked: !!smtp.enabled }),
+    host: input("smtp-host", smtp.host),
+    port: input("smtp-port", smtp.port, { type: "number", min: 1, max: 65535 }),
+    username: input("smtp-username", smtp.username, { autocomplete: "off" }),
+    password: input("smtp-password", "", { type: "password", autocomplete: "new-password",
+      placeholder: "unchanged" }),
+    tls: h("input", { name: "smtp-tls", type: "checkbox", checked: !!smtp.tls }),
+  };
+  const saved = h("p", { class: "error", role: "alert" });
+  const form = h("form", { class: "card", onsubmit: async (event) => {
+    event.preventDefault();
+    saved.textContent = "";
+    const change = {
+      meta: { senderName: controls.senderName.value, senderAddress: controls.senderAddress.value,
+        appURL: controls.appURL.value },
+      smtp: { enabled: controls.enabled.checked, host: controls.host.value,
+        port: Number(controls.port.value), username: controls.username.value, tls: controls.tls.checked },
+    };
+    if (controls.password.value) change.smtp.password = controls.password.value;
+    try {
+      await api("PATCH", "/api/settings", change);
+      toast("Mail settings saved.");
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      saved.textContent = describe(error);
+    }
+  } },
+  labelled("Sender name", controls.senderName),
+  labelled("Sender address", controls.senderAddress),
+  labelled("App URL", controls.appURL, "where the mails' links lead"),
+  labelled("Send by SMTP (else by the sendmail program)", controls.enabled),
+  labelled("SMTP host", controls.host), labelled("SMTP port", controls.port),
+  labelled("SMTP username", controls.username), labelled("SMTP password", controls.password),
+  labelled("Implicit TLS", controls.tls),
+  h("button", { type: "submit", class: "primary" }, "Save"), saved);
+  const to = input("test-email", session.record.email, { type: "email", required: true });
+  const template = h("select", { name: "test-template" },
+    ...["verification", "password-reset", "email-change", "otp", "login-alert"]
+      .map((name) => h("option", { value: name }, name)));
+  const outcome = h("p", { class: "error", role: "alert" });
+  const test = h("form", { class: "card", onsubmit: async (event) => {
+    event.preventDefault();
+    outcome.textContent = "";
+    try {
+      await api("POST", "/api/settings/test/email", { email: to.value, template: template.value });
+      toast(`A test mail went to ${to.value}.`);
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      outcome.textContent = describe(error);
+    }
+  } }, labelled("Send a test mail to", to), labelled("Template", template),
+  h("button", { type: "submit" }, "Send test mail"), outcome);
+  page("Mail", form, h("h2", {}, "Test"), test,
+    h("p", { class: "hint" }, "Each auth collection's templates are in its options (Collections)."));
 }
 
 // --- start -----------------------------------------------------------------

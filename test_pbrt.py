@@ -9510,7 +9510,7 @@ CONFIRM_PAGES_SCRIPT = r"""
 const puppeteer = require("puppeteer-core");
 const fs = require("fs");
 const path = require("path");
-const [verifyLink, resetLink] = process.argv.slice(1);
+const [verifyLink, resetLink, base, sessionJson] = process.argv.slice(1);
 const WAIT = { timeout: 30000, polling: 50 };
 const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
 const status = (page) => page.waitForFunction(
@@ -9546,6 +9546,19 @@ const status = (page) => page.waitForFunction(
     await page.click("form button[type=submit]");
     await page.waitForFunction(() => document.querySelector("#main [role=status]"), WAIT);
     result.reset = await page.$eval("#main [role=status]", (e) => e.textContent);
+    // a superuser's mail settings: change the sender, send a test mail
+    await page.goto(`${base}/_/`);
+    await page.evaluate((s) => localStorage.setItem("pbrt-dashboard", s), sessionJson);
+    await page.goto(`${base}/_/?signed-in#/mail`);  // a new load: the session is read at start
+    await page.waitForSelector("input[name=senderName]");
+    await page.$eval("input[name=senderName]", (input) => (input.value = ""));
+    await page.type("input[name=senderName]", "Pia's App");
+    await page.click("xpath/.//button[text()='Save']");
+    await page.waitForFunction(() => document.getElementById("toast").textContent.includes("saved"), WAIT);
+    await page.select("select[name=test-template]", "password-reset");
+    await page.click("xpath/.//button[text()='Send test mail']");
+    await page.waitForFunction(() => document.getElementById("toast").textContent.includes("test mail"), WAIT);
+    result.tested = true;
   } finally {
     await browser.close();
     fs.rmSync(profile, { recursive: true, force: true });
@@ -9573,7 +9586,10 @@ def test_dashboard_pages_of_the_mails_links_in_headless_chromium(tmp_path: Path)
                                 ("Reset your Acme password", "confirm-password-reset")):
             (mail,) = sink.wait_for(1, subject)
             links.append(f"{api.url}/_/#/auth/{action}/{mail_link(mail, action)}")
-        result = run_node(CONFIRM_PAGES_SCRIPT, *links, timeout=90)
+        su_record = api.json("POST", "/api/collections/_superusers/auth-refresh", token=su)["record"]
+        session = json.dumps({"token": su, "record": su_record})
+        result = run_node(CONFIRM_PAGES_SCRIPT, *links, api.url, session, timeout=90)
+        test_mail = sink.wait_for(2, "Reset your Acme password")[1]  # after the user's own
         verified = app.get("users", user["id"])["verified"]
         signed_in = api.login("users", "pia@x.com", "a-new-password-1")[0]
     assert result["verifyTitle"] == "Verify your email"
@@ -9581,6 +9597,9 @@ def test_dashboard_pages_of_the_mails_links_in_headless_chromium(tmp_path: Path)
     assert "The length must be between 8 and 255." in result["refused"]
     assert result["reset"] == "Your password was changed: sign in with it."
     assert signed_in
+    assert result["tested"] is True
+    assert test_mail["From"] == "Pia's App <support@example.com>"
+    assert test_mail["To"] == SU_EMAIL
 
 
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
