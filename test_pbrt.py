@@ -9602,6 +9602,46 @@ def test_dashboard_pages_of_the_mails_links_in_headless_chromium(tmp_path: Path)
     assert test_mail["To"] == SU_EMAIL
 
 
+def test_realtime_of_a_password_reset_as_pocketbase_sends_it(tmp_path: Path) -> None:
+    """A reset: superusers get the login origins' deletes, then the user's
+    update; the user's own stream lost its auth before that update, so it
+    gets nothing; a guest gets nothing of the system collections."""
+    with SmtpSink() as sink, serving(tmp_path) as (app, api, su):
+        api.json("PATCH", "/api/settings", {"smtp": {"enabled": True, "host": "127.0.0.1", "port": sink.port}}, su)
+        token, user = make_user(api, "rae", su)  # its sign-in saved a login origin
+
+        async def body() -> dict[str, list[tuple[str, str]]]:
+            port = port_of(api)
+            streams = {}
+            for name, auth in (("superuser", su), ("owner", token), ("guest", "")):
+                streams[name] = client = await SseClient.connect(port)
+                await post_subscriptions(port, client.id, ["users/*", "_authOrigins/*", MARKER], auth)
+            await asyncio.to_thread(
+                api.call, "POST", "/api/collections/users/request-password-reset", {"email": "rae@x.com"}
+            )
+            (mail,) = await asyncio.to_thread(sink.wait_for, 1, "Reset your Acme password")
+            reset = await asyncio.to_thread(api.call, "POST", "/api/collections/users/confirm-password-reset", {
+                "token": mail_link(mail, "confirm-password-reset"),
+                "password": "brand-new-pass", "passwordConfirm": "brand-new-pass"})
+            assert reset == (204, "")
+            await publish_marker(app)
+            seen = {}
+            for name, client in streams.items():
+                seen[name] = [
+                    (e["event"].split("?")[0], json.loads(e["data"])["action"])
+                    for e in await client.events_until_marker()
+                ]
+                await client.close()
+            return seen
+
+        seen = run(body())
+    assert seen == {
+        "superuser": [("_authOrigins/*", "delete"), ("users/*", "update")],
+        "owner": [("_authOrigins/*", "delete")],  # its origin, seen before the reset took its auth
+        "guest": [],
+    }
+
+
 def test_connection_answers_pipelined_requests_in_order(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_app(tmp_path) as (app, port):
