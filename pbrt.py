@@ -10318,64 +10318,39 @@ const ROUTES = [
 ];
 
 // The pages the mails link to: anyone with the link, no session.
-const PUBLIC_ROUTES = [
-  [/^auth\/confirm-verification\/([^/]+)$/, (token) => confirmView(token, "verification")],
-  [/^auth\/confirm-password-reset\/([^/]+)$/, (token) => confirmView(token, "password-reset")],
-  [/^auth\/confirm-email-change\/([^/]+)$/, (token) => confirmView(token, "email-change")],
-];
+const CONFIRMS = {  // action: [title, fields, done]
+  "confirm-verification": ["Verify your email", [], "Your email is verified."],
+  "confirm-password-reset": ["Choose a new password", [["password", "New password"],
+    ["passwordConfirm", "New password again"]], "Your password was changed: sign in with it."],
+  "confirm-email-change": ["Confirm your new email", [["password", "Your password"]],
+    "Your email was changed: sign in with the new one."],
+};
+const PUBLIC_ROUTES = [[/^auth\/(confirm-[a-z-]+)\/([^/]+)$/, confirmView]];
 
-/** The claims of a token, unverified (what the page shows and where it sends). */
-function tokenClaims(token) {
+function confirmView(action, token) {
+  const [title, names, done] = CONFIRMS[action] || CONFIRMS["confirm-verification"];
+  let claims = {};
   try {
-    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    return JSON.parse(decodeURIComponent(escape(atob(part))));
-  } catch {
-    return {};
-  }
-}
-
-function confirmView(token, kind) {
-  const claims = tokenClaims(token);
-  const titles = {
-    "verification": "Verify your email",
-    "password-reset": "Choose a new password",
-    "email-change": "Confirm your new email",
-  };
-  const done = {
-    "verification": "Your email is verified.",
-    "password-reset": "Your password was changed: sign in with it.",
-    "email-change": "Your email was changed: sign in with the new one.",
-  };
+    claims = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
+  } catch { /* no claims: refused below */ }
   const failure = h("p", { class: "error", role: "alert" });
-  const fields = [];
-  const password = h("input", { id: "confirm-password", name: "password", type: "password",
-    autocomplete: kind === "email-change" ? "current-password" : "new-password", required: true });
-  const again = h("input", { id: "confirm-again", name: "passwordConfirm", type: "password",
-    autocomplete: "new-password", required: true });
-  if (kind === "password-reset") fields.push(labelled("New password", password), labelled("New password again", again));
-  if (kind === "email-change") fields.push(labelled("Your password", password));
-  const note = kind === "email-change" && claims.newEmail ? h("p", {}, `New email: ${claims.newEmail}`) : "";
+  const inputs = names.map(([name]) => h("input", { name, type: "password", required: true }));
   const form = h("form", { class: "card", onsubmit: async (event) => {
     event.preventDefault();
-    failure.textContent = "";
-    if (!claims.collectionId) {
-      failure.textContent = "Invalid or expired token.";
-      return;
-    }
     const body = { token };
-    if (kind !== "verification") body.password = password.value;
-    if (kind === "password-reset") body.passwordConfirm = again.value;
-    const action = { "verification": "confirm-verification", "password-reset": "confirm-password-reset",
-      "email-change": "confirm-email-change" }[kind];
+    inputs.forEach((input) => (body[input.name] = input.value));
     try {
+      if (!claims.collectionId) throw new ApiError(400, { message: "Invalid or expired token." });
       await api("POST", `/api/collections/${encodeURIComponent(claims.collectionId)}/${action}`, body, "");
-      page(titles[kind], h("p", { role: "status" }, done[kind]));
+      page(title, h("p", { role: "status" }, done));
     } catch (error) {
       if (!(error instanceof ApiError)) throw error;
       failure.textContent = describe(error);
     }
-  } }, note, ...fields, h("button", { type: "submit" }, "Confirm"), failure);
-  page(titles[kind], form);
+  } }, claims.newEmail ? h("p", {}, `New email: ${claims.newEmail}`) : null,
+  inputs.map((input, index) => labelled(names[index][1], input)),
+  h("button", { type: "submit" }, "Confirm"), failure);
+  page(title, form);
 }
 
 function go(path, params) {
@@ -11127,66 +11102,49 @@ async function logsView(params) {
 // --- mail settings ---------------------------------------------------------
 
 async function mailView() {
-  const settings = await api("GET", "/api/settings");
-  const { meta, smtp } = settings;
-  const input = (name, value, attributes = {}) =>
-    h("input", { name, value: value ?? "", ...attributes });
-  const controls = {
+  const { meta, smtp } = await api("GET", "/api/settings");
+  const input = (name, value, attributes = {}) => h("input", { name, value: value ?? "", ...attributes });
+  const box = (name, checked) => h("input", { name, type: "checkbox", checked: !!checked });
+  const c = {
     senderName: input("senderName", meta.senderName, { required: true }),
     senderAddress: input("senderAddress", meta.senderAddress, { type: "email", required: true }),
-    appURL: input("appURL", meta.appURL, { type: "url" }),
-    enabled: h("input", { name: "smtp-enabled", type: "checkbox", checked: !!smtp.enabled }),
-    host: input("smtp-host", smtp.host),
-    port: input("smtp-port", smtp.port, { type: "number", min: 1, max: 65535 }),
+    appURL: input("appURL", meta.appURL, { type: "url" }), enabled: box("smtp-enabled", smtp.enabled),
+    host: input("smtp-host", smtp.host), port: input("smtp-port", smtp.port, { type: "number" }),
     username: input("smtp-username", smtp.username, { autocomplete: "off" }),
-    password: input("smtp-password", "", { type: "password", autocomplete: "new-password",
-      placeholder: "unchanged" }),
-    tls: h("input", { name: "smtp-tls", type: "checkbox", checked: !!smtp.tls }),
+    password: input("smtp-password", "", { type: "password", placeholder: "unchanged" }),
+    tls: box("smtp-tls", smtp.tls),
+  };
+  const send = (failure, request, done) => async (event) => {
+    event.preventDefault();
+    failure.textContent = "";
+    try {
+      await request();
+      toast(done());
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      failure.textContent = describe(error);
+    }
   };
   const saved = h("p", { class: "error", role: "alert" });
-  const form = h("form", { class: "card", onsubmit: async (event) => {
-    event.preventDefault();
-    saved.textContent = "";
-    const change = {
-      meta: { senderName: controls.senderName.value, senderAddress: controls.senderAddress.value,
-        appURL: controls.appURL.value },
-      smtp: { enabled: controls.enabled.checked, host: controls.host.value,
-        port: Number(controls.port.value), username: controls.username.value, tls: controls.tls.checked },
-    };
-    if (controls.password.value) change.smtp.password = controls.password.value;
-    try {
-      await api("PATCH", "/api/settings", change);
-      toast("Mail settings saved.");
-    } catch (error) {
-      if (!(error instanceof ApiError)) throw error;
-      saved.textContent = describe(error);
-    }
-  } },
-  labelled("Sender name", controls.senderName),
-  labelled("Sender address", controls.senderAddress),
-  labelled("App URL", controls.appURL, "where the mails' links lead"),
-  labelled("Send by SMTP (else by the sendmail program)", controls.enabled),
-  labelled("SMTP host", controls.host), labelled("SMTP port", controls.port),
-  labelled("SMTP username", controls.username), labelled("SMTP password", controls.password),
-  labelled("Implicit TLS", controls.tls),
+  const form = h("form", { class: "card", onsubmit: send(saved, () => api("PATCH", "/api/settings", {
+    meta: { senderName: c.senderName.value, senderAddress: c.senderAddress.value, appURL: c.appURL.value },
+    smtp: { enabled: c.enabled.checked, host: c.host.value, port: Number(c.port.value),
+      username: c.username.value, tls: c.tls.checked, ...(c.password.value ? { password: c.password.value } : {}) },
+  }), () => "Mail settings saved.") },
+  labelled("Sender name", c.senderName), labelled("Sender address", c.senderAddress),
+  labelled("App URL", c.appURL, "where the mails' links lead"),
+  labelled("Send by SMTP (else by the sendmail program)", c.enabled), labelled("SMTP host", c.host),
+  labelled("SMTP port", c.port), labelled("SMTP username", c.username),
+  labelled("SMTP password", c.password), labelled("Implicit TLS", c.tls),
   h("button", { type: "submit", class: "primary" }, "Save"), saved);
   const to = input("test-email", session.record.email, { type: "email", required: true });
-  const template = h("select", { name: "test-template" },
-    ...["verification", "password-reset", "email-change", "otp", "login-alert"]
-      .map((name) => h("option", { value: name }, name)));
+  const template = h("select", { name: "test-template" }, ["verification", "password-reset",
+    "email-change", "otp", "login-alert"].map((name) => h("option", { value: name }, name)));
   const outcome = h("p", { class: "error", role: "alert" });
-  const test = h("form", { class: "card", onsubmit: async (event) => {
-    event.preventDefault();
-    outcome.textContent = "";
-    try {
-      await api("POST", "/api/settings/test/email", { email: to.value, template: template.value });
-      toast(`A test mail went to ${to.value}.`);
-    } catch (error) {
-      if (!(error instanceof ApiError)) throw error;
-      outcome.textContent = describe(error);
-    }
-  } }, labelled("Send a test mail to", to), labelled("Template", template),
-  h("button", { type: "submit" }, "Send test mail"), outcome);
+  const test = h("form", { class: "card", onsubmit: send(outcome, () => api("POST",
+    "/api/settings/test/email", { email: to.value, template: template.value }),
+  () => `A test mail went to ${to.value}.`) }, labelled("Send a test mail to", to),
+  labelled("Template", template), h("button", { type: "submit" }, "Send test mail"), outcome);
   page("Mail", form, h("h2", {}, "Test"), test,
     h("p", { class: "hint" }, "Each auth collection's templates are in its options (Collections)."));
 }
