@@ -11117,15 +11117,12 @@ async function mailView() {
   const send = (failure, request, done) => async (event) => {
     event.preventDefault();
     failure.textContent = "";
-    try {
-      await request();
-      toast(done());
-    } catch (error) {
+    await request().then(() => toast(done()), (error) => {
       if (!(error instanceof ApiError)) throw error;
       failure.textContent = describe(error);
-    }
+    });
   };
-  const saved = h("p", { class: "error", role: "alert" });
+  const [saved, outcome, kept] = [1, 2, 3].map(() => h("p", { class: "error", role: "alert" }));
   const form = h("form", { class: "card", onsubmit: send(saved, () => api("PATCH", "/api/settings", {
     meta: { senderName: c.senderName.value, senderAddress: c.senderAddress.value, appURL: c.appURL.value },
     smtp: { enabled: c.enabled.checked, host: c.host.value, port: Number(c.port.value),
@@ -11140,13 +11137,28 @@ async function mailView() {
   const to = input("test-email", session.record.email, { type: "email", required: true });
   const template = h("select", { name: "test-template" }, ["verification", "password-reset",
     "email-change", "otp", "login-alert"].map((name) => h("option", { value: name }, name)));
-  const outcome = h("p", { class: "error", role: "alert" });
   const test = h("form", { class: "card", onsubmit: send(outcome, () => api("POST",
     "/api/settings/test/email", { email: to.value, template: template.value }),
   () => `A test mail went to ${to.value}.`) }, labelled("Send a test mail to", to),
   labelled("Template", template), h("button", { type: "submit" }, "Send test mail"), outcome);
-  page("Mail", form, h("h2", {}, "Test"), test,
-    h("p", { class: "hint" }, "Each auth collection's templates are in its options (Collections)."));
+  const names = ["verificationTemplate", "resetPasswordTemplate", "confirmEmailChangeTemplate", "otp.emailTemplate", "authAlert.emailTemplate"];
+  const owner = h("select", { name: "template-collection", onchange: () => load() }, (await collections())
+    .filter((x) => x.type === "auth").map((x) => h("option", { value: x.name }, x.name)));
+  const which = h("select", { name: "template-name", onchange: () => load() },
+    names.map((name) => h("option", { value: name }, name)));
+  const subject = input("template-subject", ""), body = code({ name: "template-body", rows: 10 });
+  const nest = (path, value) => path.split(".").reduceRight((inner, key) => ({ [key]: inner }), value);
+  const load = async () => {
+    const found = which.value.split(".").reduce((at, key) => at[key], await collection(owner.value));
+    [subject.value, body.value] = [found.subject, found.body];
+  };
+  const edit = h("form", { class: "card", onsubmit: send(kept, () => api("PATCH",
+    `/api/collections/${encodeURIComponent(owner.value)}`, nest(which.value, { subject: subject.value,
+    body: body.value })), () => "Template saved.") }, labelled("Collection", owner),
+  labelled("Template", which), labelled("Subject", subject), labelled("Body (HTML)", body),
+  h("button", { type: "submit" }, "Save template"), kept);
+  await load();
+  page("Mail", form, h("h2", {}, "Test"), test, h("h2", {}, "Templates"), edit);
 }
 
 // --- start -----------------------------------------------------------------

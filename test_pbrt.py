@@ -9559,6 +9559,11 @@ const status = (page) => page.waitForFunction(
     await page.click("xpath/.//button[text()='Send test mail']");
     await page.waitForFunction(() => document.getElementById("toast").textContent.includes("test mail"), WAIT);
     result.tested = true;
+    await page.select("select[name=template-name]", "resetPasswordTemplate");
+    await page.waitForFunction(() => document.querySelector("input[name=template-subject]").value.startsWith("Reset"), WAIT);
+    await page.$eval("input[name=template-subject]", (input) => (input.value = "Reset it, {APP_NAME}"));
+    await page.click("xpath/.//button[text()='Save template']");
+    await page.waitForFunction(() => document.getElementById("toast").textContent === "Template saved.", WAIT);
   } finally {
     await browser.close();
     fs.rmSync(profile, { recursive: true, force: true });
@@ -9592,6 +9597,7 @@ def test_dashboard_pages_of_the_mails_links_in_headless_chromium(tmp_path: Path)
         test_mail = sink.wait_for(2, "Reset your Acme password")[1]  # after the user's own
         verified = app.get("users", user["id"])["verified"]
         signed_in = api.login("users", "pia@x.com", "a-new-password-1")[0]
+        edited = api.json("GET", "/api/collections/_superusers", token=su)["resetPasswordTemplate"]
     assert result["verifyTitle"] == "Verify your email"
     assert result["verified"] == "Your email is verified." and verified is True
     assert "The length must be between 8 and 255." in result["refused"]
@@ -9600,6 +9606,8 @@ def test_dashboard_pages_of_the_mails_links_in_headless_chromium(tmp_path: Path)
     assert result["tested"] is True
     assert test_mail["From"] == "Pia's App <support@example.com>"
     assert test_mail["To"] == SU_EMAIL
+    assert edited == {"subject": "Reset it, {APP_NAME}",
+                      "body": pbrt.DEFAULT_MAIL_TEMPLATES["resetPasswordTemplate"]["body"]}
 
 
 def test_realtime_of_a_password_reset_as_pocketbase_sends_it(tmp_path: Path) -> None:
