@@ -11771,8 +11771,10 @@ async def _second_factor(
         raise BadRequestError("Invalid MFA session.")
     if session.get("method") == method:
         raise BadRequestError("A different authentication method is required.")
-    with contextlib.suppress(NotFoundError):
+    try:  # the delete decides: an MFA session completes one sign-in
         await records.delete(SYSTEM, mfas.id, mfa_id)
+    except NotFoundError:
+        raise BadRequestError("Invalid or expired MFA session.") from None
 
 
 
@@ -13272,8 +13274,10 @@ async def handle_auth_with_otp(context: RequestContext) -> Response:
     attempts.fail(key, time.monotonic())
     if not await records.run_blocking(verify_password, values["password"], str(found["password"])):
         raise BadRequestError(OTP_INVALID)
-    with contextlib.suppress(NotFoundError):
+    try:  # the delete decides: of two right answers at once, one signs in
         await records.delete(SYSTEM, otps.id, str(found["id"]))
+    except NotFoundError:
+        raise BadRequestError(OTP_INVALID) from None
     if not record.get("verified") and found.get("sentTo") == record.get("email"):
         change: dict[str, JSON] = {"verified": True}
         if not _mfa_required(collection):

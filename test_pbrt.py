@@ -6634,6 +6634,21 @@ def test_live_snapshot_of_100000_rows_is_bounded_and_others_go_on(tmp_path: Path
     assert end["total"] >= 100_000 and end["truncated"] is True
 
 
+async def stream_per_worker(server: ServerProcess, workers: int = 2) -> dict[int, SseClient]:
+    """An SSE stream held by each worker (the kernel spreads connections over them)."""
+    streams: dict[int, SseClient] = {}
+    for _ in range(100):
+        client = await SseClient.connect(server.port)
+        worker = pbrt.SECRET_ALPHABET.index(client.id[0])
+        if worker in streams:
+            await client.close()
+        else:
+            streams[worker] = client
+        if len(streams) == workers:
+            break
+    return streams
+
+
 def test_live_snapshot_and_leave_with_two_workers(tmp_path: Path) -> None:
     """`serve --workers 2`: a live query on either worker, whichever worker
     takes its subscription POST, gets its snapshot and the leave."""
@@ -6643,16 +6658,7 @@ def test_live_snapshot_and_leave_with_two_workers(tmp_path: Path) -> None:
         kept = writer.create("chat", {"room": "r1", "text": "old"})
 
         async def body() -> dict[int, list[dict[str, Any]]]:
-            streams: dict[int, SseClient] = {}
-            for _ in range(100):  # the kernel spreads connections over the workers
-                client = await SseClient.connect(server.port)
-                worker = pbrt.SECRET_ALPHABET.index(client.id[0])
-                if worker in streams:
-                    await client.close()
-                else:
-                    streams[worker] = client
-                if len(streams) == 2:
-                    break
+            streams = await stream_per_worker(server)
             topic = live_topic("chat/*", filter='room = "r1"', snapshot=True, leave=True)
             for client in streams.values():
                 response = await post_subscriptions(server.port, client.id, [topic])
@@ -6822,16 +6828,7 @@ def test_realtime_workers_hand_a_subscription_to_the_worker_holding_the_stream(
     with ServerProcess(data_dir, 0, "--workers", "2") as server:
 
         async def body() -> tuple[list[int], list[str], list[RawResponse]]:
-            streams: dict[int, SseClient] = {}
-            for _ in range(100):  # the kernel spreads connections over the workers
-                client = await SseClient.connect(server.port)
-                worker = pbrt.SECRET_ALPHABET.index(client.id[0])
-                if worker in streams:
-                    await client.close()
-                else:
-                    streams[worker] = client
-                if len(streams) == 2:
-                    break
+            streams = await stream_per_worker(server)
             assert len(streams) == 2, server.text()[-3000:]
             answered_by = []
             for worker, client in sorted(streams.items()):
@@ -9173,7 +9170,8 @@ class SmtpSink:
         self._sessions.add(task)
         try:
             if self.hang:
-                await asyncio.sleep(3600)
+                assert self._stop is not None
+                await self._stop.wait()  # a server that never answers
             writer.write(b"220 sink\r\n")
             data: list[bytes] | None = None
             while line := await reader.readline():
