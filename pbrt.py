@@ -59,6 +59,7 @@ import hashlib
 import hmac
 import html.parser
 import http
+import http.client
 import http.cookies
 import importlib.util
 import inspect
@@ -103,7 +104,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 __all__ = [
     "ApiError",
@@ -164,6 +165,7 @@ MAX_PENDING_LOGS = 10_000  # entries waiting for a flush; the oldest go beyond
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; over it -> 431
 MAX_HEADER_COUNT = 100  # nginx and Go both cap header count around this order
 MAX_BODY_BYTES = 32 * 1024 * 1024  # PocketBase's default body limit (32 MiB)
+OAUTH2_TIMEOUT_S = 30.0  # a provider's answers to one sign-in, in all (PocketBase's)
 MAX_FORM_FIELDS = 10_000  # fields of one urlencoded or multipart body
 HEAD_TIMEOUT_S = 10.0  # a head must be complete this long after its first byte
 BODY_TIMEOUT_S = 60.0  # the whole body must arrive within this time
@@ -356,6 +358,8 @@ class Config:
     #: which of them this one is; an embedded App is one process (see README).
     workers: int = 1
     worker: int = 0
+    #: Seconds an OAuth2 sign-in may wait for its provider's answers, in all.
+    oauth2_timeout_s: float = OAUTH2_TIMEOUT_S
 
 
 # ==========================================================================
@@ -561,6 +565,19 @@ _VERSION_RE = re.compile(rb"HTTP/(\d)\.(\d)")
 _BAD_FIELD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?")
 
+
+
+_SECRET_QUERY_RE = re.compile(r"(?i)([?&](?:code|token)=)[^&#]*")
+
+
+def loggable_target(target: str) -> str:
+    """A request target as logs show it: the values of `code` (an OAuth2
+    redirect's) and `token` (a protected file's) hidden.
+
+    >>> loggable_target("/api/oauth2-redirect?state=c1&code=secret")
+    '/api/oauth2-redirect?state=c1&code=***'
+    """
+    return _SECRET_QUERY_RE.sub(r"\1***", target) if "=" in target else target
 
 
 def first_values(query: Mapping[str, list[str]]) -> dict[str, str]:
@@ -3076,6 +3093,200 @@ def default_auth_options(token_duration_s: int = AUTH_TOKEN_DURATION_S) -> dict[
 
 
 @dataclass(frozen=True, slots=True)
+class OAuth2Provider:
+    """An OAuth2 provider pbrt knows, as data: its display name, default
+    endpoints and scopes, whether it takes PKCE, extra authorize parameters,
+    and which of `OAUTH2_USER_MAPS` reads its user info. A collection's
+    provider config may replace the endpoints, name and PKCE."""
+
+    display_name: str
+    user_map: str
+    auth_url: str = ""
+    token_url: str = ""
+    user_info_url: str = ""
+    scopes: tuple[str, ...] = ()
+    pkce: bool = True
+    auth_params: tuple[tuple[str, str], ...] = ()
+
+
+_OIDC = OAuth2Provider("OIDC", "oidc", scopes=("openid", "email", "profile"))
+
+#: The providers a collection's `oauth2.providers[].name` may name.
+OAUTH2_PROVIDERS: dict[str, OAuth2Provider] = {
+    "apple": OAuth2Provider(
+        "Apple",
+        "apple",
+        "https://appleid.apple.com/auth/authorize",
+        "https://appleid.apple.com/auth/token",
+        scopes=("name", "email"),
+        auth_params=(("response_mode", "form_post"),),
+    ),
+    "google": OAuth2Provider(
+        "Google",
+        "google",
+        "https://accounts.google.com/o/oauth2/v2/auth",
+        "https://oauth2.googleapis.com/token",
+        "https://www.googleapis.com/oauth2/v3/userinfo",
+        (
+            "https://www.googleapis.com/auth/userinfo.profile",
+            "https://www.googleapis.com/auth/userinfo.email",
+        ),
+    ),
+    "microsoft": OAuth2Provider(
+        "Microsoft",
+        "microsoft",
+        "https://login.microsoftonline.com/common/oauth2/v2.0/authorize",
+        "https://login.microsoftonline.com/common/oauth2/v2.0/token",
+        "https://graph.microsoft.com/v1.0/me",
+        ("User.Read",),
+    ),
+    "github": OAuth2Provider(
+        "GitHub",
+        "github",
+        "https://github.com/login/oauth/authorize",
+        "https://github.com/login/oauth/access_token",
+        "https://api.github.com/user",
+        ("read:user", "user:email"),
+    ),
+    "gitlab": OAuth2Provider(
+        "GitLab",
+        "gitlab",
+        "https://gitlab.com/oauth/authorize",
+        "https://gitlab.com/oauth/token",
+        "https://gitlab.com/api/v4/user",
+        ("read_user",),
+    ),
+    "discord": OAuth2Provider(
+        "Discord",
+        "discord",
+        "https://discord.com/api/oauth2/authorize",
+        "https://discord.com/api/oauth2/token",
+        "https://discord.com/api/users/@me",
+        ("identify", "email"),
+    ),
+    "oidc": _OIDC,
+    "oidc2": _OIDC,
+    "oidc3": _OIDC,
+}
+
+#: A provider config's keys, in PocketBase's order, with their defaults
+#: (`clientSecret` is stored, never shown).
+OAUTH2_PROVIDER_DEFAULTS: dict[str, JSON] = {
+    "pkce": None,
+    "name": "",
+    "clientId": "",
+    "clientSecret": "",
+    "authURL": "",
+    "tokenURL": "",
+    "userInfoURL": "",
+    "displayName": "",
+    "extra": {},
+}
+
+
+def merge_oauth2_option(current: JSON, submitted: JSON) -> dict[str, JSON]:
+    """A collection's `oauth2` option with a PATCH of it laid over, as
+    PocketBase merges it: keys over the stored ones, and each submitted
+    provider over the stored provider of its name, so a PATCH that leaves
+    out a `clientSecret` keeps it. Raises ValueError for the wrong shapes.
+
+    >>> stored = {"providers": [{**OAUTH2_PROVIDER_DEFAULTS, "name": "oidc", "clientSecret": "s"}]}
+    >>> merge_oauth2_option(stored, {"providers": [{"name": "oidc", "clientId": "c"}]})["providers"][0]["clientSecret"]
+    's'
+    """
+    base = current if isinstance(current, dict) else {}
+    if not isinstance(submitted, dict):
+        raise ValueError("oauth2 must be an object")
+    stored = {
+        p.get("name"): p for p in base.get("providers") or [] if isinstance(p, dict)
+    }
+    merged = _merged(base, {k: v for k, v in submitted.items() if k != "providers"})
+    providers = submitted.get("providers", base.get("providers") or [])
+    if not isinstance(providers, list) or not all(isinstance(p, dict) for p in providers):
+        raise ValueError("oauth2.providers must be a list of objects")
+    merged["providers"] = [
+        _merged(_merged(OAUTH2_PROVIDER_DEFAULTS, stored.get(p.get("name")) or {}), p)
+        for p in providers
+    ]
+    for provider in merged["providers"]:
+        texts = [provider[key] for key in OAUTH2_PROVIDER_DEFAULTS if key not in ("pkce", "extra")]
+        if (
+            not all(isinstance(text, str) for text in texts)
+            or provider["pkce"] not in (None, True, False)
+            or not isinstance(provider["extra"], dict)
+        ):
+            raise ValueError("invalid oauth2 provider")
+    return merged
+
+
+def _oauth2_problems(option: JSON) -> dict[str, JSON]:
+    """PocketBase's errors for an enabled `oauth2` option's providers: a
+    duplicated name first; else, each provider's missing or unknown name,
+    client id and secret, and URLs that are none."""
+    if not isinstance(option, dict) or not option.get("enabled"):
+        return {}
+    providers = cast(list[dict[str, JSON]], option.get("providers") or [])
+    seen: set[JSON] = set()
+    for index, provider in enumerate(providers):
+        name = provider.get("name")
+        if name and name in seen:
+            return {"providers": {str(index): {"name": validation_entry(
+                "validation_duplicated_provider",
+                f"The provider {name} is already registered.",
+                {"name": name},
+            )}}}
+        seen.add(name)
+    errors: dict[str, JSON] = {}
+    for index, provider in enumerate(providers):
+        problems: dict[str, JSON] = {}
+        for key in ("name", "clientId", "clientSecret"):
+            if not provider.get(key):
+                problems[key] = validation_entry("validation_required", "Cannot be blank.")
+        name = _to_text(provider.get("name"))
+        if name and name not in OAUTH2_PROVIDERS:
+            problems["name"] = validation_entry(
+                "validation_missing_provider",
+                f"Invalid or missing provider with name {name}.",
+                {"name": name},
+            )
+        for key in ("authURL", "tokenURL", "userInfoURL"):
+            url = _to_text(provider.get(key))
+            if url and not is_url(url):
+                problems[key] = validation_entry("validation_is_url", "Must be a valid URL.")
+        if problems:
+            errors[str(index)] = dict(sorted(problems.items()))
+    return {"providers": errors} if errors else {}
+
+
+_URL_HOST_RE = re.compile(
+    r"(?i)^(?:[a-z0-9_](?:[a-z0-9_-]{0,62}[a-z0-9_])?\.?)+$|^\[[0-9a-f:.]+\]$"
+)
+
+
+def is_url(text: str) -> bool:
+    """Whether `text` is a URL as PocketBase's `is.URL` takes it: a host
+    (dotted unless a scheme or port says it is one) and a valid port.
+
+    >>> [is_url(u) for u in ("http://127.0.0.1:8099/a", "ftp://x/y", "notaurl", "http://a b.io")]
+    [True, True, False, False]
+    """
+    if len(text) > 2083 or text.startswith(".") or any(char.isspace() for char in text):
+        return False
+    if "://" not in text:
+        if ":" not in text and "." not in text.partition("/")[0]:
+            return False
+        text = "http://" + text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad one
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return bool(parts.scheme) and bool(_URL_HOST_RE.match(host))
+
+
+@dataclass(frozen=True, slots=True)
 class Collection:
     """A collection definition in PocketBase's JSON shape.
 
@@ -3133,6 +3344,11 @@ class Collection:
             for key, value in self.options.items():
                 if key in TOKEN_OPTIONS and isinstance(value, dict):
                     value = {k: v for k, v in value.items() if k != "secret"}
+                elif key == "oauth2" and isinstance(value, dict):
+                    value = {**value, "providers": [
+                        {k: v for k, v in p.items() if k != "clientSecret"}
+                        for p in cast(list[dict[str, JSON]], value.get("providers") or [])
+                    ]}
                 data[key] = value
         return data
 
@@ -3279,6 +3495,8 @@ def validate_collection(
             if problems:
                 merged = cast(dict[str, JSON], errors.get(option) or {})
                 errors[option] = {**merged, **problems}
+        if problems := _oauth2_problems(collection.options.get("oauth2")):
+            errors["oauth2"] = problems
     return errors
 
 
@@ -3369,9 +3587,18 @@ def build_collection(
         for key, default in defaults.items():
             current = options.get(key, default)
             value = data.get(key, current)
-            if isinstance(value, dict) and isinstance(current, dict):
+            if key == "oauth2" and key in data:
+                value = merge_oauth2_option(current, value)
+            elif isinstance(value, dict) and isinstance(current, dict):
                 value = _merged(current, value)  # PATCH {"otp": {"enabled": true}} keeps the rest
             options[key] = value
+        oauth2 = options["oauth2"]
+        if isinstance(oauth2, dict) and isinstance(oauth2.get("mappedFields"), dict):
+            names = {spec["name"] for spec in fields}  # a mapping to no field is dropped
+            options["oauth2"] = {**oauth2, "mappedFields": {
+                key: value if value in names else ""
+                for key, value in cast(dict[str, JSON], oauth2["mappedFields"]).items()
+            }}
         for kind in TOKEN_OPTIONS:
             token = dict(options[kind]) if isinstance(options[kind], dict) else {}
             token.setdefault("duration", defaults[kind]["duration"])
@@ -7226,6 +7453,480 @@ class Mailer:
             self._queue.put_nowait(None)
 
 
+# --- OAuth2 -------------------------------------------------------------------
+# Signing in through a provider: the authorize URL a client opens (with PKCE),
+# then, once the provider sent the browser back with a code, the code's
+# exchange for a token and the user's info. The calls block: they run in
+# threads, each within OAUTH2_TIMEOUT_S and MAX_OAUTH2_ANSWER_BYTES.
+
+MAX_OAUTH2_ANSWER_BYTES = 1024 * 1024  # one token, user info or key set
+MAX_AVATAR_BYTES = 5 * 1024 * 1024  # an avatar fetched into a file field
+OAUTH2_CALLS_AT_ONCE = 8  # sign-ins talking to providers at once; more wait
+ID_TOKEN_LEEWAY_S = 300  # clock skew allowed on an id_token's times
+APPLE_KEYS_URL = "https://appleid.apple.com/auth/keys"
+
+
+class OAuth2Failure(Exception):
+    """A provider call that failed; `stage` is "token" or "user"."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(f"{stage}: {reason}")
+        self.stage = stage
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2Client:
+    """A collection's provider config over pbrt's defaults for that provider."""
+
+    name: str
+    display_name: str
+    client_id: str
+    client_secret: str
+    auth_url: str
+    token_url: str
+    user_info_url: str
+    pkce: bool
+    extra: dict[str, JSON]
+    provider: OAuth2Provider
+
+    @classmethod
+    def of(cls, config: Mapping[str, JSON]) -> OAuth2Client | None:
+        """The client of a stored provider config; None for a provider pbrt
+        does not know."""
+        name = _to_text(config.get("name"))
+        provider = OAUTH2_PROVIDERS.get(name)
+        if provider is None:
+            return None
+        pkce = config.get("pkce")
+        return cls(
+            name,
+            _to_text(config.get("displayName")) or provider.display_name or name,
+            _to_text(config.get("clientId")),
+            _to_text(config.get("clientSecret")),
+            _to_text(config.get("authURL")) or provider.auth_url,
+            _to_text(config.get("tokenURL")) or provider.token_url,
+            _to_text(config.get("userInfoURL")) or provider.user_info_url,
+            provider.pkce if pkce is None else bool(pkce),
+            dict(cast(dict[str, JSON], config.get("extra") or {})),
+            provider,
+        )
+
+    def auth_url_for(self, state: str, code_challenge: str = "") -> str:
+        """The authorize URL as PocketBase gives it: its parameters sorted,
+        then an empty `redirect_uri=` for the client to complete."""
+        params = {"client_id": self.client_id, "response_type": "code", "state": state}
+        if self.provider.scopes:
+            params["scope"] = " ".join(self.provider.scopes)
+        if code_challenge:
+            params.update(code_challenge=code_challenge, code_challenge_method="S256")
+        params.update(self.provider.auth_params)
+        query = urllib.parse.urlencode(sorted(params.items()), quote_via=urllib.parse.quote_plus)
+        joiner = "&" if "?" in self.auth_url else "?"
+        return f"{self.auth_url}{joiner}{query}&redirect_uri="
+
+    def origins(self) -> set[tuple[str, int]]:
+        """The (host, port) of this provider's endpoints."""
+        return {
+            origin
+            for url in (self.auth_url, self.token_url, self.user_info_url)
+            if (origin := _origin_of(url)) is not None
+        }
+
+
+def pkce_challenge(verifier: str) -> str:
+    """PKCE's S256 challenge of a code verifier (RFC 7636).
+
+    >>> pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk")
+    'E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM'
+    """
+    return _b64encode(hashlib.sha256(verifier.encode()).digest())
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2User:
+    """Who the provider says signed in (PocketBase's `meta`, less `isNew`)."""
+
+    id: str
+    name: str
+    username: str
+    email: str
+    avatar_url: str
+    raw: dict[str, JSON]
+    access_token: str
+    refresh_token: str
+    expiry: str
+
+    def meta(self, is_new: bool) -> dict[str, JSON]:
+        """The auth response's `meta` (keys sorted; PocketBase's come in any order)."""
+        return {
+            "accessToken": self.access_token,
+            "avatarURL": self.avatar_url,
+            "avatarUrl": self.avatar_url,
+            "email": self.email,
+            "expiry": self.expiry,
+            "id": self.id,
+            "isNew": is_new,
+            "name": self.name,
+            "rawUser": self.raw,
+            "refreshToken": self.refresh_token,
+            "username": self.username,
+        }
+
+
+def _truthy(value: JSON) -> bool:
+    """A claim as Go's cast.ToBool reads it (true, "true", "1", 1, …)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "t", "true")
+    return bool(value) if isinstance(value, (bool, int, float)) else False
+
+
+def _user_fields(provider: str, raw: dict[str, JSON]) -> tuple[str, str, str, str, str]:
+    """(id, name, username, email, avatar URL) from a provider's user info;
+    an email only where the provider says it is verified."""
+    text = functools.partial(_raw_text, raw)
+    if provider == "github":
+        return text("id"), text("name"), text("login"), "", text("avatar_url")
+    if provider == "gitlab":
+        confirmed = parse_datetime(text("confirmed_at").replace("T", " ")) is not None
+        email = text("email") if confirmed else ""
+        return text("id"), text("name"), text("username"), email, text("avatar_url")
+    if provider == "microsoft":
+        return text("id"), text("displayName"), "", text("mail"), ""
+    if provider == "discord":
+        user_id, avatar = text("id"), text("avatar")
+        name = text("global_name") or text("username")
+        if not text("global_name") and text("discriminator") not in ("", "0"):
+            name += "#" + text("discriminator")
+        avatar_url = f"https://cdn.discordapp.com/avatars/{user_id}/{avatar}.png" if avatar else ""
+        email = text("email") if raw.get("verified") is True else ""
+        return user_id, name, text("username"), email, avatar_url
+    verified = raw.get("email_verified")  # google, apple, oidc
+    email = text("email") if (verified is True if provider == "google" else _truthy(verified)) else ""
+    username = text("preferred_username") if provider == "oidc" else ""
+    return text("sub"), text("name"), username, email, text("picture")
+
+
+def _raw_text(raw: dict[str, JSON], key: str) -> str:
+    value = raw.get(key)
+    if isinstance(value, bool) or value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value if isinstance(value, str) else _to_text(value)
+
+
+def fetch_oauth2_user(
+    client: OAuth2Client,
+    code: str,
+    code_verifier: str,
+    redirect_url: str,
+    *,
+    now: float,
+    timeout_s: float = OAUTH2_TIMEOUT_S,
+    given_name: str = "",
+) -> OAuth2User:
+    """Exchange an authorization code for a token, then read who signed in
+    (blocking; raises OAuth2Failure). The client authenticates with HTTP
+    Basic first and in the form if that is refused, as Go's oauth2 does.
+    `given_name`: the name Apple sent with its redirect."""
+    deadline = time.monotonic() + timeout_s
+    form = {"code": code, "grant_type": "authorization_code"}
+    if redirect_url:
+        form["redirect_uri"] = redirect_url
+    if client.pkce:
+        form["code_verifier"] = code_verifier
+    basic = _b64std(
+        f"{urllib.parse.quote_plus(client.client_id)}:{urllib.parse.quote_plus(client.client_secret)}"
+    )
+    form_type = ("Content-Type", "application/x-www-form-urlencoded")
+    answer = _provider_call(
+        "token", client.token_url, deadline, body=_form(form),
+        headers=(form_type, ("Authorization", f"Basic {basic}")),
+    )
+    if not 200 <= answer[0] < 300:
+        credentials = {"client_id": client.client_id}
+        if client.client_secret:
+            credentials["client_secret"] = client.client_secret
+        answer = _provider_call(
+            "token", client.token_url, deadline, body=_form({**form, **credentials}),
+            headers=(form_type,),
+        )
+    token = _token_of(answer)
+    access = _to_text(token.get("access_token"))
+    kind = _to_text(token.get("token_type")) or "Bearer"
+    bearer = (("Authorization", f"{'Bearer' if kind.lower() == 'bearer' else kind} {access}"),)
+    provider = client.provider.user_map
+    if provider == "apple" or (provider == "oidc" and not client.user_info_url):
+        raw = _id_token_claims(client, _to_text(token.get("id_token")), deadline, now)
+    else:
+        status, _, body = _provider_call("user", client.user_info_url, deadline, headers=bearer)
+        raw = _json_object("user", body) if status < 400 else _fail("user", f"status {status}")
+    user_id, name, username, email, avatar_url = _user_fields(provider, raw)
+    if provider == "github":
+        status, _, body = _provider_call(
+            "user", client.user_info_url + "/emails", deadline, headers=bearer
+        )
+        if status not in (401, 403, 404):
+            emails = parse_json_strict(body.decode("utf-8", "replace")) if status < 400 else None
+            email = next(
+                (
+                    _to_text(item.get("email"))
+                    for item in (emails if isinstance(emails, list) else [])
+                    if isinstance(item, dict) and item.get("verified") is True and item.get("primary") is True
+                ),
+                "",
+            )
+    expires_in = token.get("expires_in")
+    seconds = int(expires_in) if isinstance(expires_in, (int, float, str)) and str(expires_in).isdigit() else 0
+    return OAuth2User(
+        user_id,
+        name or given_name,
+        username,
+        email,
+        avatar_url,
+        raw,
+        access,
+        _to_text(token.get("refresh_token")),
+        format_datetime(now + seconds) if seconds else "",
+    )
+
+
+def _b64std(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def _form(values: Mapping[str, str]) -> bytes:
+    return urllib.parse.urlencode(sorted(values.items())).encode()
+
+
+def _fail(stage: str, reason: str) -> NoReturn:
+    raise OAuth2Failure(stage, reason)
+
+
+def _json_object(stage: str, body: bytes) -> dict[str, JSON]:
+    try:
+        value = parse_json_strict(body.decode("utf-8"))
+    except (BodyError, UnicodeDecodeError):
+        value = None
+    return value if isinstance(value, dict) else _fail(stage, "not a JSON object")
+
+
+def _token_of(answer: tuple[int, str, bytes]) -> dict[str, JSON]:
+    """A token endpoint's answer (JSON, or a form as GitHub's by default)."""
+    status, kind, body = answer
+    if not 200 <= status < 300:
+        _fail("token", f"status {status}")
+    if kind in ("application/x-www-form-urlencoded", "text/plain"):
+        token: dict[str, JSON] = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
+    else:
+        token = _json_object("token", body)
+    if not token.get("access_token"):
+        _fail("token", "no access_token")
+    return token
+
+
+def _id_token_claims(
+    client: OAuth2Client, id_token: str, deadline: float, now: float
+) -> dict[str, JSON]:
+    """The claims of the token's id_token, checked: times (with leeway), the
+    audience, the issuers the config's `extra.issuers` lists, and the
+    signature against Apple's keys or the config's `extra.jwksURL`."""
+    parts = id_token.split(".")
+    if len(parts) != 3 or len(id_token) > MAX_OAUTH2_ANSWER_BYTES:
+        _fail("user", "no id_token")
+    try:
+        header, claims = (json.loads(_b64decode(part)) for part in parts[:2])
+    except (ValueError, UnicodeDecodeError):
+        _fail("user", "malformed id_token")
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        _fail("user", "malformed id_token")
+    apple = client.provider.user_map == "apple"
+    for claim, late in (("iat", False), ("nbf", False), ("exp", True)):
+        moment = claims.get(claim)
+        if moment is None and not (apple and claim == "exp"):
+            continue
+        if not isinstance(moment, (int, float)) or isinstance(moment, bool):
+            _fail("user", f"id_token has no valid {claim}")
+        if (now > moment + ID_TOKEN_LEEWAY_S) if late else (moment > now + ID_TOKEN_LEEWAY_S):
+            _fail("user", f"id_token {claim} is out of range")
+    audience = claims.get("aud")
+    if client.client_id not in (audience if isinstance(audience, list) else [audience]):
+        _fail("user", "id_token is for another audience")
+    issuers = ["https://appleid.apple.com"] if apple else client.extra.get("issuers")
+    if isinstance(issuers, list) and issuers and claims.get("iss") not in issuers:
+        _fail("user", "id_token has an unexpected issuer")
+    keys_url = APPLE_KEYS_URL if apple else _to_text(client.extra.get("jwksURL"))
+    if keys_url:
+        _, _, body = _provider_call("user", keys_url, deadline)
+        if not verify_jws(id_token, _json_object("user", body)):
+            _fail("user", "id_token signature does not verify")
+    return claims
+
+
+#: The DER prefix of each RSASSA-PKCS1-v1_5 algorithm's DigestInfo.
+_RSA_DIGESTS = {
+    "RS256": ("sha256", bytes.fromhex("3031300d060960864801650304020105000420")),
+    "RS384": ("sha384", bytes.fromhex("3041300d060960864801650304020205000430")),
+    "RS512": ("sha512", bytes.fromhex("3051300d060960864801650304020305000440")),
+}
+
+
+def verify_jws(token: str, key_set: Mapping[str, JSON]) -> bool:
+    """Whether a compact JWS is signed by the RSA key of its `kid` in a JWK
+    set, with that key's `alg` (RS256/384/512: RSASSA-PKCS1-v1_5)."""
+    signing_input, _, signature_text = token.rpartition(".")
+    try:
+        header = json.loads(_b64decode(signing_input.partition(".")[0]))
+        signature = _b64decode(signature_text)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    keys = key_set.get("keys")
+    key = next(
+        (
+            k
+            for k in (keys if isinstance(keys, list) else [])
+            if isinstance(k, dict) and header.get("kid") and k.get("kid") == header.get("kid") and k.get("alg")
+        ),
+        None,
+    )
+    if key is None or key.get("kty") != "RSA" or key.get("alg") != header.get("alg"):
+        return False
+    digest = _RSA_DIGESTS.get(_to_text(key.get("alg")))
+    if digest is None:
+        return False
+    try:
+        modulus = int.from_bytes(_b64decode(_to_text(key.get("n"))), "big")
+        exponent = int.from_bytes(_b64decode(_to_text(key.get("e"))), "big")
+    except ValueError:
+        return False
+    size = (modulus.bit_length() + 7) // 8
+    if size < 256 or len(signature) != size or not 1 < exponent < modulus:
+        return False  # below 2048 bits, or not this key's
+    opened = pow(int.from_bytes(signature, "big"), exponent, modulus).to_bytes(size, "big")
+    name, prefix = digest
+    info = prefix + hashlib.new(name, signing_input.encode()).digest()
+    expected = b"\x00\x01" + b"\xff" * (size - len(info) - 3) + b"\x00" + info
+    return hmac.compare_digest(opened, expected)
+
+
+def _origin_of(url: str) -> tuple[str, int] | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return (parts.hostname, port) if parts.hostname else None
+
+
+def _provider_call(
+    stage: str,
+    url: str,
+    deadline: float,
+    *,
+    body: bytes | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> tuple[int, str, bytes]:
+    """One call to a provider's endpoint; OAuth2Failure if it cannot be made."""
+    try:
+        return http_fetch(url, deadline, body=body, headers=headers)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise OAuth2Failure(stage, f"{url}: {exc}") from None
+
+
+def http_fetch(
+    url: str,
+    deadline: float,
+    *,
+    body: bytes | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
+    limit: int = MAX_OAUTH2_ANSWER_BYTES,
+    address_allowed: Callable[[str, int, ipaddress.IPv4Address | ipaddress.IPv6Address], bool] | None = None,
+    redirects: int = 3,
+) -> tuple[int, str, bytes]:
+    """GET `url` (POST `body`) with http.client, within the monotonic
+    `deadline`: (status, content type, body). Raises ValueError for a body
+    over `limit`, a URL that is not http(s) or an address that
+    `address_allowed(host, port, ip)` refuses: checked on the address
+    connected to, so a name that resolves elsewhere the second time changes
+    nothing. A GET follows up to `redirects` redirects."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    host, secure = parts.hostname, parts.scheme == "https"
+    port = parts.port or (443 if secure else 80)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("the provider took too long")
+    connection: http.client.HTTPConnection | None = None
+    sock: socket.socket | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        ip = ipaddress.ip_address(address[0])
+        if address_allowed is not None and not address_allowed(host, port, ip):
+            raise ValueError(f"{host} resolves to {ip}, an address not fetched from")
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(remaining)
+        try:
+            sock.connect(address)
+        except OSError:
+            sock.close()
+            continue
+        if secure:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        connection = http.client.HTTPConnection(host, port, timeout=remaining)
+        connection.sock = sock
+        break
+    if connection is None or sock is None:
+        raise ConnectionError(f"cannot connect to {host}:{port}")
+    try:
+        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection.request(
+            "POST" if body is not None else "GET",
+            path,
+            body=body,
+            headers={"User-Agent": f"pbrt/{__version__}", "Accept": "application/json", **dict(headers)},
+        )
+        response = connection.getresponse()
+        location = response.getheader("location")
+        if body is None and redirects and response.status in (301, 302, 303, 307, 308) and location:
+            return http_fetch(
+                urllib.parse.urljoin(url, location), deadline, headers=headers, limit=limit,
+                address_allowed=address_allowed, redirects=redirects - 1,
+            )
+        chunks, size = [], 0
+        while chunk := response.read1(65536):
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"the answer is over {limit} bytes")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the provider took too long")
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunks.append(chunk)
+        return response.status, response.headers.get_content_type(), b"".join(chunks)
+    finally:
+        connection.close()
+
+
+def fetch_avatar(
+    url: str, trusted: set[tuple[str, int]], limit: int, timeout_s: float = 10.0
+) -> UploadedFile:
+    """An OAuth2 user's avatar as an upload (blocking): from a public
+    address, or from the provider's own hosts (`trusted`), which may be
+    private; never more than `limit` bytes. Raises OSError or ValueError."""
+
+    def allowed(host: str, port: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return (host, port) in trusted or ip.is_global
+
+    status, kind, content = http_fetch(
+        url, time.monotonic() + timeout_s, limit=limit, address_allowed=allowed
+    )
+    if not 200 <= status < 400:
+        raise ValueError(f"{url}: status {status}")
+    name = posixpath.basename(urllib.parse.urlsplit(url).path) or "avatar"
+    if "." not in name:
+        name += mimetypes.guess_extension(kind) or ""
+    return UploadedFile(name, kind, content)
+
+
 # ==========================================================================
 # 10. Records
 # ==========================================================================
@@ -7874,15 +8575,14 @@ class Requester:
     query: dict[str, str] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
     method: str = "GET"
+    context: str = "default"  # `@request.context`: "oauth2" for a sign-up by a provider
 
     @property
     def is_superuser(self) -> bool:
         """Whether every rule passes (the system, or a superuser)."""
         return self.system or (self.auth is not None and self.auth.is_superuser)
 
-    def info(
-        self, now: float, body: dict[str, JSON] | None = None, context: str = "default"
-    ) -> RequestInfo:
+    def info(self, now: float, body: dict[str, JSON] | None = None) -> RequestInfo:
         """The `@request.*` view of this requester at `now`."""
         auth = self.auth
         return RequestInfo(
@@ -7891,7 +8591,7 @@ class Requester:
             headers=self.headers,
             body=body or {},
             method=self.method,
-            context=context,
+            context=self.context,
             now=now,
             system=self.system,
         )
@@ -9329,6 +10029,27 @@ class Throttle:
         self._last.pop(key, None)
 
 
+class ShortLived:
+    """Texts kept `ttl_s` seconds by key, at most `max_keys` of them (the
+    oldest go first): what one request leaves for the next."""
+
+    def __init__(self, ttl_s: float, max_keys: int = 1_000) -> None:
+        self.ttl_s, self.max_keys = ttl_s, max_keys
+        self._values: dict[str, tuple[float, str]] = {}
+
+    def put(self, key: str, value: str, now: float) -> None:
+        """Keep `value` under `key` until `now + ttl_s`."""
+        self._values.pop(key, None)
+        self._values[key] = (now + self.ttl_s, value)
+        if len(self._values) > self.max_keys:
+            del self._values[next(iter(self._values))]
+
+    def pop(self, key: str, now: float) -> str:
+        """The value under `key`, forgotten now ("" if none or expired)."""
+        expires, value = self._values.pop(key, (0.0, ""))
+        return value if expires > now else ""
+
+
 class Broker:
     """Realtime clients and the delivery of the realtime log to them.
 
@@ -9556,6 +10277,19 @@ class Broker:
         self.set_subscriptions(
             client, [raw for raw in client.subscriptions if raw not in raws]
         )
+
+    def send_oauth2_redirect(self, client_id: str, remote_ip: str, message: bytes) -> bool:
+        """Send an OAuth2 redirect's message to the client it names, if that
+        client subscribed to `@oauth2` from `remote_ip`; the subscription
+        ends either way (one redirect each). Never logged, never replayed."""
+        client = self.clients.get(client_id)
+        if client is None or client.closed or OAUTH2_TOPIC not in client.subscriptions:
+            return False
+        self.set_subscriptions(client, [raw for raw in client.subscriptions if raw != OAUTH2_TOPIC])
+        if client.remote_ip != remote_ip:
+            return False
+        client.send(encode_sse_event(client.id, OAUTH2_TOPIC, message))
+        return True
 
     # --- custom messages -------------------------------------------------------
 
@@ -9947,7 +10681,7 @@ def check_topic(store: CollectionLookup, topic: str) -> None:
         raise ValueError(
             f"topic {topic!r} is reserved for the records of collection {name!r}"
         )
-    if topic.startswith("PB_"):
+    if topic.startswith("PB_") or topic.split("?", 1)[0] == OAUTH2_TOPIC:
         raise ValueError(f"topic {topic!r} is reserved for the server's own events")
 
 
@@ -11239,7 +11973,7 @@ class RequestContext:
                 logger.warning(
                     "%s %s: the Authorization header counts as a guest: %s",
                     self.request.method,
-                    self.request.target,
+                    loggable_target(self.request.target),
                     why,
                 )
         return self._auth
@@ -11418,14 +12152,11 @@ ROUTE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 RESERVED_ROUTES = tuple(
     (method, "/api/collections/{collection}/" + tail)
     for method, tail in (
-        ("POST", "auth-with-oauth2"),
         ("GET", "records/{id}/external-auths"),
         ("DELETE", "records/{id}/external-auths/{provider}"),
         ("DELETE", "truncate"),
     )
 ) + (
-    ("GET", "/api/oauth2-redirect"),
-    ("POST", "/api/oauth2-redirect"),
     ("GET", "/api/collections/meta/scaffolds"),
     ("POST", "/api/settings/apple/generate-client-secret"),
     ("GET", "/api/crons"),
@@ -11701,16 +12432,18 @@ def _auth_collection_or_404(context: RequestContext) -> Collection:
 
 
 def _auth_response(
-    context: RequestContext, collection: Collection, record: Record, token: str
+    context: RequestContext,
+    collection: Collection,
+    record: Record,
+    token: str,
+    meta: dict[str, JSON] | None = None,
 ) -> Response:
     request = context.request
     viewer = dataclasses.replace(_requester(context), auth=Auth(collection, record))
     info = viewer.info(context.app.now())
     presenter = RecordPresenter(_store(context), info, request.query_value("expand"))
-    envelope: dict[str, JSON] = {
-        "record": presenter.present_one(collection, record),
-        "token": token,
-    }
+    envelope: dict[str, JSON] = {} if meta is None else {"meta": meta}
+    envelope.update(record=presenter.present_one(collection, record), token=token)
     fields = parse_fields(request.query_value("fields"))
     return json_response(pick_fields(envelope, fields) if fields else envelope)
 
@@ -11999,7 +12732,7 @@ async def handle_impersonate(context: RequestContext) -> Response:
 
 async def handle_auth_methods(context: RequestContext) -> Response:
     """GET /api/collections/{collection}/auth-methods: what the collection
-    offers (no OAuth2 provider yet), as PocketBase lists it; `fields` applies."""
+    offers, as PocketBase lists it; `fields` applies."""
     collection = _auth_collection_or_404(context)
     password_auth = collection.options.get("passwordAuth", {})
     enabled = bool(password_auth.get("enabled", True))
@@ -12010,12 +12743,17 @@ async def handle_auth_methods(context: RequestContext) -> Response:
         on = isinstance(option, dict) and bool(option.get("enabled"))
         return {"enabled": on, "duration": int(cast(dict[str, Any], option).get("duration") or 0) if on else 0}
 
+    oauth2 = collection.options.get("oauth2")
+    providers = _oauth2_providers_listed(collection)
     methods: JSON = {
         "password": {"identityFields": identity_fields, "enabled": enabled},
-        "oauth2": {"providers": [], "enabled": False},
+        "oauth2": {
+            "providers": providers,
+            "enabled": isinstance(oauth2, dict) and bool(oauth2.get("enabled")),
+        },
         "mfa": method("mfa"),
         "otp": method("otp"),
-        "authProviders": [],
+        "authProviders": [{**cast(dict[str, JSON], p), "logo": ""} for p in providers],
         "usernamePassword": enabled and "username" in identity_fields,
         "emailPassword": enabled and "email" in identity_fields,
     }
@@ -12195,8 +12933,7 @@ async def handle_realtime_subscribe(context: RequestContext) -> Response:
     server = context.server
     owner = server.owner_of(client_id) if server is not None else None
     if client is None and server is not None and owner is not None:
-        body = {"clientId": client_id, "subscriptions": subscriptions}
-        return await server.hand_on(owner, body, context)  # its stream is in another worker
+        return await server.hand_on(owner, context)  # its stream is in another worker
     if client is None or client.closed:
         raise NotFoundError("Missing or invalid client id.")
     if client.remote_ip != context.remote_ip:
@@ -13293,6 +14030,408 @@ async def handle_auth_with_otp(context: RequestContext) -> Response:
     )
 
 
+# --- OAuth2 ---------------------------------------------------------------------
+
+OAUTH2_NOT_ALLOWED = "The collection is not configured to allow OAuth2 authentication."
+OAUTH2_TOPIC = "@oauth2"  # the realtime topic a redirect's code reaches its client on
+OAUTH2_SIGN_IN_TRIES = 3  # plans made again when a sign-in beside it linked first
+
+
+def _oauth2_option(collection: Collection) -> dict[str, JSON]:
+    option = collection.options.get("oauth2")
+    if not isinstance(option, dict) or not option.get("enabled"):
+        raise ForbiddenError(OAUTH2_NOT_ALLOWED)
+    return option
+
+
+def _oauth2_provider_config(option: Mapping[str, JSON], name: str) -> dict[str, JSON] | None:
+    return next(
+        (
+            p
+            for p in cast(list[dict[str, JSON]], option.get("providers") or [])
+            if p.get("name") == name
+        ),
+        None,
+    )
+
+
+def _oauth2_providers_listed(collection: Collection) -> list[JSON]:
+    """auth-methods' provider entries: a fresh state and PKCE pair each,
+    the authorize URL ready for the client's `redirect_uri`. pbrt has no
+    provider logos (the SDKs never read them)."""
+    option = collection.options.get("oauth2")
+    if not isinstance(option, dict) or not option.get("enabled"):
+        return []
+    listed: list[JSON] = []
+    for config in cast(list[dict[str, JSON]], option.get("providers") or []):
+        client = OAuth2Client.of(config)
+        if client is None:
+            continue
+        state = random_text(SECRET_ALPHABET, 30)
+        verifier = random_text(SECRET_ALPHABET, 43) if client.pkce else ""
+        challenge = pkce_challenge(verifier) if verifier else ""
+        url = client.auth_url_for(state, challenge)
+        listed.append({
+            "name": client.name,
+            "displayName": client.display_name,
+            "logo": "",
+            "state": state,
+            "authURL": url,
+            "authUrl": url,
+            "codeVerifier": verifier,
+            "codeChallenge": challenge,
+            "codeChallengeMethod": "S256" if verifier else "",
+        })
+    return listed
+
+
+async def handle_auth_with_oauth2(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/auth-with-oauth2: a provider's
+    code for a sign-in. The code is exchanged and the user read off the loop;
+    the record is the one linked to that provider account, else the
+    requester's own, else the one with the provider's verified email, else a
+    new one (createData, the createRule with `@request.context` "oauth2").
+    Failed exchanges count as failed logins of the address."""
+    collection = _auth_collection_or_404(context)
+    option = _oauth2_option(collection)
+    values = _flow_input(context, "provider", "code", "codeVerifier", "redirectURL", "redirectUrl")
+    create_data = context.body.data.get("createData")
+    if create_data is not None and not isinstance(create_data, dict):
+        raise BadRequestError(LOAD_FAILURE)
+    name = values["provider"]
+    errors: dict[str, JSON] = {}
+    if not values["code"]:
+        errors["code"] = validation_entry("validation_required", "Cannot be blank.")
+    if not name:
+        errors["provider"] = validation_entry("validation_required", "Cannot be blank.")
+    elif len(name) > 100:
+        errors["provider"] = validation_entry(
+            "validation_length_too_long", "The length must be no more than 100.", {"max": 100, "min": 0}
+        )
+    elif _oauth2_provider_config(option, name) is None:
+        errors["provider"] = validation_entry(
+            "validation_invalid_provider",
+            f"Provider with name {name} is missing or is not enabled.",
+            {"name": name},
+        )
+    if errors:
+        raise BadRequestError(LOAD_FAILURE, errors)
+    client = OAuth2Client.of(_oauth2_provider_config(option, name) or {})
+    if client is None:
+        raise InternalServerError("Missing or invalid provider config.")
+    app = context.app
+    limiter = app.login_failures_by_ip
+    wait = limiter.retry_after(context.remote_ip, time.monotonic())
+    if wait > 0:
+        raise TooManyRequestsError(retry_after_s=wait)
+    given_name = app.apple_names.pop(values["code"], time.monotonic())
+    try:
+        async with app.oauth2_calls:
+            user: OAuth2User = await _records(context).run_blocking(functools.partial(
+                fetch_oauth2_user,
+                client,
+                values["code"],
+                values["codeVerifier"],
+                values["redirectURL"] or values["redirectUrl"],
+                now=app.now(),
+                timeout_s=app.config.oauth2_timeout_s,
+                given_name=given_name,
+            ))
+    except OAuth2Failure as failure:
+        limiter.fail(context.remote_ip, time.monotonic())
+        message = "Failed to fetch OAuth2 token." if failure.stage == "token" else "Failed to fetch OAuth2 user."
+        raise BadRequestError(message) from failure
+    if not user.id:
+        raise BadRequestError("Failed to fetch OAuth2 user.")
+    record, is_new = await _oauth2_sign_in(context, collection, option, client, user, create_data or {})
+    if not _may_authenticate(context, collection, record):
+        raise ForbiddenError(AUTH_RULE_REFUSED)
+    await _second_factor(context, collection, record, "oauth2")
+    await _note_login_origin(context, collection, record)
+    token = issue_auth_token(collection, record, app.now())
+    return _auth_response(context, collection, record, token, meta=user.meta(is_new))
+
+
+class _Replan(Exception):
+    """A sign-in's plan no longer holds in its transaction: plan again."""
+
+
+@dataclass(slots=True)
+class _SignInPlan:
+    """What an OAuth2 sign-in writes, prepared: the record's create or
+    update (`verify`: the new record's `verified`, if its email turns out to
+    be the provider's), whether the record's provider links go first, and
+    the link to create."""
+
+    record_id: str
+    writes: list[PreparedWrite]
+    verify: PreparedWrite | None = None
+    unlink: bool = False
+    unlinked: list[PreparedWrite] = field(default_factory=list)
+
+
+def _external_auth(
+    store: Store, links: Collection, collection: Collection, provider: str, provider_id: str
+) -> Record | None:
+    found = store.find_records(
+        links,
+        where="t.collectionRef = ? AND t.provider = ? AND t.providerId = ?",
+        params=(collection.id, provider, provider_id),
+        limit=1,
+    )
+    return found[0] if found else None
+
+
+async def _oauth2_sign_in(
+    context: RequestContext,
+    collection: Collection,
+    option: Mapping[str, JSON],
+    client: OAuth2Client,
+    user: OAuth2User,
+    create_data: dict[str, JSON],
+) -> tuple[Record, bool]:
+    """The record an OAuth2 user signs in as, and whether it is new. Its
+    changes and the provider link are written in one transaction, which
+    first checks that the link it was planned from is still the link (a
+    sign-in beside it may have linked first: then it is planned again)."""
+    records, store = _records(context), _store(context)
+    links = store.collection("_externalAuths")
+    if links is None:
+        raise InternalServerError()
+    own = context.auth if context.auth is not None and context.auth.collection.id == collection.id else None
+    for _ in range(OAUTH2_SIGN_IN_TRIES):
+        link = await records.run_read(
+            lambda: _external_auth(store, links, collection, client.name, user.id)
+        )
+        record: Record | None = None
+        if link is not None:
+            record = store.get_record(collection, _to_text(link["recordRef"]))
+            if record is None:
+                raise NotFoundError()
+        elif own is not None:
+            record = store.get_record(collection, str(own.record["id"]))
+        elif user.email:
+            record = await records.run_read(lambda: _record_by_email(store, collection, user.email))
+        if record is None:
+            plan = await _oauth2_new_record(context, collection, option, client, user, create_data)
+        else:
+            plan = await _oauth2_known_record(context, collection, record, own, user)
+        if link is None or plan.unlink:
+            plan.writes.append(await records.prepare(SYSTEM, "create", links.id, "", {
+                "collectionRef": collection.id,
+                "recordRef": plan.record_id,
+                "provider": client.name,
+                "providerId": user.id,
+            }, None))
+        planned = link["id"] if link is not None else None
+
+        def work(plan: _SignInPlan = plan, planned: JSON = planned) -> None:
+            now_linked = _external_auth(store, links, collection, client.name, user.id)
+            if (now_linked["id"] if now_linked is not None else None) != planned:
+                raise _Replan()
+            _oauth2_write(records, store, collection, links, plan, user)
+
+        uploads = [path for write in plan.writes for path in write.written]
+        try:
+            await records.commit(work)
+        except _Replan:
+            await records.undo(uploads)
+            continue
+        except BaseException:
+            await records.undo(uploads)
+            raise
+        for write in [*plan.unlinked, *plan.writes]:
+            if write.action != "skip":
+                await records.finish(write)
+        found = store.get_record(collection, plan.record_id)
+        if found is None:  # deleted meanwhile
+            raise NotFoundError()
+        return found, record is None
+    raise BadRequestError("Failed to authenticate.")
+
+
+async def _oauth2_new_record(
+    context: RequestContext,
+    collection: Collection,
+    option: Mapping[str, JSON],
+    client: OAuth2Client,
+    user: OAuth2User,
+    create_data: dict[str, JSON],
+) -> _SignInPlan:
+    """A new record's create, as the requester with `@request.context`
+    "oauth2", from createData, the provider's email and the mapped fields
+    (the avatar fetched into a file field); then its `verified`."""
+    if collection.name == SUPERUSERS:
+        raise BadRequestError("Failed to authenticate.")
+    records, store = _records(context), _store(context)
+    payload = dict(create_data)
+    if not _to_text(payload.get("email")):
+        payload["email"] = user.email
+    if "password" not in payload:
+        password = random_text(SECRET_ALPHABET, 30)
+        payload.update(password=password, passwordConfirm=password)
+    mapped = cast(dict[str, str], option.get("mappedFields") or {})
+    for key, value in (("id", user.id), ("name", user.name)):
+        if mapped.get(key) and mapped[key] not in payload:
+            payload[mapped[key]] = value
+    username_field = mapped.get("username")
+    if username_field and username_field not in payload and user.username:
+        if await records.run_read(
+            lambda: _may_take_username(store, collection, username_field, user.username)
+        ):
+            payload[username_field] = user.username
+    files: dict[str, list[UploadedFile]] = {}
+    avatar_field = mapped.get("avatarURL")
+    spec = collection.field(avatar_field) if avatar_field and avatar_field not in payload else None
+    if spec is not None and user.avatar_url and spec["type"] != "file":
+        payload[str(spec["name"])] = user.avatar_url
+    elif spec is not None and user.avatar_url:
+        limit = min(int(cast(int, spec.get("maxSize") or MAX_AVATAR_BYTES)), MAX_AVATAR_BYTES)
+        try:
+            async with context.app.oauth2_calls:
+                avatar = await records.run_blocking(
+                    fetch_avatar, user.avatar_url, client.origins(), limit
+                )
+            files[str(spec["name"])] = [avatar]
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            logger.warning("OAuth2 avatar not fetched: %s", exc)
+    requester = dataclasses.replace(_requester(context), context="oauth2")
+    create = await records.prepare(requester, "create", collection.id, "", payload, files)
+    verify = await records.prepare(
+        SYSTEM, "update", collection.id, create.record_id, {"verified": True}, None
+    )
+    return _SignInPlan(create.record_id, [create, verify], verify)
+
+
+def _may_take_username(store: Store, collection: Collection, field_name: str, username: str) -> bool:
+    """Whether a provider's username fits the mapped field and is free."""
+    spec = collection.field(field_name)
+    if spec is None or (spec["type"] == "text" and validate_value(spec, username) is not None):
+        return False
+    taken = store.find_records(
+        collection, where=f't."{field_name}" = ? COLLATE NOCASE', params=(username,), limit=1
+    )
+    return not taken
+
+
+async def _oauth2_known_record(
+    context: RequestContext,
+    collection: Collection,
+    record: Record,
+    own: Auth | None,
+    user: OAuth2User,
+) -> _SignInPlan:
+    """An existing record's update, against pre-hijacking as PocketBase: an
+    unverified record that is not the requester's gets a random password
+    and loses its provider links (the new one is made again); an empty email
+    takes the provider's; it is verified when its email is the provider's."""
+    change: dict[str, JSON] = {}
+    verified = bool(record.get("verified"))
+    if not verified and (own is None or own.record["id"] != record["id"]):
+        password = random_text(SECRET_ALPHABET, 30)
+        change.update(password=password, passwordConfirm=password)
+    email = _to_text(record.get("email"))
+    if not email and user.email:
+        change["email"] = email = user.email
+    if not verified and (not email or email == user.email):
+        change["verified"] = True
+    update = await _records(context).prepare(
+        SYSTEM, "update", collection.id, str(record["id"]), change, None
+    )
+    if not change:
+        update.action = "skip"
+    return _SignInPlan(str(record["id"]), [update], unlink=not verified)
+
+
+def _oauth2_write(
+    records: Records,
+    store: Store,
+    collection: Collection,
+    links: Collection,
+    plan: _SignInPlan,
+    user: OAuth2User,
+) -> None:
+    """The transaction's part of a sign-in (see _oauth2_sign_in): a failing
+    record write answers as that write would, a failing link as PocketBase."""
+    if plan.unlink:
+        for old in store.find_records(
+            links,
+            where="t.collectionRef = ? AND t.recordRef = ?",
+            params=(collection.id, plan.record_id),
+        ):
+            gone = PreparedWrite("delete", links, SYSTEM, str(old["id"]), {})
+            records.delete_now(gone)
+            plan.unlinked.append(gone)
+    for write in plan.writes:
+        if write is plan.verify:
+            created = plan.writes[0].record or {}
+            if created.get("verified") or _to_text(created.get("email")) != user.email:
+                write.action = "skip"
+                continue
+        if write.action == "skip":
+            continue
+        try:
+            _batch_write(records, write)
+        except ValidationError as exc:
+            if write.collection.id == links.id:
+                raise BadRequestError("Failed to authenticate.", exc.errors) from exc
+            raise _write_error(write.action, exc) from exc
+
+
+OAUTH2_REDIRECT_SUCCESS = "../_/#/auth/oauth2-redirect-success"
+OAUTH2_REDIRECT_FAILURE = "../_/#/auth/oauth2-redirect-failure"
+APPLE_NAME_TTL_S = 60.0  # Apple's name from a redirect waits this long for its sign-in
+
+
+async def handle_oauth2_redirect(context: RequestContext) -> Response:
+    """GET|POST /api/oauth2-redirect: where a provider sends the browser
+    back. `state` names the realtime client that started the sign-in: it
+    alone gets `{"state","code"[,"error"]}` on `@oauth2` (when it subscribed
+    to it, from this address), once: never another client, never the
+    realtime log. Then the browser goes to the dashboard's success or
+    failure page. A POST is Apple's `form_post`, whose `user` holds the name."""
+    request = context.request
+    try:
+        fields = {
+            key: value for key, value in context.body.data.items() if isinstance(value, str)
+        } if request.method == "POST" else request.query_values
+    except BodyError:
+        fields = {}
+    state, code, error = (fields.get(name, "") for name in ("state", "code", "error"))
+    delivered = False
+    if state:
+        server, broker = context.server, context.app.broker
+        assert broker is not None
+        owner = server.owner_of(state) if server is not None else None
+        if server is not None and owner is not None and state not in broker.clients:
+            return await server.hand_on(owner, context)  # its stream is in another worker
+        message: dict[str, JSON] = {"state": state, "code": code}
+        if error:
+            message["error"] = error
+        delivered = broker.send_oauth2_redirect(state, context.remote_ip, _json_body(message))
+        if delivered and code and not error and fields.get("user"):
+            _keep_apple_name(context.app, code, fields["user"])
+    success = delivered and bool(code) and not error
+    return Response(
+        307 if request.method == "GET" else 303,
+        headers=(("Location", OAUTH2_REDIRECT_SUCCESS if success else OAUTH2_REDIRECT_FAILURE),),
+    )
+
+
+def _keep_apple_name(app: App, code: str, user: str) -> None:
+    """Apple sends the user's name with its first redirect only: keep it a
+    minute for the sign-in with this code."""
+    try:
+        data = parse_json_strict(user[:4096])
+    except BodyError:
+        return
+    name = data.get("name") if isinstance(data, dict) else None
+    if isinstance(name, dict):
+        full = f"{_to_text(name.get('firstName'))} {_to_text(name.get('lastName'))}"[:150].strip()
+        if full and len(code) <= 1000:
+            app.apple_names.put(code, full, time.monotonic())
+
+
 # --- the app's public files ---------------------------------------------------------
 
 
@@ -13503,6 +14642,9 @@ def build_router() -> Router:
         "POST", "/api/collections/{collection}/impersonate/{id}", handle_impersonate
     )
     router.add("GET", "/api/collections/{collection}/auth-methods", handle_auth_methods)
+    router.add("POST", "/api/collections/{collection}/auth-with-oauth2", handle_auth_with_oauth2)
+    router.add("GET", "/api/oauth2-redirect", handle_oauth2_redirect)
+    router.add("POST", "/api/oauth2-redirect", handle_oauth2_redirect)
     for action, handler in (
         ("request-verification", handle_request_verification),
         ("confirm-verification", handle_confirm_verification),
@@ -14224,7 +15366,7 @@ class Server:
             logger.info(
                 "%s %s %d %.2fms",
                 request.method,
-                request.target,
+                loggable_target(request.target),
                 response.status,
                 elapsed_ms,
             )
@@ -14254,14 +15396,14 @@ class Server:
             "remoteIP": peer_ip if log_ip else "",
             "status": response.status,
             "type": "request",
-            "url": request.target,
+            "url": loggable_target(request.target),
             "userAgent": request.header("user-agent"),
             "userIP": (context.remote_ip if context else peer_ip) if log_ip else "",
         }
         if context is not None and context.failure is not None:
             data["error"], data["details"] = context.failure
         level = 8 if response.status >= 400 else 0
-        self.request_logs.add(level, f"{request.method} {request.target}", data)
+        self.request_logs.add(level, f"{request.method} {data['url']}", data)
 
     def _watch_other_writers(self) -> None:
         """Hear of other processes' commits within OTHER_WRITERS_WATCH_S, at no cost while
@@ -14325,7 +15467,7 @@ class Server:
                 logger.warning(
                     "%s %s -> %d: %s",
                     request.method,
-                    request.target,
+                    loggable_target(request.target),
                     error.status,
                     context.failure[1],
                 )
@@ -14353,23 +15495,24 @@ class Server:
             return None
         return owner
 
-    async def hand_on(
-        self, owner: int, body: dict[str, JSON], context: RequestContext
-    ) -> Response:
-        """Send a subscription POST to the worker holding the stream; return
-        its answer. A worker that is gone held no client any more: 404."""
-        payload = _json_body(body)
+    async def hand_on(self, owner: int, context: RequestContext) -> Response:
+        """Send a request for a client's stream (a subscription POST, an
+        OAuth2 redirect) to the worker holding it; return its answer. A
+        worker that is gone held no client any more: 404."""
+        request = context.request
         token, address = context.auth_token, context.remote_ip
-        if not (token + address).isprintable():  # no header of one's own to slip in
+        kind = request.header("content-type")
+        if not (token + address + kind).isprintable():  # no header of one's own to slip in
             raise BadRequestError()
         lines = [
-            "POST /api/realtime HTTP/1.1",
+            f"{request.method} {request.target} HTTP/1.1",
             "Host: pbrt",
-            "Content-Type: application/json",
-            f"Content-Length: {len(payload)}",
+            f"Content-Length: {len(context.raw_body)}",
             f"{FORWARDED_IP_HEADER}: {address}",
             "Connection: close",
         ]
+        if kind:
+            lines.append(f"Content-Type: {kind}")
         if token:
             lines.append(f"Authorization: {token}")
         try:
@@ -14378,7 +15521,7 @@ class Server:
                     worker_address(self.config, owner)
                 )
                 try:
-                    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+                    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + context.raw_body)
                     head = await reader.readuntil(b"\r\n\r\n")
                     answer = await reader.read()
                 finally:
@@ -14388,8 +15531,11 @@ class Server:
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             raise NotFoundError("Missing or invalid client id.") from None
         status = int(head.split(b" ", 2)[1])
-        kind = re.search(rb"(?im)^content-type: *([^\r]+)", head)
-        headers = (("Content-Type", kind.group(1).decode()),) if kind else ()
+        headers = tuple(
+            (name, found.group(1).decode())
+            for name in ("Content-Type", "Location")
+            if (found := re.search(rb"(?im)^" + name.encode() + rb": *([^\r]+)", head))
+        )
         return Response(status, answer, headers)
 
     async def _write_response(
@@ -14574,6 +15720,9 @@ class App:
         self.mail_requests = FailureLimiter(MAIL_REQUESTS_PER_IP, MAIL_REQUESTS_WINDOW_S)
         self.mail_resends = Throttle(MAIL_RESEND_S)
         self.otp_attempts = FailureLimiter(OTP_ATTEMPTS, OTP_ATTEMPTS_WINDOW_S)
+        #: Sign-ins talking to OAuth2 providers at once, and Apple's names by code.
+        self.oauth2_calls = asyncio.Semaphore(OAUTH2_CALLS_AT_ONCE)
+        self.apple_names = ShortLived(APPLE_NAME_TTL_S)
         self._mailer: Mailer | None = None
         self.store: Store | None = None
         self._records: Records | None = None

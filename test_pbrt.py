@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import doctest
+import http.client
 import json
 import logging
 import os
 import queue
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -11199,3 +11202,258 @@ def test_cli_superuser_hint_comes_from_serve_and_app_hooks_need_a_collection(
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
     assert "No superuser exists yet" in stderr, (process.returncode, stderr)
+
+
+# --- OAuth2 --------------------------------------------------------------------
+
+
+class FakeProvider:
+    """An OAuth2/OIDC provider on loopback (stdlib HTTP server): /authorize
+    redirects the browser back with a code for `next_user`, /token checks
+    the client's credentials and PKCE, /userinfo answers for the token,
+    /avatar.png is an image. `fail` makes one endpoint answer 500 ("token",
+    "user") or, with "hang-token", keeps the token request until `stop`.
+    `calls` lists (method, path, headers, body) as received."""
+
+    CLIENT_ID, CLIENT_SECRET = "cid", "csecret"
+
+    def __init__(self) -> None:
+        import http.server
+
+        self.next_user: dict[str, Any] = {}
+        self.fail = ""
+        self.calls: list[tuple[str, str, dict[str, str], str]] = []
+        self.codes: dict[str, tuple[dict[str, Any], str]] = {}  # code -> (user, challenge)
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.released = threading.Event()
+        provider = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def answer(self, status: int, body: bytes = b"", kind: str = "application/json",
+                       location: str = "") -> None:
+                self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                parts = urllib.parse.urlsplit(self.path)
+                query = dict(urllib.parse.parse_qsl(parts.query))
+                provider.calls.append(("GET", parts.path, dict(self.headers), ""))
+                if parts.path == "/authorize":
+                    back = query["redirect_uri"] + "?"
+                    if provider.fail == "deny":
+                        back += urllib.parse.urlencode({"state": query["state"], "error": "access_denied"})
+                        return self.answer(302, location=back)
+                    code = secrets.token_urlsafe(12)
+                    provider.codes[code] = (dict(provider.next_user), query.get("code_challenge", ""))
+                    back += urllib.parse.urlencode({"state": query["state"], "code": code})
+                    return self.answer(302, location=back)
+                if parts.path == "/userinfo":
+                    token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    if provider.fail == "user" or token not in provider.tokens:
+                        return self.answer(500, b'{"error":"nope"}')
+                    return self.answer(200, json.dumps(provider.tokens[token]).encode())
+                if parts.path == "/avatar.png":
+                    return self.answer(200, tiny_png(3, 3), "image/png")
+                self.answer(404)
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                provider.calls.append(("POST", self.path, dict(self.headers), body))
+                form = dict(urllib.parse.parse_qsl(body))
+                if provider.fail == "hang-token":
+                    provider.released.wait(30)
+                    return self.answer(500)
+                basic = base64.b64encode(f"{provider.CLIENT_ID}:{provider.CLIENT_SECRET}".encode()).decode()
+                authorized = self.headers.get("Authorization") == f"Basic {basic}"
+                code = provider.codes.pop(form.get("code", ""), None)
+                if provider.fail == "token" or not authorized or code is None:
+                    if code is not None:
+                        provider.codes[form["code"]] = code  # the retry may use it
+                    return self.answer(400, b'{"error":"invalid_grant"}')
+                user, challenge = code
+                verifier = form.get("code_verifier", "")
+                if challenge and pbrt.pkce_challenge(verifier) != challenge:
+                    return self.answer(400, b'{"error":"invalid_grant","reason":"pkce"}')
+                token = secrets.token_urlsafe(16)
+                provider.tokens[token] = user
+                answer = {"access_token": token, "token_type": "Bearer", "expires_in": 3600,
+                          "refresh_token": "r-" + token}
+                self.answer(200, json.dumps(answer).encode())
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeProvider:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def config(self, **overrides: Any) -> dict[str, Any]:
+        """The `oidc` provider entry of a collection's `oauth2.providers`."""
+        return {
+            "name": "oidc",
+            "clientId": self.CLIENT_ID,
+            "clientSecret": self.CLIENT_SECRET,
+            "authURL": self.url + "/authorize",
+            "tokenURL": self.url + "/token",
+            "userInfoURL": self.url + "/userinfo",
+            "displayName": "Fake OIDC",
+            **overrides,
+        }
+
+    def person(self, sub: str, email: str, verified: bool = True, **more: Any) -> dict[str, Any]:
+        """Who signs in next."""
+        self.next_user = {
+            "sub": sub, "email": email, "email_verified": verified, "name": sub.title(),
+            "preferred_username": sub, "picture": self.url + "/avatar.png", **more,
+        }
+        return self.next_user
+
+
+def enable_oauth2(api: Api, su: str, provider: FakeProvider, collection: str = "users",
+                  **overrides: Any) -> Any:
+    return api.json("PATCH", f"/api/collections/{collection}", {
+        "oauth2": {"enabled": True, "providers": [provider.config(**overrides)]},
+    }, su)
+
+
+def follow_authorize(auth_url: str, redirect_url: str, client_id: str,
+                     source: str = "127.0.0.1") -> RawResponse:
+    """What a browser does with an authorize URL: the provider's redirect,
+    then the request to pbrt's `/api/oauth2-redirect` (from `source`)."""
+    url = auth_url.replace("state=", "x_state=") + urllib.parse.quote(redirect_url, safe="")
+    url += "&state=" + client_id
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request("GET", f"{parts.path}?{parts.query}")
+    back = connection.getresponse().getheader("Location") or ""
+    connection.close()
+    target = urllib.parse.urlsplit(back)
+    connection = http.client.HTTPConnection(
+        target.hostname, target.port, timeout=10, source_address=(source, 0)
+    )
+    connection.request("GET", f"{target.path}?{target.query}")
+    answer = connection.getresponse()
+    raw = RawResponse(answer.status, list(answer.getheaders()), answer.read())
+    connection.close()
+    return raw
+
+
+async def oauth2_sign_in(
+    api: Api, provider: FakeProvider, *, token: str = "", collection: str = "users",
+    create_data: dict[str, Any] | None = None,
+) -> tuple[Any, dict[str, str]]:
+    """The SDK's authWithOAuth2 over raw sockets: a stream subscribed to
+    @oauth2, the authorize URL followed, the code taken from the stream,
+    auth-with-oauth2 called; return (its answer, the @oauth2 event)."""
+    port = port_of(api)
+    methods = api.json("GET", f"/api/collections/{collection}/auth-methods")
+    entry = next(p for p in methods["oauth2"]["providers"] if p["name"] == "oidc")
+    client = await SseClient.connect(port)
+    try:
+        assert (await post_subscriptions(port, client.id, ["@oauth2"], token)).status == 204
+        redirect = f"{api.url}/api/oauth2-redirect"
+        answer = await asyncio.to_thread(follow_authorize, entry["authURL"], redirect, client.id)
+        assert answer.status == 307, answer
+        assert answer.header("Location") == "../_/#/auth/oauth2-redirect-success"
+        event = await client.next_event()
+    finally:
+        client.writer.close()
+    data = json.loads(event["data"])
+    body = {"provider": "oidc", "code": data["code"], "codeVerifier": entry["codeVerifier"],
+            "redirectURL": redirect, "createData": create_data or {}}
+    status, text = await asyncio.to_thread(
+        api.call, "POST", f"/api/collections/{collection}/auth-with-oauth2", body, token
+    )
+    assert status == 200, text
+    return json.loads(text), event
+
+
+def test_oauth2_provider_secret_is_kept_and_never_shown(tmp_path: Path) -> None:
+    """A provider's clientSecret is stored (a PATCH that leaves it out keeps
+    it, as PocketBase merges providers by name) and never shown: not in the
+    PATCH answer, GET /api/collections, the import/export JSON, nor the
+    dashboard's data."""
+    with FakeProvider() as provider, serving(tmp_path) as (app, api, su):
+        answer = enable_oauth2(api, su, provider)
+        assert answer["oauth2"]["providers"] == [{
+            "pkce": None, "name": "oidc", "clientId": "cid", "authURL": provider.url + "/authorize",
+            "tokenURL": provider.url + "/token", "userInfoURL": provider.url + "/userinfo",
+            "displayName": "Fake OIDC", "extra": {},
+        }]
+        kept = api.json("PATCH", "/api/collections/users", {
+            "oauth2": {"providers": [{"name": "oidc", "clientId": "cid", "extra": {"a": 1}}]}}, su)
+        assert kept["oauth2"]["providers"][0]["extra"] == {"a": 1}
+        for path in ("/api/collections", "/api/collections/users", "/api/collections?perPage=500"):
+            status, text = api.call("GET", path, token=su)
+            assert status == 200 and "csecret" not in text and "clientSecret" not in text
+        stored = app.records.store.collection("users")
+        assert stored is not None
+        assert stored.options["oauth2"]["providers"][0]["clientSecret"] == "csecret"
+        # Another provider in its place has no secret of its own: refused.
+        refused = api.call("PATCH", "/api/collections/users", {
+            "oauth2": {"providers": [{"name": "github", "clientId": "g"}]}}, su)
+        assert refused[0] == 400
+        assert json.loads(refused[1])["data"] == {"oauth2": {"providers": {"0": {
+            "clientSecret": {"code": "validation_required", "message": "Cannot be blank."}}}}}
+
+
+def test_oauth2_sign_in_through_the_realtime_redirect(tmp_path: Path) -> None:
+    """The SDK's flow on raw sockets against a fake OIDC provider: a new
+    user (verified, name mapped, avatar fetched from the provider's host into
+    the file field, isNew), the same user again (isNew false, one link), and
+    an existing verified user with the provider's email, linked. The @oauth2
+    message is PocketBase's bytes; what the provider was sent is checked."""
+    with FakeProvider() as provider, serving(tmp_path) as (app, api, su):
+        enable_oauth2(api, su, provider)
+        provider.person("ann", "ann@example.com")
+
+        first, event = run(oauth2_sign_in(api, provider))
+        assert list(first) == ["meta", "record", "token"]
+        meta, record = first["meta"], first["record"]
+        assert meta["isNew"] is True and meta["id"] == "ann" and meta["email"] == "ann@example.com"
+        assert meta["rawUser"] == provider.next_user and meta["accessToken"] in provider.tokens
+        assert meta["refreshToken"] == "r-" + meta["accessToken"] and meta["expiry"].endswith("Z")
+        assert (record["email"], record["verified"], record["name"]) == ("ann@example.com", True, "Ann")
+        assert record["avatar"].endswith(".png")
+        avatar = fetch_raw(port_of(api), "GET", f"/api/files/users/{record['id']}/{record['avatar']}")
+        assert avatar.status == 200 and avatar.body == tiny_png(3, 3)
+        assert event["event"] == "@oauth2" and event["id"] == json.loads(event["data"])["state"]
+        assert list(json.loads(event["data"])) == ["state", "code"]
+        token_call = next(c for c in provider.calls if c[1] == "/token")
+        form = dict(urllib.parse.parse_qsl(token_call[3]))
+        assert form["grant_type"] == "authorization_code"
+        assert form["redirect_uri"] == f"{api.url}/api/oauth2-redirect"
+        assert token_call[2]["Authorization"].startswith("Basic ")
+
+        again, _ = run(oauth2_sign_in(api, provider))
+        assert again["meta"]["isNew"] is False and again["record"]["id"] == record["id"]
+        me = api.json("GET", f"/api/collections/users/records/{record['id']}", token=again["token"])
+        assert me["id"] == record["id"]
+
+        make_user(api, "bob", su)
+        bob = api.json("GET", "/api/collections/users/records?filter=email='bob@x.com'", token=su)["items"][0]
+        api.json("PATCH", f"/api/collections/users/records/{bob['id']}", {"verified": True}, su)
+        provider.person("bob-at-provider", "bob@x.com")
+        linked, _ = run(oauth2_sign_in(api, provider))
+        assert linked["meta"]["isNew"] is False and linked["record"]["id"] == bob["id"]
+        assert api.login("users", "bob@x.com", "password123")[0]  # a verified user keeps their password
+
+        links = api.json("GET", "/api/collections/_externalAuths/records?sort=created", token=su)["items"]
+        assert [(link["recordRef"], link["provider"], link["providerId"]) for link in links] == [
+            (record["id"], "oidc", "ann"), (bob["id"], "oidc", "bob-at-provider"),
+        ]
