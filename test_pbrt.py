@@ -11,6 +11,7 @@ import base64
 import concurrent.futures
 import contextlib
 import doctest
+import hashlib
 import http.client
 import json
 import logging
@@ -11226,6 +11227,9 @@ class FakeProvider:
         self.codes: dict[str, tuple[dict[str, Any], str]] = {}  # code -> (user, challenge)
         self.tokens: dict[str, dict[str, Any]] = {}
         self.released = threading.Event()
+        self.key: RsaKey | None = None  # set: the token carries an id_token it signs
+        self.signer: RsaKey | None = None  # who signs it (another key: a forgery)
+        self.audience = self.CLIENT_ID  # whom the id_token is for
         provider = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -11262,6 +11266,8 @@ class FakeProvider:
                     return self.answer(200, json.dumps(provider.tokens[token]).encode())
                 if parts.path == "/avatar.png":
                     return self.answer(200, tiny_png(3, 3), "image/png")
+                if parts.path == "/jwks" and provider.key is not None:
+                    return self.answer(200, json.dumps({"keys": [provider.key.jwk()]}).encode())
                 self.answer(404)
 
             def do_POST(self) -> None:  # noqa: N802
@@ -11286,6 +11292,11 @@ class FakeProvider:
                 provider.tokens[token] = user
                 answer = {"access_token": token, "token_type": "Bearer", "expires_in": 3600,
                           "refresh_token": "r-" + token}
+                if provider.key is not None:
+                    now = int(time.time())
+                    claims = {"iss": provider.url, "aud": provider.audience, "iat": now,
+                              "exp": now + 600, **user}
+                    answer["id_token"] = (provider.signer or provider.key).sign(claims, provider.key.kid)
                 self.answer(200, json.dumps(answer).encode())
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -11322,6 +11333,63 @@ class FakeProvider:
             "preferred_username": sub, "picture": self.url + "/avatar.png", **more,
         }
         return self.next_user
+
+
+class RsaKey:
+    """A fresh RSA-2048 key (Miller-Rabin primes from `secrets`) that signs
+    RS256 JWTs: a provider's id_tokens."""
+
+    def __init__(self) -> None:
+        self.e, self.kid = 65537, secrets.token_hex(4)
+        while True:
+            p, q = self._prime(1024), self._prime(1024)
+            phi = (p - 1) * (q - 1)
+            if p != q and phi % self.e:
+                break
+        self.n, self.d = p * q, pow(self.e, -1, phi)
+
+    @staticmethod
+    def _prime(bits: int) -> int:
+        small = [n for n in range(3, 2000, 2) if all(n % d for d in range(3, int(n**0.5) + 1, 2))]
+        while True:
+            candidate = secrets.randbits(bits) | (1 << (bits - 1)) | (1 << (bits - 2)) | 1
+            if any(candidate % p == 0 for p in small):
+                continue
+            odd, twos = candidate - 1, 0
+            while odd % 2 == 0:
+                odd, twos = odd // 2, twos + 1
+            for _ in range(40):
+                x = pow(secrets.randbelow(candidate - 3) + 2, odd, candidate)
+                if x in (1, candidate - 1):
+                    continue
+                for _ in range(twos - 1):
+                    x = pow(x, 2, candidate)
+                    if x == candidate - 1:
+                        break
+                else:
+                    break
+            else:
+                return candidate
+
+    def jwk(self) -> dict[str, str]:
+        def b64(number: int) -> str:
+            raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
+            return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+        return {"kty": "RSA", "kid": self.kid, "alg": "RS256", "use": "sig", "n": b64(self.n), "e": b64(self.e)}
+
+    def sign(self, claims: dict[str, Any], kid: str) -> str:
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        head = b64(json.dumps({"alg": "RS256", "kid": kid, "typ": "JWT"}).encode())
+        signing_input = f"{head}.{b64(json.dumps(claims).encode())}"
+        info = bytes.fromhex("3031300d060960864801650304020105000420")
+        info += hashlib.sha256(signing_input.encode()).digest()
+        size = (self.n.bit_length() + 7) // 8
+        padded = b"\x00\x01" + b"\xff" * (size - len(info) - 3) + b"\x00" + info
+        signature = pow(int.from_bytes(padded, "big"), self.d, self.n).to_bytes(size, "big")
+        return f"{signing_input}.{b64(signature)}"
 
 
 def enable_oauth2(api: Api, su: str, provider: FakeProvider, collection: str = "users",
@@ -11457,3 +11525,196 @@ def test_oauth2_sign_in_through_the_realtime_redirect(tmp_path: Path) -> None:
         assert [(link["recordRef"], link["provider"], link["providerId"]) for link in links] == [
             (record["id"], "oidc", "ann"), (bob["id"], "oidc", "bob-at-provider"),
         ]
+
+
+def test_oauth2_answers_match_pocketbase(tmp_path: Path) -> None:
+    """The same provider settings and requests against the real PocketBase
+    and pbrt: the PATCHes' `oauth2` echoes and errors, auth-methods (the
+    random state and PKCE pair, and the logos pbrt does not have, set
+    aside), every failing auth-with-oauth2 and redirect: same status, same
+    body."""
+    attempts = [
+        ("oidc", "nosuchcode", ""),
+        ("google", "c", ""),
+        ("x" * 101, "c", ""),
+        ("", "", ""),
+        ("oidc", "", ""),
+    ]
+
+    def answers(url: str, su: str, provider: FakeProvider) -> list[Any]:
+        api, seen = Api(url), []
+        seen.append(api.call("POST", "/api/collections/users/auth-with-oauth2", {"provider": "oidc", "code": "c"}))
+        for change in (
+            {"oauth2": {"enabled": True, "providers": [provider.config()]}},
+            {"oauth2": {"providers": [{"name": "oidc", "clientId": "cid", "displayName": ""}]}},
+            {"oauth2": {"providers": [{"name": "nope", "clientId": "g"}, {"name": "oidc2", "authURL": "notaurl"}]}},
+            {"oauth2": {"providers": [provider.config(), provider.config()]}},
+            {"oauth2": {"mappedFields": {"id": "nosuch", "username": "email"}}},
+        ):
+            status, text = api.call("PATCH", "/api/collections/users", change, su)
+            seen.append((status, json.loads(text).get("oauth2") if status == 200 else text))
+        methods = api.json("GET", "/api/collections/users/auth-methods")
+        for entry in methods["oauth2"]["providers"] + methods["authProviders"]:
+            assert pbrt.pkce_challenge(entry["codeVerifier"]) == entry["codeChallenge"]
+            assert len(entry["state"]) == 30 and len(entry["codeVerifier"]) == 43
+            for key in ("state", "codeVerifier", "codeChallenge"):
+                for url_key in ("authURL", "authUrl"):
+                    entry[url_key] = entry[url_key].replace(entry[key], key.upper())
+                entry[key] = key.upper()
+            entry["logo"] = "LOGO" if entry["logo"] else ""
+        seen.append(methods)
+        picked = api.call("GET", "/api/collections/users/auth-methods?fields=oauth2.enabled,otp")
+        seen.append((picked[0], json.loads(picked[1])))  # PocketBase picks in a random order
+        for name, code, verifier in attempts:
+            seen.append(api.call("POST", "/api/collections/users/auth-with-oauth2",
+                                 {"provider": name, "code": code, "codeVerifier": verifier}))
+        seen.append(api.call("POST", "/api/collections/users/auth-with-oauth2", b"{bad",))
+        provider.fail = "user"
+        provider.person("ann", "ann@example.com")
+        code = provider_code(provider)
+        seen.append(api.call("POST", "/api/collections/users/auth-with-oauth2", {"provider": "oidc", "code": code}))
+        provider.fail = ""
+        for query in ("", "?code=abc", "?state=nosuchclient&code=abc"):
+            raw = fetch_raw(int(url.rsplit(":", 1)[1]), "GET", "/api/oauth2-redirect" + query)
+            seen.append((raw.status, raw.header("Location"), raw.body))
+        return seen
+
+    with FakeProvider() as provider:
+        with PocketBase(tmp_path / "pocketbase") as pocketbase:
+            expected = answers(pocketbase.url, pocketbase.superuser(), provider)
+        with serving(tmp_path / "pbrt") as (_, api, su):
+            actual = answers(api.url, su, provider)
+    for theirs, ours in zip(expected, actual, strict=True):
+        if isinstance(theirs, dict):  # auth-methods: pbrt has no logos
+            for entry in theirs["oauth2"]["providers"]:
+                entry["logo"] = ""
+        assert ours == theirs
+
+
+def provider_code(provider: FakeProvider) -> str:
+    """A code the provider will take (as if its authorize page ran)."""
+    code = secrets.token_urlsafe(12)
+    provider.codes[code] = (dict(provider.next_user), "")
+    return code
+
+
+def test_oauth2_redirect_reaches_only_its_client_and_no_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A redirect's code goes to the one client named by `state`, subscribed
+    to @oauth2 from the redirect's address, once: not to another @oauth2
+    subscriber (nor through a custom message on that topic), not to the
+    named client without the subscription or from another address; never
+    into the request log, the server's log or the realtime log."""
+
+    async def body(app: pbrt.App, api: Api) -> list[list[dict[str, str]]]:
+        port = port_of(api)
+        named, other, unsubscribed = [await SseClient.connect(port) for _ in range(3)]
+        for client, topics in ((named, ["@oauth2", MARKER]), (other, ["@oauth2", MARKER]),
+                               (unsubscribed, ["users/*", MARKER])):
+            assert (await post_subscriptions(port, client.id, topics)).status == 204
+        with pytest.raises(ValueError, match="reserved"):
+            await on_server_loop(app, lambda: app.broker.publish("@oauth2", {"code": "x"}))
+
+        def redirect(state: str, source: str = "127.0.0.1", extra: str = "") -> str | None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+            connection.request("GET", f"/api/oauth2-redirect?state={state}&code=sekrit-{state}{extra}")
+            location = connection.getresponse().getheader("Location")
+            connection.close()
+            return location
+
+        failure, success = "../_/#/auth/oauth2-redirect-failure", "../_/#/auth/oauth2-redirect-success"
+        assert await asyncio.to_thread(redirect, unsubscribed.id) == failure
+        assert await asyncio.to_thread(redirect, named.id, "127.0.0.2") == failure  # another address
+        assert await asyncio.to_thread(redirect, named.id) == failure  # that ended its subscription
+        assert (await post_subscriptions(port, named.id, ["@oauth2", MARKER])).status == 204
+        assert await asyncio.to_thread(redirect, named.id, "127.0.0.1", "&error=access_denied") == failure
+        assert (await post_subscriptions(port, named.id, ["@oauth2", MARKER])).status == 204
+        assert await asyncio.to_thread(redirect, named.id) == success
+        await publish_marker(app)
+        return [await client.events_until_marker() for client in (named, other, unsubscribed)]
+
+    with serving(tmp_path) as (app, api, su), caplog.at_level(logging.INFO, logger="pbrt"):
+        named_events, other_events, unsubscribed_events = run(body(app, api))
+        logs = app.request_logs
+        assert logs is not None
+        wait_until(lambda: logs.page({"filter": "data.url ~ 'oauth2-redirect'"})["totalItems"] == 5)
+        listed = api.call("GET", "/api/logs?perPage=100", token=su)[1]
+        store = app.records.store
+    assert [json.loads(e["data"]) for e in named_events] == [
+        {"state": e["id"], "code": e["id"] and f"sekrit-{e['id']}", **({"error": "access_denied"} if i == 0 else {})}
+        for i, e in enumerate(named_events)
+    ]
+    assert len(named_events) == 2 and {e["event"] for e in named_events} == {"@oauth2"}
+    assert other_events == [] and unsubscribed_events == []
+    assert "sekrit" not in listed and "code=***" in listed
+    assert not [r for r in caplog.records if "sekrit" in r.getMessage()]
+    with contextlib.closing(sqlite3.connect(store.path)) as connection:
+        rows = connection.execute(f"SELECT * FROM {pbrt.REALTIME_LOG_TABLE}").fetchall()
+    assert "sekrit" not in repr(rows)
+
+
+def test_oauth2_against_an_attacker(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What an attacker tries, and what happens:
+    - an unverified account made beforehand with the victim's email: the
+      victim's OAuth2 sign-in takes it back (the attacker's password goes);
+    - a provider account whose email is not verified never reaches the
+      account with that email;
+    - an avatar URL on this server's own loopback address is not fetched
+      (only public addresses and the provider's own hosts are);
+    - sign-ups only by OAuth2 (`@request.context = "oauth2"`): the plain
+      create is refused;
+    - an id_token signed by another key, or for another app: refused;
+    - a provider that never answers: refused within the timeout."""
+    with FakeProvider() as provider, serving(tmp_path, oauth2_timeout_s=1.0) as (app, api, su):
+        enable_oauth2(api, su, provider)
+        api.json("POST", "/api/collections/users/records", {
+            "email": "victim@x.com", "password": "attacker-pw", "passwordConfirm": "attacker-pw",
+        })
+        provider.person("victim", "victim@x.com")
+        taken_back, _ = run(oauth2_sign_in(api, provider))
+        assert taken_back["meta"]["isNew"] is False and taken_back["record"]["verified"] is True
+        assert api.call("POST", "/api/collections/users/auth-with-password",
+                        {"identity": "victim@x.com", "password": "attacker-pw"})[0] == 400
+
+        make_user(api, "carol", su)
+        provider.person("mallory", "carol@x.com", verified=False, picture=f"{api.url}/api/health")
+        with caplog.at_level(logging.WARNING, logger="pbrt"):
+            status, text = api.call("POST", "/api/collections/users/auth-with-oauth2", {
+                "provider": "oidc", "code": provider_code(provider)})
+        assert (status, json.loads(text)["data"]) == (400, {"email": {
+            "code": "validation_required", "message": "Cannot be blank."}})
+        provider.person("mallory", "mallory@x.com", picture=f"{api.url}/api/health")
+        mallory, _ = run(oauth2_sign_in(api, provider))
+        assert mallory["record"]["email"] == "mallory@x.com" and mallory["record"]["avatar"] == ""
+        assert any("avatar not fetched" in r.getMessage() for r in caplog.records)
+
+        api.json("PATCH", "/api/collections/users", {"createRule": '@request.context = "oauth2"'}, su)
+        refused = api.call("POST", "/api/collections/users/records", {
+            "email": "direct@x.com", "password": "password123", "passwordConfirm": "password123"})
+        assert refused[0] == 400
+        provider.person("dave", "dave@x.com")
+        assert run(oauth2_sign_in(api, provider))[0]["meta"]["isNew"] is True
+
+        provider.key = RsaKey()
+        enable_oauth2(api, su, provider, userInfoURL="", extra={
+            "jwksURL": provider.url + "/jwks", "issuers": [provider.url]})
+        provider.person("erin", "erin@x.com")
+        assert run(oauth2_sign_in(api, provider))[0]["record"]["email"] == "erin@x.com"
+        provider.signer = RsaKey()
+        provider.person("forged", "forged@x.com")
+        status, text = api.call("POST", "/api/collections/users/auth-with-oauth2", {
+            "provider": "oidc", "code": provider_code(provider)})
+        assert (status, json.loads(text)["message"]) == (400, "Failed to fetch OAuth2 user.")
+        provider.signer, provider.audience = None, "another-app"
+        status, text = api.call("POST", "/api/collections/users/auth-with-oauth2", {
+            "provider": "oidc", "code": provider_code(provider)})
+        assert (status, json.loads(text)["message"]) == (400, "Failed to fetch OAuth2 user.")
+
+        provider.fail = "hang-token"
+        started = time.monotonic()
+        status, text = api.call("POST", "/api/collections/users/auth-with-oauth2", {
+            "provider": "oidc", "code": "whatever"})
+        assert (status, json.loads(text)["message"]) == (400, "Failed to fetch OAuth2 token.")
+        assert time.monotonic() - started < 20  # generous: the timeout is 1 s
+        provider.released.set()
