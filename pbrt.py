@@ -10837,11 +10837,7 @@ let live = null; // the open live view: {source, rows, paused, held}
 // --- helpers ---------------------------------------------------------------
 
 function readSession() {
-  try {
-    return JSON.parse(localStorage.getItem(SESSION_KEY));
-  } catch {
-    return null;
-  }
+  try { return JSON.parse(localStorage.getItem(SESSION_KEY)); } catch { return null; }
 }
 
 /** An element with attributes (`on…` listen, `value`/`checked` set) and children. */
@@ -10862,13 +10858,8 @@ let controlCount = 0;
 function labelled(text, control, hint) {
   control.id ||= `control-${++controlCount}`;
   const error = h("p", { class: "error", id: `${control.id}-error`, "aria-live": "polite" });
-  const described = [error.id];
-  let note = null;
-  if (hint) {
-    note = h("p", { class: "hint", id: `${control.id}-hint` }, hint);
-    described.push(note.id);
-  }
-  control.setAttribute("aria-describedby", described.join(" "));
+  const note = hint ? h("p", { class: "hint", id: `${control.id}-hint` }, hint) : null;
+  control.setAttribute("aria-describedby", note ? `${error.id} ${note.id}` : error.id);
   const label = h("label", { for: control.id }, h("span", {}, text), control, note, error);
   label.error = error;
   return label;
@@ -11060,7 +11051,16 @@ const CONFIRMS = {  // action: [title, fields, done]
   "confirm-email-change": ["Confirm your new email", [["password", "Your password"]],
     "Your email was changed: sign in with the new one."],
 };
-const PUBLIC_ROUTES = [[/^auth\/(confirm-[a-z-]+)\/([^/]+)$/, confirmView]];
+const PUBLIC_ROUTES = [[/^auth\/(confirm-[a-z-]+)\/([^/]+)$/, confirmView],
+  [/^auth\/oauth2-redirect-(success|failure)$/, redirectView]];
+
+/** Where a provider's sign-in ends (the SDK's popup): it closes itself. */
+function redirectView(outcome) {
+  const done = outcome === "success";
+  page(done ? "Auth completed." : "Auth failed.", h("p", { role: "status" },
+    `You can close this window and go back to the app${done ? "" : " to try again"}.`));
+  window.close();
+}
 
 function confirmView(action, token) {
   const [title, names, done] = CONFIRMS[action] || CONFIRMS["confirm-verification"];

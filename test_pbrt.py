@@ -5806,7 +5806,8 @@ def data_dir_with(tmp_path: Path, collections: list[dict[str, Any]]) -> Path:
         {"email": SU_EMAIL, "password": SU_PASSWORD},
         privileged=True,
     )
-    app.import_collections(collections)
+    if collections:
+        app.import_collections(collections)
     app.close()
     return data_dir
 
@@ -11718,3 +11719,136 @@ def test_oauth2_against_an_attacker(tmp_path: Path, caplog: pytest.LogCaptureFix
         assert (status, json.loads(text)["message"]) == (400, "Failed to fetch OAuth2 token.")
         assert time.monotonic() - started < 20  # generous: the timeout is 1 s
         provider.released.set()
+
+
+OAUTH2_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>Sign in</title>
+<script src="/pocketbase.umd.js"></script>
+<button id="oauth2">Sign in with the provider</button>
+<script>
+window.pb = new PocketBase(location.origin);
+window.results = [];
+document.getElementById("oauth2").addEventListener("click", async () => {
+  try {
+    const auth = await pb.collection("users").authWithOAuth2({ provider: "oidc" });
+    results.push({ id: auth.record.id, email: auth.record.email, verified: auth.record.verified,
+                   isNew: auth.meta.isNew, stored: pb.authStore.record.id, valid: pb.authStore.isValid });
+  } catch (error) {
+    results.push({ error: String(error), data: error.data });
+  }
+});
+</script>
+"""
+
+BROWSER_OAUTH2_SCRIPT = r"""
+const puppeteer = require("puppeteer-core");
+const fs = require("fs");
+const path = require("path");
+const readline = require("readline");
+const [base] = process.argv.slice(1);
+const WAIT = { timeout: 30000, polling: 50 };
+const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function step(name) {
+  console.log(JSON.stringify({ step: name }));
+  const { value } = await lines.next();
+  if (value !== "go") throw new Error(`the test stopped at ${name}: ${value}`);
+}
+const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
+
+(async () => {
+  const browser = await puppeteer.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    userDataDir: profile,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const result = { errors: [], popups: [] };
+  try {
+    browser.on("targetcreated", (target) => { if (target.type() === "page") result.popups.push(target.url()); });
+    const page = await browser.newPage();
+    page.on("pageerror", (error) => result.errors.push(String(error)));
+    await page.goto(`${base}/`);
+    for (let n = 1; n <= 3; n++) {
+      await step(`sign-in ${n}`);
+      if (n === 3) {
+        await page.evaluate(() => pb.collection("users").authWithPassword("ann@x.com", "password123"));
+      }
+      await page.bringToFront();
+      await page.click("#oauth2");
+      await page.waitForFunction((count) => window.results.length >= count, WAIT, n);
+    }
+    result.results = await page.evaluate(() => window.results);
+    const closed = async () => (await browser.pages()).length === 2;  // the first tab and ours
+    for (let i = 0; i < 400 && !(await closed()); i++) await new Promise((r) => setTimeout(r, 50));
+    result.openUrls = await Promise.all((await browser.pages()).map((p) => p.url()));
+  } finally {
+    await browser.close();
+    fs.rmSync(profile, { recursive: true, force: true });
+  }
+  console.log(JSON.stringify(result));
+  process.exit(0);
+})().catch((error) => {
+  console.error(error);
+  console.log(JSON.stringify({ failure: String(error.stack || error) }));
+  process.exit(1);
+});
+"""
+
+
+def test_oauth2_with_the_js_sdk_in_headless_chromium(tmp_path: Path) -> None:
+    """A page of pbrt's origin with the unmodified SDK calls
+    authWithOAuth2({provider: "oidc"}): the popup goes to the fake provider,
+    which sends it to /api/oauth2-redirect; the code reaches the page over
+    @oauth2 and the SDK signs in: a new user, the same user again, then a
+    user signed in with a password who links the provider account. The
+    popups close (the dashboard's redirect pages)."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (bash .ci/run installs chromium)"
+    public = tmp_path / "pb_public"
+    public.mkdir()
+    (public / "index.html").write_text(OAUTH2_PAGE)
+    shutil.copy(JS_MODULES / "pocketbase" / "dist" / "pocketbase.umd.js", public)
+    data_dir = data_dir_with(tmp_path, [])
+    with FakeProvider() as provider:
+        server = ServerProcess(data_dir, 0, f"--publicDir={public}").start()
+        node = subprocess.Popen(
+            ["node", "-e", BROWSER_OAUTH2_SCRIPT, "--", server.url],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "NODE_PATH": str(JS_MODULES)},
+        )
+        assert node.stdin is not None and node.stdout is not None
+        outcome: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [outcome.put(line) for line in node.stdout], daemon=True).start()
+
+        def next_line() -> dict[str, Any]:
+            return cast_dict(json.loads(outcome.get(timeout=90)))
+
+        def go() -> None:
+            node.stdin.write("go\n")
+            node.stdin.flush()
+
+        try:
+            api = Api(server.url)
+            su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
+            enable_oauth2(api, su, provider)
+            _, ann = make_user(api, "ann", su)
+            for person in (("zoe", "zoe@example.com"), ("zoe", "zoe@example.com"),
+                           ("ann-elsewhere", "ann@elsewhere.example", False)):
+                assert next_line()["step"].startswith("sign-in"), node.stderr
+                provider.person(*person)
+                go()
+            result = next_line()
+            assert node.wait(timeout=60) == 0, node.stderr.read() if node.stderr else ""
+        finally:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+            server.stop(signal.SIGTERM)
+    first, again, linked = result["results"]
+    assert first["isNew"] is True and first["email"] == "zoe@example.com" and first["verified"] is True
+    assert again == {**first, "isNew": False}
+    assert linked["id"] == ann["id"] and linked["isNew"] is False and linked["stored"] == ann["id"]
+    assert all(r["valid"] for r in result["results"]) and result["errors"] == []
+    assert len(result["popups"]) == 1 + 3  # the page, then a popup per sign-in
+    assert result["openUrls"] == ["about:blank", server.url + "/"]  # each popup closed itself
