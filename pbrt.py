@@ -267,6 +267,12 @@ AUTH_TOKEN_DURATION_S = 432_000  # PocketBase's default: 5 days
 SUPERUSER_TOKEN_DURATION_S = 86_400  # PocketBase's for _superusers: 1 day
 FILE_TOKEN_DURATION_S = 180  # PocketBase's protected-file tokens: 3 minutes
 WORKER_HEADER = "X-Pbrt-Worker"  # which worker answered (only with several)
+#: The requests for a client's stream another worker hands on to its own.
+HANDED_ON = {
+    ("POST", "/api/realtime"),
+    ("GET", "/api/oauth2-redirect"),
+    ("POST", "/api/oauth2-redirect"),
+}
 FORWARDED_IP_HEADER = "x-pbrt-remote-ip"  # the client's address, worker to worker
 WORKER_RESTART_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # after deaths in a row
 RANDOM_POOL_BYTES = 4096  # OS randomness read at once, for ids and secrets
@@ -15345,9 +15351,9 @@ class Server:
                 await self._reject(reader, writer, exc)
                 return
             first = False
-            if from_worker:  # another worker hands on a client's subscriptions
+            if from_worker:  # another worker hands on a request for a client's stream
                 remote_ip = request.header(FORWARDED_IP_HEADER)
-                if (request.method, request.path) != ("POST", "/api/realtime"):
+                if (request.method, request.path) not in HANDED_ON:
                     return
             sink = _StreamSink(writer.transport, request.version == "HTTP/1.1")
             response, context = await self._dispatch(request, raw_body, remote_ip, sink)

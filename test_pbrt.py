@@ -11852,3 +11852,51 @@ def test_oauth2_with_the_js_sdk_in_headless_chromium(tmp_path: Path) -> None:
     assert all(r["valid"] for r in result["results"]) and result["errors"] == []
     assert len(result["popups"]) == 1 + 3  # the page, then a popup per sign-in
     assert result["openUrls"] == ["about:blank", server.url + "/"]  # each popup closed itself
+
+
+def test_oauth2_redirect_reaches_a_client_on_another_worker(tmp_path: Path) -> None:
+    """`serve --workers 2`: a redirect that reaches the worker not holding
+    the named client's stream is handed on to the one that does."""
+    data_dir = data_dir_with(tmp_path, [])
+    with ServerProcess(data_dir, 0, "--workers", "2") as server:
+        connections: dict[str, http.client.HTTPConnection] = {}
+        for _ in range(100):  # a kept-alive connection to each worker
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            connection.request("GET", "/api/health")
+            answer = connection.getresponse()
+            answer.read()
+            worker = answer.getheader(pbrt.WORKER_HEADER) or ""
+            if worker in connections:
+                connection.close()
+            else:
+                connections[worker] = connection
+            if len(connections) == 2:
+                break
+
+        async def body() -> list[tuple[int, str, dict[str, str]]]:
+            streams = await stream_per_worker(server)
+            seen = []
+            for worker, client in streams.items():
+                response = await post_subscriptions(server.port, client.id, ["@oauth2"])
+                assert response.status == 204, response.body
+                other = connections[str(1 - worker)]
+
+                def redirect(other: http.client.HTTPConnection = other, client: SseClient = client) -> tuple[int, str]:
+                    other.request("GET", f"/api/oauth2-redirect?state={client.id}&code=c{client.id}")
+                    answer = other.getresponse()
+                    answer.read()
+                    return answer.status, answer.getheader("Location") or ""
+
+                status, location = await asyncio.to_thread(redirect)
+                seen.append((status, location, await client.next_event()))
+            return seen
+
+        try:
+            seen = run(body())
+        finally:
+            for connection in connections.values():
+                connection.close()
+    assert len(seen) == 2
+    for status, location, event in seen:
+        assert (status, location) == (307, "../_/#/auth/oauth2-redirect-success")
+        assert event["event"] == "@oauth2" and json.loads(event["data"])["code"] == "c" + event["id"]
