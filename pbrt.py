@@ -6629,19 +6629,19 @@ def _set_aside_foreign_parts(raw: sqlite3.Connection, now: float) -> list[str]:
 def _warn_about_differences(store: Store, source_dir: str) -> list[str]:
     """What an imported dir does differently in pbrt."""
     report = []
-    linked = store.connection.execute(
-        'SELECT count(DISTINCT collectionRef || recordRef) FROM "_externalAuths"'
-    ).fetchone()[0]
-    if linked:
-        report.append(
-            f"{linked} record(s) signed in with OAuth2, which pbrt does not offer yet: "
-            "they sign in with a password (after a reset) instead"
-        )
     for collection in store.collections():
-        options = collection.options
-        for feature in ("otp", "mfa"):
-            if collection.is_auth and (options.get(feature) or {}).get("enabled"):
-                report.append(f"{collection.name} has {feature.upper()} on, which pbrt does not offer yet")
+        oauth2 = collection.options.get("oauth2")
+        for provider in (oauth2.get("providers") or []) if isinstance(oauth2, dict) else []:
+            name = provider.get("name") if isinstance(provider, dict) else None
+            if name not in OAUTH2_PROVIDERS:
+                linked = store.connection.execute(
+                    'SELECT count(*) FROM "_externalAuths" WHERE collectionRef = ? AND provider = ?',
+                    (collection.id, name),
+                ).fetchone()[0]
+                report.append(
+                    f"{collection.name} signs in with the OAuth2 provider {name!r}, which pbrt "
+                    f"does not know: its {linked} linked record(s) sign in another way"
+                )
         for rule_name in RULE_NAMES:
             rule = collection.rules.get(rule_name)
             if rule:

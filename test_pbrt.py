@@ -11900,3 +11900,39 @@ def test_oauth2_redirect_reaches_a_client_on_another_worker(tmp_path: Path) -> N
     for status, location, event in seen:
         assert (status, location) == (307, "../_/#/auth/oauth2-redirect-success")
         assert event["event"] == "@oauth2" and json.loads(event["data"])["code"] == "c" + event["id"]
+
+
+def test_oauth2_users_cross_between_pocketbase_and_pbrt(tmp_path: Path) -> None:
+    """A user PocketBase signed up through the provider signs in through it
+    on pbrt after `import-pocketbase` (the provider's secret and the link
+    came along); a user pbrt signed up signs in on PocketBase after
+    `export-pocketbase`. Same records, not new ones."""
+
+    def sign_in(url: str, person: tuple[str, str]) -> Any:
+        provider.person(*person)
+        status, text = Api(url).call("POST", "/api/collections/users/auth-with-oauth2", {
+            "provider": "oidc", "code": provider_code(provider), "redirectURL": url})
+        assert status == 200, text
+        return json.loads(text)
+
+    source = tmp_path / "pb" / "pb_data"
+    source.mkdir(parents=True)
+    with FakeProvider() as provider:
+        with PocketBase(source) as pb:
+            enable_oauth2(Api(pb.url), pb.superuser(), provider)
+            zed = sign_in(pb.url, ("zed", "zed@example.com"))
+        imported = tmp_path / "imported"
+        result = run_cli("import-pocketbase", str(source), "--dir", str(imported))
+        assert result.returncode == 0, result.stderr
+        assert "OAuth2" not in result.stdout
+        with ServerProcess(imported, 0) as server:
+            zed_here = sign_in(server.url, ("zed", "zed@example.com"))
+            yan = sign_in(server.url, ("yan", "yan@example.com"))
+        exported = tmp_path / "back" / "pb_data"
+        result = run_cli("export-pocketbase", "--dir", str(imported), str(exported))
+        assert result.returncode == 0, result.stderr
+        with PocketBase(exported) as pb:
+            yan_there = sign_in(pb.url, ("yan", "yan@example.com"))
+    assert zed["meta"]["isNew"] is True and yan["meta"]["isNew"] is True
+    assert zed_here["record"]["id"] == zed["record"]["id"] and zed_here["meta"]["isNew"] is False
+    assert yan_there["record"]["id"] == yan["record"]["id"] and yan_there["meta"]["isNew"] is False
