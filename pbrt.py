@@ -136,7 +136,7 @@ __all__ = [
     "serve",
 ]
 
-__version__ = "0.12.0"
+__version__ = "0.13.0"
 
 JSON = Any
 Headers = dict[str, str]

@@ -11936,3 +11936,23 @@ def test_oauth2_users_cross_between_pocketbase_and_pbrt(tmp_path: Path) -> None:
     assert zed["meta"]["isNew"] is True and yan["meta"]["isNew"] is True
     assert zed_here["record"]["id"] == zed["record"]["id"] and zed_here["meta"]["isNew"] is False
     assert yan_there["record"]["id"] == yan["record"]["id"] and yan_there["meta"]["isNew"] is False
+
+
+def test_oauth2_first_sign_ins_at_once_make_one_user(tmp_path: Path) -> None:
+    """Eight first sign-ins of one provider account at the same moment (a
+    double click, several tabs): one user, one link; every sign-in is that
+    user (the transaction that finds the account linked meanwhile plans
+    again instead of making a second user)."""
+    with FakeProvider() as provider, serving(tmp_path) as (_, api, su):
+        enable_oauth2(api, su, provider)
+        provider.person("twin", "twin@example.com")
+        codes = [provider_code(provider) for _ in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(len(codes)) as pool:
+            answers = list(pool.map(lambda code: api.call(
+                "POST", "/api/collections/users/auth-with-oauth2", {"provider": "oidc", "code": code}), codes))
+        users = api.json("GET", "/api/collections/users/records", token=su)["items"]
+        links = api.json("GET", "/api/collections/_externalAuths/records", token=su)["items"]
+    assert [status for status, _ in answers] == [200] * len(codes), answers
+    records = {json.loads(text)["record"]["id"] for _, text in answers}
+    assert len(users) == 1 and records == {users[0]["id"]} and len(links) == 1
+    assert sum(json.loads(text)["meta"]["isNew"] for _, text in answers) == 1
