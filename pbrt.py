@@ -583,7 +583,9 @@ def loggable_target(target: str) -> str:
     >>> loggable_target("/api/oauth2-redirect?state=c1&code=secret")
     '/api/oauth2-redirect?state=c1&code=***'
     """
-    return _SECRET_QUERY_RE.sub(r"\1***", target) if "=" in target else target
+    if "code=" not in target and "token=" not in target:
+        return target
+    return _SECRET_QUERY_RE.sub(r"\1***", target)
 
 
 def first_values(query: Mapping[str, list[str]]) -> dict[str, str]:
