@@ -573,7 +573,7 @@ _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?")
 
 
 
-_SECRET_QUERY_RE = re.compile(r"(?i)([?&](?:code|token)=)[^&#]*")
+_SECRET_QUERY_RE = re.compile(r"([?&](?:code|token)=)[^&#]*")
 
 
 def loggable_target(target: str) -> str:
