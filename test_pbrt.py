@@ -7035,10 +7035,53 @@ def test_dashboard_is_served_under_a_strict_policy_within_its_budget(
     ]
 
 
-DASHBOARD_BROWSER_SCRIPT = r"""const fs = require("fs");
-const path = require("path");
+CHROMIUM_JS = r"""
 const puppeteer = require("puppeteer-core");
-const [base, email, password, userId, shots] = process.argv.slice(1);
+const fs = require("fs");
+const path = require("path");
+const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
+/** A headless Chromium (Debian's, or $CHROMIUM) on a profile of its own. */
+const launch = () => puppeteer.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  userDataDir: profile,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+/** Close it and remove its profile. */
+async function finish(browser) {
+  await browser.close();
+  fs.rmSync(profile, { recursive: true, force: true });
+}
+/** Run `work(browser)` in Chromium, then print `result` (or the failure) as the last line. */
+function drive(result, work) {
+  (async () => {
+    const browser = await launch();
+    try {
+      await work(browser);
+    } finally {
+      await finish(browser);
+    }
+    console.log(JSON.stringify(result));
+    process.exit(0);
+  })().catch((error) => {
+    console.error(error);
+    console.log(JSON.stringify({ ...result, failure: String(error.stack || error) }));
+    process.exit(1);
+  });
+}
+let lines = null;
+/** Tell the test where the script is (a line of JSON); go on when it answers "go". */
+async function step(name, data = {}) {
+  lines ||= require("readline").createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+  console.log(JSON.stringify({ step: name, ...data }));
+  const { value } = await lines.next();
+  if (value !== "go") throw new Error(`the test stopped at ${name}: ${value}`);
+}
+"""  # the start of every script that drives Chromium
+
+
+DASHBOARD_BROWSER_SCRIPT = CHROMIUM_JS + r"""const [base, email, password, userId, shots] = process.argv.slice(1);
 const origin = new URL(base).origin;
 const WAIT = { timeout: 30000, polling: 100 }; // not "raf": a tab in the background paints no frames
 const foreign = [];
@@ -7089,16 +7132,9 @@ async function create(title) {
 const liveRows = (page) => page.$$eval("#main tbody tr", (rows) =>
   rows.map((row) => [...row.cells].map((c) => c.textContent)));
 
-const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
 
 (async () => {
-  const browser = await puppeteer.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    headless: true,
-    userDataDir: profile,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  const browser = await launch();
   try {
     const page = await browser.newPage();
     watch(page);
@@ -7249,8 +7285,7 @@ const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-
     result.afterDelete = await page.$$eval("#main tbody td:first-child", (cells) => cells.map((c) => c.textContent));
     result.hackedAnywhere = (await page.evaluate(() => window.hacked === 1)) || result.hacked;
   } finally {
-    await browser.close();
-    fs.rmSync(profile, { recursive: true, force: true });
+    await finish(browser);
   }
   console.log(JSON.stringify(result));
 })().catch((error) => {
@@ -8505,61 +8540,72 @@ window.start = async (email, password) => {
 </script>
 """
 
-BROWSER_APP_SCRIPT = r"""
-const puppeteer = require("puppeteer-core");
-const fs = require("fs");
-const path = require("path");
-const readline = require("readline");
+BROWSER_APP_SCRIPT = CHROMIUM_JS + r"""
 const [base, email, password] = process.argv.slice(1);
 const WAIT = { timeout: 30000 };
-const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-/** Tell the test where we are; go on when it answers. */
-async function step(name, data = {}) {
-  console.log(JSON.stringify({ step: name, ...data }));
-  const { value } = await lines.next();
-  if (value !== "go") throw new Error(`the test stopped at ${name}: ${value}`);
-}
 const until = (page, count) =>
   page.waitForFunction((n) => window.texts.length >= n, WAIT, count);
-const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
+const result = { errors: [] };
 
-(async () => {
-  const browser = await puppeteer.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    headless: true,
-    userDataDir: profile,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
-  const result = { errors: [] };
-  try {
-    const page = await browser.newPage();
-    page.on("pageerror", (error) => result.errors.push(String(error)));
-    await page.goto(`${base}/`);
-    Object.assign(result, await page.evaluate((e, p) => window.start(e, p), email, password));
-    await step("subscribed");
-    await until(page, 1);
-    await page.evaluate(() => pb.send("/api/test/drop-streams", { method: "POST" }));
-    await step("dropped");
-    await until(page, 3);
-    await step("sigterm");
-    await until(page, 4);
-    await step("kill-9");
-    await until(page, 5);
-    result.texts = await page.evaluate(() => window.texts);
-    result.cookiePath = await page.evaluate(() => document.cookie);
-  } finally {
-    await browser.close();
-    fs.rmSync(profile, { recursive: true, force: true });
-  }
-  console.log(JSON.stringify(result));
-  process.exit(0);
-})().catch((error) => {
-  console.error(error);
-  console.log(JSON.stringify({ failure: String(error.stack || error) }));
-  process.exit(1);
+drive(result, async (browser) => {
+  const page = await browser.newPage();
+  page.on("pageerror", (error) => result.errors.push(String(error)));
+  await page.goto(`${base}/`);
+  Object.assign(result, await page.evaluate((e, p) => window.start(e, p), email, password));
+  await step("subscribed");
+  await until(page, 1);
+  await page.evaluate(() => pb.send("/api/test/drop-streams", { method: "POST" }));
+  await step("dropped");
+  await until(page, 3);
+  await step("sigterm");
+  await until(page, 4);
+  await step("kill-9");
+  await until(page, 5);
+  result.texts = await page.evaluate(() => window.texts);
+  result.cookiePath = await page.evaluate(() => document.cookie);
 });
 """
+
+
+class NodeSteps:
+    """A node script that drives Chromium step by step (`step()` in
+    CHROMIUM_JS): `next_line()` is its next line of JSON, `go()` lets it on,
+    `end()` waits for its exit and returns its result (its last line)."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.node = subprocess.Popen(
+            ["node", "-e", script, "--", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "NODE_PATH": str(JS_MODULES)},
+        )
+        assert self.node.stdout is not None
+        self.lines: queue.Queue[str] = queue.Queue()
+        stdout = self.node.stdout
+        threading.Thread(target=lambda: [self.lines.put(line) for line in stdout], daemon=True).start()
+
+    def next_line(self) -> dict[str, Any]:
+        try:
+            return cast_dict(json.loads(self.lines.get(timeout=90)))
+        except queue.Empty:
+            raise AssertionError(f"the script said nothing: {self.stderr()}") from None
+
+    def go(self) -> None:
+        assert self.node.stdin is not None
+        self.node.stdin.write("go\n")
+        self.node.stdin.flush()
+
+    def end(self) -> dict[str, Any]:
+        result = self.next_line()
+        assert self.node.wait(timeout=60) == 0, self.stderr()
+        return result
+
+    def stderr(self) -> str:
+        return self.node.stderr.read() if self.node.stderr and self.node.poll() is not None else ""
+
+    def stop(self) -> None:
+        if self.node.poll() is None:
+            self.node.kill()
+            self.node.wait()
 
 
 def test_app_page_in_headless_chromium_resumes_through_drops_and_restarts(
@@ -8579,25 +8625,8 @@ def test_app_page_in_headless_chromium_resumes_through_drops_and_restarts(
     hooks = hooks_dir_with(tmp_path, rooms=ROOMS_HOOK_FILE, testing=DROP_STREAMS_HOOK_FILE)
     data_dir = data_dir_with(tmp_path, [ROOM_MESSAGES])
     server = ServerProcess(data_dir, 0, f"--publicDir={public}", f"--hooksDir={hooks}").start()
-    node = subprocess.Popen(
-        ["node", "-e", BROWSER_APP_SCRIPT, "--", server.url, "ann@x.com", "password123"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "NODE_PATH": str(JS_MODULES)},
-    )
-    assert node.stdin is not None and node.stdout is not None
-    outcome: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [outcome.put(line) for line in node.stdout], daemon=True).start()
-
-    def next_line() -> dict[str, Any]:
-        line = outcome.get(timeout=90)
-        return cast_dict(json.loads(line))
-
-    def go() -> None:
-        node.stdin.write("go\n")
-        node.stdin.flush()
+    node = NodeSteps(BROWSER_APP_SCRIPT, server.url, "ann@x.com", "password123")
+    next_line, go = node.next_line, node.go
 
     def write(text: str) -> None:
         api.json("POST", "/api/collections/messages/records", {"room": "r1", "text": text}, token)
@@ -8612,7 +8641,7 @@ def test_app_page_in_headless_chromium_resumes_through_drops_and_restarts(
         su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
         token, user = make_user(api, "ann", su)
         upload_avatar(api, user["id"], token)
-        assert next_line() == {"step": "subscribed"}, node.stderr
+        assert next_line() == {"step": "subscribed"}
         write("one")
         go()
         assert next_line()["step"] == "dropped"
@@ -8631,12 +8660,9 @@ def test_app_page_in_headless_chromium_resumes_through_drops_and_restarts(
         while_down("five")
         server.start()
         go()
-        result = next_line()
-        assert node.wait(timeout=60) == 0, node.stderr.read() if node.stderr else ""
+        result = node.end()
     finally:
-        if node.poll() is None:
-            node.kill()
-            node.wait()
+        node.stop()
         if server.process is not None and server.process.poll() is None:
             server.stop(signal.SIGTERM)
     assert result["width"] == 2  # the avatar loaded in an <img>
@@ -8686,23 +8712,13 @@ def readme_files(folder: str) -> dict[str, str]:
     return dict(blocks)
 
 
-README_CHAT_SCRIPT = r"""
-const puppeteer = require("puppeteer-core");
-const fs = require("fs");
-const path = require("path");
+README_CHAT_SCRIPT = CHROMIUM_JS + r"""
 const [base] = process.argv.slice(1);
 const WAIT = { timeout: 30000, polling: 50 };  // background tabs get no animation frames
-const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
 const items = (page) => page.$$eval("#messages li", (lis) => lis.map((li) => li.textContent));
 
 (async () => {
-  const browser = await puppeteer.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    headless: true,
-    userDataDir: profile,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  const browser = await launch();
   const result = { errors: [] };
   try {
     const [ann, bo] = [await browser.newPage(), await browser.newPage()];
@@ -8721,8 +8737,7 @@ const items = (page) => page.$$eval("#messages li", (lis) => lis.map((li) => li.
     await ann.waitForFunction(() => document.querySelectorAll("#messages li").length === 2, WAIT);
     result.ann = await items(ann);
   } finally {
-    await browser.close();
-    fs.rmSync(profile, { recursive: true, force: true });
+    await finish(browser);
   }
   console.log(JSON.stringify(result));
 })().catch((error) => {
@@ -9513,25 +9528,15 @@ def test_auth_options_are_validated_and_expired_otps_and_mfa_sessions_go(tmp_pat
     assert gone == 1 and left == [fresh["id"]]
 
 
-CONFIRM_PAGES_SCRIPT = r"""
-const puppeteer = require("puppeteer-core");
-const fs = require("fs");
-const path = require("path");
+CONFIRM_PAGES_SCRIPT = CHROMIUM_JS + r"""
 const [verifyLink, resetLink, base, sessionJson] = process.argv.slice(1);
 const WAIT = { timeout: 30000, polling: 50 };
-const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
 const status = (page) => page.waitForFunction(
   () => document.querySelector("#main [role=status], #main [role=alert]:not(:empty)")?.textContent || null, WAIT,
 ).then((handle) => handle.jsonValue());
 
 (async () => {
-  const browser = await puppeteer.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    headless: true,
-    userDataDir: profile,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  const browser = await launch();
   const result = {};
   try {
     const page = await browser.newPage();
@@ -9572,8 +9577,7 @@ const status = (page) => page.waitForFunction(
     await page.click("xpath/.//button[text()='Save template']");
     await page.waitForFunction(() => document.getElementById("toast").textContent === "Template saved.", WAIT);
   } finally {
-    await browser.close();
-    fs.rmSync(profile, { recursive: true, force: true });
+    await finish(browser);
   }
   console.log(JSON.stringify(result));
 })().catch((error) => { console.error(error); process.exit(1); });
@@ -11741,58 +11745,29 @@ document.getElementById("oauth2").addEventListener("click", async () => {
 </script>
 """
 
-BROWSER_OAUTH2_SCRIPT = r"""
-const puppeteer = require("puppeteer-core");
-const fs = require("fs");
-const path = require("path");
-const readline = require("readline");
+BROWSER_OAUTH2_SCRIPT = CHROMIUM_JS + r"""
 const [base] = process.argv.slice(1);
 const WAIT = { timeout: 30000, polling: 50 };
-const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-async function step(name) {
-  console.log(JSON.stringify({ step: name }));
-  const { value } = await lines.next();
-  if (value !== "go") throw new Error(`the test stopped at ${name}: ${value}`);
-}
-const profile = fs.mkdtempSync(path.join(require("os").tmpdir(), "pbrt-chromium-"));
+const result = { errors: [], popups: [] };
 
-(async () => {
-  const browser = await puppeteer.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    headless: true,
-    userDataDir: profile,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
-  const result = { errors: [], popups: [] };
-  try {
-    browser.on("targetcreated", (target) => { if (target.type() === "page") result.popups.push(target.url()); });
-    const page = await browser.newPage();
-    page.on("pageerror", (error) => result.errors.push(String(error)));
-    await page.goto(`${base}/`);
-    for (let n = 1; n <= 3; n++) {
-      await step(`sign-in ${n}`);
-      if (n === 3) {
-        await page.evaluate(() => pb.collection("users").authWithPassword("ann@x.com", "password123"));
-      }
-      await page.bringToFront();
-      await page.click("#oauth2");
-      await page.waitForFunction((count) => window.results.length >= count, WAIT, n);
+drive(result, async (browser) => {
+  browser.on("targetcreated", (target) => { if (target.type() === "page") result.popups.push(target.url()); });
+  const page = await browser.newPage();
+  page.on("pageerror", (error) => result.errors.push(String(error)));
+  await page.goto(`${base}/`);
+  for (let n = 1; n <= 3; n++) {
+    await step(`sign-in ${n}`);
+    if (n === 3) {
+      await page.evaluate(() => pb.collection("users").authWithPassword("ann@x.com", "password123"));
     }
-    result.results = await page.evaluate(() => window.results);
-    const closed = async () => (await browser.pages()).length === 2;  // the first tab and ours
-    for (let i = 0; i < 400 && !(await closed()); i++) await new Promise((r) => setTimeout(r, 50));
-    result.openUrls = await Promise.all((await browser.pages()).map((p) => p.url()));
-  } finally {
-    await browser.close();
-    fs.rmSync(profile, { recursive: true, force: true });
+    await page.bringToFront();
+    await page.click("#oauth2");
+    await page.waitForFunction((count) => window.results.length >= count, WAIT, n);
   }
-  console.log(JSON.stringify(result));
-  process.exit(0);
-})().catch((error) => {
-  console.error(error);
-  console.log(JSON.stringify({ failure: String(error.stack || error) }));
-  process.exit(1);
+  result.results = await page.evaluate(() => window.results);
+  const closed = async () => (await browser.pages()).length === 2;  // the first tab and ours
+  for (let i = 0; i < 400 && !(await closed()); i++) await new Promise((r) => setTimeout(r, 50));
+  result.openUrls = await Promise.all((await browser.pages()).map((p) => p.url()));
 });
 """
 
@@ -11812,22 +11787,7 @@ def test_oauth2_with_the_js_sdk_in_headless_chromium(tmp_path: Path) -> None:
     data_dir = data_dir_with(tmp_path, [])
     with FakeProvider() as provider:
         server = ServerProcess(data_dir, 0, f"--publicDir={public}").start()
-        node = subprocess.Popen(
-            ["node", "-e", BROWSER_OAUTH2_SCRIPT, "--", server.url],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "NODE_PATH": str(JS_MODULES)},
-        )
-        assert node.stdin is not None and node.stdout is not None
-        outcome: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [outcome.put(line) for line in node.stdout], daemon=True).start()
-
-        def next_line() -> dict[str, Any]:
-            return cast_dict(json.loads(outcome.get(timeout=90)))
-
-        def go() -> None:
-            node.stdin.write("go\n")
-            node.stdin.flush()
-
+        node = NodeSteps(BROWSER_OAUTH2_SCRIPT, server.url)
         try:
             api = Api(server.url)
             su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
@@ -11835,15 +11795,12 @@ def test_oauth2_with_the_js_sdk_in_headless_chromium(tmp_path: Path) -> None:
             _, ann = make_user(api, "ann", su)
             for person in (("zoe", "zoe@example.com"), ("zoe", "zoe@example.com"),
                            ("ann-elsewhere", "ann@elsewhere.example", False)):
-                assert next_line()["step"].startswith("sign-in"), node.stderr
+                assert node.next_line()["step"].startswith("sign-in")
                 provider.person(*person)
-                go()
-            result = next_line()
-            assert node.wait(timeout=60) == 0, node.stderr.read() if node.stderr else ""
+                node.go()
+            result = node.end()
         finally:
-            if node.poll() is None:
-                node.kill()
-                node.wait()
+            node.stop()
             server.stop(signal.SIGTERM)
     first, again, linked = result["results"]
     assert first["isNew"] is True and first["email"] == "zoe@example.com" and first["verified"] is True
