@@ -12014,3 +12014,73 @@ def test_edges_serve_the_js_sdk_what_the_primary_and_the_other_edge_write(tmp_pa
     expected_ann = [f"create ann-{where}-{i}" for i in range(15) for where in ("p", "b")]
     assert result["got"] == {"ann": expected_ann, "bob": [f"create bob-a-{i}" for i in range(15)]}
     assert result["readBack"] == 15 and result["annList"] == 30
+
+
+def create_posts(url: str, titles: list[str]) -> None:
+    """POST each title to `posts` over one kept-alive connection, in order."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        for title in titles:
+            body = json.dumps({"title": title})
+            connection.request("POST", "/api/collections/posts/records", body, {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            answer.read()
+            assert answer.status == 200, answer.status
+    finally:
+        connection.close()
+
+
+def test_edge_killed_mid_burst_comes_back_and_its_clients_resume(tmp_path: Path) -> None:
+    """kill -9 an edge while the primary takes a burst of writes, start it
+    again (a fresh copy): its client, coming back with its last event id,
+    gets every record after it, in order, once; the primary never noticed
+    (every write answered 200, and it serves on)."""
+    titles = [f"p{n}" for n in range(400)]
+    with edge_cluster(tmp_path, [POSTS], edges=1) as (primary, (edge,)):
+
+        async def body() -> list[str]:
+            client = await SseClient.connect(edge.port)
+            assert (await post_subscriptions(edge.port, client.id, ["posts/*"])).status == 204
+            writer = asyncio.ensure_future(asyncio.to_thread(create_posts, primary.url, titles))
+            seen, last_id = [], ""
+            while len(seen) < 60:
+                event = await client.next_event(timeout=20)
+                seen.append(json.loads(event["data"])["record"]["title"])
+                last_id = event["id"]
+            await asyncio.to_thread(edge.kill)
+            await client.close()
+            await asyncio.to_thread(edge.start)
+            client = await SseClient.connect(edge.port, headers=f"Last-Event-ID: {last_id}\r\n")
+            assert (await post_subscriptions(edge.port, client.id, ["posts/*"])).status == 204
+            while len(seen) < len(titles):
+                event = await client.next_event(timeout=20)
+                seen.append(json.loads(event["data"])["record"]["title"])
+            await writer
+            await client.close()
+            return seen
+
+        seen = run(body(), timeout=120)
+        assert primary.process is not None and primary.process.poll() is None
+        assert Api(primary.url).call("GET", "/api/health")[0] == 200
+    assert seen == titles
+
+
+def test_edge_copy_holds_every_row_after_ten_thousand_fast_writes(tmp_path: Path) -> None:
+    """10,000 writes at full speed on the primary (8 connections): the
+    edge's copy then holds every row, the same ids as the primary, and
+    passes PRAGMA integrity_check."""
+    with edge_cluster(tmp_path, [POSTS], edges=1) as (primary, (edge,)):
+        batches = [[f"w{k}-{n}" for n in range(1250)] for k in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:
+            list(pool.map(lambda batch: create_posts(primary.url, batch), batches))
+        edge_api = Api(edge.url)
+        wait_until(lambda: edge_api.json("GET", "/api/collections/posts/records?perPage=1")["totalItems"] == 10_000, timeout=60)
+        copy = edge.data_dir / "data.db"
+        with contextlib.closing(sqlite3.connect(f"file:{copy}?mode=ro", uri=True)) as connection:
+            checked = connection.execute("PRAGMA integrity_check").fetchall()
+            copied = {row[0] for row in connection.execute("SELECT id FROM posts")}
+    with contextlib.closing(sqlite3.connect(primary.data_dir / "data.db")) as connection:
+        written = {row[0] for row in connection.execute("SELECT id FROM posts")}
+    assert checked == [("ok",)]
+    assert len(written) == 10_000 and copied == written
