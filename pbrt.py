@@ -5028,6 +5028,7 @@ class Store:
         self._local = threading.local()
         self._data_version = -1  # PRAGMA data_version when last looked at
         self._copy_version = (0, 0)  # a follower's: its -txid file when last looked at
+        self._generation = 0  # a follower's: its connections to the copy as it is now
         self._collections_version: JSON = None  # `_params` collectionsVersion loaded
         self._readers: list[sqlite3.Connection] = []
         self._depth = 0
@@ -5171,15 +5172,30 @@ class Store:
         """Whether other threads may read beside the writer (a file in WAL mode)."""
         return self.path != ":memory:"
 
+    def _reconnect(self) -> None:
+        """A follower's copy changed: read it through new connections (an
+        old one may keep pages Litestream replaced, SQLite cannot tell)."""
+        self._writer.close()
+        self._writer = self._connect(self.path, True, True)
+        self._writer.execute("PRAGMA foreign_keys = ON")
+        self._generation += 1
+
     def read(self, function: Callable[[], Any]) -> Any:
-        """Run `function` with this thread's read-only connection (opened once).
+        """Run `function` with this thread's read-only connection (opened once;
+        a follower's, again after each change of its copy).
 
         For worker threads: WAL lets them read a committed snapshot while the
         writer goes on; a write through it fails.
         """
         reader = getattr(self._local, "reader", None)
+        if reader is not None and getattr(self._local, "generation", 0) != self._generation:
+            reader.close()
+            with contextlib.suppress(ValueError):
+                self._readers.remove(reader)
+            reader = None
         if reader is None:
             reader = self._local.reader = self._connect(self.path, True, self.follower)
+            self._local.generation = self._generation
             self._readers.append(reader)
         self._local.connection = reader
         try:
@@ -5448,6 +5464,7 @@ class Store:
             if version == self._copy_version:
                 return False
             self._copy_version = version
+            self._reconnect()
         else:
             (version,) = self._writer.execute("PRAGMA data_version").fetchone()
             if version == self._data_version:
@@ -17338,7 +17355,7 @@ def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -
 # Load scenarios against a pbrt child process or any PocketBase-compatible
 # server (`--url`): latency, losses, order, CPU and memory.
 
-BENCH_SCENARIOS = ("connect", "fanout", "writes", "churn", "logins", "snapshot")
+BENCH_SCENARIOS = ("connect", "fanout", "writes", "churn", "logins", "snapshot", "edges")
 BENCH_RULES = {
     "public": "",
     "field": "published = true",
@@ -17417,8 +17434,9 @@ def _raise_open_files_limit() -> int | None:
     return None
 
 
-def _start_bench_server() -> _BenchTarget:
-    """Start `python pbrt.py serve` in a child process on a free port and a temp dir."""
+def _start_bench_server(*flags: str, superuser: bool = True) -> _BenchTarget:
+    """Start `python pbrt.py serve [flags]` in a child process on a free port
+    and a temp dir (with the bench's superuser, unless an edge's copy brings it)."""
     directory = tempfile.mkdtemp(prefix="pbrt-bench-")
     script = os.path.abspath(__file__)
     subprocess.run(
@@ -17434,7 +17452,7 @@ def _start_bench_server() -> _BenchTarget:
         ],
         check=True,
         stdout=subprocess.DEVNULL,
-    )
+    ) if superuser else None
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -17450,6 +17468,7 @@ def _start_bench_server() -> _BenchTarget:
             "--quiet",
             "--max-clients-per-ip",
             "0",  # every load-generator client comes from 127.0.0.1
+            *flags,
         ],
     )
     url = f"http://127.0.0.1:{port}"
@@ -17769,17 +17788,7 @@ def _bench_fanout(
     rule = BENCH_RULES[args.rule]
     _bench_collection(target, "bench_fanout", rule)
     users = _bench_users(target, args.users) if args.rule == "auth" else []
-    specs, expected = [], []
-    for index in range(args.clients):
-        if users:
-            user_index = index % len(users)
-            specs.append((users[user_index][1], "bench_fanout/*"))
-            expected.append(
-                [seq for seq in range(args.events) if seq % len(users) == user_index]
-            )
-        else:
-            specs.append(("", "bench_fanout/*"))
-            expected.append(list(range(args.events)))
+    specs, expected = _fanout_clients(args, users)
     processes, results, held = _start_listeners(
         target, specs, [len(wanted) for wanted in expected], args, progress
     )
@@ -17787,72 +17796,218 @@ def _bench_fanout(
         f"subscribed {held.subscribed}/{args.clients}; sending {args.events} events at {args.rate}/s"
     )
     cpu_before = _process_cpu_s(target.pid)
-    interval = 1.0 / args.rate
     with load():
-        started = time.monotonic()
-        for seq in range(args.events):
-            owner = users[seq % len(users)][0] if users else ""
-            target.admin.create(
-                "bench_fanout",
-                {"seq": seq, "sent": time.time(), "published": True, "owner": owner},
-            )
-            time.sleep(max(0.0, started + (seq + 1) * interval - time.monotonic()))
-    outcomes = [results.get(timeout=args.timeout + 30) for _ in processes]
+        _send_fanout_events(target, args, users)
+    deliveries = _Deliveries.gather(processes, results, specs, expected, args)
     cpu_after = _process_cpu_s(target.pid)
-    for process in processes:
-        process.join(timeout=30)
-    outcomes.sort(key=lambda outcome: outcome["part"])
-    received = [client for outcome in outcomes for client in outcome["received"]]
-    expected_flat = [  # the clients of each process, in its order
-        wanted
-        for part, specs_part in zip(
-            _spread(expected, args.processes), _spread(specs, args.processes)
-        )
-        if specs_part
-        for wanted in part
-    ]
-    per_event: dict[int, float] = {}
-    latencies: list[float] = []
-    losses = order_violations = 0
-    for got, wanted in zip(received, expected_flat):
-        if got is None:  # not held: counted as refused or failed, not as losses
-            continue
-        sequence = [seq for seq, _ in got]
-        losses += len(set(wanted) - set(sequence))
-        order_violations += sum(1 for a, b in zip(sequence, sequence[1:]) if b <= a)
-        for seq, latency in got:
-            latencies.append(latency)
-            per_event[seq] = max(per_event.get(seq, 0.0), latency)
-    deliveries = len(latencies)
     server_cpu = (
         None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     )
-    last = list(per_event.values())
     return {
         "scenario": "fanout",
         "rule": args.rule,
         **held.report(),
         "events": args.events,
         "rate": args.rate,
-        "deliveries": deliveries,
-        "losses": losses,
-        "order_violations": order_violations,
-        "last_subscriber_ms": {
-            "p50": _percentile(last, 0.5) * 1000,
-            "p99": _percentile(last, 0.99) * 1000,
-            "max": max(last, default=float("nan")) * 1000,
-        },
-        "delivery_ms": {
-            "p50": _percentile(latencies, 0.5) * 1000,
-            "p99": _percentile(latencies, 0.99) * 1000,
-        },
-        "deliveries_per_s": deliveries / max(1e-9, args.events / args.rate),
+        **deliveries.report(),
+        "deliveries_per_s": deliveries.count / max(1e-9, args.events / args.rate),
         "server_cpu_us_per_delivery": None
-        if server_cpu is None or not deliveries
-        else server_cpu * 1e6 / deliveries,
+        if server_cpu is None or not deliveries.count
+        else server_cpu * 1e6 / deliveries.count,
         "server_rss_kib": _process_rss_kib(target.pid),
-        "load_generator_cpu_s": sum(outcome["cpu_s"] for outcome in outcomes),
+        "load_generator_cpu_s": deliveries.load_generator_cpu_s,
     }
+
+
+def _fanout_clients(
+    args: argparse.Namespace, users: list[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], list[list[int]]]:
+    """Each fan-out client's (token, topic) and the events it should get:
+    all of them, or with users (the `auth` rule) its user's."""
+    specs, expected = [], []
+    for index in range(args.clients):
+        if users:
+            user_index = index % len(users)
+            specs.append((users[user_index][1], "bench_fanout/*"))
+            expected.append([seq for seq in range(args.events) if seq % len(users) == user_index])
+        else:
+            specs.append(("", "bench_fanout/*"))
+            expected.append(list(range(args.events)))
+    return specs, expected
+
+
+def _send_fanout_events(
+    target: _BenchTarget, args: argparse.Namespace, users: list[tuple[str, str]]
+) -> None:
+    """Create the fan-out's records on `target`, `args.rate` a second."""
+    interval = 1.0 / args.rate
+    started = time.monotonic()
+    for seq in range(args.events):
+        owner = users[seq % len(users)][0] if users else ""
+        target.admin.create(
+            "bench_fanout", {"seq": seq, "sent": time.time(), "published": True, "owner": owner}
+        )
+        time.sleep(max(0.0, started + (seq + 1) * interval - time.monotonic()))
+
+
+def _bench_edges(
+    target: _BenchTarget, args: argparse.Namespace, progress: Callable[[str], None]
+) -> dict[str, JSON]:
+    """Fan-out through edges: the clients spread over a primary and two
+    edges (Litestream, a `file://` replica, `--replica-interval` as given),
+    the creates on the primary; beside the same fan-out with every client
+    on one server (`target`). The edges' lag: per event, its last delivery
+    by an edge after its last by the primary."""
+    progress(f"one server holding {args.clients} clients")
+    single = _bench_fanout(target, args, progress)
+    replica_dir = tempfile.mkdtemp(prefix="pbrt-bench-replica-")
+    replica = "file://" + replica_dir
+    interval = f"--replica-interval={go_duration(args.replica_interval)}"
+    primary = _start_bench_server("--replica", replica, interval)
+    servers = [primary]
+    try:
+        servers += [
+            _start_bench_server("--edge", primary.url, "--replica", replica, interval, superuser=False)
+            for _ in range(2)
+        ]
+        _bench_collection(primary, "bench_fanout", BENCH_RULES[args.rule])
+        users = _bench_users(primary, args.users) if args.rule == "auth" else []
+        last_user = users[-1][0] if users else ""
+        for edge in servers[1:]:  # the copies hold the collection (and the users)
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline:
+                with contextlib.suppress(ApiError):
+                    edge.admin.request("GET", "/api/collections/bench_fanout")
+                    if last_user:
+                        edge.admin.request("GET", f"/api/collections/users/records/{last_user}")
+                    break
+                time.sleep(0.05)
+        specs, expected = _fanout_clients(args, users)
+        shares = [(specs[i::3], expected[i::3]) for i in range(3)]
+        started = [
+            _start_listeners(server, share_specs, [len(e) for e in share_expected], args, progress)
+            for server, (share_specs, share_expected) in zip(servers, shares)
+        ]
+        progress(f"{args.clients} clients over the primary and 2 edges; {args.events} events at {args.rate}/s")
+        cpu_before = [_process_cpu_s(server.pid) for server in servers]
+        _send_fanout_events(primary, args, users)
+        tallies = [
+            _Deliveries.gather(processes, results, share_specs, share_expected, args)
+            for (processes, results, _), (share_specs, share_expected) in zip(started, shares)
+        ]
+        cpu_after = [_process_cpu_s(server.pid) for server in servers]
+    finally:
+        for server in reversed(servers):
+            _stop_bench_server(server)
+        shutil.rmtree(replica_dir, ignore_errors=True)
+    everyone = _Deliveries()
+    for tally in tallies:
+        everyone.latencies += tally.latencies
+        everyone.losses += tally.losses
+        everyone.order_violations += tally.order_violations
+        for seq, latency in tally.slowest.items():
+            everyone.slowest[seq] = max(everyone.slowest.get(seq, 0.0), latency)
+    edge_latencies = [latency for tally in tallies[1:] for latency in tally.latencies]
+    lag = [
+        edge_slowest - tallies[0].slowest[seq]
+        for seq in tallies[0].slowest
+        for edge_slowest in [max(t.slowest.get(seq, 0.0) for t in tallies[1:])]
+    ]
+    held = [h for _, _, h in started]
+    return {
+        "scenario": "edges",
+        "clients": args.clients,
+        "events": args.events,
+        "rate": args.rate,
+        "replica_interval_ms": args.replica_interval * 1000,
+        "one_server": {key: single[key] for key in (
+            "connected", "all_held", "deliveries", "losses", "order_violations",
+            "last_subscriber_ms", "delivery_ms", "server_cpu_us_per_delivery")},
+        "through_edges": {
+            "connected": sum(h.subscribed for h in held),
+            "all_held": all(h.subscribed == h.clients for h in held),
+            **everyone.report(),
+            "primary_clients_delivery_ms": tallies[0].report()["delivery_ms"],
+            "edge_clients_delivery_ms": {
+                "p50": _percentile(edge_latencies, 0.5) * 1000,
+                "p99": _percentile(edge_latencies, 0.99) * 1000,
+            },
+            "edge_lag_ms": {"p50": _percentile(lag, 0.5) * 1000, "p99": _percentile(lag, 0.99) * 1000},
+            "server_cpu_s": [
+                None if a is None or b is None else round(b - a, 2)
+                for a, b in zip(cpu_before, cpu_after)
+            ],
+        },
+    }
+
+
+@dataclass(slots=True)
+class _Deliveries:
+    """What the listeners of a fan-out received: each delivery's latency,
+    the slowest per event, losses and order violations."""
+
+    latencies: list[float] = field(default_factory=list)
+    slowest: dict[int, float] = field(default_factory=dict)  # event -> its last delivery
+    losses: int = 0
+    order_violations: int = 0
+    load_generator_cpu_s: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.latencies)
+
+    @classmethod
+    def gather(
+        cls,
+        processes: list[multiprocessing.process.BaseProcess],
+        results: Any,
+        specs: list[tuple[str, str]],
+        expected: list[list[int]],
+        args: argparse.Namespace,
+    ) -> _Deliveries:
+        """Wait for the listener processes' outcomes and tally them against
+        what each client (`specs`, in `_start_listeners`' order) expected."""
+        outcomes = [results.get(timeout=args.timeout + 30) for _ in processes]
+        for process in processes:
+            process.join(timeout=30)
+        outcomes.sort(key=lambda outcome: outcome["part"])
+        received = [client for outcome in outcomes for client in outcome["received"]]
+        expected_flat = [  # the clients of each process, in its order
+            wanted
+            for part, specs_part in zip(
+                _spread(expected, args.processes), _spread(specs, args.processes)
+            )
+            if specs_part
+            for wanted in part
+        ]
+        tally = cls(load_generator_cpu_s=sum(outcome["cpu_s"] for outcome in outcomes))
+        for got, wanted in zip(received, expected_flat):
+            if got is None:  # not held: counted as refused or failed, not as losses
+                continue
+            sequence = [seq for seq, _ in got]
+            tally.losses += len(set(wanted) - set(sequence))
+            tally.order_violations += sum(1 for a, b in zip(sequence, sequence[1:]) if b <= a)
+            for seq, latency in got:
+                tally.latencies.append(latency)
+                tally.slowest[seq] = max(tally.slowest.get(seq, 0.0), latency)
+        return tally
+
+    def report(self) -> dict[str, JSON]:
+        last = list(self.slowest.values())
+        return {
+            "deliveries": self.count,
+            "losses": self.losses,
+            "order_violations": self.order_violations,
+            "last_subscriber_ms": {
+                "p50": _percentile(last, 0.5) * 1000,
+                "p99": _percentile(last, 0.99) * 1000,
+                "max": max(last, default=float("nan")) * 1000,
+            },
+            "delivery_ms": {
+                "p50": _percentile(self.latencies, 0.5) * 1000,
+                "p99": _percentile(self.latencies, 0.99) * 1000,
+            },
+        }
 
 
 @contextlib.contextmanager
@@ -18218,6 +18373,7 @@ def _bench_run(
             "churn": _bench_churn,
             "logins": _bench_logins,
             "snapshot": _bench_snapshot,
+            "edges": _bench_edges,
         }
         result = scenario[args.scenario](target, args, progress)
     finally:
@@ -18298,6 +18454,14 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(BENCH_RULES),
         default="public",
         help="fanout: the list rule",
+    )
+    parser.add_argument(
+        "--replica-interval",
+        dest="replica_interval",
+        type=_parse_duration,
+        default=REPLICA_INTERVAL_S,
+        metavar="DURATION",
+        help="edges: Litestream's interval (default 100ms)",
     )
     parser.add_argument(
         "--users",

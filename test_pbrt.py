@@ -12004,10 +12004,11 @@ def test_edges_serve_the_js_sdk_what_the_primary_and_the_other_edge_write(tmp_pa
     other edge; each one's SDK, subscribed on an edge, receives every record
     of theirs written on the primary and through the other edge, in order,
     once, and none of the other user's; a write through an edge reads back
-    at once on that edge."""
-    with edge_cluster(tmp_path, [OWN_NOTES]) as (primary, (edge_a, edge_b)):
+    at once on that edge. The collection is made after the edges started."""
+    with edge_cluster(tmp_path, []) as (primary, (edge_a, edge_b)):
         api = Api(primary.url)
         su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
+        api.create_collection(OWN_NOTES, su)  # after the edges started: the schema follows too
         make_user(api, "ann", su)
         make_user(api, "bob", su)
         result = run_node(SDK_EDGES_SCRIPT, primary.url, edge_a.url, edge_b.url, timeout=120)
@@ -12084,3 +12085,23 @@ def test_edge_copy_holds_every_row_after_ten_thousand_fast_writes(tmp_path: Path
         written = {row[0] for row in connection.execute("SELECT id FROM posts")}
     assert checked == [("ok",)]
     assert len(written) == 10_000 and copied == written
+
+
+def test_replicas_and_edges_fail_clearly_and_never_break_litestream(tmp_path: Path) -> None:
+    """`serve` without --replica/--edge needs no Litestream; with them and
+    no litestream program, or --edge without --replica, start-up fails in
+    one line and serves nothing; a primary under Litestream refuses to
+    restore a backup over its data.db, saying what to do instead."""
+    missing = run_cli("serve", "--http", "127.0.0.1:0", "--dir", str(tmp_path / "a"),
+                      "--replica", (tmp_path / "r").as_uri(), "--litestream", "no-such-litestream")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "cannot start the server: no-such-litestream was not found" in missing.stderr
+    lonely = run_cli("serve", "--http", "127.0.0.1:0", "--dir", str(tmp_path / "b"), "--edge", "http://127.0.0.1:1")
+    assert lonely.returncode == 1 and "--edge needs --replica URL" in lonely.stderr
+    with edge_cluster(tmp_path, [POSTS], edges=0) as (primary, _):
+        api = Api(primary.url)
+        su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
+        assert api.call("POST", "/api/backups", {"name": "one.zip"}, su)[0] == 204
+        status, text = api.call("POST", "/api/backups/one.zip/restore", None, su)
+        assert status == 400 and "Litestream" in json.loads(text)["message"]
+        assert api.call("GET", "/api/health")[0] == 200
