@@ -12091,17 +12091,23 @@ def test_replicas_and_edges_fail_clearly_and_never_break_litestream(tmp_path: Pa
     """`serve` without --replica/--edge needs no Litestream; with them and
     no litestream program, or --edge without --replica, start-up fails in
     one line and serves nothing; a primary under Litestream refuses to
-    restore a backup over its data.db, saying what to do instead."""
+    restore a backup over its data.db, saying what to do instead; an edge
+    whose primary is down serves its copy and answers writes 503."""
     missing = run_cli("serve", "--http", "127.0.0.1:0", "--dir", str(tmp_path / "a"),
                       "--replica", (tmp_path / "r").as_uri(), "--litestream", "no-such-litestream")
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "cannot start the server: no-such-litestream was not found" in missing.stderr
     lonely = run_cli("serve", "--http", "127.0.0.1:0", "--dir", str(tmp_path / "b"), "--edge", "http://127.0.0.1:1")
     assert lonely.returncode == 1 and "--edge needs --replica URL" in lonely.stderr
-    with edge_cluster(tmp_path, [POSTS], edges=0) as (primary, _):
+    with edge_cluster(tmp_path, [POSTS], edges=1) as (primary, (edge,)):
         api = Api(primary.url)
         su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
         assert api.call("POST", "/api/backups", {"name": "one.zip"}, su)[0] == 204
         status, text = api.call("POST", "/api/backups/one.zip/restore", None, su)
         assert status == 400 and "Litestream" in json.loads(text)["message"]
         assert api.call("GET", "/api/health")[0] == 200
+        primary.stop(signal.SIGTERM)  # the edge serves its copy; writes answer 503
+        edge_api = Api(edge.url)
+        assert edge_api.call("GET", "/api/collections/posts/records")[0] == 200
+        status, text = edge_api.call("POST", "/api/collections/posts/records", {"title": "x"})
+        assert (status, json.loads(text)["message"]) == (503, "The primary server could not be reached; try again.")
