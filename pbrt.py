@@ -274,6 +274,7 @@ HANDED_ON = {
     ("POST", "/api/oauth2-redirect"),
 }
 FORWARDED_IP_HEADER = "x-pbrt-remote-ip"  # the client's address, worker to worker
+OAUTH2_TOPIC = "@oauth2"  # the realtime topic a redirect's code reaches its client on
 WORKER_RESTART_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # after deaths in a row
 RANDOM_POOL_BYTES = 4096  # OS randomness read at once, for ids and secrets
 BUSY_TIMEOUT_S = 5  # SQLite waits this long for another writer's lock ...
@@ -4986,6 +4987,16 @@ class RealtimeLog:
             (after, through, json.dumps(collection_ids)),
         ).fetchone()
         return found is not None
+
+
+def copy_version(database: str) -> tuple[int, int]:
+    """What tells that an edge's copy changed: its `-txid` file, which
+    Litestream replaces after each batch it applied ((0, 0): none yet)."""
+    try:
+        found = os.stat(database + COPY_TXID_SUFFIX)
+    except OSError:
+        return (0, 0)
+    return (found.st_mtime_ns, found.st_ino)
 
 
 class Store:
@@ -14137,7 +14148,6 @@ async def handle_auth_with_otp(context: RequestContext) -> Response:
 # --- OAuth2 ---------------------------------------------------------------------
 
 OAUTH2_NOT_ALLOWED = "The collection is not configured to allow OAuth2 authentication."
-OAUTH2_TOPIC = "@oauth2"  # the realtime topic a redirect's code reaches its client on
 OAUTH2_SIGN_IN_TRIES = 3  # plans made again when a sign-in beside it linked first
 
 
@@ -15058,6 +15068,51 @@ def worker_address(config: Config, worker: int) -> str:
     where = os.path.realpath(config.dir) + f":{config.port}"
     digest = hashlib.sha256(where.encode()).hexdigest()[:16]
     return f"\0pbrt-{digest}-{worker}"
+
+
+#: Hop-by-hop fields and the ones pbrt adds to every answer itself: an
+#: edge neither forwards nor copies them.
+_NOT_FORWARDED = {
+    "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host",
+    "content-length", "proxy-authorization", "proxy-connection", "date", "vary",
+    "x-content-type-options", "x-frame-options", "x-xss-protection",
+    "cross-origin-opener-policy", "access-control-allow-origin",
+    "access-control-allow-credentials", "access-control-expose-headers",
+    WORKER_HEADER.lower(), FORWARDED_IP_HEADER,
+}
+
+
+def goes_to_primary(method: str, path: str) -> bool:
+    """Whether an edge forwards a request: every write and call with side
+    effects (not the realtime API of its own streams, nor an OAuth2
+    redirect for one), and the files and backups the primary keeps."""
+    if method in ("GET", "HEAD"):
+        return path.startswith(("/api/files/", "/api/backups"))
+    return (method, path) not in HANDED_ON
+
+
+def forward_request(
+    primary: str, request: Request, body: bytes, client_ip: str
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Send a request to the primary as it came, from `client_ip` (in
+    X-Forwarded-For: the primary believes it when its trustedProxy says
+    so); return its answer (blocking)."""
+    parts = urllib.parse.urlsplit(primary)
+    secure = parts.scheme == "https"
+    kind = http.client.HTTPSConnection if secure else http.client.HTTPConnection
+    connection = kind(parts.hostname or "127.0.0.1", parts.port, timeout=FORWARD_TIMEOUT_S)
+    headers = {
+        name: value for name, value in request.headers.items() if name not in _NOT_FORWARDED
+    }
+    headers["x-forwarded-for"] = client_ip
+    try:
+        connection.request(request.method, request.target, body=body or None, headers=headers)
+        answer = connection.getresponse()
+        content = answer.read()
+        kept = [(n, v) for n, v in answer.getheaders() if n.lower() not in _NOT_FORWARDED]
+        return answer.status, kept, content
+    finally:
+        connection.close()
 
 
 class Server:
@@ -17079,16 +17134,6 @@ def litestream_config(database: str, replica: str, interval_s: float) -> str:
     )
 
 
-def copy_version(database: str) -> tuple[int, int]:
-    """What tells that an edge's copy changed: its `-txid` file, which
-    Litestream replaces after each batch it applied ((0, 0): none yet)."""
-    try:
-        found = os.stat(database + COPY_TXID_SUFFIX)
-    except OSError:
-        return (0, 0)
-    return (found.st_mtime_ns, found.st_ino)
-
-
 #: SQLite's lock bytes (os_unix.c): PENDING, then RESERVED, then the SHARED range.
 SQLITE_PENDING_BYTE = 0x40000000
 SQLITE_SHARED_SIZE = 510
@@ -17199,51 +17244,6 @@ class Litestream:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-#: Hop-by-hop fields and the ones pbrt adds to every answer itself: an
-#: edge neither forwards nor copies them.
-_NOT_FORWARDED = {
-    "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host",
-    "content-length", "proxy-authorization", "proxy-connection", "date", "vary",
-    "x-content-type-options", "x-frame-options", "x-xss-protection",
-    "cross-origin-opener-policy", "access-control-allow-origin",
-    "access-control-allow-credentials", "access-control-expose-headers",
-    WORKER_HEADER.lower(), FORWARDED_IP_HEADER,
-}
-
-
-def goes_to_primary(method: str, path: str) -> bool:
-    """Whether an edge forwards a request: every write and call with side
-    effects (not the realtime API of its own streams, nor an OAuth2
-    redirect for one), and the files and backups the primary keeps."""
-    if method in ("GET", "HEAD"):
-        return path.startswith(("/api/files/", "/api/backups"))
-    return (method, path) not in HANDED_ON
-
-
-def forward_request(
-    primary: str, request: Request, body: bytes, client_ip: str
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Send a request to the primary as it came, from `client_ip` (in
-    X-Forwarded-For: the primary believes it when its trustedProxy says
-    so); return its answer (blocking)."""
-    parts = urllib.parse.urlsplit(primary)
-    secure = parts.scheme == "https"
-    kind = http.client.HTTPSConnection if secure else http.client.HTTPConnection
-    connection = kind(parts.hostname or "127.0.0.1", parts.port, timeout=FORWARD_TIMEOUT_S)
-    headers = {
-        name: value for name, value in request.headers.items() if name not in _NOT_FORWARDED
-    }
-    headers["x-forwarded-for"] = client_ip
-    try:
-        connection.request(request.method, request.target, body=body or None, headers=headers)
-        answer = connection.getresponse()
-        content = answer.read()
-        kept = [(n, v) for n, v in answer.getheaders() if n.lower() not in _NOT_FORWARDED]
-        return answer.status, kept, content
-    finally:
-        connection.close()
 
 
 def supervise(config: Config, worker_command: Callable[[int, int], list[str]]) -> int:
