@@ -13156,6 +13156,8 @@ async def handle_file(context: RequestContext) -> Response:
     path = os.path.join(
         context.app.config.dir, STORAGE_DIR, collection.id, record["id"], name
     )
+    if context.app.config.edge and not os.path.exists(path):
+        await _fetch_from_primary(context, path)
     kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
     inline = kind.startswith(_INLINE_TYPES) and kind not in _ACTIVE_TYPES
     if _go_bool_or(request.query_value("download"), False):
@@ -13163,6 +13165,35 @@ async def handle_file(context: RequestContext) -> Response:
     disposition = f'{"inline" if inline else "attachment"}; filename="{name}"'
     headers = (*FILE_HEADERS, ("Content-Disposition", disposition))
     return await file_response(request, path, kind, headers)
+
+
+async def _fetch_from_primary(context: RequestContext, path: str) -> None:
+    """An edge's copy of a file it was asked for and let through (the access
+    checks ran on its copy of the data): fetched from the primary once, with
+    the request's own token, then served from its storage like any file."""
+    request = context.request
+    query = urllib.parse.urlencode({"token": request.query_value("token")}) if request.query_value("token") else ""
+    target = request.path + (f"?{query}" if query else "")
+    fetch = dataclasses.replace(request, method="GET", target=target, headers={
+        k: v for k, v in request.headers.items() if k == "authorization"
+    })
+    try:
+        status, _, content = await asyncio.to_thread(
+            forward_request, context.app.config.edge, fetch, b"", context.remote_ip
+        )
+    except (OSError, http.client.HTTPException):
+        raise ServiceUnavailableError("The primary server could not be reached; try again.") from None
+    if status != 200:
+        raise NotFoundError()
+
+    def keep() -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{secrets.token_hex(4)}.partial"
+        with open(partial, "wb") as file:
+            file.write(content)
+        os.replace(partial, path)
+
+    await asyncio.to_thread(keep)
 
 
 async def file_response(
@@ -15085,9 +15116,10 @@ _NOT_FORWARDED = {
 def goes_to_primary(method: str, path: str) -> bool:
     """Whether an edge forwards a request: every write and call with side
     effects (not the realtime API of its own streams, nor an OAuth2
-    redirect for one), and the files and backups the primary keeps."""
+    redirect for one), and the backups the primary keeps (files are
+    fetched once, see handle_file)."""
     if method in ("GET", "HEAD"):
-        return path.startswith(("/api/files/", "/api/backups"))
+        return path.startswith("/api/backups")
     return (method, path) not in HANDED_ON
 
 
@@ -17204,10 +17236,11 @@ class Litestream:
     def start(self) -> None:
         """Start it (an edge: on a fresh copy, which is ready when this returns)."""
         os.makedirs(self.config.dir, exist_ok=True)
-        if self.config.edge:
+        if self.config.edge:  # a fresh copy; the files fetched for the old one go too
             for suffix in ("", COPY_TXID_SUFFIX, "-wal", "-shm", "-journal"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.database + suffix)
+            shutil.rmtree(os.path.join(self.config.dir, STORAGE_DIR), ignore_errors=True)
         self.process = self._launch()
         threading.Thread(target=self._watch, name="pbrt-litestream", daemon=True).start()
         if self.config.edge:

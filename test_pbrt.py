@@ -12111,3 +12111,34 @@ def test_replicas_and_edges_fail_clearly_and_never_break_litestream(tmp_path: Pa
         assert edge_api.call("GET", "/api/collections/posts/records")[0] == 200
         status, text = edge_api.call("POST", "/api/collections/posts/records", {"title": "x"})
         assert (status, json.loads(text)["message"]) == (503, "The primary server could not be reached; try again.")
+
+
+def test_edge_serves_files_it_fetched_once_behind_its_own_checks(tmp_path: Path) -> None:
+    """An edge serves a record's file after checking access on its copy:
+    fetched from the primary the first time (with the request's token), from
+    its own storage after; a protected file needs a file token (got through
+    the edge); a deleted record's file is gone from the edge too."""
+    documents = {
+        "name": "documents", "type": "base", **PUBLIC_RULES,
+        "fields": [{"name": "doc", "type": "file", "maxSelect": 1},
+                   {"name": "secret", "type": "file", "maxSelect": 1, "protected": True}],
+    }
+    with edge_cluster(tmp_path, [documents], edges=1) as (primary, (edge,)):
+        api = Api(primary.url)
+        su, _ = api.login("_superusers", SU_EMAIL, SU_PASSWORD)
+        body, kind = multipart({}, {"doc": ("a.txt", b"public words"), "secret": ("s.txt", b"secret words")})
+        status, text = Api(edge.url).call("POST", "/api/collections/documents/records", body, su, kind)
+        assert status == 200, text
+        record = json.loads(text)
+        files = f"/api/files/documents/{record['id']}"
+        first = fetch_raw(edge.port, "GET", f"{files}/{record['doc']}")
+        cached = edge.data_dir / "storage" / record["collectionId"] / record["id"] / record["doc"]
+        assert (first.status, first.body, cached.read_bytes()) == (200, b"public words", b"public words")
+        assert fetch_raw(edge.port, "GET", f"{files}/{record['doc']}").body == b"public words"
+        assert fetch_raw(edge.port, "GET", f"{files}/{record['secret']}").status == 404
+        token = Api(edge.url).json("POST", "/api/files/token", token=su)["token"]
+        secret = fetch_raw(edge.port, "GET", f"{files}/{record['secret']}?token={token}")
+        assert (secret.status, secret.body) == (200, b"secret words")
+        assert Api(edge.url).call("DELETE", f"/api/collections/documents/records/{record['id']}", token=su)[0] == 204
+        assert fetch_raw(edge.port, "GET", f"{files}/{record['doc']}").status == 404
+        assert cached.exists()  # kept, never served again: the checks run on the copy
