@@ -15178,6 +15178,7 @@ class Server:
         self._unsent_bytes = 0  # response bytes not yet handed to a socket
         self._date_cache: tuple[int, str] = (0, "")
         self._proxy_hint_given = False  # see _hint_at_proxy
+        self.side_database: SideDatabase | None = None  # an edge's resume positions
 
     def _periodic_tasks(self) -> list[tuple[str, float, Callable[[], Any]]]:
         """What runs every so often while serving: (name, period in seconds,
@@ -15222,6 +15223,10 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.thread = threading.get_ident()
         mark = SECRET_ALPHABET[self.config.worker] if self.config.workers > 1 else ""
+        if store.follower:  # an edge's own positions: its data.db is Litestream's
+            self.side_database = SideDatabase(
+                os.path.join(self.config.dir, EDGE_RESUME_FILE), self.app.now
+            )
         self.broker = Broker(
             store,
             now=self.app.now,
@@ -15235,10 +15240,7 @@ class Server:
             check_budget_s=self.config.check_budget_s,
             max_clients_per_ip=self.config.max_realtime_clients_per_ip,
             replay_budget_s=self.config.replay_budget_s,
-            resume_database=(
-                SideDatabase(os.path.join(self.config.dir, EDGE_RESUME_FILE), self.app.now)
-                if store.follower else None
-            ),
+            resume_database=self.side_database,
         )
         self.broker.resume_positions.start(mark)
         self.broker.message_filter = self.app.hooks.filter_message
@@ -15314,6 +15316,8 @@ class Server:
             task.cancel()
         await asyncio.gather(*connection_tasks, return_exceptions=True)
         self._save_resume_positions()  # where each stream ended, for its next one
+        if self.side_database is not None:
+            self.side_database.connection.close()
         self._read_deadlines.close()
         if self._wal_watch is not None:
             asyncio.get_running_loop().remove_reader(self._wal_watch)
