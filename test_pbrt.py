@@ -12142,3 +12142,28 @@ def test_edge_serves_files_it_fetched_once_behind_its_own_checks(tmp_path: Path)
         assert Api(edge.url).call("DELETE", f"/api/collections/documents/records/{record['id']}", token=su)[0] == 204
         assert fetch_raw(edge.port, "GET", f"{files}/{record['doc']}").status == 404
         assert cached.exists()  # kept, never served again: the checks run on the copy
+
+
+def test_edge_with_two_workers_follows_with_one_litestream(tmp_path: Path) -> None:
+    """`serve --edge … --workers 2`: one Litestream (the supervisor's) keeps
+    the copy; both workers serve streams from it."""
+    with edge_cluster(tmp_path, [POSTS], edges=1) as (primary, (edge,)):
+        edge.stop(signal.SIGTERM)
+        edge.args = (*edge.args, "--workers", "2")
+        edge.start()
+
+        async def body() -> list[str]:
+            streams = await stream_per_worker(edge)
+            for client in streams.values():
+                assert (await post_subscriptions(edge.port, client.id, ["posts/*"])).status == 204
+            await asyncio.to_thread(create_posts, primary.url, ["both"])
+            titles = [json.loads((await c.next_event(timeout=20))["data"])["record"]["title"]
+                      for c in streams.values()]
+            for client in streams.values():
+                await client.close()
+            return titles
+
+        titles = run(body(), timeout=60)
+        followers = [pid for pid in edge.children() if "restore" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert titles == ["both", "both"]
+    assert len(followers) == 1
