@@ -3237,8 +3237,10 @@ def merge_oauth2_option(current: JSON, submitted: JSON) -> dict[str, JSON]:
     }
     merged = _merged(base, {k: v for k, v in submitted.items() if k != "providers"})
     providers = submitted.get("providers", base.get("providers") or [])
-    if not isinstance(providers, list) or not all(isinstance(p, dict) for p in providers):
-        raise ValueError("oauth2.providers must be a list of objects")
+    if not isinstance(providers, list) or not all(
+        isinstance(p, dict) and isinstance(p.get("name", ""), str) for p in providers
+    ):
+        raise ValueError("oauth2.providers must be a list of objects, each named")
     merged["providers"] = [
         _merged(_merged(OAUTH2_PROVIDER_DEFAULTS, stored.get(p.get("name")) or {}), p)
         for p in providers
@@ -7764,8 +7766,11 @@ def fetch_oauth2_user(
                 ),
                 "",
             )
-    expires_in = token.get("expires_in")
-    seconds = int(expires_in) if isinstance(expires_in, (int, float, str)) and str(expires_in).isdigit() else 0
+    expires_in = token.get("expires_in")  # a number, or text in a form answer
+    try:
+        seconds = max(0, int(float(expires_in))) if isinstance(expires_in, (int, float, str)) else 0
+    except (ValueError, OverflowError):
+        seconds = 0
     return OAuth2User(
         user_id,
         name or given_name,

@@ -11483,6 +11483,9 @@ def test_oauth2_provider_secret_is_kept_and_never_shown(tmp_path: Path) -> None:
         assert refused[0] == 400
         assert json.loads(refused[1])["data"] == {"oauth2": {"providers": {"0": {
             "clientSecret": {"code": "validation_required", "message": "Cannot be blank."}}}}}
+        for shape in ({"providers": [{"name": ["oidc"]}]}, {"providers": {"name": "oidc"}},
+                      {"providers": [{"name": "oidc", "extra": []}]}, []):
+            assert api.call("PATCH", "/api/collections/users", {"oauth2": shape}, su)[0] == 400
 
 
 def test_oauth2_sign_in_through_the_realtime_redirect(tmp_path: Path) -> None:
