@@ -10590,44 +10590,50 @@ class Broker:
         A few replays run at a time; one that takes longer than its budget
         ends with PB_MISSED, and the client is live from there.
         """
+        assert client.position is not None
         cursor, spent = str(client.position), 0.0
         try:
-            async with self._replay_turns:
-                while not client.closed and client.position is not None:
-                    position = client.position
-                    if position >= self.claimed:
-                        client.position = None  # live from the next entry on
+            async with self._replay_turns, contextlib.aclosing(
+                self._catching_up(client.position)
+            ) as entries:
+                async for entry in entries:
+                    if client.closed:
                         return
-                    through = self.claimed
-                    entries = await self.run_read(
-                        functools.partial(
-                            self.store.realtime_log.read, position, REALTIME_LOG_READ_BATCH, through
+                    started = time.monotonic()
+                    await self._deliver(entry, self._client_candidates(client, entry), live=False)
+                    client.position = entry.seq
+                    spent += time.monotonic() - started
+                    if spent > self.replay_budget_s:
+                        logger.warning(
+                            "realtime client %s: replay past its budget; PB_MISSED", client.id
                         )
-                    )
-                    for entry in entries:
-                        if client.closed:
-                            return
-                        started = time.monotonic()
-                        await self._deliver(
-                            entry, self._client_candidates(client, entry), live=False
-                        )
-                        client.position = entry.seq
-                        spent += time.monotonic() - started
-                        if spent > self.replay_budget_s:
-                            logger.warning(
-                                "realtime client %s: replay past its budget; PB_MISSED",
-                                client.id,
-                            )
-                            client.position = None
-                            self._send_missed(client, cursor)
-                            return
-                    if not entries:
-                        client.position = through
+                        client.position = None
+                        self._send_missed(client, cursor)
+                        return
+                client.position = None  # live from the next entry on
         except Exception:
             logger.exception(
                 "realtime client %s: replay failed; disconnecting it", client.id
             )
             client.close(abort=True)
+
+    async def _catching_up(self, position: int) -> AsyncGenerator[RealtimeLogEntry, None]:
+        """The log's entries after `position`, read in batches (off the loop),
+        up to the one live delivery is on, which moves on meanwhile. It ends
+        at that entry, with no await in between: the caller's next step
+        (going live) leaves no gap and sends nothing twice."""
+        while position < self.claimed:
+            through = self.claimed
+            entries = await self.run_read(
+                functools.partial(
+                    self.store.realtime_log.read, position, REALTIME_LOG_READ_BATCH, through
+                )
+            )
+            for entry in entries:
+                yield entry
+                position = entry.seq
+            if not entries:
+                position = through
 
     async def _snapshot(self, client: RealtimeClient, subscription: Subscription) -> None:
         """Send a live query's rows as of one log position P, then the
@@ -10660,24 +10666,13 @@ class Broker:
                     "truncated": total is None or total > len(items),
                 }
                 self._send(client, 0, raw, _json_body(end))
-                while not client.closed:
-                    if position >= self.claimed:
-                        client.held[raw] = position  # live from the entry after P
-                        return
-                    through = self.claimed
-                    entries = await self.run_read(
-                        functools.partial(
-                            self.store.realtime_log.read, position, REALTIME_LOG_READ_BATCH, through
-                        )
-                    )
-                    for entry in entries:
+                async with contextlib.aclosing(self._catching_up(position)) as entries:
+                    async for entry in entries:
                         if client.closed:
                             return
                         candidates = self._subscription_candidates(client, subscription, entry)
                         await self._deliver(entry, candidates, live=False, ids=False)
-                        position = entry.seq
-                    if not entries:
-                        position = through
+                client.held[raw] = self.claimed  # live from the entry after it
         except Exception:
             logger.exception("realtime client %s: snapshot failed; disconnecting it", client.id)
             client.close(abort=True)
