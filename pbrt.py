@@ -12778,9 +12778,8 @@ async def handle_auth_with_password(context: RequestContext) -> Response:
     )
 
 
-async def handle_auth_refresh(context: RequestContext) -> Response:
-    """POST /api/collections/{collection}/auth-refresh."""
-    collection = _auth_collection_or_404(context)
+def _own_auth(context: RequestContext, collection: Collection) -> Auth:
+    """The requester, who must be a record of `collection` (PocketBase's 401/403)."""
     auth = context.auth
     if auth is None:
         raise UnauthorizedError(MISSING_AUTH_TOKEN)
@@ -12788,6 +12787,13 @@ async def handle_auth_refresh(context: RequestContext) -> Response:
         raise ForbiddenError(
             f"The request requires auth record from {auth.collection.name} collection."
         )
+    return auth
+
+
+async def handle_auth_refresh(context: RequestContext) -> Response:
+    """POST /api/collections/{collection}/auth-refresh."""
+    collection = _auth_collection_or_404(context)
+    auth = _own_auth(context, collection)
     if not _may_authenticate(context, collection, auth.record):
         raise UnauthorizedError(MISSING_AUTH_TOKEN)
     token = context.auth_token
@@ -13912,13 +13918,7 @@ async def _delete_auth_leftovers(
 async def handle_request_email_change(context: RequestContext) -> Response:
     """POST /api/collections/{collection}/request-email-change (the record itself)."""
     collection = _auth_collection_or_404(context)
-    auth = context.auth
-    if auth is None:
-        raise UnauthorizedError(MISSING_AUTH_TOKEN)
-    if auth.collection.id != collection.id:
-        raise ForbiddenError(
-            f"The request requires auth record from {auth.collection.name} collection."
-        )
+    auth = _own_auth(context, collection)
     if collection.name == SUPERUSERS:
         raise BadRequestError("All superusers can change their emails directly.")
     address = _flow_input(context, "newEmail")["newEmail"]
